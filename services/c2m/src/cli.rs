@@ -1,0 +1,90 @@
+//! Command-line interface.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use c2m_runtime::LogFormat;
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config::{DatabaseOverrides, Overrides, RedisOverrides, TelemetryOverrides},
+    role::Role,
+};
+
+/// c2m: deflect callers from a voice queue to messaging.
+#[derive(Debug, Parser)]
+#[command(name = "c2m", version)]
+pub struct Cli {
+    /// A TOML configuration file. Environment variables (`C2M_…`) and flags override it.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// PostgreSQL URL (`database.url`).
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Redis URL (`redis.url`).
+    #[arg(long, global = true, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Log format (`telemetry.log_format`).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one service.
+    Serve {
+        role: Role,
+        /// Address to listen on (`listen.<role>`).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Run all five services in one process, on one address.
+    Dev {
+        /// Address to listen on (`listen.dev`).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<SocketAddr>,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate {
+        /// The services to migrate; all of them when none is named.
+        roles: Vec<Role>,
+    },
+    /// Print the effective configuration, with secrets masked, and exit.
+    Config,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl Cli {
+    /// The flags that override configuration.
+    pub fn overrides(&self) -> Overrides {
+        let mut overrides = Overrides {
+            database: self
+                .database_url
+                .clone()
+                .map(|url| DatabaseOverrides { url }),
+            redis: self.redis_url.clone().map(|url| RedisOverrides { url }),
+            telemetry: self.log_format.map(|format| TelemetryOverrides {
+                log_format: match format {
+                    LogFormatArg::Text => LogFormat::Text,
+                    LogFormatArg::Json => LogFormat::Json,
+                },
+            }),
+            listen: None,
+        };
+        match self.command {
+            Command::Serve {
+                role,
+                listen: Some(addr),
+            } => overrides = overrides.listen(&role.name().replace('-', "_"), addr),
+            Command::Dev { listen: Some(addr) } => overrides = overrides.listen("dev", addr),
+            _ => {}
+        }
+        overrides
+    }
+}

@@ -1,0 +1,202 @@
+//! c2m's configuration: defaults, then a TOML file (`--config`), then `C2M_…` environment
+//! variables (`__` between levels: `C2M_DATABASE__URL`), then command-line flags. It is validated
+//! before any port is bound; the first bad key stops the process with exit code 64.
+
+use std::{net::SocketAddr, path::Path};
+
+use c2m_runtime::{LogFormat, ServerSettings, TelemetrySettings};
+use c2m_storage::{DatabaseSettings, RedisSettings, mask_password};
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration. Each section's fields are documented where they are defined.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: ListenSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub server: ServerSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+/// `[listen]`: the gRPC address of each role, and of `c2m dev` (all roles on one address).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenSettings {
+    pub handoff: SocketAddr,
+    pub routing: SocketAddr,
+    pub channel_gateway: SocketAddr,
+    pub config: SocketAddr,
+    pub reporting: SocketAddr,
+    pub dev: SocketAddr,
+}
+
+impl Default for ListenSettings {
+    fn default() -> Self {
+        let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+        Self {
+            handoff: any(50051),
+            routing: any(50052),
+            channel_gateway: any(50053),
+            config: any(50054),
+            reporting: any(50055),
+            dev: SocketAddr::from(([127, 0, 0, 1], 50051)),
+        }
+    }
+}
+
+/// Values from command-line flags, the last and strongest layer. Unset flags leave the layers
+/// below alone.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseOverrides>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisOverrides>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<TelemetryOverrides>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabaseOverrides {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisOverrides {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TelemetryOverrides {
+    pub log_format: LogFormat,
+}
+
+impl Overrides {
+    /// Listen on `addr` for the listener named `key` (a role's key or `dev`).
+    pub fn listen(mut self, key: &str, addr: SocketAddr) -> Self {
+        self.listen
+            .get_or_insert_with(Default::default)
+            .insert(key.to_owned(), serde_json::Value::String(addr.to_string()));
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Unreadable {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Parse(Box<figment::Error>),
+    #[error("invalid configuration: `{key}` {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(error: figment::Error) -> Self {
+        ConfigError::Parse(Box::new(error))
+    }
+}
+
+impl Config {
+    /// Loads and validates the configuration: defaults, `file`, the process's `C2M_*` variables,
+    /// then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // Read it first so a missing or unreadable file is reported as such, with its path.
+            std::fs::File::open(path).map_err(|source| ConfigError::Unreadable {
+                path: path.display().to_string(),
+                source,
+            })?;
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(
+                Env::prefixed("C2M_")
+                    .split("__")
+                    // `C2M_TEST_*` and other variables outside the configuration's sections are
+                    // not configuration.
+                    .filter(|key| {
+                        let key = key.as_str().to_ascii_lowercase();
+                        SECTIONS.iter().any(|s| key.starts_with(s))
+                    }),
+            )
+            .merge(Serialized::defaults(overrides))
+            .extract()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot: URLs, ranges, the log filter.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        let scheme = |raw: &str| url::Url::parse(raw).map(|u| u.scheme().to_owned());
+        match scheme(&self.database.url) {
+            Ok(s) if s == "postgres" || s == "postgresql" => {}
+            Ok(_) => return invalid("database.url", "must be a postgres:// URL"),
+            Err(e) => return invalid("database.url", &format!("is not a URL: {e}")),
+        }
+        if self.database.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1");
+        }
+        if self.database.acquire_timeout_ms == 0 {
+            return invalid("database.acquire_timeout_ms", "must be at least 1");
+        }
+        match scheme(&self.redis.url) {
+            Ok(s) if s == "redis" || s == "redis+unix" || s == "unix" => {}
+            Ok(_) => return invalid("redis.url", "must be a redis:// URL"),
+            Err(e) => return invalid("redis.url", &format!("is not a URL: {e}")),
+        }
+        if self.redis.connect_timeout_ms == 0 || self.redis.response_timeout_ms == 0 {
+            return invalid(
+                "redis.response_timeout_ms",
+                "and redis.connect_timeout_ms must be at least 1",
+            );
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}']) {
+            return invalid("redis.key_prefix", "must be non-empty, without braces");
+        }
+        if self.server.request_timeout_ms == 0 {
+            return invalid("server.request_timeout_ms", "must be at least 1");
+        }
+        if self.server.concurrency_limit == 0 {
+            return invalid("server.concurrency_limit", "must be at least 1");
+        }
+        if self.server.health_interval_ms < 10 {
+            return invalid("server.health_interval_ms", "must be at least 10");
+        }
+        if let Err(e) = c2m_runtime::telemetry::validate_filter(&self.telemetry.log_filter) {
+            return invalid(
+                "telemetry.log_filter",
+                &format!("is not a valid filter: {e}"),
+            );
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, with passwords in URLs masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut masked = self.clone();
+        masked.database.url = mask_password(&masked.database.url);
+        masked.redis.url = mask_password(&masked.redis.url);
+        toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// The top-level sections, which environment variables may set.
+const SECTIONS: [&str; 5] = ["listen.", "database.", "redis.", "server.", "telemetry."];

@@ -1,0 +1,69 @@
+use std::process::ExitCode;
+
+use c2m::{
+    Config, Role, app,
+    cli::{Cli, Command},
+};
+use c2m_runtime::{CancellationToken, shutdown, telemetry};
+use clap::Parser;
+
+/// Exit code for configuration errors (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref(), &cli.overrides()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("c2m: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("c2m: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("c2m: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    let (roles, addr, name) = match command {
+        Command::Serve { role, .. } => (vec![role], role.listen(&config.listen), role.name()),
+        Command::Dev { .. } => (Role::ALL.to_vec(), config.listen.dev, "dev"),
+        Command::Migrate { roles } => {
+            let _telemetry = telemetry::init(&config.telemetry, "c2m-migrate")?;
+            let roles = if roles.is_empty() {
+                Role::ALL.to_vec()
+            } else {
+                roles
+            };
+            app::migrate(&roles, &config).await?;
+            return Ok(());
+        }
+        Command::Config => {
+            print!("{}", config.to_masked_toml());
+            return Ok(());
+        }
+    };
+    let _telemetry = telemetry::init(&config.telemetry, &format!("c2m-{name}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let token = CancellationToken::new();
+    tokio::spawn(shutdown::cancel_on_signal(token.clone()));
+    app::serve(listener, &roles, &config, token).await?;
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! Readiness as named components. Each gRPC service is SERVING only while every probe it depends on
+//! passes (its PostgreSQL schema, Redis); it starts NOT_SERVING and returns to NOT_SERVING on
+//! shutdown, before the server stops accepting work.
+
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+/// What a probe's check returns: `Err` carries a short reason for logs.
+pub type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// One dependency a service needs before it can serve, checked periodically.
+pub trait Probe: Send + Sync + 'static {
+    /// A stable name for logs, e.g. `postgres:handoff` or `redis`.
+    fn name(&self) -> &str;
+    /// Checks the dependency once. Must not take longer than the dependency's own timeouts.
+    fn check(&self) -> ProbeFuture<'_>;
+}
+
+/// A gRPC service name with the probes its health depends on.
+pub type ServiceProbes = (String, Vec<Arc<dyn Probe>>);
+
+/// The health of every service one server hosts, kept current by [`Supervisor::run`].
+#[derive(Clone)]
+pub struct Supervisor {
+    reporter: HealthReporter,
+    services: Arc<Vec<ServiceProbes>>,
+    /// Set once by [`Supervisor::stop`]; checked under the lock by every status update, so a probe
+    /// round that finishes after shutdown began cannot flip a service back to SERVING.
+    stopped: Arc<tokio::sync::Mutex<bool>>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field(
+                "services",
+                &self
+                    .services
+                    .iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Supervisor {
+    pub fn new(reporter: HealthReporter, services: Vec<ServiceProbes>) -> Self {
+        Self {
+            reporter,
+            services: Arc::new(services),
+            stopped: Arc::default(),
+        }
+    }
+
+    /// Marks every service, and the server as a whole (`""`), NOT_SERVING until the first probe
+    /// round says otherwise.
+    pub async fn start(&self) {
+        for (service, _) in self.services.iter() {
+            self.set(service, false).await;
+        }
+        self.set("", false).await;
+    }
+
+    /// Marks every service, and the server as a whole (`""`), NOT_SERVING for good.
+    pub async fn stop(&self) {
+        let mut stopped = self.stopped.lock().await;
+        *stopped = true;
+        for (service, _) in self.services.iter() {
+            self.reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        self.reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+    }
+
+    /// Probes every `interval` until `shutdown`, updating each service's status. Logs a probe
+    /// only when its result changes, so a dead dependency does not flood the logs.
+    pub async fn run(self, interval: Duration, shutdown: CancellationToken) {
+        let mut last: HashMap<String, bool> = HashMap::new();
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let mut all_serving = true;
+            for (service, probes) in self.services.iter() {
+                let mut serving = true;
+                for probe in probes {
+                    let ok = self.check(probe.as_ref(), &mut last).await;
+                    serving &= ok;
+                }
+                all_serving &= serving;
+                self.set(service, serving).await;
+            }
+            self.set("", all_serving).await;
+        }
+    }
+
+    async fn set(&self, service: &str, serving: bool) {
+        let stopped = self.stopped.lock().await;
+        if *stopped {
+            return;
+        }
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status(service, status).await;
+    }
+
+    async fn check(&self, probe: &dyn Probe, last: &mut HashMap<String, bool>) -> bool {
+        let result = probe.check().await;
+        let ok = result.is_ok();
+        let previous = last.insert(probe.name().to_owned(), ok);
+        match (previous, result) {
+            (Some(false) | None, Ok(())) => {
+                tracing::info!(probe = probe.name(), "dependency ready")
+            }
+            (Some(true) | None, Err(reason)) => {
+                tracing::warn!(probe = probe.name(), %reason, "dependency not ready")
+            }
+            _ => {}
+        }
+        ok
+    }
+}

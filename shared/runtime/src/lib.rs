@@ -1,0 +1,17 @@
+//! What every c2m service needs around its business logic: server settings, the gRPC server
+//! bootstrap (health, reflection, timeouts, concurrency limits, tracing), health probes, graceful
+//! shutdown and telemetry.
+
+#![forbid(unsafe_code)]
+
+pub mod health;
+pub mod server;
+pub mod settings;
+pub mod shutdown;
+pub mod telemetry;
+mod trace_layer;
+
+pub use health::{Probe, ProbeFuture};
+pub use server::{Component, ServeError};
+pub use settings::{LogFormat, ServerSettings, TelemetrySettings};
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,168 @@
+//! The gRPC server every role runs: the role's services plus health (per service, tied to their
+//! dependencies) and reflection (v1 and v1alpha), behind timeouts, a concurrency limit and a
+//! tracing layer, shut down gracefully.
+
+use std::{convert::Infallible, sync::Arc};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    body::Body,
+    server::NamedService,
+    service::RoutesBuilder,
+    transport::{Server, server::TcpIncoming},
+};
+use tower::{Service, limit::GlobalConcurrencyLimitLayer};
+
+use crate::{
+    health::{Probe, Supervisor},
+    settings::ServerSettings,
+    trace_layer::TraceLayer,
+};
+
+/// The gRPC health service's name, as reflection lists it.
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+type AddRoutes = Box<dyn FnOnce(&mut RoutesBuilder) + Send>;
+
+/// One gRPC service a server hosts, with the dependencies its health depends on.
+pub struct Component {
+    name: &'static str,
+    probes: Vec<Arc<dyn Probe>>,
+    add: AddRoutes,
+}
+
+impl std::fmt::Debug for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Component")
+            .field("name", &self.name)
+            .field(
+                "probes",
+                &self.probes.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl Component {
+    /// Wraps a tonic service; its health is the fully-qualified name the client asks for.
+    pub fn new<S>(service: S) -> Self
+    where
+        S: Service<http::Request<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        Self {
+            name: S::NAME,
+            probes: Vec::new(),
+            add: Box::new(move |routes| {
+                routes.add_service(service);
+            }),
+        }
+    }
+
+    /// The service is SERVING only while `probe` passes.
+    pub fn with_probe(mut self, probe: Arc<dyn Probe>) -> Self {
+        self.probes.push(probe);
+        self
+    }
+
+    /// The fully-qualified gRPC service name, e.g. `c2m.v1.HandoffService`.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot read the listener's address: {0}")]
+    Listener(#[from] std::io::Error),
+    #[error("grpc server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Serves `components` on `listener` until `shutdown` is cancelled, then: every service NOT_SERVING,
+/// wait `drain_delay`, stop accepting, let in-flight requests finish within the grace period.
+/// Returns `Ok` after a clean drain and after a drain cut short by the grace period alike.
+pub async fn run(
+    listener: TcpListener,
+    components: Vec<Component>,
+    settings: &ServerSettings,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr()?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+
+    let names: Vec<&'static str> = components.iter().map(|c| c.name).collect();
+    let mut routes = RoutesBuilder::default();
+    let mut services = Vec::with_capacity(components.len());
+    for component in components {
+        (component.add)(&mut routes);
+        services.push((component.name.to_owned(), component.probes));
+    }
+    routes
+        .add_service(health_service)
+        .add_service(reflection(&names).build_v1()?)
+        .add_service(reflection(&names).build_v1alpha()?);
+
+    let supervisor = Supervisor::new(reporter, services);
+    supervisor.start().await;
+    let probes = tokio::spawn(
+        supervisor
+            .clone()
+            .run(settings.health_interval(), shutdown.clone()),
+    );
+
+    let drain_delay = settings.drain_delay();
+    let signal = {
+        let shutdown = shutdown.clone();
+        let supervisor = supervisor.clone();
+        async move {
+            shutdown.cancelled().await;
+            supervisor.stop().await;
+            tokio::time::sleep(drain_delay).await;
+            tracing::info!(%addr, "draining in-flight requests");
+        }
+    };
+    let server = Server::builder()
+        .timeout(settings.request_timeout())
+        .layer(TraceLayer)
+        .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+
+    tracing::info!(%addr, services = ?names, "serving");
+    let grace = drain_delay + settings.grace_period();
+    let result = tokio::select! {
+        result = server => result.map_err(ServeError::from),
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(%addr, grace_secs = grace.as_secs_f64(), "grace period over, closing remaining connections");
+            Ok(())
+        }
+    };
+    // A server that failed on its own must still stop its probes.
+    shutdown.cancel();
+    let _ = probes.await;
+    if result.is_ok() {
+        tracing::info!(%addr, "stopped");
+    }
+    result
+}
+
+/// Reflection lists exactly what this server hosts: its services, health and reflection itself.
+fn reflection(names: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
+    names.iter().fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(c2m_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(HEALTH_SERVICE),
+        |builder, name| builder.with_service_name(*name),
+    )
+}

@@ -1,0 +1,15 @@
+//! PostgreSQL and Redis plumbing shared by the c2m services.
+//!
+//! Each service owns one PostgreSQL schema (its tables and its `_sqlx_migrations` record), reached
+//! through a pool whose `search_path` is that schema alone, so no service can read another's
+//! tables by accident. Redis holds counters and leases under per-account hash-tagged keys.
+
+#![forbid(unsafe_code)]
+
+pub mod postgres;
+pub mod redis;
+mod url_mask;
+
+pub use postgres::{DatabaseSettings, ServiceDb};
+pub use redis::{RedisHandle, RedisSettings};
+pub use url_mask::mask_password;

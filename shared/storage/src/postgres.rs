@@ -1,0 +1,259 @@
+//! One PostgreSQL schema per service, migrated from the service's own `migrations/` folder.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use c2m_runtime::{Probe, ProbeFuture};
+use serde::{Deserialize, Serialize};
+use sqlx::{
+    Connection, PgConnection, PgPool,
+    migrate::Migrator,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+/// `[database]`: where the services keep their state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// A PostgreSQL URL. Every service uses its own schema in this database.
+    pub url: String,
+    /// Connections per service pool.
+    pub max_connections: u32,
+    /// Milliseconds to wait for a connection before the request fails.
+    pub acquire_timeout_ms: u64,
+    /// Apply pending migrations when a service starts. When off, a service with pending
+    /// migrations stays NOT_SERVING until `c2m migrate` has run.
+    pub migrate_on_start: bool,
+    /// Create the database named in `url` when it does not exist (needs the CREATEDB privilege).
+    pub create_database: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/c2m".to_owned(),
+            max_connections: 10,
+            acquire_timeout_ms: 3_000,
+            migrate_on_start: true,
+            create_database: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database url: {0}")]
+    Url(#[source] sqlx::Error),
+    #[error("cannot create schema {schema}: {source}")]
+    Schema {
+        schema: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("cannot create database {name}: {source}")]
+    CreateDatabase { name: String, source: sqlx::Error },
+    #[error("cannot migrate schema {schema}: {source}")]
+    Migrate {
+        schema: &'static str,
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("cannot read the migrations of schema {schema}: {source}")]
+    Pending {
+        schema: &'static str,
+        source: sqlx::Error,
+    },
+    #[error("schema {schema} has {count} pending migration(s): run `c2m migrate`")]
+    NotMigrated { schema: &'static str, count: usize },
+}
+
+/// A service's database: a pool confined to its schema, and the migrations that shape it.
+#[derive(Debug, Clone)]
+pub struct ServiceDb {
+    pool: PgPool,
+    schema: &'static str,
+    migrator: &'static Migrator,
+    migrate_on_start: bool,
+    /// Set when the database may be created: the options to reach it, for the maintenance database.
+    create_database: Option<PgConnectOptions>,
+    migrated: Arc<AtomicBool>,
+}
+
+impl ServiceDb {
+    /// Builds the pool without connecting: a service starts (NOT_SERVING) while PostgreSQL is down,
+    /// and its health probe connects and migrates once it is up. Fails only on a malformed URL.
+    pub fn connect_lazy(
+        settings: &DatabaseSettings,
+        schema: &'static str,
+        migrator: &'static Migrator,
+    ) -> Result<Self, DbError> {
+        let options: PgConnectOptions = settings.url.parse().map_err(DbError::Url)?;
+        let options = options
+            .options([("search_path", schema)])
+            .application_name(&format!("c2m-{schema}"));
+        let create_database = settings.create_database.then(|| options.clone());
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            .connect_lazy_with(options);
+        Ok(Self {
+            pool,
+            schema,
+            migrator,
+            migrate_on_start: settings.migrate_on_start,
+            create_database,
+            migrated: Arc::default(),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn schema(&self) -> &'static str {
+        self.schema
+    }
+
+    /// Creates the schema if needed and applies pending migrations. Safe to run from several
+    /// replicas at once: sqlx serialises migrators with an advisory lock, and a lost race to
+    /// create the schema is retried once.
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        let create = format!("CREATE SCHEMA IF NOT EXISTS \"{}\"", self.schema);
+        let mut attempt = 0;
+        loop {
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(create.clone()))
+                .execute(&self.pool)
+                .await
+            {
+                Ok(_) => break,
+                // Two replicas creating the schema at once: one wins with a unique violation.
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() && attempt == 0 => {
+                    attempt += 1;
+                }
+                // invalid_catalog_name: the database itself is missing.
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("3D000")
+                        && attempt == 0
+                        && self.create_database.is_some() =>
+                {
+                    attempt += 1;
+                    self.create_database().await?;
+                }
+                Err(source) => {
+                    return Err(DbError::Schema {
+                        schema: self.schema,
+                        source,
+                    });
+                }
+            }
+        }
+        self.migrator
+            .run(&self.pool)
+            .await
+            .map_err(|source| DbError::Migrate {
+                schema: self.schema,
+                source,
+            })?;
+        self.migrated.store(true, Ordering::Release);
+        tracing::info!(schema = self.schema, "migrations applied");
+        Ok(())
+    }
+
+    async fn create_database(&self) -> Result<(), DbError> {
+        let Some(options) = &self.create_database else {
+            return Ok(());
+        };
+        let name = options.get_database().unwrap_or("postgres").to_owned();
+        let create = async {
+            let mut admin =
+                PgConnection::connect_with(&options.clone().database("postgres")).await?;
+            let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                .execute(&mut admin)
+                .await
+        };
+        match create.await {
+            Ok(_) => {
+                tracing::info!(database = %name, "database created");
+                Ok(())
+            }
+            // duplicate_database: another service or replica created it first.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(()),
+            Err(source) => Err(DbError::CreateDatabase { name, source }),
+        }
+    }
+
+    /// How many of this service's migrations the database has not applied yet.
+    pub async fn pending_migrations(&self) -> Result<usize, DbError> {
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .or_else(|e| match &e {
+            // No migration table yet: nothing applied.
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("42P01") => Ok(Vec::new()),
+            _ => Err(e),
+        })
+        .map_err(|source| DbError::Pending {
+            schema: self.schema,
+            source,
+        })?;
+        Ok(self
+            .migrator
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))
+            .count())
+    }
+
+    /// The health probe: migrated (or migrating now, when `migrate_on_start`) and answering.
+    pub fn probe(&self) -> Arc<dyn Probe> {
+        Arc::new(DbProbe {
+            db: self.clone(),
+            name: format!("postgres:{}", self.schema),
+        })
+    }
+
+    async fn check(&self) -> Result<(), DbError> {
+        if !self.migrated.load(Ordering::Acquire) {
+            if self.migrate_on_start {
+                self.migrate().await?;
+            } else {
+                let count = self.pending_migrations().await?;
+                if count > 0 {
+                    return Err(DbError::NotMigrated {
+                        schema: self.schema,
+                        count,
+                    });
+                }
+                self.migrated.store(true, Ordering::Release);
+            }
+        }
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(|source| DbError::Pending {
+                schema: self.schema,
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+struct DbProbe {
+    db: ServiceDb,
+    name: String,
+}
+
+impl Probe for DbProbe {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn check(&self) -> ProbeFuture<'_> {
+        Box::pin(async move { self.db.check().await.map_err(|e| e.to_string()) })
+    }
+}

@@ -1,0 +1,127 @@
+//! One Redis connection per process, multiplexed, reconnecting, with short timeouts so a dead Redis
+//! never makes a caller wait.
+
+use std::{sync::Arc, time::Duration};
+
+use c2m_runtime::{Probe, ProbeFuture};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::sync::OnceCell;
+
+pub use ::redis::RedisError;
+
+/// `[redis]`: counters and leases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisSettings {
+    /// A Redis URL (`redis://host:port/db`, `rediss://` for TLS is not built in).
+    pub url: String,
+    /// Milliseconds to wait for a connection.
+    pub connect_timeout_ms: u64,
+    /// Milliseconds to wait for a reply; past it the call fails and the caller falls back.
+    pub response_timeout_ms: u64,
+    /// Prefix of every key c2m writes (`<prefix>:{<account>}:…`), so several deployments or test
+    /// runs can share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for RedisSettings {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".to_owned(),
+            connect_timeout_ms: 500,
+            response_timeout_ms: 250,
+            key_prefix: "c2m".to_owned(),
+        }
+    }
+}
+
+/// A lazily connected, shared Redis connection. Cloning shares it.
+#[derive(Clone)]
+pub struct RedisHandle {
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    connection: Arc<OnceCell<ConnectionManager>>,
+    key_prefix: Arc<str>,
+}
+
+impl std::fmt::Debug for RedisHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisHandle")
+            .field("key_prefix", &self.key_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisHandle {
+    /// Does not connect: the first call does, so a service can start while Redis is down.
+    /// Fails only on a malformed URL.
+    pub fn new(settings: &RedisSettings) -> redis::RedisResult<Self> {
+        let client = redis::Client::open(settings.url.as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(settings.response_timeout_ms)))
+            .set_number_of_retries(1);
+        Ok(Self {
+            client,
+            config,
+            connection: Arc::new(OnceCell::new()),
+            key_prefix: settings.key_prefix.as_str().into(),
+        })
+    }
+
+    /// The shared connection, connecting on first use. Once connected it reconnects by itself.
+    pub async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        self.connection
+            .get_or_try_init(|| {
+                ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
+            })
+            .await
+            .cloned()
+    }
+
+    /// A key for one account's data: `<prefix>:{<account>}:<suffix>`. The braces make every key
+    /// of one account hash to one Redis Cluster slot, so one script can touch them all.
+    pub fn account_key(&self, account_id: &str, suffix: &str) -> String {
+        format!("{}:{{{account_id}}}:{suffix}", self.key_prefix)
+    }
+
+    /// The health probe: PING answers.
+    pub fn probe(&self) -> Arc<dyn Probe> {
+        Arc::new(RedisProbe {
+            redis: self.clone(),
+        })
+    }
+}
+
+struct RedisProbe {
+    redis: RedisHandle,
+}
+
+impl Probe for RedisProbe {
+    fn name(&self) -> &str {
+        "redis"
+    }
+
+    fn check(&self) -> ProbeFuture<'_> {
+        Box::pin(async move {
+            let mut connection = self.redis.connection().await.map_err(|e| e.to_string())?;
+            let _: String = redis::cmd("PING")
+                .query_async(&mut connection)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_keys_share_a_hash_tag() {
+        let redis = RedisHandle::new(&RedisSettings::default()).expect("valid url");
+        assert_eq!(redis.account_key("acct-1", "rl"), "c2m:{acct-1}:rl");
+    }
+}
