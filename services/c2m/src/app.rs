@@ -3,7 +3,9 @@
 
 use c2m_runtime::{CancellationToken, Component, ServeError, server};
 use c2m_storage::{RedisHandle, ServiceDb, postgres::DbError, redis::RedisError};
-use tokio::net::TcpListener;
+use std::net::SocketAddr;
+
+use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{config::Config, role::Role};
 
@@ -66,4 +68,57 @@ pub async fn migrate(roles: &[Role], config: &Config) -> Result<(), AppError> {
         db.pool().close().await;
     }
     Ok(())
+}
+
+/// A server running in the background of this process.
+#[derive(Debug)]
+pub struct Running {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), AppError>>,
+}
+
+impl Running {
+    /// Where it listens (the real port when started on port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://addr`, for tonic clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Shuts it down as SIGTERM would and waits until it has drained.
+    pub async fn stop(mut self) -> Result<(), AppError> {
+        self.shutdown.cancel();
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(join) => std::panic::resume_unwind(join.into_panic()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Binds `addr` and serves `roles` there in the background: the in-process mesh that tests and
+/// embedders use.
+pub async fn spawn(addr: SocketAddr, roles: &[Role], config: Config) -> std::io::Result<Running> {
+    let listener = TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let roles = roles.to_vec();
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { serve(listener, &roles, &config, shutdown).await }
+    });
+    Ok(Running {
+        addr,
+        shutdown,
+        task,
+    })
 }

@@ -20,8 +20,12 @@ use crate::{
     trace_layer::TraceLayer,
 };
 
-/// The gRPC health service's name, as reflection lists it.
-const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+/// What every server hosts besides its components, as reflection lists them.
+const STANDARD_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 type AddRoutes = Box<dyn FnOnce(&mut RoutesBuilder) + Send>;
 
@@ -158,11 +162,10 @@ pub async fn run(
 
 /// Reflection lists exactly what this server hosts: its services, health and reflection itself.
 fn reflection(names: &[&'static str]) -> tonic_reflection::server::Builder<'static> {
-    names.iter().fold(
+    names.iter().chain(&STANDARD_SERVICES).fold(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(c2m_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .with_service_name(HEALTH_SERVICE),
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
         |builder, name| builder.with_service_name(*name),
     )
 }

@@ -1,1 +1,17 @@
+//! Test support for c2m: each test gets its own PostgreSQL database and Redis key prefix (both
+//! removed when dropped), throwaway `redis-server`s for tests that kill their Redis, and waiting
+//! on conditions with a deadline instead of sleeping.
+//!
+//! Tests reach the shared servers through `C2M_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`) and `C2M_TEST_REDIS_URL` (default
+//! `redis://127.0.0.1:6379`), and fail with a message saying so when they cannot.
 
+#![forbid(unsafe_code)]
+
+mod database;
+mod redis;
+mod wait;
+
+pub use database::TestDatabase;
+pub use redis::{RedisServer, TestRedis};
+pub use wait::{eventually, free_port};
