@@ -6,6 +6,7 @@ mod grpc;
 use std::{net::SocketAddr, time::Duration};
 
 use c2m::{Config, Role, app};
+use c2m_runtime::ServerSettings;
 use c2m_test_support::{RedisServer, TestDatabase, TestRedis, free_port};
 use grpc::{ALL_SERVICES, channel, health, wait_for_status, with_standard_services};
 use tokio_stream::StreamExt;
@@ -13,15 +14,20 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-const ANY_PORT: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+const ANY_PORT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 fn config(db: &TestDatabase, redis: &TestRedis) -> Config {
-    let mut config = Config::default();
-    config.database = db.settings();
-    config.redis = redis.settings();
-    config.server.health_interval_ms = 50;
-    config.server.grace_period_secs = 5;
-    config
+    Config {
+        database: db.settings(),
+        redis: redis.settings(),
+        server: ServerSettings {
+            health_interval_ms: 50,
+            grace_period_secs: 5,
+            ..ServerSettings::default()
+        },
+        ..Config::default()
+    }
 }
 
 #[tokio::test]
@@ -75,7 +81,10 @@ async fn each_role_serves_alone_and_lists_only_itself() {
             with_standard_services(&[name]),
         );
         // A role does not answer for the others.
-        let other = ALL_SERVICES.iter().find(|s| *s != name).expect("five services");
+        let other = ALL_SERVICES
+            .iter()
+            .find(|s| *s != name)
+            .expect("five services");
         let status = HealthClient::new(channel.clone())
             .check(HealthCheckRequest {
                 service: (*other).to_owned(),
@@ -95,7 +104,9 @@ async fn services_that_need_redis_are_not_serving_until_it_answers() {
     let port = free_port();
     let mut config = config(&db, &redis);
     config.redis.url = format!("redis://127.0.0.1:{port}");
-    let mesh = app::spawn(ANY_PORT, &Role::ALL, config).await.expect("binds");
+    let mesh = app::spawn(ANY_PORT, &Role::ALL, config)
+        .await
+        .expect("binds");
     let channel = channel(&mesh.endpoint()).await;
 
     // PostgreSQL alone is enough for the services that keep nothing in Redis.
@@ -106,7 +117,11 @@ async fn services_that_need_redis_are_not_serving_until_it_answers() {
     ];
     wait_for_status(&channel, &without_redis, ServingStatus::Serving).await;
     for service in ["c2m.v1.HandoffService", "c2m.v1.RoutingService", ""] {
-        assert_eq!(health(&channel, service).await, ServingStatus::NotServing, "{service:?}");
+        assert_eq!(
+            health(&channel, service).await,
+            ServingStatus::NotServing,
+            "{service:?}"
+        );
     }
 
     let redis_server = RedisServer::start_on(port);
@@ -119,8 +134,16 @@ async fn services_that_need_redis_are_not_serving_until_it_answers() {
 
     // And back to NOT_SERVING when Redis goes away.
     redis_server.stop();
-    wait_for_status(&channel, &["c2m.v1.HandoffService", ""], ServingStatus::NotServing).await;
-    assert_eq!(health(&channel, "c2m.v1.ConfigService").await, ServingStatus::Serving);
+    wait_for_status(
+        &channel,
+        &["c2m.v1.HandoffService", ""],
+        ServingStatus::NotServing,
+    )
+    .await;
+    assert_eq!(
+        health(&channel, "c2m.v1.ConfigService").await,
+        ServingStatus::Serving
+    );
     mesh.stop().await.expect("drains cleanly");
 }
 
@@ -143,8 +166,15 @@ async fn without_migrate_on_start_a_service_waits_for_c2m_migrate() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // ...until the operator migrates.
-    app::migrate(&[Role::Reporting], &config).await.expect("migrates");
-    wait_for_status(&channel, &["c2m.v1.ReportingService"], ServingStatus::Serving).await;
+    app::migrate(&[Role::Reporting], &config)
+        .await
+        .expect("migrates");
+    wait_for_status(
+        &channel,
+        &["c2m.v1.ReportingService"],
+        ServingStatus::Serving,
+    )
+    .await;
     server.stop().await.expect("drains cleanly");
 }
 
@@ -153,7 +183,9 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
     let (db, redis) = (TestDatabase::create().await, TestRedis::new().await);
     let config = config(&db, &redis);
     app::migrate(&Role::ALL, &config).await.expect("first run");
-    app::migrate(&Role::ALL, &config).await.expect("second run is a no-op");
+    app::migrate(&Role::ALL, &config)
+        .await
+        .expect("second run is a no-op");
 
     let mut conn = db.connect().await;
     let tables: Vec<(String, String)> = sqlx::query_as(
@@ -177,18 +209,40 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
     );
     assert_eq!(
         in_schema("routing"),
-        ["_sqlx_migrations", "conversations", "deflections", "opt_outs", "transcript_entries"]
+        [
+            "_sqlx_migrations",
+            "conversations",
+            "deflections",
+            "opt_outs",
+            "transcript_entries"
+        ]
     );
     assert_eq!(
         in_schema("channel_gateway"),
-        ["_sqlx_migrations", "number_lookups", "outbound_messages", "provider_credentials", "webhook_inbox"]
+        [
+            "_sqlx_migrations",
+            "number_lookups",
+            "outbound_messages",
+            "provider_credentials",
+            "webhook_inbox"
+        ]
     );
     assert_eq!(
         in_schema("config"),
-        ["_sqlx_migrations", "accounts", "api_keys", "audit_events", "handoff_configs", "whatsapp_templates"]
+        [
+            "_sqlx_migrations",
+            "accounts",
+            "api_keys",
+            "audit_events",
+            "handoff_configs",
+            "whatsapp_templates"
+        ]
     );
     assert_eq!(in_schema("reporting"), ["_sqlx_migrations", "events"]);
-    assert!(in_schema("public").is_empty(), "nothing lands in public: {tables:?}");
+    assert!(
+        in_schema("public").is_empty(),
+        "nothing lands in public: {tables:?}"
+    );
 }
 
 #[tokio::test]
@@ -196,7 +250,9 @@ async fn shutdown_reports_not_serving_before_it_drains() {
     let (db, redis) = (TestDatabase::create().await, TestRedis::new().await);
     let mut config = config(&db, &redis);
     config.server.grace_period_secs = 1;
-    let mesh = app::spawn(ANY_PORT, &Role::ALL, config).await.expect("binds");
+    let mesh = app::spawn(ANY_PORT, &Role::ALL, config)
+        .await
+        .expect("binds");
     let channel = channel(&mesh.endpoint()).await;
     wait_for_status(&channel, &["c2m.v1.HandoffService"], ServingStatus::Serving).await;
 
@@ -208,13 +264,21 @@ async fn shutdown_reports_not_serving_before_it_drains() {
         .await
         .expect("watch starts")
         .into_inner();
-    let first = watch.next().await.expect("an update").expect("not an error");
+    let first = watch
+        .next()
+        .await
+        .expect("an update")
+        .expect("not an error");
     assert_eq!(first.status, ServingStatus::Serving as i32);
 
     // ...is told NOT_SERVING once shutdown begins, while the server is still draining (the
     // watch stream is itself an in-flight request, cut only by the grace period).
     let stopping = tokio::spawn(mesh.stop());
-    let next = watch.next().await.expect("an update").expect("not an error");
+    let next = watch
+        .next()
+        .await
+        .expect("an update")
+        .expect("not an error");
     assert_eq!(next.status, ServingStatus::NotServing as i32);
 
     stopping

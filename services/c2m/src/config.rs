@@ -95,7 +95,7 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("invalid configuration: {0}")]
+    #[error("invalid configuration: {}", describe(.0))]
     Parse(Box<figment::Error>),
     #[error("invalid configuration: `{key}` {reason}")]
     Invalid { key: &'static str, reason: String },
@@ -124,12 +124,11 @@ impl Config {
             .merge(
                 Env::prefixed("C2M_")
                     .split("__")
+                    // Lower-cased here, not only on output, so errors name keys as files do.
+                    .map(|key| key.as_str().to_ascii_lowercase().into())
                     // `C2M_TEST_*` and other variables outside the configuration's sections are
                     // not configuration.
-                    .filter(|key| {
-                        let key = key.as_str().to_ascii_lowercase();
-                        SECTIONS.iter().any(|s| key.starts_with(s))
-                    }),
+                    .filter(|key| SECTIONS.iter().any(|s| key.as_str().starts_with(s))),
             )
             .merge(Serialized::defaults(overrides))
             .extract()?;
@@ -196,6 +195,37 @@ impl Config {
         masked.redis.url = mask_password(&masked.redis.url);
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
+}
+
+/// Names the key, the problem and where the value came from: the file, or the variable.
+fn describe(error: &figment::Error) -> String {
+    error
+        .clone()
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let origin = match e.metadata.as_ref() {
+                Some(m) => match &m.source {
+                    Some(figment::Source::File(path)) => format!(" (in {})", path.display()),
+                    _ if m.name.contains("environment") => {
+                        format!(" (from ${})", env_var_name(&e.path))
+                    }
+                    _ => String::new(),
+                },
+                None => String::new(),
+            };
+            if key.is_empty() {
+                format!("{}{origin}", e.kind)
+            } else {
+                format!("`{key}`: {}{origin}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn env_var_name(path: &[String]) -> String {
+    format!("C2M_{}", path.join("__").to_ascii_uppercase())
 }
 
 /// The top-level sections, which environment variables may set.

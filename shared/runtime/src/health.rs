@@ -26,9 +26,16 @@ pub type ServiceProbes = (String, Vec<Arc<dyn Probe>>);
 pub struct Supervisor {
     reporter: HealthReporter,
     services: Arc<Vec<ServiceProbes>>,
+    state: Arc<tokio::sync::Mutex<Reported>>,
+}
+
+/// What has been reported, so that watchers only hear of changes.
+#[derive(Default)]
+struct Reported {
     /// Set once by [`Supervisor::stop`]; checked under the lock by every status update, so a probe
     /// round that finishes after shutdown began cannot flip a service back to SERVING.
-    stopped: Arc<tokio::sync::Mutex<bool>>,
+    stopped: bool,
+    statuses: HashMap<String, ServingStatus>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -51,7 +58,7 @@ impl Supervisor {
         Self {
             reporter,
             services: Arc::new(services),
-            stopped: Arc::default(),
+            state: Arc::default(),
         }
     }
 
@@ -66,8 +73,8 @@ impl Supervisor {
 
     /// Marks every service, and the server as a whole (`""`), NOT_SERVING for good.
     pub async fn stop(&self) {
-        let mut stopped = self.stopped.lock().await;
-        *stopped = true;
+        let mut state = self.state.lock().await;
+        state.stopped = true;
         for (service, _) in self.services.iter() {
             self.reporter
                 .set_service_status(service, ServingStatus::NotServing)
@@ -104,15 +111,16 @@ impl Supervisor {
     }
 
     async fn set(&self, service: &str, serving: bool) {
-        let stopped = self.stopped.lock().await;
-        if *stopped {
-            return;
-        }
+        let mut state = self.state.lock().await;
         let status = if serving {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
+        if state.stopped || state.statuses.get(service) == Some(&status) {
+            return;
+        }
+        state.statuses.insert(service.to_owned(), status);
         self.reporter.set_service_status(service, status).await;
     }
 

@@ -15,7 +15,8 @@ impl TestDatabase {
     /// Creates an empty database on the test server. Panics, saying how to fix it, when the server
     /// cannot be reached: a test must never pass by skipping.
     pub async fn create() -> Self {
-        let admin_url = std::env::var("C2M_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+        let admin_url =
+            std::env::var("C2M_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
         let name = format!("c2m_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
             panic!(

@@ -24,7 +24,9 @@ impl TestRedis {
             .unwrap_or_else(|e| panic!("C2M_TEST_REDIS_URL {url} is not a redis URL: {e}"));
         let ping = async {
             let mut connection = client.get_multiplexed_async_connection().await?;
-            redis::cmd("PING").query_async::<String>(&mut connection).await
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
         };
         if let Err(e) = ping.await {
             panic!(

@@ -1,0 +1,403 @@
+//! The `c2m` binary as an operator runs it: configuration layering and errors (exit 64), the
+//! effective configuration with secrets masked, SIGTERM, and trace export.
+
+mod support;
+
+use support::otlp;
+
+use std::{
+    net::SocketAddr,
+    process::{Output, Stdio},
+    time::Duration,
+};
+
+use c2m_test_support::{TestDatabase, TestRedis, eventually};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::mpsc,
+};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+const C2M: &str = env!("CARGO_BIN_EXE_c2m");
+
+/// Runs `c2m args…` to completion with `envs` added to a clean `C2M_*` environment.
+fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut command = std::process::Command::new(C2M);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("C2M_") || key.starts_with("OTEL_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    command
+        .args(args)
+        .envs(envs.iter().copied())
+        .output()
+        .expect("c2m runs")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn config_file(text: &str) -> tempfile::NamedTempFile {
+    let file = tempfile::Builder::new()
+        .suffix(".toml")
+        .tempfile()
+        .expect("temp file");
+    std::fs::write(file.path(), text).expect("writes");
+    file
+}
+
+#[test]
+fn a_config_file_that_is_not_toml_exits_64_naming_the_file() {
+    let file = config_file("[server\ngrace_period_secs = ");
+    let path = file.path().to_str().expect("utf-8 path");
+    let output = run(&["--config", path, "config"], &[]);
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+    assert!(stderr(&output).contains(path), "{}", stderr(&output));
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn a_missing_config_file_exits_64_naming_the_file() {
+    let output = run(&["--config", "/nonexistent/c2m.toml", "dev"], &[]);
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("cannot read configuration file /nonexistent/c2m.toml"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_value_of_the_wrong_type_names_its_key_and_file() {
+    let file = config_file("[server]\ngrace_period_secs = \"soon\"\n");
+    let path = file.path().to_str().expect("utf-8 path");
+    let output = run(&["--config", path, "dev"], &[]);
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(message.contains("server.grace_period_secs"), "{message}");
+    assert!(message.contains(path), "{message}");
+}
+
+#[test]
+fn an_unknown_key_is_refused_not_ignored() {
+    let file = config_file("[server]\ngrace_periods = 3\n");
+    let output = run(
+        &["--config", file.path().to_str().expect("utf-8"), "dev"],
+        &[],
+    );
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("grace_periods"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_bad_environment_value_names_its_key() {
+    let output = run(&["dev"], &[("C2M_SERVER__CONCURRENCY_LIMIT", "lots")]);
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("server.concurrency_limit"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn values_are_validated_before_anything_is_bound() {
+    let cases = [
+        (
+            "C2M_DATABASE__URL",
+            "mysql://root@localhost/c2m",
+            "database.url",
+        ),
+        ("C2M_REDIS__URL", "not a url", "redis.url"),
+        (
+            "C2M_SERVER__CONCURRENCY_LIMIT",
+            "0",
+            "server.concurrency_limit",
+        ),
+        (
+            "C2M_TELEMETRY__LOG_FILTER",
+            "info,=[",
+            "telemetry.log_filter",
+        ),
+        ("C2M_LISTEN__DEV", "localhost", "listen.dev"),
+    ];
+    for (var, value, key) in cases {
+        let output = run(&["dev"], &[(var, value)]);
+        assert_eq!(
+            output.status.code(),
+            Some(64),
+            "{var}={value}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(key),
+            "{var}={value}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
+fn flags_beat_environment_beat_file_beat_defaults_and_secrets_are_masked() {
+    let file = config_file(
+        r#"
+[database]
+url = "postgres://file:filesecret@db/file"
+max_connections = 3
+
+[redis]
+url = "redis://:redissecret@cache:6379"
+
+[server]
+grace_period_secs = 7
+
+[telemetry]
+log_filter = "debug"
+"#,
+    );
+    let output = run(
+        &[
+            "--config",
+            file.path().to_str().expect("utf-8"),
+            "--database-url",
+            "postgres://flag:flagsecret@db/flag",
+            "config",
+        ],
+        &[
+            ("C2M_DATABASE__URL", "postgres://env:envsecret@db/env"),
+            ("C2M_SERVER__GRACE_PERIOD_SECS", "9"),
+            (
+                "C2M_TEST_DATABASE_URL",
+                "postgres://ignored@db/not-configuration",
+            ),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let printed = String::from_utf8(output.stdout).expect("utf-8");
+    for secret in ["filesecret", "envsecret", "flagsecret", "redissecret"] {
+        assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+    }
+    let effective: toml::Table = printed.parse().expect("prints TOML");
+    let get = |section: &str, key: &str| effective[section][key].clone();
+    assert_eq!(
+        get("database", "url").as_str(),
+        Some("postgres://flag:*****@db/flag")
+    );
+    assert_eq!(get("database", "max_connections").as_integer(), Some(3));
+    assert_eq!(
+        get("redis", "url").as_str(),
+        Some("redis://:*****@cache:6379")
+    );
+    assert_eq!(get("server", "grace_period_secs").as_integer(), Some(9));
+    assert_eq!(get("telemetry", "log_filter").as_str(), Some("debug"));
+    assert_eq!(
+        get("server", "request_timeout_ms").as_integer(),
+        Some(10_000)
+    );
+    assert_eq!(get("listen", "dev").as_str(), Some("127.0.0.1:50051"));
+}
+
+/// A `c2m dev` process on an ephemeral port, logging JSON to a channel.
+struct Dev {
+    child: Child,
+    logs: mpsc::UnboundedReceiver<serde_json::Value>,
+    addr: SocketAddr,
+}
+
+impl Dev {
+    async fn start(db: &TestDatabase, redis: &TestRedis, extra: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(C2M);
+        for (key, _) in std::env::vars() {
+            if key.starts_with("C2M_") || key.starts_with("OTEL_") || key == "RUST_LOG" {
+                command.env_remove(key);
+            }
+        }
+        let mut child = command
+            .args(["dev", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .env("C2M_DATABASE__URL", db.url())
+            .env("C2M_REDIS__URL", redis.url())
+            .env("C2M_REDIS__KEY_PREFIX", redis.prefix())
+            .env("C2M_SERVER__HEALTH_INTERVAL_MS", "50")
+            .env("C2M_SERVER__GRACE_PERIOD_SECS", "2")
+            .envs(extra.iter().copied())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("c2m starts");
+        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+        let (tx, mut logs) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let value = serde_json::from_str(&line)
+                    .unwrap_or_else(|_| serde_json::json!({ "fields": { "message": line } }));
+                if tx.send(value).is_err() {
+                    return;
+                }
+            }
+        });
+        let addr = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let line = logs.recv().await.expect("c2m exited before serving");
+                if line["fields"]["message"] == "serving" {
+                    let addr = line["fields"]["addr"].as_str().expect("addr field");
+                    return addr.parse::<SocketAddr>().expect("an address");
+                }
+            }
+        })
+        .await
+        .expect("c2m logs `serving` within 20 s");
+        Self { child, logs, addr }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connects")
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Waits up to `deadline` for the process to exit; its exit code.
+    async fn exit_code(&mut self, deadline: Duration) -> Option<i32> {
+        tokio::time::timeout(deadline, self.child.wait())
+            .await
+            .expect("c2m exits in time")
+            .expect("wait works")
+            .code()
+    }
+
+    /// Every log message seen so far.
+    fn messages(&mut self) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Ok(line) = self.logs.try_recv() {
+            seen.push(
+                line["fields"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        seen
+    }
+}
+
+async fn serving(channel: &Channel, service: &str) -> bool {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+}
+
+#[tokio::test]
+async fn sigterm_reports_not_serving_drains_and_exits_0() {
+    let (db, redis) = (TestDatabase::create().await, TestRedis::new().await);
+    let mut dev = Dev::start(&db, &redis, &[]).await;
+    let channel = dev.channel().await;
+    eventually("the mesh to be SERVING", Duration::from_secs(15), || {
+        serving(&channel, "")
+    })
+    .await;
+
+    let mut watch = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: "c2m.v1.HandoffService".to_owned(),
+        })
+        .await
+        .expect("watch starts")
+        .into_inner();
+    let first = watch.next().await.expect("an update").expect("ok");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+
+    dev.sigterm();
+    let next = watch.next().await.expect("an update").expect("ok");
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    assert_eq!(dev.exit_code(Duration::from_secs(10)).await, Some(0));
+
+    let messages = dev.messages();
+    for expected in [
+        "SIGTERM received, shutting down",
+        "draining in-flight requests",
+    ] {
+        assert!(
+            messages.iter().any(|m| m == expected),
+            "{expected:?} not in {messages:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn traces_are_exported_over_otlp_and_continue_the_callers_trace() {
+    let (db, redis) = (TestDatabase::create().await, TestRedis::new().await);
+    let collector = otlp::Collector::start().await;
+    let mut dev = Dev::start(
+        &db,
+        &redis,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint.as_str()),
+            ("OTEL_SERVICE_NAME", "c2m-under-test"),
+        ],
+    )
+    .await;
+    let channel = dev.channel().await;
+
+    // A caller already inside a trace calls a health check.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .expect("ascii"),
+    );
+    HealthClient::new(channel.clone())
+        .check(request)
+        .await
+        .expect("health answers");
+
+    // Shutdown flushes the exporter.
+    dev.sigterm();
+    assert_eq!(dev.exit_code(Duration::from_secs(10)).await, Some(0));
+
+    let spans = collector.spans().await;
+    let span = spans
+        .iter()
+        .find(|s| s.name == "grpc.health.v1.Health/Check" && hex(&s.trace_id) == trace_id)
+        .unwrap_or_else(|| panic!("no health check span in trace {trace_id}: {spans:#?}"));
+    assert_eq!(hex(&span.parent_span_id), "00f067aa0ba902b7");
+    assert!(
+        collector
+            .service_names()
+            .await
+            .contains(&"c2m-under-test".to_owned()),
+        "resource carries OTEL_SERVICE_NAME"
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

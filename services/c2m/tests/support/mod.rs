@@ -1,0 +1,3 @@
+//! Helpers for the binary tests.
+
+pub mod otlp;
