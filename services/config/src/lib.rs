@@ -1,13 +1,22 @@
 //! The Config service: the brand's control plane.
 //!
-//! Owns the `config` PostgreSQL schema: accounts and settings, handoff configurations, WhatsApp templates, API keys and the audit log.
+//! Owns the `config` PostgreSQL schema: accounts and settings, handoff configurations, WhatsApp
+//! templates, API keys and the audit log.
 
 #![forbid(unsafe_code)]
 
-use c2m_proto::v1::config_service_server::{ConfigService, ConfigServiceServer};
-use c2m_runtime::Component;
+mod grpc;
+pub mod model;
+pub mod store;
+
+use std::sync::Arc;
+
+use c2m_proto::v1::config_service_server::ConfigServiceServer;
+use c2m_runtime::{Component, auth::TokenKey};
 use c2m_storage::ServiceDb;
 use sqlx::migrate::Migrator;
+
+use crate::store::{ConfigStore, PgConfigStore};
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "config";
@@ -15,21 +24,31 @@ pub const SCHEMA: &str = "config";
 /// This service's migrations (`migrations/`), applied at start or by `c2m migrate`.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
 
-/// The `c2m.v1.ConfigService` implementation. RPCs not implemented yet answer UNIMPLEMENTED.
-#[derive(Debug, Clone)]
+/// The `c2m.v1.ConfigService` implementation.
+#[derive(Clone)]
 pub struct Service {
     db: ServiceDb,
+    store: Arc<dyn ConfigStore>,
+    key: TokenKey,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConfigService").finish_non_exhaustive()
+    }
 }
 
 impl Service {
-    pub fn new(db: ServiceDb) -> Self {
-        Self { db }
+    pub fn new(db: ServiceDb, key: TokenKey) -> Self {
+        Self {
+            store: Arc::new(PgConfigStore::new(db.pool().clone())),
+            db,
+            key,
+        }
     }
 
-    /// The gRPC service, SERVING while its schema answer.
+    /// The gRPC service, SERVING while its schema answers.
     pub fn into_component(self) -> Component {
         Component::new(ConfigServiceServer::new(self.clone())).with_probe(self.db.probe())
     }
 }
-
-impl ConfigService for Service {}

@@ -4,10 +4,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod health;
+pub mod ids;
+pub mod peers;
 pub mod server;
 pub mod settings;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 mod trace_layer;
 

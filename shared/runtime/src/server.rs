@@ -2,7 +2,9 @@
 //! dependencies) and reflection (v1 and v1alpha), behind timeouts, a concurrency limit and a
 //! tracing layer, shut down gracefully.
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, future::Future, sync::Arc};
+
+use futures::future::BoxFuture;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,12 +30,15 @@ const STANDARD_SERVICES: [&str; 3] = [
 ];
 
 type AddRoutes = Box<dyn FnOnce(&mut RoutesBuilder) + Send>;
+type Task = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
 
-/// One gRPC service a server hosts, with the dependencies its health depends on.
+/// One gRPC service a server hosts, with the dependencies its health depends on and the
+/// background work it needs (outbox relays, webhook listeners).
 pub struct Component {
     name: &'static str,
     probes: Vec<Arc<dyn Probe>>,
     add: AddRoutes,
+    tasks: Vec<Task>,
 }
 
 impl std::fmt::Debug for Component {
@@ -67,7 +72,19 @@ impl Component {
             add: Box::new(move |routes| {
                 routes.add_service(service);
             }),
+            tasks: Vec::new(),
         }
+    }
+
+    /// Runs `task` for as long as the server does: it starts before the server accepts requests
+    /// and is cancelled only after in-flight requests have drained.
+    pub fn with_task<F, Fut>(mut self, task: F) -> Self
+    where
+        F: FnOnce(CancellationToken) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.push(Box::new(move |token| Box::pin(task(token))));
+        self
     }
 
     /// The service is SERVING only while `probe` passes.
@@ -107,9 +124,14 @@ pub async fn run(
     let names: Vec<&'static str> = components.iter().map(|c| c.name).collect();
     let mut routes = RoutesBuilder::default();
     let mut services = Vec::with_capacity(components.len());
+    let background = CancellationToken::new();
+    let mut tasks = Vec::new();
     for component in components {
         (component.add)(&mut routes);
         services.push((component.name.to_owned(), component.probes));
+        for task in component.tasks {
+            tasks.push(tokio::spawn(task(background.clone())));
+        }
     }
     routes
         .add_service(health_service)
@@ -151,9 +173,13 @@ pub async fn run(
             Ok(())
         }
     };
-    // A server that failed on its own must still stop its probes.
+    // A server that failed on its own must still stop its probes and tasks.
     shutdown.cancel();
+    background.cancel();
     let _ = probes.await;
+    for task in tasks {
+        let _ = task.await;
+    }
     if result.is_ok() {
         tracing::info!(%addr, "stopped");
     }

@@ -1,0 +1,286 @@
+//! Config's domain types, validated from their wire form at the boundary.
+
+use c2m_proto::v1::{self as pb, Channel};
+use c2m_runtime::{ids, status::FieldViolations};
+use chrono::{DateTime, Utc};
+
+pub const DEFAULT_RATE_LIMIT: u32 = 30;
+pub const DEFAULT_LOOKBACK_HOURS: u32 = 24;
+pub const MAX_LOOKBACK_HOURS: u32 = 30 * 24;
+pub const ALL_CHANNELS: [Channel; 5] = [
+    Channel::Sms,
+    Channel::Whatsapp,
+    Channel::Rcs,
+    Channel::AppleMessages,
+    Channel::AppMessaging,
+];
+
+/// The most characters a channel carries in one message.
+pub fn message_limit(channel: Channel) -> usize {
+    match channel {
+        Channel::Sms | Channel::AppleMessages => 1600,
+        Channel::Whatsapp => 4096,
+        Channel::Rcs => 3072,
+        Channel::AppMessaging | Channel::Unspecified => 1024,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    pub id: String,
+    pub display_name: String,
+    pub settings: Settings,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub deflection_enabled: bool,
+    pub landline_check_enabled: bool,
+    pub rate_limit_per_second: u32,
+    pub enabled_channels: Vec<Channel>,
+    pub reply_lookback_hours: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            deflection_enabled: false,
+            landline_check_enabled: false,
+            rate_limit_per_second: DEFAULT_RATE_LIMIT,
+            enabled_channels: ALL_CHANNELS.to_vec(),
+            reply_lookback_hours: DEFAULT_LOOKBACK_HOURS,
+        }
+    }
+}
+
+impl Settings {
+    /// Validates wire settings; `field` is where they sit in the request (e.g. `settings`).
+    pub fn from_wire(wire: &pb::AccountSettings, field: &str, violations: &mut FieldViolations) -> Self {
+        let mut channels = Vec::new();
+        for (i, raw) in wire.enabled_channels.iter().enumerate() {
+            match Channel::try_from(*raw) {
+                Ok(Channel::Unspecified) | Err(_) => violations.add(
+                    format!("{field}.enabled_channels[{i}]"),
+                    format!("{raw} is not a channel"),
+                ),
+                Ok(channel) if channels.contains(&channel) => violations.add(
+                    format!("{field}.enabled_channels[{i}]"),
+                    format!("{} is listed twice", channel.as_str_name()),
+                ),
+                Ok(channel) => channels.push(channel),
+            }
+        }
+        if channels.is_empty() {
+            channels = ALL_CHANNELS.to_vec();
+        }
+        let lookback = match wire.reply_lookback_hours {
+            0 => DEFAULT_LOOKBACK_HOURS,
+            h if h > MAX_LOOKBACK_HOURS => {
+                violations.add(
+                    format!("{field}.reply_lookback_hours"),
+                    format!("at most {MAX_LOOKBACK_HOURS} (30 days)"),
+                );
+                h
+            }
+            h => h,
+        };
+        if wire.rate_limit_per_second > 100_000 {
+            violations.add(format!("{field}.rate_limit_per_second"), "at most 100000");
+        }
+        Self {
+            deflection_enabled: wire.deflection_enabled,
+            landline_check_enabled: wire.landline_check_enabled,
+            rate_limit_per_second: match wire.rate_limit_per_second {
+                0 => DEFAULT_RATE_LIMIT,
+                n => n,
+            },
+            enabled_channels: channels,
+            reply_lookback_hours: lookback,
+        }
+    }
+
+    pub fn to_wire(&self) -> pb::AccountSettings {
+        pb::AccountSettings {
+            deflection_enabled: self.deflection_enabled,
+            landline_check_enabled: self.landline_check_enabled,
+            rate_limit_per_second: self.rate_limit_per_second,
+            enabled_channels: self.enabled_channels.iter().map(|c| *c as i32).collect(),
+            reply_lookback_hours: self.reply_lookback_hours,
+        }
+    }
+}
+
+impl Account {
+    pub fn to_wire(&self) -> pb::Account {
+        pb::Account {
+            account_id: self.id.clone(),
+            display_name: self.display_name.clone(),
+            settings: Some(self.settings.to_wire()),
+            created_at: Some(c2m_proto::timestamp(self.created_at)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandoffConfig {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    pub skill_id: String,
+    pub channel_priority: Vec<Channel>,
+    pub messages: Vec<(Channel, String)>,
+    pub whatsapp_template_id: Option<String>,
+    pub apple_business_id: String,
+    pub apple_intent_id: String,
+    pub apple_group_id: String,
+    pub delivery_deadline_seconds: u32,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl HandoffConfig {
+    /// Validates a configuration against the account it belongs to.
+    pub fn from_wire(
+        account: &Account,
+        wire: &pb::HandoffConfig,
+        violations: &mut FieldViolations,
+    ) -> Self {
+        let id = if wire.handoff_config_id.is_empty() {
+            ids::generate("hc")
+        } else {
+            if !ids::is_slug(&wire.handoff_config_id) {
+                violations.add(
+                    "config.handoff_config_id",
+                    "3 to 64 lowercase letters, digits or dashes",
+                );
+            }
+            wire.handoff_config_id.clone()
+        };
+        let name = wire.name.trim().to_owned();
+        if name.is_empty() || name.chars().count() > 100 {
+            violations.add("config.name", "required, at most 100 characters");
+        }
+        if wire.skill_id.trim().is_empty() || wire.skill_id.len() > 128 {
+            violations.add("config.skill_id", "required, at most 128 characters");
+        }
+        let mut priority = Vec::new();
+        if wire.channel_priority.is_empty() {
+            violations.add("config.channel_priority", "at least one channel");
+        }
+        for (i, raw) in wire.channel_priority.iter().enumerate() {
+            let field = format!("config.channel_priority[{i}]");
+            match Channel::try_from(*raw) {
+                Ok(Channel::Unspecified) | Err(_) => violations.add(field, format!("{raw} is not a channel")),
+                Ok(channel) if priority.contains(&channel) => {
+                    violations.add(field, format!("{} is listed twice", channel.as_str_name()))
+                }
+                Ok(channel) if !account.settings.enabled_channels.contains(&channel) => violations.add(
+                    field,
+                    format!("{} is not enabled on account {}", channel.as_str_name(), account.id),
+                ),
+                Ok(channel) => priority.push(channel),
+            }
+        }
+        let mut messages: Vec<(Channel, String)> = Vec::new();
+        for (i, message) in wire.messages.iter().enumerate() {
+            let field = format!("config.messages[{i}]");
+            match Channel::try_from(message.channel) {
+                Ok(channel) if priority.contains(&channel) => {
+                    if messages.iter().any(|(c, _)| *c == channel) {
+                        violations.add(format!("{field}.channel"), "one message per channel");
+                    }
+                    let limit = message_limit(channel);
+                    let length = message.text.chars().count();
+                    if message.text.trim().is_empty() {
+                        violations.add(format!("{field}.text"), "required");
+                    } else if length > limit {
+                        violations.add(
+                            format!("{field}.text"),
+                            format!("{length} characters; {} allows {limit}", channel.as_str_name()),
+                        );
+                    }
+                    messages.push((channel, message.text.clone()));
+                }
+                _ => violations.add(
+                    format!("{field}.channel"),
+                    "must be one of the configuration's channels",
+                ),
+            }
+        }
+        for channel in &priority {
+            let needs_text = !matches!(channel, Channel::Whatsapp) || wire.whatsapp_template_id.is_empty();
+            if needs_text && !messages.iter().any(|(c, _)| c == channel) {
+                violations.add(
+                    "config.messages",
+                    format!("no message for {}", channel.as_str_name()),
+                );
+            }
+        }
+        Self {
+            id,
+            account_id: account.id.clone(),
+            name,
+            skill_id: wire.skill_id.trim().to_owned(),
+            channel_priority: priority,
+            messages,
+            whatsapp_template_id: Some(wire.whatsapp_template_id.clone()).filter(|t| !t.is_empty()),
+            apple_business_id: wire.apple_business_id.clone(),
+            apple_intent_id: wire.apple_intent_id.clone(),
+            apple_group_id: wire.apple_group_id.clone(),
+            delivery_deadline_seconds: wire.delivery_deadline_seconds,
+            version: 1,
+            updated_at: Utc::now(),
+        }
+    }
+
+    pub fn to_wire(&self) -> pb::HandoffConfig {
+        pb::HandoffConfig {
+            handoff_config_id: self.id.clone(),
+            account_id: self.account_id.clone(),
+            name: self.name.clone(),
+            skill_id: self.skill_id.clone(),
+            channel_priority: self.channel_priority.iter().map(|c| *c as i32).collect(),
+            messages: self
+                .messages
+                .iter()
+                .map(|(channel, text)| pb::ChannelMessage {
+                    channel: *channel as i32,
+                    text: text.clone(),
+                })
+                .collect(),
+            whatsapp_template_id: self.whatsapp_template_id.clone().unwrap_or_default(),
+            apple_business_id: self.apple_business_id.clone(),
+            apple_intent_id: self.apple_intent_id.clone(),
+            apple_group_id: self.apple_group_id.clone(),
+            delivery_deadline_seconds: self.delivery_deadline_seconds,
+            version: self.version,
+            updated_at: Some(c2m_proto::timestamp(self.updated_at)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKey {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl ApiKey {
+    pub fn to_wire(&self) -> pb::ApiKey {
+        pb::ApiKey {
+            api_key_id: self.id.clone(),
+            account_id: self.account_id.clone(),
+            name: self.name.clone(),
+            prefix: self.prefix.clone(),
+            created_at: Some(c2m_proto::timestamp(self.created_at)),
+            last_used_at: self.last_used_at.map(c2m_proto::timestamp),
+            revoked_at: self.revoked_at.map(c2m_proto::timestamp),
+        }
+    }
+}

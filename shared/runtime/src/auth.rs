@@ -1,0 +1,258 @@
+//! Who is calling: signed tokens (HS256 JWTs) for console users, operators and c2m's own services,
+//! and the role checks every RPC makes.
+//!
+//! Roles: `viewer` < `editor` < `admin` act within their own account; `operator` acts on every
+//! account (account managers acting for brands); `service` is c2m calling itself. IVR API keys are
+//! not tokens: Handoff resolves them through Config.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use tonic::{Status, metadata::MetadataMap};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Editor,
+    Admin,
+    Operator,
+    Service,
+}
+
+/// What a token says about its bearer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user, or the service, e.g. `svc:handoff`.
+    pub sub: String,
+    pub role: Role,
+    /// The account a viewer, editor or admin belongs to; absent for operators and services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
+    /// Expiry, Unix seconds.
+    pub exp: u64,
+}
+
+impl Claims {
+    /// Whether the bearer may act on `account_id` with at least `min` (an account role).
+    /// Operators and services may act on every account.
+    pub fn authorize(&self, account_id: &str, min: Role) -> Result<(), Status> {
+        match self.role {
+            Role::Operator | Role::Service => Ok(()),
+            role if self.account_id.as_deref() != Some(account_id) => Err(Status::permission_denied(
+                format!("a {role:?} of another account cannot act on account {account_id}").to_lowercase(),
+            )),
+            role if role < min => Err(Status::permission_denied(
+                format!("this needs the {min:?} role; the caller is a {role:?}").to_lowercase(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Only c2m's own services (and operators) may call internal RPCs.
+    pub fn require_internal(&self) -> Result<(), Status> {
+        match self.role {
+            Role::Service | Role::Operator => Ok(()),
+            _ => Err(Status::permission_denied("internal rpc: only c2m services may call it")),
+        }
+    }
+
+    pub fn require_operator(&self) -> Result<(), Status> {
+        match self.role {
+            Role::Operator => Ok(()),
+            _ => Err(Status::permission_denied("only operators may do this")),
+        }
+    }
+}
+
+/// The HS256 key that signs and verifies tokens.
+#[derive(Clone)]
+pub struct TokenKey {
+    key: Vec<u8>,
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenKey(*****)")
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("malformed token")]
+    Malformed,
+    #[error("unsupported token algorithm")]
+    Algorithm,
+    #[error("bad token signature")]
+    Signature,
+    #[error("token expired")]
+    Expired,
+}
+
+const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
+
+impl TokenKey {
+    pub fn new(secret: &[u8]) -> Self {
+        Self {
+            key: secret.to_vec(),
+        }
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        // HMAC takes keys of any length.
+        <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).expect("hmac accepts any key length")
+    }
+
+    pub fn sign(&self, claims: &Claims) -> String {
+        let payload = serde_json::to_vec(claims).expect("claims serialize");
+        let signing_input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(HEADER),
+            URL_SAFE_NO_PAD.encode(payload)
+        );
+        let mut mac = self.mac();
+        mac.update(signing_input.as_bytes());
+        let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        format!("{signing_input}.{signature}")
+    }
+
+    /// Checks the signature (in constant time), the algorithm and the expiry.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<Claims, TokenError> {
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let signature = URL_SAFE_NO_PAD
+            .decode(signature)
+            .map_err(|_| TokenError::Malformed)?;
+        let mut mac = self.mac();
+        mac.update(header.as_bytes());
+        mac.update(b".");
+        mac.update(payload.as_bytes());
+        mac.verify_slice(&signature)
+            .map_err(|_| TokenError::Signature)?;
+        let header: serde_json::Value = URL_SAFE_NO_PAD
+            .decode(header)
+            .ok()
+            .and_then(|h| serde_json::from_slice(&h).ok())
+            .ok_or(TokenError::Malformed)?;
+        if header["alg"] != "HS256" {
+            return Err(TokenError::Algorithm);
+        }
+        let claims: Claims = URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|p| serde_json::from_slice(&p).ok())
+            .ok_or(TokenError::Malformed)?;
+        if claims.exp <= unix(now) {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
+    }
+
+    /// A short-lived token for c2m's own service `name` calling another service.
+    pub fn service_token(&self, name: &str) -> String {
+        self.sign(&Claims {
+            sub: format!("svc:{name}"),
+            role: Role::Service,
+            account_id: None,
+            exp: unix(SystemTime::now()) + 300,
+        })
+    }
+
+    /// A token for a person, valid for `ttl`.
+    pub fn user_token(&self, sub: &str, role: Role, account_id: Option<&str>, ttl: Duration) -> String {
+        self.sign(&Claims {
+            sub: sub.to_owned(),
+            role,
+            account_id: account_id.map(str::to_owned),
+            exp: unix(SystemTime::now()) + ttl.as_secs(),
+        })
+    }
+
+    /// The caller of a request, from its `authorization: Bearer <token>` metadata.
+    pub fn caller(&self, metadata: &MetadataMap) -> Result<Claims, Status> {
+        let token = bearer(metadata)?;
+        self.verify(token, SystemTime::now())
+            .map_err(|e| Status::unauthenticated(e.to_string()))
+    }
+}
+
+/// The bearer credential of a request: UNAUTHENTICATED when there is none.
+pub fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
+    let value = metadata
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer …` metadata"))?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Status::unauthenticated("`authorization` must be `Bearer <credential>`"))
+}
+
+fn unix(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(role: Role, account: Option<&str>) -> Claims {
+        Claims {
+            sub: "u1".into(),
+            role,
+            account_id: account.map(Into::into),
+            exp: unix(SystemTime::now()) + 60,
+        }
+    }
+
+    #[test]
+    fn a_signed_token_verifies_and_a_tampered_one_does_not() {
+        let key = TokenKey::new(b"secret");
+        let token = key.sign(&claims(Role::Admin, Some("acme")));
+        assert_eq!(
+            key.verify(&token, SystemTime::now()),
+            Ok(claims(Role::Admin, Some("acme")))
+        );
+        assert_eq!(
+            TokenKey::new(b"other").verify(&token, SystemTime::now()),
+            Err(TokenError::Signature)
+        );
+        // Swap in a payload that claims operator, keep the admin's signature.
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged_payload =
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(Role::Operator, None)).unwrap());
+        let forged = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
+        assert_eq!(key.verify(&forged, SystemTime::now()), Err(TokenError::Signature));
+        assert_eq!(key.verify("a.b", SystemTime::now()), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn an_expired_token_is_refused() {
+        let key = TokenKey::new(b"secret");
+        let token = key.sign(&claims(Role::Viewer, Some("acme")));
+        let later = SystemTime::now() + Duration::from_secs(61);
+        assert_eq!(key.verify(&token, later), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn roles_act_within_their_account_and_rank() {
+        let admin = claims(Role::Admin, Some("acme"));
+        assert!(admin.authorize("acme", Role::Editor).is_ok());
+        assert!(admin.authorize("globex", Role::Viewer).is_err());
+        let viewer = claims(Role::Viewer, Some("acme"));
+        assert!(viewer.authorize("acme", Role::Viewer).is_ok());
+        assert!(viewer.authorize("acme", Role::Editor).is_err());
+        assert!(claims(Role::Operator, None).authorize("globex", Role::Admin).is_ok());
+        assert!(admin.require_internal().is_err());
+        assert!(claims(Role::Service, None).require_internal().is_ok());
+    }
+}

@@ -1,0 +1,64 @@
+//! Building precise gRPC errors: INVALID_ARGUMENT with a `google.rpc.BadRequest` naming each field,
+//! RESOURCE_EXHAUSTED with `RetryInfo`.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// Collects field violations; `into_result` is `Ok` when there are none.
+#[derive(Debug, Default)]
+pub struct FieldViolations {
+    violations: Vec<(String, String)>,
+}
+
+impl FieldViolations {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.violations.push((field.into(), description.into()));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    pub fn into_result(self) -> Result<(), Status> {
+        if self.violations.is_empty() {
+            return Ok(());
+        }
+        let summary = self
+            .violations
+            .iter()
+            .map(|(field, why)| format!("{field}: {why}"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut details = ErrorDetails::new();
+        for (field, description) in self.violations {
+            details.add_bad_request_violation(field, description);
+        }
+        Err(Status::with_error_details(
+            Code::InvalidArgument,
+            summary,
+            details,
+        ))
+    }
+}
+
+/// INVALID_ARGUMENT for one field.
+pub fn invalid_field(field: impl Into<String>, description: impl Into<String>) -> Status {
+    let mut violations = FieldViolations::new();
+    violations.add(field, description);
+    violations
+        .into_result()
+        .expect_err("one violation was added")
+}
+
+/// RESOURCE_EXHAUSTED telling the caller when to retry.
+pub fn rate_limited(message: impl Into<String>, retry_after: Duration) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_retry_info(Some(retry_after));
+    Status::with_error_details(Code::ResourceExhausted, message, details)
+}

@@ -1,0 +1,128 @@
+//! The transactional outbox: a service writes its events in the same transaction as the change they
+//! describe, and a relay ships them to Reporting, which de-duplicates by event id. A crash between
+//! commit and delivery loses nothing; a crash after delivery and before deletion re-sends, which
+//! Reporting ignores.
+//!
+//! Every service with an outbox has the same table in its own schema:
+//! `outbox (seq bigserial primary key, event_id uuid unique, payload bytea, created_at timestamptz)`.
+
+use std::{sync::Arc, time::Duration};
+
+use c2m_proto::v1::{Event, RecordEventsRequest};
+use c2m_runtime::peers::Peers;
+use prost::Message;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Events shipped per RecordEvents call.
+const BATCH: i64 = 500;
+/// How often the relay looks for events nobody told it about (other replicas' writes).
+const POLL: Duration = Duration::from_millis(100);
+
+/// Writes `events` into the outbox inside the caller's transaction.
+pub async fn enqueue(tx: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
+    for event in events {
+        let event_id: uuid::Uuid = event
+            .event_id
+            .parse()
+            .map_err(|e| sqlx::Error::Protocol(format!("event id is not a uuid: {e}")))?;
+        sqlx::query("INSERT INTO outbox (event_id, payload) VALUES ($1, $2)")
+            .bind(event_id)
+            .bind(event.encode_to_vec())
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Ships a service's outbox to Reporting.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pool: PgPool,
+    peers: Peers,
+    wake: Arc<Notify>,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, peers: Peers) -> Self {
+        Self {
+            pool,
+            peers,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Call after committing events, so they leave now rather than at the next poll.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Ships batches until `shutdown`. Errors (Reporting or PostgreSQL down) are logged and retried;
+    /// the events stay in the outbox meanwhile.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failing = false;
+        loop {
+            match self.ship_batch().await {
+                Ok(n) if n as i64 == BATCH => continue,
+                Ok(_) => {
+                    if failing {
+                        tracing::info!("outbox relay recovered");
+                        failing = false;
+                    }
+                }
+                Err(error) => {
+                    if !failing {
+                        tracing::warn!(%error, "outbox relay failing, will retry");
+                        failing = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
+    /// Ships one batch; returns how many events left the outbox.
+    pub async fn ship_batch(&self) -> Result<usize, RelayError> {
+        let mut tx = self.pool.begin().await?;
+        // SKIP LOCKED: replicas share the outbox without shipping the same batch twice at once.
+        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT seq, payload FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let events = rows
+            .iter()
+            .map(|(_, payload)| Event::decode(payload.as_slice()))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.peers
+            .reporting()
+            .record_events(RecordEventsRequest { events })
+            .await?;
+        let seqs: Vec<i64> = rows.iter().map(|(seq, _)| *seq).collect();
+        sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
+            .bind(&seqs)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(seqs.len())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("outbox query failed: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("outbox holds an undecodable event: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("reporting refused the events: {0}")]
+    Reporting(#[from] tonic::Status),
+}
