@@ -223,6 +223,7 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
             "_sqlx_migrations",
             "number_lookups",
             "outbound_messages",
+            "outbox",
             "provider_credentials",
             "webhook_inbox"
         ]

@@ -1,9 +1,15 @@
 //! Assembling roles into running servers: the same code serves one role (`c2m serve <role>`),
 //! all of them on one address (`c2m dev`), or in-process for tests.
 
-use c2m_runtime::{CancellationToken, Component, ServeError, server};
+use c2m_runtime::{
+    CancellationToken, Component, ServeError,
+    auth::TokenKey,
+    peers::{PeerSettings, Peers},
+    server,
+};
 use c2m_storage::{RedisHandle, ServiceDb, postgres::DbError, redis::RedisError};
 use std::net::SocketAddr;
+
 
 use tokio::{net::TcpListener, task::JoinHandle};
 
@@ -17,11 +23,19 @@ pub enum AppError {
     Redis(#[from] RedisError),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error("invalid peer url: {0}")]
+    Peer(#[from] tonic::transport::Error),
+    #[error("auth.token_secret is empty: set it (C2M_AUTH__TOKEN_SECRET) to the secret every replica shares")]
+    NoTokenSecret,
 }
 
 /// The gRPC services for `roles`, each with its own schema pool; roles that use Redis share one
 /// connection (made on first use, so roles without Redis never open one).
 pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, AppError> {
+    if config.auth.token_secret.is_empty() {
+        return Err(AppError::NoTokenSecret);
+    }
+    let key = TokenKey::new(config.auth.token_secret.as_bytes());
     let redis = RedisHandle::new(&config.redis)?;
     let db = |role: Role| {
         let (schema, migrator) = role.schema();
@@ -40,21 +54,34 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
                 Role::ChannelGateway => {
                     c2m_channel_gateway::Service::new(db(role)?).into_component()
                 }
-                Role::Config => c2m_config::Service::new(db(role)?).into_component(),
-                Role::Reporting => c2m_reporting::Service::new(db(role)?).into_component(),
+                Role::Config => c2m_config::Service::new(db(role)?, key.clone()).into_component(),
+                Role::Reporting => {
+                    c2m_reporting::Service::new(db(role)?, key.clone()).into_component()
+                }
             })
         })
         .collect()
 }
 
-/// Serves `roles` on `listener` until `shutdown` is cancelled and the server has drained.
+/// Serves `roles` on `listener` until `shutdown` is cancelled and the server has drained. When
+/// `roles` is every role (`c2m dev`), the services call each other at this listener's address,
+/// whatever `[peers]` says.
 pub async fn serve(
     listener: TcpListener,
     roles: &[Role],
     config: &Config,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    let components = components(roles, config)?;
+    let mut config = config.clone();
+    if Role::ALL.iter().all(|r| roles.contains(r)) {
+        let here = listener.local_addr().map_err(ServeError::from)?;
+        let timeout_ms = config.peers.timeout_ms;
+        config.peers = PeerSettings {
+            timeout_ms,
+            ..PeerSettings::all_at(&format!("http://{here}"))
+        };
+    }
+    let components = components(roles, &config)?;
     server::run(listener, components, &config.server, shutdown).await?;
     Ok(())
 }
@@ -108,7 +135,12 @@ impl Drop for Running {
 /// Binds `addr` and serves `roles` there in the background: the in-process mesh that tests and
 /// embedders use.
 pub async fn spawn(addr: SocketAddr, roles: &[Role], config: Config) -> std::io::Result<Running> {
-    let listener = TcpListener::bind(addr).await?;
+    spawn_on(TcpListener::bind(addr).await?, roles, config)
+}
+
+/// [`spawn`] on a listener bound beforehand (to know every server's address before configuring
+/// their peers).
+pub fn spawn_on(listener: TcpListener, roles: &[Role], config: Config) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let roles = roles.to_vec();
@@ -121,4 +153,11 @@ pub async fn spawn(addr: SocketAddr, roles: &[Role], config: Config) -> std::io:
         shutdown,
         task,
     })
+}
+
+/// 32 random bytes, hex: a token secret for one `c2m dev` run.
+pub fn ephemeral_secret() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }

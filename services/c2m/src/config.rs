@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, path::Path};
 
-use c2m_runtime::{LogFormat, ServerSettings, TelemetrySettings};
+use c2m_runtime::{LogFormat, ServerSettings, TelemetrySettings, peers::PeerSettings};
 use c2m_storage::{DatabaseSettings, RedisSettings, mask_password};
 use figment::{
     Figment,
@@ -21,6 +21,17 @@ pub struct Config {
     pub redis: RedisSettings,
     pub server: ServerSettings,
     pub telemetry: TelemetrySettings,
+    pub auth: AuthSettings,
+    pub peers: PeerSettings,
+}
+
+/// `[auth]`: the key that signs console, operator and service tokens.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// HS256 secret, at least 32 characters, shared by every replica of every role. Required by
+    /// `c2m serve`; `c2m dev` makes one up for the run when it is empty.
+    pub token_secret: String,
 }
 
 /// `[listen]`: the gRPC address of each role, and of `c2m dev` (all roles on one address).
@@ -179,6 +190,21 @@ impl Config {
         if self.server.health_interval_ms < 10 {
             return invalid("server.health_interval_ms", "must be at least 10");
         }
+        if !self.auth.token_secret.is_empty() && self.auth.token_secret.len() < 32 {
+            return invalid("auth.token_secret", "must be at least 32 characters");
+        }
+        for (key, url) in [
+            ("peers.handoff", &self.peers.handoff),
+            ("peers.routing", &self.peers.routing),
+            ("peers.channel_gateway", &self.peers.channel_gateway),
+            ("peers.config", &self.peers.config),
+            ("peers.reporting", &self.peers.reporting),
+        ] {
+            match scheme(url) {
+                Ok(s) if s == "http" || s == "https" => {}
+                _ => return invalid(key, "must be an http:// or https:// URL"),
+            }
+        }
         if let Err(e) = c2m_runtime::telemetry::validate_filter(&self.telemetry.log_filter) {
             return invalid(
                 "telemetry.log_filter",
@@ -193,6 +219,9 @@ impl Config {
         let mut masked = self.clone();
         masked.database.url = mask_password(&masked.database.url);
         masked.redis.url = mask_password(&masked.redis.url);
+        if !masked.auth.token_secret.is_empty() {
+            masked.auth.token_secret = "*****".to_owned();
+        }
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
 }
@@ -229,4 +258,12 @@ fn env_var_name(path: &[String]) -> String {
 }
 
 /// The top-level sections, which environment variables may set.
-const SECTIONS: [&str; 5] = ["listen.", "database.", "redis.", "server.", "telemetry."];
+const SECTIONS: [&str; 7] = [
+    "listen.",
+    "database.",
+    "redis.",
+    "server.",
+    "telemetry.",
+    "auth.",
+    "peers.",
+];

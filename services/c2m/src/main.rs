@@ -4,7 +4,13 @@ use c2m::{
     Config, Role, app,
     cli::{Cli, Command},
 };
-use c2m_runtime::{CancellationToken, shutdown, telemetry};
+use std::time::Duration;
+
+use c2m_runtime::{
+    CancellationToken,
+    auth::{Role as AuthRole, TokenKey},
+    shutdown, telemetry,
+};
 use clap::Parser;
 
 /// Exit code for configuration errors (EX_USAGE).
@@ -39,7 +45,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
     let (roles, addr, name) = match command {
         Command::Serve { role, .. } => (vec![role], role.listen(&config.listen), role.name()),
         Command::Dev { .. } => (Role::ALL.to_vec(), config.listen.dev, "dev"),
@@ -59,6 +65,18 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
     };
     let _telemetry = telemetry::init(&config.telemetry, &format!("c2m-{name}"))?;
+    if name == "dev" && config.auth.token_secret.is_empty() {
+        config.auth.token_secret = app::ephemeral_secret()?;
+        let token = TokenKey::new(config.auth.token_secret.as_bytes()).user_token(
+            "dev-operator",
+            AuthRole::Operator,
+            None,
+            Duration::from_secs(24 * 3600),
+        );
+        tracing::warn!(
+            "auth.token_secret is not set: using a secret made up for this run; operator token (24 h): {token}"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;

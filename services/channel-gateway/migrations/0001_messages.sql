@@ -13,6 +13,10 @@ CREATE TABLE outbound_messages (
     message_id          text PRIMARY KEY,
     account_id          text NOT NULL,
     channel             text NOT NULL,
+    -- The handoff it belongs to, carried on its delivery events.
+    handoff_id          text NOT NULL DEFAULT '',
+    handoff_config_id   text NOT NULL DEFAULT '',
+    skill_id            text NOT NULL DEFAULT '',
     provider_message_id text,
     -- The furthest stage reached; it only moves forward.
     stage               text NOT NULL,
@@ -39,4 +43,12 @@ CREATE TABLE webhook_inbox (
     body         bytea NOT NULL,
     received_at  timestamptz NOT NULL DEFAULT now(),
     processed_at timestamptz
+);
+
+CREATE TABLE outbox (
+    seq        bigserial PRIMARY KEY,
+    event_id   uuid NOT NULL UNIQUE,
+    -- An encoded c2m.v1.Event.
+    payload    bytea NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
 );

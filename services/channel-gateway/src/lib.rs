@@ -1,15 +1,28 @@
 //! The Channel-Gateway service: sends on every channel and turns provider webhooks into events.
 //!
-//! Owns the `channel_gateway` PostgreSQL schema: provider credentials, outbound messages, the number-lookup cache and the webhook inbox.
+//! Owns the `channel_gateway` PostgreSQL schema: provider credentials (sealed), outbound messages,
+//! the number-lookup cache, the webhook inbox and its event outbox. Webhooks arrive on an HTTP
+//! listener of their own (`listen.webhooks`), the one port to expose to the providers.
 
 #![forbid(unsafe_code)]
 
-use c2m_proto::v1::channel_gateway_service_server::{
-    ChannelGatewayService, ChannelGatewayServiceServer,
-};
-use c2m_runtime::Component;
-use c2m_storage::ServiceDb;
+mod credentials;
+mod grpc;
+mod messages;
+pub mod twilio;
+mod webhooks;
+
+use std::{sync::Arc, time::Duration};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use c2m_proto::v1::channel_gateway_service_server::ChannelGatewayServiceServer;
+use c2m_runtime::{Component, auth::TokenKey, peers::Peers};
+use c2m_storage::{ServiceDb, outbox::Relay};
+use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
+use tokio::net::TcpListener;
+
+pub use credentials::Sealer;
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "channel_gateway";
@@ -17,21 +30,124 @@ pub const SCHEMA: &str = "channel_gateway";
 /// This service's migrations (`migrations/`), applied at start or by `c2m migrate`.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
 
-/// The `c2m.v1.ChannelGatewayService` implementation. RPCs not implemented yet answer UNIMPLEMENTED.
-#[derive(Debug, Clone)]
+/// `[channel_gateway]`: providers and webhooks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// The URL providers reach the webhook listener at (`listen.webhooks`), as they call it:
+    /// status callbacks point there, and Twilio signs that URL.
+    pub public_url: String,
+    /// Base64 of 32 random bytes that seal provider credentials at rest. Required by
+    /// `c2m serve channel-gateway`; `c2m dev` makes one up for the run when it is empty.
+    pub credentials_key: String,
+    /// Twilio's REST API (point it at an emulator in tests).
+    pub twilio_api_base: String,
+    /// Milliseconds a provider call may take.
+    pub provider_timeout_ms: u64,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self {
+            public_url: "http://127.0.0.1:8080".into(),
+            credentials_key: String::new(),
+            twilio_api_base: "https://api.twilio.com".into(),
+            provider_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl GatewaySettings {
+    /// The credentials key, if it is 32 bytes of base64.
+    pub fn sealing_key(&self) -> Option<[u8; 32]> {
+        STANDARD.decode(self.credentials_key.trim()).ok()?.try_into().ok()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("channel_gateway.credentials_key must be base64 of 32 bytes")]
+    Key,
+    #[error("cannot build the http client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// The `c2m.v1.ChannelGatewayService` implementation and its webhook listener.
+#[derive(Clone)]
 pub struct Service {
     db: ServiceDb,
+    peers: Peers,
+    key: TokenKey,
+    sealer: Sealer,
+    http: reqwest::Client,
+    settings: Arc<GatewaySettings>,
+    relay: Relay,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelGatewayService").finish_non_exhaustive()
+    }
+}
+
+/// An HTTPS client with rustls on ring and the Mozilla roots (no system OpenSSL, no aws-lc).
+fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
 }
 
 impl Service {
-    pub fn new(db: ServiceDb) -> Self {
-        Self { db }
+    pub fn new(
+        db: ServiceDb,
+        peers: Peers,
+        key: TokenKey,
+        settings: GatewaySettings,
+    ) -> Result<Self, GatewayError> {
+        let sealer = Sealer::new(&settings.sealing_key().ok_or(GatewayError::Key)?);
+        let http = http_client(Duration::from_millis(settings.provider_timeout_ms))?;
+        let relay = Relay::new(db.pool().clone(), peers.clone());
+        Ok(Self {
+            db,
+            peers,
+            key,
+            sealer,
+            http,
+            settings: Arc::new(settings),
+            relay,
+        })
     }
 
-    /// The gRPC service, SERVING while its schema answer.
-    pub fn into_component(self) -> Component {
-        Component::new(ChannelGatewayServiceServer::new(self.clone())).with_probe(self.db.probe())
+    /// The gRPC service, SERVING while its schema answers, with the webhook listener on `webhooks`
+    /// and the outbox relay.
+    pub fn into_component(self, webhooks: TcpListener) -> Component {
+        let relay = self.relay.clone();
+        let router = webhooks::router(self.clone());
+        Component::new(ChannelGatewayServiceServer::new(self.clone()))
+            .with_probe(self.db.probe())
+            .with_task(move |shutdown| relay.run(shutdown))
+            .with_task(move |shutdown| async move {
+                let addr = webhooks.local_addr().ok();
+                tracing::info!(?addr, "webhooks listening");
+                if let Err(error) = axum::serve(webhooks, router)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+                {
+                    tracing::error!(%error, "webhook listener failed");
+                }
+            })
     }
 }
-
-impl ChannelGatewayService for Service {}

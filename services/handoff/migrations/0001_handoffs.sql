@@ -1,7 +1,7 @@
 -- Handoffs, their idempotency records, and the outbox that ships their events to reporting.
 
 CREATE TABLE handoffs (
-    handoff_id        uuid PRIMARY KEY,
+    handoff_id        text PRIMARY KEY,
     account_id        text NOT NULL,
     handoff_config_id text NOT NULL,
     -- E.164. Never logged unmasked.
@@ -22,7 +22,7 @@ CREATE TABLE idempotency_keys (
     idempotency_key text NOT NULL,
     -- Hash of the request's parameters: the same key with other parameters is rejected.
     request_hash    bytea NOT NULL,
-    handoff_id      uuid NOT NULL REFERENCES handoffs (handoff_id),
+    handoff_id      text NOT NULL REFERENCES handoffs (handoff_id),
     expires_at      timestamptz NOT NULL,
     PRIMARY KEY (account_id, idempotency_key)
 );

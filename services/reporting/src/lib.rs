@@ -1,13 +1,21 @@
 //! The Reporting service: the append-only event log and the funnel.
 //!
-//! Owns the `reporting` PostgreSQL schema: events, de-duplicated by id.
+//! Owns the `reporting` PostgreSQL schema: events, de-duplicated by id, so services can re-send
+//! (at-least-once delivery from their outboxes) and every event still counts once.
 
 #![forbid(unsafe_code)]
 
-use c2m_proto::v1::reporting_service_server::{ReportingService, ReportingServiceServer};
-use c2m_runtime::Component;
+mod grpc;
+pub mod store;
+
+use std::sync::Arc;
+
+use c2m_proto::v1::reporting_service_server::ReportingServiceServer;
+use c2m_runtime::{Component, auth::TokenKey};
 use c2m_storage::ServiceDb;
 use sqlx::migrate::Migrator;
+
+use crate::store::{EventStore, PgEventStore};
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "reporting";
@@ -15,21 +23,31 @@ pub const SCHEMA: &str = "reporting";
 /// This service's migrations (`migrations/`), applied at start or by `c2m migrate`.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
 
-/// The `c2m.v1.ReportingService` implementation. RPCs not implemented yet answer UNIMPLEMENTED.
-#[derive(Debug, Clone)]
+/// The `c2m.v1.ReportingService` implementation.
+#[derive(Clone)]
 pub struct Service {
     db: ServiceDb,
+    store: Arc<dyn EventStore>,
+    key: TokenKey,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReportingService").finish_non_exhaustive()
+    }
 }
 
 impl Service {
-    pub fn new(db: ServiceDb) -> Self {
-        Self { db }
+    pub fn new(db: ServiceDb, key: TokenKey) -> Self {
+        Self {
+            store: Arc::new(PgEventStore::new(db.pool().clone())),
+            db,
+            key,
+        }
     }
 
-    /// The gRPC service, SERVING while its schema answer.
+    /// The gRPC service, SERVING while its schema answers.
     pub fn into_component(self) -> Component {
         Component::new(ReportingServiceServer::new(self.clone())).with_probe(self.db.probe())
     }
 }
-
-impl ReportingService for Service {}

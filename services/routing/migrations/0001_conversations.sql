@@ -1,8 +1,10 @@
 -- Pending deflections, conversations with their transcripts, and opt-outs.
 
 CREATE TABLE deflections (
-    handoff_id            uuid PRIMARY KEY,
+    handoff_id            text PRIMARY KEY,
     account_id            text NOT NULL,
+    handoff_config_id     text NOT NULL,
+    ivr_number            text NOT NULL DEFAULT '',
     consumer_phone        text NOT NULL,
     channel               text NOT NULL,
     skill_id              text NOT NULL,
@@ -13,12 +15,13 @@ CREATE TABLE deflections (
 CREATE INDEX deflections_by_consumer ON deflections (account_id, consumer_phone, sent_at DESC);
 
 CREATE TABLE conversations (
-    conversation_id       uuid PRIMARY KEY,
+    conversation_id       text PRIMARY KEY,
     account_id            text NOT NULL,
     consumer_address      text NOT NULL,
     channel               text NOT NULL,
     skill_id              text NOT NULL,
-    handoff_id            uuid,
+    handoff_id            text,
+    handoff_config_id     text NOT NULL DEFAULT '',
     engagement_attributes bytea NOT NULL DEFAULT '',
     opened_at             timestamptz NOT NULL DEFAULT now(),
     closed_at             timestamptz
@@ -29,7 +32,7 @@ CREATE UNIQUE INDEX conversations_one_open_per_consumer
     ON conversations (account_id, consumer_address) WHERE closed_at IS NULL;
 
 CREATE TABLE transcript_entries (
-    conversation_id     uuid NOT NULL REFERENCES conversations (conversation_id),
+    conversation_id     text NOT NULL REFERENCES conversations (conversation_id),
     seq                 integer NOT NULL,
     direction           text NOT NULL,
     text                text NOT NULL,
@@ -47,4 +50,12 @@ CREATE TABLE opt_outs (
     source         text NOT NULL,
     opted_out_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (account_id, consumer_phone, channel)
+);
+
+CREATE TABLE outbox (
+    seq        bigserial PRIMARY KEY,
+    event_id   uuid NOT NULL UNIQUE,
+    -- An encoded c2m.v1.Event.
+    payload    bytea NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
 );

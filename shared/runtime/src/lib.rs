@@ -13,9 +13,11 @@ pub mod settings;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+mod mask;
 mod trace_layer;
 
 pub use health::{Probe, ProbeFuture};
+pub use mask::mask_phone;
 pub use server::{Component, ServeError};
 pub use settings::{LogFormat, ServerSettings, TelemetrySettings};
 pub use tokio_util::sync::CancellationToken;

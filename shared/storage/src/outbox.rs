@@ -126,3 +126,16 @@ pub enum RelayError {
     #[error("reporting refused the events: {0}")]
     Reporting(#[from] tonic::Status),
 }
+
+/// A new event for `account_id` at `stage`, with a fresh id and the current time; set the other
+/// fields with struct update syntax.
+pub fn event(account_id: &str, stage: c2m_proto::v1::FunnelStage) -> Event {
+    Event {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        account_id: account_id.to_owned(),
+        stage: stage as i32,
+        occurred_at: Some(c2m_proto::timestamp(chrono::Utc::now())),
+        source: "C2M".to_owned(),
+        ..Event::default()
+    }
+}

@@ -1,0 +1,223 @@
+//! The `c2m.v1.ChannelGatewayService` RPCs.
+
+use c2m_proto::v1::{
+    self as pb, Channel, FunnelStage, Provider,
+    channel_gateway_service_server::ChannelGatewayService,
+    put_provider_credentials_request::Credentials,
+};
+use c2m_runtime::{auth::Role, mask_phone, status::FieldViolations};
+use chrono::Utc;
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    Service, credentials,
+    messages::{self, Outbound},
+    twilio::{self, SendOutcome},
+};
+
+fn db_status(error: sqlx::Error) -> Status {
+    match error {
+        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+            tracing::warn!(error = %e, "gateway storage unavailable");
+            Status::unavailable("gateway storage unavailable, retry")
+        }
+        e => {
+            tracing::error!(error = %e, "gateway storage failed");
+            Status::internal("gateway storage failed")
+        }
+    }
+}
+
+/// `+`, a country code and subscriber number: 8 to 15 digits, not starting with 0.
+pub(crate) fn is_e164(phone: &str) -> bool {
+    phone.strip_prefix('+').is_some_and(|digits| {
+        (8..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0')
+    })
+}
+
+fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {
+    if !(t.account_sid.starts_with("AC") && t.account_sid.len() == 34) {
+        v.add("twilio.account_sid", "an Account SID: AC and 32 hex characters");
+    }
+    if t.auth_token.is_empty() {
+        v.add("twilio.auth_token", "required");
+    }
+    match (t.from_number.is_empty(), t.messaging_service_sid.is_empty()) {
+        (true, true) => v.add("twilio.from_number", "one of from_number or messaging_service_sid is required"),
+        (false, false) => v.add("twilio.messaging_service_sid", "give from_number or messaging_service_sid, not both"),
+        (false, true) if !is_e164(&t.from_number) => v.add("twilio.from_number", "an E.164 number, e.g. +14155550100"),
+        (true, false) if !t.messaging_service_sid.starts_with("MG") => {
+            v.add("twilio.messaging_service_sid", "a Messaging Service SID starts with MG")
+        }
+        _ => {}
+    }
+}
+
+#[tonic::async_trait]
+impl ChannelGatewayService for Service {
+    async fn put_provider_credentials(
+        &self,
+        request: Request<pb::PutProviderCredentialsRequest>,
+    ) -> Result<Response<pb::PutProviderCredentialsResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Admin)?;
+        let mut violations = FieldViolations::new();
+        let (provider, plaintext) = match &r.credentials {
+            Some(Credentials::Twilio(t)) => {
+                validate_twilio(t, &mut violations);
+                (Provider::Twilio, t.encode_to_vec())
+            }
+            Some(_) => {
+                return Err(Status::unimplemented(
+                    "only twilio credentials are supported so far",
+                ));
+            }
+            None => {
+                violations.add("credentials", "required");
+                (Provider::Unspecified, Vec::new())
+            }
+        };
+        if r.provider != Provider::Unspecified as i32 && r.provider != provider as i32 {
+            violations.add("provider", "does not match the credentials given");
+        }
+        violations.into_result()?;
+        credentials::put(self.db.pool(), &self.sealer, &r.account_id, provider, &plaintext)
+            .await
+            .map_err(db_status)?;
+        tracing::info!(account_id = %r.account_id, provider = provider.as_str_name(), "provider credentials stored");
+        Ok(Response::new(pb::PutProviderCredentialsResponse {}))
+    }
+
+    async fn delete_provider_credentials(
+        &self,
+        request: Request<pb::DeleteProviderCredentialsRequest>,
+    ) -> Result<Response<pb::DeleteProviderCredentialsResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Admin)?;
+        let provider = Provider::try_from(r.provider)
+            .ok()
+            .filter(|p| *p != Provider::Unspecified)
+            .ok_or_else(|| c2m_runtime::status::invalid_field("provider", "a provider is required"))?;
+        if !credentials::delete(self.db.pool(), &r.account_id, provider)
+            .await
+            .map_err(db_status)?
+        {
+            return Err(Status::not_found("no such credentials"));
+        }
+        Ok(Response::new(pb::DeleteProviderCredentialsResponse {}))
+    }
+
+    async fn send_message(
+        &self,
+        request: Request<pb::SendMessageRequest>,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        self.key.caller(request.metadata())?.require_internal()?;
+        let r = request.into_inner();
+        let mut violations = FieldViolations::new();
+        if r.account_id.is_empty() {
+            violations.add("account_id", "required");
+        }
+        if r.message_id.is_empty() || r.message_id.len() > 128 {
+            violations.add("message_id", "required, at most 128 characters");
+        }
+        let channel = Channel::try_from(r.channel).unwrap_or_default();
+        if channel == Channel::Unspecified {
+            violations.add("channel", "a channel is required");
+        }
+        if !is_e164(&r.to) {
+            violations.add("to", "an E.164 number");
+        }
+        if r.text.trim().is_empty() {
+            violations.add("text", "required");
+        }
+        violations.into_result()?;
+
+        if let Some(existing) = messages::get(self.db.pool(), &r.account_id, &r.message_id)
+            .await
+            .map_err(db_status)?
+        {
+            return Ok(Response::new(pb::SendMessageResponse {
+                message: Some(existing.to_wire()),
+            }));
+        }
+        if channel != Channel::Sms {
+            return Err(Status::unimplemented(format!(
+                "{} is not supported yet",
+                channel.as_str_name()
+            )));
+        }
+        let outcome = match credentials::twilio(self.db.pool(), &self.sealer, &r.account_id).await {
+            Ok(creds) => {
+                let callback = format!(
+                    "{}/webhooks/twilio/{}/status",
+                    self.settings.public_url.trim_end_matches('/'),
+                    r.account_id
+                );
+                twilio::send_sms(&self.http, &self.settings.twilio_api_base, &creds, &r.to, &r.text, &callback)
+                    .await
+            }
+            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
+            Err(e) => SendOutcome::Failed {
+                code: "no-credentials".into(),
+                message: e.to_string(),
+            },
+        };
+        let now = Utc::now();
+        let (stage, provider_id, error_code, error_message) = match outcome {
+            SendOutcome::Accepted { sid } => (FunnelStage::Sent, Some(sid), None, None),
+            SendOutcome::Failed { code, message } => (FunnelStage::Failed, None, Some(code), Some(message)),
+        };
+        let message = messages::record(
+            self.db.pool(),
+            &Outbound {
+                message_id: r.message_id,
+                account_id: r.account_id,
+                channel,
+                handoff_id: r.handoff_id,
+                handoff_config_id: r.handoff_config_id,
+                skill_id: r.skill_id,
+                provider_message_id: provider_id,
+                stage,
+                error_code,
+                error_message,
+                sent_at: now,
+                updated_at: now,
+            },
+        )
+        .await
+        .map_err(db_status)?;
+        tracing::info!(
+            account_id = %message.account_id,
+            message_id = %message.message_id,
+            channel = channel.as_str_name(),
+            to = %mask_phone(&r.to),
+            stage = message.stage.as_str_name(),
+            error_code = message.error_code.as_deref().unwrap_or(""),
+            "message sent"
+        );
+        Ok(Response::new(pb::SendMessageResponse {
+            message: Some(message.to_wire()),
+        }))
+    }
+
+    async fn get_message(
+        &self,
+        request: Request<pb::GetMessageRequest>,
+    ) -> Result<Response<pb::GetMessageResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Viewer)?;
+        let message = messages::get(self.db.pool(), &r.account_id, &r.message_id)
+            .await
+            .map_err(db_status)?
+            .ok_or_else(|| Status::not_found(format!("message {} not found", r.message_id)))?;
+        Ok(Response::new(pb::GetMessageResponse {
+            message: Some(message.to_wire()),
+        }))
+    }
+}

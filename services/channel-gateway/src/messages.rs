@@ -1,0 +1,178 @@
+//! Outbound messages and their delivery stage, which only moves forward: statuses arrive out of
+//! order (read before delivered), and a late one must not undo an earlier one.
+
+use c2m_proto::v1::{self as pb, Channel, FunnelStage};
+use c2m_storage::outbox;
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
+
+/// Where a stage sits on the way to the consumer; FAILED ends the way.
+fn rank(stage: FunnelStage) -> u8 {
+    match stage {
+        FunnelStage::Sent => 1,
+        FunnelStage::Delivered => 2,
+        FunnelStage::Read => 3,
+        FunnelStage::Failed => 4,
+        _ => 0,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outbound {
+    pub message_id: String,
+    pub account_id: String,
+    pub channel: Channel,
+    pub handoff_id: String,
+    pub handoff_config_id: String,
+    pub skill_id: String,
+    pub provider_message_id: Option<String>,
+    pub stage: FunnelStage,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub sent_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl Outbound {
+    pub fn to_wire(&self) -> pb::OutboundMessage {
+        pb::OutboundMessage {
+            message_id: self.message_id.clone(),
+            account_id: self.account_id.clone(),
+            channel: self.channel as i32,
+            provider_message_id: self.provider_message_id.clone().unwrap_or_default(),
+            stage: self.stage as i32,
+            error_code: self.error_code.clone().unwrap_or_default(),
+            error_message: self.error_message.clone().unwrap_or_default(),
+            sent_at: Some(c2m_proto::timestamp(self.sent_at)),
+            updated_at: Some(c2m_proto::timestamp(self.updated_at)),
+        }
+    }
+}
+
+const COLUMNS: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
+    provider_message_id, stage, error_code, error_message, sent_at, updated_at";
+
+fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
+    Ok(Outbound {
+        message_id: row.try_get("message_id")?,
+        account_id: row.try_get("account_id")?,
+        channel: Channel::from_str_name(&row.try_get::<String, _>("channel")?).unwrap_or_default(),
+        handoff_id: row.try_get("handoff_id")?,
+        handoff_config_id: row.try_get("handoff_config_id")?,
+        skill_id: row.try_get("skill_id")?,
+        provider_message_id: row.try_get("provider_message_id")?,
+        stage: FunnelStage::from_str_name(&row.try_get::<String, _>("stage")?).unwrap_or_default(),
+        error_code: row.try_get("error_code")?,
+        error_message: row.try_get("error_message")?,
+        sent_at: row.try_get("sent_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+pub async fn get(pool: &PgPool, account_id: &str, message_id: &str) -> Result<Option<Outbound>, sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM outbound_messages WHERE account_id = $1 AND message_id = $2"
+    )))
+    .bind(account_id)
+    .bind(message_id)
+    .fetch_optional(pool)
+    .await?
+    .map(outbound)
+    .transpose()
+}
+
+/// Records a send's outcome. A message id already recorded keeps its first outcome, which is
+/// returned.
+pub async fn record(pool: &PgPool, m: &Outbound) -> Result<Outbound, sqlx::Error> {
+    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO outbound_messages ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         ON CONFLICT (message_id) DO NOTHING RETURNING {COLUMNS}"
+    )))
+    .bind(&m.message_id)
+    .bind(&m.account_id)
+    .bind(m.channel.as_str_name())
+    .bind(&m.handoff_id)
+    .bind(&m.handoff_config_id)
+    .bind(&m.skill_id)
+    .bind(&m.provider_message_id)
+    .bind(m.stage.as_str_name())
+    .bind(&m.error_code)
+    .bind(&m.error_message)
+    .bind(m.sent_at)
+    .bind(m.updated_at)
+    .fetch_optional(pool)
+    .await?;
+    match inserted {
+        Some(row) => outbound(row),
+        None => get(pool, &m.account_id, &m.message_id)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound),
+    }
+}
+
+/// Moves the message with this provider id forward to `stage`, writing an event for every stage
+/// it passes (a READ that arrives first counts as DELIVERED too). Returns the events written;
+/// none when the message is unknown or already as far.
+pub async fn advance(
+    tx: &mut PgConnection,
+    account_id: &str,
+    channel: Channel,
+    provider_message_id: &str,
+    stage: FunnelStage,
+    error_code: Option<&str>,
+    source: &str,
+) -> Result<usize, sqlx::Error> {
+    let Some(current) = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM outbound_messages \
+         WHERE account_id = $1 AND channel = $2 AND provider_message_id = $3 FOR UPDATE"
+    )))
+    .bind(account_id)
+    .bind(channel.as_str_name())
+    .bind(provider_message_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(outbound)
+    .transpose()?
+    else {
+        return Ok(0);
+    };
+    let passed: Vec<FunnelStage> = match (current.stage, stage) {
+        (FunnelStage::Failed, _) => vec![],
+        (_, FunnelStage::Failed) if current.stage == FunnelStage::Sent => vec![FunnelStage::Failed],
+        (_, FunnelStage::Failed) => vec![],
+        (from, to) => [FunnelStage::Delivered, FunnelStage::Read]
+            .into_iter()
+            .filter(|s| rank(*s) > rank(from) && rank(*s) <= rank(to))
+            .collect(),
+    };
+    let Some(last) = passed.last() else {
+        return Ok(0);
+    };
+    sqlx::query(
+        "UPDATE outbound_messages SET stage = $2, error_code = coalesce($3, error_code), updated_at = now() \
+         WHERE message_id = $1",
+    )
+    .bind(&current.message_id)
+    .bind(last.as_str_name())
+    .bind(error_code)
+    .execute(&mut *tx)
+    .await?;
+    let events: Vec<pb::Event> = passed
+        .iter()
+        .map(|s| pb::Event {
+            handoff_id: current.handoff_id.clone(),
+            handoff_config_id: current.handoff_config_id.clone(),
+            skill_id: current.skill_id.clone(),
+            channel: current.channel as i32,
+            error_code: if *s == FunnelStage::Failed {
+                error_code.unwrap_or_default().to_owned()
+            } else {
+                String::new()
+            },
+            source: source.to_owned(),
+            ..outbox::event(account_id, *s)
+        })
+        .collect();
+    outbox::enqueue(tx, &events).await?;
+    Ok(events.len())
+}

@@ -1,0 +1,222 @@
+//! Provider webhooks on an HTTP listener of their own (the one port to expose publicly). Every
+//! request is verified against the provider's signature before anything else is done with it,
+//! stored in the inbox before it is acknowledged, and processed once however often it is retried.
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, Uri, header},
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use c2m_proto::v1::{self as pb, Channel};
+use c2m_runtime::mask_phone;
+use tonic::Code;
+
+use crate::{Service, credentials, messages, twilio};
+
+/// Twilio wants TwiML back from an inbound-message webhook; an empty response sends no reply.
+const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>";
+
+pub fn router(service: Service) -> Router {
+    Router::new()
+        .route("/webhooks/twilio/{account_id}/status", post(twilio_status))
+        .route("/webhooks/twilio/{account_id}/inbound", post(twilio_inbound))
+        .with_state(service)
+}
+
+fn twiml() -> Response {
+    ([(header::CONTENT_TYPE, "text/xml")], EMPTY_TWIML).into_response()
+}
+
+/// A verified Twilio form: its parameters, or the response that refuses it.
+async fn verified_twilio_form(
+    service: &Service,
+    account_id: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Vec<(String, String)>, Response> {
+    let forbidden = || (StatusCode::FORBIDDEN, "invalid signature").into_response();
+    let Some(presented) = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Err(forbidden());
+    };
+    let credentials = match credentials::twilio(service.db.pool(), &service.sealer, account_id).await {
+        Ok(credentials) => credentials,
+        Err(credentials::CredentialsError::Db(error)) => {
+            tracing::warn!(%error, "webhook: credentials unavailable");
+            return Err(StatusCode::SERVICE_UNAVAILABLE.into_response());
+        }
+        // Unknown account or no Twilio set up: nothing can verify it.
+        Err(_) => return Err(forbidden()),
+    };
+    let Ok(params) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body) else {
+        return Err(forbidden());
+    };
+    // Twilio signs the URL it called: our public URL, this path and its query.
+    let path_and_query = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let url = format!("{}{path_and_query}", service.settings.public_url.trim_end_matches('/'));
+    if !twilio::verify(&credentials.auth_token, &url, &params, presented) {
+        tracing::warn!(account_id, "webhook: bad twilio signature");
+        return Err(forbidden());
+    }
+    Ok(params)
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> &'a str {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// Stores a verified delivery in the inbox. `Ok(false)`: already processed, acknowledge again.
+async fn store(
+    tx: &mut sqlx::PgConnection,
+    dedup_key: &str,
+    body: &Bytes,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO webhook_inbox (provider, dedup_key, body) VALUES ('twilio', $1, $2) \
+         ON CONFLICT (dedup_key) DO NOTHING",
+    )
+    .bind(dedup_key)
+    .bind(body.as_ref())
+    .execute(&mut *tx)
+    .await?;
+    let processed: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT processed_at FROM webhook_inbox WHERE dedup_key = $1 FOR UPDATE")
+            .bind(dedup_key)
+            .fetch_one(&mut *tx)
+            .await?;
+    Ok(processed.is_none())
+}
+
+async fn mark_processed(tx: &mut sqlx::PgConnection, dedup_key: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE webhook_inbox SET processed_at = now() WHERE dedup_key = $1")
+        .bind(dedup_key)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+fn unavailable(error: sqlx::Error) -> Response {
+    tracing::warn!(%error, "webhook: storage unavailable");
+    StatusCode::SERVICE_UNAVAILABLE.into_response()
+}
+
+/// Twilio's status callback: the message moves forward; reporting hears of each stage once.
+async fn twilio_status(
+    State(service): State<Service>,
+    Path(account_id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let params = match verified_twilio_form(&service, &account_id, &uri, &headers, &body).await {
+        Ok(params) => params,
+        Err(refusal) => return refusal,
+    };
+    let sid = param(&params, "MessageSid");
+    let status = param(&params, "MessageStatus");
+    if sid.is_empty() || status.is_empty() {
+        return (StatusCode::BAD_REQUEST, "MessageSid and MessageStatus are required").into_response();
+    }
+    let dedup_key = format!("twilio:status:{sid}:{status}");
+    let result: Result<usize, sqlx::Error> = async {
+        let mut tx = service.db.pool().begin().await?;
+        let mut events = 0;
+        if store(&mut tx, &dedup_key, &body).await? {
+            if let Some(stage) = twilio::stage(status) {
+                let error_code = Some(param(&params, "ErrorCode")).filter(|c| !c.is_empty());
+                events = messages::advance(&mut tx, &account_id, Channel::Sms, sid, stage, error_code, "TWILIO")
+                    .await?;
+            }
+            mark_processed(&mut tx, &dedup_key).await?;
+        }
+        tx.commit().await?;
+        Ok(events)
+    }
+    .await;
+    match result {
+        Ok(events) => {
+            if events > 0 {
+                service.relay.wake();
+            }
+            tracing::debug!(account_id, message_sid = sid, status, events, "twilio status");
+            StatusCode::OK.into_response()
+        }
+        Err(error) => unavailable(error),
+    }
+}
+
+/// A consumer's SMS: routed to the conversation (opening it from the deflection on the first
+/// reply). Answered with empty TwiML; 503 while routing is unavailable, so Twilio retries.
+async fn twilio_inbound(
+    State(service): State<Service>,
+    Path(account_id): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let params = match verified_twilio_form(&service, &account_id, &uri, &headers, &body).await {
+        Ok(params) => params,
+        Err(refusal) => return refusal,
+    };
+    let sid = param(&params, "MessageSid");
+    let from = param(&params, "From");
+    if sid.is_empty() || from.is_empty() {
+        return (StatusCode::BAD_REQUEST, "MessageSid and From are required").into_response();
+    }
+    let dedup_key = format!("twilio:inbound:{sid}");
+    let fresh = async {
+        let mut tx = service.db.pool().begin().await?;
+        let fresh = store(&mut tx, &dedup_key, &body).await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(fresh)
+    }
+    .await;
+    match fresh {
+        Ok(false) => return twiml(),
+        Ok(true) => {}
+        Err(error) => return unavailable(error),
+    }
+    let routed = service
+        .peers
+        .routing()
+        .route_inbound_message(pb::RouteInboundMessageRequest {
+            account_id: account_id.clone(),
+            consumer_address: from.to_owned(),
+            channel: Channel::Sms as i32,
+            text: param(&params, "Body").to_owned(),
+            provider_message_id: sid.to_owned(),
+            received_at: Some(c2m_proto::timestamp(chrono::Utc::now())),
+        })
+        .await;
+    match routed {
+        Ok(_) => {}
+        // Nothing to route it to: final, acknowledge it.
+        Err(status) if status.code() == Code::FailedPrecondition => {
+            tracing::info!(account_id, consumer = %mask_phone(from), reason = status.message(), "inbound message not routed");
+        }
+        Err(status) => {
+            tracing::warn!(account_id, %status, "inbound message: routing unavailable, twilio will retry");
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+    }
+    let marked = async {
+        let mut tx = service.db.pool().begin().await?;
+        mark_processed(&mut tx, &dedup_key).await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(error) = marked {
+        // Routing de-duplicates by message sid, so a retry after this is harmless.
+        tracing::warn!(%error, "inbound message routed but not marked processed");
+    }
+    twiml()
+}

@@ -1,0 +1,327 @@
+//! The `c2m.v1.RoutingService` RPCs.
+
+use c2m_proto::v1::{
+    self as pb, Channel, FunnelStage, routing_service_server::RoutingService,
+};
+use c2m_runtime::{auth::Role, mask_phone, status::FieldViolations};
+use c2m_storage::outbox;
+use prost::Message;
+use redis::AsyncCommands;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    Service,
+    conversations::{self, Inbound, RouteError},
+};
+
+/// Replies count within this many hours when the account's setting cannot be read.
+const DEFAULT_LOOKBACK_HOURS: u32 = 24;
+
+fn db_status(error: sqlx::Error) -> Status {
+    match error {
+        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+            tracing::warn!(error = %e, "routing storage unavailable");
+            Status::unavailable("routing storage unavailable, retry")
+        }
+        e => {
+            tracing::error!(error = %e, "routing storage failed");
+            Status::internal("routing storage failed")
+        }
+    }
+}
+
+fn required(violations: &mut FieldViolations, field: &str, value: &str) {
+    if value.is_empty() {
+        violations.add(field, "required");
+    }
+}
+
+impl Service {
+    /// The open conversation of a consumer: the Redis lease first, PostgreSQL (the truth) when
+    /// the lease is missing or Redis is down.
+    async fn open_conversation(&self, account_id: &str, consumer: &str) -> Result<Option<String>, Status> {
+        let key = self.lease_key(account_id, consumer);
+        match self.redis.connection().await {
+            Ok(mut redis) => match redis.get::<_, Option<String>>(&key).await {
+                Ok(Some(conversation_id)) => return Ok(Some(conversation_id)),
+                Ok(None) => {}
+                Err(error) => tracing::warn!(%error, "redis lease lookup failed, asking postgres"),
+            },
+            Err(error) => tracing::warn!(%error, "redis unavailable, asking postgres"),
+        }
+        sqlx::query_scalar(
+            "SELECT conversation_id FROM conversations \
+             WHERE account_id = $1 AND consumer_address = $2 AND closed_at IS NULL",
+        )
+        .bind(account_id)
+        .bind(consumer)
+        .fetch_optional(self.db.pool())
+        .await
+        .map_err(db_status)
+    }
+
+    async fn set_lease(&self, account_id: &str, consumer: &str, conversation_id: Option<&str>) {
+        let key = self.lease_key(account_id, consumer);
+        let result = match self.redis.connection().await {
+            Ok(mut redis) => match conversation_id {
+                Some(id) => redis.set::<_, _, ()>(&key, id).await,
+                None => redis.del::<_, ()>(&key).await,
+            },
+            Err(error) => Err(error),
+        };
+        // PostgreSQL holds the fact; a missed lease only costs a database read later.
+        if let Err(error) = result {
+            tracing::warn!(%error, consumer = %mask_phone(consumer), "open-conversation lease not updated");
+        }
+    }
+
+    async fn lookback_hours(&self, account_id: &str) -> u32 {
+        match self
+            .peers
+            .config()
+            .get_account(pb::GetAccountRequest {
+                account_id: account_id.to_owned(),
+            })
+            .await
+        {
+            Ok(response) => response
+                .into_inner()
+                .account
+                .and_then(|a| a.settings)
+                .map_or(DEFAULT_LOOKBACK_HOURS, |s| s.reply_lookback_hours),
+            Err(status) => {
+                tracing::warn!(%status, account_id, "account settings unavailable, using the default lookback");
+                DEFAULT_LOOKBACK_HOURS
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl RoutingService for Service {
+    async fn resolve_skill(
+        &self,
+        request: Request<pb::ResolveSkillRequest>,
+    ) -> Result<Response<pb::ResolveSkillResponse>, Status> {
+        self.key.caller(request.metadata())?.require_internal()?;
+        let request = request.into_inner();
+        if !request.override_skill_id.is_empty() {
+            return Ok(Response::new(pb::ResolveSkillResponse {
+                skill_id: request.override_skill_id,
+            }));
+        }
+        let config = self
+            .peers
+            .config()
+            .get_handoff_config(pb::GetHandoffConfigRequest {
+                account_id: request.account_id,
+                handoff_config_id: request.handoff_config_id,
+            })
+            .await?
+            .into_inner()
+            .config
+            .ok_or_else(|| Status::internal("config answered without a configuration"))?;
+        Ok(Response::new(pb::ResolveSkillResponse {
+            skill_id: config.skill_id,
+        }))
+    }
+
+    async fn check_consumer(
+        &self,
+        request: Request<pb::CheckConsumerRequest>,
+    ) -> Result<Response<pb::CheckConsumerResponse>, Status> {
+        self.key.caller(request.metadata())?.require_internal()?;
+        let request = request.into_inner();
+        let conversation = self
+            .open_conversation(&request.account_id, &request.consumer_phone)
+            .await?;
+        let opted_out: Vec<String> = sqlx::query_scalar(
+            "SELECT channel FROM opt_outs WHERE account_id = $1 AND consumer_phone = $2",
+        )
+        .bind(&request.account_id)
+        .bind(&request.consumer_phone)
+        .fetch_all(self.db.pool())
+        .await
+        .map_err(db_status)?;
+        Ok(Response::new(pb::CheckConsumerResponse {
+            conversation_open: conversation.is_some(),
+            conversation_id: conversation.unwrap_or_default(),
+            opted_out_channels: opted_out
+                .iter()
+                .filter_map(|c| Channel::from_str_name(c))
+                .map(|c| c as i32)
+                .collect(),
+        }))
+    }
+
+    async fn record_deflection(
+        &self,
+        request: Request<pb::RecordDeflectionRequest>,
+    ) -> Result<Response<pb::RecordDeflectionResponse>, Status> {
+        self.key.caller(request.metadata())?.require_internal()?;
+        let r = request.into_inner();
+        let mut violations = FieldViolations::new();
+        required(&mut violations, "account_id", &r.account_id);
+        required(&mut violations, "handoff_id", &r.handoff_id);
+        required(&mut violations, "consumer_phone", &r.consumer_phone);
+        required(&mut violations, "skill_id", &r.skill_id);
+        let channel = match Channel::try_from(r.channel) {
+            Ok(Channel::Unspecified) | Err(_) => {
+                violations.add("channel", "a channel is required");
+                Channel::Unspecified
+            }
+            Ok(channel) => channel,
+        };
+        let sent_at = r.sent_at.as_ref().and_then(c2m_proto::from_timestamp);
+        if sent_at.is_none() {
+            violations.add("sent_at", "a valid timestamp is required");
+        }
+        violations.into_result()?;
+        sqlx::query(
+            "INSERT INTO deflections (handoff_id, account_id, handoff_config_id, ivr_number, consumer_phone, \
+             channel, skill_id, first_message, engagement_attributes, sent_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (handoff_id) DO NOTHING",
+        )
+        .bind(&r.handoff_id)
+        .bind(&r.account_id)
+        .bind(&r.handoff_config_id)
+        .bind(&r.ivr_number)
+        .bind(&r.consumer_phone)
+        .bind(channel.as_str_name())
+        .bind(&r.skill_id)
+        .bind(&r.first_message)
+        .bind(r.engagement_attributes.unwrap_or_default().encode_to_vec())
+        .bind(sent_at)
+        .execute(self.db.pool())
+        .await
+        .map_err(db_status)?;
+        Ok(Response::new(pb::RecordDeflectionResponse {}))
+    }
+
+    async fn route_inbound_message(
+        &self,
+        request: Request<pb::RouteInboundMessageRequest>,
+    ) -> Result<Response<pb::RouteInboundMessageResponse>, Status> {
+        self.key.caller(request.metadata())?.require_internal()?;
+        let r = request.into_inner();
+        let mut violations = FieldViolations::new();
+        required(&mut violations, "account_id", &r.account_id);
+        required(&mut violations, "consumer_address", &r.consumer_address);
+        violations.into_result()?;
+        let inbound = Inbound {
+            account_id: &r.account_id,
+            consumer: &r.consumer_address,
+            channel: Channel::try_from(r.channel).unwrap_or_default(),
+            text: &r.text,
+            provider_message_id: &r.provider_message_id,
+            received_at: r
+                .received_at
+                .as_ref()
+                .and_then(c2m_proto::from_timestamp)
+                .unwrap_or_else(chrono::Utc::now),
+            lookback_hours: self.lookback_hours(&r.account_id).await,
+        };
+        // Two replies racing to open the conversation: the unique index lets one win; the other
+        // retries and appends to it.
+        let mut attempt = 0;
+        let routed = loop {
+            let mut tx = self.db.pool().begin().await.map_err(db_status)?;
+            match conversations::route(&mut tx, &inbound).await {
+                Ok(routed) => match tx.commit().await {
+                    Ok(()) => break routed,
+                    Err(e) => return Err(db_status(e)),
+                },
+                Err(RouteError::Db(sqlx::Error::Database(e))) if e.is_unique_violation() && attempt == 0 => {
+                    attempt += 1;
+                }
+                Err(RouteError::Db(e)) => return Err(db_status(e)),
+                Err(e @ RouteError::NoDeflection(_)) => {
+                    return Err(Status::failed_precondition(e.to_string()));
+                }
+            }
+        };
+        if routed.opened {
+            self.set_lease(&r.account_id, &r.consumer_address, Some(&routed.conversation_id))
+                .await;
+            self.relay.wake();
+            tracing::info!(
+                account_id = %r.account_id,
+                conversation_id = %routed.conversation_id,
+                handoff_id = %routed.handoff_id,
+                consumer = %mask_phone(&r.consumer_address),
+                "conversation opened"
+            );
+        }
+        Ok(Response::new(pb::RouteInboundMessageResponse {
+            conversation_id: routed.conversation_id,
+            opened: routed.opened,
+            handoff_id: routed.handoff_id,
+        }))
+    }
+
+    async fn get_conversation(
+        &self,
+        request: Request<pb::GetConversationRequest>,
+    ) -> Result<Response<pb::GetConversationResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Viewer)?;
+        let mut conn = self.db.pool().acquire().await.map_err(db_status)?;
+        let conversation = conversations::load(&mut conn, &r.account_id, &r.conversation_id)
+            .await
+            .map_err(db_status)?
+            .ok_or_else(|| Status::not_found(format!("conversation {} not found", r.conversation_id)))?;
+        Ok(Response::new(pb::GetConversationResponse {
+            conversation: Some(conversation),
+        }))
+    }
+
+    async fn close_conversation(
+        &self,
+        request: Request<pb::CloseConversationRequest>,
+    ) -> Result<Response<pb::CloseConversationResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Editor)?;
+        let mut tx = self.db.pool().begin().await.map_err(db_status)?;
+        let closed: Option<(String, String, String, Option<String>)> = sqlx::query_as(
+            "UPDATE conversations SET closed_at = now() \
+             WHERE account_id = $1 AND conversation_id = $2 AND closed_at IS NULL \
+             RETURNING consumer_address, channel, skill_id, handoff_id",
+        )
+        .bind(&r.account_id)
+        .bind(&r.conversation_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db_status)?;
+        if let Some((consumer, channel, skill_id, handoff_id)) = &closed {
+            let event = pb::Event {
+                conversation_id: r.conversation_id.clone(),
+                channel: Channel::from_str_name(channel).unwrap_or_default() as i32,
+                skill_id: skill_id.clone(),
+                handoff_id: handoff_id.clone().unwrap_or_default(),
+                ..outbox::event(&r.account_id, FunnelStage::ConversationClosed)
+            };
+            outbox::enqueue(&mut tx, &[event]).await.map_err(db_status)?;
+            let conversation = conversations::load(&mut tx, &r.account_id, &r.conversation_id)
+                .await
+                .map_err(db_status)?;
+            tx.commit().await.map_err(db_status)?;
+            self.set_lease(&r.account_id, consumer, None).await;
+            self.relay.wake();
+            return Ok(Response::new(pb::CloseConversationResponse { conversation }));
+        }
+        drop(tx);
+        let mut conn = self.db.pool().acquire().await.map_err(db_status)?;
+        match conversations::load(&mut conn, &r.account_id, &r.conversation_id)
+            .await
+            .map_err(db_status)?
+        {
+            // Closing a closed conversation is a no-op.
+            Some(conversation) => Ok(Response::new(pb::CloseConversationResponse {
+                conversation: Some(conversation),
+            })),
+            None => Err(Status::not_found(format!("conversation {} not found", r.conversation_id))),
+        }
+    }
+}
