@@ -1,14 +1,12 @@
 //! The mesh booted in-process on ephemeral ports, seen through a stock gRPC client: health per
 //! service tied to real PostgreSQL and Redis, reflection, migrations, graceful shutdown.
 
-mod grpc;
-
 use std::{net::SocketAddr, time::Duration};
 
+use crate::grpc::{ALL_SERVICES, channel, health, wait_for_status, with_standard_services};
 use c2m::{Config, Role, app};
 use c2m_runtime::ServerSettings;
 use c2m_test_support::{RedisServer, TestDatabase, TestRedis, free_port};
-use grpc::{ALL_SERVICES, channel, health, wait_for_status, with_standard_services};
 use tokio_stream::StreamExt;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -18,7 +16,7 @@ const ANY_PORT: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 fn config(db: &TestDatabase, redis: &TestRedis) -> Config {
-    Config {
+    let mut config = Config {
         database: db.settings(),
         redis: redis.settings(),
         server: ServerSettings {
@@ -27,7 +25,12 @@ fn config(db: &TestDatabase, redis: &TestRedis) -> Config {
             ..ServerSettings::default()
         },
         ..Config::default()
-    }
+    };
+    config.auth.token_secret = crate::story::SECRET.to_owned();
+    config.channel_gateway.credentials_key =
+        "KioqKioqKioqKioqKioqKioqKioqKioqKioqKioqKio=".to_owned();
+    config.listen.webhooks = ANY_PORT;
+    config
 }
 
 #[tokio::test]
@@ -42,11 +45,11 @@ async fn dev_serves_all_five_services_and_reflection_lists_them() {
     assert_eq!(health(&channel, "").await, ServingStatus::Serving);
 
     assert_eq!(
-        grpc::reflection_v1(&channel).await,
+        crate::grpc::reflection_v1(&channel).await,
         with_standard_services(&ALL_SERVICES)
     );
     assert_eq!(
-        grpc::reflection_v1alpha(&channel).await,
+        crate::grpc::reflection_v1alpha(&channel).await,
         with_standard_services(&ALL_SERVICES)
     );
     for symbol in [
@@ -56,7 +59,7 @@ async fn dev_serves_all_five_services_and_reflection_lists_them() {
         "grpc.reflection.v1.ServerReflection",
     ] {
         assert!(
-            grpc::reflection_describes(&channel, symbol).await,
+            crate::grpc::reflection_describes(&channel, symbol).await,
             "reflection cannot describe {symbol}"
         );
     }
@@ -77,7 +80,7 @@ async fn each_role_serves_alone_and_lists_only_itself() {
         let channel = channel(&server.endpoint()).await;
         wait_for_status(&channel, &[name], ServingStatus::Serving).await;
         assert_eq!(
-            grpc::reflection_v1(&channel).await,
+            crate::grpc::reflection_v1(&channel).await,
             with_standard_services(&[name]),
         );
         // A role does not answer for the others.
@@ -214,6 +217,7 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
             "conversations",
             "deflections",
             "opt_outs",
+            "outbox",
             "transcript_entries"
         ]
     );

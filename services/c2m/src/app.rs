@@ -10,7 +10,6 @@ use c2m_runtime::{
 use c2m_storage::{RedisHandle, ServiceDb, postgres::DbError, redis::RedisError};
 use std::net::SocketAddr;
 
-
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{config::Config, role::Role};
@@ -25,8 +24,17 @@ pub enum AppError {
     Serve(#[from] ServeError),
     #[error("invalid peer url: {0}")]
     Peer(#[from] tonic::transport::Error),
-    #[error("auth.token_secret is empty: set it (C2M_AUTH__TOKEN_SECRET) to the secret every replica shares")]
+    #[error(
+        "auth.token_secret is empty: set it (C2M_AUTH__TOKEN_SECRET) to the secret every replica shares"
+    )]
     NoTokenSecret,
+    #[error(transparent)]
+    Gateway(#[from] c2m_channel_gateway::GatewayError),
+    #[error("cannot listen for webhooks on {addr}: {source}")]
+    Webhooks {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// The gRPC services for `roles`, each with its own schema pool; roles that use Redis share one
@@ -37,6 +45,7 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
     }
     let key = TokenKey::new(config.auth.token_secret.as_bytes());
     let redis = RedisHandle::new(&config.redis)?;
+    let peers = |name| Peers::new(&config.peers, key.clone(), name);
     let db = |role: Role| {
         let (schema, migrator) = role.schema();
         ServiceDb::connect_lazy(&config.database, schema, migrator)
@@ -46,13 +55,31 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
         .map(|&role| {
             Ok(match role {
                 Role::Handoff => {
-                    c2m_handoff::Service::new(db(role)?, redis.clone()).into_component()
+                    c2m_handoff::Service::new(db(role)?, redis.clone(), peers("handoff")?)
+                        .into_component()
                 }
-                Role::Routing => {
-                    c2m_routing::Service::new(db(role)?, redis.clone()).into_component()
-                }
+                Role::Routing => c2m_routing::Service::new(
+                    db(role)?,
+                    redis.clone(),
+                    peers("routing")?,
+                    key.clone(),
+                )
+                .into_component(),
                 Role::ChannelGateway => {
-                    c2m_channel_gateway::Service::new(db(role)?).into_component()
+                    let addr = config.listen.webhooks;
+                    let webhooks = std::net::TcpListener::bind(addr)
+                        .and_then(|l| {
+                            l.set_nonblocking(true)?;
+                            TcpListener::from_std(l)
+                        })
+                        .map_err(|source| AppError::Webhooks { addr, source })?;
+                    c2m_channel_gateway::Service::new(
+                        db(role)?,
+                        peers("channel-gateway")?,
+                        key.clone(),
+                        config.channel_gateway.clone(),
+                    )?
+                    .into_component(webhooks)
                 }
                 Role::Config => c2m_config::Service::new(db(role)?, key.clone()).into_component(),
                 Role::Reporting => {
@@ -155,9 +182,9 @@ pub fn spawn_on(listener: TcpListener, roles: &[Role], config: Config) -> std::i
     })
 }
 
-/// 32 random bytes, hex: a token secret for one `c2m dev` run.
-pub fn ephemeral_secret() -> std::io::Result<String> {
+/// 32 random bytes: a secret for one `c2m dev` run.
+pub fn ephemeral_secret() -> std::io::Result<[u8; 32]> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(bytes)
 }

@@ -4,6 +4,7 @@
 
 use std::{net::SocketAddr, path::Path};
 
+use c2m_channel_gateway::GatewaySettings;
 use c2m_runtime::{LogFormat, ServerSettings, TelemetrySettings, peers::PeerSettings};
 use c2m_storage::{DatabaseSettings, RedisSettings, mask_password};
 use figment::{
@@ -23,6 +24,7 @@ pub struct Config {
     pub telemetry: TelemetrySettings,
     pub auth: AuthSettings,
     pub peers: PeerSettings,
+    pub channel_gateway: GatewaySettings,
 }
 
 /// `[auth]`: the key that signs console, operator and service tokens.
@@ -44,6 +46,9 @@ pub struct ListenSettings {
     pub config: SocketAddr,
     pub reporting: SocketAddr,
     pub dev: SocketAddr,
+    /// The channel gateway's webhook listener (HTTP), for `serve channel-gateway` and `dev`: the
+    /// one port to expose to the providers.
+    pub webhooks: SocketAddr,
 }
 
 impl Default for ListenSettings {
@@ -56,6 +61,7 @@ impl Default for ListenSettings {
             config: any(50054),
             reporting: any(50055),
             dev: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            webhooks: any(8080),
         }
     }
 }
@@ -205,6 +211,32 @@ impl Config {
                 _ => return invalid(key, "must be an http:// or https:// URL"),
             }
         }
+        if !self.channel_gateway.credentials_key.is_empty()
+            && self.channel_gateway.sealing_key().is_none()
+        {
+            return invalid(
+                "channel_gateway.credentials_key",
+                "must be base64 of 32 bytes",
+            );
+        }
+        match scheme(&self.channel_gateway.public_url) {
+            Ok(s) if s == "http" || s == "https" => {}
+            _ => {
+                return invalid(
+                    "channel_gateway.public_url",
+                    "must be an http:// or https:// URL",
+                );
+            }
+        }
+        match scheme(&self.channel_gateway.twilio_api_base) {
+            Ok(s) if s == "http" || s == "https" => {}
+            _ => {
+                return invalid(
+                    "channel_gateway.twilio_api_base",
+                    "must be an http:// or https:// URL",
+                );
+            }
+        }
         if let Err(e) = c2m_runtime::telemetry::validate_filter(&self.telemetry.log_filter) {
             return invalid(
                 "telemetry.log_filter",
@@ -219,8 +251,13 @@ impl Config {
         let mut masked = self.clone();
         masked.database.url = mask_password(&masked.database.url);
         masked.redis.url = mask_password(&masked.redis.url);
-        if !masked.auth.token_secret.is_empty() {
-            masked.auth.token_secret = "*****".to_owned();
+        for secret in [
+            &mut masked.auth.token_secret,
+            &mut masked.channel_gateway.credentials_key,
+        ] {
+            if !secret.is_empty() {
+                *secret = "*****".to_owned();
+            }
         }
         toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
@@ -258,7 +295,7 @@ fn env_var_name(path: &[String]) -> String {
 }
 
 /// The top-level sections, which environment variables may set.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "listen.",
     "database.",
     "redis.",
@@ -266,4 +303,5 @@ const SECTIONS: [&str; 7] = [
     "telemetry.",
     "auth.",
     "peers.",
+    "channel_gateway.",
 ];

@@ -6,6 +6,8 @@ use c2m::{
 };
 use std::time::Duration;
 
+use base64::{Engine, engine::general_purpose::STANDARD as BASE64};
+
 use c2m_runtime::{
     CancellationToken,
     auth::{Role as AuthRole, TokenKey},
@@ -25,6 +27,20 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Command::Serve { role, .. } = &cli.command {
+        if config.auth.token_secret.is_empty() {
+            eprintln!(
+                "c2m: invalid configuration: `auth.token_secret` must be set for `c2m serve` (C2M_AUTH__TOKEN_SECRET), the same for every role"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        if *role == Role::ChannelGateway && config.channel_gateway.credentials_key.is_empty() {
+            eprintln!(
+                "c2m: invalid configuration: `channel_gateway.credentials_key` must be set for `c2m serve channel-gateway` (base64 of 32 random bytes)"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,8 +81,17 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         }
     };
     let _telemetry = telemetry::init(&config.telemetry, &format!("c2m-{name}"))?;
+    if name == "dev" && config.channel_gateway.credentials_key.is_empty() {
+        config.channel_gateway.credentials_key = BASE64.encode(app::ephemeral_secret()?);
+        tracing::warn!(
+            "channel_gateway.credentials_key is not set: provider credentials stored in this run cannot be read after it"
+        );
+    }
     if name == "dev" && config.auth.token_secret.is_empty() {
-        config.auth.token_secret = app::ephemeral_secret()?;
+        config.auth.token_secret = app::ephemeral_secret()?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         let token = TokenKey::new(config.auth.token_secret.as_bytes()).user_token(
             "dev-operator",
             AuthRole::Operator,

@@ -230,6 +230,7 @@ impl Dev {
             .env("C2M_REDIS__KEY_PREFIX", redis.prefix())
             .env("C2M_SERVER__HEALTH_INTERVAL_MS", "50")
             .env("C2M_SERVER__GRACE_PERIOD_SECS", "2")
+            .env("C2M_LISTEN__WEBHOOKS", "127.0.0.1:0")
             .envs(extra.iter().copied())
             .stderr(Stdio::piped())
             .stdout(Stdio::null())

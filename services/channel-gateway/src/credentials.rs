@@ -16,7 +16,9 @@ const NONCE: usize = 12;
 pub enum CredentialsError {
     #[error("no {0} credentials stored for this account")]
     Missing(&'static str),
-    #[error("stored credentials cannot be opened with the configured key (was channel_gateway.credentials_key changed?)")]
+    #[error(
+        "stored credentials cannot be opened with the configured key (was channel_gateway.credentials_key changed?)"
+    )]
     Sealed,
     #[error(transparent)]
     Db(#[from] sqlx::Error),
@@ -106,12 +108,17 @@ pub async fn put(
     Ok(())
 }
 
-pub async fn delete(pool: &PgPool, account_id: &str, provider: Provider) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query("DELETE FROM provider_credentials WHERE account_id = $1 AND provider = $2")
-        .bind(account_id)
-        .bind(provider.as_str_name())
-        .execute(pool)
-        .await?;
+pub async fn delete(
+    pool: &PgPool,
+    account_id: &str,
+    provider: Provider,
+) -> Result<bool, sqlx::Error> {
+    let done =
+        sqlx::query("DELETE FROM provider_credentials WHERE account_id = $1 AND provider = $2")
+            .bind(account_id)
+            .bind(provider.as_str_name())
+            .execute(pool)
+            .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -141,10 +148,24 @@ mod tests {
     fn sealed_credentials_open_only_for_their_account_and_key() {
         let sealer = Sealer::new(&[7; 32]);
         let sealed = sealer.seal("acme", Provider::Twilio, b"token");
-        assert!(!sealed.windows(5).any(|w| w == b"token"), "plaintext leaked");
-        assert_eq!(sealer.open("acme", Provider::Twilio, &sealed).unwrap(), b"token");
+        assert!(
+            !sealed.windows(5).any(|w| w == b"token"),
+            "plaintext leaked"
+        );
+        assert_eq!(
+            sealer.open("acme", Provider::Twilio, &sealed).unwrap(),
+            b"token"
+        );
         assert!(sealer.open("globex", Provider::Twilio, &sealed).is_err());
-        assert!(sealer.open("acme", Provider::MetaWhatsapp, &sealed).is_err());
-        assert!(Sealer::new(&[8; 32]).open("acme", Provider::Twilio, &sealed).is_err());
+        assert!(
+            sealer
+                .open("acme", Provider::MetaWhatsapp, &sealed)
+                .is_err()
+        );
+        assert!(
+            Sealer::new(&[8; 32])
+                .open("acme", Provider::Twilio, &sealed)
+                .is_err()
+        );
     }
 }

@@ -5,7 +5,7 @@ use c2m_proto::v1::{
     channel_gateway_service_server::ChannelGatewayService,
     put_provider_credentials_request::Credentials,
 };
-use c2m_runtime::{auth::Role, mask_phone, status::FieldViolations};
+use c2m_runtime::{auth::Role, is_e164, mask_phone, status::FieldViolations};
 use chrono::Utc;
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -29,29 +29,32 @@ fn db_status(error: sqlx::Error) -> Status {
     }
 }
 
-/// `+`, a country code and subscriber number: 8 to 15 digits, not starting with 0.
-pub(crate) fn is_e164(phone: &str) -> bool {
-    phone.strip_prefix('+').is_some_and(|digits| {
-        (8..=15).contains(&digits.len())
-            && digits.bytes().all(|b| b.is_ascii_digit())
-            && !digits.starts_with('0')
-    })
-}
-
 fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {
     if !(t.account_sid.starts_with("AC") && t.account_sid.len() == 34) {
-        v.add("twilio.account_sid", "an Account SID: AC and 32 hex characters");
+        v.add(
+            "twilio.account_sid",
+            "an Account SID: AC and 32 hex characters",
+        );
     }
     if t.auth_token.is_empty() {
         v.add("twilio.auth_token", "required");
     }
     match (t.from_number.is_empty(), t.messaging_service_sid.is_empty()) {
-        (true, true) => v.add("twilio.from_number", "one of from_number or messaging_service_sid is required"),
-        (false, false) => v.add("twilio.messaging_service_sid", "give from_number or messaging_service_sid, not both"),
-        (false, true) if !is_e164(&t.from_number) => v.add("twilio.from_number", "an E.164 number, e.g. +14155550100"),
-        (true, false) if !t.messaging_service_sid.starts_with("MG") => {
-            v.add("twilio.messaging_service_sid", "a Messaging Service SID starts with MG")
+        (true, true) => v.add(
+            "twilio.from_number",
+            "one of from_number or messaging_service_sid is required",
+        ),
+        (false, false) => v.add(
+            "twilio.messaging_service_sid",
+            "give from_number or messaging_service_sid, not both",
+        ),
+        (false, true) if !is_e164(&t.from_number) => {
+            v.add("twilio.from_number", "an E.164 number, e.g. +14155550100")
         }
+        (true, false) if !t.messaging_service_sid.starts_with("MG") => v.add(
+            "twilio.messaging_service_sid",
+            "a Messaging Service SID starts with MG",
+        ),
         _ => {}
     }
 }
@@ -85,9 +88,15 @@ impl ChannelGatewayService for Service {
             violations.add("provider", "does not match the credentials given");
         }
         violations.into_result()?;
-        credentials::put(self.db.pool(), &self.sealer, &r.account_id, provider, &plaintext)
-            .await
-            .map_err(db_status)?;
+        credentials::put(
+            self.db.pool(),
+            &self.sealer,
+            &r.account_id,
+            provider,
+            &plaintext,
+        )
+        .await
+        .map_err(db_status)?;
         tracing::info!(account_id = %r.account_id, provider = provider.as_str_name(), "provider credentials stored");
         Ok(Response::new(pb::PutProviderCredentialsResponse {}))
     }
@@ -102,7 +111,9 @@ impl ChannelGatewayService for Service {
         let provider = Provider::try_from(r.provider)
             .ok()
             .filter(|p| *p != Provider::Unspecified)
-            .ok_or_else(|| c2m_runtime::status::invalid_field("provider", "a provider is required"))?;
+            .ok_or_else(|| {
+                c2m_runtime::status::invalid_field("provider", "a provider is required")
+            })?;
         if !credentials::delete(self.db.pool(), &r.account_id, provider)
             .await
             .map_err(db_status)?
@@ -158,8 +169,15 @@ impl ChannelGatewayService for Service {
                     self.settings.public_url.trim_end_matches('/'),
                     r.account_id
                 );
-                twilio::send_sms(&self.http, &self.settings.twilio_api_base, &creds, &r.to, &r.text, &callback)
-                    .await
+                twilio::send_sms(
+                    &self.http,
+                    &self.settings.twilio_api_base,
+                    &creds,
+                    &r.to,
+                    &r.text,
+                    &callback,
+                )
+                .await
             }
             Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
             Err(e) => SendOutcome::Failed {
@@ -170,7 +188,9 @@ impl ChannelGatewayService for Service {
         let now = Utc::now();
         let (stage, provider_id, error_code, error_message) = match outcome {
             SendOutcome::Accepted { sid } => (FunnelStage::Sent, Some(sid), None, None),
-            SendOutcome::Failed { code, message } => (FunnelStage::Failed, None, Some(code), Some(message)),
+            SendOutcome::Failed { code, message } => {
+                (FunnelStage::Failed, None, Some(code), Some(message))
+            }
         };
         let message = messages::record(
             self.db.pool(),

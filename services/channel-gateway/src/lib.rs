@@ -60,7 +60,11 @@ impl Default for GatewaySettings {
 impl GatewaySettings {
     /// The credentials key, if it is 32 bytes of base64.
     pub fn sealing_key(&self) -> Option<[u8; 32]> {
-        STANDARD.decode(self.credentials_key.trim()).ok()?.try_into().ok()
+        STANDARD
+            .decode(self.credentials_key.trim())
+            .ok()?
+            .try_into()
+            .ok()
     }
 }
 
@@ -86,7 +90,8 @@ pub struct Service {
 
 impl std::fmt::Debug for Service {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChannelGatewayService").finish_non_exhaustive()
+        f.debug_struct("ChannelGatewayService")
+            .finish_non_exhaustive()
     }
 }
 

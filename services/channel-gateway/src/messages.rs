@@ -69,7 +69,11 @@ fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
     })
 }
 
-pub async fn get(pool: &PgPool, account_id: &str, message_id: &str) -> Result<Option<Outbound>, sqlx::Error> {
+pub async fn get(
+    pool: &PgPool,
+    account_id: &str,
+    message_id: &str,
+) -> Result<Option<Outbound>, sqlx::Error> {
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM outbound_messages WHERE account_id = $1 AND message_id = $2"
     )))

@@ -50,11 +50,18 @@ pub async fn send_sms(
         base.trim_end_matches('/'),
         credentials.account_sid
     );
-    let mut form = vec![("To", to), ("Body", body), ("StatusCallback", status_callback)];
+    let mut form = vec![
+        ("To", to),
+        ("Body", body),
+        ("StatusCallback", status_callback),
+    ];
     if credentials.messaging_service_sid.is_empty() {
         form.push(("From", credentials.from_number.as_str()));
     } else {
-        form.push(("MessagingServiceSid", credentials.messaging_service_sid.as_str()));
+        form.push((
+            "MessagingServiceSid",
+            credentials.messaging_service_sid.as_str(),
+        ));
     }
     let response = match http
         .post(&url)
@@ -75,15 +82,17 @@ pub async fn send_sms(
     let text = response.text().await.unwrap_or_default();
     if status.is_success() {
         match serde_json::from_str::<MessageResource>(&text) {
-            Ok(MessageResource { sid: Some(sid), error_code, error_message }) => {
-                match code_text(error_code) {
-                    Some(code) => SendOutcome::Failed {
-                        code,
-                        message: error_message.unwrap_or_default(),
-                    },
-                    None => SendOutcome::Accepted { sid },
-                }
-            }
+            Ok(MessageResource {
+                sid: Some(sid),
+                error_code,
+                error_message,
+            }) => match code_text(error_code) {
+                Some(code) => SendOutcome::Failed {
+                    code,
+                    message: error_message.unwrap_or_default(),
+                },
+                None => SendOutcome::Accepted { sid },
+            },
             _ => SendOutcome::Failed {
                 code: "bad-response".into(),
                 message: format!("twilio answered {status} without a message sid"),
@@ -128,7 +137,9 @@ pub fn verify(auth_token: &str, url: &str, params: &[(String, String)], presente
     let Ok(presented) = STANDARD.decode(presented.trim()) else {
         return false;
     };
-    mac(auth_token, url, params).verify_slice(&presented).is_ok()
+    mac(auth_token, url, params)
+        .verify_slice(&presented)
+        .is_ok()
 }
 
 /// The funnel stage a Twilio `MessageStatus` reports, if it reports one.
@@ -147,7 +158,9 @@ mod tests {
     use super::*;
 
     fn pairs(raw: &[(&str, &str)]) -> Vec<(String, String)> {
-        raw.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+        raw.iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
     }
 
     /// Twilio's own published example (auth token `12345`).
@@ -161,12 +174,30 @@ mod tests {
             ("To", "+18005551212"),
         ]);
         let url = "https://mycompany.com/myapp.php?foo=1&bar=2";
-        assert_eq!(signature("12345", url, &params), "GvWf1cFY/Q7PnoempGyD5oXAezc=");
-        assert!(verify("12345", url, &params, "GvWf1cFY/Q7PnoempGyD5oXAezc="));
-        assert!(!verify("12346", url, &params, "GvWf1cFY/Q7PnoempGyD5oXAezc="));
+        assert_eq!(
+            signature("12345", url, &params),
+            "GvWf1cFY/Q7PnoempGyD5oXAezc="
+        );
+        assert!(verify(
+            "12345",
+            url,
+            &params,
+            "GvWf1cFY/Q7PnoempGyD5oXAezc="
+        ));
+        assert!(!verify(
+            "12346",
+            url,
+            &params,
+            "GvWf1cFY/Q7PnoempGyD5oXAezc="
+        ));
         let mut tampered = params.clone();
         tampered[2].1 = "9999".into();
-        assert!(!verify("12345", url, &tampered, "GvWf1cFY/Q7PnoempGyD5oXAezc="));
+        assert!(!verify(
+            "12345",
+            url,
+            &tampered,
+            "GvWf1cFY/Q7PnoempGyD5oXAezc="
+        ));
         assert!(!verify("12345", url, &params, "not base64!"));
     }
 }

@@ -22,7 +22,10 @@ const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response><
 pub fn router(service: Service) -> Router {
     Router::new()
         .route("/webhooks/twilio/{account_id}/status", post(twilio_status))
-        .route("/webhooks/twilio/{account_id}/inbound", post(twilio_inbound))
+        .route(
+            "/webhooks/twilio/{account_id}/inbound",
+            post(twilio_inbound),
+        )
         .with_state(service)
 }
 
@@ -45,21 +48,25 @@ async fn verified_twilio_form(
     else {
         return Err(forbidden());
     };
-    let credentials = match credentials::twilio(service.db.pool(), &service.sealer, account_id).await {
-        Ok(credentials) => credentials,
-        Err(credentials::CredentialsError::Db(error)) => {
-            tracing::warn!(%error, "webhook: credentials unavailable");
-            return Err(StatusCode::SERVICE_UNAVAILABLE.into_response());
-        }
-        // Unknown account or no Twilio set up: nothing can verify it.
-        Err(_) => return Err(forbidden()),
-    };
+    let credentials =
+        match credentials::twilio(service.db.pool(), &service.sealer, account_id).await {
+            Ok(credentials) => credentials,
+            Err(credentials::CredentialsError::Db(error)) => {
+                tracing::warn!(%error, "webhook: credentials unavailable");
+                return Err(StatusCode::SERVICE_UNAVAILABLE.into_response());
+            }
+            // Unknown account or no Twilio set up: nothing can verify it.
+            Err(_) => return Err(forbidden()),
+        };
     let Ok(params) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body) else {
         return Err(forbidden());
     };
     // Twilio signs the URL it called: our public URL, this path and its query.
     let path_and_query = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    let url = format!("{}{path_and_query}", service.settings.public_url.trim_end_matches('/'));
+    let url = format!(
+        "{}{path_and_query}",
+        service.settings.public_url.trim_end_matches('/')
+    );
     if !twilio::verify(&credentials.auth_token, &url, &params, presented) {
         tracing::warn!(account_id, "webhook: bad twilio signature");
         return Err(forbidden());
@@ -88,11 +95,12 @@ async fn store(
     .bind(body.as_ref())
     .execute(&mut *tx)
     .await?;
-    let processed: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT processed_at FROM webhook_inbox WHERE dedup_key = $1 FOR UPDATE")
-            .bind(dedup_key)
-            .fetch_one(&mut *tx)
-            .await?;
+    let processed: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT processed_at FROM webhook_inbox WHERE dedup_key = $1 FOR UPDATE",
+    )
+    .bind(dedup_key)
+    .fetch_one(&mut *tx)
+    .await?;
     Ok(processed.is_none())
 }
 
@@ -124,7 +132,11 @@ async fn twilio_status(
     let sid = param(&params, "MessageSid");
     let status = param(&params, "MessageStatus");
     if sid.is_empty() || status.is_empty() {
-        return (StatusCode::BAD_REQUEST, "MessageSid and MessageStatus are required").into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            "MessageSid and MessageStatus are required",
+        )
+            .into_response();
     }
     let dedup_key = format!("twilio:status:{sid}:{status}");
     let result: Result<usize, sqlx::Error> = async {
@@ -133,8 +145,16 @@ async fn twilio_status(
         if store(&mut tx, &dedup_key, &body).await? {
             if let Some(stage) = twilio::stage(status) {
                 let error_code = Some(param(&params, "ErrorCode")).filter(|c| !c.is_empty());
-                events = messages::advance(&mut tx, &account_id, Channel::Sms, sid, stage, error_code, "TWILIO")
-                    .await?;
+                events = messages::advance(
+                    &mut tx,
+                    &account_id,
+                    Channel::Sms,
+                    sid,
+                    stage,
+                    error_code,
+                    "TWILIO",
+                )
+                .await?;
             }
             mark_processed(&mut tx, &dedup_key).await?;
         }
@@ -147,7 +167,13 @@ async fn twilio_status(
             if events > 0 {
                 service.relay.wake();
             }
-            tracing::debug!(account_id, message_sid = sid, status, events, "twilio status");
+            tracing::debug!(
+                account_id,
+                message_sid = sid,
+                status,
+                events,
+                "twilio status"
+            );
             StatusCode::OK.into_response()
         }
         Err(error) => unavailable(error),

@@ -13,33 +13,37 @@ CREATE TABLE accounts (
 );
 
 CREATE TABLE whatsapp_templates (
-    template_id text PRIMARY KEY,
     account_id  text NOT NULL REFERENCES accounts (account_id),
+    template_id text NOT NULL,
     name        text NOT NULL,
     language    text NOT NULL,
     category    text NOT NULL,
     body        text NOT NULL,
     status      text NOT NULL,
+    PRIMARY KEY (account_id, template_id),
     UNIQUE (account_id, name, language)
 );
 
 CREATE TABLE handoff_configs (
-    handoff_config_id        text PRIMARY KEY,
     account_id               text NOT NULL REFERENCES accounts (account_id),
+    handoff_config_id        text NOT NULL,
     name                     text NOT NULL,
     skill_id                 text NOT NULL,
     channel_priority         text[] NOT NULL CHECK (cardinality(channel_priority) > 0),
     -- {"CHANNEL_SMS": "Hi {{name}}…", …}
     messages                 jsonb NOT NULL DEFAULT '{}',
-    -- A template in use cannot be deleted.
-    whatsapp_template_id     text REFERENCES whatsapp_templates (template_id),
+    whatsapp_template_id     text,
     apple_business_id        text NOT NULL DEFAULT '',
     apple_intent_id          text NOT NULL DEFAULT '',
     apple_group_id           text NOT NULL DEFAULT '',
     delivery_deadline_seconds integer NOT NULL DEFAULT 0,
     version                  bigint NOT NULL DEFAULT 1,
     updated_at               timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (account_id, name)
+    PRIMARY KEY (account_id, handoff_config_id),
+    UNIQUE (account_id, name),
+    -- A template in use cannot be deleted.
+    FOREIGN KEY (account_id, whatsapp_template_id)
+        REFERENCES whatsapp_templates (account_id, template_id)
 );
 
 CREATE TABLE api_keys (

@@ -81,7 +81,10 @@ impl ConfigService for Service {
             settings,
             created_at: Utc::now(),
         };
-        self.store.create_account(&account).await.map_err(store_status)?;
+        self.store
+            .create_account(&account)
+            .await
+            .map_err(store_status)?;
         tracing::info!(account_id = %account.id, "account created");
         Ok(Response::new(pb::CreateAccountResponse {
             account: Some(account.to_wire()),
@@ -119,7 +122,9 @@ impl ConfigService for Service {
             .update_settings(&request.account_id, &settings)
             .await
             .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("account {} not found", request.account_id)))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("account {} not found", request.account_id))
+            })?;
         tracing::info!(account_id = %account.id, "account settings updated");
         Ok(Response::new(pb::UpdateAccountSettingsResponse {
             account: Some(account.to_wire()),

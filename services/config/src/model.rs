@@ -56,7 +56,11 @@ impl Default for Settings {
 
 impl Settings {
     /// Validates wire settings; `field` is where they sit in the request (e.g. `settings`).
-    pub fn from_wire(wire: &pb::AccountSettings, field: &str, violations: &mut FieldViolations) -> Self {
+    pub fn from_wire(
+        wire: &pb::AccountSettings,
+        field: &str,
+        violations: &mut FieldViolations,
+    ) -> Self {
         let mut channels = Vec::new();
         for (i, raw) in wire.enabled_channels.iter().enumerate() {
             match Channel::try_from(*raw) {
@@ -171,14 +175,21 @@ impl HandoffConfig {
         for (i, raw) in wire.channel_priority.iter().enumerate() {
             let field = format!("config.channel_priority[{i}]");
             match Channel::try_from(*raw) {
-                Ok(Channel::Unspecified) | Err(_) => violations.add(field, format!("{raw} is not a channel")),
+                Ok(Channel::Unspecified) | Err(_) => {
+                    violations.add(field, format!("{raw} is not a channel"))
+                }
                 Ok(channel) if priority.contains(&channel) => {
                     violations.add(field, format!("{} is listed twice", channel.as_str_name()))
                 }
-                Ok(channel) if !account.settings.enabled_channels.contains(&channel) => violations.add(
-                    field,
-                    format!("{} is not enabled on account {}", channel.as_str_name(), account.id),
-                ),
+                Ok(channel) if !account.settings.enabled_channels.contains(&channel) => violations
+                    .add(
+                        field,
+                        format!(
+                            "{} is not enabled on account {}",
+                            channel.as_str_name(),
+                            account.id
+                        ),
+                    ),
                 Ok(channel) => priority.push(channel),
             }
         }
@@ -197,7 +208,10 @@ impl HandoffConfig {
                     } else if length > limit {
                         violations.add(
                             format!("{field}.text"),
-                            format!("{length} characters; {} allows {limit}", channel.as_str_name()),
+                            format!(
+                                "{length} characters; {} allows {limit}",
+                                channel.as_str_name()
+                            ),
                         );
                     }
                     messages.push((channel, message.text.clone()));
@@ -209,7 +223,8 @@ impl HandoffConfig {
             }
         }
         for channel in &priority {
-            let needs_text = !matches!(channel, Channel::Whatsapp) || wire.whatsapp_template_id.is_empty();
+            let needs_text =
+                !matches!(channel, Channel::Whatsapp) || wire.whatsapp_template_id.is_empty();
             if needs_text && !messages.iter().any(|(c, _)| c == channel) {
                 violations.add(
                     "config.messages",

@@ -20,9 +20,17 @@ pub enum StoreError {
 pub trait ConfigStore: Send + Sync + 'static {
     async fn create_account(&self, account: &Account) -> Result<(), StoreError>;
     async fn account(&self, id: &str) -> Result<Option<Account>, StoreError>;
-    async fn update_settings(&self, id: &str, settings: &Settings) -> Result<Option<Account>, StoreError>;
+    async fn update_settings(
+        &self,
+        id: &str,
+        settings: &Settings,
+    ) -> Result<Option<Account>, StoreError>;
     async fn create_handoff_config(&self, config: &HandoffConfig) -> Result<(), StoreError>;
-    async fn handoff_config(&self, account_id: &str, id: &str) -> Result<Option<HandoffConfig>, StoreError>;
+    async fn handoff_config(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> Result<Option<HandoffConfig>, StoreError>;
     async fn create_api_key(&self, key: &ApiKey, hash: &[u8]) -> Result<(), StoreError>;
     async fn api_keys(&self, account_id: &str) -> Result<Vec<ApiKey>, StoreError>;
     /// Revokes a live key; `false` when there is no such live key.
@@ -47,7 +55,10 @@ fn names(channels: &[Channel]) -> Vec<&'static str> {
 }
 
 fn channels(names: Vec<String>) -> Vec<Channel> {
-    names.iter().filter_map(|n| Channel::from_str_name(n)).collect()
+    names
+        .iter()
+        .filter_map(|n| Channel::from_str_name(n))
+        .collect()
 }
 
 fn conflict(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
@@ -106,7 +117,8 @@ fn handoff_config(row: PgRow) -> Result<HandoffConfig, sqlx::Error> {
     })
 }
 
-const KEY_COLUMNS: &str = "api_key_id, account_id, name, prefix, created_at, last_used_at, revoked_at";
+const KEY_COLUMNS: &str =
+    "api_key_id, account_id, name, prefix, created_at, last_used_at, revoked_at";
 
 fn api_key(row: PgRow) -> Result<ApiKey, sqlx::Error> {
     Ok(ApiKey {
@@ -147,10 +159,12 @@ impl ConfigStore for PgConfigStore {
     }
 
     async fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
-        let row = sqlx::query(sql(format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1")))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(sql(format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.map(account).transpose()?)
     }
 
@@ -202,7 +216,11 @@ impl ConfigStore for PgConfigStore {
         Ok(())
     }
 
-    async fn handoff_config(&self, account_id: &str, id: &str) -> Result<Option<HandoffConfig>, StoreError> {
+    async fn handoff_config(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> Result<Option<HandoffConfig>, StoreError> {
         let row = sqlx::query(sql(format!(
             "SELECT {CONFIG_COLUMNS} FROM handoff_configs WHERE account_id = $1 AND handoff_config_id = $2"
         )))

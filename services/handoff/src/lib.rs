@@ -1,13 +1,25 @@
 //! The Handoff service: what an IVR calls to deflect a caller to messaging.
 //!
-//! Owns the `handoff` PostgreSQL schema: handoffs, idempotency records and the event outbox.
+//! Owns the `handoff` PostgreSQL schema: handoffs, idempotency records and the event outbox. Keeps
+//! the per-account rate limit in Redis (`<prefix>:{<account>}:rl`).
 
 #![forbid(unsafe_code)]
 
-use c2m_proto::v1::handoff_service_server::{HandoffService, HandoffServiceServer};
-use c2m_runtime::Component;
-use c2m_storage::{RedisHandle, ServiceDb};
+mod decide;
+mod grpc;
+pub mod limiter;
+pub mod render;
+mod request;
+mod store;
+
+use std::{sync::Arc, time::Duration};
+
+use c2m_proto::v1::{self as pb, handoff_service_server::HandoffServiceServer};
+use c2m_runtime::{Component, cache::TtlCache, peers::Peers};
+use c2m_storage::{RedisHandle, ServiceDb, outbox::Relay};
 use sqlx::migrate::Migrator;
+
+use crate::limiter::Limiter;
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "handoff";
@@ -15,24 +27,48 @@ pub const SCHEMA: &str = "handoff";
 /// This service's migrations (`migrations/`), applied at start or by `c2m migrate`.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
 
-/// The `c2m.v1.HandoffService` implementation. RPCs not implemented yet answer UNIMPLEMENTED.
-#[derive(Debug, Clone)]
+/// How long configuration read from Config is trusted on the hot path.
+const CONFIG_TTL: Duration = Duration::from_secs(5);
+
+/// The `c2m.v1.HandoffService` implementation.
+#[derive(Clone)]
 pub struct Service {
     db: ServiceDb,
     redis: RedisHandle,
+    peers: Peers,
+    relay: Relay,
+    limiter: Limiter,
+    api_keys: Arc<TtlCache<[u8; 32], String>>,
+    accounts: Arc<TtlCache<String, pb::Account>>,
+    configs: Arc<TtlCache<(String, String), pb::HandoffConfig>>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandoffService").finish_non_exhaustive()
+    }
 }
 
 impl Service {
-    pub fn new(db: ServiceDb, redis: RedisHandle) -> Self {
-        Self { db, redis }
+    pub fn new(db: ServiceDb, redis: RedisHandle, peers: Peers) -> Self {
+        Self {
+            relay: Relay::new(db.pool().clone(), peers.clone()),
+            limiter: Limiter::new(redis.clone(), Duration::from_secs(1)),
+            api_keys: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
+            accounts: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
+            configs: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
+            db,
+            redis,
+            peers,
+        }
     }
 
-    /// The gRPC service, SERVING while its schema and Redis answer.
+    /// The gRPC service, SERVING while its schema and Redis answer, with its outbox relay.
     pub fn into_component(self) -> Component {
+        let relay = self.relay.clone();
         Component::new(HandoffServiceServer::new(self.clone()))
             .with_probe(self.db.probe())
             .with_probe(self.redis.probe())
+            .with_task(move |shutdown| relay.run(shutdown))
     }
 }
-
-impl HandoffService for Service {}

@@ -46,10 +46,16 @@ fn validate(i: usize, event: &pb::Event, violations: &mut FieldViolations) -> Op
         Ok(stage) => Some(stage),
     };
     let channel = Channel::try_from(event.channel).unwrap_or_else(|_| {
-        violations.add(field("channel"), format!("{} is not a channel", event.channel));
+        violations.add(
+            field("channel"),
+            format!("{} is not a channel", event.channel),
+        );
         Channel::Unspecified
     });
-    let occurred_at = event.occurred_at.as_ref().and_then(c2m_proto::from_timestamp);
+    let occurred_at = event
+        .occurred_at
+        .as_ref()
+        .and_then(c2m_proto::from_timestamp);
     if occurred_at.is_none() {
         violations.add(field("occurred_at"), "a valid timestamp is required");
     }
@@ -109,8 +115,14 @@ impl ReportingService for Service {
         let request = request.into_inner();
         caller.authorize(&request.account_id, Role::Viewer)?;
         let mut violations = FieldViolations::new();
-        let start = request.start_time.as_ref().and_then(c2m_proto::from_timestamp);
-        let end = request.end_time.as_ref().and_then(c2m_proto::from_timestamp);
+        let start = request
+            .start_time
+            .as_ref()
+            .and_then(c2m_proto::from_timestamp);
+        let end = request
+            .end_time
+            .as_ref()
+            .and_then(c2m_proto::from_timestamp);
         if start.is_none() {
             violations.add("start_time", "a valid timestamp is required");
         }

@@ -49,7 +49,9 @@ pub(crate) async fn route(tx: &mut PgConnection, m: &Inbound<'_>) -> Result<Rout
             return Ok(Routed {
                 conversation_id: row.try_get("conversation_id")?,
                 opened: false,
-                handoff_id: row.try_get::<Option<String>, _>("handoff_id")?.unwrap_or_default(),
+                handoff_id: row
+                    .try_get::<Option<String>, _>("handoff_id")?
+                    .unwrap_or_default(),
             });
         }
     }
@@ -64,11 +66,21 @@ pub(crate) async fn route(tx: &mut PgConnection, m: &Inbound<'_>) -> Result<Rout
     .await?;
     if let Some(row) = open {
         let conversation_id: String = row.try_get("conversation_id")?;
-        append(tx, &conversation_id, "INBOUND", m.text, m.provider_message_id, m.received_at).await?;
+        append(
+            tx,
+            &conversation_id,
+            "INBOUND",
+            m.text,
+            m.provider_message_id,
+            m.received_at,
+        )
+        .await?;
         return Ok(Routed {
             conversation_id,
             opened: false,
-            handoff_id: row.try_get::<Option<String>, _>("handoff_id")?.unwrap_or_default(),
+            handoff_id: row
+                .try_get::<Option<String>, _>("handoff_id")?
+                .unwrap_or_default(),
         });
     }
 
@@ -109,7 +121,15 @@ pub(crate) async fn route(tx: &mut PgConnection, m: &Inbound<'_>) -> Result<Rout
     let first: String = deflection.try_get("first_message")?;
     let sent_at: DateTime<Utc> = deflection.try_get("sent_at")?;
     append(tx, &conversation_id, "OUTBOUND", &first, "", sent_at).await?;
-    append(tx, &conversation_id, "INBOUND", m.text, m.provider_message_id, m.received_at).await?;
+    append(
+        tx,
+        &conversation_id,
+        "INBOUND",
+        m.text,
+        m.provider_message_id,
+        m.received_at,
+    )
+    .await?;
 
     let channel = Channel::from_str_name(&channel).unwrap_or(m.channel);
     let base = |stage| pb::Event {
@@ -188,8 +208,11 @@ pub(crate) async fn load(
         conversation_id: row.try_get("conversation_id")?,
         account_id: row.try_get("account_id")?,
         skill_id: row.try_get("skill_id")?,
-        channel: Channel::from_str_name(&row.try_get::<String, _>("channel")?).unwrap_or_default() as i32,
-        handoff_id: row.try_get::<Option<String>, _>("handoff_id")?.unwrap_or_default(),
+        channel: Channel::from_str_name(&row.try_get::<String, _>("channel")?).unwrap_or_default()
+            as i32,
+        handoff_id: row
+            .try_get::<Option<String>, _>("handoff_id")?
+            .unwrap_or_default(),
         state: if closed_at.is_some() {
             pb::ConversationState::Closed
         } else {

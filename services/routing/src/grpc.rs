@@ -1,8 +1,6 @@
 //! The `c2m.v1.RoutingService` RPCs.
 
-use c2m_proto::v1::{
-    self as pb, Channel, FunnelStage, routing_service_server::RoutingService,
-};
+use c2m_proto::v1::{self as pb, Channel, FunnelStage, routing_service_server::RoutingService};
 use c2m_runtime::{auth::Role, mask_phone, status::FieldViolations};
 use c2m_storage::outbox;
 use prost::Message;
@@ -39,7 +37,11 @@ fn required(violations: &mut FieldViolations, field: &str, value: &str) {
 impl Service {
     /// The open conversation of a consumer: the Redis lease first, PostgreSQL (the truth) when
     /// the lease is missing or Redis is down.
-    async fn open_conversation(&self, account_id: &str, consumer: &str) -> Result<Option<String>, Status> {
+    async fn open_conversation(
+        &self,
+        account_id: &str,
+        consumer: &str,
+    ) -> Result<Option<String>, Status> {
         let key = self.lease_key(account_id, consumer);
         match self.redis.connection().await {
             Ok(mut redis) => match redis.get::<_, Option<String>>(&key).await {
@@ -231,7 +233,9 @@ impl RoutingService for Service {
                     Ok(()) => break routed,
                     Err(e) => return Err(db_status(e)),
                 },
-                Err(RouteError::Db(sqlx::Error::Database(e))) if e.is_unique_violation() && attempt == 0 => {
+                Err(RouteError::Db(sqlx::Error::Database(e)))
+                    if e.is_unique_violation() && attempt == 0 =>
+                {
                     attempt += 1;
                 }
                 Err(RouteError::Db(e)) => return Err(db_status(e)),
@@ -241,8 +245,12 @@ impl RoutingService for Service {
             }
         };
         if routed.opened {
-            self.set_lease(&r.account_id, &r.consumer_address, Some(&routed.conversation_id))
-                .await;
+            self.set_lease(
+                &r.account_id,
+                &r.consumer_address,
+                Some(&routed.conversation_id),
+            )
+            .await;
             self.relay.wake();
             tracing::info!(
                 account_id = %r.account_id,
@@ -270,7 +278,9 @@ impl RoutingService for Service {
         let conversation = conversations::load(&mut conn, &r.account_id, &r.conversation_id)
             .await
             .map_err(db_status)?
-            .ok_or_else(|| Status::not_found(format!("conversation {} not found", r.conversation_id)))?;
+            .ok_or_else(|| {
+                Status::not_found(format!("conversation {} not found", r.conversation_id))
+            })?;
         Ok(Response::new(pb::GetConversationResponse {
             conversation: Some(conversation),
         }))
@@ -302,14 +312,18 @@ impl RoutingService for Service {
                 handoff_id: handoff_id.clone().unwrap_or_default(),
                 ..outbox::event(&r.account_id, FunnelStage::ConversationClosed)
             };
-            outbox::enqueue(&mut tx, &[event]).await.map_err(db_status)?;
+            outbox::enqueue(&mut tx, &[event])
+                .await
+                .map_err(db_status)?;
             let conversation = conversations::load(&mut tx, &r.account_id, &r.conversation_id)
                 .await
                 .map_err(db_status)?;
             tx.commit().await.map_err(db_status)?;
             self.set_lease(&r.account_id, consumer, None).await;
             self.relay.wake();
-            return Ok(Response::new(pb::CloseConversationResponse { conversation }));
+            return Ok(Response::new(pb::CloseConversationResponse {
+                conversation,
+            }));
         }
         drop(tx);
         let mut conn = self.db.pool().acquire().await.map_err(db_status)?;
@@ -321,7 +335,10 @@ impl RoutingService for Service {
             Some(conversation) => Ok(Response::new(pb::CloseConversationResponse {
                 conversation: Some(conversation),
             })),
-            None => Err(Status::not_found(format!("conversation {} not found", r.conversation_id))),
+            None => Err(Status::not_found(format!(
+                "conversation {} not found",
+                r.conversation_id
+            ))),
         }
     }
 }

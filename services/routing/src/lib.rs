@@ -53,6 +53,7 @@ impl Service {
     }
 
     fn lease_key(&self, account_id: &str, consumer: &str) -> String {
-        self.redis.account_key(account_id, &format!("conv:{consumer}"))
+        self.redis
+            .account_key(account_id, &format!("conv:{consumer}"))
     }
 }

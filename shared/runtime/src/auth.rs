@@ -42,9 +42,12 @@ impl Claims {
     pub fn authorize(&self, account_id: &str, min: Role) -> Result<(), Status> {
         match self.role {
             Role::Operator | Role::Service => Ok(()),
-            role if self.account_id.as_deref() != Some(account_id) => Err(Status::permission_denied(
-                format!("a {role:?} of another account cannot act on account {account_id}").to_lowercase(),
-            )),
+            role if self.account_id.as_deref() != Some(account_id) => {
+                Err(Status::permission_denied(
+                    format!("a {role:?} of another account cannot act on account {account_id}")
+                        .to_lowercase(),
+                ))
+            }
             role if role < min => Err(Status::permission_denied(
                 format!("this needs the {min:?} role; the caller is a {role:?}").to_lowercase(),
             )),
@@ -56,7 +59,9 @@ impl Claims {
     pub fn require_internal(&self) -> Result<(), Status> {
         match self.role {
             Role::Service | Role::Operator => Ok(()),
-            _ => Err(Status::permission_denied("internal rpc: only c2m services may call it")),
+            _ => Err(Status::permission_denied(
+                "internal rpc: only c2m services may call it",
+            )),
         }
     }
 
@@ -166,7 +171,13 @@ impl TokenKey {
     }
 
     /// A token for a person, valid for `ttl`.
-    pub fn user_token(&self, sub: &str, role: Role, account_id: Option<&str>, ttl: Duration) -> String {
+    pub fn user_token(
+        &self,
+        sub: &str,
+        role: Role,
+        account_id: Option<&str>,
+        ttl: Duration,
+    ) -> String {
         self.sign(&Claims {
             sub: sub.to_owned(),
             role,
@@ -191,7 +202,10 @@ pub fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
     value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| Status::unauthenticated("`authorization` must be `Bearer <credential>`"))
@@ -231,8 +245,14 @@ mod tests {
         let forged_payload =
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(Role::Operator, None)).unwrap());
         let forged = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
-        assert_eq!(key.verify(&forged, SystemTime::now()), Err(TokenError::Signature));
-        assert_eq!(key.verify("a.b", SystemTime::now()), Err(TokenError::Malformed));
+        assert_eq!(
+            key.verify(&forged, SystemTime::now()),
+            Err(TokenError::Signature)
+        );
+        assert_eq!(
+            key.verify("a.b", SystemTime::now()),
+            Err(TokenError::Malformed)
+        );
     }
 
     #[test]
@@ -251,7 +271,11 @@ mod tests {
         let viewer = claims(Role::Viewer, Some("acme"));
         assert!(viewer.authorize("acme", Role::Viewer).is_ok());
         assert!(viewer.authorize("acme", Role::Editor).is_err());
-        assert!(claims(Role::Operator, None).authorize("globex", Role::Admin).is_ok());
+        assert!(
+            claims(Role::Operator, None)
+                .authorize("globex", Role::Admin)
+                .is_ok()
+        );
         assert!(admin.require_internal().is_err());
         assert!(claims(Role::Service, None).require_internal().is_ok());
     }

@@ -5,19 +5,20 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod cache;
 pub mod health;
 pub mod ids;
 pub mod peers;
+pub mod phone;
 pub mod server;
 pub mod settings;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
-mod mask;
 mod trace_layer;
 
 pub use health::{Probe, ProbeFuture};
-pub use mask::mask_phone;
+pub use phone::{is_e164, mask_phone};
 pub use server::{Component, ServeError};
 pub use settings::{LogFormat, ServerSettings, TelemetrySettings};
 pub use tokio_util::sync::CancellationToken;

@@ -5,8 +5,7 @@ use std::time::Duration;
 use c2m_proto::v1::{
     channel_gateway_service_client::ChannelGatewayServiceClient,
     config_service_client::ConfigServiceClient, handoff_service_client::HandoffServiceClient,
-    reporting_service_client::ReportingServiceClient,
-    routing_service_client::RoutingServiceClient,
+    reporting_service_client::ReportingServiceClient, routing_service_client::RoutingServiceClient,
 };
 use serde::{Deserialize, Serialize};
 use tonic::{
@@ -122,7 +121,10 @@ impl Peers {
     }
 
     pub fn channel_gateway(&self) -> ChannelGatewayServiceClient<Authed> {
-        ChannelGatewayServiceClient::with_interceptor(self.channel_gateway.clone(), self.auth.clone())
+        ChannelGatewayServiceClient::with_interceptor(
+            self.channel_gateway.clone(),
+            self.auth.clone(),
+        )
     }
 
     pub fn config(&self) -> ConfigServiceClient<Authed> {

@@ -83,7 +83,8 @@ impl Component {
         F: FnOnce(CancellationToken) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.tasks.push(Box::new(move |token| Box::pin(task(token))));
+        self.tasks
+            .push(Box::new(move |token| Box::pin(task(token))));
         self
     }
 

@@ -10,8 +10,10 @@
 
 mod database;
 mod redis;
+mod twilio;
 mod wait;
 
 pub use database::TestDatabase;
 pub use redis::{RedisServer, TestRedis};
-pub use wait::{eventually, free_port};
+pub use twilio::{SentSms, TwilioEmulator, twilio_signature};
+pub use wait::{eventually, eventually_eq, free_port};

@@ -30,3 +30,27 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("the OS hands out an ephemeral port")
 }
+
+/// Polls `value` until it equals `expected`; after `deadline`, fails showing the last value
+/// against the expected one.
+pub async fn eventually_eq<T, F, Fut>(what: &str, deadline: Duration, expected: &T, mut value: F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        let got = value().await;
+        if &got == expected {
+            return;
+        }
+        if Instant::now() >= until {
+            assert_eq!(
+                &got, expected,
+                "timed out after {deadline:?} waiting for: {what}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,245 @@
+//! The decision both RPCs share: which channels can carry this deflection now, in which order,
+//! with which text, and if none, why. No side effects.
+
+use c2m_proto::v1::{self as pb, Channel, HandoffStatus, IneligibilityReason};
+use c2m_runtime::status::invalid_field;
+use tonic::{Code, Status};
+
+use crate::{Service, render::render, request::Deflection};
+
+/// What would happen.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub skill_id: String,
+    /// Every channel considered, with whether it can be used and why not.
+    pub channels: Vec<pb::ChannelEligibility>,
+    /// The channels to try, in order, each with its rendered message.
+    pub plan: Vec<(Channel, String)>,
+    /// Why nothing can be sent, when `plan` is empty.
+    pub blocked: Option<HandoffStatus>,
+}
+
+impl Decision {
+    /// The channel the funnel counts this deflection under: the first it would use or considered.
+    pub fn funnel_channel(&self) -> Channel {
+        self.plan
+            .first()
+            .map(|(c, _)| *c)
+            .or_else(|| {
+                self.channels
+                    .first()
+                    .and_then(|c| Channel::try_from(c.channel).ok())
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn ineligible(
+    channel: Channel,
+    reason: IneligibilityReason,
+    detail: impl Into<String>,
+) -> pb::ChannelEligibility {
+    pb::ChannelEligibility {
+        channel: channel as i32,
+        eligible: false,
+        reason: reason as i32,
+        detail: detail.into(),
+    }
+}
+
+/// Errors from Config keep their code (NOT_FOUND for an unknown configuration) and name what
+/// was missing; transport failures become UNAVAILABLE.
+fn upstream(what: &str, status: Status) -> Status {
+    match status.code() {
+        Code::NotFound
+        | Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::PermissionDenied => Status::new(status.code(), status.message().to_owned()),
+        _ => {
+            tracing::warn!(%status, "{what} unavailable");
+            Status::unavailable(format!("{what} unavailable, retry"))
+        }
+    }
+}
+
+impl Service {
+    /// The account, cached briefly: the hot path does not wait on Config for it.
+    pub(crate) async fn decide_account(&self, account_id: &str) -> Result<pb::Account, Status> {
+        if let Some(account) = self.accounts.get(&account_id.to_owned()) {
+            return Ok(account);
+        }
+        let account = self
+            .peers
+            .config()
+            .get_account(pb::GetAccountRequest {
+                account_id: account_id.to_owned(),
+            })
+            .await
+            .map_err(|s| upstream("config", s))?
+            .into_inner()
+            .account
+            .ok_or_else(|| Status::internal("config answered without an account"))?;
+        self.accounts.insert(account_id.to_owned(), account.clone());
+        Ok(account)
+    }
+
+    async fn handoff_config(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> Result<pb::HandoffConfig, Status> {
+        let key = (account_id.to_owned(), id.to_owned());
+        if let Some(config) = self.configs.get(&key) {
+            return Ok(config);
+        }
+        let config = self
+            .peers
+            .config()
+            .get_handoff_config(pb::GetHandoffConfigRequest {
+                account_id: account_id.to_owned(),
+                handoff_config_id: id.to_owned(),
+            })
+            .await
+            .map_err(|s| upstream("config", s))?
+            .into_inner()
+            .config
+            .ok_or_else(|| Status::internal("config answered without a configuration"))?;
+        self.configs.insert(key, config.clone());
+        Ok(config)
+    }
+
+    /// Decides what a deflection would do.
+    pub(crate) async fn decide(&self, d: &Deflection) -> Result<Decision, Status> {
+        let account = self.decide_account(&d.account_id).await?;
+        let settings = account.settings.clone().unwrap_or_default();
+        if !settings.deflection_enabled {
+            return Err(Status::failed_precondition(format!(
+                "deflection is disabled for account {}",
+                d.account_id
+            )));
+        }
+        let config = self
+            .handoff_config(&d.account_id, &d.handoff_config_id)
+            .await?;
+        let priority: Vec<Channel> = config
+            .channel_priority
+            .iter()
+            .filter_map(|c| Channel::try_from(*c).ok())
+            .collect();
+        let candidates = match d.override_channel {
+            Some(channel) if !priority.contains(&channel) => {
+                return Err(invalid_field(
+                    "override_channel",
+                    format!(
+                        "{} is not a channel of configuration {}",
+                        channel.as_str_name(),
+                        config.handoff_config_id
+                    ),
+                ));
+            }
+            Some(channel) => vec![channel],
+            None => priority,
+        };
+
+        let consumer = self
+            .peers
+            .routing()
+            .check_consumer(pb::CheckConsumerRequest {
+                account_id: d.account_id.clone(),
+                consumer_phone: d.consumer_phone.clone(),
+            })
+            .await
+            .map_err(|s| upstream("routing", s))?
+            .into_inner();
+        let skill_id = self
+            .peers
+            .routing()
+            .resolve_skill(pb::ResolveSkillRequest {
+                account_id: d.account_id.clone(),
+                handoff_config_id: d.handoff_config_id.clone(),
+                override_skill_id: d.override_skill_id.clone().unwrap_or_default(),
+            })
+            .await
+            .map_err(|s| upstream("routing", s))?
+            .into_inner()
+            .skill_id;
+
+        let mut channels = Vec::with_capacity(candidates.len());
+        let mut plan = Vec::new();
+        for channel in &candidates {
+            let channel = *channel;
+            let eligibility = if !settings.enabled_channels.contains(&(channel as i32)) {
+                ineligible(
+                    channel,
+                    IneligibilityReason::NotEnabled,
+                    "not enabled on the account",
+                )
+            } else if consumer.conversation_open {
+                ineligible(
+                    channel,
+                    IneligibilityReason::ConversationOpen,
+                    format!("conversation {} is open", consumer.conversation_id),
+                )
+            } else if consumer.opted_out_channels.contains(&(channel as i32)) {
+                ineligible(
+                    channel,
+                    IneligibilityReason::OptedOut,
+                    "the consumer opted out",
+                )
+            } else {
+                let template = match (&d.override_message, channel) {
+                    (Some(message), Channel::Sms) => Some(message.clone()),
+                    _ => config
+                        .messages
+                        .iter()
+                        .find(|m| m.channel == channel as i32)
+                        .map(|m| m.text.clone()),
+                };
+                let Some(template) = template else {
+                    channels.push(ineligible(
+                        channel,
+                        IneligibilityReason::NotEnabled,
+                        "no message configured",
+                    ));
+                    continue;
+                };
+                let text = render(&template, |name| d.variable(name)).map_err(|name| {
+                    invalid_field(
+                        format!("template_variables[{name}]"),
+                        format!(
+                            "the {} message needs {{{{{name}}}}} and no value was given",
+                            channel.as_str_name()
+                        ),
+                    )
+                })?;
+                plan.push((channel, text));
+                pb::ChannelEligibility {
+                    channel: channel as i32,
+                    eligible: true,
+                    reason: IneligibilityReason::Unspecified as i32,
+                    detail: String::new(),
+                }
+            };
+            channels.push(eligibility);
+        }
+        let blocked = if !plan.is_empty() {
+            None
+        } else if consumer.conversation_open {
+            Some(HandoffStatus::SkippedOpenConversation)
+        } else if !channels.is_empty()
+            && channels
+                .iter()
+                .all(|c| c.reason == IneligibilityReason::OptedOut as i32)
+        {
+            Some(HandoffStatus::RejectedOptedOut)
+        } else {
+            Some(HandoffStatus::NoEligibleChannel)
+        };
+        Ok(Decision {
+            skill_id,
+            channels,
+            plan,
+            blocked,
+        })
+    }
+}

@@ -1,0 +1,359 @@
+//! The `c2m.v1.HandoffService` RPCs: what an IVR calls while the caller waits.
+
+use c2m_proto::v1::{
+    self as pb, AttemptOutcome, Channel, FunnelStage, HandoffStatus,
+    handoff_service_server::HandoffService,
+};
+use c2m_runtime::{auth, ids, mask_phone, status};
+use c2m_storage::outbox;
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+
+use crate::{
+    Service,
+    decide::Decision,
+    limiter::Admission,
+    request::Deflection,
+    store::{self, Attempt, Saved, StoredHandoff},
+};
+
+fn db_status(error: sqlx::Error) -> Status {
+    match error {
+        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
+            tracing::warn!(error = %e, "handoff storage unavailable");
+            Status::unavailable("handoff storage unavailable, retry")
+        }
+        e => {
+            tracing::error!(error = %e, "handoff storage failed");
+            Status::internal("handoff storage failed")
+        }
+    }
+}
+
+fn outcome_stage(status: HandoffStatus) -> FunnelStage {
+    match status {
+        HandoffStatus::Sent => FunnelStage::Sent,
+        HandoffStatus::SkippedOpenConversation => FunnelStage::SkippedOpenConversation,
+        HandoffStatus::RejectedLandline => FunnelStage::RejectedLandline,
+        HandoffStatus::RejectedOptedOut => FunnelStage::RejectedOptedOut,
+        HandoffStatus::NoEligibleChannel => FunnelStage::NoEligibleChannel,
+        HandoffStatus::Failed | HandoffStatus::Unspecified => FunnelStage::Failed,
+    }
+}
+
+impl Service {
+    /// The account an IVR's API key belongs to; the request must be for that account.
+    async fn authenticate(&self, metadata: &MetadataMap, account_id: &str) -> Result<(), Status> {
+        let presented = auth::bearer(metadata)?;
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let owner = match self.api_keys.get(&digest) {
+            Some(owner) => owner,
+            None => {
+                let owner = self
+                    .peers
+                    .config()
+                    .authenticate_api_key(pb::AuthenticateApiKeyRequest {
+                        plaintext: presented.to_owned(),
+                    })
+                    .await
+                    .map_err(|s| match s.code() {
+                        Code::Unauthenticated => {
+                            Status::unauthenticated("unknown or revoked api key")
+                        }
+                        _ => {
+                            tracing::warn!(status = %s, "config unavailable for api key check");
+                            Status::unavailable("cannot check the api key now, retry")
+                        }
+                    })?
+                    .into_inner()
+                    .account_id;
+                self.api_keys.insert(digest, owner.clone());
+                owner
+            }
+        };
+        if owner != account_id {
+            return Err(Status::permission_denied(format!(
+                "this api key belongs to another account than {account_id}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends along the plan until a channel takes the message.
+    async fn send(
+        &self,
+        handoff_id: &str,
+        d: &Deflection,
+        decision: &Decision,
+    ) -> (Vec<Attempt>, Option<(Channel, String)>) {
+        let mut attempts = Vec::new();
+        for (i, (channel, text)) in decision.plan.iter().enumerate() {
+            let message_id = format!("{handoff_id}-{}", i + 1);
+            let result = self
+                .peers
+                .channel_gateway()
+                .send_message(pb::SendMessageRequest {
+                    account_id: d.account_id.clone(),
+                    message_id: message_id.clone(),
+                    channel: *channel as i32,
+                    to: d.consumer_phone.clone(),
+                    consumer_id: d.consumer_id.clone(),
+                    text: text.clone(),
+                    handoff_id: handoff_id.to_owned(),
+                    handoff_config_id: d.handoff_config_id.clone(),
+                    skill_id: decision.skill_id.clone(),
+                    ..Default::default()
+                })
+                .await;
+            let mut attempt = Attempt {
+                channel: channel.as_str_name().to_owned(),
+                outcome: AttemptOutcome::Failed.as_str_name().to_owned(),
+                message_id,
+                provider_message_id: String::new(),
+                error_code: String::new(),
+                error_message: String::new(),
+                at: Utc::now(),
+            };
+            match result.map(|r| r.into_inner().message.unwrap_or_default()) {
+                Ok(message) if message.stage == FunnelStage::Sent as i32 => {
+                    attempt.outcome = AttemptOutcome::Sent.as_str_name().to_owned();
+                    attempt.provider_message_id = message.provider_message_id;
+                    attempts.push(attempt);
+                    return (attempts, Some((*channel, text.clone())));
+                }
+                Ok(message) => {
+                    attempt.error_code = message.error_code;
+                    attempt.error_message = message.error_message;
+                }
+                Err(status) => {
+                    attempt.error_code = format!("grpc:{:?}", status.code());
+                    attempt.error_message = status.message().to_owned();
+                }
+            }
+            tracing::warn!(
+                handoff_id,
+                channel = channel.as_str_name(),
+                error_code = %attempt.error_code,
+                "channel failed, trying the next"
+            );
+            attempts.push(attempt);
+        }
+        (attempts, None)
+    }
+
+    async fn create(
+        &self,
+        d: Deflection,
+        idempotency_key: String,
+    ) -> Result<StoredHandoff, Status> {
+        let fingerprint = d.fingerprint();
+        let pool = self.db.pool();
+        if let Some((hash, existing)) =
+            store::by_idempotency_key(pool, &d.account_id, &idempotency_key)
+                .await
+                .map_err(db_status)?
+        {
+            return if hash == fingerprint {
+                Ok(existing)
+            } else {
+                Err(status::invalid_field(
+                    "idempotency_key",
+                    format!(
+                        "already used in the last 24 hours by handoff {} with other parameters",
+                        existing.handoff_id
+                    ),
+                ))
+            };
+        }
+
+        // The account's limit, then the decision, which reads the same cached account.
+        let decision_account = self.decide_account(&d.account_id).await?;
+        let limit = decision_account
+            .settings
+            .as_ref()
+            .map_or(30, |s| s.rate_limit_per_second.max(1));
+        match self.limiter.admit(&d.account_id, limit).await {
+            Ok(Admission::Admitted) => {}
+            Ok(Admission::Limited { retry_after }) => {
+                return Err(status::rate_limited(
+                    format!(
+                        "account {} is over its limit of {limit} handoffs per second",
+                        d.account_id
+                    ),
+                    retry_after,
+                ));
+            }
+            // Redis is down: serve rather than refuse every caller (see README, "not done yet").
+            Err(error) => tracing::warn!(%error, "rate limiter unavailable, admitting"),
+        }
+
+        let decision = self.decide(&d).await?;
+        let handoff_id = ids::generate("ho");
+        let (attempts, sent) = if decision.blocked.is_some() {
+            (Vec::new(), None)
+        } else {
+            self.send(&handoff_id, &d, &decision).await
+        };
+        let status = match (decision.blocked, &sent) {
+            (Some(blocked), _) => blocked,
+            (None, Some(_)) => HandoffStatus::Sent,
+            (None, None) => HandoffStatus::Failed,
+        };
+        let now = Utc::now();
+        if let Some((channel, text)) = &sent {
+            let record = pb::RecordDeflectionRequest {
+                account_id: d.account_id.clone(),
+                handoff_id: handoff_id.clone(),
+                consumer_phone: d.consumer_phone.clone(),
+                channel: *channel as i32,
+                skill_id: decision.skill_id.clone(),
+                first_message: text.clone(),
+                engagement_attributes: Some(d.engagement_attributes.clone()),
+                sent_at: Some(c2m_proto::timestamp(now)),
+                handoff_config_id: d.handoff_config_id.clone(),
+                ivr_number: d.ivr_number.clone(),
+            };
+            if let Err(status) = self.peers.routing().record_deflection(record.clone()).await {
+                tracing::warn!(%status, handoff_id, "recording the deflection failed, retrying once");
+                if let Err(status) = self.peers.routing().record_deflection(record).await {
+                    tracing::error!(%status, handoff_id, "deflection not recorded: a reply will not find it");
+                }
+            }
+        }
+        let handoff = StoredHandoff {
+            handoff_id: handoff_id.clone(),
+            account_id: d.account_id.clone(),
+            handoff_config_id: d.handoff_config_id.clone(),
+            consumer_phone: d.consumer_phone.clone(),
+            status,
+            channel: sent.as_ref().map(|(c, _)| *c),
+            skill_id: decision.skill_id.clone(),
+            ivr_call_id: d.ivr_call_id.clone(),
+            ivr_number: d.ivr_number.clone(),
+            attempts,
+            created_at: now,
+        };
+        let event = |stage: FunnelStage, channel: Channel, error_code: String| pb::Event {
+            handoff_id: handoff_id.clone(),
+            handoff_config_id: d.handoff_config_id.clone(),
+            channel: channel as i32,
+            skill_id: decision.skill_id.clone(),
+            ivr_number: d.ivr_number.clone(),
+            error_code,
+            ..outbox::event(&d.account_id, stage)
+        };
+        let outcome_channel = handoff.channel.unwrap_or_else(|| decision.funnel_channel());
+        let error_code = handoff
+            .attempts
+            .last()
+            .filter(|_| status == HandoffStatus::Failed)
+            .map(|a| a.error_code.clone())
+            .unwrap_or_default();
+        let events = [
+            event(
+                FunnelStage::Attempted,
+                decision.funnel_channel(),
+                String::new(),
+            ),
+            event(outcome_stage(status), outcome_channel, error_code),
+        ];
+        match store::save(pool, &handoff, (&idempotency_key, &fingerprint), &events)
+            .await
+            .map_err(db_status)?
+        {
+            Saved::Saved => {
+                self.relay.wake();
+                tracing::info!(
+                    account_id = %handoff.account_id,
+                    handoff_id = %handoff.handoff_id,
+                    consumer = %mask_phone(&handoff.consumer_phone),
+                    status = status.as_str_name(),
+                    channel = handoff.channel.map_or("", |c| c.as_str_name()),
+                    "handoff"
+                );
+                Ok(handoff)
+            }
+            Saved::Raced => store::by_idempotency_key(pool, &d.account_id, &idempotency_key)
+                .await
+                .map_err(db_status)?
+                .map(|(_, winner)| winner)
+                .ok_or_else(|| Status::aborted("a concurrent retry is in flight, retry")),
+        }
+    }
+
+    async fn progress(&self, handoff: &StoredHandoff) -> Option<pb::DeliveryProgress> {
+        let message_id = handoff.sent_message_id()?;
+        let message = self
+            .peers
+            .channel_gateway()
+            .get_message(pb::GetMessageRequest {
+                account_id: handoff.account_id.clone(),
+                message_id: message_id.to_owned(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .message?;
+        Some(pb::DeliveryProgress {
+            sent_at: message.sent_at,
+            stage: message.stage,
+            failed_at: if message.stage == FunnelStage::Failed as i32 {
+                message.updated_at
+            } else {
+                None
+            },
+            ..Default::default()
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl HandoffService for Service {
+    async fn create_handoff(
+        &self,
+        request: Request<pb::CreateHandoffRequest>,
+    ) -> Result<Response<pb::CreateHandoffResponse>, Status> {
+        self.authenticate(request.metadata(), &request.get_ref().account_id)
+            .await?;
+        let (deflection, key) = Deflection::from_create(request.get_ref())?;
+        let handoff = self.create(deflection, key).await?;
+        Ok(Response::new(pb::CreateHandoffResponse {
+            handoff: Some(handoff.to_wire(None)),
+        }))
+    }
+
+    async fn check_eligibility(
+        &self,
+        request: Request<pb::CheckEligibilityRequest>,
+    ) -> Result<Response<pb::CheckEligibilityResponse>, Status> {
+        self.authenticate(request.metadata(), &request.get_ref().account_id)
+            .await?;
+        let deflection = Deflection::from_check(request.get_ref())?;
+        let decision = self.decide(&deflection).await?;
+        Ok(Response::new(pb::CheckEligibilityResponse {
+            eligible: decision.blocked.is_none(),
+            recommended_channel: decision.plan.first().map_or(0, |(c, _)| *c as i32),
+            available_channels: decision.plan.iter().map(|(c, _)| *c as i32).collect(),
+            channels: decision.channels,
+            skill_id: decision.skill_id,
+        }))
+    }
+
+    async fn get_handoff(
+        &self,
+        request: Request<pb::GetHandoffRequest>,
+    ) -> Result<Response<pb::GetHandoffResponse>, Status> {
+        self.authenticate(request.metadata(), &request.get_ref().account_id)
+            .await?;
+        let r = request.into_inner();
+        let handoff = store::load(self.db.pool(), &r.account_id, &r.handoff_id)
+            .await
+            .map_err(db_status)?
+            .ok_or_else(|| Status::not_found(format!("handoff {} not found", r.handoff_id)))?;
+        let progress = self.progress(&handoff).await;
+        Ok(Response::new(pb::GetHandoffResponse {
+            handoff: Some(handoff.to_wire(progress)),
+        }))
+    }
+}

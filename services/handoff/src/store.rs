@@ -1,0 +1,195 @@
+//! Handoffs, their idempotency records and their events, written in one transaction.
+
+use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, HandoffStatus};
+use c2m_storage::outbox;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Row, postgres::PgRow};
+
+/// One channel tried.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub channel: String,
+    pub outcome: String,
+    #[serde(default)]
+    pub message_id: String,
+    #[serde(default)]
+    pub provider_message_id: String,
+    #[serde(default)]
+    pub error_code: String,
+    #[serde(default)]
+    pub error_message: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredHandoff {
+    pub handoff_id: String,
+    pub account_id: String,
+    pub handoff_config_id: String,
+    pub consumer_phone: String,
+    pub status: HandoffStatus,
+    pub channel: Option<Channel>,
+    pub skill_id: String,
+    pub ivr_call_id: String,
+    pub ivr_number: String,
+    pub attempts: Vec<Attempt>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl StoredHandoff {
+    /// The message that was delivered (or is on its way), if any.
+    pub fn sent_message_id(&self) -> Option<&str> {
+        self.attempts
+            .iter()
+            .rev()
+            .find(|a| a.outcome == AttemptOutcome::Sent.as_str_name())
+            .map(|a| a.message_id.as_str())
+    }
+
+    pub fn to_wire(&self, progress: Option<pb::DeliveryProgress>) -> pb::Handoff {
+        pb::Handoff {
+            handoff_id: self.handoff_id.clone(),
+            account_id: self.account_id.clone(),
+            handoff_config_id: self.handoff_config_id.clone(),
+            status: self.status as i32,
+            channel: self.channel.unwrap_or_default() as i32,
+            attempts: self
+                .attempts
+                .iter()
+                .map(|a| pb::ChannelAttempt {
+                    channel: Channel::from_str_name(&a.channel).unwrap_or_default() as i32,
+                    outcome: AttemptOutcome::from_str_name(&a.outcome).unwrap_or_default() as i32,
+                    provider_message_id: a.provider_message_id.clone(),
+                    error_code: a.error_code.clone(),
+                    error_message: a.error_message.clone(),
+                    attempted_at: Some(c2m_proto::timestamp(a.at)),
+                })
+                .collect(),
+            skill_id: self.skill_id.clone(),
+            ivr_call_id: self.ivr_call_id.clone(),
+            consumer_phone_masked: c2m_runtime::mask_phone(&self.consumer_phone),
+            created_at: Some(c2m_proto::timestamp(self.created_at)),
+            progress,
+        }
+    }
+}
+
+const COLUMNS: &str = "handoff_id, account_id, handoff_config_id, consumer_phone, status, channel, \
+    skill_id, ivr_call_id, ivr_number, attempts, created_at";
+
+fn handoff(row: PgRow) -> Result<StoredHandoff, sqlx::Error> {
+    let attempts: serde_json::Value = row.try_get("attempts")?;
+    Ok(StoredHandoff {
+        handoff_id: row.try_get("handoff_id")?,
+        account_id: row.try_get("account_id")?,
+        handoff_config_id: row.try_get("handoff_config_id")?,
+        consumer_phone: row.try_get("consumer_phone")?,
+        status: HandoffStatus::from_str_name(&row.try_get::<String, _>("status")?)
+            .unwrap_or_default(),
+        channel: row
+            .try_get::<Option<String>, _>("channel")?
+            .and_then(|c| Channel::from_str_name(&c)),
+        skill_id: row.try_get("skill_id")?,
+        ivr_call_id: row.try_get("ivr_call_id")?,
+        ivr_number: row.try_get("ivr_number")?,
+        attempts: serde_json::from_value(attempts).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+pub async fn load(
+    pool: &PgPool,
+    account_id: &str,
+    handoff_id: &str,
+) -> Result<Option<StoredHandoff>, sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM handoffs WHERE account_id = $1 AND handoff_id = $2"
+    )))
+    .bind(account_id)
+    .bind(handoff_id)
+    .fetch_optional(pool)
+    .await?
+    .map(handoff)
+    .transpose()
+}
+
+/// The handoff an unexpired idempotency key points at, with the fingerprint it was made with.
+pub async fn by_idempotency_key(
+    pool: &PgPool,
+    account_id: &str,
+    key: &str,
+) -> Result<Option<(Vec<u8>, StoredHandoff)>, sqlx::Error> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT i.request_hash, {} FROM idempotency_keys i JOIN handoffs h USING (handoff_id) \
+         WHERE i.account_id = $1 AND i.idempotency_key = $2 AND i.expires_at > now()",
+        COLUMNS
+            .split(", ")
+            .map(|c| format!("h.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )))
+    .bind(account_id)
+    .bind(key)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|row| Ok((row.try_get("request_hash")?, handoff(row)?)))
+        .transpose()
+}
+
+/// What saving a handoff did.
+#[derive(Debug)]
+pub enum Saved {
+    Saved,
+    /// A concurrent request with the same idempotency key committed first.
+    Raced,
+}
+
+/// Writes the handoff, its idempotency record and its events together.
+pub async fn save(
+    pool: &PgPool,
+    h: &StoredHandoff,
+    idempotency: (&str, &[u8]),
+    events: &[pb::Event],
+) -> Result<Saved, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO handoffs (handoff_id, account_id, handoff_config_id, consumer_phone, status, channel, \
+         skill_id, ivr_call_id, ivr_number, attempts, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(&h.handoff_id)
+    .bind(&h.account_id)
+    .bind(&h.handoff_config_id)
+    .bind(&h.consumer_phone)
+    .bind(h.status.as_str_name())
+    .bind(h.channel.map(|c| c.as_str_name()))
+    .bind(&h.skill_id)
+    .bind(&h.ivr_call_id)
+    .bind(&h.ivr_number)
+    .bind(serde_json::to_value(&h.attempts).map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
+    .bind(h.created_at)
+    .execute(&mut *tx)
+    .await?;
+    let (key, fingerprint) = idempotency;
+    // An expired record of the same key is replaced; a live one means a concurrent twin won.
+    let claimed = sqlx::query(
+        "INSERT INTO idempotency_keys (account_id, idempotency_key, request_hash, handoff_id, expires_at) \
+         VALUES ($1, $2, $3, $4, now() + interval '24 hours') \
+         ON CONFLICT (account_id, idempotency_key) DO UPDATE \
+         SET request_hash = $3, handoff_id = $4, expires_at = now() + interval '24 hours' \
+         WHERE idempotency_keys.expires_at <= now()",
+    )
+    .bind(&h.account_id)
+    .bind(key)
+    .bind(fingerprint)
+    .bind(&h.handoff_id)
+    .execute(&mut *tx)
+    .await?;
+    if claimed.rows_affected() == 0 {
+        return Ok(Saved::Raced);
+    }
+    outbox::enqueue(&mut tx, events).await?;
+    tx.commit().await?;
+    Ok(Saved::Saved)
+}

@@ -1,0 +1,543 @@
+//! The walking skeleton: one SMS deflection travels the whole mesh, from the IVR's call to a
+//! counted reply, driven over gRPC as an IVR, an admin and an operator would, with Twilio
+//! emulated on loopback (its wire format and its signatures).
+
+use std::{collections::BTreeMap, time::Duration};
+
+use crate::story::{Story, Topology, authed, token};
+use c2m::{Role, app};
+use c2m_proto::v1::handoff_service_client::HandoffServiceClient;
+use c2m_proto::v1::{
+    self as pb, Channel, FunnelGrouping, FunnelStage, HandoffStatus, TranscriptDirection,
+    put_provider_credentials_request::Credentials,
+};
+use c2m_runtime::auth::Role as AuthRole;
+use c2m_test_support::eventually_eq;
+use redis::AsyncCommands;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_types::StatusExt;
+
+const TWILIO_SID: &str = "AC0123456789abcdef0123456789abcdef";
+const TWILIO_TOKEN: &str = "twilio-auth-token-for-tests";
+const BRAND_NUMBER: &str = "+14155550100";
+const CALLER: &str = "+14155550123";
+const ANY_PORT: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// An account set up the way the story's operator and admin do it; returns its API key.
+async fn onboard(story: &Story, account_id: &str) -> String {
+    let operator = token(AuthRole::Operator, None);
+    let admin = token(AuthRole::Admin, Some(account_id));
+    let mut config = story.config().await;
+    config
+        .create_account(authed(
+            pb::CreateAccountRequest {
+                account_id: account_id.to_owned(),
+                display_name: format!("{account_id} Inc."),
+                settings: None,
+            },
+            &operator,
+        ))
+        .await
+        .expect("operator creates the account");
+    let account = config
+        .update_account_settings(authed(
+            pb::UpdateAccountSettingsRequest {
+                account_id: account_id.to_owned(),
+                settings: Some(pb::AccountSettings {
+                    deflection_enabled: true,
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("admin enables deflection")
+        .into_inner()
+        .account
+        .expect("account");
+    let settings = account.settings.expect("settings");
+    assert!(settings.deflection_enabled);
+    assert_eq!(settings.rate_limit_per_second, 30, "the default limit");
+
+    let key = config
+        .create_api_key(authed(
+            pb::CreateApiKeyRequest {
+                account_id: account_id.to_owned(),
+                name: "ivr".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("admin creates an api key")
+        .into_inner();
+    assert!(key.plaintext.starts_with("c2m_"));
+    // Stored hashed: the plaintext is nowhere in the database.
+    let mut db = story.db.connect().await;
+    let hits: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM config.api_keys WHERE key_hash = convert_to($1, 'UTF8') OR prefix = $1",
+    )
+    .bind(&key.plaintext)
+    .fetch_one(&mut db)
+    .await
+    .expect("query");
+    assert_eq!(hits, 0, "the plaintext key is not stored");
+
+    config
+        .create_handoff_config(authed(
+            pb::CreateHandoffConfigRequest {
+                account_id: account_id.to_owned(),
+                config: Some(pb::HandoffConfig {
+                    handoff_config_id: "billing".to_owned(),
+                    name: "Billing queue".to_owned(),
+                    skill_id: "billing-agents".to_owned(),
+                    channel_priority: vec![Channel::Sms as i32],
+                    messages: vec![pb::ChannelMessage {
+                        channel: Channel::Sms as i32,
+                        text: "Hi {{first_name}}, text us here about {{topic}}.".to_owned(),
+                    }],
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("admin creates the handoff configuration");
+
+    story.twilio.add_account(TWILIO_SID, TWILIO_TOKEN);
+    story
+        .gateway()
+        .await
+        .put_provider_credentials(authed(
+            pb::PutProviderCredentialsRequest {
+                account_id: account_id.to_owned(),
+                provider: pb::Provider::Twilio as i32,
+                credentials: Some(Credentials::Twilio(pb::TwilioCredentials {
+                    account_sid: TWILIO_SID.to_owned(),
+                    auth_token: TWILIO_TOKEN.to_owned(),
+                    from_number: BRAND_NUMBER.to_owned(),
+                    messaging_service_sid: String::new(),
+                })),
+            },
+            &admin,
+        ))
+        .await
+        .expect("admin stores the twilio credentials");
+    key.plaintext
+}
+
+fn handoff_request(
+    account_id: &str,
+    phone: &str,
+    idempotency_key: &str,
+) -> pb::CreateHandoffRequest {
+    pb::CreateHandoffRequest {
+        account_id: account_id.to_owned(),
+        handoff_config_id: "billing".to_owned(),
+        consumer_phone: phone.to_owned(),
+        idempotency_key: idempotency_key.to_owned(),
+        engagement_attributes: Some(pb::EngagementAttributes {
+            customer_info: Some(pb::CustomerInfo {
+                customer_id: "C-1001".to_owned(),
+                customer_type: "vip".to_owned(),
+                ..Default::default()
+            }),
+            personal_info: Some(pb::PersonalInfo {
+                first_name: "Ada".to_owned(),
+                ..Default::default()
+            }),
+            custom: [("intent".to_owned(), "billing".to_owned())].into(),
+        }),
+        template_variables: [("topic".to_owned(), "your bill".to_owned())].into(),
+        ivr_call_id: "call-1".to_owned(),
+        ..Default::default()
+    }
+}
+
+/// stage name → count, for one group of a funnel.
+async fn funnel(story: &Story, account_id: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let now = chrono::Utc::now();
+    let rows = story
+        .reporting()
+        .await
+        .get_funnel(authed(
+            pb::GetFunnelRequest {
+                account_id: account_id.to_owned(),
+                start_time: Some(c2m_proto::timestamp(now - chrono::Duration::hours(1))),
+                end_time: Some(c2m_proto::timestamp(now + chrono::Duration::hours(1))),
+                group_by: FunnelGrouping::Channel as i32,
+            },
+            &token(AuthRole::Viewer, Some(account_id)),
+        ))
+        .await
+        .expect("funnel")
+        .into_inner()
+        .rows;
+    rows.into_iter()
+        .map(|row| {
+            let counts = row
+                .counts
+                .into_iter()
+                .map(|c| {
+                    (
+                        FunnelStage::try_from(c.stage)
+                            .expect("stage")
+                            .as_str_name()
+                            .to_owned(),
+                        c.count,
+                    )
+                })
+                .collect();
+            (row.group, counts)
+        })
+        .collect()
+}
+
+async fn deflect_and_reply(topology: Topology) {
+    let story = Story::start(topology).await;
+    let api_key = onboard(&story, "acme").await;
+    let mut handoff = story.handoff().await;
+
+    // The IVR deflects the caller.
+    let first = handoff
+        .create_handoff(authed(handoff_request("acme", CALLER, "call-1"), &api_key))
+        .await
+        .expect("handoff accepted")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(first.status, HandoffStatus::Sent as i32);
+    assert_eq!(first.channel, Channel::Sms as i32);
+    assert_eq!(first.skill_id, "billing-agents");
+    assert!(first.handoff_id.starts_with("ho-"));
+    assert_eq!(first.consumer_phone_masked, "+1415*****23");
+
+    // Twilio got the real REST call with the rendered text.
+    let sent = story.twilio.sent();
+    assert_eq!(sent.len(), 1);
+    let sms = &sent[0];
+    assert_eq!(sms.field("To"), CALLER);
+    assert_eq!(sms.field("From"), BRAND_NUMBER);
+    assert_eq!(sms.field("Body"), "Hi Ada, text us here about your bill.");
+    assert_eq!(
+        sms.field("StatusCallback"),
+        format!("{}/webhooks/twilio/acme/status", story.webhooks)
+    );
+
+    // A retry with the same idempotency key returns the same handoff and sends nothing.
+    let retry = handoff
+        .create_handoff(authed(handoff_request("acme", CALLER, "call-1"), &api_key))
+        .await
+        .expect("retry accepted")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(retry.handoff_id, first.handoff_id);
+    assert_eq!(story.twilio.sent().len(), 1);
+
+    // A forged status callback is refused and changes nothing...
+    let (status, _) = story
+        .twilio
+        .send_status(sms, "failed", Some("bm90IHR3aWxpbw=="))
+        .await;
+    assert_eq!(status, 403);
+    // ...a signed one is taken, and taken once however often Twilio retries it.
+    for _ in 0..2 {
+        let (status, _) = story.twilio.send_status(sms, "delivered", None).await;
+        assert_eq!(status, 200);
+    }
+
+    // The consumer replies: routing opens the conversation on the configured skill.
+    let inbound_url = format!("{}/webhooks/twilio/acme/inbound", story.webhooks);
+    let (status, _) = story
+        .twilio
+        .send_inbound(
+            &inbound_url,
+            TWILIO_SID,
+            CALLER,
+            BRAND_NUMBER,
+            "Yes please",
+            Some("Zm9yZ2Vk"),
+        )
+        .await;
+    assert_eq!(status, 403, "a forged inbound message is refused");
+    let (status, body) = story
+        .twilio
+        .send_inbound(
+            &inbound_url,
+            TWILIO_SID,
+            CALLER,
+            BRAND_NUMBER,
+            "Yes please",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<Response>"), "twilio gets TwiML: {body}");
+
+    // The open-conversation lease is in Redis, naming the conversation.
+    let redis = redis::Client::open(story.redis.url()).expect("url");
+    let mut redis = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let lease_key = format!("{}:{{acme}}:conv:{CALLER}", story.redis.prefix());
+    let conversation_id: String = redis.get(&lease_key).await.expect("the lease is held");
+    let conversation = story
+        .routing()
+        .await
+        .get_conversation(authed(
+            pb::GetConversationRequest {
+                account_id: "acme".to_owned(),
+                conversation_id: conversation_id.clone(),
+            },
+            &token(AuthRole::Viewer, Some("acme")),
+        ))
+        .await
+        .expect("conversation")
+        .into_inner()
+        .conversation
+        .expect("conversation");
+    assert_eq!(conversation.skill_id, "billing-agents");
+    assert_eq!(conversation.handoff_id, first.handoff_id);
+    let transcript: Vec<(i32, &str)> = conversation
+        .transcript
+        .iter()
+        .map(|e| (e.direction, e.text.as_str()))
+        .collect();
+    assert_eq!(
+        transcript,
+        [
+            (
+                TranscriptDirection::Outbound as i32,
+                "Hi Ada, text us here about your bill."
+            ),
+            (TranscriptDirection::Inbound as i32, "Yes please"),
+        ]
+    );
+    let attributes = conversation.engagement_attributes.expect("attached");
+    assert_eq!(
+        attributes.customer_info.expect("customer").customer_id,
+        "C-1001"
+    );
+    assert_eq!(attributes.custom["intent"], "billing");
+
+    // A second deflection for the same consumer sends nothing.
+    let second = handoff
+        .create_handoff(authed(handoff_request("acme", CALLER, "call-2"), &api_key))
+        .await
+        .expect("answered")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(second.status, HandoffStatus::SkippedOpenConversation as i32);
+    assert_eq!(story.twilio.sent().len(), 1);
+
+    // Refused requests send nothing and are not counted.
+    let no_key = handoff
+        .create_handoff(tonic::Request::new(handoff_request(
+            "acme",
+            "+14155550124",
+            "call-3",
+        )))
+        .await
+        .expect_err("no key");
+    assert_eq!(no_key.code(), Code::Unauthenticated);
+    let other_key = onboard(&story, "globex").await;
+    let wrong_account = handoff
+        .create_handoff(authed(
+            handoff_request("acme", "+14155550124", "call-4"),
+            &other_key,
+        ))
+        .await
+        .expect_err("another account's key");
+    assert_eq!(wrong_account.code(), Code::PermissionDenied);
+    let bad_phone = handoff
+        .create_handoff(authed(
+            handoff_request("acme", "415-555-0124", "call-5"),
+            &api_key,
+        ))
+        .await
+        .expect_err("malformed phone");
+    assert_eq!(bad_phone.code(), Code::InvalidArgument);
+    let violations = bad_phone
+        .get_details_bad_request()
+        .expect("bad request details")
+        .field_violations;
+    assert_eq!(violations.len(), 1);
+    assert_eq!(violations[0].field, "consumer_phone");
+    assert_eq!(story.twilio.sent().len(), 1);
+
+    // The funnel, by channel.
+    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
+        "CHANNEL_SMS".to_owned(),
+        [
+            ("FUNNEL_STAGE_ATTEMPTED", 2),
+            ("FUNNEL_STAGE_SENT", 1),
+            ("FUNNEL_STAGE_DELIVERED", 1),
+            ("FUNNEL_STAGE_RESPONDED", 1),
+            ("FUNNEL_STAGE_SKIPPED_OPEN_CONVERSATION", 1),
+            ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+    )]
+    .into();
+    eventually_eq(
+        "the funnel to count the journey",
+        Duration::from_secs(10),
+        &expected,
+        || funnel(&story, "acme"),
+    )
+    .await;
+    assert_eq!(
+        funnel(&story, "globex").await,
+        BTreeMap::new(),
+        "nothing counted for globex"
+    );
+
+    // GetHandoff shows the delivery.
+    let got = handoff
+        .get_handoff(authed(
+            pb::GetHandoffRequest {
+                account_id: "acme".to_owned(),
+                handoff_id: first.handoff_id.clone(),
+            },
+            &api_key,
+        ))
+        .await
+        .expect("get")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(
+        got.progress.expect("progress").stage,
+        FunnelStage::Delivered as i32
+    );
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deflection_travels_c2m_dev_from_ivr_call_to_counted_reply() {
+    deflect_and_reply(Topology::Dev).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deflection_travels_separate_servers_from_ivr_call_to_counted_reply() {
+    deflect_and_reply(Topology::Separate).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_rate_limit_holds_across_replicas_and_only_for_that_account() {
+    let story = Story::start(Topology::Dev).await;
+    let acme = onboard(&story, "acme").await;
+    let globex = onboard(&story, "globex").await;
+
+    // A second Handoff replica, sharing the database, Redis and the rest of the mesh.
+    let mut config = story.config.clone();
+    config.peers = story.peers();
+    let replica = app::spawn(ANY_PORT, &[Role::Handoff], config)
+        .await
+        .expect("binds");
+    let replica_channel = crate::grpc::channel(&replica.endpoint()).await;
+    crate::grpc::wait_for_status(
+        &replica_channel,
+        &["c2m.v1.HandoffService"],
+        ServingStatus::Serving,
+    )
+    .await;
+    let replicas = [
+        story.handoff().await,
+        HandoffServiceClient::new(replica_channel),
+    ];
+
+    // Warm both replicas' caches (key, account, configuration) without spending the limit, so the
+    // burst reaches the limiter together.
+    for replica in &replicas {
+        let check = pb::CheckEligibilityRequest {
+            account_id: "acme".to_owned(),
+            handoff_config_id: "billing".to_owned(),
+            consumer_phone: CALLER.to_owned(),
+            template_variables: [
+                ("topic".to_owned(), "x".to_owned()),
+                ("first_name".to_owned(), "x".to_owned()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let answer = replica
+            .clone()
+            .check_eligibility(authed(check, &acme))
+            .await
+            .expect("eligibility")
+            .into_inner();
+        assert!(answer.eligible);
+        assert_eq!(answer.recommended_channel, Channel::Sms as i32);
+    }
+    assert!(
+        story.twilio.sent().is_empty(),
+        "checking eligibility sends nothing"
+    );
+
+    // 40 callers of one account at once, spread over both replicas.
+    let calls = (0..40).map(|i| {
+        let mut client = replicas[i % 2].clone();
+        let request = handoff_request(
+            "acme",
+            &format!("+1415555{:04}", 2000 + i),
+            &format!("burst-{i}"),
+        );
+        let key = acme.clone();
+        async move { client.create_handoff(authed(request, &key)).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    let limited: Vec<&tonic::Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!((accepted, limited.len()), (30, 10), "{limited:?}");
+    for status in &limited {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let retry = status
+            .get_details_retry_info()
+            .and_then(|r| r.retry_delay)
+            .expect("RetryInfo with a delay");
+        assert!(
+            retry > Duration::ZERO && retry <= Duration::from_secs(1),
+            "{retry:?}"
+        );
+    }
+    assert_eq!(story.twilio.sent().len(), 30, "only admitted handoffs send");
+
+    // Another account is not slowed by acme's burst.
+    let other = replicas[1]
+        .clone()
+        .create_handoff(authed(
+            handoff_request("globex", CALLER, "globex-1"),
+            &globex,
+        ))
+        .await
+        .expect("globex is under its own limit")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(other.status, HandoffStatus::Sent as i32);
+
+    // Rejected handoffs were never attempted.
+    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
+        "CHANNEL_SMS".to_owned(),
+        [
+            ("FUNNEL_STAGE_ATTEMPTED".to_owned(), 30),
+            ("FUNNEL_STAGE_SENT".to_owned(), 30),
+        ]
+        .into(),
+    )]
+    .into();
+    eventually_eq("acme's funnel", Duration::from_secs(10), &expected, || {
+        funnel(&story, "acme")
+    })
+    .await;
+
+    replica.stop().await.expect("drains cleanly");
+    story.stop().await;
+}

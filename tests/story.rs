@@ -1,0 +1,192 @@
+//! A whole c2m on ephemeral ports, as `c2m dev` or as five separate servers, with a Twilio
+//! emulator, and clients carrying the credentials an IVR, an admin and an operator would.
+
+use std::{net::SocketAddr, time::Duration};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use c2m::{
+    Config, Role,
+    app::{self, Running},
+};
+use c2m_channel_gateway::GatewaySettings;
+use c2m_proto::v1::{
+    channel_gateway_service_client::ChannelGatewayServiceClient,
+    config_service_client::ConfigServiceClient, handoff_service_client::HandoffServiceClient,
+    reporting_service_client::ReportingServiceClient, routing_service_client::RoutingServiceClient,
+};
+use c2m_runtime::{
+    ServerSettings,
+    auth::{Role as AuthRole, TokenKey},
+    peers::PeerSettings,
+};
+use c2m_test_support::{TestDatabase, TestRedis, TwilioEmulator, free_port};
+use tokio::net::TcpListener;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::grpc::{self, ALL_SERVICES};
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// `c2m dev`: every service on one address.
+    Dev,
+    /// `c2m serve <role>` five times: each service on its own address, calling the others.
+    Separate,
+}
+
+pub struct Story {
+    pub db: TestDatabase,
+    pub redis: TestRedis,
+    pub twilio: TwilioEmulator,
+    pub config: Config,
+    pub servers: Vec<Running>,
+    endpoints: [String; 5],
+    pub webhooks: String,
+}
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+impl Story {
+    pub async fn start(topology: Topology) -> Self {
+        let (db, redis, twilio) = (
+            TestDatabase::create().await,
+            TestRedis::new().await,
+            TwilioEmulator::start().await,
+        );
+        let webhooks_port = free_port();
+        let webhooks = format!("http://127.0.0.1:{webhooks_port}");
+        let mut config = Config {
+            database: db.settings(),
+            redis: redis.settings(),
+            server: ServerSettings {
+                health_interval_ms: 50,
+                grace_period_secs: 1,
+                ..ServerSettings::default()
+            },
+            channel_gateway: GatewaySettings {
+                public_url: webhooks.clone(),
+                credentials_key: STANDARD.encode([42u8; 32]),
+                twilio_api_base: twilio.base_url().to_owned(),
+                ..GatewaySettings::default()
+            },
+            ..Config::default()
+        };
+        config.auth.token_secret = SECRET.to_owned();
+        config.listen.webhooks = SocketAddr::from(([127, 0, 0, 1], webhooks_port));
+
+        let (servers, endpoints) = match topology {
+            Topology::Dev => {
+                let server = app::spawn(any_port(), &Role::ALL, config.clone())
+                    .await
+                    .expect("binds");
+                let endpoint = server.endpoint();
+                (vec![server], std::array::from_fn(|_| endpoint.clone()))
+            }
+            Topology::Separate => {
+                let mut listeners = Vec::new();
+                for _ in Role::ALL {
+                    listeners.push(TcpListener::bind(any_port()).await.expect("binds"));
+                }
+                let urls: Vec<String> = listeners
+                    .iter()
+                    .map(|l| format!("http://{}", l.local_addr().expect("addr")))
+                    .collect();
+                config.peers = PeerSettings {
+                    handoff: urls[0].clone(),
+                    routing: urls[1].clone(),
+                    channel_gateway: urls[2].clone(),
+                    config: urls[3].clone(),
+                    reporting: urls[4].clone(),
+                    ..PeerSettings::default()
+                };
+                let servers = listeners
+                    .into_iter()
+                    .zip(Role::ALL)
+                    .map(|(listener, role)| {
+                        app::spawn_on(listener, &[role], config.clone()).expect("serves")
+                    })
+                    .collect();
+                (servers, std::array::from_fn(|i| urls[i].clone()))
+            }
+        };
+        for (endpoint, service) in endpoints.iter().zip(ALL_SERVICES) {
+            let channel = grpc::channel(endpoint).await;
+            grpc::wait_for_status(&channel, &[service], ServingStatus::Serving).await;
+        }
+        Self {
+            db,
+            redis,
+            twilio,
+            config,
+            servers,
+            endpoints,
+            webhooks,
+        }
+    }
+
+    async fn channel(&self, i: usize) -> Channel {
+        grpc::channel(&self.endpoints[i]).await
+    }
+
+    pub async fn handoff(&self) -> HandoffServiceClient<Channel> {
+        HandoffServiceClient::new(self.channel(0).await)
+    }
+
+    pub async fn routing(&self) -> RoutingServiceClient<Channel> {
+        RoutingServiceClient::new(self.channel(1).await)
+    }
+
+    pub async fn gateway(&self) -> ChannelGatewayServiceClient<Channel> {
+        ChannelGatewayServiceClient::new(self.channel(2).await)
+    }
+
+    pub async fn config(&self) -> ConfigServiceClient<Channel> {
+        ConfigServiceClient::new(self.channel(3).await)
+    }
+
+    pub async fn reporting(&self) -> ReportingServiceClient<Channel> {
+        ReportingServiceClient::new(self.channel(4).await)
+    }
+
+    /// Where the c2m services of this story can be reached by another replica.
+    pub fn peers(&self) -> PeerSettings {
+        PeerSettings {
+            handoff: self.endpoints[0].clone(),
+            routing: self.endpoints[1].clone(),
+            channel_gateway: self.endpoints[2].clone(),
+            config: self.endpoints[3].clone(),
+            reporting: self.endpoints[4].clone(),
+            ..PeerSettings::default()
+        }
+    }
+
+    pub async fn stop(self) {
+        for server in self.servers {
+            server.stop().await.expect("drains cleanly");
+        }
+    }
+}
+
+/// A console or operator token signed with the story's secret.
+pub fn token(role: AuthRole, account_id: Option<&str>) -> String {
+    TokenKey::new(SECRET.as_bytes()).user_token(
+        "tester",
+        role,
+        account_id,
+        Duration::from_secs(3600),
+    )
+}
+
+/// `message` with `authorization: Bearer <credential>`.
+pub fn authed<T>(message: T, credential: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {credential}").parse().expect("ascii"),
+    );
+    request
+}
