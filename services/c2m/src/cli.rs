@@ -52,6 +52,29 @@ pub enum Command {
     },
     /// Print the effective configuration, with secrets masked, and exit.
     Config,
+    /// Print a signed token for the console or an operator (needs `auth.token_secret`).
+    Token {
+        /// `operator` acts on every account; `admin`, `editor` and `viewer` on `--account`.
+        #[arg(long, value_enum)]
+        role: TokenRole,
+        /// The account an admin, editor or viewer belongs to.
+        #[arg(long, value_name = "ID")]
+        account: Option<String>,
+        /// Who the token is for, as the audit log will name them.
+        #[arg(long, default_value = "cli")]
+        subject: String,
+        /// Hours until the token expires.
+        #[arg(long, default_value_t = 12)]
+        ttl_hours: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TokenRole {
+    Operator,
+    Admin,
+    Editor,
+    Viewer,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

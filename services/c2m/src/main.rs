@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use c2m::{
     Config, Role, app,
-    cli::{Cli, Command},
+    cli::{Cli, Command, TokenRole},
 };
 use std::time::Duration;
 
@@ -27,6 +27,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Command::Token {
+        role,
+        account,
+        subject,
+        ttl_hours,
+    } = &cli.command
+    {
+        return print_token(&config, *role, account.as_deref(), subject, *ttl_hours);
+    }
     if let Command::Serve { role, .. } = &cli.command {
         if config.auth.token_secret.is_empty() {
             eprintln!(
@@ -75,6 +84,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             app::migrate(&roles, &config).await?;
             return Ok(());
         }
+        Command::Token { .. } => return Ok(()),
         Command::Config => {
             print!("{}", config.to_masked_toml());
             return Ok(());
@@ -109,4 +119,42 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
     tokio::spawn(shutdown::cancel_on_signal(token.clone()));
     app::serve(listener, &roles, &config, token).await?;
     Ok(())
+}
+
+fn print_token(
+    config: &Config,
+    role: TokenRole,
+    account: Option<&str>,
+    subject: &str,
+    ttl_hours: u64,
+) -> ExitCode {
+    if config.auth.token_secret.is_empty() {
+        eprintln!("c2m: invalid configuration: `auth.token_secret` must be set to sign tokens");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let role = match role {
+        TokenRole::Operator => AuthRole::Operator,
+        TokenRole::Admin => AuthRole::Admin,
+        TokenRole::Editor => AuthRole::Editor,
+        TokenRole::Viewer => AuthRole::Viewer,
+    };
+    match (role, account) {
+        (AuthRole::Operator, Some(_)) => {
+            eprintln!("c2m: an operator token is for every account: drop --account");
+            return ExitCode::from(2);
+        }
+        (AuthRole::Operator, None) | (_, Some(_)) => {}
+        (_, None) => {
+            eprintln!("c2m: an admin, editor or viewer token needs --account");
+            return ExitCode::from(2);
+        }
+    }
+    let token = TokenKey::new(config.auth.token_secret.as_bytes()).user_token(
+        subject,
+        role,
+        account,
+        Duration::from_secs(ttl_hours * 3600),
+    );
+    println!("{token}");
+    ExitCode::SUCCESS
 }

@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use c2m_runtime::auth::{Role as AuthRole, TokenKey};
 use c2m_test_support::{TestDatabase, TestRedis, eventually};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -401,4 +402,61 @@ async fn traces_are_exported_over_otlp_and_continue_the_callers_trace() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn c2m_token_signs_with_the_configured_secret() {
+    let secret = "a-secret-of-at-least-thirty-two-characters";
+    let output = run(
+        &[
+            "token",
+            "--role",
+            "viewer",
+            "--account",
+            "acme",
+            "--subject",
+            "ada",
+        ],
+        &[("C2M_AUTH__TOKEN_SECRET", secret)],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let token = String::from_utf8(output.stdout).expect("utf-8");
+    let claims = TokenKey::new(secret.as_bytes())
+        .verify(token.trim(), std::time::SystemTime::now())
+        .expect("verifies with the same secret");
+    assert_eq!(claims.role, AuthRole::Viewer);
+    assert_eq!(claims.account_id.as_deref(), Some("acme"));
+    assert_eq!(claims.sub, "ada");
+
+    let no_secret = run(&["token", "--role", "operator"], &[]);
+    assert_eq!(no_secret.status.code(), Some(64));
+    let no_account = run(
+        &["token", "--role", "admin"],
+        &[("C2M_AUTH__TOKEN_SECRET", secret)],
+    );
+    assert_eq!(no_account.status.code(), Some(2), "{}", stderr(&no_account));
+}
+
+#[test]
+fn serve_refuses_to_start_without_shared_secrets() {
+    let output = run(&["serve", "config", "--listen", "127.0.0.1:0"], &[]);
+    assert_eq!(output.status.code(), Some(64));
+    assert!(
+        stderr(&output).contains("auth.token_secret"),
+        "{}",
+        stderr(&output)
+    );
+    let output = run(
+        &["serve", "channel-gateway", "--listen", "127.0.0.1:0"],
+        &[(
+            "C2M_AUTH__TOKEN_SECRET",
+            "a-secret-of-at-least-thirty-two-characters",
+        )],
+    );
+    assert_eq!(output.status.code(), Some(64));
+    assert!(
+        stderr(&output).contains("channel_gateway.credentials_key"),
+        "{}",
+        stderr(&output)
+    );
 }

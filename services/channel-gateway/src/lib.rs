@@ -124,7 +124,7 @@ impl Service {
     ) -> Result<Self, GatewayError> {
         let sealer = Sealer::new(&settings.sealing_key().ok_or(GatewayError::Key)?);
         let http = http_client(Duration::from_millis(settings.provider_timeout_ms))?;
-        let relay = Relay::new(db.pool().clone(), peers.clone());
+        let relay = Relay::new(db.clone(), peers.clone());
         Ok(Self {
             db,
             peers,

@@ -52,7 +52,7 @@ impl std::fmt::Debug for Service {
 impl Service {
     pub fn new(db: ServiceDb, redis: RedisHandle, peers: Peers) -> Self {
         Self {
-            relay: Relay::new(db.pool().clone(), peers.clone()),
+            relay: Relay::new(db.clone(), peers.clone()),
             limiter: Limiter::new(redis.clone(), Duration::from_secs(1)),
             api_keys: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
             accounts: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),

@@ -33,7 +33,7 @@ pub struct Service {
 
 impl Service {
     pub fn new(db: ServiceDb, redis: RedisHandle, peers: Peers, key: TokenKey) -> Self {
-        let relay = Relay::new(db.pool().clone(), peers.clone());
+        let relay = Relay::new(db.clone(), peers.clone());
         Self {
             db,
             redis,

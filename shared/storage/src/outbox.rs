@@ -11,7 +11,9 @@ use std::{sync::Arc, time::Duration};
 use c2m_proto::v1::{Event, RecordEventsRequest};
 use c2m_runtime::peers::Peers;
 use prost::Message;
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgConnection;
+
+use crate::postgres::ServiceDb;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -39,15 +41,15 @@ pub async fn enqueue(tx: &mut PgConnection, events: &[Event]) -> Result<(), sqlx
 /// Ships a service's outbox to Reporting.
 #[derive(Debug, Clone)]
 pub struct Relay {
-    pool: PgPool,
+    db: ServiceDb,
     peers: Peers,
     wake: Arc<Notify>,
 }
 
 impl Relay {
-    pub fn new(pool: PgPool, peers: Peers) -> Self {
+    pub fn new(db: ServiceDb, peers: Peers) -> Self {
         Self {
-            pool,
+            db,
             peers,
             wake: Arc::new(Notify::new()),
         }
@@ -88,7 +90,11 @@ impl Relay {
 
     /// Ships one batch; returns how many events left the outbox.
     pub async fn ship_batch(&self) -> Result<usize, RelayError> {
-        let mut tx = self.pool.begin().await?;
+        // Until the health probe has migrated the schema there is no outbox to read.
+        if !self.db.is_migrated() {
+            return Ok(0);
+        }
+        let mut tx = self.db.pool().begin().await?;
         // SKIP LOCKED: replicas share the outbox without shipping the same batch twice at once.
         let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
             "SELECT seq, payload FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",

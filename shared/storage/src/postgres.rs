@@ -113,6 +113,11 @@ impl ServiceDb {
         &self.pool
     }
 
+    /// Whether this process has seen the schema migrated (it has run or checked the migrations).
+    pub fn is_migrated(&self) -> bool {
+        self.migrated.load(Ordering::Acquire)
+    }
+
     pub fn schema(&self) -> &'static str {
         self.schema
     }
