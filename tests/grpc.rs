@@ -49,64 +49,46 @@ pub async fn wait_for_status(channel: &Channel, services: &[&str], status: Servi
     }
 }
 
+/// The services a reflection version lists, sorted: the same request in v1 and v1alpha.
+macro_rules! list_services {
+    ($version:ident, $channel:expr) => {{
+        use $version::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = ServerReflectionClient::new($channel.clone())
+            .server_reflection_info(tokio_stream::once(request))
+            .await
+            .expect(concat!("reflection ", stringify!($version), " answers"))
+            .into_inner();
+        let response = responses
+            .next()
+            .await
+            .expect("one response")
+            .expect("not an error");
+        match response.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+                names.sort();
+                names
+            }
+            other => panic!("expected a service list, got {other:?}"),
+        }
+    }};
+}
+
 /// The services listed by reflection v1, sorted.
 pub async fn reflection_v1(channel: &Channel) -> Vec<String> {
-    use v1::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = ServerReflectionClient::new(channel.clone())
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .expect("reflection v1 answers")
-        .into_inner();
-    let response = responses
-        .next()
-        .await
-        .expect("one response")
-        .expect("not an error");
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-            names.sort();
-            names
-        }
-        other => panic!("expected a service list, got {other:?}"),
-    }
+    list_services!(v1, channel)
 }
 
 /// The services listed by reflection v1alpha (what older grpcurl builds ask), sorted.
 pub async fn reflection_v1alpha(channel: &Channel) -> Vec<String> {
-    use v1alpha::{
-        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = ServerReflectionClient::new(channel.clone())
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .expect("reflection v1alpha answers")
-        .into_inner();
-    let response = responses
-        .next()
-        .await
-        .expect("one response")
-        .expect("not an error");
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
-            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-            names.sort();
-            names
-        }
-        other => panic!("expected a service list, got {other:?}"),
-    }
+    list_services!(v1alpha, channel)
 }
 
 /// Whether reflection can describe `symbol` (a service or message), as grpcurl `describe` does.

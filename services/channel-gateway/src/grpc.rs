@@ -17,16 +17,7 @@ use crate::{
 };
 
 fn db_status(error: sqlx::Error) -> Status {
-    match error {
-        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
-            tracing::warn!(error = %e, "gateway storage unavailable");
-            Status::unavailable("gateway storage unavailable, retry")
-        }
-        e => {
-            tracing::error!(error = %e, "gateway storage failed");
-            Status::internal("gateway storage failed")
-        }
-    }
+    c2m_storage::postgres::db_status("gateway", error)
 }
 
 fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {

@@ -17,14 +17,7 @@ use crate::{
 fn store_status(error: StoreError) -> Status {
     match error {
         StoreError::Conflict(what) => Status::already_exists(format!("{what} already exists")),
-        StoreError::Db(e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_))) => {
-            tracing::warn!(error = %e, "config storage unavailable");
-            Status::unavailable("config storage unavailable, retry")
-        }
-        StoreError::Db(e) => {
-            tracing::error!(error = %e, "config storage failed");
-            Status::internal("config storage failed")
-        }
+        StoreError::Db(e) => c2m_storage::postgres::db_status("config", e),
     }
 }
 

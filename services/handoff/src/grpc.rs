@@ -19,16 +19,7 @@ use crate::{
 };
 
 fn db_status(error: sqlx::Error) -> Status {
-    match error {
-        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
-            tracing::warn!(error = %e, "handoff storage unavailable");
-            Status::unavailable("handoff storage unavailable, retry")
-        }
-        e => {
-            tracing::error!(error = %e, "handoff storage failed");
-            Status::internal("handoff storage failed")
-        }
-    }
+    c2m_storage::postgres::db_status("handoff", error)
 }
 
 fn outcome_stage(status: HandoffStatus) -> FunnelStage {

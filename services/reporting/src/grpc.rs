@@ -17,16 +17,7 @@ use crate::{
 const MAX_EVENTS: usize = 1000;
 
 fn db_status(error: sqlx::Error) -> Status {
-    match error {
-        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
-            tracing::warn!(error = %e, "reporting storage unavailable");
-            Status::unavailable("reporting storage unavailable, retry")
-        }
-        e => {
-            tracing::error!(error = %e, "reporting storage failed");
-            Status::internal("reporting storage failed")
-        }
-    }
+    c2m_storage::postgres::db_status("reporting", error)
 }
 
 fn validate(i: usize, event: &pb::Event, violations: &mut FieldViolations) -> Option<StoredEvent> {

@@ -16,16 +16,7 @@ use crate::{
 const DEFAULT_LOOKBACK_HOURS: u32 = 24;
 
 fn db_status(error: sqlx::Error) -> Status {
-    match error {
-        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => {
-            tracing::warn!(error = %e, "routing storage unavailable");
-            Status::unavailable("routing storage unavailable, retry")
-        }
-        e => {
-            tracing::error!(error = %e, "routing storage failed");
-            Status::internal("routing storage failed")
-        }
-    }
+    c2m_storage::postgres::db_status("routing", error)
 }
 
 fn required(violations: &mut FieldViolations, field: &str, value: &str) {

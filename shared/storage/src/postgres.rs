@@ -262,3 +262,18 @@ impl Probe for DbProbe {
         Box::pin(async move { self.db.check().await.map_err(|e| e.to_string()) })
     }
 }
+
+/// A storage failure as the gRPC status a caller should see: UNAVAILABLE (retry) when the database
+/// cannot be reached, INTERNAL otherwise. Logged here, with the detail the caller does not get.
+pub fn db_status(service: &'static str, error: sqlx::Error) -> tonic::Status {
+    match error {
+        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed) => {
+            tracing::warn!(service, error = %e, "storage unavailable");
+            tonic::Status::unavailable(format!("{service} storage unavailable, retry"))
+        }
+        e => {
+            tracing::error!(service, error = %e, "storage failed");
+            tonic::Status::internal(format!("{service} storage failed"))
+        }
+    }
+}
