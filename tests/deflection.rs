@@ -26,7 +26,7 @@ const ANY_PORT: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 /// An account set up the way the story's operator and admin do it; returns its API key.
-async fn onboard(story: &Story, account_id: &str) -> String {
+pub async fn onboard(story: &Story, account_id: &str) -> String {
     let operator = token(AuthRole::Operator, None);
     let admin = token(AuthRole::Admin, Some(account_id));
     let mut config = story.config().await;
@@ -127,7 +127,7 @@ async fn onboard(story: &Story, account_id: &str) -> String {
     key.plaintext
 }
 
-fn handoff_request(
+pub fn handoff_request(
     account_id: &str,
     phone: &str,
     idempotency_key: &str,
@@ -156,7 +156,7 @@ fn handoff_request(
 }
 
 /// stage name → count, for one group of a funnel.
-async fn funnel(story: &Story, account_id: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
+pub async fn funnel(story: &Story, account_id: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
     let now = chrono::Utc::now();
     let rows = story
         .reporting()

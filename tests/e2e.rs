@@ -3,5 +3,6 @@
 
 mod deflection;
 mod grpc;
+mod handoff_engine;
 mod mesh;
 mod story;

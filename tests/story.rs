@@ -52,6 +52,11 @@ fn any_port() -> SocketAddr {
 
 impl Story {
     pub async fn start(topology: Topology) -> Self {
+        Self::start_with(topology, None).await
+    }
+
+    /// A story whose services use the Redis at `redis_url` (a server of the test's own).
+    pub async fn start_with(topology: Topology, redis_url: Option<String>) -> Self {
         let (db, redis, twilio) = (
             TestDatabase::create().await,
             TestRedis::new().await,
@@ -76,6 +81,9 @@ impl Story {
             ..Config::default()
         };
         config.auth.token_secret = SECRET.to_owned();
+        if let Some(url) = redis_url {
+            config.redis.url = url;
+        }
         config.listen.webhooks = SocketAddr::from(([127, 0, 0, 1], webhooks_port));
 
         let (servers, endpoints) = match topology {

@@ -13,6 +13,8 @@ CREATE TABLE handoffs (
     ivr_number        text NOT NULL DEFAULT '',
     -- Every channel tried, in order: [{channel, outcome, provider_message_id, error_code, at}].
     attempts          jsonb NOT NULL DEFAULT '[]',
+    -- SKIPPED_RECENT_HANDOFF: the handoff that held the consumer's lease.
+    duplicate_of      text,
     created_at        timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX handoffs_by_account_time ON handoffs (account_id, created_at);

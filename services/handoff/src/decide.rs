@@ -83,7 +83,7 @@ impl Service {
         Ok(account)
     }
 
-    async fn handoff_config(
+    pub(crate) async fn handoff_config(
         &self,
         account_id: &str,
         id: &str,
@@ -108,8 +108,13 @@ impl Service {
         Ok(config)
     }
 
-    /// Decides what a deflection would do.
-    pub(crate) async fn decide(&self, d: &Deflection) -> Result<Decision, Status> {
+    /// Decides what a deflection would do. `open_conversation` is what the Redis lease said, when
+    /// it named one: then Routing need not be asked.
+    pub(crate) async fn decide(
+        &self,
+        d: &Deflection,
+        open_conversation: Option<String>,
+    ) -> Result<Decision, Status> {
         let account = self.decide_account(&d.account_id).await?;
         let settings = account.settings.clone().unwrap_or_default();
         if !settings.deflection_enabled {
@@ -141,16 +146,23 @@ impl Service {
             None => priority,
         };
 
-        let consumer = self
-            .peers
-            .routing()
-            .check_consumer(pb::CheckConsumerRequest {
-                account_id: d.account_id.clone(),
-                consumer_phone: d.consumer_phone.clone(),
-            })
-            .await
-            .map_err(|s| upstream("routing", s))?
-            .into_inner();
+        let consumer = match open_conversation {
+            Some(conversation_id) => pb::CheckConsumerResponse {
+                conversation_open: true,
+                conversation_id,
+                opted_out_channels: Vec::new(),
+            },
+            None => self
+                .peers
+                .routing()
+                .check_consumer(pb::CheckConsumerRequest {
+                    account_id: d.account_id.clone(),
+                    consumer_phone: d.consumer_phone.clone(),
+                })
+                .await
+                .map_err(|s| upstream("routing", s))?
+                .into_inner(),
+        };
         let skill_id = self
             .peers
             .routing()

@@ -10,16 +10,31 @@ use chrono::Utc;
 use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
+use std::time::Duration;
+
 use crate::{
     Service,
     decide::Decision,
-    limiter::Admission,
+    gate::{Ask, Passage},
     request::Deflection,
     store::{self, Attempt, Saved, StoredHandoff},
 };
 
 fn db_status(error: sqlx::Error) -> Status {
     c2m_storage::postgres::db_status("handoff", error)
+}
+
+/// A funnel event about a handoff.
+fn event(h: &StoredHandoff, stage: FunnelStage, channel: Channel, error_code: String) -> pb::Event {
+    pb::Event {
+        handoff_id: h.handoff_id.clone(),
+        handoff_config_id: h.handoff_config_id.clone(),
+        channel: channel as i32,
+        skill_id: h.skill_id.clone(),
+        ivr_number: h.ivr_number.clone(),
+        error_code,
+        ..outbox::event(&h.account_id, stage)
+    }
 }
 
 fn outcome_stage(status: HandoffStatus) -> FunnelStage {
@@ -29,6 +44,7 @@ fn outcome_stage(status: HandoffStatus) -> FunnelStage {
         HandoffStatus::RejectedLandline => FunnelStage::RejectedLandline,
         HandoffStatus::RejectedOptedOut => FunnelStage::RejectedOptedOut,
         HandoffStatus::NoEligibleChannel => FunnelStage::NoEligibleChannel,
+        HandoffStatus::SkippedRecentHandoff => FunnelStage::SkippedRecentHandoff,
         HandoffStatus::Failed | HandoffStatus::Unspecified => FunnelStage::Failed,
     }
 }
@@ -133,54 +149,90 @@ impl Service {
         (attempts, None)
     }
 
+    /// The handoff an earlier request with this idempotency key made, if it has committed; an
+    /// error if that request had other parameters.
+    async fn replay(
+        &self,
+        d: &Deflection,
+        key: &str,
+        fingerprint: &[u8],
+    ) -> Result<Option<StoredHandoff>, Status> {
+        match store::by_idempotency_key(self.db.pool(), &d.account_id, key)
+            .await
+            .map_err(db_status)?
+        {
+            Some((hash, existing)) if hash == fingerprint => Ok(Some(existing)),
+            Some((_, existing)) => Err(status::invalid_field(
+                "idempotency_key",
+                format!(
+                    "already used in the last 24 hours by handoff {} with other parameters",
+                    existing.handoff_id
+                ),
+            )),
+            None => Ok(None),
+        }
+    }
+
     async fn create(
         &self,
         d: Deflection,
         idempotency_key: String,
     ) -> Result<StoredHandoff, Status> {
         let fingerprint = d.fingerprint();
-        let pool = self.db.pool();
-        if let Some((hash, existing)) =
-            store::by_idempotency_key(pool, &d.account_id, &idempotency_key)
-                .await
-                .map_err(db_status)?
-        {
-            return if hash == fingerprint {
-                Ok(existing)
-            } else {
-                Err(status::invalid_field(
-                    "idempotency_key",
-                    format!(
-                        "already used in the last 24 hours by handoff {} with other parameters",
-                        existing.handoff_id
-                    ),
-                ))
-            };
+        if let Some(done) = self.replay(&d, &idempotency_key, &fingerprint).await? {
+            return Ok(done);
         }
-
-        // The account's limit, then the decision, which reads the same cached account.
-        let decision_account = self.decide_account(&d.account_id).await?;
-        let limit = decision_account
+        let account = self.decide_account(&d.account_id).await?;
+        let limit = account
             .settings
             .as_ref()
             .map_or(30, |s| s.rate_limit_per_second.max(1));
-        match self.limiter.admit(&d.account_id, limit).await {
-            Ok(Admission::Admitted) => {}
-            Ok(Admission::Limited { retry_after }) => {
-                return Err(status::rate_limited(
-                    format!(
-                        "account {} is over its limit of {limit} handoffs per second",
-                        d.account_id
-                    ),
-                    retry_after,
-                ));
-            }
-            // Redis is down: serve rather than refuse every caller (see README, "not done yet").
-            Err(error) => tracing::warn!(%error, "rate limiter unavailable, admitting"),
-        }
-
-        let decision = self.decide(&d).await?;
         let handoff_id = ids::generate("ho");
+        let ask = Ask {
+            account_id: &d.account_id,
+            handoff_id: &handoff_id,
+            idempotency_key: &idempotency_key,
+            consumer: &d.consumer_phone,
+            limit,
+        };
+        let open_conversation = match self.gate.pass(ask).await {
+            Ok(decision) => match decision.passage {
+                Passage::Admitted { open_conversation } => open_conversation,
+                Passage::Duplicate { handoff_id: first } => {
+                    // The first request with this key is in flight, or has just committed.
+                    return match self.replay(&d, &idempotency_key, &fingerprint).await? {
+                        Some(done) => Ok(done),
+                        None => Err(status::aborted_retry(
+                            format!(
+                                "handoff {first} with this idempotency key is still in progress"
+                            ),
+                            Duration::from_millis(200),
+                        )),
+                    };
+                }
+                Passage::ConsumerBusy { handoff_id: holder } => {
+                    return self
+                        .skip_recent(&d, handoff_id, holder, (&idempotency_key, &fingerprint))
+                        .await;
+                }
+                Passage::Limited { retry_after } => {
+                    return Err(status::rate_limited(
+                        format!(
+                            "account {} is over its limit of {limit} handoffs per second",
+                            d.account_id
+                        ),
+                        retry_after,
+                    ));
+                }
+            },
+            // Redis is down: serve rather than refuse every caller (see README, "not done yet").
+            Err(error) => {
+                tracing::warn!(%error, "redis unavailable on the hot path, admitting");
+                None
+            }
+        };
+
+        let decision = self.decide(&d, open_conversation).await?;
         let (attempts, sent) = if decision.blocked.is_some() {
             (Vec::new(), None)
         } else {
@@ -193,24 +245,8 @@ impl Service {
         };
         let now = Utc::now();
         if let Some((channel, text)) = &sent {
-            let record = pb::RecordDeflectionRequest {
-                account_id: d.account_id.clone(),
-                handoff_id: handoff_id.clone(),
-                consumer_phone: d.consumer_phone.clone(),
-                channel: *channel as i32,
-                skill_id: decision.skill_id.clone(),
-                first_message: text.clone(),
-                engagement_attributes: Some(d.engagement_attributes.clone()),
-                sent_at: Some(c2m_proto::timestamp(now)),
-                handoff_config_id: d.handoff_config_id.clone(),
-                ivr_number: d.ivr_number.clone(),
-            };
-            if let Err(status) = self.peers.routing().record_deflection(record.clone()).await {
-                tracing::warn!(%status, handoff_id, "recording the deflection failed, retrying once");
-                if let Err(status) = self.peers.routing().record_deflection(record).await {
-                    tracing::error!(%status, handoff_id, "deflection not recorded: a reply will not find it");
-                }
-            }
+            self.record_deflection(&d, &handoff_id, &decision.skill_id, *channel, text, now)
+                .await;
         }
         let handoff = StoredHandoff {
             handoff_id: handoff_id.clone(),
@@ -223,18 +259,9 @@ impl Service {
             ivr_call_id: d.ivr_call_id.clone(),
             ivr_number: d.ivr_number.clone(),
             attempts,
+            duplicate_of: None,
             created_at: now,
         };
-        let event = |stage: FunnelStage, channel: Channel, error_code: String| pb::Event {
-            handoff_id: handoff_id.clone(),
-            handoff_config_id: d.handoff_config_id.clone(),
-            channel: channel as i32,
-            skill_id: decision.skill_id.clone(),
-            ivr_number: d.ivr_number.clone(),
-            error_code,
-            ..outbox::event(&d.account_id, stage)
-        };
-        let outcome_channel = handoff.channel.unwrap_or_else(|| decision.funnel_channel());
         let error_code = handoff
             .attempts
             .last()
@@ -243,13 +270,103 @@ impl Service {
             .unwrap_or_default();
         let events = [
             event(
+                &handoff,
                 FunnelStage::Attempted,
                 decision.funnel_channel(),
                 String::new(),
             ),
-            event(outcome_stage(status), outcome_channel, error_code),
+            event(
+                &handoff,
+                outcome_stage(status),
+                handoff.channel.unwrap_or_else(|| decision.funnel_channel()),
+                error_code,
+            ),
         ];
-        match store::save(pool, &handoff, (&idempotency_key, &fingerprint), &events)
+        self.commit(handoff, (&idempotency_key, &fingerprint), &events)
+            .await
+    }
+
+    /// Routing must know what was sent, to open the conversation when the consumer replies.
+    async fn record_deflection(
+        &self,
+        d: &Deflection,
+        handoff_id: &str,
+        skill_id: &str,
+        channel: Channel,
+        text: &str,
+        sent_at: chrono::DateTime<Utc>,
+    ) {
+        let record = pb::RecordDeflectionRequest {
+            account_id: d.account_id.clone(),
+            handoff_id: handoff_id.to_owned(),
+            consumer_phone: d.consumer_phone.clone(),
+            channel: channel as i32,
+            skill_id: skill_id.to_owned(),
+            first_message: text.to_owned(),
+            engagement_attributes: Some(d.engagement_attributes.clone()),
+            sent_at: Some(c2m_proto::timestamp(sent_at)),
+            handoff_config_id: d.handoff_config_id.clone(),
+            ivr_number: d.ivr_number.clone(),
+        };
+        if let Err(status) = self.peers.routing().record_deflection(record.clone()).await {
+            tracing::warn!(%status, handoff_id, "recording the deflection failed, retrying once");
+            if let Err(status) = self.peers.routing().record_deflection(record).await {
+                tracing::error!(%status, handoff_id, "deflection not recorded: a reply will not find it");
+            }
+        }
+    }
+
+    /// Another handoff holds the consumer's lease: record this one as skipped, pointing at it.
+    async fn skip_recent(
+        &self,
+        d: &Deflection,
+        handoff_id: String,
+        holder: String,
+        idempotency: (&str, &[u8]),
+    ) -> Result<StoredHandoff, Status> {
+        let config = self
+            .handoff_config(&d.account_id, &d.handoff_config_id)
+            .await?;
+        let channel = config
+            .channel_priority
+            .first()
+            .and_then(|c| Channel::try_from(*c).ok())
+            .unwrap_or_default();
+        let handoff = StoredHandoff {
+            handoff_id,
+            account_id: d.account_id.clone(),
+            handoff_config_id: d.handoff_config_id.clone(),
+            consumer_phone: d.consumer_phone.clone(),
+            status: HandoffStatus::SkippedRecentHandoff,
+            channel: None,
+            skill_id: d.override_skill_id.clone().unwrap_or(config.skill_id),
+            ivr_call_id: d.ivr_call_id.clone(),
+            ivr_number: d.ivr_number.clone(),
+            attempts: Vec::new(),
+            duplicate_of: Some(holder),
+            created_at: Utc::now(),
+        };
+        let events = [
+            event(&handoff, FunnelStage::Attempted, channel, String::new()),
+            event(
+                &handoff,
+                FunnelStage::SkippedRecentHandoff,
+                channel,
+                String::new(),
+            ),
+        ];
+        self.commit(handoff, idempotency, &events).await
+    }
+
+    /// Writes the handoff with its idempotency record and events; a twin that committed first wins.
+    async fn commit(
+        &self,
+        handoff: StoredHandoff,
+        idempotency: (&str, &[u8]),
+        events: &[pb::Event],
+    ) -> Result<StoredHandoff, Status> {
+        let pool = self.db.pool();
+        match store::save(pool, &handoff, idempotency, events)
             .await
             .map_err(db_status)?
         {
@@ -259,13 +376,13 @@ impl Service {
                     account_id = %handoff.account_id,
                     handoff_id = %handoff.handoff_id,
                     consumer = %mask_phone(&handoff.consumer_phone),
-                    status = status.as_str_name(),
+                    status = handoff.status.as_str_name(),
                     channel = handoff.channel.map_or("", |c| c.as_str_name()),
                     "handoff"
                 );
                 Ok(handoff)
             }
-            Saved::Raced => store::by_idempotency_key(pool, &d.account_id, &idempotency_key)
+            Saved::Raced => store::by_idempotency_key(pool, &handoff.account_id, idempotency.0)
                 .await
                 .map_err(db_status)?
                 .map(|(_, winner)| winner)
@@ -321,7 +438,7 @@ impl HandoffService for Service {
         self.authenticate(request.metadata(), &request.get_ref().account_id)
             .await?;
         let deflection = Deflection::from_check(request.get_ref())?;
-        let decision = self.decide(&deflection).await?;
+        let decision = self.decide(&deflection, None).await?;
         Ok(Response::new(pb::CheckEligibilityResponse {
             eligible: decision.blocked.is_none(),
             recommended_channel: decision.plan.first().map_or(0, |(c, _)| *c as i32),

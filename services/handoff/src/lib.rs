@@ -6,8 +6,8 @@
 #![forbid(unsafe_code)]
 
 mod decide;
+pub mod gate;
 mod grpc;
-pub mod limiter;
 pub mod render;
 mod request;
 mod store;
@@ -19,13 +19,17 @@ use c2m_runtime::{Component, cache::TtlCache, peers::Peers};
 use c2m_storage::{RedisHandle, ServiceDb, outbox::Relay};
 use sqlx::migrate::Migrator;
 
-use crate::limiter::Limiter;
+use crate::gate::Gate;
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "handoff";
 
 /// This service's migrations (`migrations/`), applied at start or by `c2m migrate`.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// How long a handoff holds its consumer: another handoff for the same consumer inside it sends
+/// nothing (`HANDOFF_STATUS_SKIPPED_RECENT_HANDOFF`).
+const CONSUMER_LEASE: Duration = Duration::from_secs(10);
 
 /// How long configuration read from Config is trusted on the hot path.
 const CONFIG_TTL: Duration = Duration::from_secs(5);
@@ -37,7 +41,7 @@ pub struct Service {
     redis: RedisHandle,
     peers: Peers,
     relay: Relay,
-    limiter: Limiter,
+    gate: Gate,
     api_keys: Arc<TtlCache<[u8; 32], String>>,
     accounts: Arc<TtlCache<String, pb::Account>>,
     configs: Arc<TtlCache<(String, String), pb::HandoffConfig>>,
@@ -53,7 +57,7 @@ impl Service {
     pub fn new(db: ServiceDb, redis: RedisHandle, peers: Peers) -> Self {
         Self {
             relay: Relay::new(db.clone(), peers.clone()),
-            limiter: Limiter::new(redis.clone(), Duration::from_secs(1)),
+            gate: Gate::new(redis.clone(), Duration::from_secs(1), CONSUMER_LEASE),
             api_keys: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
             accounts: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             configs: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),

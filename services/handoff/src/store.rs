@@ -34,6 +34,7 @@ pub struct StoredHandoff {
     pub ivr_call_id: String,
     pub ivr_number: String,
     pub attempts: Vec<Attempt>,
+    pub duplicate_of: Option<String>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -71,12 +72,13 @@ impl StoredHandoff {
             consumer_phone_masked: c2m_runtime::mask_phone(&self.consumer_phone),
             created_at: Some(c2m_proto::timestamp(self.created_at)),
             progress,
+            duplicate_of: self.duplicate_of.clone().unwrap_or_default(),
         }
     }
 }
 
 const COLUMNS: &str = "handoff_id, account_id, handoff_config_id, consumer_phone, status, channel, \
-    skill_id, ivr_call_id, ivr_number, attempts, created_at";
+    skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at";
 
 fn handoff(row: PgRow) -> Result<StoredHandoff, sqlx::Error> {
     let attempts: serde_json::Value = row.try_get("attempts")?;
@@ -94,6 +96,7 @@ fn handoff(row: PgRow) -> Result<StoredHandoff, sqlx::Error> {
         ivr_call_id: row.try_get("ivr_call_id")?,
         ivr_number: row.try_get("ivr_number")?,
         attempts: serde_json::from_value(attempts).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        duplicate_of: row.try_get("duplicate_of")?,
         created_at: row.try_get("created_at")?,
     })
 }
@@ -155,8 +158,8 @@ pub async fn save(
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO handoffs (handoff_id, account_id, handoff_config_id, consumer_phone, status, channel, \
-         skill_id, ivr_call_id, ivr_number, attempts, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&h.handoff_id)
     .bind(&h.account_id)
@@ -168,6 +171,7 @@ pub async fn save(
     .bind(&h.ivr_call_id)
     .bind(&h.ivr_number)
     .bind(serde_json::to_value(&h.attempts).map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
+    .bind(&h.duplicate_of)
     .bind(h.created_at)
     .execute(&mut *tx)
     .await?;

@@ -26,23 +26,15 @@ fn required(violations: &mut FieldViolations, field: &str, value: &str) {
 }
 
 impl Service {
-    /// The open conversation of a consumer: the Redis lease first, PostgreSQL (the truth) when
-    /// the lease is missing or Redis is down.
+    /// The open conversation of a consumer, from PostgreSQL (the truth). Handoff reads the Redis
+    /// lease in its own round trip and only asks here when the lease is absent; finding an open
+    /// conversation here then means Redis lost the lease, so it is written back.
     async fn open_conversation(
         &self,
         account_id: &str,
         consumer: &str,
     ) -> Result<Option<String>, Status> {
-        let key = self.lease_key(account_id, consumer);
-        match self.redis.connection().await {
-            Ok(mut redis) => match redis.get::<_, Option<String>>(&key).await {
-                Ok(Some(conversation_id)) => return Ok(Some(conversation_id)),
-                Ok(None) => {}
-                Err(error) => tracing::warn!(%error, "redis lease lookup failed, asking postgres"),
-            },
-            Err(error) => tracing::warn!(%error, "redis unavailable, asking postgres"),
-        }
-        sqlx::query_scalar(
+        let open: Option<String> = sqlx::query_scalar(
             "SELECT conversation_id FROM conversations \
              WHERE account_id = $1 AND consumer_address = $2 AND closed_at IS NULL",
         )
@@ -50,7 +42,12 @@ impl Service {
         .bind(consumer)
         .fetch_optional(self.db.pool())
         .await
-        .map_err(db_status)
+        .map_err(db_status)?;
+        if let Some(conversation_id) = &open {
+            self.set_lease(account_id, consumer, Some(conversation_id))
+                .await;
+        }
+        Ok(open)
     }
 
     async fn set_lease(&self, account_id: &str, consumer: &str, conversation_id: Option<&str>) {

@@ -62,3 +62,10 @@ pub fn rate_limited(message: impl Into<String>, retry_after: Duration) -> Status
     details.set_retry_info(Some(retry_after));
     Status::with_error_details(Code::ResourceExhausted, message, details)
 }
+
+/// ABORTED (a concurrency conflict) telling the caller when to retry.
+pub fn aborted_retry(message: impl Into<String>, retry_after: Duration) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_retry_info(Some(retry_after));
+    Status::with_error_details(Code::Aborted, message, details)
+}

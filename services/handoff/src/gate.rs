@@ -1,0 +1,132 @@
+//! The hot path's one Redis round trip: a single script (EVALSHA, reloaded after NOSCRIPT) that
+//! claims the idempotency key, takes the consumer's handoff lease, applies the account's rate
+//! limit and reads the consumer's open-conversation lease. Every key carries the account as its
+//! hash tag, so the script runs on Redis Cluster.
+//!
+//! The rate limit is an exact sliding window: each admitted handoff is a member of a sorted set
+//! scored by the Redis server's clock in microseconds; the script drops members older than the
+//! window and admits only while fewer than `limit` remain. No window of that length, wherever it
+//! starts, holds more than `limit` admissions (a fixed window admits twice the limit across its
+//! edge), and replicas with skewed clocks agree because only the server's clock counts.
+
+use std::time::Duration;
+
+use c2m_storage::RedisHandle;
+
+const SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local seen = redis.call('GET', KEYS[2])
+if seen then return {2, now, seen} end
+local conversation = redis.call('GET', KEYS[4])
+if not conversation then
+  local holder = redis.call('GET', KEYS[3])
+  if holder then return {3, now, holder} end
+end
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, now, tostring(tonumber(oldest[2]) + window - now)}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+if conversation then return {1, now, conversation} end
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
+return {1, now, ''}
+";
+
+/// What the gate decided for one handoff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Passage {
+    /// Admitted; the consumer's open conversation, if the lease names one.
+    Admitted { open_conversation: Option<String> },
+    /// The idempotency key was claimed before by this handoff (in flight or done).
+    Duplicate { handoff_id: String },
+    /// Another handoff holds this consumer's lease.
+    ConsumerBusy { handoff_id: String },
+    /// Over the account's limit: a slot frees after `retry_after`.
+    Limited { retry_after: Duration },
+}
+
+/// One gate decision, with the Redis server's time it was made at (microseconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub passage: Passage,
+    pub at_us: i64,
+}
+
+/// What one handoff asks the gate.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub account_id: &'a str,
+    pub handoff_id: &'a str,
+    pub idempotency_key: &'a str,
+    pub consumer: &'a str,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Gate {
+    redis: RedisHandle,
+    script: redis::Script,
+    window: Duration,
+    idempotency_ttl: Duration,
+    consumer_lease: Duration,
+}
+
+impl Gate {
+    pub fn new(redis: RedisHandle, window: Duration, consumer_lease: Duration) -> Self {
+        Self {
+            redis,
+            script: redis::Script::new(SCRIPT),
+            window,
+            // PostgreSQL keeps idempotency records for 24 hours; Redis only has to cover the
+            // moments before the first request commits.
+            idempotency_ttl: Duration::from_secs(60),
+            consumer_lease,
+        }
+    }
+
+    /// The Redis key of the open-conversation lease Routing holds for a consumer.
+    pub fn conversation_key(&self, account_id: &str, consumer: &str) -> String {
+        self.redis
+            .account_key(account_id, &format!("conv:{consumer}"))
+    }
+
+    /// One round trip: `EVALSHA`, or `EVAL` once after the script cache was emptied.
+    pub async fn pass(&self, ask: Ask<'_>) -> redis::RedisResult<Decision> {
+        let mut connection = self.redis.connection().await?;
+        let (code, at_us, value): (i64, i64, String) = self
+            .script
+            .key(self.redis.account_key(ask.account_id, "rl"))
+            .key(
+                self.redis
+                    .account_key(ask.account_id, &format!("idem:{}", ask.idempotency_key)),
+            )
+            .key(
+                self.redis
+                    .account_key(ask.account_id, &format!("lease:{}", ask.consumer)),
+            )
+            .key(self.conversation_key(ask.account_id, ask.consumer))
+            .arg(ask.limit)
+            .arg(self.window.as_micros() as u64)
+            .arg(ask.handoff_id)
+            .arg(self.idempotency_ttl.as_millis() as u64)
+            .arg(self.consumer_lease.as_millis() as u64)
+            .invoke_async(&mut connection)
+            .await?;
+        let passage = match code {
+            1 => Passage::Admitted {
+                open_conversation: Some(value).filter(|v| !v.is_empty()),
+            },
+            2 => Passage::Duplicate { handoff_id: value },
+            3 => Passage::ConsumerBusy { handoff_id: value },
+            _ => Passage::Limited {
+                retry_after: Duration::from_micros(value.parse::<u64>().unwrap_or(1).max(1)),
+            },
+        };
+        Ok(Decision { passage, at_us })
+    }
+}

@@ -1,0 +1,235 @@
+//! The handoff hot path under contention: concurrent duplicates send once, one consumer gets one
+//! message, an idempotency key cannot be reused for another request, and each handoff costs
+//! exactly one Redis round trip.
+
+use std::time::Duration;
+
+use c2m_proto::v1::HandoffStatus;
+use c2m_test_support::RedisServer;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::{
+    deflection::{handoff_request, onboard},
+    story::{Story, Topology, authed},
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_duplicates_send_once_and_all_learn_the_same_handoff() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let handoff = story.handoff().await;
+    let calls = (0..8).map(|_| {
+        let mut client = handoff.clone();
+        let key = key.clone();
+        async move {
+            // An IVR retries ABORTED after the delay the error carries.
+            loop {
+                match client
+                    .create_handoff(authed(
+                        handoff_request("acme", "+14155550150", "dup-1"),
+                        &key,
+                    ))
+                    .await
+                {
+                    Ok(answer) => return answer.into_inner().handoff.expect("handoff"),
+                    Err(status) if status.code() == Code::Aborted => {
+                        let wait = status
+                            .get_details_retry_info()
+                            .and_then(|r| r.retry_delay)
+                            .expect("ABORTED carries RetryInfo");
+                        tokio::time::sleep(wait).await;
+                    }
+                    Err(status) => panic!("unexpected {status:?}"),
+                }
+            }
+        }
+    });
+    let answers = futures::future::join_all(calls).await;
+    assert_eq!(story.twilio.sent().len(), 1, "exactly one message");
+    assert!(
+        answers
+            .iter()
+            .all(|h| h.handoff_id == answers[0].handoff_id)
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|h| h.status == HandoffStatus::Sent as i32)
+    );
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_consumer_called_twice_at_once_gets_one_message() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let handoff = story.handoff().await;
+    let calls = ["ivr-a", "ivr-b"].map(|idempotency_key| {
+        let mut client = handoff.clone();
+        let key = key.clone();
+        async move {
+            client
+                .create_handoff(authed(
+                    handoff_request("acme", "+14155550160", idempotency_key),
+                    &key,
+                ))
+                .await
+                .expect("answered")
+                .into_inner()
+                .handoff
+                .expect("handoff")
+        }
+    });
+    let [a, b] = futures::future::join_all(calls)
+        .await
+        .try_into()
+        .expect("two answers");
+    assert_eq!(story.twilio.sent().len(), 1, "one consumer, one message");
+    let (sent, skipped) = if a.status == HandoffStatus::Sent as i32 {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert_eq!(sent.status, HandoffStatus::Sent as i32);
+    assert_eq!(skipped.status, HandoffStatus::SkippedRecentHandoff as i32);
+    assert_eq!(skipped.duplicate_of, sent.handoff_id);
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_reused_for_another_request_is_refused_naming_it() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let mut handoff = story.handoff().await;
+    handoff
+        .create_handoff(authed(
+            handoff_request("acme", "+14155550170", "reused"),
+            &key,
+        ))
+        .await
+        .expect("first");
+    let mut other = handoff_request("acme", "+14155550171", "reused");
+    other
+        .template_variables
+        .insert("topic".into(), "your order".into());
+    let refused = handoff
+        .create_handoff(authed(other, &key))
+        .await
+        .expect_err("another request under the same key");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let violations = refused
+        .get_details_bad_request()
+        .expect("details")
+        .field_violations;
+    assert_eq!(violations[0].field, "idempotency_key");
+    assert_eq!(story.twilio.sent().len(), 1);
+    story.stop().await;
+}
+
+/// Every command clients send to a Redis server, as MONITOR shows them (commands a script runs
+/// inside Redis are marked `lua` and left out).
+struct Monitor {
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Monitor {
+    async fn start(port: u16) -> Self {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connects");
+        stream.write_all(b"MONITOR\r\n").await.expect("writes");
+        let mut reader = BufReader::new(stream);
+        let mut ok = String::new();
+        reader.read_line(&mut ok).await.expect("reads");
+        assert_eq!(ok.trim(), "+OK");
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let mut line = String::new();
+            while reader.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+                if !line.contains("[0 lua]") && tx.send(line.trim().to_owned()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+        });
+        Self { lines, _task: task }
+    }
+
+    /// The client commands (names, lowercased; health probes left out) seen before `sentinel`
+    /// arrives. Redis shows commands in the order it runs them, so once the sentinel is seen,
+    /// everything sent before it has been too.
+    async fn commands_before(&mut self, sentinel: &str) -> Vec<String> {
+        let mut seen = Vec::new();
+        loop {
+            let line = tokio::time::timeout(Duration::from_secs(10), self.lines.recv())
+                .await
+                .expect("the sentinel shows up within 10 s")
+                .expect("monitor open");
+            if line.contains(sentinel) {
+                return seen;
+            }
+            // +1700000000.123456 [0 127.0.0.1:40000] "evalsha" "…" …
+            let command = line
+                .split(']')
+                .nth(1)
+                .and_then(|rest| rest.trim().split('"').nth(1))
+                .unwrap_or_default()
+                .to_lowercase();
+            if command != "ping" {
+                seen.push(command);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_costs_exactly_one_redis_round_trip() {
+    let redis = RedisServer::start();
+    let story = Story::start_with(Topology::Dev, Some(redis.url())).await;
+    let key = onboard(&story, "acme").await;
+    let mut handoff = story.handoff().await;
+    // The first handoff loads the script (EVALSHA, NOSCRIPT, then EVAL).
+    handoff
+        .create_handoff(authed(
+            handoff_request("acme", "+14155550180", "warm"),
+            &key,
+        ))
+        .await
+        .expect("warm-up");
+
+    let mut monitor = Monitor::start(redis.port()).await;
+    for i in 0..5 {
+        let answer = handoff
+            .create_handoff(authed(
+                handoff_request("acme", &format!("+1415555019{i}"), &format!("rt-{i}")),
+                &key,
+            ))
+            .await
+            .expect("handoff")
+            .into_inner()
+            .handoff
+            .expect("handoff");
+        assert_eq!(answer.status, HandoffStatus::Sent as i32);
+    }
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connects");
+    let _: String = redis::cmd("ECHO")
+        .arg("c2m-sentinel")
+        .query_async(&mut connection)
+        .await
+        .expect("echo");
+    let commands = monitor.commands_before("c2m-sentinel").await;
+    assert_eq!(
+        commands,
+        vec!["evalsha"; 5],
+        "client commands for five handoffs"
+    );
+    story.stop().await;
+    drop(redis);
+}
