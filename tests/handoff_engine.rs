@@ -5,14 +5,15 @@
 use std::time::Duration;
 
 use c2m_proto::v1::HandoffStatus;
-use c2m_test_support::RedisServer;
+use c2m_test_support::{RedisServer, eventually};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
 use crate::{
     deflection::{handoff_request, onboard},
-    story::{Story, Topology, authed},
+    story::{Options, Story, Topology, authed},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,7 +189,14 @@ impl Monitor {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_costs_exactly_one_redis_round_trip() {
     let redis = RedisServer::start();
-    let story = Story::start_with(Topology::Dev, Some(redis.url())).await;
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            redis_url: Some(redis.url()),
+            ..Options::default()
+        },
+    )
+    .await;
     let key = onboard(&story, "acme").await;
     let mut handoff = story.handoff().await;
     // The first handoff loads the script (EVALSHA, NOSCRIPT, then EVAL).
@@ -232,4 +240,124 @@ async fn a_handoff_costs_exactly_one_redis_round_trip() {
     );
     story.stop().await;
     drop(redis);
+}
+
+/// 40 simultaneous handoffs for different consumers of one account; (admitted, limited).
+async fn burst(
+    client: &c2m_proto::v1::handoff_service_client::HandoffServiceClient<tonic::transport::Channel>,
+    account_id: &str,
+    key: &str,
+    tag: &str,
+) -> (usize, usize) {
+    let calls = (0..40).map(|i| {
+        let mut client = client.clone();
+        let request = handoff_request(
+            account_id,
+            &format!("+1415666{i:04}"),
+            &format!("{tag}-{i}"),
+        );
+        let key = key.to_owned();
+        async move { client.create_handoff(authed(request, &key)).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let limited = results
+        .iter()
+        .filter(|r| {
+            r.as_ref()
+                .is_err_and(|s| s.code() == Code::ResourceExhausted)
+        })
+        .count();
+    let admitted = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(
+        admitted + limited,
+        40,
+        "{:?}",
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .collect::<Vec<_>>()
+    );
+    (admitted, limited)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_handoffs_go_on_within_the_replica_share_and_exact_limits_return() {
+    let redis = RedisServer::start();
+    let port = redis.port();
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            redis_url: Some(redis.url()),
+            handoff_replicas: Some(2),
+        },
+    )
+    .await;
+    let acme = onboard(&story, "acme").await;
+    let globex = onboard(&story, "globex").await;
+    let handoff = story.handoff().await;
+    let channel = crate::grpc::channel(&story.servers[0].endpoint()).await;
+    crate::grpc::wait_for_status(
+        &channel,
+        &["c2m.v1.HandoffService/redis"],
+        ServingStatus::Serving,
+    )
+    .await;
+
+    redis.stop();
+    // Served on, from this replica's memory: half of acme's 30 per second, as one of two replicas.
+    assert_eq!(burst(&handoff, "acme", &acme, "down").await, (15, 25));
+    crate::grpc::wait_for_status(
+        &channel,
+        &["c2m.v1.HandoffService/redis"],
+        ServingStatus::NotServing,
+    )
+    .await;
+    assert_eq!(
+        crate::grpc::health(&channel, "c2m.v1.HandoffService").await,
+        ServingStatus::Serving
+    );
+
+    // Redis returns (empty: it keeps nothing on disk). Once a decision is made there again...
+    let redis = RedisServer::start_on(port);
+    crate::grpc::wait_for_status(
+        &channel,
+        &["c2m.v1.HandoffService/redis"],
+        ServingStatus::Serving,
+    )
+    .await;
+    let client = redis::Client::open(redis.url()).expect("url");
+    let connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connects");
+    let rate_key = format!("{}:{{acme}}:rl", story.redis.prefix());
+    let mut probe = 0;
+    eventually(
+        "a handoff decided by redis again",
+        Duration::from_secs(5),
+        || {
+            probe += 1;
+            let mut handoff = handoff.clone();
+            let request = handoff_request(
+                "acme",
+                &format!("+1415777{probe:04}"),
+                &format!("probe-{probe}"),
+            );
+            let key = acme.clone();
+            let mut connection = connection.clone();
+            let rate_key = rate_key.clone();
+            async move {
+                let _ = handoff.create_handoff(authed(request, &key)).await;
+                redis::cmd("EXISTS")
+                    .arg(&rate_key)
+                    .query_async::<bool>(&mut connection)
+                    .await
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+    // ...the limit is the account's whole limit again, exact across replicas.
+    assert_eq!(burst(&handoff, "globex", &globex, "back").await, (30, 10));
+    story.stop().await;
 }

@@ -36,6 +36,15 @@ pub enum Topology {
     Separate,
 }
 
+/// What a test changes about the story's set-up.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// Use this Redis (a server of the test's own) instead of the shared one.
+    pub redis_url: Option<String>,
+    /// `handoff.replicas`.
+    pub handoff_replicas: Option<u32>,
+}
+
 pub struct Story {
     pub db: TestDatabase,
     pub redis: TestRedis,
@@ -52,11 +61,10 @@ fn any_port() -> SocketAddr {
 
 impl Story {
     pub async fn start(topology: Topology) -> Self {
-        Self::start_with(topology, None).await
+        Self::start_with(topology, Options::default()).await
     }
 
-    /// A story whose services use the Redis at `redis_url` (a server of the test's own).
-    pub async fn start_with(topology: Topology, redis_url: Option<String>) -> Self {
+    pub async fn start_with(topology: Topology, options: Options) -> Self {
         let (db, redis, twilio) = (
             TestDatabase::create().await,
             TestRedis::new().await,
@@ -81,9 +89,10 @@ impl Story {
             ..Config::default()
         };
         config.auth.token_secret = SECRET.to_owned();
-        if let Some(url) = redis_url {
+        if let Some(url) = options.redis_url {
             config.redis.url = url;
         }
+        config.handoff.replicas = options.handoff_replicas.unwrap_or(1);
         config.listen.webhooks = SocketAddr::from(([127, 0, 0, 1], webhooks_port));
 
         let (servers, endpoints) = match topology {

@@ -54,10 +54,13 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
         .iter()
         .map(|&role| {
             Ok(match role {
-                Role::Handoff => {
-                    c2m_handoff::Service::new(db(role)?, redis.clone(), peers("handoff")?)
-                        .into_component()
-                }
+                Role::Handoff => c2m_handoff::Service::new(
+                    db(role)?,
+                    redis.clone(),
+                    peers("handoff")?,
+                    &config.handoff,
+                )
+                .into_component(),
                 Role::Routing => c2m_routing::Service::new(
                     db(role)?,
                     redis.clone(),

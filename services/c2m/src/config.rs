@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, path::Path};
 
 use c2m_channel_gateway::GatewaySettings;
+use c2m_handoff::HandoffSettings;
 use c2m_runtime::{LogFormat, ServerSettings, TelemetrySettings, peers::PeerSettings};
 use c2m_storage::{DatabaseSettings, RedisSettings, mask_password};
 use figment::{
@@ -25,6 +26,7 @@ pub struct Config {
     pub auth: AuthSettings,
     pub peers: PeerSettings,
     pub channel_gateway: GatewaySettings,
+    pub handoff: HandoffSettings,
 }
 
 /// `[auth]`: the key that signs console, operator and service tokens.
@@ -237,6 +239,12 @@ impl Config {
                 );
             }
         }
+        if self.handoff.replicas == 0 {
+            return invalid("handoff.replicas", "must be at least 1");
+        }
+        if self.handoff.consumer_lease_ms == 0 {
+            return invalid("handoff.consumer_lease_ms", "must be at least 1");
+        }
         if let Err(e) = c2m_runtime::telemetry::validate_filter(&self.telemetry.log_filter) {
             return invalid(
                 "telemetry.log_filter",
@@ -295,7 +303,7 @@ fn env_var_name(path: &[String]) -> String {
 }
 
 /// The top-level sections, which environment variables may set.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "listen.",
     "database.",
     "redis.",
@@ -304,4 +312,5 @@ const SECTIONS: [&str; 8] = [
     "auth.",
     "peers.",
     "channel_gateway.",
+    "handoff.",
 ];

@@ -9,9 +9,14 @@
 //! starts, holds more than `limit` admissions (a fixed window admits twice the limit across its
 //! edge), and replicas with skewed clocks agree because only the server's clock counts.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use c2m_storage::RedisHandle;
+
+use crate::local_gate::LocalGate;
 
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -67,6 +72,9 @@ pub struct Ask<'a> {
     pub limit: u32,
 }
 
+/// After Redis fails, how long the gate decides locally before trying Redis again.
+const BREAKER: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct Gate {
     redis: RedisHandle,
@@ -74,19 +82,71 @@ pub struct Gate {
     window: Duration,
     idempotency_ttl: Duration,
     consumer_lease: Duration,
+    local: Arc<LocalGate>,
+    /// Until when Redis is skipped: a dead Redis costs one timeout per second, not one per call.
+    skip_redis_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Gate {
-    pub fn new(redis: RedisHandle, window: Duration, consumer_lease: Duration) -> Self {
+    /// `replicas`: how many Handoff replicas share the account limits, for the local fallback.
+    pub fn new(
+        redis: RedisHandle,
+        window: Duration,
+        consumer_lease: Duration,
+        replicas: u32,
+    ) -> Self {
+        // PostgreSQL keeps idempotency records for 24 hours; Redis only has to cover the moments
+        // before the first request commits.
+        let idempotency_ttl = Duration::from_secs(60);
         Self {
             redis,
             script: redis::Script::new(SCRIPT),
             window,
-            // PostgreSQL keeps idempotency records for 24 hours; Redis only has to cover the
-            // moments before the first request commits.
-            idempotency_ttl: Duration::from_secs(60),
+            idempotency_ttl,
             consumer_lease,
+            local: Arc::new(LocalGate::new(
+                window,
+                idempotency_ttl,
+                consumer_lease,
+                replicas,
+            )),
+            skip_redis_until: Arc::default(),
         }
+    }
+
+    /// The decision for one handoff: from Redis (one round trip), or from this replica's memory
+    /// while Redis is unreachable.
+    pub async fn decide(&self, ask: Ask<'_>) -> Decision {
+        let skipping = self
+            .skip_redis_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| Instant::now() < until);
+        if !skipping {
+            match self.pass(ask).await {
+                Ok(decision) => {
+                    let mut skip = self
+                        .skip_redis_until
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if skip.take().is_some() {
+                        tracing::info!("redis is back: exact limits again");
+                    }
+                    return decision;
+                }
+                Err(error) => {
+                    let mut skip = self
+                        .skip_redis_until
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if skip.is_none() {
+                        tracing::warn!(%error, "redis unavailable: deciding in this replica (degraded)");
+                    }
+                    *skip = Some(Instant::now() + BREAKER);
+                }
+            }
+        }
+        self.local.pass(ask, Instant::now())
     }
 
     /// The Redis key of the open-conversation lease Routing holds for a consumer.

@@ -195,40 +195,32 @@ impl Service {
             consumer: &d.consumer_phone,
             limit,
         };
-        let open_conversation = match self.gate.pass(ask).await {
-            Ok(decision) => match decision.passage {
-                Passage::Admitted { open_conversation } => open_conversation,
-                Passage::Duplicate { handoff_id: first } => {
-                    // The first request with this key is in flight, or has just committed.
-                    return match self.replay(&d, &idempotency_key, &fingerprint).await? {
-                        Some(done) => Ok(done),
-                        None => Err(status::aborted_retry(
-                            format!(
-                                "handoff {first} with this idempotency key is still in progress"
-                            ),
-                            Duration::from_millis(200),
-                        )),
-                    };
-                }
-                Passage::ConsumerBusy { handoff_id: holder } => {
-                    return self
-                        .skip_recent(&d, handoff_id, holder, (&idempotency_key, &fingerprint))
-                        .await;
-                }
-                Passage::Limited { retry_after } => {
-                    return Err(status::rate_limited(
-                        format!(
-                            "account {} is over its limit of {limit} handoffs per second",
-                            d.account_id
-                        ),
-                        retry_after,
-                    ));
-                }
-            },
-            // Redis is down: serve rather than refuse every caller (see README, "not done yet").
-            Err(error) => {
-                tracing::warn!(%error, "redis unavailable on the hot path, admitting");
-                None
+        let decision = self.gate.decide(ask).await;
+        let open_conversation = match decision.passage {
+            Passage::Admitted { open_conversation } => open_conversation,
+            Passage::Duplicate { handoff_id: first } => {
+                // The first request with this key is in flight, or has just committed.
+                return match self.replay(&d, &idempotency_key, &fingerprint).await? {
+                    Some(done) => Ok(done),
+                    None => Err(status::aborted_retry(
+                        format!("handoff {first} with this idempotency key is still in progress"),
+                        Duration::from_millis(200),
+                    )),
+                };
+            }
+            Passage::ConsumerBusy { handoff_id: holder } => {
+                return self
+                    .skip_recent(&d, handoff_id, holder, (&idempotency_key, &fingerprint))
+                    .await;
+            }
+            Passage::Limited { retry_after } => {
+                return Err(status::rate_limited(
+                    format!(
+                        "account {} is over its limit of {limit} handoffs per second",
+                        d.account_id
+                    ),
+                    retry_after,
+                ));
             }
         };
 

@@ -8,6 +8,7 @@
 mod decide;
 pub mod gate;
 mod grpc;
+mod local_gate;
 pub mod render;
 mod request;
 mod store;
@@ -17,6 +18,7 @@ use std::{sync::Arc, time::Duration};
 use c2m_proto::v1::{self as pb, handoff_service_server::HandoffServiceServer};
 use c2m_runtime::{Component, cache::TtlCache, peers::Peers};
 use c2m_storage::{RedisHandle, ServiceDb, outbox::Relay};
+use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 
 use crate::gate::Gate;
@@ -27,9 +29,26 @@ pub const SCHEMA: &str = "handoff";
 /// This service's migrations (`migrations/`), applied at start or by `c2m migrate`.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
 
-/// How long a handoff holds its consumer: another handoff for the same consumer inside it sends
-/// nothing (`HANDOFF_STATUS_SKIPPED_RECENT_HANDOFF`).
-const CONSUMER_LEASE: Duration = Duration::from_secs(10);
+/// `[handoff]`: the hot path.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HandoffSettings {
+    /// How many Handoff replicas run. While Redis is unreachable each replica admits this share
+    /// of an account's rate limit, so together they stay within it.
+    pub replicas: u32,
+    /// Milliseconds a handoff holds its consumer: another handoff for the same consumer inside
+    /// it sends nothing (`HANDOFF_STATUS_SKIPPED_RECENT_HANDOFF`).
+    pub consumer_lease_ms: u64,
+}
+
+impl Default for HandoffSettings {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            consumer_lease_ms: 10_000,
+        }
+    }
+}
 
 /// How long configuration read from Config is trusted on the hot path.
 const CONFIG_TTL: Duration = Duration::from_secs(5);
@@ -54,10 +73,20 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
-    pub fn new(db: ServiceDb, redis: RedisHandle, peers: Peers) -> Self {
+    pub fn new(
+        db: ServiceDb,
+        redis: RedisHandle,
+        peers: Peers,
+        settings: &HandoffSettings,
+    ) -> Self {
         Self {
             relay: Relay::new(db.clone(), peers.clone()),
-            gate: Gate::new(redis.clone(), Duration::from_secs(1), CONSUMER_LEASE),
+            gate: Gate::new(
+                redis.clone(),
+                Duration::from_secs(1),
+                Duration::from_millis(settings.consumer_lease_ms),
+                settings.replicas,
+            ),
             api_keys: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
             accounts: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             configs: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
@@ -72,7 +101,7 @@ impl Service {
         let relay = self.relay.clone();
         Component::new(HandoffServiceServer::new(self.clone()))
             .with_probe(self.db.probe())
-            .with_probe(self.redis.probe())
+            .with_optional_probe(self.redis.probe())
             .with_task(move |shutdown| relay.run(shutdown))
     }
 }

@@ -32,6 +32,7 @@ fn gate(settings: &RedisSettings) -> Gate {
         RedisHandle::new(settings).expect("redis url"),
         WINDOW,
         Duration::from_secs(10),
+        1,
     )
 }
 

@@ -48,7 +48,7 @@ impl Service {
         let relay = self.relay.clone();
         Component::new(RoutingServiceServer::new(self.clone()))
             .with_probe(self.db.probe())
-            .with_probe(self.redis.probe())
+            .with_optional_probe(self.redis.probe())
             .with_task(move |shutdown| relay.run(shutdown))
     }
 

@@ -18,14 +18,21 @@ pub trait Probe: Send + Sync + 'static {
     fn check(&self) -> ProbeFuture<'_>;
 }
 
-/// A gRPC service name with the probes its health depends on.
-pub type ServiceProbes = (String, Vec<Arc<dyn Probe>>);
+/// A name health checks answer for, with the probes it depends on.
+pub struct HealthEntry {
+    /// A gRPC service name, or `<service>/<dependency>` for a dependency the service can do
+    /// without (reported, but not part of the service's own status).
+    pub name: String,
+    pub probes: Vec<Arc<dyn Probe>>,
+    /// Whether the whole server (`""`) is SERVING only while this entry is.
+    pub counts_for_server: bool,
+}
 
 /// The health of every service one server hosts, kept current by [`Supervisor::run`].
 #[derive(Clone)]
 pub struct Supervisor {
     reporter: HealthReporter,
-    services: Arc<Vec<ServiceProbes>>,
+    services: Arc<Vec<HealthEntry>>,
     state: Arc<tokio::sync::Mutex<Reported>>,
 }
 
@@ -46,7 +53,7 @@ impl std::fmt::Debug for Supervisor {
                 &self
                     .services
                     .iter()
-                    .map(|(name, _)| name)
+                    .map(|entry| &entry.name)
                     .collect::<Vec<_>>(),
             )
             .finish()
@@ -54,7 +61,7 @@ impl std::fmt::Debug for Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(reporter: HealthReporter, services: Vec<ServiceProbes>) -> Self {
+    pub fn new(reporter: HealthReporter, services: Vec<HealthEntry>) -> Self {
         Self {
             reporter,
             services: Arc::new(services),
@@ -65,8 +72,8 @@ impl Supervisor {
     /// Marks every service, and the server as a whole (`""`), NOT_SERVING until the first probe
     /// round says otherwise.
     pub async fn start(&self) {
-        for (service, _) in self.services.iter() {
-            self.set(service, false).await;
+        for entry in self.services.iter() {
+            self.set(&entry.name, false).await;
         }
         self.set("", false).await;
     }
@@ -75,9 +82,9 @@ impl Supervisor {
     pub async fn stop(&self) {
         let mut state = self.state.lock().await;
         state.stopped = true;
-        for (service, _) in self.services.iter() {
+        for entry in self.services.iter() {
             self.reporter
-                .set_service_status(service, ServingStatus::NotServing)
+                .set_service_status(&entry.name, ServingStatus::NotServing)
                 .await;
         }
         self.reporter
@@ -97,14 +104,16 @@ impl Supervisor {
                 _ = ticker.tick() => {}
             }
             let mut all_serving = true;
-            for (service, probes) in self.services.iter() {
+            for entry in self.services.iter() {
                 let mut serving = true;
-                for probe in probes {
+                for probe in &entry.probes {
                     let ok = self.check(probe.as_ref(), &mut last).await;
                     serving &= ok;
                 }
-                all_serving &= serving;
-                self.set(service, serving).await;
+                if entry.counts_for_server {
+                    all_serving &= serving;
+                }
+                self.set(&entry.name, serving).await;
             }
             self.set("", all_serving).await;
         }

@@ -17,7 +17,7 @@ use tonic::{
 use tower::{Service, limit::GlobalConcurrencyLimitLayer};
 
 use crate::{
-    health::{Probe, Supervisor},
+    health::{HealthEntry, Probe, Supervisor},
     settings::ServerSettings,
     trace_layer::TraceLayer,
 };
@@ -37,6 +37,7 @@ type Task = Box<dyn FnOnce(CancellationToken) -> BoxFuture<'static, ()> + Send>;
 pub struct Component {
     name: &'static str,
     probes: Vec<Arc<dyn Probe>>,
+    optional: Vec<Arc<dyn Probe>>,
     add: AddRoutes,
     tasks: Vec<Task>,
 }
@@ -69,6 +70,7 @@ impl Component {
         Self {
             name: S::NAME,
             probes: Vec::new(),
+            optional: Vec::new(),
             add: Box::new(move |routes| {
                 routes.add_service(service);
             }),
@@ -91,6 +93,14 @@ impl Component {
     /// The service is SERVING only while `probe` passes.
     pub fn with_probe(mut self, probe: Arc<dyn Probe>) -> Self {
         self.probes.push(probe);
+        self
+    }
+
+    /// A dependency the service keeps serving without, in a degraded mode: its health is
+    /// reported as `<service>/<probe name>` (e.g. `c2m.v1.HandoffService/redis`) and leaves the
+    /// service's own status alone.
+    pub fn with_optional_probe(mut self, probe: Arc<dyn Probe>) -> Self {
+        self.optional.push(probe);
         self
     }
 
@@ -129,7 +139,18 @@ pub async fn run(
     let mut tasks = Vec::new();
     for component in components {
         (component.add)(&mut routes);
-        services.push((component.name.to_owned(), component.probes));
+        services.push(HealthEntry {
+            name: component.name.to_owned(),
+            probes: component.probes,
+            counts_for_server: true,
+        });
+        for probe in component.optional {
+            services.push(HealthEntry {
+                name: format!("{}/{}", component.name, probe.name()),
+                probes: vec![probe],
+                counts_for_server: false,
+            });
+        }
         for task in component.tasks {
             tasks.push(tokio::spawn(task(background.clone())));
         }

@@ -1,0 +1,198 @@
+//! The gate while Redis is unreachable: the same decisions, kept in this replica's memory.
+//!
+//! Documented bounds: each replica admits `limit / replicas` per window (rounded up), so the
+//! account's total stays within its limit when `handoff.replicas` is right; the consumer lease and
+//! idempotency claims hold within one replica (PostgreSQL's unique idempotency record still stops
+//! a second commit across replicas); open conversations come from Routing's database.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use crate::gate::{Ask, Decision, Passage};
+
+/// Entries kept before expired ones are swept.
+const SWEEP_AT: usize = 10_000;
+
+#[derive(Debug, Default)]
+struct State {
+    admitted: HashMap<String, VecDeque<Instant>>,
+    claims: HashMap<(String, String), (Instant, String)>,
+    leases: HashMap<(String, String), (Instant, String)>,
+}
+
+#[derive(Debug)]
+pub struct LocalGate {
+    window: Duration,
+    claim_ttl: Duration,
+    lease: Duration,
+    replicas: u32,
+    started: Instant,
+    state: Mutex<State>,
+}
+
+impl LocalGate {
+    pub fn new(window: Duration, claim_ttl: Duration, lease: Duration, replicas: u32) -> Self {
+        Self {
+            window,
+            claim_ttl,
+            lease,
+            replicas: replicas.max(1),
+            started: Instant::now(),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// This replica's share of an account's limit.
+    pub fn share(&self, limit: u32) -> u32 {
+        limit.div_ceil(self.replicas).max(1)
+    }
+
+    pub fn pass(&self, ask: Ask<'_>, now: Instant) -> Decision {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let at_us = now.duration_since(self.started).as_micros() as i64;
+        let claim = (ask.account_id.to_owned(), ask.idempotency_key.to_owned());
+        let lease = (ask.account_id.to_owned(), ask.consumer.to_owned());
+        if let Some((until, holder)) = state.claims.get(&claim)
+            && *until > now
+        {
+            let handoff_id = holder.clone();
+            return Decision {
+                passage: Passage::Duplicate { handoff_id },
+                at_us,
+            };
+        }
+        if let Some((until, holder)) = state.leases.get(&lease)
+            && *until > now
+        {
+            let handoff_id = holder.clone();
+            return Decision {
+                passage: Passage::ConsumerBusy { handoff_id },
+                at_us,
+            };
+        }
+        let share = self.share(ask.limit) as usize;
+        let window = self.window;
+        let log = state.admitted.entry(ask.account_id.to_owned()).or_default();
+        while log
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= window)
+        {
+            log.pop_front();
+        }
+        if log.len() >= share {
+            let oldest = *log.front().expect("a full log has a first entry");
+            return Decision {
+                passage: Passage::Limited {
+                    retry_after: (oldest + window)
+                        .saturating_duration_since(now)
+                        .max(Duration::from_micros(1)),
+                },
+                at_us,
+            };
+        }
+        log.push_back(now);
+        state
+            .claims
+            .insert(claim, (now + self.claim_ttl, ask.handoff_id.to_owned()));
+        state
+            .leases
+            .insert(lease, (now + self.lease, ask.handoff_id.to_owned()));
+        if state.claims.len() > SWEEP_AT || state.leases.len() > SWEEP_AT {
+            state.claims.retain(|_, (until, _)| *until > now);
+            state.leases.retain(|_, (until, _)| *until > now);
+            state
+                .admitted
+                .retain(|_, log| log.back().is_some_and(|t| now.duration_since(*t) < window));
+        }
+        Decision {
+            passage: Passage::Admitted {
+                open_conversation: None,
+            },
+            at_us,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask<'a>(id: &'a str, consumer: &'a str) -> Ask<'a> {
+        Ask {
+            account_id: "acme",
+            handoff_id: id,
+            idempotency_key: id,
+            consumer,
+            limit: 10,
+        }
+    }
+
+    #[test]
+    fn each_replica_admits_its_share_per_window() {
+        let gate = LocalGate::new(
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            2,
+        );
+        let start = Instant::now();
+        let ids: Vec<String> = (0..8).map(|i| format!("h{i}")).collect();
+        let admitted = ids
+            .iter()
+            .filter(|id| {
+                matches!(
+                    gate.pass(ask(id, id), start).passage,
+                    Passage::Admitted { .. }
+                )
+            })
+            .count();
+        assert_eq!(admitted, 5, "half of 10");
+        match gate
+            .pass(ask("late", "late"), start + Duration::from_millis(400))
+            .passage
+        {
+            Passage::Limited { retry_after } => assert_eq!(retry_after, Duration::from_millis(600)),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(matches!(
+            gate.pass(ask("next", "next"), start + Duration::from_secs(1))
+                .passage,
+            Passage::Admitted { .. }
+        ));
+    }
+
+    #[test]
+    fn claims_and_leases_hold_until_they_expire() {
+        let gate = LocalGate::new(
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            1,
+        );
+        let start = Instant::now();
+        assert!(matches!(
+            gate.pass(ask("h1", "+1"), start).passage,
+            Passage::Admitted { .. }
+        ));
+        assert_eq!(
+            gate.pass(ask("h1", "+2"), start).passage,
+            Passage::Duplicate {
+                handoff_id: "h1".into()
+            }
+        );
+        assert_eq!(
+            gate.pass(ask("h2", "+1"), start).passage,
+            Passage::ConsumerBusy {
+                handoff_id: "h1".into()
+            }
+        );
+        assert!(matches!(
+            gate.pass(ask("h3", "+1"), start + Duration::from_secs(11))
+                .passage,
+            Passage::Admitted { .. }
+        ));
+    }
+}
