@@ -11,10 +11,7 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
 
-use crate::{
-    deflection::{handoff_request, onboard},
-    story::{Options, Story, Topology, authed},
-};
+use crate::story::{Options, Story, Topology, authed, handoff_request, onboard};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_send_once_and_all_learn_the_same_handoff() {
@@ -289,6 +286,7 @@ async fn without_redis_handoffs_go_on_within_the_replica_share_and_exact_limits_
         Options {
             redis_url: Some(redis.url()),
             handoff_replicas: Some(2),
+            ..Options::default()
         },
     )
     .await;

@@ -9,9 +9,13 @@ use c2m::{
     app::{self, Running},
 };
 use c2m_channel_gateway::GatewaySettings;
+use std::collections::BTreeMap;
+
 use c2m_proto::v1::{
+    self as pb, FunnelGrouping, FunnelStage,
     channel_gateway_service_client::ChannelGatewayServiceClient,
     config_service_client::ConfigServiceClient, handoff_service_client::HandoffServiceClient,
+    put_provider_credentials_request::Credentials,
     reporting_service_client::ReportingServiceClient, routing_service_client::RoutingServiceClient,
 };
 use c2m_runtime::{
@@ -43,6 +47,8 @@ pub struct Options {
     pub redis_url: Option<String>,
     /// `handoff.replicas`.
     pub handoff_replicas: Option<u32>,
+    /// `database.max_connections` (per service pool).
+    pub db_max_connections: Option<u32>,
 }
 
 pub struct Story {
@@ -93,6 +99,9 @@ impl Story {
             config.redis.url = url;
         }
         config.handoff.replicas = options.handoff_replicas.unwrap_or(1);
+        if let Some(connections) = options.db_max_connections {
+            config.database.max_connections = connections;
+        }
         config.listen.webhooks = SocketAddr::from(([127, 0, 0, 1], webhooks_port));
 
         let (servers, endpoints) = match topology {
@@ -206,4 +215,177 @@ pub fn authed<T>(message: T, credential: &str) -> tonic::Request<T> {
         format!("Bearer {credential}").parse().expect("ascii"),
     );
     request
+}
+
+pub const TWILIO_SID: &str = "AC0123456789abcdef0123456789abcdef";
+pub const TWILIO_TOKEN: &str = "twilio-auth-token-for-tests";
+pub const BRAND_NUMBER: &str = "+14155550100";
+
+/// An account set up the way the story's operator and admin do it; returns its API key.
+pub async fn onboard(story: &Story, account_id: &str) -> String {
+    let operator = token(AuthRole::Operator, None);
+    let admin = token(AuthRole::Admin, Some(account_id));
+    let mut config = story.config().await;
+    config
+        .create_account(authed(
+            pb::CreateAccountRequest {
+                account_id: account_id.to_owned(),
+                display_name: format!("{account_id} Inc."),
+                settings: None,
+            },
+            &operator,
+        ))
+        .await
+        .expect("operator creates the account");
+    let account = config
+        .update_account_settings(authed(
+            pb::UpdateAccountSettingsRequest {
+                account_id: account_id.to_owned(),
+                settings: Some(pb::AccountSettings {
+                    deflection_enabled: true,
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("admin enables deflection")
+        .into_inner()
+        .account
+        .expect("account");
+    let settings = account.settings.expect("settings");
+    assert!(settings.deflection_enabled);
+    assert_eq!(settings.rate_limit_per_second, 30, "the default limit");
+
+    let key = config
+        .create_api_key(authed(
+            pb::CreateApiKeyRequest {
+                account_id: account_id.to_owned(),
+                name: "ivr".to_owned(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("admin creates an api key")
+        .into_inner();
+    assert!(key.plaintext.starts_with("c2m_"));
+    // Stored hashed: the plaintext is nowhere in the database.
+    let mut db = story.db.connect().await;
+    let hits: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM config.api_keys WHERE key_hash = convert_to($1, 'UTF8') OR prefix = $1",
+    )
+    .bind(&key.plaintext)
+    .fetch_one(&mut db)
+    .await
+    .expect("query");
+    assert_eq!(hits, 0, "the plaintext key is not stored");
+
+    config
+        .create_handoff_config(authed(
+            pb::CreateHandoffConfigRequest {
+                account_id: account_id.to_owned(),
+                config: Some(pb::HandoffConfig {
+                    handoff_config_id: "billing".to_owned(),
+                    name: "Billing queue".to_owned(),
+                    skill_id: "billing-agents".to_owned(),
+                    channel_priority: vec![pb::Channel::Sms as i32],
+                    messages: vec![pb::ChannelMessage {
+                        channel: pb::Channel::Sms as i32,
+                        text: "Hi {{first_name}}, text us here about {{topic}}.".to_owned(),
+                    }],
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("admin creates the handoff configuration");
+
+    story.twilio.add_account(TWILIO_SID, TWILIO_TOKEN);
+    story
+        .gateway()
+        .await
+        .put_provider_credentials(authed(
+            pb::PutProviderCredentialsRequest {
+                account_id: account_id.to_owned(),
+                provider: pb::Provider::Twilio as i32,
+                credentials: Some(Credentials::Twilio(pb::TwilioCredentials {
+                    account_sid: TWILIO_SID.to_owned(),
+                    auth_token: TWILIO_TOKEN.to_owned(),
+                    from_number: BRAND_NUMBER.to_owned(),
+                    messaging_service_sid: String::new(),
+                })),
+            },
+            &admin,
+        ))
+        .await
+        .expect("admin stores the twilio credentials");
+    key.plaintext
+}
+
+pub fn handoff_request(
+    account_id: &str,
+    phone: &str,
+    idempotency_key: &str,
+) -> pb::CreateHandoffRequest {
+    pb::CreateHandoffRequest {
+        account_id: account_id.to_owned(),
+        handoff_config_id: "billing".to_owned(),
+        consumer_phone: phone.to_owned(),
+        idempotency_key: idempotency_key.to_owned(),
+        engagement_attributes: Some(pb::EngagementAttributes {
+            customer_info: Some(pb::CustomerInfo {
+                customer_id: "C-1001".to_owned(),
+                customer_type: "vip".to_owned(),
+                ..Default::default()
+            }),
+            personal_info: Some(pb::PersonalInfo {
+                first_name: "Ada".to_owned(),
+                ..Default::default()
+            }),
+            custom: [("intent".to_owned(), "billing".to_owned())].into(),
+        }),
+        template_variables: [("topic".to_owned(), "your bill".to_owned())].into(),
+        ivr_call_id: "call-1".to_owned(),
+        ..Default::default()
+    }
+}
+
+/// stage name → count, for one group of a funnel.
+pub async fn funnel(story: &Story, account_id: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let now = chrono::Utc::now();
+    let rows = story
+        .reporting()
+        .await
+        .get_funnel(authed(
+            pb::GetFunnelRequest {
+                account_id: account_id.to_owned(),
+                start_time: Some(c2m_proto::timestamp(now - chrono::Duration::hours(1))),
+                end_time: Some(c2m_proto::timestamp(now + chrono::Duration::hours(1))),
+                group_by: FunnelGrouping::Channel as i32,
+            },
+            &token(AuthRole::Viewer, Some(account_id)),
+        ))
+        .await
+        .expect("funnel")
+        .into_inner()
+        .rows;
+    rows.into_iter()
+        .map(|row| {
+            let counts = row
+                .counts
+                .into_iter()
+                .map(|c| {
+                    (
+                        FunnelStage::try_from(c.stage)
+                            .expect("stage")
+                            .as_str_name()
+                            .to_owned(),
+                        c.count,
+                    )
+                })
+                .collect();
+            (row.group, counts)
+        })
+        .collect()
 }

@@ -1,0 +1,292 @@
+//! `cargo bench -p c2m-e2e --bench handoff`: CreateHandoff through the whole mesh — five separate
+//! servers, PostgreSQL, Redis, the Twilio emulator — and, in the same run, a bare tonic unary
+//! server as the denominator. Prints figures; asserts nothing.
+//!
+//! Knobs (environment): C2M_BENCH_CALLERS (64), C2M_BENCH_ACCOUNTS (8), C2M_BENCH_SECONDS (10),
+//! C2M_BENCH_RATE (1000, the fixed arrival rate of the latency phase).
+
+#[allow(dead_code)]
+#[path = "../grpc.rs"]
+mod grpc;
+#[allow(dead_code)]
+#[path = "../story.rs"]
+mod story;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use c2m_proto::v1::{self as pb, HandoffStatus, handoff_service_client::HandoffServiceClient};
+use c2m_runtime::auth::Role as AuthRole;
+use c2m_test_support::RedisServer;
+use story::{Options, Story, Topology, authed, handoff_request, onboard, token};
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+fn knob(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+struct Accounts {
+    keys: Vec<(String, String)>,
+    next: AtomicU64,
+}
+
+impl Accounts {
+    /// A fresh request (new consumer, new idempotency key) for the next account in turn.
+    fn request(&self) -> (pb::CreateHandoffRequest, &str) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let (account, key) = &self.keys[(n as usize) % self.keys.len()];
+        let phone = format!("+1{}", 2_000_000_000 + n);
+        (handoff_request(account, &phone, &format!("bench-{n}")), key)
+    }
+}
+
+async fn handoff_once(client: &mut HandoffServiceClient<Channel>, accounts: &Accounts) -> Duration {
+    let (request, key) = accounts.request();
+    let started = Instant::now();
+    let answer = client
+        .create_handoff(authed(request, key))
+        .await
+        .expect("handoff answered");
+    let took = started.elapsed();
+    let status = answer.into_inner().handoff.expect("handoff").status;
+    assert_eq!(
+        status,
+        HandoffStatus::Sent as i32,
+        "every bench handoff sends"
+    );
+    took
+}
+
+/// `callers` loops for `seconds`; (completed, sorted latencies).
+async fn closed_loop(
+    client: &HandoffServiceClient<Channel>,
+    accounts: &Arc<Accounts>,
+    callers: u64,
+    seconds: u64,
+) -> (usize, Vec<Duration>) {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let mut client = client.clone();
+            let accounts = accounts.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < until {
+                    latencies.push(handoff_once(&mut client, &accounts).await);
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("caller"));
+    }
+    all.sort();
+    (all.len(), all)
+}
+
+/// One handoff started every 1/rate s for `seconds`, whatever the answers; sorted latencies.
+async fn open_loop(
+    client: &HandoffServiceClient<Channel>,
+    accounts: &Arc<Accounts>,
+    rate: u64,
+    seconds: u64,
+) -> (f64, Vec<Duration>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let total = rate * seconds;
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        ticker.tick().await;
+        let mut client = client.clone();
+        let accounts = accounts.clone();
+        tasks.push(tokio::spawn(async move {
+            handoff_once(&mut client, &accounts).await
+        }));
+    }
+    let mut all = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        all.push(task.await.expect("handoff"));
+    }
+    let achieved = all.len() as f64 / started.elapsed().as_secs_f64();
+    all.sort();
+    (achieved, all)
+}
+
+/// The same closed loop against a bare tonic unary service (health Check, no layers).
+async fn echo_baseline(callers: u64, seconds: u64) -> f64 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let addr = listener.local_addr().expect("addr");
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("echo serves");
+    });
+    let channel = grpc::channel(&format!("http://{addr}")).await;
+    let count = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let mut client = HealthClient::new(channel.clone());
+            let count = count.clone();
+            tokio::spawn(async move {
+                while Instant::now() < until {
+                    client
+                        .check(HealthCheckRequest {
+                            service: String::new(),
+                        })
+                        .await
+                        .expect("echo answers");
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("caller");
+    }
+    server.abort();
+    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// `cmdstat_<name>` calls from INFO commandstats.
+async fn command_calls(redis: &RedisServer) -> std::collections::HashMap<String, u64> {
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .expect("info");
+    info.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+fn main() {
+    let callers = knob("C2M_BENCH_CALLERS", 64);
+    let account_count = knob("C2M_BENCH_ACCOUNTS", 8);
+    let seconds = knob("C2M_BENCH_SECONDS", 10);
+    let rate = knob("C2M_BENCH_RATE", 1000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let redis = RedisServer::start();
+        let story = Story::start_with(
+            Topology::Separate,
+            Options {
+                redis_url: Some(redis.url()),
+                db_max_connections: Some(16),
+                ..Options::default()
+            },
+        )
+        .await;
+        let mut keys = Vec::new();
+        for a in 0..account_count {
+            let account = format!("bench-{a}");
+            let key = onboard(&story, &account).await;
+            story
+                .config()
+                .await
+                .update_account_settings(authed(
+                    pb::UpdateAccountSettingsRequest {
+                        account_id: account.clone(),
+                        settings: Some(pb::AccountSettings {
+                            deflection_enabled: true,
+                            rate_limit_per_second: 100_000,
+                            ..Default::default()
+                        }),
+                    },
+                    &token(AuthRole::Admin, Some(&account)),
+                ))
+                .await
+                .expect("limit raised");
+            keys.push((account, key));
+        }
+        let accounts = Arc::new(Accounts {
+            keys,
+            next: AtomicU64::new(0),
+        });
+        let client = story.handoff().await;
+        // Warm caches, pools and the script cache (Handoff has not read the accounts yet, so it
+        // reads them with the raised limits).
+        closed_loop(&client, &accounts, callers, 2).await;
+
+        let before = command_calls(&redis).await;
+        let (done, latencies) = closed_loop(&client, &accounts, callers, seconds).await;
+        let after = command_calls(&redis).await;
+        let delta = |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+        let scripts = delta("evalsha") + delta("eval");
+        let all_commands: u64 = after
+            .iter()
+            .map(|(name, calls)| calls - before.get(name).copied().unwrap_or(0))
+            .sum::<u64>()
+            - delta("info")
+            - delta("ping");
+        let throughput = done as f64 / seconds as f64;
+
+        let (achieved, fixed) = open_loop(&client, &accounts, rate, seconds).await;
+        let echo = echo_baseline(callers, seconds).await;
+
+        println!("c2m handoff benchmark: {callers} callers, {account_count} accounts, {seconds} s per phase, 2 cores");
+        println!("  closed loop: {throughput:.0} handoffs/s ({done} handoffs)");
+        println!(
+            "    latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
+            ms(percentile(&latencies, 0.50)),
+            ms(percentile(&latencies, 0.99)),
+            ms(percentile(&latencies, 0.999))
+        );
+        println!(
+            "  fixed rate {rate}/s (achieved {achieved:.0}/s): p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
+            ms(percentile(&fixed, 0.50)),
+            ms(percentile(&fixed, 0.99)),
+            ms(percentile(&fixed, 0.999))
+        );
+        println!(
+            "  redis: {:.3} round trips (EVALSHA/EVAL) per handoff; {:.2} commands per handoff counting those run inside the script",
+            scripts as f64 / done as f64,
+            all_commands as f64 / done as f64
+        );
+        println!("  bare tonic unary echo, same callers: {echo:.0} calls/s");
+        println!("  ratio handoff/echo: {:.3}", throughput / echo);
+        story.stop().await;
+        drop(redis);
+    });
+}
