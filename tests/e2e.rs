@@ -5,4 +5,5 @@ mod deflection;
 mod grpc;
 mod handoff_engine;
 mod mesh;
+mod rest;
 mod story;

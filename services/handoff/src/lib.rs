@@ -9,8 +9,10 @@ mod decide;
 pub mod gate;
 mod grpc;
 mod local_gate;
+mod openapi;
 pub mod render;
 mod request;
+pub mod rest;
 mod store;
 
 use std::{sync::Arc, time::Duration};
@@ -100,6 +102,7 @@ impl Service {
     pub fn into_component(self) -> Component {
         let relay = self.relay.clone();
         Component::new(HandoffServiceServer::new(self.clone()))
+            .with_http(rest::router(self.clone()))
             .with_probe(self.db.probe())
             .with_optional_probe(self.redis.probe())
             .with_task(move |shutdown| relay.run(shutdown))

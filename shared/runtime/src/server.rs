@@ -40,6 +40,7 @@ pub struct Component {
     optional: Vec<Arc<dyn Probe>>,
     add: AddRoutes,
     tasks: Vec<Task>,
+    http: Vec<axum::Router>,
 }
 
 impl std::fmt::Debug for Component {
@@ -75,7 +76,15 @@ impl Component {
                 routes.add_service(service);
             }),
             tasks: Vec::new(),
+            http: Vec::new(),
         }
+    }
+
+    /// Plain HTTP routes (REST, documents) served on the same port as gRPC, for clients that
+    /// cannot speak gRPC. Their paths must not look like gRPC paths (`/package.Service/Method`).
+    pub fn with_http(mut self, router: axum::Router) -> Self {
+        self.http.push(router);
+        self
     }
 
     /// Runs `task` for as long as the server does: it starts before the server accepts requests
@@ -137,8 +146,10 @@ pub async fn run(
     let mut services = Vec::with_capacity(components.len());
     let background = CancellationToken::new();
     let mut tasks = Vec::new();
+    let mut http = Vec::new();
     for component in components {
         (component.add)(&mut routes);
+        http.extend(component.http);
         services.push(HealthEntry {
             name: component.name.to_owned(),
             probes: component.probes,
@@ -179,11 +190,16 @@ pub async fn run(
             tracing::info!(%addr, "draining in-flight requests");
         }
     };
+    let mut router = routes.routes().into_axum_router();
+    for extra in http {
+        router = router.merge(extra);
+    }
     let server = Server::builder()
+        .accept_http1(true)
         .timeout(settings.request_timeout())
         .layer(TraceLayer)
         .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
-        .add_routes(routes.routes())
+        .add_routes(tonic::service::Routes::from(router))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
 
     tracing::info!(%addr, services = ?names, "serving");
