@@ -359,3 +359,104 @@ async fn without_redis_handoffs_go_on_within_the_replica_share_and_exact_limits_
     assert_eq!(burst(&handoff, "globex", &globex, "back").await, (30, 10));
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_sends_nothing_and_counts_what_it_should() {
+    use std::collections::BTreeMap;
+
+    use c2m_proto::v1 as pb;
+    use c2m_runtime::auth::Role as AuthRole;
+    use c2m_test_support::eventually_eq;
+
+    use crate::story::{funnel, token};
+
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let mut handoff = story.handoff().await;
+
+    // Twilio refuses the number (21610: the recipient replied STOP): the handoff fails, counted
+    // with Twilio's code.
+    story
+        .twilio
+        .refuse_next(400, 21610, "Attempt to send to unsubscribed recipient");
+    let failed = handoff
+        .create_handoff(authed(handoff_request("acme", "+14155550201", "r-1"), &key))
+        .await
+        .expect("answered")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(failed.status, HandoffStatus::Failed as i32);
+    assert_eq!(failed.attempts.len(), 1);
+    assert_eq!(failed.attempts[0].error_code, "21610");
+
+    // A template variable missing: refused before anything is sent or counted.
+    let mut missing = handoff_request("acme", "+14155550202", "r-2");
+    missing.template_variables.clear();
+    let refused = handoff
+        .create_handoff(authed(missing, &key))
+        .await
+        .expect_err("missing variable");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(
+        refused
+            .get_details_bad_request()
+            .expect("details")
+            .field_violations[0]
+            .field,
+        "template_variables[topic]"
+    );
+
+    // An unknown configuration: NOT_FOUND.
+    let mut unknown = handoff_request("acme", "+14155550203", "r-3");
+    unknown.handoff_config_id = "nope".into();
+    let refused = handoff
+        .create_handoff(authed(unknown, &key))
+        .await
+        .expect_err("unknown configuration");
+    assert_eq!(refused.code(), Code::NotFound);
+
+    // Deflection switched off for the account: FAILED_PRECONDITION (after Handoff's 5 s cache, so a
+    // fresh account is used).
+    let globex = onboard(&story, "globex").await;
+    story
+        .config()
+        .await
+        .update_account_settings(authed(
+            pb::UpdateAccountSettingsRequest {
+                account_id: "globex".into(),
+                settings: Some(pb::AccountSettings {
+                    deflection_enabled: false,
+                    ..Default::default()
+                }),
+            },
+            &token(AuthRole::Admin, Some("globex")),
+        ))
+        .await
+        .expect("disabled");
+    let refused = handoff
+        .create_handoff(authed(
+            handoff_request("globex", "+14155550204", "r-4"),
+            &globex,
+        ))
+        .await
+        .expect_err("disabled account");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
+    assert!(story.twilio.sent().is_empty(), "nothing was sent");
+    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
+        "CHANNEL_SMS".to_owned(),
+        [
+            ("FUNNEL_STAGE_ATTEMPTED".to_owned(), 1),
+            ("FUNNEL_STAGE_FAILED".to_owned(), 1),
+        ]
+        .into(),
+    )]
+    .into();
+    eventually_eq("acme's funnel", Duration::from_secs(10), &expected, || {
+        funnel(&story, "acme")
+    })
+    .await;
+    assert!(funnel(&story, "globex").await.is_empty());
+    story.stop().await;
+}
