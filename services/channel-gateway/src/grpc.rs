@@ -50,6 +50,21 @@ fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {
     }
 }
 
+impl Service {
+    pub(crate) async fn twilio_credentials(
+        &self,
+        account_id: &str,
+    ) -> Result<pb::TwilioCredentials, credentials::CredentialsError> {
+        if let Some(cached) = self.twilio_credentials.get(&account_id.to_owned()) {
+            return Ok(cached);
+        }
+        let opened = credentials::twilio(self.db.pool(), &self.sealer, account_id).await?;
+        self.twilio_credentials
+            .insert(account_id.to_owned(), opened.clone());
+        Ok(opened)
+    }
+}
+
 #[tonic::async_trait]
 impl ChannelGatewayService for Service {
     async fn put_provider_credentials(
@@ -105,10 +120,11 @@ impl ChannelGatewayService for Service {
             .ok_or_else(|| {
                 c2m_runtime::status::invalid_field("provider", "a provider is required")
             })?;
-        if !credentials::delete(self.db.pool(), &r.account_id, provider)
+        let deleted = credentials::delete(self.db.pool(), &r.account_id, provider)
             .await
-            .map_err(db_status)?
-        {
+            .map_err(db_status)?;
+        self.twilio_credentials.remove(&r.account_id);
+        if !deleted {
             return Err(Status::not_found("no such credentials"));
         }
         Ok(Response::new(pb::DeleteProviderCredentialsResponse {}))
@@ -153,7 +169,7 @@ impl ChannelGatewayService for Service {
                 channel.as_str_name()
             )));
         }
-        let outcome = match credentials::twilio(self.db.pool(), &self.sealer, &r.account_id).await {
+        let outcome = match self.twilio_credentials(&r.account_id).await {
             Ok(creds) => {
                 let callback = format!(
                     "{}/webhooks/twilio/{}/status",

@@ -15,8 +15,9 @@ mod webhooks;
 use std::{sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
+use c2m_proto::v1::TwilioCredentials;
 use c2m_proto::v1::channel_gateway_service_server::ChannelGatewayServiceServer;
-use c2m_runtime::{Component, auth::TokenKey, peers::Peers};
+use c2m_runtime::{Component, auth::TokenKey, cache::TtlCache, peers::Peers};
 use c2m_storage::{ServiceDb, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
@@ -86,6 +87,9 @@ pub struct Service {
     http: reqwest::Client,
     settings: Arc<GatewaySettings>,
     relay: Relay,
+    /// Opened Twilio credentials per account, briefly: the send path does not read and decrypt
+    /// them for every message. Replaced here at once; other replicas see a change within the TTL.
+    twilio_credentials: Arc<TtlCache<String, TwilioCredentials>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -133,6 +137,7 @@ impl Service {
             http,
             settings: Arc::new(settings),
             relay,
+            twilio_credentials: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
         })
     }
 

@@ -163,18 +163,12 @@ impl Service {
                 .map_err(|s| upstream("routing", s))?
                 .into_inner(),
         };
-        let skill_id = self
-            .peers
-            .routing()
-            .resolve_skill(pb::ResolveSkillRequest {
-                account_id: d.account_id.clone(),
-                handoff_config_id: d.handoff_config_id.clone(),
-                override_skill_id: d.override_skill_id.clone().unwrap_or_default(),
-            })
-            .await
-            .map_err(|s| upstream("routing", s))?
-            .into_inner()
-            .skill_id;
+        // The skill is the override or the configuration's: the configuration is already here,
+        // so Routing's ResolveSkill (for callers without it) is not asked on the hot path.
+        let skill_id = d
+            .override_skill_id
+            .clone()
+            .unwrap_or_else(|| config.skill_id.clone());
 
         let mut channels = Vec::with_capacity(candidates.len());
         let mut plan = Vec::new();

@@ -26,30 +26,6 @@ fn required(violations: &mut FieldViolations, field: &str, value: &str) {
 }
 
 impl Service {
-    /// The open conversation of a consumer, from PostgreSQL (the truth). Handoff reads the Redis
-    /// lease in its own round trip and only asks here when the lease is absent; finding an open
-    /// conversation here then means Redis lost the lease, so it is written back.
-    async fn open_conversation(
-        &self,
-        account_id: &str,
-        consumer: &str,
-    ) -> Result<Option<String>, Status> {
-        let open: Option<String> = sqlx::query_scalar(
-            "SELECT conversation_id FROM conversations \
-             WHERE account_id = $1 AND consumer_address = $2 AND closed_at IS NULL",
-        )
-        .bind(account_id)
-        .bind(consumer)
-        .fetch_optional(self.db.pool())
-        .await
-        .map_err(db_status)?;
-        if let Some(conversation_id) = &open {
-            self.set_lease(account_id, consumer, Some(conversation_id))
-                .await;
-        }
-        Ok(open)
-    }
-
     async fn set_lease(&self, account_id: &str, consumer: &str, conversation_id: Option<&str>) {
         let key = self.lease_key(account_id, consumer);
         let result = match self.redis.connection().await {
@@ -122,17 +98,27 @@ impl RoutingService for Service {
     ) -> Result<Response<pb::CheckConsumerResponse>, Status> {
         self.key.caller(request.metadata())?.require_internal()?;
         let request = request.into_inner();
-        let conversation = self
-            .open_conversation(&request.account_id, &request.consumer_phone)
-            .await?;
-        let opted_out: Vec<String> = sqlx::query_scalar(
-            "SELECT channel FROM opt_outs WHERE account_id = $1 AND consumer_phone = $2",
+        // One query for both facts: the open conversation (the truth behind the Redis lease) and
+        // the channels the consumer opted out of.
+        let (conversation, opted_out): (Option<String>, Vec<String>) = sqlx::query_as(
+            "SELECT (SELECT conversation_id FROM conversations \
+                     WHERE account_id = $1 AND consumer_address = $2 AND closed_at IS NULL), \
+                    ARRAY(SELECT channel FROM opt_outs WHERE account_id = $1 AND consumer_phone = $2)",
         )
         .bind(&request.account_id)
         .bind(&request.consumer_phone)
-        .fetch_all(self.db.pool())
+        .fetch_one(self.db.pool())
         .await
         .map_err(db_status)?;
+        if let Some(conversation_id) = &conversation {
+            // Handoff asks only when the Redis lease is absent: Redis lost it, write it back.
+            self.set_lease(
+                &request.account_id,
+                &request.consumer_phone,
+                Some(conversation_id),
+            )
+            .await;
+        }
         Ok(Response::new(pb::CheckConsumerResponse {
             conversation_open: conversation.is_some(),
             conversation_id: conversation.unwrap_or_default(),

@@ -24,17 +24,19 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// Writes `events` into the outbox inside the caller's transaction.
 pub async fn enqueue(tx: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
-    for event in events {
-        let event_id: uuid::Uuid = event
-            .event_id
-            .parse()
-            .map_err(|e| sqlx::Error::Protocol(format!("event id is not a uuid: {e}")))?;
-        sqlx::query("INSERT INTO outbox (event_id, payload) VALUES ($1, $2)")
-            .bind(event_id)
-            .bind(event.encode_to_vec())
-            .execute(&mut *tx)
-            .await?;
-    }
+    let ids = events
+        .iter()
+        .map(|e| e.event_id.parse::<uuid::Uuid>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| sqlx::Error::Protocol(format!("event id is not a uuid: {e}")))?;
+    let payloads: Vec<Vec<u8>> = events.iter().map(Message::encode_to_vec).collect();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, payload) SELECT * FROM unnest($1::uuid[], $2::bytea[])",
+    )
+    .bind(&ids)
+    .bind(&payloads)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
