@@ -60,13 +60,17 @@ impl Accounts {
     }
 }
 
-async fn handoff_once(client: &mut HandoffServiceClient<Channel>, accounts: &Accounts) -> Duration {
+/// One handoff's latency, or the error it got (an overloaded mesh times out or sheds load).
+async fn handoff_once(
+    client: &mut HandoffServiceClient<Channel>,
+    accounts: &Accounts,
+) -> Result<Duration, tonic::Code> {
     let (request, key) = accounts.request();
     let started = Instant::now();
     let answer = client
         .create_handoff(authed(request, key))
         .await
-        .expect("handoff answered");
+        .map_err(|s| s.code())?;
     let took = started.elapsed();
     let status = answer.into_inner().handoff.expect("handoff").status;
     assert_eq!(
@@ -74,16 +78,24 @@ async fn handoff_once(client: &mut HandoffServiceClient<Channel>, accounts: &Acc
         HandoffStatus::Sent as i32,
         "every bench handoff sends"
     );
-    took
+    Ok(took)
 }
 
-/// `callers` loops for `seconds`; (completed, sorted latencies).
+/// Sorted latencies of the successes, and how many failed.
+fn split(results: Vec<Result<Duration, tonic::Code>>) -> (Vec<Duration>, usize) {
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    let mut ok: Vec<Duration> = results.into_iter().filter_map(Result::ok).collect();
+    ok.sort();
+    (ok, failed)
+}
+
+/// `callers` loops for `seconds`; (sorted latencies of successes, failures).
 async fn closed_loop(
     client: &HandoffServiceClient<Channel>,
     accounts: &Arc<Accounts>,
     callers: u64,
     seconds: u64,
-) -> (usize, Vec<Duration>) {
+) -> (Vec<Duration>, usize) {
     let until = Instant::now() + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..callers)
         .map(|_| {
@@ -102,17 +114,17 @@ async fn closed_loop(
     for task in tasks {
         all.extend(task.await.expect("caller"));
     }
-    all.sort();
-    (all.len(), all)
+    split(all)
 }
 
-/// One handoff started every 1/rate s for `seconds`, whatever the answers; sorted latencies.
+/// One handoff started every 1/rate s for `seconds`, whatever the answers; (completions per
+/// second, sorted latencies of successes, failures).
 async fn open_loop(
     client: &HandoffServiceClient<Channel>,
     accounts: &Arc<Accounts>,
     rate: u64,
     seconds: u64,
-) -> (f64, Vec<Duration>) {
+) -> (f64, Vec<Duration>, usize) {
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let total = rate * seconds;
@@ -131,8 +143,8 @@ async fn open_loop(
         all.push(task.await.expect("handoff"));
     }
     let achieved = all.len() as f64 / started.elapsed().as_secs_f64();
-    all.sort();
-    (achieved, all)
+    let (ok, failed) = split(all);
+    (achieved, ok, failed)
 }
 
 /// The same closed loop against a bare tonic unary service (health Check, no layers).
@@ -250,7 +262,8 @@ fn main() {
         closed_loop(&client, &accounts, callers, 2).await;
 
         let before = command_calls(&redis).await;
-        let (done, latencies) = closed_loop(&client, &accounts, callers, seconds).await;
+        let (latencies, closed_failed) = closed_loop(&client, &accounts, callers, seconds).await;
+        let done = latencies.len();
         let after = command_calls(&redis).await;
         let delta = |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
         let scripts = delta("evalsha") + delta("eval");
@@ -262,11 +275,11 @@ fn main() {
             - delta("ping");
         let throughput = done as f64 / seconds as f64;
 
-        let (achieved, fixed) = open_loop(&client, &accounts, rate, seconds).await;
+        let (achieved, fixed, fixed_failed) = open_loop(&client, &accounts, rate, seconds).await;
         let echo = echo_baseline(callers, seconds).await;
 
         println!("c2m handoff benchmark: {callers} callers, {account_count} accounts, {seconds} s per phase, 2 cores");
-        println!("  closed loop: {throughput:.0} handoffs/s ({done} handoffs)");
+        println!("  closed loop: {throughput:.0} handoffs/s ({done} handoffs, {closed_failed} failed)");
         println!(
             "    latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
             ms(percentile(&latencies, 0.50)),
@@ -274,7 +287,7 @@ fn main() {
             ms(percentile(&latencies, 0.999))
         );
         println!(
-            "  fixed rate {rate}/s (achieved {achieved:.0}/s): p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
+            "  fixed rate {rate}/s (completed {achieved:.0}/s, {fixed_failed} failed): p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
             ms(percentile(&fixed, 0.50)),
             ms(percentile(&fixed, 0.99)),
             ms(percentile(&fixed, 0.999))
