@@ -171,6 +171,14 @@ async fn deflect_and_reply(topology: Topology) {
         .await
         .expect_err("no key");
     assert_eq!(no_key.code(), Code::Unauthenticated);
+    let unknown_key = handoff
+        .create_handoff(authed(
+            handoff_request("acme", "+14155550124", "call-3"),
+            "c2m_not-a-key-anyone-was-given",
+        ))
+        .await
+        .expect_err("an unknown key");
+    assert_eq!(unknown_key.code(), Code::Unauthenticated);
     let other_key = onboard(&story, "globex").await;
     let wrong_account = handoff
         .create_handoff(authed(

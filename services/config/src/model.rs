@@ -299,3 +299,95 @@ impl ApiKey {
         }
     }
 }
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Template {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    pub language: String,
+    pub category: pb::WhatsAppTemplateCategory,
+    pub body: String,
+    pub status: pb::WhatsAppTemplateStatus,
+}
+
+impl Template {
+    /// Validates a new template as Meta would take it: lowercase name, a language code, a
+    /// category, a body of at most 1024 characters with numbered placeholders.
+    pub fn from_wire(
+        account_id: &str,
+        wire: &pb::WhatsAppTemplate,
+        violations: &mut FieldViolations,
+    ) -> Self {
+        let id = if wire.template_id.is_empty() {
+            ids::generate("tpl")
+        } else {
+            if !ids::is_slug(&wire.template_id) {
+                violations.add(
+                    "template.template_id",
+                    "3 to 64 lowercase letters, digits or dashes",
+                );
+            }
+            wire.template_id.clone()
+        };
+        let name_ok = !wire.name.is_empty()
+            && wire.name.len() <= 512
+            && wire
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !name_ok {
+            violations.add(
+                "template.name",
+                "lowercase letters, digits and underscores, at most 512",
+            );
+        }
+        let language_ok = matches!(wire.language.len(), 2 | 5)
+            && wire
+                .language
+                .chars()
+                .take(2)
+                .all(|c| c.is_ascii_lowercase())
+            && (wire.language.len() == 2
+                || (wire.language.as_bytes()[2] == b'_'
+                    && wire.language[3..].chars().all(|c| c.is_ascii_uppercase())));
+        if !language_ok {
+            violations.add("template.language", "a language code such as en or en_US");
+        }
+        let category = match pb::WhatsAppTemplateCategory::try_from(wire.category) {
+            Ok(pb::WhatsAppTemplateCategory::Unspecified) | Err(_) => {
+                violations.add("template.category", "marketing, utility or authentication");
+                pb::WhatsAppTemplateCategory::Unspecified
+            }
+            Ok(category) => category,
+        };
+        let length = wire.body.chars().count();
+        if wire.body.trim().is_empty() || length > 1024 {
+            violations.add(
+                "template.body",
+                format!("required, at most 1024 characters (has {length})"),
+            );
+        }
+        Self {
+            id,
+            account_id: account_id.to_owned(),
+            name: wire.name.clone(),
+            language: wire.language.clone(),
+            category,
+            body: wire.body.clone(),
+            status: pb::WhatsAppTemplateStatus::Pending,
+        }
+    }
+
+    pub fn to_wire(&self) -> pb::WhatsAppTemplate {
+        pb::WhatsAppTemplate {
+            template_id: self.id.clone(),
+            account_id: self.account_id.clone(),
+            name: self.name.clone(),
+            language: self.language.clone(),
+            category: self.category as i32,
+            body: self.body.clone(),
+            status: self.status as i32,
+        }
+    }
+}

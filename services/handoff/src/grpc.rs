@@ -65,9 +65,7 @@ impl Service {
                     })
                     .await
                     .map_err(|s| match s.code() {
-                        Code::Unauthenticated => {
-                            Status::unauthenticated("unknown or revoked api key")
-                        }
+                        Code::NotFound => Status::unauthenticated("unknown or revoked api key"),
                         _ => {
                             tracing::warn!(status = %s, "config unavailable for api key check");
                             Status::unavailable("cannot check the api key now, retry")

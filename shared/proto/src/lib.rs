@@ -23,3 +23,22 @@ pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
 pub fn from_timestamp(ts: &prost_types::Timestamp) -> Option<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)
 }
+
+/// Descriptors of every c2m message, for the proto3 JSON mapping.
+pub static DESCRIPTORS: std::sync::LazyLock<prost_reflect::DescriptorPool> =
+    std::sync::LazyLock::new(|| {
+        prost_reflect::DescriptorPool::decode(FILE_DESCRIPTOR_SET)
+            .expect("the build embeds a valid descriptor set")
+    });
+
+/// A message in the proto3 JSON mapping (as REST clients and the audit log see it); `name` is its
+/// full name, e.g. `c2m.v1.HandoffConfig`.
+pub fn to_json<T: prost::Message>(name: &str, message: &T) -> serde_json::Value {
+    let Some(descriptor) = DESCRIPTORS.get_message_by_name(name) else {
+        return serde_json::Value::Null;
+    };
+    prost_reflect::DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .ok()
+        .and_then(|dynamic| serde_json::to_value(&dynamic).ok())
+        .unwrap_or(serde_json::Value::Null)
+}

@@ -38,10 +38,15 @@ pub struct Claims {
 
 impl Claims {
     /// Whether the bearer may act on `account_id` with at least `min` (an account role).
-    /// Operators and services may act on every account.
+    /// Operators may do anything on every account; c2m's own services may read every account
+    /// (`min` viewer) and change none.
     pub fn authorize(&self, account_id: &str, min: Role) -> Result<(), Status> {
         match self.role {
-            Role::Operator | Role::Service => Ok(()),
+            Role::Operator => Ok(()),
+            Role::Service if min == Role::Viewer => Ok(()),
+            Role::Service => Err(Status::permission_denied(
+                "c2m services may read account data, not change it",
+            )),
             role if self.account_id.as_deref() != Some(account_id) => {
                 Err(Status::permission_denied(
                     format!("a {role:?} of another account cannot act on account {account_id}")
@@ -278,5 +283,15 @@ mod tests {
         );
         assert!(admin.require_internal().is_err());
         assert!(claims(Role::Service, None).require_internal().is_ok());
+        assert!(
+            claims(Role::Service, None)
+                .authorize("acme", Role::Viewer)
+                .is_ok()
+        );
+        assert!(
+            claims(Role::Service, None)
+                .authorize("acme", Role::Editor)
+                .is_err()
+        );
     }
 }
