@@ -716,3 +716,62 @@ async fn configurations_list_by_page_and_filter() {
     assert_eq!(bad.code(), Code::InvalidArgument);
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_sees_a_configuration_change_well_inside_its_cache_ttl() {
+    use crate::story::handoff_request;
+
+    let story = Story::start(Topology::Separate).await;
+    let key = onboard(&story, "acme").await;
+    let mut handoff = story.handoff().await;
+    // Handoff reads the account (deflection on) and caches it.
+    handoff
+        .create_handoff(authed(handoff_request("acme", "+14155550301", "w-1"), &key))
+        .await
+        .expect("sent");
+
+    story
+        .config()
+        .await
+        .update_account_settings(authed(
+            pb::UpdateAccountSettingsRequest {
+                account_id: "acme".into(),
+                settings: Some(pb::AccountSettings {
+                    deflection_enabled: false,
+                    ..Default::default()
+                }),
+            },
+            &token(AuthRole::Admin, Some("acme")),
+        ))
+        .await
+        .expect("deflection off");
+    let changed = std::time::Instant::now();
+    // The cache's TTL is 5 s: seeing the change within 2 s is the change notice at work.
+    let mut n = 1;
+    c2m_test_support::eventually(
+        "handoff to see deflection switched off",
+        std::time::Duration::from_secs(2),
+        || {
+            n += 1;
+            let mut handoff = handoff.clone();
+            let request = handoff_request(
+                "acme",
+                &format!("+1415555{:04}", 400 + n),
+                &format!("w-{n}"),
+            );
+            let key = key.clone();
+            async move {
+                handoff
+                    .create_handoff(authed(request, &key))
+                    .await
+                    .is_err_and(|s| s.code() == Code::FailedPrecondition)
+            }
+        },
+    )
+    .await;
+    eprintln!(
+        "configuration change visible to handoff after {:?}",
+        changed.elapsed()
+    );
+    story.stop().await;
+}

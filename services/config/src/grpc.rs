@@ -563,4 +563,14 @@ impl ConfigService for Service {
                 .collect(),
         }))
     }
+
+    async fn watch_config(
+        &self,
+        request: Request<pb::WatchConfigRequest>,
+    ) -> Result<Response<crate::watch::ChangeStream>, Status> {
+        self.key.caller(request.metadata())?.require_internal()?;
+        Ok(Response::new(
+            self.watch.subscribe(request.into_inner().account_id),
+        ))
+    }
 }

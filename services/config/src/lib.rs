@@ -8,6 +8,7 @@
 mod grpc;
 pub mod model;
 pub mod store;
+pub mod watch;
 
 use std::sync::Arc;
 
@@ -16,7 +17,10 @@ use c2m_runtime::{Component, auth::TokenKey};
 use c2m_storage::ServiceDb;
 use sqlx::migrate::Migrator;
 
-use crate::store::{ConfigStore, PgConfigStore};
+use crate::{
+    store::{ConfigStore, PgConfigStore},
+    watch::Watch,
+};
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "config";
@@ -30,6 +34,7 @@ pub struct Service {
     db: ServiceDb,
     store: Arc<dyn ConfigStore>,
     key: TokenKey,
+    watch: Watch,
 }
 
 impl std::fmt::Debug for Service {
@@ -44,11 +49,15 @@ impl Service {
             store: Arc::new(PgConfigStore::new(db.pool().clone())),
             db,
             key,
+            watch: Watch::new(),
         }
     }
 
     /// The gRPC service, SERVING while its schema answers.
     pub fn into_component(self) -> Component {
-        Component::new(ConfigServiceServer::new(self.clone())).with_probe(self.db.probe())
+        let (watch, pool) = (self.watch.clone(), self.db.pool().clone());
+        Component::new(ConfigServiceServer::new(self.clone()))
+            .with_probe(self.db.probe())
+            .with_task(move |shutdown| watch.listen(pool, shutdown))
     }
 }

@@ -280,6 +280,12 @@ async fn audit(
     .bind(after)
     .execute(&mut *tx)
     .await?;
+    // Delivered to every Config replica's listener when (and only if) the change commits.
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::watch::CHANNEL)
+        .bind(format!("{account_id}\n{resource}"))
+        .execute(&mut *tx)
+        .await?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod decide;
+mod follow;
 pub mod gate;
 mod grpc;
 mod local_gate;
@@ -52,7 +53,8 @@ impl Default for HandoffSettings {
     }
 }
 
-/// How long configuration read from Config is trusted on the hot path.
+/// How long configuration read from Config is trusted on the hot path when no change notice
+/// arrives (while the WatchConfig stream is down); with it, changes show within milliseconds.
 const CONFIG_TTL: Duration = Duration::from_secs(5);
 
 /// The `c2m.v1.HandoffService` implementation.
@@ -101,10 +103,12 @@ impl Service {
     /// The gRPC service, SERVING while its schema and Redis answer, with its outbox relay.
     pub fn into_component(self) -> Component {
         let relay = self.relay.clone();
+        let follower = self.clone();
         Component::new(HandoffServiceServer::new(self.clone()))
             .with_http(rest::router(self.clone()))
             .with_probe(self.db.probe())
             .with_optional_probe(self.redis.probe())
             .with_task(move |shutdown| relay.run(shutdown))
+            .with_task(move |shutdown| follower.follow_config(shutdown))
     }
 }

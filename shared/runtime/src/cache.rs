@@ -40,6 +40,21 @@ impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
             .remove(key);
     }
 
+    /// Drops every entry `keep` says no to.
+    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| keep(k));
+    }
+
+    pub fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     pub fn insert(&self, key: K, value: V) {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= self.capacity {
