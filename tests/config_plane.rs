@@ -775,3 +775,77 @@ async fn handoff_sees_a_configuration_change_well_inside_its_cache_ttl() {
     );
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_reporting_rpc_checks_account_and_role() {
+    use c2m_proto::v1::reporting_service_client::ReportingServiceClient;
+
+    let story = Story::start(Topology::Dev).await;
+    let mut client: ReportingServiceClient<GrpcChannel> = story.reporting().await;
+    let now = chrono::Utc::now();
+    let period = || {
+        (
+            Some(c2m_proto::timestamp(now - chrono::Duration::hours(1))),
+            Some(c2m_proto::timestamp(now)),
+        )
+    };
+    let mut wrong = Vec::new();
+    for caller in CALLERS {
+        let (start_time, end_time) = period();
+        let funnel = client
+            .get_funnel(request(
+                pb::GetFunnelRequest {
+                    account_id: "acme".into(),
+                    start_time,
+                    end_time,
+                    group_by: 0,
+                },
+                caller,
+            ))
+            .await
+            .err()
+            .map(|s| s.code());
+        let (start_time, end_time) = period();
+        let transactions = client
+            .list_transactions(request(
+                pb::ListTransactionsRequest {
+                    account_id: "acme".into(),
+                    start_time,
+                    end_time,
+                    ..Default::default()
+                },
+                caller,
+            ))
+            .await
+            .err()
+            .map(|s| s.code());
+        let record = client
+            .record_events(request(pb::RecordEventsRequest { events: vec![] }, caller))
+            .await
+            .err()
+            .map(|s| s.code());
+        let refusal = |needs: Needs| match caller {
+            Caller::Nobody => Some(Code::Unauthenticated),
+            c if !allowed(needs, c) => Some(Code::PermissionDenied),
+            _ => None,
+        };
+        for (rpc, got, needs) in [
+            ("GetFunnel", funnel, Needs::AtLeast(AuthRole::Viewer)),
+            (
+                "ListTransactions",
+                transactions,
+                Needs::AtLeast(AuthRole::Viewer),
+            ),
+            ("RecordEvents", record, Needs::Internal),
+        ] {
+            if got != refusal(needs) {
+                wrong.push(format!(
+                    "{rpc} as {caller:?}: {got:?}, expected {:?}",
+                    refusal(needs)
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    story.stop().await;
+}

@@ -233,6 +233,59 @@ async fn deflect_and_reply(topology: Topology) {
         "nothing counted for globex"
     );
 
+    // Each handoff as a transaction: every stage it reached, in order, with the conversation.
+    let now = chrono::Utc::now();
+    let transactions = story
+        .reporting()
+        .await
+        .list_transactions(authed(
+            pb::ListTransactionsRequest {
+                account_id: "acme".to_owned(),
+                start_time: Some(c2m_proto::timestamp(now - chrono::Duration::hours(1))),
+                end_time: Some(c2m_proto::timestamp(now + chrono::Duration::hours(1))),
+                ..Default::default()
+            },
+            &token(AuthRole::Viewer, Some("acme")),
+        ))
+        .await
+        .expect("transactions")
+        .into_inner()
+        .transactions;
+    let stages = |t: &pb::Transaction| -> Vec<&'static str> {
+        t.stages
+            .iter()
+            .map(|s| FunnelStage::try_from(s.stage).expect("stage").as_str_name())
+            .collect()
+    };
+    let sent = transactions
+        .iter()
+        .find(|t| t.handoff_id == first.handoff_id)
+        .expect("the first handoff");
+    assert_eq!(
+        stages(sent),
+        [
+            "FUNNEL_STAGE_ATTEMPTED",
+            "FUNNEL_STAGE_SENT",
+            "FUNNEL_STAGE_DELIVERED",
+            "FUNNEL_STAGE_RESPONDED",
+            "FUNNEL_STAGE_CONVERSATION_OPENED"
+        ]
+    );
+    assert_eq!(sent.conversation_id, conversation_id);
+    assert_eq!(sent.source, "TWILIO");
+    let skipped = transactions
+        .iter()
+        .find(|t| t.handoff_id == second.handoff_id)
+        .expect("the second handoff");
+    assert_eq!(
+        stages(skipped),
+        [
+            "FUNNEL_STAGE_ATTEMPTED",
+            "FUNNEL_STAGE_SKIPPED_OPEN_CONVERSATION"
+        ]
+    );
+    assert_eq!(transactions.len(), 2);
+
     // GetHandoff shows the delivery.
     let got = handoff
         .get_handoff(authed(

@@ -20,6 +20,30 @@ fn db_status(error: sqlx::Error) -> Status {
     c2m_storage::postgres::db_status("reporting", error)
 }
 
+/// A query period: both ends valid, start before end.
+fn period(
+    start: Option<&prost_types::Timestamp>,
+    end: Option<&prost_types::Timestamp>,
+) -> Result<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>), Status> {
+    let mut violations = FieldViolations::new();
+    let start = start.and_then(c2m_proto::from_timestamp);
+    let end = end.and_then(c2m_proto::from_timestamp);
+    if start.is_none() {
+        violations.add("start_time", "a valid timestamp is required");
+    }
+    if end.is_none() {
+        violations.add("end_time", "a valid timestamp is required");
+    }
+    match (start, end) {
+        (Some(start), Some(end)) if start < end => Ok((start, end)),
+        (Some(_), Some(_)) => {
+            violations.add("end_time", "must be after start_time");
+            Err(violations.into_result().expect_err("one violation"))
+        }
+        _ => Err(violations.into_result().expect_err("a violation")),
+    }
+}
+
 fn validate(i: usize, event: &pb::Event, violations: &mut FieldViolations) -> Option<StoredEvent> {
     let field = |name: &str| format!("events[{i}].{name}");
     let before = violations.is_empty();
@@ -105,26 +129,8 @@ impl ReportingService for Service {
         let caller = self.key.caller(request.metadata())?;
         let request = request.into_inner();
         caller.authorize(&request.account_id, Role::Viewer)?;
+        let (start, end) = period(request.start_time.as_ref(), request.end_time.as_ref())?;
         let mut violations = FieldViolations::new();
-        let start = request
-            .start_time
-            .as_ref()
-            .and_then(c2m_proto::from_timestamp);
-        let end = request
-            .end_time
-            .as_ref()
-            .and_then(c2m_proto::from_timestamp);
-        if start.is_none() {
-            violations.add("start_time", "a valid timestamp is required");
-        }
-        if end.is_none() {
-            violations.add("end_time", "a valid timestamp is required");
-        }
-        if let (Some(start), Some(end)) = (start, end)
-            && start >= end
-        {
-            violations.add("end_time", "must be after start_time");
-        }
         let grouping = match FunnelGrouping::try_from(request.group_by) {
             Ok(FunnelGrouping::Unspecified) => Grouping::None,
             Ok(FunnelGrouping::Channel) => Grouping::Channel,
@@ -137,9 +143,6 @@ impl ReportingService for Service {
             }
         };
         violations.into_result()?;
-        let (Some(start), Some(end)) = (start, end) else {
-            return Err(Status::internal("validated above"));
-        };
         let counts = self
             .store
             .funnel(&request.account_id, start, end, grouping)
@@ -160,6 +163,71 @@ impl ReportingService for Service {
                 .into_iter()
                 .map(|(group, counts)| pb::FunnelRow { group, counts })
                 .collect(),
+        }))
+    }
+
+    async fn list_transactions(
+        &self,
+        request: Request<pb::ListTransactionsRequest>,
+    ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Viewer)?;
+        let (start, end) = period(r.start_time.as_ref(), r.end_time.as_ref())?;
+        let limit = match r.page_size {
+            n if n <= 0 => 50,
+            n => i64::from(n.min(500)),
+        };
+        let events = self
+            .store
+            .transactions(&r.account_id, start, end, &r.page_token, limit)
+            .await
+            .map_err(db_status)?;
+        let mut transactions: Vec<pb::Transaction> = Vec::new();
+        for event in events {
+            if transactions
+                .last()
+                .is_none_or(|t| t.handoff_id != event.handoff_id)
+            {
+                transactions.push(pb::Transaction {
+                    handoff_id: event.handoff_id.clone(),
+                    ..Default::default()
+                });
+            }
+            let Some(t) = transactions.last_mut() else {
+                continue;
+            };
+            if let Some(channel) = Channel::from_str_name(event.channel) {
+                t.channel = channel as i32;
+            }
+            for (field, value) in [
+                (&mut t.skill_id, &event.skill_id),
+                (&mut t.conversation_id, &event.conversation_id),
+                (&mut t.error_code, &event.error_code),
+            ] {
+                if !value.is_empty() {
+                    field.clone_from(value);
+                }
+            }
+            if event.source != "C2M" && !event.source.is_empty() {
+                t.source.clone_from(&event.source);
+            }
+            t.stages.push(pb::StageTime {
+                stage: FunnelStage::from_str_name(event.stage).unwrap_or_default() as i32,
+                at: Some(c2m_proto::timestamp(event.occurred_at)),
+            });
+        }
+        let next_page_token = if transactions.len() as i64 == limit {
+            transactions
+                .last()
+                .map(|t| t.handoff_id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListTransactionsResponse {
+            transactions,
+            next_page_token,
         }))
     }
 }

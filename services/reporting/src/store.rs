@@ -33,6 +33,16 @@ pub enum Grouping {
 
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
+    /// The events of up to `limit` handoffs whose first event is in `[start, end)`, handoff ids
+    /// after `after`, in handoff id order and, within one, in time order.
+    async fn transactions(
+        &self,
+        account_id: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error>;
     /// Appends the events not seen before; returns how many were new.
     async fn append(&self, events: &[StoredEvent]) -> Result<u64, sqlx::Error>;
     /// (group, stage name, count) for an account's events in `[start, end)`.
@@ -58,6 +68,78 @@ impl PgEventStore {
 
 #[async_trait]
 impl EventStore for PgEventStore {
+    async fn transactions(
+        &self,
+        account_id: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let rows: Vec<(
+            String,
+            String,
+            DateTime<Utc>,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        )> = sqlx::query_as(
+            "WITH page AS ( \
+                   SELECT handoff_id FROM events \
+                   WHERE account_id = $1 AND handoff_id > $4 AND handoff_id <> '' \
+                   GROUP BY handoff_id HAVING min(occurred_at) >= $2 AND min(occurred_at) < $3 \
+                   ORDER BY handoff_id LIMIT $5) \
+                 SELECT e.event_id, e.stage, e.occurred_at, e.handoff_id, e.channel, e.skill_id, \
+                        e.conversation_id, e.error_code, e.source \
+                 FROM events e JOIN page USING (handoff_id) WHERE e.account_id = $1 \
+                 ORDER BY e.handoff_id, e.occurred_at, e.event_id",
+        )
+        .bind(account_id)
+        .bind(start)
+        .bind(end)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    event_id,
+                    stage,
+                    occurred_at,
+                    handoff_id,
+                    channel,
+                    skill_id,
+                    conversation_id,
+                    error_code,
+                    source,
+                )| {
+                    StoredEvent {
+                        event_id,
+                        account_id: account_id.to_owned(),
+                        stage: c2m_proto::v1::FunnelStage::from_str_name(&stage)
+                            .unwrap_or_default()
+                            .as_str_name(),
+                        occurred_at,
+                        handoff_id,
+                        handoff_config_id: String::new(),
+                        channel: c2m_proto::v1::Channel::from_str_name(&channel)
+                            .map_or("", |c| c.as_str_name()),
+                        skill_id,
+                        conversation_id,
+                        ivr_number: String::new(),
+                        error_code,
+                        source,
+                    }
+                },
+            )
+            .collect())
+    }
+
     async fn append(&self, events: &[StoredEvent]) -> Result<u64, sqlx::Error> {
         let column = |f: fn(&StoredEvent) -> String| events.iter().map(f).collect::<Vec<_>>();
         let done = sqlx::query(
