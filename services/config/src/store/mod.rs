@@ -1,0 +1,149 @@
+//! Config's storage, behind a trait so the embedded backend can slot in later.
+
+mod postgres;
+
+pub use postgres::PgConfigStore;
+
+use async_trait::async_trait;
+use c2m_proto::v1::{Channel, WhatsAppTemplateStatus};
+use chrono::{DateTime, Utc};
+
+use crate::model::{Account, ApiKey, HandoffConfig, Settings, Template};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A unique constraint refused the write (the id or name is taken).
+    #[error("{0} already exists")]
+    Conflict(&'static str),
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+}
+
+/// Who made a change, for the audit log.
+#[derive(Debug, Clone, Copy)]
+pub struct Actor<'a>(pub &'a str);
+
+/// What updating a configuration at an expected version did.
+#[derive(Debug)]
+pub enum Updated {
+    Done(Box<HandoffConfig>),
+    /// Someone else updated it first: its version now.
+    Stale(i64),
+    Missing,
+}
+
+/// What deleting a template did.
+#[derive(Debug)]
+pub enum TemplateDeleted {
+    Done,
+    Missing,
+    /// Configurations that still send it.
+    InUse(Vec<String>),
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub account_id: String,
+    pub actor: String,
+    pub action: String,
+    pub resource: String,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+    pub at: DateTime<Utc>,
+}
+
+#[async_trait]
+pub trait ConfigStore: Send + Sync + 'static {
+    async fn create_account(&self, account: &Account, actor: Actor<'_>) -> Result<(), StoreError>;
+    async fn account(&self, id: &str) -> Result<Option<Account>, StoreError>;
+    async fn update_settings(
+        &self,
+        id: &str,
+        settings: &Settings,
+        actor: Actor<'_>,
+    ) -> Result<Option<Account>, StoreError>;
+    async fn create_handoff_config(
+        &self,
+        config: &HandoffConfig,
+        actor: Actor<'_>,
+    ) -> Result<(), StoreError>;
+    async fn handoff_config(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> Result<Option<HandoffConfig>, StoreError>;
+    /// Configurations by id, after `after`, at most `limit`, optionally only those using a channel
+    /// or routing to a skill.
+    async fn handoff_configs(
+        &self,
+        account_id: &str,
+        after: &str,
+        limit: i64,
+        channel: Option<Channel>,
+        skill_id: Option<&str>,
+    ) -> Result<Vec<HandoffConfig>, StoreError>;
+    /// Replaces a configuration if it is still at `config.version`; the stored one gets the next.
+    async fn update_handoff_config(
+        &self,
+        config: &HandoffConfig,
+        actor: Actor<'_>,
+    ) -> Result<Updated, StoreError>;
+    async fn delete_handoff_config(
+        &self,
+        account_id: &str,
+        id: &str,
+        actor: Actor<'_>,
+    ) -> Result<bool, StoreError>;
+    async fn create_template(
+        &self,
+        template: &Template,
+        actor: Actor<'_>,
+    ) -> Result<(), StoreError>;
+    async fn template(&self, account_id: &str, id: &str) -> Result<Option<Template>, StoreError>;
+    async fn templates(
+        &self,
+        account_id: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<Template>, StoreError>;
+    async fn set_template_status(
+        &self,
+        account_id: &str,
+        id: &str,
+        status: WhatsAppTemplateStatus,
+        actor: Actor<'_>,
+    ) -> Result<Option<Template>, StoreError>;
+    async fn delete_template(
+        &self,
+        account_id: &str,
+        id: &str,
+        actor: Actor<'_>,
+    ) -> Result<TemplateDeleted, StoreError>;
+    async fn create_api_key(
+        &self,
+        key: &ApiKey,
+        hash: &[u8],
+        actor: Actor<'_>,
+    ) -> Result<(), StoreError>;
+    async fn api_keys(&self, account_id: &str) -> Result<Vec<ApiKey>, StoreError>;
+    /// Revokes a live key; `false` when there is no such live key.
+    async fn revoke_api_key(
+        &self,
+        account_id: &str,
+        id: &str,
+        actor: Actor<'_>,
+    ) -> Result<bool, StoreError>;
+    /// The live key with this hash, marking it used.
+    async fn use_api_key(&self, hash: &[u8]) -> Result<Option<ApiKey>, StoreError>;
+    /// Audit records of an account in `[start, end)`, after record `after`, oldest first.
+    async fn audit(
+        &self,
+        account_id: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
+}

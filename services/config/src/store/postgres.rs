@@ -1,0 +1,316 @@
+//! The PostgreSQL backend of Config's store.
+
+mod accounts;
+mod audit;
+mod configs;
+mod templates;
+
+use async_trait::async_trait;
+use c2m_proto::v1::{Channel, WhatsAppTemplateCategory, WhatsAppTemplateStatus};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
+
+use super::{Actor, AuditRecord, ConfigStore, StoreError, TemplateDeleted, Updated};
+use crate::model::{Account, ApiKey, HandoffConfig, Settings, Template};
+
+#[derive(Debug, Clone)]
+pub struct PgConfigStore {
+    pool: PgPool,
+}
+
+impl PgConfigStore {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+}
+
+fn names(channels: &[Channel]) -> Vec<&'static str> {
+    channels.iter().map(|c| c.as_str_name()).collect()
+}
+
+fn channels(names: Vec<String>) -> Vec<Channel> {
+    names
+        .iter()
+        .filter_map(|n| Channel::from_str_name(n))
+        .collect()
+}
+
+fn conflict(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
+    move |e| match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(what),
+        _ => StoreError::Db(e),
+    }
+}
+
+const ACCOUNT_COLUMNS: &str = "account_id, display_name, deflection_enabled, landline_check_enabled, \
+    rate_limit_per_second, enabled_channels, reply_lookback_hours, created_at";
+
+fn account_row(row: PgRow) -> Result<Account, sqlx::Error> {
+    Ok(Account {
+        id: row.try_get("account_id")?,
+        display_name: row.try_get("display_name")?,
+        settings: Settings {
+            deflection_enabled: row.try_get("deflection_enabled")?,
+            landline_check_enabled: row.try_get("landline_check_enabled")?,
+            rate_limit_per_second: row.try_get::<i32, _>("rate_limit_per_second")? as u32,
+            enabled_channels: channels(row.try_get("enabled_channels")?),
+            reply_lookback_hours: row.try_get::<i32, _>("reply_lookback_hours")? as u32,
+        },
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+const CONFIG_COLUMNS: &str = "handoff_config_id, account_id, name, skill_id, channel_priority, messages, \
+    whatsapp_template_id, apple_business_id, apple_intent_id, apple_group_id, \
+    delivery_deadline_seconds, version, updated_at";
+
+fn config_row(row: PgRow) -> Result<HandoffConfig, sqlx::Error> {
+    let messages: serde_json::Value = row.try_get("messages")?;
+    let messages = messages
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((Channel::from_str_name(k)?, v.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(HandoffConfig {
+        id: row.try_get("handoff_config_id")?,
+        account_id: row.try_get("account_id")?,
+        name: row.try_get("name")?,
+        skill_id: row.try_get("skill_id")?,
+        channel_priority: channels(row.try_get("channel_priority")?),
+        messages,
+        whatsapp_template_id: row.try_get("whatsapp_template_id")?,
+        apple_business_id: row.try_get("apple_business_id")?,
+        apple_intent_id: row.try_get("apple_intent_id")?,
+        apple_group_id: row.try_get("apple_group_id")?,
+        delivery_deadline_seconds: row.try_get::<i32, _>("delivery_deadline_seconds")? as u32,
+        version: row.try_get("version")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+const KEY_COLUMNS: &str =
+    "api_key_id, account_id, name, prefix, created_at, last_used_at, revoked_at";
+
+fn api_key_row(row: PgRow) -> Result<ApiKey, sqlx::Error> {
+    Ok(ApiKey {
+        id: row.try_get("api_key_id")?,
+        account_id: row.try_get("account_id")?,
+        name: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        created_at: row.try_get("created_at")?,
+        last_used_at: row.try_get::<Option<DateTime<Utc>>, _>("last_used_at")?,
+        revoked_at: row.try_get::<Option<DateTime<Utc>>, _>("revoked_at")?,
+    })
+}
+
+fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(text)
+}
+
+const TEMPLATE_COLUMNS: &str = "template_id, account_id, name, language, category, body, status";
+
+fn template_row(row: PgRow) -> Result<Template, sqlx::Error> {
+    Ok(Template {
+        id: row.try_get("template_id")?,
+        account_id: row.try_get("account_id")?,
+        name: row.try_get("name")?,
+        language: row.try_get("language")?,
+        category: WhatsAppTemplateCategory::from_str_name(&row.try_get::<String, _>("category")?)
+            .unwrap_or_default(),
+        body: row.try_get("body")?,
+        status: WhatsAppTemplateStatus::from_str_name(&row.try_get::<String, _>("status")?)
+            .unwrap_or_default(),
+    })
+}
+
+/// Writes one audit record inside the change's transaction.
+async fn audit(
+    tx: &mut PgConnection,
+    account_id: &str,
+    actor: Actor<'_>,
+    action: &str,
+    resource: &str,
+    before: Option<serde_json::Value>,
+    after: Option<serde_json::Value>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO audit_events (account_id, actor, action, resource, before, after) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(account_id)
+    .bind(actor.0)
+    .bind(action)
+    .bind(resource)
+    .bind(before)
+    .bind(after)
+    .execute(&mut *tx)
+    .await?;
+    // Delivered to every Config replica's listener when (and only if) the change commits.
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::watch::CHANNEL)
+        .bind(format!("{account_id}\n{resource}"))
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+fn account_json(a: &Account) -> serde_json::Value {
+    c2m_proto::to_json("c2m.v1.Account", &a.to_wire())
+}
+
+fn config_json(c: &HandoffConfig) -> serde_json::Value {
+    c2m_proto::to_json("c2m.v1.HandoffConfig", &c.to_wire())
+}
+
+fn template_json(t: &Template) -> serde_json::Value {
+    c2m_proto::to_json("c2m.v1.WhatsAppTemplate", &t.to_wire())
+}
+
+fn messages_json(c: &HandoffConfig) -> serde_json::Value {
+    serde_json::Value::Object(
+        c.messages
+            .iter()
+            .map(|(channel, text)| (channel.as_str_name().to_owned(), text.clone().into()))
+            .collect(),
+    )
+}
+
+#[async_trait]
+impl ConfigStore for PgConfigStore {
+    async fn create_account(&self, a: &Account, actor: Actor<'_>) -> Result<(), StoreError> {
+        accounts::create_account(&self.pool, a, actor).await
+    }
+
+    async fn account(&self, id: &str) -> Result<Option<Account>, StoreError> {
+        accounts::account(&self.pool, id).await
+    }
+
+    async fn update_settings(
+        &self,
+        id: &str,
+        s: &Settings,
+        actor: Actor<'_>,
+    ) -> Result<Option<Account>, StoreError> {
+        accounts::update_settings(&self.pool, id, s, actor).await
+    }
+
+    async fn create_handoff_config(
+        &self,
+        c: &HandoffConfig,
+        actor: Actor<'_>,
+    ) -> Result<(), StoreError> {
+        configs::create_handoff_config(&self.pool, c, actor).await
+    }
+
+    async fn handoff_config(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> Result<Option<HandoffConfig>, StoreError> {
+        configs::handoff_config(&self.pool, account_id, id).await
+    }
+
+    async fn handoff_configs(
+        &self,
+        account_id: &str,
+        after: &str,
+        limit: i64,
+        channel: Option<Channel>,
+        skill_id: Option<&str>,
+    ) -> Result<Vec<HandoffConfig>, StoreError> {
+        configs::handoff_configs(&self.pool, account_id, after, limit, channel, skill_id).await
+    }
+
+    async fn update_handoff_config(
+        &self,
+        c: &HandoffConfig,
+        actor: Actor<'_>,
+    ) -> Result<Updated, StoreError> {
+        configs::update_handoff_config(&self.pool, c, actor).await
+    }
+
+    async fn delete_handoff_config(
+        &self,
+        account_id: &str,
+        id: &str,
+        actor: Actor<'_>,
+    ) -> Result<bool, StoreError> {
+        configs::delete_handoff_config(&self.pool, account_id, id, actor).await
+    }
+
+    async fn create_template(&self, t: &Template, actor: Actor<'_>) -> Result<(), StoreError> {
+        templates::create_template(&self.pool, t, actor).await
+    }
+
+    async fn template(&self, account_id: &str, id: &str) -> Result<Option<Template>, StoreError> {
+        templates::template(&self.pool, account_id, id).await
+    }
+
+    async fn templates(
+        &self,
+        account_id: &str,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<Template>, StoreError> {
+        templates::templates(&self.pool, account_id, after, limit).await
+    }
+
+    async fn set_template_status(
+        &self,
+        account_id: &str,
+        id: &str,
+        status: WhatsAppTemplateStatus,
+        actor: Actor<'_>,
+    ) -> Result<Option<Template>, StoreError> {
+        templates::set_template_status(&self.pool, account_id, id, status, actor).await
+    }
+
+    async fn delete_template(
+        &self,
+        account_id: &str,
+        id: &str,
+        actor: Actor<'_>,
+    ) -> Result<TemplateDeleted, StoreError> {
+        templates::delete_template(&self.pool, account_id, id, actor).await
+    }
+
+    async fn create_api_key(
+        &self,
+        k: &ApiKey,
+        hash: &[u8],
+        actor: Actor<'_>,
+    ) -> Result<(), StoreError> {
+        accounts::create_api_key(&self.pool, k, hash, actor).await
+    }
+
+    async fn api_keys(&self, account_id: &str) -> Result<Vec<ApiKey>, StoreError> {
+        accounts::api_keys(&self.pool, account_id).await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        account_id: &str,
+        id: &str,
+        actor: Actor<'_>,
+    ) -> Result<bool, StoreError> {
+        accounts::revoke_api_key(&self.pool, account_id, id, actor).await
+    }
+
+    async fn use_api_key(&self, hash: &[u8]) -> Result<Option<ApiKey>, StoreError> {
+        accounts::use_api_key(&self.pool, hash).await
+    }
+
+    async fn audit(
+        &self,
+        account_id: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        audit::list(&self.pool, account_id, start, end, after, limit).await
+    }
+}
