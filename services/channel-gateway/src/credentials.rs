@@ -2,12 +2,11 @@
 //! and provider are bound in as associated data, so a sealed blob cannot be replayed under another
 //! account. Nothing here is ever logged or returned.
 
-use c2m_proto::v1::{Provider, TwilioCredentials};
+use c2m_proto::v1::Provider;
 use chacha20poly1305::{
     ChaCha20Poly1305, Key, Nonce,
     aead::{Aead, KeyInit, Payload},
 };
-use prost::Message;
 use sqlx::PgPool;
 
 const NONCE: usize = 12;
@@ -122,22 +121,22 @@ pub async fn delete(
     Ok(done.rows_affected() == 1)
 }
 
-/// An account's Twilio credentials.
-pub async fn twilio(
+/// An account's opened credentials for `provider`, as stored (an encoded credentials message).
+pub async fn open(
     pool: &PgPool,
     sealer: &Sealer,
     account_id: &str,
-) -> Result<TwilioCredentials, CredentialsError> {
+    provider: Provider,
+) -> Result<Vec<u8>, CredentialsError> {
     let sealed: Option<Vec<u8>> = sqlx::query_scalar(
         "SELECT ciphertext FROM provider_credentials WHERE account_id = $1 AND provider = $2",
     )
     .bind(account_id)
-    .bind(Provider::Twilio.as_str_name())
+    .bind(provider.as_str_name())
     .fetch_optional(pool)
     .await?;
-    let sealed = sealed.ok_or(CredentialsError::Missing("twilio"))?;
-    let plaintext = sealer.open(account_id, Provider::Twilio, &sealed)?;
-    TwilioCredentials::decode(plaintext.as_slice()).map_err(|_| CredentialsError::Sealed)
+    let sealed = sealed.ok_or(CredentialsError::Missing(provider.as_str_name()))?;
+    sealer.open(account_id, provider, &sealed)
 }
 
 #[cfg(test)]

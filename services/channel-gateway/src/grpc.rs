@@ -51,17 +51,24 @@ fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {
 }
 
 impl Service {
-    pub(crate) async fn twilio_credentials(
+    /// An account's credentials for a provider, opened and cached briefly: the send path does
+    /// not read and decrypt them for every message.
+    pub(crate) async fn credentials<T: Message + Default>(
         &self,
         account_id: &str,
-    ) -> Result<pb::TwilioCredentials, credentials::CredentialsError> {
-        if let Some(cached) = self.twilio_credentials.get(&account_id.to_owned()) {
-            return Ok(cached);
-        }
-        let opened = credentials::twilio(self.db.pool(), &self.sealer, account_id).await?;
-        self.twilio_credentials
-            .insert(account_id.to_owned(), opened.clone());
-        Ok(opened)
+        provider: Provider,
+    ) -> Result<T, credentials::CredentialsError> {
+        let key = (account_id.to_owned(), provider as i32);
+        let plaintext = match self.credentials.get(&key) {
+            Some(plaintext) => plaintext,
+            None => {
+                let opened =
+                    credentials::open(self.db.pool(), &self.sealer, account_id, provider).await?;
+                self.credentials.insert(key, opened.clone());
+                opened
+            }
+        };
+        T::decode(plaintext.as_slice()).map_err(|_| credentials::CredentialsError::Sealed)
     }
 }
 
@@ -123,7 +130,8 @@ impl ChannelGatewayService for Service {
         let deleted = credentials::delete(self.db.pool(), &r.account_id, provider)
             .await
             .map_err(db_status)?;
-        self.twilio_credentials.remove(&r.account_id);
+        self.credentials
+            .remove(&(r.account_id.clone(), provider as i32));
         if !deleted {
             return Err(Status::not_found("no such credentials"));
         }
@@ -169,7 +177,10 @@ impl ChannelGatewayService for Service {
                 channel.as_str_name()
             )));
         }
-        let outcome = match self.twilio_credentials(&r.account_id).await {
+        let outcome = match self
+            .credentials::<pb::TwilioCredentials>(&r.account_id, Provider::Twilio)
+            .await
+        {
             Ok(creds) => {
                 let callback = format!(
                     "{}/webhooks/twilio/{}/status",

@@ -15,7 +15,6 @@ mod webhooks;
 use std::{sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use c2m_proto::v1::TwilioCredentials;
 use c2m_proto::v1::channel_gateway_service_server::ChannelGatewayServiceServer;
 use c2m_runtime::{Component, auth::TokenKey, cache::TtlCache, peers::Peers};
 use c2m_storage::{ServiceDb, outbox::Relay};
@@ -87,9 +86,9 @@ pub struct Service {
     http: reqwest::Client,
     settings: Arc<GatewaySettings>,
     relay: Relay,
-    /// Opened Twilio credentials per account, briefly: the send path does not read and decrypt
-    /// them for every message. Replaced here at once; other replicas see a change within the TTL.
-    twilio_credentials: Arc<TtlCache<String, TwilioCredentials>>,
+    /// Opened credentials per account and provider, briefly. Replaced here at once; other
+    /// replicas see a change within the TTL.
+    credentials: Arc<TtlCache<(String, i32), Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -137,7 +136,7 @@ impl Service {
             http,
             settings: Arc::new(settings),
             relay,
-            twilio_credentials: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
+            credentials: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
         })
     }
 

@@ -48,16 +48,21 @@ async fn verified_twilio_form(
     else {
         return Err(forbidden());
     };
-    let credentials =
-        match credentials::twilio(service.db.pool(), &service.sealer, account_id).await {
-            Ok(credentials) => credentials,
-            Err(credentials::CredentialsError::Db(error)) => {
-                tracing::warn!(%error, "webhook: credentials unavailable");
-                return Err(StatusCode::SERVICE_UNAVAILABLE.into_response());
-            }
-            // Unknown account or no Twilio set up: nothing can verify it.
-            Err(_) => return Err(forbidden()),
-        };
+    let credentials = match service
+        .credentials::<c2m_proto::v1::TwilioCredentials>(
+            account_id,
+            c2m_proto::v1::Provider::Twilio,
+        )
+        .await
+    {
+        Ok(credentials) => credentials,
+        Err(credentials::CredentialsError::Db(error)) => {
+            tracing::warn!(%error, "webhook: credentials unavailable");
+            return Err(StatusCode::SERVICE_UNAVAILABLE.into_response());
+        }
+        // Unknown account or no Twilio set up: nothing can verify it.
+        Err(_) => return Err(forbidden()),
+    };
     let Ok(params) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body) else {
         return Err(forbidden());
     };
