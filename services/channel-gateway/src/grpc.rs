@@ -13,11 +13,19 @@ use tonic::{Request, Response, Status};
 use crate::{
     Service, credentials,
     messages::{self, Outbound},
+    meta,
     twilio::{self, SendOutcome},
 };
 
 fn db_status(error: sqlx::Error) -> Status {
     c2m_storage::postgres::db_status("gateway", error)
+}
+
+fn no_credentials(error: credentials::CredentialsError) -> SendOutcome {
+    SendOutcome::Failed {
+        code: "no-credentials".into(),
+        message: error.to_string(),
+    }
 }
 
 fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {
@@ -51,6 +59,52 @@ fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {
 }
 
 impl Service {
+    async fn send_sms(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
+        let creds = match self
+            .credentials::<pb::TwilioCredentials>(&r.account_id, Provider::Twilio)
+            .await
+        {
+            Ok(creds) => creds,
+            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
+            Err(e) => return Ok(no_credentials(e)),
+        };
+        let callback = format!(
+            "{}/webhooks/twilio/{}/status",
+            self.settings.public_url.trim_end_matches('/'),
+            r.account_id
+        );
+        Ok(twilio::send_sms(
+            &self.http,
+            &self.settings.twilio_api_base,
+            &creds,
+            &r.to,
+            &r.text,
+            &callback,
+        )
+        .await)
+    }
+
+    async fn send_whatsapp(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
+        let creds = match self
+            .credentials::<pb::MetaWhatsAppCredentials>(&r.account_id, Provider::MetaWhatsapp)
+            .await
+        {
+            Ok(creds) => creds,
+            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
+            Err(e) => return Ok(no_credentials(e)),
+        };
+        Ok(meta::send(
+            &self.http,
+            &self.settings.meta_api_base,
+            &self.settings.meta_api_version,
+            &creds,
+            &r.to,
+            &r.text,
+            r.whatsapp_template.as_ref(),
+        )
+        .await)
+    }
+
     /// An account's credentials for a provider, opened and cached briefly: the send path does
     /// not read and decrypt them for every message.
     pub(crate) async fn credentials<T: Message + Default>(
@@ -87,9 +141,29 @@ impl ChannelGatewayService for Service {
                 validate_twilio(t, &mut violations);
                 (Provider::Twilio, t.encode_to_vec())
             }
+            Some(Credentials::MetaWhatsapp(m)) => {
+                if m.phone_number_id.is_empty()
+                    || !m.phone_number_id.bytes().all(|b| b.is_ascii_digit())
+                {
+                    violations.add(
+                        "meta_whatsapp.phone_number_id",
+                        "the numeric phone number id",
+                    );
+                }
+                for (field, value) in [
+                    ("meta_whatsapp.access_token", &m.access_token),
+                    ("meta_whatsapp.app_secret", &m.app_secret),
+                    ("meta_whatsapp.verify_token", &m.verify_token),
+                ] {
+                    if value.is_empty() {
+                        violations.add(field, "required");
+                    }
+                }
+                (Provider::MetaWhatsapp, m.encode_to_vec())
+            }
             Some(_) => {
                 return Err(Status::unimplemented(
-                    "only twilio credentials are supported so far",
+                    "only twilio and meta_whatsapp credentials are supported so far",
                 ));
             }
             None => {
@@ -171,37 +245,15 @@ impl ChannelGatewayService for Service {
                 message: Some(existing.to_wire()),
             }));
         }
-        if channel != Channel::Sms {
-            return Err(Status::unimplemented(format!(
-                "{} is not supported yet",
-                channel.as_str_name()
-            )));
-        }
-        let outcome = match self
-            .credentials::<pb::TwilioCredentials>(&r.account_id, Provider::Twilio)
-            .await
-        {
-            Ok(creds) => {
-                let callback = format!(
-                    "{}/webhooks/twilio/{}/status",
-                    self.settings.public_url.trim_end_matches('/'),
-                    r.account_id
-                );
-                twilio::send_sms(
-                    &self.http,
-                    &self.settings.twilio_api_base,
-                    &creds,
-                    &r.to,
-                    &r.text,
-                    &callback,
-                )
-                .await
+        let outcome = match channel {
+            Channel::Sms => self.send_sms(&r).await?,
+            Channel::Whatsapp => self.send_whatsapp(&r).await?,
+            other => {
+                return Err(Status::unimplemented(format!(
+                    "{} is not supported yet",
+                    other.as_str_name()
+                )));
             }
-            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
-            Err(e) => SendOutcome::Failed {
-                code: "no-credentials".into(),
-                message: e.to_string(),
-            },
         };
         let now = Utc::now();
         let (stage, provider_id, error_code, error_message) = match outcome {

@@ -9,6 +9,7 @@
 mod credentials;
 mod grpc;
 mod messages;
+pub mod meta;
 pub mod twilio;
 mod webhooks;
 
@@ -42,6 +43,10 @@ pub struct GatewaySettings {
     pub credentials_key: String,
     /// Twilio's REST API (point it at an emulator in tests).
     pub twilio_api_base: String,
+    /// Meta's Graph API, for WhatsApp.
+    pub meta_api_base: String,
+    /// The Graph API version in request paths.
+    pub meta_api_version: String,
     /// Milliseconds a provider call may take.
     pub provider_timeout_ms: u64,
 }
@@ -52,6 +57,8 @@ impl Default for GatewaySettings {
             public_url: "http://127.0.0.1:8080".into(),
             credentials_key: String::new(),
             twilio_api_base: "https://api.twilio.com".into(),
+            meta_api_base: "https://graph.facebook.com".into(),
+            meta_api_version: "v21.0".into(),
             provider_timeout_ms: 5_000,
         }
     }

@@ -8,13 +8,13 @@ use axum::{
     extract::{Path, State},
     http::{HeaderMap, StatusCode, Uri, header},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
 };
-use c2m_proto::v1::{self as pb, Channel};
+use c2m_proto::v1::{self as pb, Channel, MetaWhatsAppCredentials, Provider};
 use c2m_runtime::mask_phone;
 use tonic::Code;
 
-use crate::{Service, credentials, messages, twilio};
+use crate::{Service, credentials, messages, meta, twilio};
 
 /// Twilio wants TwiML back from an inbound-message webhook; an empty response sends no reply.
 const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>";
@@ -25,6 +25,10 @@ pub fn router(service: Service) -> Router {
         .route(
             "/webhooks/twilio/{account_id}/inbound",
             post(twilio_inbound),
+        )
+        .route(
+            "/webhooks/meta/{account_id}",
+            get(meta_verify).post(meta_events),
         )
         .with_state(service)
 }
@@ -92,12 +96,14 @@ async fn store(
     dedup_key: &str,
     body: &Bytes,
 ) -> Result<bool, sqlx::Error> {
+    let provider = dedup_key.split(':').next().unwrap_or_default();
     sqlx::query(
-        "INSERT INTO webhook_inbox (provider, dedup_key, body) VALUES ('twilio', $1, $2) \
+        "INSERT INTO webhook_inbox (provider, dedup_key, body) VALUES ($3, $1, $2) \
          ON CONFLICT (dedup_key) DO NOTHING",
     )
     .bind(dedup_key)
     .bind(body.as_ref())
+    .bind(provider)
     .execute(&mut *tx)
     .await?;
     let processed: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
@@ -250,4 +256,173 @@ async fn twilio_inbound(
         tracing::warn!(%error, "inbound message routed but not marked processed");
     }
     twiml()
+}
+
+async fn meta_credentials(
+    service: &Service,
+    account_id: &str,
+) -> Result<MetaWhatsAppCredentials, Response> {
+    match service
+        .credentials::<MetaWhatsAppCredentials>(account_id, Provider::MetaWhatsapp)
+        .await
+    {
+        Ok(credentials) => Ok(credentials),
+        Err(credentials::CredentialsError::Db(error)) => Err(unavailable(error)),
+        Err(_) => Err((StatusCode::FORBIDDEN, "unknown account").into_response()),
+    }
+}
+
+/// Meta's subscription handshake: echo `hub.challenge` when `hub.verify_token` is the account's.
+async fn meta_verify(
+    State(service): State<Service>,
+    Path(account_id): Path<String>,
+    uri: Uri,
+) -> Response {
+    let credentials = match meta_credentials(&service, &account_id).await {
+        Ok(credentials) => credentials,
+        Err(refusal) => return refusal,
+    };
+    let query: Vec<(String, String)> =
+        serde_urlencoded::from_str(uri.query().unwrap_or_default()).unwrap_or_default();
+    let get = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let token_ok = get("hub.verify_token").is_some_and(|t| {
+        t.len() == credentials.verify_token.len()
+            && t.bytes()
+                .zip(credentials.verify_token.bytes())
+                .fold(0, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    match (get("hub.mode"), get("hub.challenge")) {
+        (Some("subscribe"), Some(challenge)) if token_ok => challenge.to_owned().into_response(),
+        _ => (StatusCode::FORBIDDEN, "verification refused").into_response(),
+    }
+}
+
+/// Meta's events: message statuses move messages forward; text messages are routed.
+async fn meta_events(
+    State(service): State<Service>,
+    Path(account_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let credentials = match meta_credentials(&service, &account_id).await {
+        Ok(credentials) => credentials,
+        Err(refusal) => return refusal,
+    };
+    let signature = headers
+        .get("x-hub-signature-256")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !meta::verify(&credentials.app_secret, &body, signature) {
+        tracing::warn!(account_id, "webhook: bad meta signature");
+        return (StatusCode::FORBIDDEN, "invalid signature").into_response();
+    }
+    let envelope: meta::Envelope = match serde_json::from_slice(&body) {
+        Ok(envelope) => envelope,
+        Err(error) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("not a webhook envelope: {error}"),
+            )
+                .into_response();
+        }
+    };
+    if envelope.object != "whatsapp_business_account" {
+        return StatusCode::OK.into_response();
+    }
+    for value in envelope
+        .entry
+        .iter()
+        .flat_map(|e| &e.changes)
+        .map(|c| &c.value)
+    {
+        for status in &value.statuses {
+            let dedup_key = format!("meta:status:{}:{}", status.id, status.status);
+            let result: Result<usize, sqlx::Error> = async {
+                let mut tx = service.db.pool().begin().await?;
+                let mut events = 0;
+                if store(&mut tx, &dedup_key, &body).await? {
+                    if let Some(stage) = meta::stage(&status.status) {
+                        let code = status.errors.first().map(|e| e.code.to_string());
+                        events = messages::advance(
+                            &mut tx,
+                            &account_id,
+                            Channel::Whatsapp,
+                            &status.id,
+                            stage,
+                            code.as_deref(),
+                            "META",
+                        )
+                        .await?;
+                    }
+                    mark_processed(&mut tx, &dedup_key).await?;
+                }
+                tx.commit().await?;
+                Ok(events)
+            }
+            .await;
+            match result {
+                Ok(events) if events > 0 => service.relay.wake(),
+                Ok(_) => {}
+                Err(error) => return unavailable(error),
+            }
+        }
+        for message in &value.messages {
+            let dedup_key = format!("meta:inbound:{}", message.id);
+            let fresh = async {
+                let mut tx = service.db.pool().begin().await?;
+                let fresh = store(&mut tx, &dedup_key, &body).await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(fresh)
+            }
+            .await;
+            match fresh {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(error) => return unavailable(error),
+            }
+            let text = message
+                .text
+                .as_ref()
+                .map(|t| t.body.clone())
+                .unwrap_or_default();
+            let routed = service
+                .peers
+                .routing()
+                .route_inbound_message(pb::RouteInboundMessageRequest {
+                    account_id: account_id.clone(),
+                    consumer_address: format!("+{}", message.from.trim_start_matches('+')),
+                    channel: Channel::Whatsapp as i32,
+                    text,
+                    provider_message_id: message.id.clone(),
+                    received_at: Some(c2m_proto::timestamp(chrono::Utc::now())),
+                })
+                .await;
+            match routed {
+                Ok(_) => {}
+                Err(status) if status.code() == Code::FailedPrecondition => {
+                    tracing::info!(account_id, kind = %message.kind, reason = status.message(), "inbound whatsapp message not routed");
+                }
+                Err(status) => {
+                    tracing::warn!(account_id, %status, "inbound whatsapp message: routing unavailable, meta will retry");
+                    return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                }
+            }
+            let marked = async {
+                let mut tx = service.db.pool().begin().await?;
+                mark_processed(&mut tx, &dedup_key).await?;
+                tx.commit().await
+            }
+            .await;
+            if let Err(error) = marked {
+                tracing::warn!(%error, "inbound message routed but not marked processed");
+            }
+        }
+    }
+    StatusCode::OK.into_response()
 }
