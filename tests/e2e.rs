@@ -8,3 +8,4 @@ mod handoff_engine;
 mod mesh;
 mod rest;
 mod story;
+mod whatsapp;

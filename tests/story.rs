@@ -23,7 +23,7 @@ use c2m_runtime::{
     auth::{Role as AuthRole, TokenKey},
     peers::PeerSettings,
 };
-use c2m_test_support::{TestDatabase, TestRedis, TwilioEmulator, free_port};
+use c2m_test_support::{MetaEmulator, TestDatabase, TestRedis, TwilioEmulator, free_port};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -55,6 +55,7 @@ pub struct Story {
     pub db: TestDatabase,
     pub redis: TestRedis,
     pub twilio: TwilioEmulator,
+    pub meta: MetaEmulator,
     pub config: Config,
     pub servers: Vec<Running>,
     endpoints: [String; 5],
@@ -71,10 +72,11 @@ impl Story {
     }
 
     pub async fn start_with(topology: Topology, options: Options) -> Self {
-        let (db, redis, twilio) = (
+        let (db, redis, twilio, meta) = (
             TestDatabase::create().await,
             TestRedis::new().await,
             TwilioEmulator::start().await,
+            MetaEmulator::start().await,
         );
         let webhooks_port = free_port();
         let webhooks = format!("http://127.0.0.1:{webhooks_port}");
@@ -90,6 +92,7 @@ impl Story {
                 public_url: webhooks.clone(),
                 credentials_key: STANDARD.encode([42u8; 32]),
                 twilio_api_base: twilio.base_url().to_owned(),
+                meta_api_base: meta.base_url().to_owned(),
                 ..GatewaySettings::default()
             },
             ..Config::default()
@@ -147,6 +150,7 @@ impl Story {
             db,
             redis,
             twilio,
+            meta,
             config,
             servers,
             endpoints,

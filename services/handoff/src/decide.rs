@@ -7,6 +7,28 @@ use tonic::{Code, Status};
 
 use crate::{Service, render::render, request::Deflection};
 
+/// One channel to try and what to send on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub channel: Channel,
+    /// The text the consumer reads (for WhatsApp, the template's body filled in).
+    pub text: String,
+    /// WhatsApp: the approved template and its body parameters.
+    pub template: Option<(String, String, Vec<String>)>,
+}
+
+impl Step {
+    pub fn whatsapp_template(&self) -> Option<pb::WhatsAppTemplateMessage> {
+        self.template
+            .as_ref()
+            .map(|(name, language, parameters)| pb::WhatsAppTemplateMessage {
+                name: name.clone(),
+                language: language.clone(),
+                body_parameters: parameters.clone(),
+            })
+    }
+}
+
 /// What would happen.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -14,7 +36,7 @@ pub struct Decision {
     /// Every channel considered, with whether it can be used and why not.
     pub channels: Vec<pb::ChannelEligibility>,
     /// The channels to try, in order, each with its rendered message.
-    pub plan: Vec<(Channel, String)>,
+    pub plan: Vec<Step>,
     /// Why nothing can be sent, when `plan` is empty.
     pub blocked: Option<HandoffStatus>,
 }
@@ -24,13 +46,22 @@ impl Decision {
     pub fn funnel_channel(&self) -> Channel {
         self.plan
             .first()
-            .map(|(c, _)| *c)
+            .map(|step| step.channel)
             .or_else(|| {
                 self.channels
                     .first()
                     .and_then(|c| Channel::try_from(c.channel).ok())
             })
             .unwrap_or_default()
+    }
+}
+
+fn eligible(channel: Channel) -> pb::ChannelEligibility {
+    pb::ChannelEligibility {
+        channel: channel as i32,
+        eligible: true,
+        reason: IneligibilityReason::Unspecified as i32,
+        detail: String::new(),
     }
 }
 
@@ -106,6 +137,79 @@ impl Service {
             .ok_or_else(|| Status::internal("config answered without a configuration"))?;
         self.configs.insert(key, config.clone());
         Ok(config)
+    }
+
+    async fn template(&self, account_id: &str, id: &str) -> Result<pb::WhatsAppTemplate, Status> {
+        let key = (account_id.to_owned(), id.to_owned());
+        if let Some(template) = self.templates.get(&key) {
+            return Ok(template);
+        }
+        let template = self
+            .peers
+            .config()
+            .get_whats_app_template(pb::GetWhatsAppTemplateRequest {
+                account_id: account_id.to_owned(),
+                template_id: id.to_owned(),
+            })
+            .await
+            .map_err(|s| upstream("config", s))?
+            .into_inner()
+            .template
+            .ok_or_else(|| Status::internal("config answered without a template"))?;
+        self.templates.insert(key, template.clone());
+        Ok(template)
+    }
+
+    /// WhatsApp starts a conversation only with a template Meta approved; its numbered
+    /// placeholders take the template variables "1", "2", ….
+    async fn whatsapp_step(
+        &self,
+        d: &Deflection,
+        config: &pb::HandoffConfig,
+    ) -> Result<Result<Step, pb::ChannelEligibility>, Status> {
+        if config.whatsapp_template_id.is_empty() {
+            return Ok(Err(ineligible(
+                Channel::Whatsapp,
+                IneligibilityReason::TemplateNotApproved,
+                "no template configured: WhatsApp needs an approved one to start a conversation",
+            )));
+        }
+        let template = self
+            .template(&d.account_id, &config.whatsapp_template_id)
+            .await?;
+        if template.status != pb::WhatsAppTemplateStatus::Approved as i32 {
+            return Ok(Err(ineligible(
+                Channel::Whatsapp,
+                IneligibilityReason::TemplateNotApproved,
+                format!("template {} is not approved", template.template_id),
+            )));
+        }
+        let count = placeholders(&template.body);
+        let mut parameters = Vec::with_capacity(count);
+        for n in 1..=count {
+            let value = d
+                .template_variables
+                .get(&n.to_string())
+                .cloned()
+                .ok_or_else(|| {
+                    invalid_field(
+                        format!("template_variables[{n}]"),
+                        format!("WhatsApp template {} needs {{{{{n}}}}}", template.name),
+                    )
+                })?;
+            parameters.push(value);
+        }
+        let text = render(&template.body, |name| {
+            name.parse::<usize>()
+                .ok()
+                .and_then(|n| parameters.get(n.checked_sub(1)?).cloned())
+        })
+        .unwrap_or_else(|_| template.body.clone());
+        Ok(Ok(Step {
+            channel: Channel::Whatsapp,
+            text,
+            template: Some((template.name, template.language, parameters)),
+        }))
     }
 
     /// Decides what a deflection would do. `open_conversation` is what the Redis lease said, when
@@ -192,6 +296,14 @@ impl Service {
                     IneligibilityReason::OptedOut,
                     "the consumer opted out",
                 )
+            } else if channel == Channel::Whatsapp {
+                match self.whatsapp_step(d, &config).await? {
+                    Ok(step) => {
+                        plan.push(step);
+                        eligible(channel)
+                    }
+                    Err(refusal) => refusal,
+                }
             } else {
                 let template = match (&d.override_message, channel) {
                     (Some(message), Channel::Sms) => Some(message.clone()),
@@ -218,13 +330,12 @@ impl Service {
                         ),
                     )
                 })?;
-                plan.push((channel, text));
-                pb::ChannelEligibility {
-                    channel: channel as i32,
-                    eligible: true,
-                    reason: IneligibilityReason::Unspecified as i32,
-                    detail: String::new(),
-                }
+                plan.push(Step {
+                    channel,
+                    text,
+                    template: None,
+                });
+                eligible(channel)
             };
             channels.push(eligibility);
         }
@@ -248,4 +359,20 @@ impl Service {
             blocked,
         })
     }
+}
+
+/// The highest `{{N}}` in a WhatsApp template body.
+fn placeholders(body: &str) -> usize {
+    let mut highest = 0;
+    let mut rest = body;
+    while let Some(start) = rest.find("{{") {
+        let Some(len) = rest[start + 2..].find("}}") else {
+            break;
+        };
+        if let Ok(n) = rest[start + 2..start + 2 + len].trim().parse::<usize>() {
+            highest = highest.max(n);
+        }
+        rest = &rest[start + 2 + len + 2..];
+    }
+    highest
 }

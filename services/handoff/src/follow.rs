@@ -15,6 +15,7 @@ impl Service {
         self.accounts.clear();
         self.configs.clear();
         self.api_keys.clear();
+        self.templates.clear();
     }
 
     fn forget(&self, change: &pb::WatchConfigResponse) {
@@ -25,7 +26,10 @@ impl Service {
                 .remove(&(change.account_id.clone(), change.resource_id.clone())),
             // Keys are cached by the digest of the key, which a notice does not carry.
             ConfigResource::ApiKey => self.api_keys.clear(),
-            ConfigResource::WhatsappTemplate | ConfigResource::Unspecified => {}
+            ConfigResource::WhatsappTemplate => self
+                .templates
+                .remove(&(change.account_id.clone(), change.resource_id.clone())),
+            ConfigResource::Unspecified => {}
         }
     }
 

@@ -93,7 +93,8 @@ impl Service {
         decision: &Decision,
     ) -> (Vec<Attempt>, Option<(Channel, String)>) {
         let mut attempts = Vec::new();
-        for (i, (channel, text)) in decision.plan.iter().enumerate() {
+        for (i, step) in decision.plan.iter().enumerate() {
+            let (channel, text) = (&step.channel, &step.text);
             let message_id = format!("{handoff_id}-{}", i + 1);
             let result = self
                 .peers
@@ -108,6 +109,7 @@ impl Service {
                     handoff_id: handoff_id.to_owned(),
                     handoff_config_id: d.handoff_config_id.clone(),
                     skill_id: decision.skill_id.clone(),
+                    whatsapp_template: step.whatsapp_template(),
                     ..Default::default()
                 })
                 .await;
@@ -431,8 +433,8 @@ impl HandoffService for Service {
         let decision = self.decide(&deflection, None).await?;
         Ok(Response::new(pb::CheckEligibilityResponse {
             eligible: decision.blocked.is_none(),
-            recommended_channel: decision.plan.first().map_or(0, |(c, _)| *c as i32),
-            available_channels: decision.plan.iter().map(|(c, _)| *c as i32).collect(),
+            recommended_channel: decision.plan.first().map_or(0, |s| s.channel as i32),
+            available_channels: decision.plan.iter().map(|s| s.channel as i32).collect(),
             channels: decision.channels,
             skill_id: decision.skill_id,
         }))

@@ -68,6 +68,7 @@ pub struct Service {
     api_keys: Arc<TtlCache<[u8; 32], String>>,
     accounts: Arc<TtlCache<String, pb::Account>>,
     configs: Arc<TtlCache<(String, String), pb::HandoffConfig>>,
+    templates: Arc<TtlCache<(String, String), pb::WhatsAppTemplate>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -94,6 +95,7 @@ impl Service {
             api_keys: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
             accounts: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             configs: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
+            templates: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             db,
             redis,
             peers,

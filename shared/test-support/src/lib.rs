@@ -9,11 +9,13 @@
 #![forbid(unsafe_code)]
 
 mod database;
+mod meta;
 mod redis;
 mod twilio;
 mod wait;
 
 pub use database::TestDatabase;
+pub use meta::{MetaEmulator, SentWhatsApp, meta_signature};
 pub use redis::{RedisServer, TestRedis};
 pub use twilio::{SentSms, TwilioEmulator, twilio_signature};
 pub use wait::{eventually, eventually_eq, free_port};

@@ -234,4 +234,11 @@ impl ConfigService for Service {
             self.watch.subscribe(request.into_inner().account_id),
         ))
     }
+
+    async fn get_whats_app_template(
+        &self,
+        request: Request<pb::GetWhatsAppTemplateRequest>,
+    ) -> Result<Response<pb::GetWhatsAppTemplateResponse>, Status> {
+        templates::get_whats_app_template(self, request).await
+    }
 }

@@ -98,3 +98,21 @@ pub(super) async fn update_whats_app_template_status(
         template: Some(template.to_wire()),
     }))
 }
+
+pub(super) async fn get_whats_app_template(
+    service: &Service,
+    request: Request<pb::GetWhatsAppTemplateRequest>,
+) -> Result<Response<pb::GetWhatsAppTemplateResponse>, Status> {
+    let caller = service.key.caller(request.metadata())?;
+    let r = request.into_inner();
+    caller.authorize(&r.account_id, Role::Viewer)?;
+    let template = service
+        .store
+        .template(&r.account_id, &r.template_id)
+        .await
+        .map_err(store_status)?
+        .ok_or_else(|| Status::not_found(format!("template {} not found", r.template_id)))?;
+    Ok(Response::new(pb::GetWhatsAppTemplateResponse {
+        template: Some(template.to_wire()),
+    }))
+}

@@ -1,0 +1,301 @@
+//! WhatsApp through Meta's Cloud API: an approved template starts the conversation, Meta's signed
+//! webhooks move it forward and route the reply, and a refusal falls back to SMS in the same call.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use c2m_proto::v1::{
+    self as pb, AttemptOutcome, Channel, HandoffStatus, TranscriptDirection,
+    put_provider_credentials_request::Credentials,
+};
+use c2m_runtime::auth::{Role as AuthRole, TokenKey};
+use c2m_test_support::eventually_eq;
+use redis::AsyncCommands;
+
+use crate::story::{SECRET, Story, Topology, authed, funnel, handoff_request, onboard, token};
+
+const PHONE_NUMBER_ID: &str = "106540352242922";
+const ACCESS_TOKEN: &str = "EAAG-test-access-token";
+const APP_SECRET: &str = "meta-app-secret-for-tests";
+const VERIFY_TOKEN: &str = "meta-verify-token";
+
+/// acme with Meta credentials, an approved template and a WhatsApp-then-SMS configuration.
+async fn whatsapp_first(story: &Story) -> String {
+    let key = onboard(story, "acme").await;
+    let admin = token(AuthRole::Admin, Some("acme"));
+    story.meta.add_number(PHONE_NUMBER_ID, ACCESS_TOKEN);
+    story
+        .gateway()
+        .await
+        .put_provider_credentials(authed(
+            pb::PutProviderCredentialsRequest {
+                account_id: "acme".into(),
+                provider: pb::Provider::MetaWhatsapp as i32,
+                credentials: Some(Credentials::MetaWhatsapp(pb::MetaWhatsAppCredentials {
+                    phone_number_id: PHONE_NUMBER_ID.into(),
+                    access_token: ACCESS_TOKEN.into(),
+                    app_secret: APP_SECRET.into(),
+                    verify_token: VERIFY_TOKEN.into(),
+                })),
+            },
+            &admin,
+        ))
+        .await
+        .expect("meta credentials");
+    let mut config = story.config().await;
+    config
+        .create_whats_app_template(authed(
+            pb::CreateWhatsAppTemplateRequest {
+                account_id: "acme".into(),
+                template: Some(pb::WhatsAppTemplate {
+                    template_id: "followup".into(),
+                    name: "billing_followup".into(),
+                    language: "en_US".into(),
+                    category: pb::WhatsAppTemplateCategory::Utility as i32,
+                    body: "Hi {{1}}, reply here about {{2}}.".into(),
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("template");
+    config
+        .update_whats_app_template_status(authed(
+            pb::UpdateWhatsAppTemplateStatusRequest {
+                account_id: "acme".into(),
+                template_id: "followup".into(),
+                status: pb::WhatsAppTemplateStatus::Approved as i32,
+            },
+            &TokenKey::new(SECRET.as_bytes()).service_token("channel-gateway"),
+        ))
+        .await
+        .expect("approved");
+    config
+        .create_handoff_config(authed(
+            pb::CreateHandoffConfigRequest {
+                account_id: "acme".into(),
+                config: Some(pb::HandoffConfig {
+                    handoff_config_id: "wa-first".into(),
+                    name: "WhatsApp first".into(),
+                    skill_id: "billing-agents".into(),
+                    channel_priority: vec![Channel::Whatsapp as i32, Channel::Sms as i32],
+                    whatsapp_template_id: "followup".into(),
+                    messages: vec![pb::ChannelMessage {
+                        channel: Channel::Sms as i32,
+                        text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
+                    }],
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("configuration");
+    key
+}
+
+fn request(phone: &str, idempotency_key: &str) -> pb::CreateHandoffRequest {
+    let mut request = handoff_request("acme", phone, idempotency_key);
+    request.handoff_config_id = "wa-first".into();
+    request.template_variables.insert("1".into(), "Ada".into());
+    request
+        .template_variables
+        .insert("2".into(), "your bill".into());
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_template_starts_the_conversation_and_meta_webhooks_carry_it() {
+    let story = Story::start(Topology::Dev).await;
+    let key = whatsapp_first(&story).await;
+    let webhook = format!("{}/webhooks/meta/acme", story.webhooks);
+    let http = reqwest::Client::new();
+
+    // Meta's subscription handshake.
+    let handshake = |verify_token: &'static str| {
+        let http = http.clone();
+        let url = format!(
+            "{webhook}?hub.mode=subscribe&hub.verify_token={verify_token}&hub.challenge=1158201444"
+        );
+        async move {
+            let response = http.get(url).send().await.expect("http");
+            (
+                response.status().as_u16(),
+                response.text().await.expect("text"),
+            )
+        }
+    };
+    assert_eq!(
+        handshake(VERIFY_TOKEN).await,
+        (200, "1158201444".to_owned())
+    );
+    assert_eq!(handshake("wrong").await.0, 403);
+
+    let handoff = story
+        .handoff()
+        .await
+        .create_handoff(authed(request("+14155550401", "wa-1"), &key))
+        .await
+        .expect("handoff")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(handoff.channel, Channel::Whatsapp as i32);
+    let sent = story.meta.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(story.twilio.sent().is_empty());
+    let body = &sent[0].body;
+    assert_eq!(body["to"], "14155550401");
+    assert_eq!(body["type"], "template");
+    assert_eq!(body["template"]["name"], "billing_followup");
+    assert_eq!(body["template"]["language"]["code"], "en_US");
+    assert_eq!(
+        body["template"]["components"][0]["parameters"],
+        serde_json::json!([{"type": "text", "text": "Ada"}, {"type": "text", "text": "your bill"}])
+    );
+
+    // A forged status is refused; signed ones are taken, once each.
+    let forged = story
+        .meta
+        .post_webhook(
+            &webhook,
+            APP_SECRET,
+            &serde_json::json!({"object": "whatsapp_business_account"}),
+            Some("sha256=00"),
+        )
+        .await;
+    assert_eq!(forged.0, 403);
+    for status in ["delivered", "delivered", "read"] {
+        assert_eq!(
+            story
+                .meta
+                .send_status(&webhook, APP_SECRET, &sent[0], status, None)
+                .await
+                .0,
+            200
+        );
+    }
+
+    // The consumer replies on WhatsApp: the conversation opens with the template's text on top.
+    let (status, _) = story
+        .meta
+        .send_inbound(
+            &webhook,
+            APP_SECRET,
+            PHONE_NUMBER_ID,
+            "14155550401",
+            "Yes, help me",
+        )
+        .await;
+    assert_eq!(status, 200);
+    let redis = redis::Client::open(story.redis.url()).expect("url");
+    let mut redis = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let conversation_id: String = redis
+        .get(format!(
+            "{}:{{acme}}:conv:+14155550401",
+            story.redis.prefix()
+        ))
+        .await
+        .expect("lease held");
+    let conversation = story
+        .routing()
+        .await
+        .get_conversation(authed(
+            pb::GetConversationRequest {
+                account_id: "acme".into(),
+                conversation_id,
+            },
+            &token(AuthRole::Viewer, Some("acme")),
+        ))
+        .await
+        .expect("conversation")
+        .into_inner()
+        .conversation
+        .expect("conversation");
+    assert_eq!(conversation.channel, Channel::Whatsapp as i32);
+    let transcript: Vec<(i32, &str)> = conversation
+        .transcript
+        .iter()
+        .map(|e| (e.direction, e.text.as_str()))
+        .collect();
+    assert_eq!(
+        transcript,
+        [
+            (
+                TranscriptDirection::Outbound as i32,
+                "Hi Ada, reply here about your bill."
+            ),
+            (TranscriptDirection::Inbound as i32, "Yes, help me"),
+        ]
+    );
+
+    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
+        "CHANNEL_WHATSAPP".to_owned(),
+        [
+            ("FUNNEL_STAGE_ATTEMPTED", 1),
+            ("FUNNEL_STAGE_SENT", 1),
+            ("FUNNEL_STAGE_DELIVERED", 1),
+            ("FUNNEL_STAGE_READ", 1),
+            ("FUNNEL_STAGE_RESPONDED", 1),
+            ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+    )]
+    .into();
+    eventually_eq(
+        "the WhatsApp funnel",
+        Duration::from_secs(10),
+        &expected,
+        || funnel(&story, "acme"),
+    )
+    .await;
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_whatsapp_send_falls_back_to_sms_in_the_same_call() {
+    let story = Story::start(Topology::Dev).await;
+    let key = whatsapp_first(&story).await;
+    story
+        .meta
+        .refuse_next(400, 131030, "Recipient phone number not in allowed list");
+    let handoff = story
+        .handoff()
+        .await
+        .create_handoff(authed(request("+14155550402", "wa-2"), &key))
+        .await
+        .expect("handoff")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(handoff.channel, Channel::Sms as i32);
+    let attempts: Vec<(i32, i32, &str)> = handoff
+        .attempts
+        .iter()
+        .map(|a| (a.channel, a.outcome, a.error_code.as_str()))
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            (
+                Channel::Whatsapp as i32,
+                AttemptOutcome::Failed as i32,
+                "131030"
+            ),
+            (Channel::Sms as i32, AttemptOutcome::Sent as i32, ""),
+        ]
+    );
+    assert_eq!(story.twilio.sent().len(), 1);
+    assert_eq!(
+        story.twilio.sent()[0].field("Body"),
+        "Hi Ada, text us here about your bill."
+    );
+    story.stop().await;
+}
