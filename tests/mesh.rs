@@ -191,7 +191,13 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
     };
     assert_eq!(
         in_schema("handoff"),
-        ["_sqlx_migrations", "handoffs", "idempotency_keys", "outbox"]
+        [
+            "_sqlx_migrations",
+            "fallbacks",
+            "handoffs",
+            "idempotency_keys",
+            "outbox"
+        ]
     );
     assert_eq!(
         in_schema("routing"),

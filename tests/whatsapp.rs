@@ -299,3 +299,245 @@ async fn a_refused_whatsapp_send_falls_back_to_sms_in_the_same_call() {
     );
     story.stop().await;
 }
+
+async fn handoff_of(story: &Story, key: &str, handoff_id: &str) -> pb::Handoff {
+    story
+        .handoff()
+        .await
+        .get_handoff(authed(
+            pb::GetHandoffRequest {
+                account_id: "acme".into(),
+                handoff_id: handoff_id.into(),
+            },
+            key,
+        ))
+        .await
+        .expect("get")
+        .into_inner()
+        .handoff
+        .expect("handoff")
+}
+
+fn attempts(handoff: &pb::Handoff) -> Vec<(i32, i32, String)> {
+    handoff
+        .attempts
+        .iter()
+        .map(|a| (a.channel, a.outcome, a.error_code.clone()))
+        .collect()
+}
+
+/// A copy of the WhatsApp-first configuration that waits `seconds` for delivery.
+async fn with_deadline(story: &Story, seconds: u32) {
+    story
+        .config()
+        .await
+        .create_handoff_config(authed(
+            pb::CreateHandoffConfigRequest {
+                account_id: "acme".into(),
+                config: Some(pb::HandoffConfig {
+                    handoff_config_id: "wa-deadline".into(),
+                    name: "WhatsApp first, 1 s to deliver".into(),
+                    skill_id: "billing-agents".into(),
+                    channel_priority: vec![Channel::Whatsapp as i32, Channel::Sms as i32],
+                    whatsapp_template_id: "followup".into(),
+                    messages: vec![pb::ChannelMessage {
+                        channel: Channel::Sms as i32,
+                        text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
+                    }],
+                    delivery_deadline_seconds: seconds,
+                    ..Default::default()
+                }),
+            },
+            &token(AuthRole::Editor, Some("acme")),
+        ))
+        .await
+        .expect("configuration");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whatsapp_message_reported_failed_falls_back_to_sms_and_the_reply_finds_it() {
+    let story = Story::start(Topology::Dev).await;
+    let key = whatsapp_first(&story).await;
+    let webhook = format!("{}/webhooks/meta/acme", story.webhooks);
+    let handoff = story
+        .handoff()
+        .await
+        .create_handoff(authed(request("+14155550403", "wa-3"), &key))
+        .await
+        .expect("handoff")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(handoff.channel, Channel::Whatsapp as i32);
+
+    // Meta accepted it, then reports it undeliverable (131026: not a WhatsApp user).
+    let sent = story.meta.sent();
+    let (status, _) = story
+        .meta
+        .send_status(&webhook, APP_SECRET, &sent[0], "failed", Some(131026))
+        .await;
+    assert_eq!(status, 200);
+    // The handoff records it once the SMS is out.
+    c2m_test_support::eventually("the SMS fallback", Duration::from_secs(10), || async {
+        handoff_of(&story, &key, &handoff.handoff_id).await.channel == Channel::Sms as i32
+    })
+    .await;
+    assert_eq!(story.twilio.sent().len(), 1);
+    let after = handoff_of(&story, &key, &handoff.handoff_id).await;
+    assert_eq!(
+        attempts(&after),
+        [
+            (
+                Channel::Whatsapp as i32,
+                AttemptOutcome::Undelivered as i32,
+                "131026".to_owned()
+            ),
+            (
+                Channel::Sms as i32,
+                AttemptOutcome::Sent as i32,
+                String::new()
+            ),
+        ]
+    );
+
+    // The consumer answers the SMS: the conversation is on SMS, with the SMS on top.
+    let (status, _) = story
+        .twilio
+        .send_inbound(
+            &format!("{}/webhooks/twilio/acme/inbound", story.webhooks),
+            crate::story::TWILIO_SID,
+            "+14155550403",
+            crate::story::BRAND_NUMBER,
+            "ok",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let redis = redis::Client::open(story.redis.url()).expect("url");
+    let mut redis = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let conversation_id: String = redis
+        .get(format!(
+            "{}:{{acme}}:conv:+14155550403",
+            story.redis.prefix()
+        ))
+        .await
+        .expect("lease held");
+    let conversation = story
+        .routing()
+        .await
+        .get_conversation(authed(
+            pb::GetConversationRequest {
+                account_id: "acme".into(),
+                conversation_id,
+            },
+            &token(AuthRole::Viewer, Some("acme")),
+        ))
+        .await
+        .expect("conversation")
+        .into_inner()
+        .conversation
+        .expect("conversation");
+    assert_eq!(conversation.channel, Channel::Sms as i32);
+    assert_eq!(
+        conversation.transcript[0].text,
+        "Hi Ada, text us here about your bill."
+    );
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undelivered_whatsapp_message_falls_back_at_the_configured_deadline() {
+    let story = Story::start(Topology::Dev).await;
+    let key = whatsapp_first(&story).await;
+    with_deadline(&story, 1).await;
+    let mut wa = request("+14155550404", "wa-4");
+    wa.handoff_config_id = "wa-deadline".into();
+    let handoff = story
+        .handoff()
+        .await
+        .create_handoff(authed(wa, &key))
+        .await
+        .expect("handoff")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(handoff.channel, Channel::Whatsapp as i32);
+    // No delivery receipt comes: past the deadline the SMS goes.
+    c2m_test_support::eventually(
+        "the SMS fallback after 1 s",
+        Duration::from_secs(10),
+        || async { story.twilio.sent().len() == 1 },
+    )
+    .await;
+    let after = handoff_of(&story, &key, &handoff.handoff_id).await;
+    assert_eq!(
+        attempts(&after),
+        [
+            (
+                Channel::Whatsapp as i32,
+                AttemptOutcome::Undelivered as i32,
+                "not-delivered-by-deadline".to_owned()
+            ),
+            (
+                Channel::Sms as i32,
+                AttemptOutcome::Sent as i32,
+                String::new()
+            ),
+        ]
+    );
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivered_message_is_not_followed_by_another() {
+    let story = Story::start(Topology::Dev).await;
+    let key = whatsapp_first(&story).await;
+    with_deadline(&story, 1).await;
+    let webhook = format!("{}/webhooks/meta/acme", story.webhooks);
+    let mut wa = request("+14155550405", "wa-5");
+    wa.handoff_config_id = "wa-deadline".into();
+    let handoff = story
+        .handoff()
+        .await
+        .create_handoff(authed(wa, &key))
+        .await
+        .expect("handoff")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    let sent = story.meta.sent();
+    assert_eq!(
+        story
+            .meta
+            .send_status(&webhook, APP_SECRET, &sent[0], "delivered", None)
+            .await
+            .0,
+        200
+    );
+    // Handoff stops watching once it sees the delivery...
+    let db = sqlx::PgPool::connect(story.db.url()).await.expect("pool");
+    c2m_test_support::eventually(
+        "the fallback to be dropped",
+        Duration::from_secs(10),
+        || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM handoff.fallbacks WHERE handoff_id = $1",
+            )
+            .bind(&handoff.handoff_id)
+            .fetch_one(&db)
+            .await
+            .expect("count")
+                == 0
+        },
+    )
+    .await;
+    // ...and no SMS followed the delivered WhatsApp message.
+    assert!(story.twilio.sent().is_empty());
+    let after = handoff_of(&story, &key, &handoff.handoff_id).await;
+    assert_eq!(after.channel, Channel::Whatsapp as i32);
+    assert_eq!(after.attempts.len(), 1);
+    story.stop().await;
+}

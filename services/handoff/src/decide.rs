@@ -39,6 +39,8 @@ pub struct Decision {
     pub plan: Vec<Step>,
     /// Why nothing can be sent, when `plan` is empty.
     pub blocked: Option<HandoffStatus>,
+    /// How long a sent message may stay undelivered before the next channel is tried.
+    pub delivery_deadline: Option<std::time::Duration>,
 }
 
 impl Decision {
@@ -357,6 +359,9 @@ impl Service {
             channels,
             plan,
             blocked,
+            delivery_deadline: Some(config.delivery_deadline_seconds)
+                .filter(|s| *s > 0)
+                .map(|s| std::time::Duration::from_secs(u64::from(s))),
         })
     }
 }

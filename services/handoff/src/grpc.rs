@@ -14,18 +14,34 @@ use std::time::Duration;
 
 use crate::{
     Service,
-    decide::Decision,
+    decide::Step,
     gate::{Ask, Passage},
     request::Deflection,
-    store::{self, Attempt, Saved, StoredHandoff},
+    store::{self, Attempt, Fallback, Saved, StoredHandoff},
 };
 
-fn db_status(error: sqlx::Error) -> Status {
+pub(crate) fn db_status(error: sqlx::Error) -> Status {
     c2m_storage::postgres::db_status("handoff", error)
 }
 
+/// Who a handoff's messages go to, and what they belong to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recipient<'a> {
+    pub account_id: &'a str,
+    pub handoff_id: &'a str,
+    pub phone: &'a str,
+    pub consumer_id: &'a str,
+    pub handoff_config_id: &'a str,
+    pub skill_id: &'a str,
+}
+
 /// A funnel event about a handoff.
-fn event(h: &StoredHandoff, stage: FunnelStage, channel: Channel, error_code: String) -> pb::Event {
+pub(crate) fn event(
+    h: &StoredHandoff,
+    stage: FunnelStage,
+    channel: Channel,
+    error_code: String,
+) -> pb::Event {
     pb::Event {
         handoff_id: h.handoff_id.clone(),
         handoff_config_id: h.handoff_config_id.clone(),
@@ -85,30 +101,31 @@ impl Service {
         Ok(())
     }
 
-    /// Sends along the plan until a channel takes the message.
-    async fn send(
+    /// Sends along `steps` until a channel takes the message; attempts are numbered on from
+    /// `earlier` (the attempts the handoff already made).
+    pub(crate) async fn send(
         &self,
-        handoff_id: &str,
-        d: &Deflection,
-        decision: &Decision,
+        to: &Recipient<'_>,
+        steps: &[Step],
+        earlier: usize,
     ) -> (Vec<Attempt>, Option<(Channel, String)>) {
         let mut attempts = Vec::new();
-        for (i, step) in decision.plan.iter().enumerate() {
+        for (i, step) in steps.iter().enumerate() {
             let (channel, text) = (&step.channel, &step.text);
-            let message_id = format!("{handoff_id}-{}", i + 1);
+            let message_id = format!("{}-{}", to.handoff_id, earlier + i + 1);
             let result = self
                 .peers
                 .channel_gateway()
                 .send_message(pb::SendMessageRequest {
-                    account_id: d.account_id.clone(),
+                    account_id: to.account_id.to_owned(),
                     message_id: message_id.clone(),
                     channel: *channel as i32,
-                    to: d.consumer_phone.clone(),
-                    consumer_id: d.consumer_id.clone(),
+                    to: to.phone.to_owned(),
+                    consumer_id: to.consumer_id.to_owned(),
                     text: text.clone(),
-                    handoff_id: handoff_id.to_owned(),
-                    handoff_config_id: d.handoff_config_id.clone(),
-                    skill_id: decision.skill_id.clone(),
+                    handoff_id: to.handoff_id.to_owned(),
+                    handoff_config_id: to.handoff_config_id.to_owned(),
+                    skill_id: to.skill_id.to_owned(),
                     whatsapp_template: step.whatsapp_template(),
                     ..Default::default()
                 })
@@ -139,7 +156,7 @@ impl Service {
                 }
             }
             tracing::warn!(
-                handoff_id,
+                handoff_id = to.handoff_id,
                 channel = channel.as_str_name(),
                 error_code = %attempt.error_code,
                 "channel failed, trying the next"
@@ -228,7 +245,15 @@ impl Service {
         let (attempts, sent) = if decision.blocked.is_some() {
             (Vec::new(), None)
         } else {
-            self.send(&handoff_id, &d, &decision).await
+            let to = Recipient {
+                account_id: &d.account_id,
+                handoff_id: &handoff_id,
+                phone: &d.consumer_phone,
+                consumer_id: &d.consumer_id,
+                handoff_config_id: &d.handoff_config_id,
+                skill_id: &decision.skill_id,
+            };
+            self.send(&to, &decision.plan, 0).await
         };
         let status = match (decision.blocked, &sent) {
             (Some(blocked), _) => blocked,
@@ -274,8 +299,27 @@ impl Service {
                 error_code,
             ),
         ];
-        self.commit(handoff, (&idempotency_key, &fingerprint), &events)
-            .await
+        // Channels left after the one that took the message: tried if it does not arrive.
+        let fallback = sent.as_ref().and_then(|_| {
+            let rest = &decision.plan[handoff.attempts.len()..];
+            let last = handoff.attempts.last()?;
+            (!rest.is_empty()).then(|| Fallback {
+                message_id: last.message_id.clone(),
+                remaining: crate::fallback::encode_steps(rest),
+                deadline: decision
+                    .delivery_deadline
+                    .and_then(|d| chrono::Duration::from_std(d).ok())
+                    .map(|d| now + d),
+                window_seconds: decision.delivery_deadline.map(|d| d.as_secs() as i32),
+            })
+        });
+        self.commit(
+            handoff,
+            (&idempotency_key, &fingerprint),
+            &events,
+            fallback.as_ref(),
+        )
+        .await
     }
 
     /// Routing must know what was sent, to open the conversation when the consumer replies.
@@ -347,7 +391,7 @@ impl Service {
                 String::new(),
             ),
         ];
-        self.commit(handoff, idempotency, &events).await
+        self.commit(handoff, idempotency, &events, None).await
     }
 
     /// Writes the handoff with its idempotency record and events; a twin that committed first wins.
@@ -356,9 +400,10 @@ impl Service {
         handoff: StoredHandoff,
         idempotency: (&str, &[u8]),
         events: &[pb::Event],
+        fallback: Option<&Fallback>,
     ) -> Result<StoredHandoff, Status> {
         let pool = self.db.pool();
-        match store::save(pool, &handoff, idempotency, events)
+        match store::save(pool, &handoff, idempotency, events, fallback)
             .await
             .map_err(db_status)?
         {

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod decide;
+mod fallback;
 mod follow;
 pub mod gate;
 mod grpc;
@@ -106,11 +107,13 @@ impl Service {
     pub fn into_component(self) -> Component {
         let relay = self.relay.clone();
         let follower = self.clone();
+        let watcher = self.clone();
         Component::new(HandoffServiceServer::new(self.clone()))
             .with_http(rest::router(self.clone()))
             .with_probe(self.db.probe())
             .with_optional_probe(self.redis.probe())
             .with_task(move |shutdown| relay.run(shutdown))
             .with_task(move |shutdown| follower.follow_config(shutdown))
+            .with_task(move |shutdown| watcher.run_fallbacks(shutdown))
     }
 }

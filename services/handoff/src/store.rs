@@ -101,6 +101,38 @@ fn handoff(row: PgRow) -> Result<StoredHandoff, sqlx::Error> {
     })
 }
 
+/// A handoff locked for change inside `tx`.
+pub async fn load_for_update(
+    tx: &mut sqlx::PgConnection,
+    handoff_id: &str,
+) -> Result<Option<StoredHandoff>, sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM handoffs WHERE handoff_id = $1 FOR UPDATE"
+    )))
+    .bind(handoff_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .map(handoff)
+    .transpose()
+}
+
+/// Writes what a fallback changed: the attempts, the channel, the status.
+pub async fn update_delivery(
+    tx: &mut sqlx::PgConnection,
+    h: &StoredHandoff,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE handoffs SET attempts = $2, channel = $3, status = $4 WHERE handoff_id = $1",
+    )
+    .bind(&h.handoff_id)
+    .bind(serde_json::to_value(&h.attempts).map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
+    .bind(h.channel.map(|c| c.as_str_name()))
+    .bind(h.status.as_str_name())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
 pub async fn load(
     pool: &PgPool,
     account_id: &str,
@@ -148,12 +180,23 @@ pub enum Saved {
     Raced,
 }
 
-/// Writes the handoff, its idempotency record and its events together.
+/// What to try if a sent message does not arrive.
+#[derive(Debug, Clone)]
+pub struct Fallback {
+    pub message_id: String,
+    /// The steps still to try, as JSON (see `fallback::encode_steps`).
+    pub remaining: serde_json::Value,
+    pub deadline: Option<DateTime<Utc>>,
+    pub window_seconds: Option<i32>,
+}
+
+/// Writes the handoff, its idempotency record, its events and its pending fallback together.
 pub async fn save(
     pool: &PgPool,
     h: &StoredHandoff,
     idempotency: (&str, &[u8]),
     events: &[pb::Event],
+    fallback: Option<&Fallback>,
 ) -> Result<Saved, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query(
@@ -194,6 +237,20 @@ pub async fn save(
         return Ok(Saved::Raced);
     }
     outbox::enqueue(&mut tx, events).await?;
+    if let Some(f) = fallback {
+        sqlx::query(
+            "INSERT INTO fallbacks (handoff_id, account_id, message_id, remaining, deadline, window_seconds) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&h.handoff_id)
+        .bind(&h.account_id)
+        .bind(&f.message_id)
+        .bind(&f.remaining)
+        .bind(f.deadline)
+        .bind(f.window_seconds)
+        .execute(&mut *tx)
+        .await?;
+    }
     tx.commit().await?;
     Ok(Saved::Saved)
 }

@@ -156,7 +156,8 @@ impl RoutingService for Service {
         sqlx::query(
             "INSERT INTO deflections (handoff_id, account_id, handoff_config_id, ivr_number, consumer_phone, \
              channel, skill_id, first_message, engagement_attributes, sent_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (handoff_id) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+             ON CONFLICT (handoff_id) DO UPDATE SET channel = $6, first_message = $8, sent_at = $10",
         )
         .bind(&r.handoff_id)
         .bind(&r.account_id)

@@ -1,0 +1,271 @@
+//! Delivery-driven fallback: a handoff sent on one channel of several is watched until its message
+//! is delivered. If the provider reports it failed, or it is still undelivered at the
+//! configuration's deadline, the next channel is tried, and both attempts stay on the handoff.
+//!
+//! The pending fallbacks are rows in PostgreSQL, so any replica can take them over (SKIP LOCKED),
+//! and a restart loses none.
+
+use std::time::Duration;
+
+use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, FunnelStage, HandoffStatus};
+use c2m_runtime::CancellationToken;
+use c2m_storage::outbox;
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use crate::{
+    Service,
+    decide::Step,
+    grpc::{Recipient, event},
+    store,
+};
+
+/// How often due fallbacks are looked at.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Steps as stored in `fallbacks.remaining`.
+pub fn encode_steps(steps: &[Step]) -> serde_json::Value {
+    steps
+        .iter()
+        .map(|s| {
+            json!({
+                "channel": s.channel.as_str_name(),
+                "text": s.text,
+                "template": s.template.as_ref().map(|(name, language, parameters)| json!({
+                    "name": name, "language": language, "parameters": parameters,
+                })),
+            })
+        })
+        .collect()
+}
+
+fn decode_steps(value: &serde_json::Value) -> Vec<Step> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            Some(Step {
+                channel: Channel::from_str_name(s["channel"].as_str()?)?,
+                text: s["text"].as_str()?.to_owned(),
+                template: s["template"].as_object().map(|t| {
+                    (
+                        t["name"].as_str().unwrap_or_default().to_owned(),
+                        t["language"].as_str().unwrap_or_default().to_owned(),
+                        t["parameters"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|p| p.as_str().map(str::to_owned))
+                            .collect(),
+                    )
+                }),
+            })
+        })
+        .collect()
+}
+
+type Due = (
+    String,
+    String,
+    String,
+    serde_json::Value,
+    Option<DateTime<Utc>>,
+    Option<i32>,
+);
+
+impl Service {
+    /// Looks at due fallbacks every 200 ms until `shutdown`.
+    pub(crate) async fn run_fallbacks(self, shutdown: CancellationToken) {
+        loop {
+            if self.db.is_migrated()
+                && let Err(error) = self.fallback_round().await
+            {
+                tracing::warn!(%error, "fallback round failed, will retry");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
+    async fn fallback_round(&self) -> Result<(), sqlx::Error> {
+        let mut tx = self.db.pool().begin().await?;
+        let due: Vec<Due> = sqlx::query_as(
+            "SELECT handoff_id, account_id, message_id, remaining, deadline, window_seconds FROM fallbacks \
+             WHERE next_check <= now() ORDER BY next_check LIMIT 20 FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut wrote_events = false;
+        for (handoff_id, account_id, message_id, remaining, deadline, window) in due {
+            let message = self
+                .peers
+                .channel_gateway()
+                .get_message(pb::GetMessageRequest {
+                    account_id: account_id.clone(),
+                    message_id: message_id.clone(),
+                })
+                .await
+                .ok()
+                .and_then(|m| m.into_inner().message);
+            let stage = message.as_ref().map_or(FunnelStage::Unspecified, |m| {
+                FunnelStage::try_from(m.stage).unwrap_or_default()
+            });
+            let reason = match stage {
+                FunnelStage::Delivered | FunnelStage::Read => {
+                    sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
+                        .bind(&handoff_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    continue;
+                }
+                FunnelStage::Failed => {
+                    let code = message.map(|m| m.error_code).unwrap_or_default();
+                    if code.is_empty() {
+                        "failed".to_owned()
+                    } else {
+                        code
+                    }
+                }
+                _ if deadline.is_some_and(|d| d <= Utc::now()) => {
+                    "not-delivered-by-deadline".to_owned()
+                }
+                _ => {
+                    sqlx::query("UPDATE fallbacks SET next_check = now() + interval '200 milliseconds' WHERE handoff_id = $1")
+                        .bind(&handoff_id)
+                        .execute(&mut *tx)
+                        .await?;
+                    continue;
+                }
+            };
+            wrote_events |= self
+                .fall_back(
+                    &mut tx,
+                    &handoff_id,
+                    &message_id,
+                    &reason,
+                    &decode_steps(&remaining),
+                    window,
+                )
+                .await?;
+        }
+        tx.commit().await?;
+        if wrote_events {
+            self.relay.wake();
+        }
+        Ok(())
+    }
+
+    /// Marks the watched message undelivered and sends along `steps`; keeps watching the new
+    /// message when channels remain after it.
+    async fn fall_back(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        handoff_id: &str,
+        message_id: &str,
+        reason: &str,
+        steps: &[Step],
+        window: Option<i32>,
+    ) -> Result<bool, sqlx::Error> {
+        let Some(mut handoff) = store::load_for_update(tx, handoff_id).await? else {
+            sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
+                .bind(handoff_id)
+                .execute(&mut *tx)
+                .await?;
+            return Ok(false);
+        };
+        if let Some(attempt) = handoff
+            .attempts
+            .iter_mut()
+            .find(|a| a.message_id == message_id)
+        {
+            attempt.outcome = AttemptOutcome::Undelivered.as_str_name().to_owned();
+            attempt.error_code = reason.to_owned();
+        }
+        let to = Recipient {
+            account_id: &handoff.account_id,
+            handoff_id: &handoff.handoff_id,
+            phone: &handoff.consumer_phone,
+            consumer_id: "",
+            handoff_config_id: &handoff.handoff_config_id,
+            skill_id: &handoff.skill_id,
+        };
+        let (attempts, sent) = self.send(&to, steps, handoff.attempts.len()).await;
+        let used = attempts.len();
+        let new_message = attempts
+            .last()
+            .map(|a| a.message_id.clone())
+            .unwrap_or_default();
+        tracing::info!(
+            account_id = %handoff.account_id,
+            handoff_id,
+            reason,
+            channel = sent.as_ref().map_or("", |(c, _)| c.as_str_name()),
+            "delivery fallback"
+        );
+        handoff.attempts.extend(attempts);
+        let events = match &sent {
+            Some((channel, text)) => {
+                handoff.channel = Some(*channel);
+                handoff.status = HandoffStatus::Sent;
+                if let Err(status) = self
+                    .peers
+                    .routing()
+                    .record_deflection(pb::RecordDeflectionRequest {
+                        account_id: handoff.account_id.clone(),
+                        handoff_id: handoff.handoff_id.clone(),
+                        consumer_phone: handoff.consumer_phone.clone(),
+                        channel: *channel as i32,
+                        skill_id: handoff.skill_id.clone(),
+                        first_message: text.clone(),
+                        sent_at: Some(c2m_proto::timestamp(Utc::now())),
+                        handoff_config_id: handoff.handoff_config_id.clone(),
+                        ivr_number: handoff.ivr_number.clone(),
+                        engagement_attributes: None,
+                    })
+                    .await
+                {
+                    tracing::error!(%status, handoff_id, "fallback deflection not recorded: a reply will not find it");
+                }
+                vec![event(&handoff, FunnelStage::Sent, *channel, String::new())]
+            }
+            None => {
+                handoff.status = HandoffStatus::Failed;
+                let last = handoff
+                    .attempts
+                    .last()
+                    .map(|a| a.error_code.clone())
+                    .unwrap_or_default();
+                let channel = handoff
+                    .attempts
+                    .last()
+                    .and_then(|a| Channel::from_str_name(&a.channel))
+                    .unwrap_or_default();
+                vec![event(&handoff, FunnelStage::Failed, channel, last)]
+            }
+        };
+        store::update_delivery(tx, &handoff).await?;
+        outbox::enqueue(tx, &events).await?;
+        let rest = &steps[used.min(steps.len())..];
+        if sent.is_some() && !rest.is_empty() {
+            sqlx::query(
+                "UPDATE fallbacks SET message_id = $2, remaining = $3, \
+                 deadline = now() + make_interval(secs => $4), next_check = now() WHERE handoff_id = $1",
+            )
+            .bind(handoff_id)
+            .bind(&new_message)
+            .bind(encode_steps(rest))
+            .bind(window.map(f64::from))
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
+                .bind(handoff_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(true)
+    }
+}
