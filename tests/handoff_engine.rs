@@ -460,3 +460,95 @@ async fn every_refusal_sends_nothing_and_counts_what_it_should() {
     assert!(funnel(&story, "globex").await.is_empty());
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared() {
+    use std::collections::BTreeMap;
+
+    use c2m_proto::v1::{self as pb, IneligibilityReason};
+    use c2m_runtime::auth::Role as AuthRole;
+    use c2m_test_support::eventually_eq;
+
+    use crate::story::{funnel, token};
+
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    story
+        .config()
+        .await
+        .update_account_settings(authed(
+            pb::UpdateAccountSettingsRequest {
+                account_id: "acme".into(),
+                settings: Some(pb::AccountSettings {
+                    deflection_enabled: true,
+                    landline_check_enabled: true,
+                    ..Default::default()
+                }),
+            },
+            &token(AuthRole::Admin, Some("acme")),
+        ))
+        .await
+        .expect("landline check on");
+    story.twilio.set_line_type("+14155550601", "landline");
+    let mut handoff = story.handoff().await;
+
+    let refused = handoff
+        .create_handoff(authed(handoff_request("acme", "+14155550601", "l-1"), &key))
+        .await
+        .expect("answered")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(refused.status, HandoffStatus::RejectedLandline as i32);
+    assert!(story.twilio.sent().is_empty());
+
+    let check = |phone: &str| {
+        let mut request = pb::CheckEligibilityRequest {
+            account_id: "acme".into(),
+            handoff_config_id: "billing".into(),
+            consumer_phone: phone.into(),
+            ..Default::default()
+        };
+        request.template_variables = [
+            ("topic".into(), "x".into()),
+            ("first_name".into(), "y".into()),
+        ]
+        .into();
+        let mut handoff = handoff.clone();
+        let key = key.clone();
+        async move {
+            handoff
+                .check_eligibility(authed(request, &key))
+                .await
+                .expect("eligibility")
+                .into_inner()
+        }
+    };
+    let landline = check("+14155550601").await;
+    assert!(!landline.eligible);
+    assert_eq!(
+        landline.channels[0].reason,
+        IneligibilityReason::Landline as i32
+    );
+    // A US number needs Lookup once; the answer is reused.
+    assert!(check("+14155550602").await.eligible);
+    assert!(check("+14155550602").await.eligible);
+    // A UK mobile is known from the numbering plan alone.
+    assert!(check("+447400123456").await.eligible);
+    assert_eq!(story.twilio.lookups(), ["+14155550601", "+14155550602"]);
+
+    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
+        "CHANNEL_SMS".to_owned(),
+        [
+            ("FUNNEL_STAGE_ATTEMPTED".to_owned(), 1),
+            ("FUNNEL_STAGE_REJECTED_LANDLINE".to_owned(), 1),
+        ]
+        .into(),
+    )]
+    .into();
+    eventually_eq("the funnel", Duration::from_secs(10), &expected, || {
+        funnel(&story, "acme")
+    })
+    .await;
+    story.stop().await;
+}

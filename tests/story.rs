@@ -92,6 +92,7 @@ impl Story {
                 public_url: webhooks.clone(),
                 credentials_key: STANDARD.encode([42u8; 32]),
                 twilio_api_base: twilio.base_url().to_owned(),
+                twilio_lookup_base: twilio.base_url().to_owned(),
                 meta_api_base: meta.base_url().to_owned(),
                 ..GatewaySettings::default()
             },

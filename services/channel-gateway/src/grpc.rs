@@ -11,7 +11,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    Service, credentials,
+    Service, credentials, lookup,
     messages::{self, Outbound},
     meta,
     twilio::{self, SendOutcome},
@@ -309,5 +309,64 @@ impl ChannelGatewayService for Service {
         Ok(Response::new(pb::GetMessageResponse {
             message: Some(message.to_wire()),
         }))
+    }
+
+    async fn lookup_number(
+        &self,
+        request: Request<pb::LookupNumberRequest>,
+    ) -> Result<Response<pb::LookupNumberResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Viewer)?;
+        if !is_e164(&r.phone) {
+            return Err(c2m_runtime::status::invalid_field(
+                "phone",
+                "an E.164 number",
+            ));
+        }
+        let answer = |line_type: pb::LineType, source: pb::LookupSource| {
+            Ok(Response::new(pb::LookupNumberResponse {
+                line_type: line_type as i32,
+                source: source as i32,
+            }))
+        };
+        if let Some(kind) = lookup::from_numbering_plan(&r.phone) {
+            return answer(kind, pb::LookupSource::NumberingPlan);
+        }
+        if let Some(kind) = lookup::cached(self.db.pool(), &r.phone)
+            .await
+            .map_err(db_status)?
+        {
+            return answer(kind, pb::LookupSource::Cache);
+        }
+        let creds = match self
+            .credentials::<pb::TwilioCredentials>(&r.account_id, Provider::Twilio)
+            .await
+        {
+            Ok(creds) => creds,
+            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
+            Err(_) => return answer(pb::LineType::Unknown, pb::LookupSource::Unspecified),
+        };
+        match lookup::twilio(
+            &self.http,
+            &self.settings.twilio_lookup_base,
+            &creds,
+            &r.phone,
+        )
+        .await
+        {
+            Ok(kind) => {
+                lookup::remember(self.db.pool(), &r.phone, kind)
+                    .await
+                    .map_err(db_status)?;
+                answer(kind, pb::LookupSource::Provider)
+            }
+            Err(error) => {
+                // Unknown rather than an error: a failed lookup must not keep a caller from
+                // being deflected.
+                tracing::warn!(account_id = %r.account_id, phone = %mask_phone(&r.phone), %error, "number lookup failed");
+                answer(pb::LineType::Unknown, pb::LookupSource::Unspecified)
+            }
+        }
     }
 }

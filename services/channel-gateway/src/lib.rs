@@ -8,6 +8,7 @@
 
 mod credentials;
 mod grpc;
+mod lookup;
 mod messages;
 pub mod meta;
 pub mod twilio;
@@ -43,6 +44,8 @@ pub struct GatewaySettings {
     pub credentials_key: String,
     /// Twilio's REST API (point it at an emulator in tests).
     pub twilio_api_base: String,
+    /// Twilio Lookup, for the landline check.
+    pub twilio_lookup_base: String,
     /// Meta's Graph API, for WhatsApp.
     pub meta_api_base: String,
     /// The Graph API version in request paths.
@@ -57,6 +60,7 @@ impl Default for GatewaySettings {
             public_url: "http://127.0.0.1:8080".into(),
             credentials_key: String::new(),
             twilio_api_base: "https://api.twilio.com".into(),
+            twilio_lookup_base: "https://lookups.twilio.com".into(),
             meta_api_base: "https://graph.facebook.com".into(),
             meta_api_version: "v21.0".into(),
             provider_timeout_ms: 5_000,

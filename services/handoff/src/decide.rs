@@ -214,6 +214,20 @@ impl Service {
         }))
     }
 
+    async fn is_landline(&self, account_id: &str, phone: &str) -> Result<bool, Status> {
+        let answer = self
+            .peers
+            .channel_gateway()
+            .lookup_number(pb::LookupNumberRequest {
+                account_id: account_id.to_owned(),
+                phone: phone.to_owned(),
+            })
+            .await
+            .map_err(|s| upstream("channel gateway", s))?
+            .into_inner();
+        Ok(answer.line_type == pb::LineType::Landline as i32)
+    }
+
     /// Decides what a deflection would do. `open_conversation` is what the Redis lease said, when
     /// it named one: then Routing need not be asked.
     pub(crate) async fn decide(
@@ -276,6 +290,10 @@ impl Service {
             .clone()
             .unwrap_or_else(|| config.skill_id.clone());
 
+        // Only looked up when the account asks: a paid lookup unless the numbering plan decides.
+        let landline = settings.landline_check_enabled
+            && !consumer.conversation_open
+            && self.is_landline(&d.account_id, &d.consumer_phone).await?;
         let mut channels = Vec::with_capacity(candidates.len());
         let mut plan = Vec::new();
         for channel in &candidates {
@@ -291,6 +309,12 @@ impl Service {
                     channel,
                     IneligibilityReason::ConversationOpen,
                     format!("conversation {} is open", consumer.conversation_id),
+                )
+            } else if landline && channel != Channel::AppMessaging {
+                ineligible(
+                    channel,
+                    IneligibilityReason::Landline,
+                    "the number is a landline",
                 )
             } else if consumer.opted_out_channels.contains(&(channel as i32)) {
                 ineligible(
@@ -345,6 +369,8 @@ impl Service {
             None
         } else if consumer.conversation_open {
             Some(HandoffStatus::SkippedOpenConversation)
+        } else if landline {
+            Some(HandoffStatus::RejectedLandline)
         } else if !channels.is_empty()
             && channels
                 .iter()

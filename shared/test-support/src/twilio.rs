@@ -42,6 +42,8 @@ struct State_ {
     sent: Vec<SentSms>,
     refuse_next: Option<(u16, u32, String)>,
     counter: u64,
+    line_types: HashMap<String, String>,
+    lookups: Vec<String>,
 }
 
 /// The emulator. Dropping it stops the server.
@@ -159,6 +161,60 @@ async fn create_message(
     (StatusCode::CREATED, Json(reply)).into_response()
 }
 
+/// Lookup v2: `GET /v2/PhoneNumbers/{number}?Fields=line_type_intelligence`, HTTP Basic with any
+/// account the emulator knows.
+async fn lookup(
+    State(state): State<Arc<Mutex<State_>>>,
+    Path(number): Path<String>,
+    headers: HeaderMap,
+    query: axum::http::Uri,
+) -> Response {
+    let mut state = state.lock().expect("emulator state");
+    let authorized = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|pair| {
+            let (sid, token) = pair.split_once(':')?;
+            Some(state.accounts.get(sid).is_some_and(|t| t == token))
+        })
+        .unwrap_or(false);
+    if !authorized {
+        return twilio_error(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
+    }
+    if !query
+        .query()
+        .unwrap_or_default()
+        .contains("Fields=line_type_intelligence")
+    {
+        return twilio_error(StatusCode::BAD_REQUEST, 60200, "Invalid parameter");
+    }
+    state.lookups.push(number.clone());
+    let kind = state
+        .line_types
+        .get(&number)
+        .cloned()
+        .unwrap_or_else(|| "mobile".into());
+    Json(serde_json::json!({
+        "calling_country_code": "1",
+        "country_code": "US",
+        "phone_number": number,
+        "national_format": number,
+        "valid": true,
+        "line_type_intelligence": {
+            "carrier_name": "Emulated Carrier",
+            "error_code": null,
+            "mobile_country_code": "310",
+            "mobile_network_code": "456",
+            "type": kind,
+        },
+        "url": format!("https://lookups.twilio.com/v2/PhoneNumbers/{number}"),
+    }))
+    .into_response()
+}
+
 /// Twilio's signature: base64(HMAC-SHA1(auth token, URL + each parameter name and value, sorted
 /// by name)).
 pub fn twilio_signature(auth_token: &str, url: &str, params: &[(&str, &str)]) -> String {
@@ -187,6 +243,7 @@ impl TwilioEmulator {
                 "/2010-04-01/Accounts/{account_sid}/Messages.json",
                 post(create_message),
             )
+            .route("/v2/PhoneNumbers/{number}", axum::routing::get(lookup))
             .with_state(state.clone());
         let server = tokio::spawn(async move {
             axum::serve(listener, app).await.expect("emulator serves");
@@ -217,6 +274,20 @@ impl TwilioEmulator {
     pub fn refuse_next(&self, http_status: u16, code: u32, message: &str) {
         self.state.lock().expect("emulator state").refuse_next =
             Some((http_status, code, message.into()));
+    }
+
+    /// What Lookup answers for `number` (`landline`, `mobile`, `nonFixedVoip`, …); `mobile` unless set.
+    pub fn set_line_type(&self, number: &str, kind: &str) {
+        self.state
+            .lock()
+            .expect("emulator state")
+            .line_types
+            .insert(number.into(), kind.into());
+    }
+
+    /// The numbers looked up so far.
+    pub fn lookups(&self) -> Vec<String> {
+        self.state.lock().expect("emulator state").lookups.clone()
     }
 
     /// Every message accepted so far.
