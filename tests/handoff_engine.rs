@@ -449,6 +449,8 @@ async fn every_refusal_sends_nothing_and_counts_what_it_should() {
         [
             ("FUNNEL_STAGE_ATTEMPTED".to_owned(), 1),
             ("FUNNEL_STAGE_FAILED".to_owned(), 1),
+            // Twilio's 21610 also records the opt-out.
+            ("FUNNEL_STAGE_OPTED_OUT".to_owned(), 1),
         ]
         .into(),
     )]
@@ -542,6 +544,94 @@ async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared
         [
             ("FUNNEL_STAGE_ATTEMPTED".to_owned(), 1),
             ("FUNNEL_STAGE_REJECTED_LANDLINE".to_owned(), 1),
+        ]
+        .into(),
+    )]
+    .into();
+    eventually_eq("the funnel", Duration::from_secs(10), &expected, || {
+        funnel(&story, "acme")
+    })
+    .await;
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_who_said_stop_is_not_messaged_there_again() {
+    use std::collections::BTreeMap;
+
+    use c2m_proto::v1::{self as pb, IneligibilityReason};
+    use c2m_test_support::eventually_eq;
+
+    use crate::story::{BRAND_NUMBER, TWILIO_SID, funnel};
+
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let mut handoff = story.handoff().await;
+
+    // The consumer texts STOP (any case).
+    let (status, _) = story
+        .twilio
+        .send_inbound(
+            &format!("{}/webhooks/twilio/acme/inbound", story.webhooks),
+            TWILIO_SID,
+            "+14155550701",
+            BRAND_NUMBER,
+            "Stop",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let refused = handoff
+        .create_handoff(authed(handoff_request("acme", "+14155550701", "s-1"), &key))
+        .await
+        .expect("answered")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(refused.status, HandoffStatus::RejectedOptedOut as i32);
+
+    // Twilio refusing a number with 21610 (it said STOP to this sender) records the same.
+    story
+        .twilio
+        .refuse_next(400, 21610, "Attempt to send to unsubscribed recipient");
+    let failed = handoff
+        .create_handoff(authed(handoff_request("acme", "+14155550702", "s-2"), &key))
+        .await
+        .expect("answered")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(failed.status, HandoffStatus::Failed as i32);
+    let mut check = pb::CheckEligibilityRequest {
+        account_id: "acme".into(),
+        handoff_config_id: "billing".into(),
+        consumer_phone: "+14155550702".into(),
+        ..Default::default()
+    };
+    check.template_variables = [
+        ("topic".into(), "x".into()),
+        ("first_name".into(), "y".into()),
+    ]
+    .into();
+    let answer = handoff
+        .check_eligibility(authed(check, &key))
+        .await
+        .expect("eligibility")
+        .into_inner();
+    assert!(!answer.eligible);
+    assert_eq!(
+        answer.channels[0].reason,
+        IneligibilityReason::OptedOut as i32
+    );
+    assert!(story.twilio.sent().is_empty());
+
+    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
+        "CHANNEL_SMS".to_owned(),
+        [
+            ("FUNNEL_STAGE_ATTEMPTED".to_owned(), 2),
+            ("FUNNEL_STAGE_FAILED".to_owned(), 1),
+            ("FUNNEL_STAGE_OPTED_OUT".to_owned(), 2),
+            ("FUNNEL_STAGE_REJECTED_OPTED_OUT".to_owned(), 1),
         ]
         .into(),
     )]

@@ -466,12 +466,16 @@ async fn an_undelivered_whatsapp_message_falls_back_at_the_configured_deadline()
         .expect("handoff");
     assert_eq!(handoff.channel, Channel::Whatsapp as i32);
     // No delivery receipt comes: past the deadline the SMS goes.
+    // The handoff records it once the SMS is out.
     c2m_test_support::eventually(
         "the SMS fallback after 1 s",
         Duration::from_secs(10),
-        || async { story.twilio.sent().len() == 1 },
+        || async {
+            handoff_of(&story, &key, &handoff.handoff_id).await.channel == Channel::Sms as i32
+        },
     )
     .await;
+    assert_eq!(story.twilio.sent().len(), 1);
     let after = handoff_of(&story, &key, &handoff.handoff_id).await;
     assert_eq!(
         attempts(&after),

@@ -255,6 +255,23 @@ impl ChannelGatewayService for Service {
                 )));
             }
         };
+        // Twilio 21610: the recipient replied STOP to this sender; do not try them here again.
+        if let SendOutcome::Failed { code, .. } = &outcome
+            && channel == Channel::Sms
+            && code == "21610"
+            && let Err(status) = self
+                .peers
+                .routing()
+                .record_opt_out(pb::RecordOptOutRequest {
+                    account_id: r.account_id.clone(),
+                    consumer_phone: r.to.clone(),
+                    channel: Channel::Sms as i32,
+                    source: "twilio:21610".into(),
+                })
+                .await
+        {
+            tracing::warn!(%status, "opt-out from twilio 21610 not recorded");
+        }
         let now = Utc::now();
         let (stage, provider_id, error_code, error_message) = match outcome {
             SendOutcome::Accepted { sid } => (FunnelStage::Sent, Some(sid), None, None),

@@ -33,6 +33,25 @@ pub fn router(service: Service) -> Router {
         .with_state(service)
 }
 
+/// The standard opt-out keywords (Twilio's defaults), in any case, alone in the message.
+pub(crate) fn is_opt_out(body: &str) -> bool {
+    const KEYWORDS: [&str; 8] = [
+        "STOP",
+        "STOPALL",
+        "UNSUBSCRIBE",
+        "CANCEL",
+        "END",
+        "QUIT",
+        "REVOKE",
+        "OPTOUT",
+    ];
+    let word = body
+        .trim()
+        .trim_end_matches(['.', '!'])
+        .to_ascii_uppercase();
+    KEYWORDS.contains(&word.as_str())
+}
+
 fn twiml() -> Response {
     ([(header::CONTENT_TYPE, "text/xml")], EMPTY_TWIML).into_response()
 }
@@ -222,18 +241,35 @@ async fn twilio_inbound(
         Ok(true) => {}
         Err(error) => return unavailable(error),
     }
-    let routed = service
-        .peers
-        .routing()
-        .route_inbound_message(pb::RouteInboundMessageRequest {
-            account_id: account_id.clone(),
-            consumer_address: from.to_owned(),
-            channel: Channel::Sms as i32,
-            text: param(&params, "Body").to_owned(),
-            provider_message_id: sid.to_owned(),
-            received_at: Some(c2m_proto::timestamp(chrono::Utc::now())),
-        })
-        .await;
+    let body_text = param(&params, "Body");
+    let routed = if is_opt_out(body_text) {
+        // STOP and its kin: the consumer is not to be messaged here again.
+        service
+            .peers
+            .routing()
+            .record_opt_out(pb::RecordOptOutRequest {
+                account_id: account_id.clone(),
+                consumer_phone: from.to_owned(),
+                channel: Channel::Sms as i32,
+                source: format!("keyword:{}", body_text.trim().to_ascii_uppercase()),
+            })
+            .await
+            .map(|_| ())
+    } else {
+        service
+            .peers
+            .routing()
+            .route_inbound_message(pb::RouteInboundMessageRequest {
+                account_id: account_id.clone(),
+                consumer_address: from.to_owned(),
+                channel: Channel::Sms as i32,
+                text: param(&params, "Body").to_owned(),
+                provider_message_id: sid.to_owned(),
+                received_at: Some(c2m_proto::timestamp(chrono::Utc::now())),
+            })
+            .await
+            .map(|_| ())
+    };
     match routed {
         Ok(_) => {}
         // Nothing to route it to: final, acknowledge it.
@@ -425,4 +461,27 @@ async fn meta_events(
         }
     }
     StatusCode::OK.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_opt_out;
+
+    #[test]
+    fn opt_out_keywords_in_any_case() {
+        for body in [
+            "STOP",
+            "stop",
+            " Stop ",
+            "unsubscribe",
+            "OptOut",
+            "quit!",
+            "End.",
+        ] {
+            assert!(is_opt_out(body), "{body}");
+        }
+        for body in ["stop sending me bills", "please stop", "help", "start", ""] {
+            assert!(!is_opt_out(body), "{body}");
+        }
+    }
 }

@@ -316,4 +316,53 @@ impl RoutingService for Service {
             ))),
         }
     }
+
+    async fn record_opt_out(
+        &self,
+        request: Request<pb::RecordOptOutRequest>,
+    ) -> Result<Response<pb::RecordOptOutResponse>, Status> {
+        self.key.caller(request.metadata())?.require_internal()?;
+        let r = request.into_inner();
+        let mut violations = FieldViolations::new();
+        required(&mut violations, "account_id", &r.account_id);
+        required(&mut violations, "consumer_phone", &r.consumer_phone);
+        let channel = match Channel::try_from(r.channel) {
+            Ok(Channel::Unspecified) | Err(_) => {
+                violations.add("channel", "a channel is required");
+                Channel::Unspecified
+            }
+            Ok(channel) => channel,
+        };
+        violations.into_result()?;
+        let mut tx = self.db.pool().begin().await.map_err(db_status)?;
+        let inserted = sqlx::query(
+            "INSERT INTO opt_outs (account_id, consumer_phone, channel, source) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (account_id, consumer_phone, channel) DO NOTHING",
+        )
+        .bind(&r.account_id)
+        .bind(&r.consumer_phone)
+        .bind(channel.as_str_name())
+        .bind(&r.source)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_status)?
+        .rows_affected();
+        // Counted once per consumer and channel, however often they say STOP.
+        if inserted == 1 {
+            let event = pb::Event {
+                channel: channel as i32,
+                source: r.source.clone(),
+                ..outbox::event(&r.account_id, FunnelStage::OptedOut)
+            };
+            outbox::enqueue(&mut tx, &[event])
+                .await
+                .map_err(db_status)?;
+        }
+        tx.commit().await.map_err(db_status)?;
+        if inserted == 1 {
+            self.relay.wake();
+            tracing::info!(account_id = %r.account_id, consumer = %mask_phone(&r.consumer_phone), channel = channel.as_str_name(), source = %r.source, "opted out");
+        }
+        Ok(Response::new(pb::RecordOptOutResponse {}))
+    }
 }
