@@ -191,6 +191,7 @@ async fn call(client: &mut ConfigServiceClient<GrpcChannel>, rpc: &str, caller: 
                     account_id: acme(),
                     template_id: "nope".into(),
                     status: 0,
+                    ..Default::default()
                 },
                 caller,
             ))
@@ -532,6 +533,7 @@ async fn a_template_in_use_cannot_be_deleted_and_every_change_is_audited() {
                 account_id: "acme".into(),
                 template_id: template.template_id.clone(),
                 status: pb::WhatsAppTemplateStatus::Approved as i32,
+                ..Default::default()
             },
             &service,
         ))

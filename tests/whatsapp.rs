@@ -7,11 +7,11 @@ use c2m_proto::v1::{
     self as pb, AttemptOutcome, Channel, HandoffStatus, TranscriptDirection,
     put_provider_credentials_request::Credentials,
 };
-use c2m_runtime::auth::{Role as AuthRole, TokenKey};
+use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::eventually_eq;
 use redis::AsyncCommands;
 
-use crate::story::{SECRET, Story, Topology, authed, funnel, handoff_request, onboard, token};
+use crate::story::{Story, Topology, authed, funnel, handoff_request, onboard, token};
 
 const PHONE_NUMBER_ID: &str = "106540352242922";
 const ACCESS_TOKEN: &str = "EAAG-test-access-token";
@@ -59,17 +59,34 @@ async fn whatsapp_first(story: &Story) -> String {
         ))
         .await
         .expect("template");
-    config
-        .update_whats_app_template_status(authed(
-            pb::UpdateWhatsAppTemplateStatusRequest {
+    // Meta approves it: its template-status webhook reaches the gateway, which tells Config.
+    let (status, _) = story
+        .meta
+        .send_template_status(
+            &format!("{}/webhooks/meta/acme", story.webhooks),
+            APP_SECRET,
+            "billing_followup",
+            "en_US",
+            "APPROVED",
+        )
+        .await;
+    assert_eq!(status, 200);
+    let approved = config
+        .list_whats_app_templates(authed(
+            pb::ListWhatsAppTemplatesRequest {
                 account_id: "acme".into(),
-                template_id: "followup".into(),
-                status: pb::WhatsAppTemplateStatus::Approved as i32,
+                ..Default::default()
             },
-            &TokenKey::new(SECRET.as_bytes()).service_token("channel-gateway"),
+            &admin,
         ))
         .await
-        .expect("approved");
+        .expect("templates")
+        .into_inner()
+        .templates;
+    assert_eq!(
+        approved[0].status,
+        pb::WhatsAppTemplateStatus::Approved as i32
+    );
     config
         .create_handoff_config(authed(
             pb::CreateHandoffConfigRequest {

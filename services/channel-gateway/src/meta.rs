@@ -126,12 +126,53 @@ pub struct Entry {
 
 #[derive(Debug, Deserialize)]
 pub struct Change {
+    /// `messages` (statuses and inbound messages) or `message_template_status_update`.
     #[serde(default)]
-    pub value: Value,
+    pub field: String,
+    #[serde(default)]
+    pub value: serde_json::Value,
+}
+
+impl Change {
+    pub fn messages(&self) -> Value {
+        serde_json::from_value(self.value.clone()).unwrap_or_default()
+    }
+
+    pub fn template_update(&self) -> Option<TemplateUpdate> {
+        (self.field == "message_template_status_update")
+            .then(|| serde_json::from_value(self.value.clone()).ok())
+            .flatten()
+    }
+}
+
+/// Meta's review of a template: `{"event":"APPROVED","message_template_name":…,
+/// "message_template_language":…}`.
+#[derive(Debug, Deserialize)]
+pub struct TemplateUpdate {
+    pub event: String,
+    pub message_template_name: String,
+    pub message_template_language: String,
+}
+
+impl TemplateUpdate {
+    /// The template status the event means, if it means one.
+    pub fn status(&self) -> Option<c2m_proto::v1::WhatsAppTemplateStatus> {
+        use c2m_proto::v1::WhatsAppTemplateStatus as S;
+        match self.event.as_str() {
+            "APPROVED" | "REINSTATED" => Some(S::Approved),
+            "REJECTED" => Some(S::Rejected),
+            "PAUSED" | "FLAGGED" => Some(S::Paused),
+            "DISABLED" | "PENDING_DELETION" | "DELETED" => Some(S::Disabled),
+            "PENDING" => Some(S::Pending),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
 pub struct Value {
+    #[serde(default)]
+    pub messaging_product: String,
     #[serde(default)]
     pub statuses: Vec<Status>,
     #[serde(default)]
@@ -193,7 +234,7 @@ mod tests {
               "messages":[{"from":"14155550123","id":"wamid.Y","timestamp":"1700000001","type":"text","text":{"body":"hi"}}]}}]}]}"#,
         )
         .expect("parses");
-        let value = &envelope.entry[0].changes[0].value;
+        let value = envelope.entry[0].changes[0].messages();
         assert_eq!(value.statuses[0].errors[0].code, 131026);
         assert_eq!(value.messages[0].text.as_ref().expect("text").body, "hi");
     }

@@ -371,12 +371,37 @@ async fn meta_events(
     if envelope.object != "whatsapp_business_account" {
         return StatusCode::OK.into_response();
     }
-    for value in envelope
-        .entry
-        .iter()
-        .flat_map(|e| &e.changes)
-        .map(|c| &c.value)
-    {
+    for change in envelope.entry.iter().flat_map(|e| &e.changes) {
+        if let Some(update) = change.template_update() {
+            let Some(status) = update.status() else {
+                continue;
+            };
+            let recorded = service
+                .peers
+                .config()
+                .update_whats_app_template_status(pb::UpdateWhatsAppTemplateStatusRequest {
+                    account_id: account_id.clone(),
+                    template_id: String::new(),
+                    status: status as i32,
+                    name: update.message_template_name.clone(),
+                    language: update.message_template_language.clone(),
+                })
+                .await;
+            match recorded {
+                Ok(_) => {
+                    tracing::info!(account_id, template = %update.message_template_name, event = %update.event, "template status from meta")
+                }
+                Err(status) if status.code() == Code::NotFound => {
+                    tracing::info!(account_id, template = %update.message_template_name, "meta reviewed a template c2m does not know")
+                }
+                Err(status) => {
+                    tracing::warn!(account_id, %status, "template status not recorded, meta will retry");
+                    return StatusCode::SERVICE_UNAVAILABLE.into_response();
+                }
+            }
+            continue;
+        }
+        let value = change.messages();
         for status in &value.statuses {
             let dedup_key = format!("meta:status:{}:{}", status.id, status.status);
             let result: Result<usize, sqlx::Error> = async {

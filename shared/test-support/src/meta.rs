@@ -222,6 +222,31 @@ impl MetaEmulator {
         self.post_webhook(url, app_secret, &body, None).await
     }
 
+    /// Meta's review of a template (`APPROVED`, `REJECTED`, `PAUSED`, …).
+    pub async fn send_template_status(
+        &self,
+        url: &str,
+        app_secret: &str,
+        name: &str,
+        language: &str,
+        event: &str,
+    ) -> (u16, String) {
+        let body = serde_json::json!({
+            "object": "whatsapp_business_account",
+            "entry": [{ "id": "102290129340398", "time": 1764158400, "changes": [{
+                "field": "message_template_status_update",
+                "value": {
+                    "event": event,
+                    "message_template_id": 1_234_567_890,
+                    "message_template_name": name,
+                    "message_template_language": language,
+                    "reason": "NONE",
+                },
+            }]}],
+        });
+        self.post_webhook(url, app_secret, &body, None).await
+    }
+
     /// The webhook for a consumer's text message (`from` in international digits).
     pub async fn send_inbound(
         &self,

@@ -88,9 +88,20 @@ pub(super) async fn update_whats_app_template_status(
         .ok()
         .filter(|s| *s != pb::WhatsAppTemplateStatus::Unspecified)
         .ok_or_else(|| status::invalid_field("status", "a template status is required"))?;
+    let template_id = if r.template_id.is_empty() {
+        service
+            .store
+            .template_named(&r.account_id, &r.name, &r.language)
+            .await
+            .map_err(store_status)?
+            .map(|t| t.id)
+            .ok_or_else(|| Status::not_found(format!("no template {} in {}", r.name, r.language)))?
+    } else {
+        r.template_id.clone()
+    };
     let template = service
         .store
-        .set_template_status(&r.account_id, &r.template_id, status, Actor(&caller.sub))
+        .set_template_status(&r.account_id, &template_id, status, Actor(&caller.sub))
         .await
         .map_err(store_status)?
         .ok_or_else(|| Status::not_found(format!("template {} not found", r.template_id)))?;

@@ -102,6 +102,13 @@ pub trait ConfigStore: Send + Sync + 'static {
         actor: Actor<'_>,
     ) -> Result<(), StoreError>;
     async fn template(&self, account_id: &str, id: &str) -> Result<Option<Template>, StoreError>;
+    /// The template Meta knows by this name and language.
+    async fn template_named(
+        &self,
+        account_id: &str,
+        name: &str,
+        language: &str,
+    ) -> Result<Option<Template>, StoreError>;
     async fn templates(
         &self,
         account_id: &str,

@@ -313,4 +313,13 @@ impl ConfigStore for PgConfigStore {
     ) -> Result<Vec<AuditRecord>, StoreError> {
         audit::list(&self.pool, account_id, start, end, after, limit).await
     }
+
+    async fn template_named(
+        &self,
+        account_id: &str,
+        name: &str,
+        language: &str,
+    ) -> Result<Option<Template>, StoreError> {
+        templates::template_named(&self.pool, account_id, name, language).await
+    }
 }

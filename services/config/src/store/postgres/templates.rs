@@ -161,3 +161,21 @@ pub(super) async fn delete_template(
     tx.commit().await?;
     Ok(TemplateDeleted::Done)
 }
+
+pub(super) async fn template_named(
+    pool: &PgPool,
+    account_id: &str,
+    name: &str,
+    language: &str,
+) -> Result<Option<Template>, StoreError> {
+    let row = sqlx::query(sql(format!(
+        "SELECT {TEMPLATE_COLUMNS} FROM whatsapp_templates \
+         WHERE account_id = $1 AND name = $2 AND language = $3"
+    )))
+    .bind(account_id)
+    .bind(name)
+    .bind(language)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(template_row).transpose()?)
+}
