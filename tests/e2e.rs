@@ -8,4 +8,5 @@ mod handoff_engine;
 mod mesh;
 mod rest;
 mod story;
+mod webhook_fuzz;
 mod whatsapp;
