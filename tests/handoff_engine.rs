@@ -642,3 +642,36 @@ async fn a_consumer_who_said_stop_is_not_messaged_there_again() {
     .await;
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_says_too_many_requests_is_retried_after_the_wait_it_asks() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let mut handoff = story.handoff().await;
+
+    // Twilio throttles twice (Retry-After: 0), then takes the message.
+    story.twilio.throttle_next(2, "0");
+    let sent = handoff
+        .create_handoff(authed(handoff_request("acme", "+14155550801", "t-1"), &key))
+        .await
+        .expect("answered")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(sent.status, HandoffStatus::Sent as i32);
+    assert_eq!((story.twilio.requests(), story.twilio.sent().len()), (3, 1));
+
+    // Throttled past the retries: the attempt fails with Twilio's code, nothing is sent.
+    story.twilio.throttle_next(3, "0");
+    let failed = handoff
+        .create_handoff(authed(handoff_request("acme", "+14155550802", "t-2"), &key))
+        .await
+        .expect("answered")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(failed.status, HandoffStatus::Failed as i32);
+    assert_eq!(failed.attempts[0].error_code, "20429");
+    assert_eq!((story.twilio.requests(), story.twilio.sent().len()), (6, 1));
+    story.stop().await;
+}

@@ -11,6 +11,7 @@ mod grpc;
 mod lookup;
 mod messages;
 pub mod meta;
+mod retry;
 pub mod twilio;
 mod webhooks;
 

@@ -52,12 +52,12 @@ pub async fn send(
             "text": { "body": text },
         }),
     };
-    let response = match http
-        .post(&url)
-        .bearer_auth(&credentials.access_token)
-        .json(&body)
-        .send()
-        .await
+    let response = match crate::retry::send(|| {
+        http.post(&url)
+            .bearer_auth(&credentials.access_token)
+            .json(&body)
+    })
+    .await
     {
         Ok(response) => response,
         Err(error) => {

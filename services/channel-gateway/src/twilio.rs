@@ -63,12 +63,12 @@ pub async fn send_sms(
             credentials.messaging_service_sid.as_str(),
         ));
     }
-    let response = match http
-        .post(&url)
-        .basic_auth(&credentials.account_sid, Some(&credentials.auth_token))
-        .form(&form)
-        .send()
-        .await
+    let response = match crate::retry::send(|| {
+        http.post(&url)
+            .basic_auth(&credentials.account_sid, Some(&credentials.auth_token))
+            .form(&form)
+    })
+    .await
     {
         Ok(response) => response,
         Err(error) => {

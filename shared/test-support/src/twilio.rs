@@ -44,6 +44,8 @@ struct State_ {
     counter: u64,
     line_types: HashMap<String, String>,
     lookups: Vec<String>,
+    requests: usize,
+    throttle_next: Option<(usize, String)>,
 }
 
 /// The emulator. Dropping it stops the server.
@@ -82,6 +84,7 @@ async fn create_message(
     body: axum::body::Bytes,
 ) -> Response {
     let mut state = state.lock().expect("emulator state");
+    state.requests += 1;
     // HTTP Basic: AccountSid and AuthToken.
     let authorized = headers
         .get("authorization")
@@ -128,6 +131,16 @@ async fn create_message(
             21603,
             "A 'From' or 'MessagingServiceSid' parameter is required",
         );
+    }
+    if let Some((left, retry_after)) = state.throttle_next.take() {
+        if left > 1 {
+            state.throttle_next = Some((left - 1, retry_after.clone()));
+        }
+        let mut response = twilio_error(StatusCode::TOO_MANY_REQUESTS, 20429, "Too Many Requests");
+        if let Ok(value) = retry_after.parse() {
+            response.headers_mut().insert("retry-after", value);
+        }
+        return response;
     }
     if let Some((status, code, message)) = state.refuse_next.take() {
         return twilio_error(
@@ -288,6 +301,17 @@ impl TwilioEmulator {
     /// The numbers looked up so far.
     pub fn lookups(&self) -> Vec<String> {
         self.state.lock().expect("emulator state").lookups.clone()
+    }
+
+    /// Answers the next `times` sends 429 (Twilio 20429) with this `Retry-After`.
+    pub fn throttle_next(&self, times: usize, retry_after: &str) {
+        self.state.lock().expect("emulator state").throttle_next =
+            Some((times, retry_after.into()));
+    }
+
+    /// Send requests received, accepted or not.
+    pub fn requests(&self) -> usize {
+        self.state.lock().expect("emulator state").requests
     }
 
     /// Every message accepted so far.
