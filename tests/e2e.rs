@@ -7,6 +7,7 @@ mod grpc;
 mod handoff_engine;
 mod mesh;
 mod rest;
+mod sandbox;
 mod story;
 mod webhook_fuzz;
 mod whatsapp;

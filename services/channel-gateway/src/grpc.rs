@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     Service, credentials, lookup,
     messages::{self, Outbound},
-    meta,
+    meta, sandbox,
     twilio::{self, SendOutcome},
 };
 
@@ -66,6 +66,7 @@ impl Service {
         {
             Ok(creds) => creds,
             Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
+            Err(credentials::CredentialsError::Missing(_)) => return self.send_to_sandbox(r).await,
             Err(e) => return Ok(no_credentials(e)),
         };
         let callback = format!(
@@ -82,6 +83,39 @@ impl Service {
             &callback,
         )
         .await)
+    }
+
+    /// Accounts without Twilio credentials but with the sandbox send there.
+    async fn send_to_sandbox(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
+        let options = match self
+            .credentials::<pb::SandboxCredentials>(&r.account_id, Provider::Sandbox)
+            .await
+        {
+            Ok(options) => options,
+            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
+            Err(e) => return Ok(no_credentials(e)),
+        };
+        let sid = format!(
+            "SM{}",
+            r.message_id
+                .replace('-', "")
+                .chars()
+                .rev()
+                .take(32)
+                .collect::<String>()
+        );
+        sandbox::simulate(
+            self.http.clone(),
+            sandbox::Simulation {
+                public_url: self.settings.public_url.clone(),
+                account_id: r.account_id.clone(),
+                auth_token: sandbox::auth_token(&self.settings.credentials_key, &r.account_id),
+                message_sid: sid.clone(),
+                to: r.to.clone(),
+                options,
+            },
+        );
+        Ok(SendOutcome::Accepted { sid })
     }
 
     async fn send_whatsapp(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
@@ -161,9 +195,10 @@ impl ChannelGatewayService for Service {
                 }
                 (Provider::MetaWhatsapp, m.encode_to_vec())
             }
+            Some(Credentials::Sandbox(sandbox)) => (Provider::Sandbox, sandbox.encode_to_vec()),
             Some(_) => {
                 return Err(Status::unimplemented(
-                    "only twilio and meta_whatsapp credentials are supported so far",
+                    "only twilio, meta_whatsapp and sandbox credentials are supported so far",
                 ));
             }
             None => {

@@ -12,6 +12,7 @@ mod lookup;
 mod messages;
 pub mod meta;
 mod retry;
+mod sandbox;
 pub mod twilio;
 mod webhooks;
 

@@ -1,0 +1,137 @@
+//! The built-in sandbox: an account with no provider account tries the whole flow — send,
+//! delivery, the consumer's reply, the conversation — through the same signed webhooks.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use c2m_proto::v1::{
+    self as pb, Channel, HandoffStatus, put_provider_credentials_request::Credentials,
+};
+use c2m_runtime::auth::Role as AuthRole;
+use c2m_test_support::{eventually, eventually_eq};
+use redis::AsyncCommands;
+
+use crate::story::{Story, Topology, authed, funnel, handoff_request, onboard, token};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let admin = token(AuthRole::Admin, Some("acme"));
+    let mut gateway = story.gateway().await;
+    // No Twilio account: the sandbox instead, with a consumer who answers.
+    gateway
+        .delete_provider_credentials(authed(
+            pb::DeleteProviderCredentialsRequest {
+                account_id: "acme".into(),
+                provider: pb::Provider::Twilio as i32,
+            },
+            &admin,
+        ))
+        .await
+        .expect("twilio removed");
+    gateway
+        .put_provider_credentials(authed(
+            pb::PutProviderCredentialsRequest {
+                account_id: "acme".into(),
+                provider: pb::Provider::Sandbox as i32,
+                credentials: Some(Credentials::Sandbox(pb::SandboxCredentials {
+                    reply_text: "Yes please".into(),
+                    fail_delivery: false,
+                })),
+            },
+            &admin,
+        ))
+        .await
+        .expect("sandbox on");
+
+    let handoff = story
+        .handoff()
+        .await
+        .create_handoff(authed(
+            handoff_request("acme", "+14155550901", "sb-1"),
+            &key,
+        ))
+        .await
+        .expect("handoff")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(handoff.channel, Channel::Sms as i32);
+    assert!(
+        story.twilio.sent().is_empty(),
+        "nothing went to a real provider"
+    );
+
+    // The sandbox's consumer answers: a conversation opens, with the message on top.
+    let redis = redis::Client::open(story.redis.url()).expect("url");
+    let lease = format!("{}:{{acme}}:conv:+14155550901", story.redis.prefix());
+    eventually(
+        "the sandbox's reply to open a conversation",
+        Duration::from_secs(10),
+        || {
+            let redis = redis.clone();
+            let lease = lease.clone();
+            async move {
+                let mut redis = redis
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("redis");
+                redis.exists::<_, bool>(&lease).await.unwrap_or(false)
+            }
+        },
+    )
+    .await;
+    let mut connection = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let conversation_id: String = connection.get(&lease).await.expect("lease");
+    let conversation = story
+        .routing()
+        .await
+        .get_conversation(authed(
+            pb::GetConversationRequest {
+                account_id: "acme".into(),
+                conversation_id,
+            },
+            &token(AuthRole::Viewer, Some("acme")),
+        ))
+        .await
+        .expect("conversation")
+        .into_inner()
+        .conversation
+        .expect("conversation");
+    let texts: Vec<&str> = conversation
+        .transcript
+        .iter()
+        .map(|e| e.text.as_str())
+        .collect();
+    assert_eq!(
+        texts,
+        ["Hi Ada, text us here about your bill.", "Yes please"]
+    );
+
+    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
+        "CHANNEL_SMS".to_owned(),
+        [
+            ("FUNNEL_STAGE_ATTEMPTED", 1),
+            ("FUNNEL_STAGE_SENT", 1),
+            ("FUNNEL_STAGE_DELIVERED", 1),
+            ("FUNNEL_STAGE_RESPONDED", 1),
+            ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+    )]
+    .into();
+    eventually_eq(
+        "the sandboxed funnel",
+        Duration::from_secs(10),
+        &expected,
+        || funnel(&story, "acme"),
+    )
+    .await;
+    story.stop().await;
+}
