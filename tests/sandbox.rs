@@ -45,17 +45,8 @@ async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
         .expect("sandbox on");
 
     let handoff = story
-        .handoff()
-        .await
-        .create_handoff(authed(
-            handoff_request("acme", "+14155550901", "sb-1"),
-            &key,
-        ))
-        .await
-        .expect("handoff")
-        .into_inner()
-        .handoff
-        .expect("handoff");
+        .deflect(handoff_request("acme", "+14155550901", "sb-1"), &key)
+        .await;
     assert_eq!(handoff.status, HandoffStatus::Sent as i32);
     assert_eq!(handoff.channel, Channel::Sms as i32);
     assert!(
@@ -82,26 +73,7 @@ async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
         },
     )
     .await;
-    let mut connection = redis
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let conversation_id: String = connection.get(&lease).await.expect("lease");
-    let conversation = story
-        .routing()
-        .await
-        .get_conversation(authed(
-            pb::GetConversationRequest {
-                account_id: "acme".into(),
-                conversation_id,
-            },
-            &token(AuthRole::Viewer, Some("acme")),
-        ))
-        .await
-        .expect("conversation")
-        .into_inner()
-        .conversation
-        .expect("conversation");
+    let conversation = story.open_conversation("acme", "+14155550901").await;
     let texts: Vec<&str> = conversation
         .transcript
         .iter()

@@ -394,3 +394,49 @@ pub async fn funnel(story: &Story, account_id: &str) -> BTreeMap<String, BTreeMa
         })
         .collect()
 }
+
+impl Story {
+    /// The IVR's call: a handoff the mesh answered (not refused).
+    pub async fn deflect(&self, request: pb::CreateHandoffRequest, api_key: &str) -> pb::Handoff {
+        self.handoff()
+            .await
+            .create_handoff(authed(request, api_key))
+            .await
+            .expect("handoff answered")
+            .into_inner()
+            .handoff
+            .expect("a handoff")
+    }
+
+    /// The consumer's open conversation, as the Redis lease names it and Routing returns it.
+    pub async fn open_conversation(&self, account_id: &str, phone: &str) -> pb::Conversation {
+        use redis::AsyncCommands;
+
+        let redis = redis::Client::open(self.redis.url()).expect("url");
+        let mut redis = redis
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let conversation_id: String = redis
+            .get(format!(
+                "{}:{{{account_id}}}:conv:{phone}",
+                self.redis.prefix()
+            ))
+            .await
+            .expect("the open-conversation lease is held");
+        self.routing()
+            .await
+            .get_conversation(authed(
+                pb::GetConversationRequest {
+                    account_id: account_id.to_owned(),
+                    conversation_id,
+                },
+                &token(AuthRole::Viewer, Some(account_id)),
+            ))
+            .await
+            .expect("conversation")
+            .into_inner()
+            .conversation
+            .expect("conversation")
+    }
+}

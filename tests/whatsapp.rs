@@ -9,7 +9,6 @@ use c2m_proto::v1::{
 };
 use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::eventually_eq;
-use redis::AsyncCommands;
 
 use crate::story::{Story, Topology, authed, funnel, handoff_request, onboard, token};
 
@@ -206,33 +205,7 @@ async fn an_approved_template_starts_the_conversation_and_meta_webhooks_carry_it
         )
         .await;
     assert_eq!(status, 200);
-    let redis = redis::Client::open(story.redis.url()).expect("url");
-    let mut redis = redis
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let conversation_id: String = redis
-        .get(format!(
-            "{}:{{acme}}:conv:+14155550401",
-            story.redis.prefix()
-        ))
-        .await
-        .expect("lease held");
-    let conversation = story
-        .routing()
-        .await
-        .get_conversation(authed(
-            pb::GetConversationRequest {
-                account_id: "acme".into(),
-                conversation_id,
-            },
-            &token(AuthRole::Viewer, Some("acme")),
-        ))
-        .await
-        .expect("conversation")
-        .into_inner()
-        .conversation
-        .expect("conversation");
+    let conversation = story.open_conversation("acme", "+14155550401").await;
     assert_eq!(conversation.channel, Channel::Whatsapp as i32);
     let transcript: Vec<(i32, &str)> = conversation
         .transcript
@@ -430,33 +403,7 @@ async fn a_whatsapp_message_reported_failed_falls_back_to_sms_and_the_reply_find
         )
         .await;
     assert_eq!(status, 200);
-    let redis = redis::Client::open(story.redis.url()).expect("url");
-    let mut redis = redis
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let conversation_id: String = redis
-        .get(format!(
-            "{}:{{acme}}:conv:+14155550403",
-            story.redis.prefix()
-        ))
-        .await
-        .expect("lease held");
-    let conversation = story
-        .routing()
-        .await
-        .get_conversation(authed(
-            pb::GetConversationRequest {
-                account_id: "acme".into(),
-                conversation_id,
-            },
-            &token(AuthRole::Viewer, Some("acme")),
-        ))
-        .await
-        .expect("conversation")
-        .into_inner()
-        .conversation
-        .expect("conversation");
+    let conversation = story.open_conversation("acme", "+14155550403").await;
     assert_eq!(conversation.channel, Channel::Sms as i32);
     assert_eq!(
         conversation.transcript[0].text,
