@@ -1,0 +1,166 @@
+//! Provider webhooks on an HTTP listener of their own (the one port to expose publicly). Every
+//! request is verified against the provider's signature before anything else is done with it,
+//! stored in the inbox before it is acknowledged, and processed once however often it is retried.
+
+mod from_meta;
+mod from_twilio;
+
+use axum::{
+    Router,
+    body::Bytes,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use c2m_proto::v1::Channel;
+use tonic::Code;
+
+use crate::{Service, messages};
+
+pub fn router(service: Service) -> Router {
+    Router::new()
+        .route(
+            "/webhooks/twilio/{account_id}/status",
+            post(from_twilio::status),
+        )
+        .route(
+            "/webhooks/twilio/{account_id}/inbound",
+            post(from_twilio::inbound),
+        )
+        .route(
+            "/webhooks/meta/{account_id}",
+            get(from_meta::verify).post(from_meta::events),
+        )
+        .with_state(service)
+}
+
+/// Stores a verified delivery in the inbox. `Ok(false)`: already processed, acknowledge again.
+pub(super) async fn store(
+    tx: &mut sqlx::PgConnection,
+    dedup_key: &str,
+    body: &Bytes,
+) -> Result<bool, sqlx::Error> {
+    let provider = dedup_key.split(':').next().unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO webhook_inbox (provider, dedup_key, body) VALUES ($3, $1, $2) \
+         ON CONFLICT (dedup_key) DO NOTHING",
+    )
+    .bind(dedup_key)
+    .bind(body.as_ref())
+    .bind(provider)
+    .execute(&mut *tx)
+    .await?;
+    let processed: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT processed_at FROM webhook_inbox WHERE dedup_key = $1 FOR UPDATE",
+    )
+    .bind(dedup_key)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(processed.is_none())
+}
+
+pub(super) async fn mark_processed(
+    tx: &mut sqlx::PgConnection,
+    dedup_key: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE webhook_inbox SET processed_at = now() WHERE dedup_key = $1")
+        .bind(dedup_key)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// A provider's report of how far a message got.
+pub(super) struct StatusReport<'a> {
+    pub account_id: &'a str,
+    pub channel: Channel,
+    pub provider_message_id: &'a str,
+    pub stage: Option<c2m_proto::v1::FunnelStage>,
+    pub error_code: Option<&'a str>,
+    pub source: &'a str,
+}
+
+/// Stores a verified status report in the inbox and, the first time it arrives, moves the message
+/// forward; returns how many events that wrote.
+pub(super) async fn take_status(
+    service: &Service,
+    dedup_key: &str,
+    body: &Bytes,
+    report: StatusReport<'_>,
+) -> Result<usize, sqlx::Error> {
+    let mut tx = service.db.pool().begin().await?;
+    let mut events = 0;
+    if store(&mut tx, dedup_key, body).await? {
+        if let Some(stage) = report.stage {
+            events = messages::advance(
+                &mut tx,
+                report.account_id,
+                report.channel,
+                report.provider_message_id,
+                stage,
+                report.error_code,
+                report.source,
+            )
+            .await?;
+        }
+        mark_processed(&mut tx, dedup_key).await?;
+    }
+    tx.commit().await?;
+    Ok(events)
+}
+
+/// Stores a verified inbound message in the inbox and, unless it was handled before, hands it to
+/// Routing with `deliver`. `Err` is the response that makes the provider retry (storage or Routing
+/// unavailable); an inbound message Routing has nothing for (FAILED_PRECONDITION) is final.
+pub(super) async fn deliver_once<F, Fut>(
+    service: &Service,
+    dedup_key: &str,
+    body: &Bytes,
+    deliver: F,
+) -> Result<(), Response>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<(), tonic::Status>>,
+{
+    let fresh = async {
+        let mut tx = service.db.pool().begin().await?;
+        let fresh = store(&mut tx, dedup_key, body).await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(fresh)
+    }
+    .await
+    .map_err(unavailable)?;
+    if !fresh {
+        return Ok(());
+    }
+    match deliver().await {
+        Ok(()) => {}
+        Err(status) if status.code() == Code::FailedPrecondition => {
+            tracing::info!(
+                dedup_key,
+                reason = status.message(),
+                "inbound message not routed"
+            );
+        }
+        Err(status) => {
+            tracing::warn!(dedup_key, %status, "inbound message: routing unavailable, the provider will retry");
+            return Err(StatusCode::SERVICE_UNAVAILABLE.into_response());
+        }
+    }
+    let marked = async {
+        let mut tx = service.db.pool().begin().await?;
+        mark_processed(&mut tx, dedup_key).await?;
+        tx.commit().await
+    }
+    .await;
+    if let Err(error) = marked {
+        // Routing de-duplicates by message id, so a retry after this is harmless.
+        tracing::warn!(%error, "inbound message routed but not marked processed");
+    }
+    Ok(())
+}
+
+pub(super) fn unavailable(error: sqlx::Error) -> Response {
+    tracing::warn!(%error, "webhook: storage unavailable");
+    StatusCode::SERVICE_UNAVAILABLE.into_response()
+}
