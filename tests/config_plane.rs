@@ -733,20 +733,14 @@ async fn handoff_sees_a_configuration_change_well_inside_its_cache_ttl() {
         .expect("sent");
 
     story
-        .config()
-        .await
-        .update_account_settings(authed(
-            pb::UpdateAccountSettingsRequest {
-                account_id: "acme".into(),
-                settings: Some(pb::AccountSettings {
-                    deflection_enabled: false,
-                    ..Default::default()
-                }),
+        .set_settings(
+            "acme",
+            pb::AccountSettings {
+                deflection_enabled: false,
+                ..Default::default()
             },
-            &token(AuthRole::Admin, Some("acme")),
-        ))
-        .await
-        .expect("deflection off");
+        )
+        .await;
     let changed = std::time::Instant::now();
     // The cache's TTL is 5 s: seeing the change within 2 s is the change notice at work.
     let mut n = 1;

@@ -365,10 +365,9 @@ async fn every_refusal_sends_nothing_and_counts_what_it_should() {
     use std::collections::BTreeMap;
 
     use c2m_proto::v1 as pb;
-    use c2m_runtime::auth::Role as AuthRole;
     use c2m_test_support::eventually_eq;
 
-    use crate::story::{funnel, token};
+    use crate::story::funnel;
 
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
@@ -420,20 +419,14 @@ async fn every_refusal_sends_nothing_and_counts_what_it_should() {
     // fresh account is used).
     let globex = onboard(&story, "globex").await;
     story
-        .config()
-        .await
-        .update_account_settings(authed(
-            pb::UpdateAccountSettingsRequest {
-                account_id: "globex".into(),
-                settings: Some(pb::AccountSettings {
-                    deflection_enabled: false,
-                    ..Default::default()
-                }),
+        .set_settings(
+            "globex",
+            pb::AccountSettings {
+                deflection_enabled: false,
+                ..Default::default()
             },
-            &token(AuthRole::Admin, Some("globex")),
-        ))
-        .await
-        .expect("disabled");
+        )
+        .await;
     let refused = handoff
         .create_handoff(authed(
             handoff_request("globex", "+14155550204", "r-4"),
@@ -468,29 +461,22 @@ async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared
     use std::collections::BTreeMap;
 
     use c2m_proto::v1::{self as pb, IneligibilityReason};
-    use c2m_runtime::auth::Role as AuthRole;
     use c2m_test_support::eventually_eq;
 
-    use crate::story::{funnel, token};
+    use crate::story::funnel;
 
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
     story
-        .config()
-        .await
-        .update_account_settings(authed(
-            pb::UpdateAccountSettingsRequest {
-                account_id: "acme".into(),
-                settings: Some(pb::AccountSettings {
-                    deflection_enabled: true,
-                    landline_check_enabled: true,
-                    ..Default::default()
-                }),
+        .set_settings(
+            "acme",
+            pb::AccountSettings {
+                deflection_enabled: true,
+                landline_check_enabled: true,
+                ..Default::default()
             },
-            &token(AuthRole::Admin, Some("acme")),
-        ))
-        .await
-        .expect("landline check on");
+        )
+        .await;
     story.twilio.set_line_type("+14155550601", "landline");
     let mut handoff = story.handoff().await;
 
@@ -504,28 +490,7 @@ async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared
     assert_eq!(refused.status, HandoffStatus::RejectedLandline as i32);
     assert!(story.twilio.sent().is_empty());
 
-    let check = |phone: &str| {
-        let mut request = pb::CheckEligibilityRequest {
-            account_id: "acme".into(),
-            handoff_config_id: "billing".into(),
-            consumer_phone: phone.into(),
-            ..Default::default()
-        };
-        request.template_variables = [
-            ("topic".into(), "x".into()),
-            ("first_name".into(), "y".into()),
-        ]
-        .into();
-        let mut handoff = handoff.clone();
-        let key = key.clone();
-        async move {
-            handoff
-                .check_eligibility(authed(request, &key))
-                .await
-                .expect("eligibility")
-                .into_inner()
-        }
-    };
+    let check = |phone: &'static str| story.eligibility("acme", phone, &key);
     let landline = check("+14155550601").await;
     assert!(!landline.eligible);
     assert_eq!(
@@ -559,7 +524,7 @@ async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared
 async fn a_consumer_who_said_stop_is_not_messaged_there_again() {
     use std::collections::BTreeMap;
 
-    use c2m_proto::v1::{self as pb, IneligibilityReason};
+    use c2m_proto::v1::IneligibilityReason;
     use c2m_test_support::eventually_eq;
 
     use crate::story::{BRAND_NUMBER, TWILIO_SID, funnel};
@@ -602,22 +567,7 @@ async fn a_consumer_who_said_stop_is_not_messaged_there_again() {
         .handoff
         .expect("handoff");
     assert_eq!(failed.status, HandoffStatus::Failed as i32);
-    let mut check = pb::CheckEligibilityRequest {
-        account_id: "acme".into(),
-        handoff_config_id: "billing".into(),
-        consumer_phone: "+14155550702".into(),
-        ..Default::default()
-    };
-    check.template_variables = [
-        ("topic".into(), "x".into()),
-        ("first_name".into(), "y".into()),
-    ]
-    .into();
-    let answer = handoff
-        .check_eligibility(authed(check, &key))
-        .await
-        .expect("eligibility")
-        .into_inner();
+    let answer = story.eligibility("acme", "+14155550702", &key).await;
     assert!(!answer.eligible);
     assert_eq!(
         answer.channels[0].reason,

@@ -2,10 +2,9 @@
 //! auth and semantics, errors as JSON with the gRPC code mapped to an HTTP status.
 
 use c2m_proto::v1 as pb;
-use c2m_runtime::auth::Role as AuthRole;
 use serde_json::{Value, json};
 
-use crate::story::{Story, Topology, authed, onboard, token};
+use crate::story::{Story, Topology, onboard};
 
 async fn post(
     url: &str,
@@ -141,21 +140,15 @@ async fn over_the_limit_rest_answers_429_with_retry_after() {
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
     story
-        .config()
-        .await
-        .update_account_settings(authed(
-            pb::UpdateAccountSettingsRequest {
-                account_id: "acme".into(),
-                settings: Some(pb::AccountSettings {
-                    deflection_enabled: true,
-                    rate_limit_per_second: 1,
-                    ..Default::default()
-                }),
+        .set_settings(
+            "acme",
+            pb::AccountSettings {
+                deflection_enabled: true,
+                rate_limit_per_second: 1,
+                ..Default::default()
             },
-            &token(AuthRole::Admin, Some("acme")),
-        ))
-        .await
-        .expect("limit set");
+        )
+        .await;
     let handoffs = format!("{}/v1/accounts/acme/handoffs", story.servers[0].endpoint());
     let body = |n: u32| {
         json!({

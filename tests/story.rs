@@ -242,22 +242,15 @@ pub async fn onboard(story: &Story, account_id: &str) -> String {
         ))
         .await
         .expect("operator creates the account");
-    let account = config
-        .update_account_settings(authed(
-            pb::UpdateAccountSettingsRequest {
-                account_id: account_id.to_owned(),
-                settings: Some(pb::AccountSettings {
-                    deflection_enabled: true,
-                    ..Default::default()
-                }),
+    let account = story
+        .set_settings(
+            account_id,
+            pb::AccountSettings {
+                deflection_enabled: true,
+                ..Default::default()
             },
-            &admin,
-        ))
-        .await
-        .expect("admin enables deflection")
-        .into_inner()
-        .account
-        .expect("account");
+        )
+        .await;
     let settings = account.settings.expect("settings");
     assert!(settings.deflection_enabled);
     assert_eq!(settings.rate_limit_per_second, 30, "the default limit");
@@ -438,5 +431,55 @@ impl Story {
             .into_inner()
             .conversation
             .expect("conversation")
+    }
+}
+
+impl Story {
+    /// An admin of `account_id` replaces its settings.
+    pub async fn set_settings(
+        &self,
+        account_id: &str,
+        settings: pb::AccountSettings,
+    ) -> pb::Account {
+        self.config()
+            .await
+            .update_account_settings(authed(
+                pb::UpdateAccountSettingsRequest {
+                    account_id: account_id.to_owned(),
+                    settings: Some(settings),
+                },
+                &token(AuthRole::Admin, Some(account_id)),
+            ))
+            .await
+            .expect("settings updated")
+            .into_inner()
+            .account
+            .expect("account")
+    }
+
+    /// CheckEligibility for `phone` on the "billing" configuration, with its variables filled.
+    pub async fn eligibility(
+        &self,
+        account_id: &str,
+        phone: &str,
+        api_key: &str,
+    ) -> pb::CheckEligibilityResponse {
+        let request = pb::CheckEligibilityRequest {
+            account_id: account_id.to_owned(),
+            handoff_config_id: "billing".to_owned(),
+            consumer_phone: phone.to_owned(),
+            template_variables: [
+                ("topic".to_owned(), "your bill".to_owned()),
+                ("first_name".to_owned(), "Ada".to_owned()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        self.handoff()
+            .await
+            .check_eligibility(authed(request, api_key))
+            .await
+            .expect("eligibility")
+            .into_inner()
     }
 }
