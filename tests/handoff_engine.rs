@@ -378,13 +378,9 @@ async fn every_refusal_sends_nothing_and_counts_what_it_should() {
     story
         .twilio
         .refuse_next(400, 21610, "Attempt to send to unsubscribed recipient");
-    let failed = handoff
-        .create_handoff(authed(handoff_request("acme", "+14155550201", "r-1"), &key))
-        .await
-        .expect("answered")
-        .into_inner()
-        .handoff
-        .expect("handoff");
+    let failed = story
+        .deflect(handoff_request("acme", "+14155550201", "r-1"), &key)
+        .await;
     assert_eq!(failed.status, HandoffStatus::Failed as i32);
     assert_eq!(failed.attempts.len(), 1);
     assert_eq!(failed.attempts[0].error_code, "21610");
@@ -478,15 +474,10 @@ async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared
         )
         .await;
     story.twilio.set_line_type("+14155550601", "landline");
-    let mut handoff = story.handoff().await;
 
-    let refused = handoff
-        .create_handoff(authed(handoff_request("acme", "+14155550601", "l-1"), &key))
-        .await
-        .expect("answered")
-        .into_inner()
-        .handoff
-        .expect("handoff");
+    let refused = story
+        .deflect(handoff_request("acme", "+14155550601", "l-1"), &key)
+        .await;
     assert_eq!(refused.status, HandoffStatus::RejectedLandline as i32);
     assert!(story.twilio.sent().is_empty());
 
@@ -531,7 +522,6 @@ async fn a_consumer_who_said_stop_is_not_messaged_there_again() {
 
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
-    let mut handoff = story.handoff().await;
 
     // The consumer texts STOP (any case).
     let (status, _) = story
@@ -546,26 +536,18 @@ async fn a_consumer_who_said_stop_is_not_messaged_there_again() {
         )
         .await;
     assert_eq!(status, 200);
-    let refused = handoff
-        .create_handoff(authed(handoff_request("acme", "+14155550701", "s-1"), &key))
-        .await
-        .expect("answered")
-        .into_inner()
-        .handoff
-        .expect("handoff");
+    let refused = story
+        .deflect(handoff_request("acme", "+14155550701", "s-1"), &key)
+        .await;
     assert_eq!(refused.status, HandoffStatus::RejectedOptedOut as i32);
 
     // Twilio refusing a number with 21610 (it said STOP to this sender) records the same.
     story
         .twilio
         .refuse_next(400, 21610, "Attempt to send to unsubscribed recipient");
-    let failed = handoff
-        .create_handoff(authed(handoff_request("acme", "+14155550702", "s-2"), &key))
-        .await
-        .expect("answered")
-        .into_inner()
-        .handoff
-        .expect("handoff");
+    let failed = story
+        .deflect(handoff_request("acme", "+14155550702", "s-2"), &key)
+        .await;
     assert_eq!(failed.status, HandoffStatus::Failed as i32);
     let answer = story.eligibility("acme", "+14155550702", &key).await;
     assert!(!answer.eligible);
@@ -597,29 +579,20 @@ async fn a_consumer_who_said_stop_is_not_messaged_there_again() {
 async fn a_provider_that_says_too_many_requests_is_retried_after_the_wait_it_asks() {
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
-    let mut handoff = story.handoff().await;
 
     // Twilio throttles twice (Retry-After: 0), then takes the message.
     story.twilio.throttle_next(2, "0");
-    let sent = handoff
-        .create_handoff(authed(handoff_request("acme", "+14155550801", "t-1"), &key))
-        .await
-        .expect("answered")
-        .into_inner()
-        .handoff
-        .expect("handoff");
+    let sent = story
+        .deflect(handoff_request("acme", "+14155550801", "t-1"), &key)
+        .await;
     assert_eq!(sent.status, HandoffStatus::Sent as i32);
     assert_eq!((story.twilio.requests(), story.twilio.sent().len()), (3, 1));
 
     // Throttled past the retries: the attempt fails with Twilio's code, nothing is sent.
     story.twilio.throttle_next(3, "0");
-    let failed = handoff
-        .create_handoff(authed(handoff_request("acme", "+14155550802", "t-2"), &key))
-        .await
-        .expect("answered")
-        .into_inner()
-        .handoff
-        .expect("handoff");
+    let failed = story
+        .deflect(handoff_request("acme", "+14155550802", "t-2"), &key)
+        .await;
     assert_eq!(failed.status, HandoffStatus::Failed as i32);
     assert_eq!(failed.attempts[0].error_code, "20429");
     assert_eq!((story.twilio.requests(), story.twilio.sent().len()), (6, 1));
