@@ -11,21 +11,19 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    Service, credentials, lookup,
+    Service,
+    channels::Capability,
+    credentials, devices,
+    google::ServiceAccount,
+    jwt::Es256,
+    lookup,
     messages::{self, Outbound},
-    meta, sandbox,
-    twilio::{self, SendOutcome},
+    twilio::SendOutcome,
+    window,
 };
 
 fn db_status(error: sqlx::Error) -> Status {
     c2m_storage::postgres::db_status("gateway", error)
-}
-
-fn no_credentials(error: credentials::CredentialsError) -> SendOutcome {
-    SendOutcome::Failed {
-        code: "no-credentials".into(),
-        message: error.to_string(),
-    }
 }
 
 fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {
@@ -55,108 +53,6 @@ fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {
             "a Messaging Service SID starts with MG",
         ),
         _ => {}
-    }
-}
-
-impl Service {
-    async fn send_sms(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
-        let creds = match self
-            .credentials::<pb::TwilioCredentials>(&r.account_id, Provider::Twilio)
-            .await
-        {
-            Ok(creds) => creds,
-            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
-            Err(credentials::CredentialsError::Missing(_)) => return self.send_to_sandbox(r).await,
-            Err(e) => return Ok(no_credentials(e)),
-        };
-        let callback = format!(
-            "{}/webhooks/twilio/{}/status",
-            self.settings.public_url.trim_end_matches('/'),
-            r.account_id
-        );
-        Ok(twilio::send_sms(
-            &self.http,
-            &self.settings.twilio_api_base,
-            &creds,
-            &r.to,
-            &r.text,
-            &callback,
-        )
-        .await)
-    }
-
-    /// Accounts without Twilio credentials but with the sandbox send there.
-    async fn send_to_sandbox(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
-        let options = match self
-            .credentials::<pb::SandboxCredentials>(&r.account_id, Provider::Sandbox)
-            .await
-        {
-            Ok(options) => options,
-            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
-            Err(e) => return Ok(no_credentials(e)),
-        };
-        let sid = format!(
-            "SM{}",
-            r.message_id
-                .replace('-', "")
-                .chars()
-                .rev()
-                .take(32)
-                .collect::<String>()
-        );
-        sandbox::simulate(
-            self.http.clone(),
-            sandbox::Simulation {
-                public_url: self.settings.public_url.clone(),
-                account_id: r.account_id.clone(),
-                auth_token: sandbox::auth_token(&self.settings.credentials_key, &r.account_id),
-                message_sid: sid.clone(),
-                to: r.to.clone(),
-                options,
-            },
-        );
-        Ok(SendOutcome::Accepted { sid })
-    }
-
-    async fn send_whatsapp(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
-        let creds = match self
-            .credentials::<pb::MetaWhatsAppCredentials>(&r.account_id, Provider::MetaWhatsapp)
-            .await
-        {
-            Ok(creds) => creds,
-            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
-            Err(e) => return Ok(no_credentials(e)),
-        };
-        Ok(meta::send(
-            &self.http,
-            &self.settings.meta_api_base,
-            &self.settings.meta_api_version,
-            &creds,
-            &r.to,
-            &r.text,
-            r.whatsapp_template.as_ref(),
-        )
-        .await)
-    }
-
-    /// An account's credentials for a provider, opened and cached briefly: the send path does
-    /// not read and decrypt them for every message.
-    pub(crate) async fn credentials<T: Message + Default>(
-        &self,
-        account_id: &str,
-        provider: Provider,
-    ) -> Result<T, credentials::CredentialsError> {
-        let key = (account_id.to_owned(), provider as i32);
-        let plaintext = match self.credentials.get(&key) {
-            Some(plaintext) => plaintext,
-            None => {
-                let opened =
-                    credentials::open(self.db.pool(), &self.sealer, account_id, provider).await?;
-                self.credentials.insert(key, opened.clone());
-                opened
-            }
-        };
-        T::decode(plaintext.as_slice()).map_err(|_| credentials::CredentialsError::Sealed)
     }
 }
 
@@ -196,10 +92,47 @@ impl ChannelGatewayService for Service {
                 (Provider::MetaWhatsapp, m.encode_to_vec())
             }
             Some(Credentials::Sandbox(sandbox)) => (Provider::Sandbox, sandbox.encode_to_vec()),
-            Some(_) => {
-                return Err(Status::unimplemented(
-                    "only twilio, meta_whatsapp and sandbox credentials are supported so far",
-                ));
+            Some(Credentials::GoogleRbm(g)) => {
+                if g.agent_id.is_empty() {
+                    violations.add("google_rbm.agent_id", "required");
+                }
+                if let Err(why) = ServiceAccount::parse(&g.service_account_json) {
+                    violations.add("google_rbm.service_account_json", why);
+                }
+                if g.client_token.is_empty() {
+                    violations.add(
+                        "google_rbm.client_token",
+                        "required: it verifies RBM's webhooks",
+                    );
+                }
+                (Provider::GoogleRbm, g.encode_to_vec())
+            }
+            Some(Credentials::Fcm(f)) => {
+                if f.project_id.is_empty() {
+                    violations.add("fcm.project_id", "required");
+                }
+                if let Err(why) = ServiceAccount::parse(&f.service_account_json) {
+                    violations.add("fcm.service_account_json", why);
+                }
+                (Provider::Fcm, f.encode_to_vec())
+            }
+            Some(Credentials::Apns(a)) => {
+                if a.team_id.len() != 10 {
+                    violations.add("apns.team_id", "the 10-character Team ID");
+                }
+                if a.key_id.len() != 10 {
+                    violations.add("apns.key_id", "the 10-character Key ID");
+                }
+                if let Err(why) = Es256::from_pem(&a.private_key_pem) {
+                    violations.add(
+                        "apns.private_key_pem",
+                        format!("the .p8 key: {why}"),
+                    );
+                }
+                if a.topic.is_empty() {
+                    violations.add("apns.topic", "required: the app's bundle id");
+                }
+                (Provider::Apns, a.encode_to_vec())
             }
             None => {
                 violations.add("credentials", "required");
@@ -219,6 +152,8 @@ impl ChannelGatewayService for Service {
         )
         .await
         .map_err(db_status)?;
+        self.credentials
+            .remove(&(r.account_id.clone(), provider as i32));
         tracing::info!(account_id = %r.account_id, provider = provider.as_str_name(), "provider credentials stored");
         Ok(Response::new(pb::PutProviderCredentialsResponse {}))
     }
@@ -264,8 +199,23 @@ impl ChannelGatewayService for Service {
         if channel == Channel::Unspecified {
             violations.add("channel", "a channel is required");
         }
-        if !is_e164(&r.to) {
+        if channel == Channel::AppMessaging {
+            if r.consumer_id.is_empty() {
+                violations.add("consumer_id", "required for CHANNEL_APP_MESSAGING");
+            }
+        } else if !is_e164(&r.to) {
             violations.add("to", "an E.164 number");
+        }
+        if channel == Channel::AppleMessages
+            && r
+                .apple_messages_invite
+                .as_ref()
+                .is_none_or(|i| i.business_id.is_empty())
+        {
+            violations.add(
+                "apple_messages_invite.business_id",
+                "required for CHANNEL_APPLE_MESSAGES",
+            );
         }
         if r.text.trim().is_empty() {
             violations.add("text", "required");
@@ -280,19 +230,10 @@ impl ChannelGatewayService for Service {
                 message: Some(existing.to_wire()),
             }));
         }
-        let outcome = match channel {
-            Channel::Sms => self.send_sms(&r).await?,
-            Channel::Whatsapp => self.send_whatsapp(&r).await?,
-            other => {
-                return Err(Status::unimplemented(format!(
-                    "{} is not supported yet",
-                    other.as_str_name()
-                )));
-            }
-        };
+        let outcome = self.send_on(channel, &r).await?;
         // Twilio 21610: the recipient replied STOP to this sender; do not try them here again.
         if let SendOutcome::Failed { code, .. } = &outcome
-            && channel == Channel::Sms
+            && matches!(channel, Channel::Sms | Channel::AppleMessages)
             && code == "21610"
             && let Err(status) = self
                 .peers
@@ -420,5 +361,132 @@ impl ChannelGatewayService for Service {
                 answer(pb::LineType::Unknown, pb::LookupSource::Unspecified)
             }
         }
+    }
+
+    async fn check_reachability(
+        &self,
+        request: Request<pb::CheckReachabilityRequest>,
+    ) -> Result<Response<pb::CheckReachabilityResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Viewer)?;
+        let channel = Channel::try_from(r.channel).unwrap_or_default();
+        let mut violations = FieldViolations::new();
+        match channel {
+            Channel::AppMessaging if r.consumer_id.is_empty() => {
+                violations.add("consumer_id", "required for CHANNEL_APP_MESSAGING")
+            }
+            Channel::Rcs | Channel::Whatsapp if !is_e164(&r.phone) => {
+                violations.add("phone", "an E.164 number")
+            }
+            Channel::Rcs | Channel::Whatsapp | Channel::AppMessaging => {}
+            _ => violations.add(
+                "channel",
+                "reachability is known for CHANNEL_RCS, CHANNEL_WHATSAPP and CHANNEL_APP_MESSAGING",
+            ),
+        }
+        violations.into_result()?;
+        let answer = |reachable: bool, detail: String| pb::CheckReachabilityResponse {
+            reachable,
+            detail,
+            ..Default::default()
+        };
+        let response = match channel {
+            Channel::AppMessaging => {
+                let devices = devices::of(self.db.pool(), &r.account_id, &r.consumer_id)
+                    .await
+                    .map_err(db_status)?;
+                answer(
+                    !devices.is_empty(),
+                    format!("{} registered device(s)", devices.len()),
+                )
+            }
+            Channel::Rcs => match self.rcs_capability(&r.account_id, &r.phone).await? {
+                Capability::Capable => answer(true, "RCS-capable".into()),
+                Capability::NotReachable => answer(false, "not RCS-reachable".into()),
+                Capability::NoCredentials => pb::CheckReachabilityResponse {
+                    reachable: false,
+                    detail: "no google_rbm credentials for the account".into(),
+                    no_credentials: true,
+                    ..Default::default()
+                },
+                Capability::Unknown(why) => {
+                    // Unknown is not "unreachable": the send itself will tell, and fall back.
+                    tracing::warn!(account_id = %r.account_id, phone = %mask_phone(&r.phone), %why, "rcs capability unknown");
+                    answer(true, format!("capability unknown: {why}"))
+                }
+            },
+            _ => {
+                let closes = window::closes_at(self.db.pool(), &r.account_id, &r.phone)
+                    .await
+                    .map_err(db_status)?;
+                pb::CheckReachabilityResponse {
+                    reachable: closes.is_some(),
+                    detail: if closes.is_some() {
+                        "the customer-service window is open".into()
+                    } else {
+                        "no message from the consumer in the last 24 hours".into()
+                    },
+                    window_closes_at: closes.map(c2m_proto::timestamp),
+                    no_credentials: false,
+                }
+            }
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn register_device(
+        &self,
+        request: Request<pb::RegisterDeviceRequest>,
+    ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Editor)?;
+        let mut violations = FieldViolations::new();
+        if r.consumer_id.is_empty() || r.consumer_id.len() > 256 {
+            violations.add("consumer_id", "required, at most 256 characters");
+        }
+        let platform = pb::DevicePlatform::try_from(r.platform).unwrap_or_default();
+        if platform == pb::DevicePlatform::Unspecified {
+            violations.add("platform", "DEVICE_PLATFORM_ANDROID or DEVICE_PLATFORM_IOS");
+        }
+        if r.device_token.is_empty() || r.device_token.len() > 4096 {
+            violations.add("device_token", "required, at most 4096 characters");
+        } else if platform == pb::DevicePlatform::Ios
+            && !(r.device_token.len() % 2 == 0
+                && r.device_token.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            violations.add("device_token", "an APNs device token is hexadecimal");
+        }
+        violations.into_result()?;
+        devices::register(
+            self.db.pool(),
+            &r.account_id,
+            &r.consumer_id,
+            platform,
+            &r.device_token,
+        )
+        .await
+        .map_err(db_status)?;
+        Ok(Response::new(pb::RegisterDeviceResponse {}))
+    }
+
+    async fn remove_device(
+        &self,
+        request: Request<pb::RemoveDeviceRequest>,
+    ) -> Result<Response<pb::RemoveDeviceResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Editor)?;
+        if !devices::remove(self.db.pool(), &r.account_id, &r.consumer_id, &r.device_token)
+            .await
+            .map_err(db_status)?
+        {
+            return Err(Status::not_found(format!(
+                "consumer {} has no such device",
+                r.consumer_id
+            )));
+        }
+        Ok(Response::new(pb::RemoveDeviceResponse {}))
     }
 }

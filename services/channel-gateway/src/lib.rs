@@ -6,15 +6,22 @@
 
 #![forbid(unsafe_code)]
 
+mod channels;
 mod credentials;
+mod devices;
+mod google;
 mod grpc;
+pub mod jwt;
 mod lookup;
 mod messages;
 pub mod meta;
+mod push;
+pub mod rbm;
 mod retry;
 mod sandbox;
 pub mod twilio;
 mod webhooks;
+mod window;
 
 use std::{sync::Arc, time::Duration};
 
@@ -52,6 +59,14 @@ pub struct GatewaySettings {
     pub meta_api_base: String,
     /// The Graph API version in request paths.
     pub meta_api_version: String,
+    /// Google's OAuth 2.0 token endpoint, for RBM's and FCM's service accounts.
+    pub google_token_url: String,
+    /// Google RCS Business Messaging.
+    pub rbm_api_base: String,
+    /// Firebase Cloud Messaging (HTTP v1), for app messaging on Android.
+    pub fcm_api_base: String,
+    /// APNs, for app messaging on iOS (`https://api.sandbox.push.apple.com` for development apps).
+    pub apns_api_base: String,
     /// Milliseconds a provider call may take.
     pub provider_timeout_ms: u64,
 }
@@ -65,6 +80,10 @@ impl Default for GatewaySettings {
             twilio_lookup_base: "https://lookups.twilio.com".into(),
             meta_api_base: "https://graph.facebook.com".into(),
             meta_api_version: "v21.0".into(),
+            google_token_url: "https://oauth2.googleapis.com/token".into(),
+            rbm_api_base: "https://rcsbusinessmessaging.googleapis.com".into(),
+            fcm_api_base: "https://fcm.googleapis.com".into(),
+            apns_api_base: "https://api.push.apple.com".into(),
             provider_timeout_ms: 5_000,
         }
     }
@@ -97,6 +116,12 @@ pub struct Service {
     key: TokenKey,
     sealer: Sealer,
     http: reqwest::Client,
+    /// HTTP/2 only, for APNs.
+    http2: reqwest::Client,
+    google: Arc<google::Tokens>,
+    apns_tokens: Arc<push::ApnsTokens>,
+    /// RCS capability per account and number, for ten minutes.
+    rcs_capability: Arc<TtlCache<(String, String), bool>>,
     settings: Arc<GatewaySettings>,
     relay: Relay,
     /// Opened credentials per account and provider, briefly. Replaced here at once; other
@@ -111,19 +136,25 @@ impl std::fmt::Debug for Service {
     }
 }
 
-/// An HTTPS client with rustls on ring and the Mozilla roots (no system OpenSSL, no aws-lc).
-fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+/// An HTTPS client with rustls on ring and the Mozilla roots (no system OpenSSL, no aws-lc);
+/// `http2_only` for APNs, which speaks nothing else (ALPN `h2`, or prior knowledge in clear).
+fn http_client(timeout: Duration, http2_only: bool) -> Result<reqwest::Client, reqwest::Error> {
     let roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .expect("ring supports the default protocol versions")
     .with_root_certificates(roots)
     .with_no_client_auth();
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder();
+    if http2_only {
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        builder = builder.http2_prior_knowledge();
+    }
+    builder
         .use_preconfigured_tls(tls)
         .timeout(timeout)
         .connect_timeout(timeout)
@@ -139,7 +170,9 @@ impl Service {
         settings: GatewaySettings,
     ) -> Result<Self, GatewayError> {
         let sealer = Sealer::new(&settings.sealing_key().ok_or(GatewayError::Key)?);
-        let http = http_client(Duration::from_millis(settings.provider_timeout_ms))?;
+        let timeout = Duration::from_millis(settings.provider_timeout_ms);
+        let http = http_client(timeout, false)?;
+        let http2 = http_client(timeout, true)?;
         let relay = Relay::new(db.clone(), peers.clone());
         Ok(Self {
             db,
@@ -147,6 +180,10 @@ impl Service {
             key,
             sealer,
             http,
+            http2,
+            google: Arc::new(google::Tokens::new(&settings.google_token_url)),
+            apns_tokens: Arc::new(push::ApnsTokens::default()),
+            rcs_capability: Arc::new(TtlCache::new(Duration::from_secs(600), 100_000)),
             settings: Arc::new(settings),
             relay,
             credentials: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),

@@ -200,6 +200,21 @@ pub struct Inbound {
     pub kind: String,
     #[serde(default)]
     pub text: Option<Text>,
+    /// Unix seconds, as a string.
+    #[serde(default)]
+    pub timestamp: String,
+}
+
+impl Inbound {
+    /// When the consumer sent it; now, if Meta's timestamp is missing or unreadable.
+    pub fn sent_at(&self) -> chrono::DateTime<chrono::Utc> {
+        self.timestamp
+            .parse::<i64>()
+            .ok()
+            .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+            .filter(|at| *at <= chrono::Utc::now())
+            .unwrap_or_else(chrono::Utc::now)
+    }
 }
 
 #[derive(Debug, Deserialize)]

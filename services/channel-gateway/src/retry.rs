@@ -14,17 +14,27 @@ const MAX_WAIT: Duration = Duration::from_secs(2);
 pub async fn send(
     build: impl Fn() -> reqwest::RequestBuilder,
 ) -> reqwest::Result<reqwest::Response> {
+    send_while(build, |status| status == reqwest::StatusCode::TOO_MANY_REQUESTS).await
+}
+
+/// Like [`send`], for a provider that also says when another status is safe to retry (FCM's
+/// 500 and 503; RBM's 5xx, where the `messageId` makes a repeat harmless).
+pub async fn send_while(
+    build: impl Fn() -> reqwest::RequestBuilder,
+    retryable: impl Fn(reqwest::StatusCode) -> bool,
+) -> reqwest::Result<reqwest::Response> {
     let mut attempt = 0;
     loop {
         let response = build().send().await?;
-        if response.status() != reqwest::StatusCode::TOO_MANY_REQUESTS || attempt == RETRIES {
+        if !retryable(response.status()) || attempt == RETRIES {
             return Ok(response);
         }
         let wait = retry_after(&response).unwrap_or_else(|| backoff(attempt));
         tracing::info!(
             attempt,
             wait_ms = wait.as_millis() as u64,
-            "provider rate-limited the request, retrying"
+            status = response.status().as_u16(),
+            "provider asked for a retry, retrying"
         );
         tokio::time::sleep(wait.min(MAX_WAIT)).await;
         attempt += 1;

@@ -15,9 +15,24 @@ pub struct Step {
     pub text: String,
     /// WhatsApp: the approved template and its body parameters.
     pub template: Option<(String, String, Vec<String>)>,
+    /// Apple Messages: where the invite link leads.
+    pub apple: Option<pb::AppleMessagesInvite>,
+    /// App messaging: the consumer id whose devices get the push, and the notification's title.
+    pub push: Option<(String, String)>,
 }
 
 impl Step {
+    /// Text alone on `channel`.
+    pub fn text(channel: Channel, text: String) -> Self {
+        Self {
+            channel,
+            text,
+            template: None,
+            apple: None,
+            push: None,
+        }
+    }
+
     pub fn whatsapp_template(&self) -> Option<pb::WhatsAppTemplateMessage> {
         self.template
             .as_ref()
@@ -41,6 +56,9 @@ pub struct Decision {
     pub blocked: Option<HandoffStatus>,
     /// How long a sent message may stay undelivered before the next channel is tried.
     pub delivery_deadline: Option<std::time::Duration>,
+    /// The handoff whose Apple Messages invite is still pending, when Apple Messages is the
+    /// channel this deflection would use: that invite is reused, not sent again.
+    pub pending_invite: Option<String>,
 }
 
 impl Decision {
@@ -169,6 +187,20 @@ impl Service {
         d: &Deflection,
         config: &pb::HandoffConfig,
     ) -> Result<Result<Step, pb::ChannelEligibility>, Status> {
+        // Inside the customer-service window the configured text goes as it is; outside, only an
+        // approved template may start the conversation.
+        if config
+            .messages
+            .iter()
+            .any(|m| m.channel == Channel::Whatsapp as i32)
+            && self
+                .reachability(d, Channel::Whatsapp)
+                .await?
+                .reachable
+            && let Some(step) = text_step(d, config, Channel::Whatsapp)?
+        {
+            return Ok(Ok(step));
+        }
         if config.whatsapp_template_id.is_empty() {
             return Ok(Err(ineligible(
                 Channel::Whatsapp,
@@ -208,10 +240,104 @@ impl Service {
         })
         .unwrap_or_else(|_| template.body.clone());
         Ok(Ok(Step {
-            channel: Channel::Whatsapp,
-            text,
             template: Some((template.name, template.language, parameters)),
+            ..Step::text(Channel::Whatsapp, text)
         }))
+    }
+
+    /// What the gateway knows of reaching this consumer on `channel`.
+    async fn reachability(
+        &self,
+        d: &Deflection,
+        channel: Channel,
+    ) -> Result<pb::CheckReachabilityResponse, Status> {
+        Ok(self
+            .peers
+            .channel_gateway()
+            .check_reachability(pb::CheckReachabilityRequest {
+                account_id: d.account_id.clone(),
+                channel: channel as i32,
+                phone: d.consumer_phone.clone(),
+                consumer_id: d.consumer_id.clone(),
+            })
+            .await
+            .map_err(|s| upstream("channel gateway", s))?
+            .into_inner())
+    }
+
+    /// RCS, Apple Messages and app messaging: what each needs beyond a configured text.
+    async fn channel_step(
+        &self,
+        d: &Deflection,
+        config: &pb::HandoffConfig,
+        account: &pb::Account,
+        channel: Channel,
+    ) -> Result<Result<Step, pb::ChannelEligibility>, Status> {
+        match channel {
+            Channel::Rcs => {
+                let reach = self.reachability(d, channel).await?;
+                if reach.no_credentials {
+                    return Ok(Err(ineligible(
+                        channel,
+                        IneligibilityReason::NoCredentials,
+                        reach.detail,
+                    )));
+                }
+                if !reach.reachable {
+                    return Ok(Err(ineligible(
+                        channel,
+                        IneligibilityReason::NotRcsReachable,
+                        reach.detail,
+                    )));
+                }
+            }
+            Channel::AppMessaging => {
+                if d.consumer_id.is_empty() {
+                    return Ok(Err(ineligible(
+                        channel,
+                        IneligibilityReason::NoRegisteredDevice,
+                        "no consumer_id: app messaging reaches a consumer logged in to the app",
+                    )));
+                }
+                let reach = self.reachability(d, channel).await?;
+                if !reach.reachable {
+                    return Ok(Err(ineligible(
+                        channel,
+                        IneligibilityReason::NoRegisteredDevice,
+                        format!("consumer {} has no registered device", d.consumer_id),
+                    )));
+                }
+            }
+            Channel::AppleMessages if config.apple_business_id.is_empty() => {
+                return Ok(Err(ineligible(
+                    channel,
+                    IneligibilityReason::NotEnabled,
+                    "no Apple Messages for Business id in the configuration",
+                )));
+            }
+            _ => {}
+        }
+        let Some(mut step) = text_step(d, config, channel)? else {
+            return Ok(Err(ineligible(
+                channel,
+                IneligibilityReason::NotEnabled,
+                "no message configured",
+            )));
+        };
+        match channel {
+            Channel::AppleMessages => {
+                step.apple = Some(pb::AppleMessagesInvite {
+                    business_id: config.apple_business_id.clone(),
+                    intent_id: config.apple_intent_id.clone(),
+                    group_id: config.apple_group_id.clone(),
+                });
+            }
+            Channel::AppMessaging => {
+                step.push = Some((d.consumer_id.clone(), account.display_name.clone()));
+            }
+            _ => {}
+        }
+        Ok(Ok(step))
     }
 
     async fn is_landline(&self, account_id: &str, phone: &str) -> Result<bool, Status> {
@@ -270,7 +396,7 @@ impl Service {
             Some(conversation_id) => pb::CheckConsumerResponse {
                 conversation_open: true,
                 conversation_id,
-                opted_out_channels: Vec::new(),
+                ..Default::default()
             },
             None => self
                 .peers
@@ -278,6 +404,14 @@ impl Service {
                 .check_consumer(pb::CheckConsumerRequest {
                     account_id: d.account_id.clone(),
                     consumer_phone: d.consumer_phone.clone(),
+                    // An invite is pending as long as a reply to it would still be routed.
+                    pending_invite_hours: if candidates.contains(&Channel::AppleMessages) {
+                        Some(settings.reply_lookback_hours)
+                            .filter(|h| *h > 0)
+                            .unwrap_or(24)
+                    } else {
+                        0
+                    },
                 })
                 .await
                 .map_err(|s| upstream("routing", s))?
@@ -331,37 +465,13 @@ impl Service {
                     Err(refusal) => refusal,
                 }
             } else {
-                let template = match (&d.override_message, channel) {
-                    (Some(message), Channel::Sms) => Some(message.clone()),
-                    _ => config
-                        .messages
-                        .iter()
-                        .find(|m| m.channel == channel as i32)
-                        .map(|m| m.text.clone()),
-                };
-                let Some(template) = template else {
-                    channels.push(ineligible(
-                        channel,
-                        IneligibilityReason::NotEnabled,
-                        "no message configured",
-                    ));
-                    continue;
-                };
-                let text = render(&template, |name| d.variable(name)).map_err(|name| {
-                    invalid_field(
-                        format!("template_variables[{name}]"),
-                        format!(
-                            "the {} message needs {{{{{name}}}}} and no value was given",
-                            channel.as_str_name()
-                        ),
-                    )
-                })?;
-                plan.push(Step {
-                    channel,
-                    text,
-                    template: None,
-                });
-                eligible(channel)
+                match self.channel_step(d, &config, &account, channel).await? {
+                    Ok(step) => {
+                        plan.push(step);
+                        eligible(channel)
+                    }
+                    Err(refusal) => refusal,
+                }
             };
             channels.push(eligibility);
         }
@@ -380,7 +490,12 @@ impl Service {
         } else {
             Some(HandoffStatus::NoEligibleChannel)
         };
+        let pending_invite = plan
+            .first()
+            .filter(|step| step.channel == Channel::AppleMessages)
+            .and_then(|_| Some(consumer.pending_invite_handoff_id).filter(|id| !id.is_empty()));
         Ok(Decision {
+            pending_invite,
             skill_id,
             channels,
             plan,
@@ -390,6 +505,36 @@ impl Service {
                 .map(|s| std::time::Duration::from_secs(u64::from(s))),
         })
     }
+}
+
+/// The configured text for `channel` (or the SMS override), rendered; `None` when the
+/// configuration has no text for it.
+fn text_step(
+    d: &Deflection,
+    config: &pb::HandoffConfig,
+    channel: Channel,
+) -> Result<Option<Step>, Status> {
+    let template = match (&d.override_message, channel) {
+        (Some(message), Channel::Sms) => Some(message.clone()),
+        _ => config
+            .messages
+            .iter()
+            .find(|m| m.channel == channel as i32)
+            .map(|m| m.text.clone()),
+    };
+    let Some(template) = template else {
+        return Ok(None);
+    };
+    let text = render(&template, |name| d.variable(name)).map_err(|name| {
+        invalid_field(
+            format!("template_variables[{name}]"),
+            format!(
+                "the {} message needs {{{{{name}}}}} and no value was given",
+                channel.as_str_name()
+            ),
+        )
+    })?;
+    Ok(Some(Step::text(channel, text)))
 }
 
 /// The highest `{{N}}` in a WhatsApp template body.

@@ -34,9 +34,19 @@ pub fn encode_steps(steps: &[Step]) -> serde_json::Value {
                 "template": s.template.as_ref().map(|(name, language, parameters)| json!({
                     "name": name, "language": language, "parameters": parameters,
                 })),
+                "apple": s.apple.as_ref().map(|a| json!({
+                    "business_id": a.business_id, "intent_id": a.intent_id, "group_id": a.group_id,
+                })),
+                "push": s.push.as_ref().map(|(consumer_id, title)| json!({
+                    "consumer_id": consumer_id, "title": title,
+                })),
             })
         })
         .collect()
+}
+
+fn text(value: &serde_json::Value) -> String {
+    value.as_str().unwrap_or_default().to_owned()
 }
 
 fn decode_steps(value: &serde_json::Value) -> Vec<Step> {
@@ -60,6 +70,16 @@ fn decode_steps(value: &serde_json::Value) -> Vec<Step> {
                             .collect(),
                     )
                 }),
+                apple: s["apple"]
+                    .as_object()
+                    .map(|a| pb::AppleMessagesInvite {
+                        business_id: text(&a["business_id"]),
+                        intent_id: text(&a["intent_id"]),
+                        group_id: text(&a["group_id"]),
+                    }),
+                push: s["push"]
+                    .as_object()
+                    .map(|p| (text(&p["consumer_id"]), text(&p["title"]))),
             })
         })
         .collect()
@@ -188,7 +208,6 @@ impl Service {
             account_id: &handoff.account_id,
             handoff_id: &handoff.handoff_id,
             phone: &handoff.consumer_phone,
-            consumer_id: "",
             handoff_config_id: &handoff.handoff_config_id,
             skill_id: &handoff.skill_id,
         };
@@ -249,7 +268,9 @@ impl Service {
         store::update_delivery(tx, &handoff).await?;
         outbox::enqueue(tx, &events).await?;
         let rest = &steps[used.min(steps.len())..];
-        if sent.is_some() && !rest.is_empty() {
+        // A push reports neither delivery nor failure: nothing left to watch once one is sent.
+        let watchable = matches!(&sent, Some((channel, _)) if *channel != Channel::AppMessaging);
+        if watchable && !rest.is_empty() {
             sqlx::query(
                 "UPDATE fallbacks SET message_id = $2, remaining = $3, \
                  deadline = now() + make_interval(secs => $4), next_check = now() WHERE handoff_id = $1",

@@ -30,7 +30,6 @@ pub(crate) struct Recipient<'a> {
     pub account_id: &'a str,
     pub handoff_id: &'a str,
     pub phone: &'a str,
-    pub consumer_id: &'a str,
     pub handoff_config_id: &'a str,
     pub skill_id: &'a str,
 }
@@ -121,7 +120,9 @@ impl Service {
                     message_id: message_id.clone(),
                     channel: *channel as i32,
                     to: to.phone.to_owned(),
-                    consumer_id: to.consumer_id.to_owned(),
+                    consumer_id: step.push.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+                    push_title: step.push.as_ref().map(|p| p.1.clone()).unwrap_or_default(),
+                    apple_messages_invite: step.apple.clone(),
                     text: text.clone(),
                     handoff_id: to.handoff_id.to_owned(),
                     handoff_config_id: to.handoff_config_id.to_owned(),
@@ -242,6 +243,13 @@ impl Service {
         };
 
         let decision = self.decide(&d, open_conversation).await?;
+        if let Some(pending) = decision.pending_invite.clone() {
+            // One Apple Messages invite per pending deflection: a second would start a second
+            // chat for the same call.
+            return self
+                .skip_recent(&d, handoff_id, pending, (&idempotency_key, &fingerprint))
+                .await;
+        }
         let (attempts, sent) = if decision.blocked.is_some() {
             (Vec::new(), None)
         } else {
@@ -249,7 +257,6 @@ impl Service {
                 account_id: &d.account_id,
                 handoff_id: &handoff_id,
                 phone: &d.consumer_phone,
-                consumer_id: &d.consumer_id,
                 handoff_config_id: &d.handoff_config_id,
                 skill_id: &decision.skill_id,
             };
@@ -300,14 +307,18 @@ impl Service {
             ),
         ];
         // Channels left after the one that took the message: tried if it does not arrive.
-        let fallback = sent.as_ref().and_then(|_| {
+        // A push reports neither delivery nor failure: there is nothing to watch after one.
+        let fallback = sent.as_ref().and_then(|(channel, _)| {
+            if *channel == Channel::AppMessaging {
+                return None;
+            }
+            let deadline = decision.delivery_deadline;
             let rest = &decision.plan[handoff.attempts.len()..];
             let last = handoff.attempts.last()?;
             (!rest.is_empty()).then(|| Fallback {
                 message_id: last.message_id.clone(),
                 remaining: crate::fallback::encode_steps(rest),
-                deadline: decision
-                    .delivery_deadline
+                deadline: deadline
                     .and_then(|d| chrono::Duration::from_std(d).ok())
                     .map(|d| now + d),
                 window_seconds: decision.delivery_deadline.map(|d| d.as_secs() as i32),

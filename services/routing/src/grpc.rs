@@ -100,13 +100,20 @@ impl RoutingService for Service {
         let request = request.into_inner();
         // One query for both facts: the open conversation (the truth behind the Redis lease) and
         // the channels the consumer opted out of.
-        let (conversation, opted_out): (Option<String>, Vec<String>) = sqlx::query_as(
+        let (conversation, opted_out, pending_invite): (Option<String>, Vec<String>, Option<String>) = sqlx::query_as(
             "SELECT (SELECT conversation_id FROM conversations \
                      WHERE account_id = $1 AND consumer_address = $2 AND closed_at IS NULL), \
-                    ARRAY(SELECT channel FROM opt_outs WHERE account_id = $1 AND consumer_phone = $2)",
+                    ARRAY(SELECT channel FROM opt_outs WHERE account_id = $1 AND consumer_phone = $2), \
+                    (SELECT d.handoff_id FROM deflections d \
+                     WHERE $3 > 0 AND d.account_id = $1 AND d.consumer_phone = $2 \
+                       AND d.channel = 'CHANNEL_APPLE_MESSAGES' \
+                       AND d.sent_at > now() - make_interval(hours => $3) \
+                       AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.handoff_id = d.handoff_id) \
+                     ORDER BY d.sent_at DESC LIMIT 1)",
         )
         .bind(&request.account_id)
         .bind(&request.consumer_phone)
+        .bind(i32::try_from(request.pending_invite_hours).unwrap_or(i32::MAX))
         .fetch_one(self.db.pool())
         .await
         .map_err(db_status)?;
@@ -127,6 +134,7 @@ impl RoutingService for Service {
                 .filter_map(|c| Channel::from_str_name(c))
                 .map(|c| c as i32)
                 .collect(),
+            pending_invite_handoff_id: pending_invite.unwrap_or_default(),
         }))
     }
 

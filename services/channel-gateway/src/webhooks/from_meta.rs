@@ -10,7 +10,7 @@ use c2m_proto::v1::{self as pb, Channel, MetaWhatsAppCredentials, Provider};
 use tonic::Code;
 
 use super::{StatusReport, deliver_once, take_status, unavailable};
-use crate::{Service, credentials, meta};
+use crate::{Service, credentials, meta, window};
 
 async fn meta_credentials(
     service: &Service,
@@ -145,6 +145,13 @@ pub(super) async fn events(
         }
         for message in &value.messages {
             let dedup_key = format!("meta:inbound:{}", message.id);
+            let from = format!("+{}", message.from.trim_start_matches('+'));
+            // The consumer wrote: free-form text may answer for 24 hours.
+            if let Err(error) =
+                window::opened(service.db.pool(), &account_id, &from, message.sent_at()).await
+            {
+                return unavailable(error);
+            }
             let text = message
                 .text
                 .as_ref()
@@ -156,7 +163,7 @@ pub(super) async fn events(
                     .routing()
                     .route_inbound_message(pb::RouteInboundMessageRequest {
                         account_id: account_id.clone(),
-                        consumer_address: format!("+{}", message.from.trim_start_matches('+')),
+                        consumer_address: from.clone(),
                         channel: Channel::Whatsapp as i32,
                         text,
                         provider_message_id: message.id.clone(),

@@ -2,6 +2,7 @@
 //! request is verified against the provider's signature before anything else is done with it,
 //! stored in the inbox before it is acknowledged, and processed once however often it is retried.
 
+mod from_google;
 mod from_meta;
 mod from_twilio;
 
@@ -27,6 +28,7 @@ pub fn router(service: Service) -> Router {
             "/webhooks/twilio/{account_id}/inbound",
             post(from_twilio::inbound),
         )
+        .route("/webhooks/google/{account_id}", post(from_google::events))
         .route(
             "/webhooks/meta/{account_id}",
             get(from_meta::verify).post(from_meta::events),

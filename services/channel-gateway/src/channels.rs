@@ -1,0 +1,416 @@
+//! Sending on each channel: the account's credentials for the provider, then the provider's API.
+//! A provider's refusal is an outcome (recorded on the message, and the handoff falls back); only
+//! our own storage failing is an error.
+
+use c2m_proto::v1::{self as pb, DevicePlatform, Provider};
+use prost::Message;
+use tonic::Status;
+
+use crate::{
+    Service, credentials, devices, google, push, rbm, sandbox, window,
+    twilio::{self, SendOutcome},
+    meta,
+};
+
+/// What RBM says of a number.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Capability {
+    Capable,
+    NotReachable,
+    NoCredentials,
+    /// RBM did not answer; the send itself will tell (and the handoff falls back).
+    Unknown(String),
+}
+
+fn db_status(error: sqlx::Error) -> Status {
+    c2m_storage::postgres::db_status("gateway", error)
+}
+
+fn no_credentials(error: credentials::CredentialsError) -> SendOutcome {
+    SendOutcome::Failed {
+        code: "no-credentials".into(),
+        message: error.to_string(),
+    }
+}
+
+impl Service {
+    /// Sends `r` on `channel`.
+    pub(crate) async fn send_on(
+        &self,
+        channel: pb::Channel,
+        r: &pb::SendMessageRequest,
+    ) -> Result<SendOutcome, Status> {
+        match channel {
+            pb::Channel::Sms => self.send_sms(r, &r.text).await,
+            pb::Channel::Whatsapp => self.send_whatsapp(r).await,
+            pb::Channel::Rcs => self.send_rcs(r).await,
+            pb::Channel::AppleMessages => self.send_apple_invite(r).await,
+            pb::Channel::AppMessaging => self.send_push(r).await,
+            pb::Channel::Unspecified => Err(Status::invalid_argument("a channel is required")),
+        }
+    }
+
+    async fn send_sms(&self, r: &pb::SendMessageRequest, text: &str) -> Result<SendOutcome, Status> {
+        let creds = match self
+            .credentials::<pb::TwilioCredentials>(&r.account_id, Provider::Twilio)
+            .await
+        {
+            Ok(creds) => creds,
+            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
+            Err(credentials::CredentialsError::Missing(_)) => return self.send_to_sandbox(r).await,
+            Err(e) => return Ok(no_credentials(e)),
+        };
+        let callback = format!(
+            "{}/webhooks/twilio/{}/status",
+            self.settings.public_url.trim_end_matches('/'),
+            r.account_id
+        );
+        Ok(twilio::send_sms(
+            &self.http,
+            &self.settings.twilio_api_base,
+            &creds,
+            &r.to,
+            text,
+            &callback,
+        )
+        .await)
+    }
+
+    /// Accounts without Twilio credentials but with the sandbox send there.
+    async fn send_to_sandbox(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
+        let options = match self
+            .credentials::<pb::SandboxCredentials>(&r.account_id, Provider::Sandbox)
+            .await
+        {
+            Ok(options) => options,
+            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
+            Err(e) => return Ok(no_credentials(e)),
+        };
+        let sid = format!(
+            "SM{}",
+            r.message_id
+                .replace('-', "")
+                .chars()
+                .rev()
+                .take(32)
+                .collect::<String>()
+        );
+        sandbox::simulate(
+            self.http.clone(),
+            sandbox::Simulation {
+                public_url: self.settings.public_url.clone(),
+                account_id: r.account_id.clone(),
+                auth_token: sandbox::auth_token(&self.settings.credentials_key, &r.account_id),
+                message_sid: sid.clone(),
+                to: r.to.clone(),
+                options,
+            },
+        );
+        Ok(SendOutcome::Accepted { sid })
+    }
+
+    async fn send_whatsapp(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
+        // Free-form text only inside the customer-service window: Meta would refuse it (131047),
+        // and refusing here spares the call.
+        if r.whatsapp_template.is_none()
+            && window::closes_at(self.db.pool(), &r.account_id, &r.to)
+                .await
+                .map_err(db_status)?
+                .is_none()
+        {
+            return Ok(SendOutcome::Failed {
+                code: "outside-customer-service-window".into(),
+                message: "free-form WhatsApp text needs a message from the consumer in the last 24 hours; send a template".into(),
+            });
+        }
+        let creds = match self
+            .credentials::<pb::MetaWhatsAppCredentials>(&r.account_id, Provider::MetaWhatsapp)
+            .await
+        {
+            Ok(creds) => creds,
+            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
+            Err(e) => return Ok(no_credentials(e)),
+        };
+        Ok(meta::send(
+            &self.http,
+            &self.settings.meta_api_base,
+            &self.settings.meta_api_version,
+            &creds,
+            &r.to,
+            &r.text,
+            r.whatsapp_template.as_ref(),
+        )
+        .await)
+    }
+
+    /// An account's credentials for a provider, opened and cached briefly: the send path does
+    /// not read and decrypt them for every message.
+    pub(crate) async fn credentials<T: Message + Default>(
+        &self,
+        account_id: &str,
+        provider: Provider,
+    ) -> Result<T, credentials::CredentialsError> {
+        let key = (account_id.to_owned(), provider as i32);
+        let plaintext = match self.credentials.get(&key) {
+            Some(plaintext) => plaintext,
+            None => {
+                let opened =
+                    credentials::open(self.db.pool(), &self.sealer, account_id, provider).await?;
+                self.credentials.insert(key, opened.clone());
+                opened
+            }
+        };
+        T::decode(plaintext.as_slice()).map_err(|_| credentials::CredentialsError::Sealed)
+    }
+
+    /// The credentials, or the outcome that records why there are none.
+    async fn provider<T: Message + Default>(
+        &self,
+        account_id: &str,
+        provider: Provider,
+    ) -> Result<Result<T, SendOutcome>, Status> {
+        match self.credentials::<T>(account_id, provider).await {
+            Ok(creds) => Ok(Ok(creds)),
+            Err(credentials::CredentialsError::Db(e)) => Err(db_status(e)),
+            Err(e) => Ok(Err(no_credentials(e))),
+        }
+    }
+
+    /// An RBM access token for the account's agent.
+    async fn rbm_token(
+        &self,
+        account_id: &str,
+    ) -> Result<Result<(pb::GoogleRbmCredentials, String), SendOutcome>, Status> {
+        let creds = match self
+            .provider::<pb::GoogleRbmCredentials>(account_id, Provider::GoogleRbm)
+            .await?
+        {
+            Ok(creds) => creds,
+            Err(outcome) => return Ok(Err(outcome)),
+        };
+        Ok(self
+            .google
+            .token(&self.http, &creds.service_account_json, google::RBM_SCOPE)
+            .await
+            .map(|(_, token)| (creds, token)))
+    }
+
+    /// Whether the number can take RCS from the account's agent, asked of RBM and remembered
+    /// for ten minutes (a capability check is a call of its own, and a caller is waiting).
+    pub(crate) async fn rcs_capability(
+        &self,
+        account_id: &str,
+        phone: &str,
+    ) -> Result<Capability, Status> {
+        let key = (account_id.to_owned(), phone.to_owned());
+        if let Some(capable) = self.rcs_capability.get(&key) {
+            return Ok(if capable {
+                Capability::Capable
+            } else {
+                Capability::NotReachable
+            });
+        }
+        let (creds, token) = match self.rbm_token(account_id).await? {
+            Ok(found) => found,
+            Err(SendOutcome::Failed { code, .. }) if code == "no-credentials" => {
+                return Ok(Capability::NoCredentials);
+            }
+            Err(SendOutcome::Failed { message, .. }) => return Ok(Capability::Unknown(message)),
+            Err(SendOutcome::Accepted { .. }) => unreachable!("a token lookup accepts nothing"),
+        };
+        let answer = rbm::capable(
+            &self.http,
+            &self.settings.rbm_api_base,
+            &token,
+            &creds.agent_id,
+            phone,
+        )
+        .await;
+        Ok(match answer {
+            Ok(capable) => {
+                self.rcs_capability.insert(key, capable);
+                if capable {
+                    Capability::Capable
+                } else {
+                    Capability::NotReachable
+                }
+            }
+            Err(why) => Capability::Unknown(why),
+        })
+    }
+
+    async fn send_rcs(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
+        let (creds, token) = match self.rbm_token(&r.account_id).await? {
+            Ok(found) => found,
+            Err(outcome) => return Ok(outcome),
+        };
+        let outcome = rbm::send(
+            &self.http,
+            &self.settings.rbm_api_base,
+            &token,
+            &creds.agent_id,
+            &r.to,
+            &r.message_id,
+            &r.text,
+        )
+        .await;
+        match &outcome {
+            SendOutcome::Failed { code, .. } if code == "not-rcs-reachable" => {
+                self.rcs_capability
+                    .insert((r.account_id.clone(), r.to.clone()), false);
+            }
+            SendOutcome::Failed { code, .. } if code == "UNAUTHENTICATED" => self
+                .google
+                .forget(&creds.service_account_json, google::RBM_SCOPE),
+            _ => {}
+        }
+        Ok(outcome)
+    }
+
+    /// Apple Messages for Business starts from an SMS: the text, readable on any phone, and the
+    /// link that opens the chat in Messages on an iPhone.
+    async fn send_apple_invite(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
+        let Some(invite) = r.apple_messages_invite.as_ref() else {
+            return Err(c2m_runtime::status::invalid_field(
+                "apple_messages_invite",
+                "required for CHANNEL_APPLE_MESSAGES",
+            ));
+        };
+        let text = format!("{}\n{}", r.text.trim_end(), apple_link(invite));
+        self.send_sms(r, &text).await
+    }
+
+    /// A push to every device the consumer registered; sent when any provider took it. Tokens
+    /// the providers call invalid are forgotten.
+    async fn send_push(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
+        let devices = devices::of(self.db.pool(), &r.account_id, &r.consumer_id)
+            .await
+            .map_err(db_status)?;
+        if devices.is_empty() {
+            return Ok(SendOutcome::Failed {
+                code: "no-registered-device".into(),
+                message: format!("consumer {} has no registered device", r.consumer_id),
+            });
+        }
+        let notification = push::Notification {
+            title: &r.push_title,
+            body: &r.text,
+            message_id: &r.message_id,
+            handoff_id: &r.handoff_id,
+        };
+        let mut accepted = None;
+        let mut last_failure = None;
+        for device in &devices {
+            let outcome = match device.platform {
+                DevicePlatform::Ios => self.push_apns(&r.account_id, &device.token, &notification).await?,
+                _ => self.push_fcm(&r.account_id, &device.token, &notification).await?,
+            };
+            match outcome {
+                push::PushOutcome::Accepted(id) => {
+                    accepted.get_or_insert(id);
+                }
+                push::PushOutcome::Unregistered => {
+                    tracing::info!(account_id = %r.account_id, "push token no longer valid, forgotten");
+                    devices::forget(self.db.pool(), &r.account_id, &device.token)
+                        .await
+                        .map_err(db_status)?;
+                    last_failure = Some(("unregistered".to_owned(), "the device token is no longer valid".to_owned()));
+                }
+                push::PushOutcome::Failed { code, message } => last_failure = Some((code, message)),
+            }
+        }
+        Ok(match (accepted, last_failure) {
+            (Some(sid), _) => SendOutcome::Accepted { sid },
+            (None, Some((code, message))) => SendOutcome::Failed { code, message },
+            (None, None) => unreachable!("at least one device was tried"),
+        })
+    }
+
+    async fn push_fcm(
+        &self,
+        account_id: &str,
+        device_token: &str,
+        n: &push::Notification<'_>,
+    ) -> Result<push::PushOutcome, Status> {
+        let failed = |outcome: SendOutcome| match outcome {
+            SendOutcome::Failed { code, message } => push::PushOutcome::Failed { code, message },
+            SendOutcome::Accepted { .. } => unreachable!("a token lookup accepts nothing"),
+        };
+        let creds = match self.provider::<pb::FcmCredentials>(account_id, Provider::Fcm).await? {
+            Ok(creds) => creds,
+            Err(outcome) => return Ok(failed(outcome)),
+        };
+        let token = match self
+            .google
+            .token(&self.http, &creds.service_account_json, google::FCM_SCOPE)
+            .await
+        {
+            Ok((_, token)) => token,
+            Err(outcome) => return Ok(failed(outcome)),
+        };
+        let outcome = push::fcm(
+            &self.http,
+            &self.settings.fcm_api_base,
+            &creds.project_id,
+            &token,
+            device_token,
+            n,
+        )
+        .await;
+        if matches!(&outcome, push::PushOutcome::Failed { code, .. } if code == "UNAUTHENTICATED") {
+            self.google
+                .forget(&creds.service_account_json, google::FCM_SCOPE);
+        }
+        Ok(outcome)
+    }
+
+    async fn push_apns(
+        &self,
+        account_id: &str,
+        device_token: &str,
+        n: &push::Notification<'_>,
+    ) -> Result<push::PushOutcome, Status> {
+        let creds = match self.provider::<pb::ApnsCredentials>(account_id, Provider::Apns).await? {
+            Ok(creds) => creds,
+            Err(SendOutcome::Failed { code, message }) => {
+                return Ok(push::PushOutcome::Failed { code, message });
+            }
+            Err(SendOutcome::Accepted { .. }) => unreachable!("a credentials lookup accepts nothing"),
+        };
+        let provider_token = match self.apns_tokens.token(&creds) {
+            Ok(token) => token,
+            Err(message) => {
+                return Ok(push::PushOutcome::Failed {
+                    code: "bad-credentials".into(),
+                    message,
+                });
+            }
+        };
+        Ok(push::apns(
+            &self.http2,
+            &self.settings.apns_api_base,
+            &creds,
+            &provider_token,
+            device_token,
+            n,
+        )
+        .await)
+    }
+}
+
+/// `https://bcrw.apple.com/urn:biz:{business id}` with the intent and group, when configured.
+pub fn apple_link(invite: &pb::AppleMessagesInvite) -> String {
+    let mut link = format!("https://bcrw.apple.com/urn:biz:{}", invite.business_id);
+    let query: Vec<(&str, &str)> = [
+        ("biz-intent-id", invite.intent_id.as_str()),
+        ("biz-group-id", invite.group_id.as_str()),
+    ]
+    .into_iter()
+    .filter(|(_, v)| !v.is_empty())
+    .collect();
+    if !query.is_empty() {
+        link.push('?');
+        link.push_str(&serde_urlencoded::to_string(query).expect("pairs of strings encode"));
+    }
+    link
+}
