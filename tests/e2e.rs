@@ -6,6 +6,7 @@ mod deflection;
 mod grpc;
 mod handoff_engine;
 mod mesh;
+mod rcs;
 mod rest;
 mod sandbox;
 mod story;

@@ -23,7 +23,9 @@ use c2m_runtime::{
     auth::{Role as AuthRole, TokenKey},
     peers::PeerSettings,
 };
-use c2m_test_support::{MetaEmulator, TestDatabase, TestRedis, TwilioEmulator, free_port};
+use c2m_test_support::{
+    ApnsEmulator, GoogleEmulator, MetaEmulator, TestDatabase, TestRedis, TwilioEmulator, free_port,
+};
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -49,6 +51,8 @@ pub struct Options {
     pub handoff_replicas: Option<u32>,
     /// `database.max_connections` (per service pool).
     pub db_max_connections: Option<u32>,
+    /// `handoff.consumer_lease_ms`.
+    pub consumer_lease_ms: Option<u64>,
 }
 
 pub struct Story {
@@ -56,6 +60,8 @@ pub struct Story {
     pub redis: TestRedis,
     pub twilio: TwilioEmulator,
     pub meta: MetaEmulator,
+    pub google: GoogleEmulator,
+    pub apns: ApnsEmulator,
     pub config: Config,
     pub servers: Vec<Running>,
     endpoints: [String; 5],
@@ -72,11 +78,13 @@ impl Story {
     }
 
     pub async fn start_with(topology: Topology, options: Options) -> Self {
-        let (db, redis, twilio, meta) = (
+        let (db, redis, twilio, meta, google, apns) = (
             TestDatabase::create().await,
             TestRedis::new().await,
             TwilioEmulator::start().await,
             MetaEmulator::start().await,
+            GoogleEmulator::start().await,
+            ApnsEmulator::start().await,
         );
         let webhooks_port = free_port();
         let webhooks = format!("http://127.0.0.1:{webhooks_port}");
@@ -94,6 +102,10 @@ impl Story {
                 twilio_api_base: twilio.base_url().to_owned(),
                 twilio_lookup_base: twilio.base_url().to_owned(),
                 meta_api_base: meta.base_url().to_owned(),
+                google_token_url: google.token_url(),
+                rbm_api_base: google.base_url().to_owned(),
+                fcm_api_base: google.base_url().to_owned(),
+                apns_api_base: apns.base_url().to_owned(),
                 ..GatewaySettings::default()
             },
             ..Config::default()
@@ -103,6 +115,9 @@ impl Story {
             config.redis.url = url;
         }
         config.handoff.replicas = options.handoff_replicas.unwrap_or(1);
+        if let Some(lease) = options.consumer_lease_ms {
+            config.handoff.consumer_lease_ms = lease;
+        }
         if let Some(connections) = options.db_max_connections {
             config.database.max_connections = connections;
         }
@@ -152,6 +167,8 @@ impl Story {
             redis,
             twilio,
             meta,
+            google,
+            apns,
             config,
             servers,
             endpoints,

@@ -8,13 +8,17 @@
 
 #![forbid(unsafe_code)]
 
+mod apns;
 mod database;
+mod google;
 mod meta;
 mod redis;
 mod twilio;
 mod wait;
 
+pub use apns::{APNS_KEY_ID, APNS_TEAM_ID, APNS_TOPIC, ApnsEmulator, SentApns};
 pub use database::TestDatabase;
+pub use google::{GoogleEmulator, SentFcm, SentRcs, TEST_SERVICE_ACCOUNT_KEY, goog_signature};
 pub use meta::{MetaEmulator, SentWhatsApp, meta_signature};
 pub use redis::{RedisServer, TestRedis};
 pub use twilio::{SentSms, TwilioEmulator, twilio_signature};

@@ -1,0 +1,323 @@
+//! Google RCS Business Messaging: a capability check decides whether RCS can carry the deflection,
+//! the message goes out with our id as RBM's `messageId`, RBM's signed events move it forward and
+//! route the reply, and a number without RCS falls to SMS in the same call.
+
+use std::time::Duration;
+
+use c2m_proto::v1::{
+    self as pb, Channel, FunnelStage, HandoffStatus, IneligibilityReason,
+    put_provider_credentials_request::Credentials,
+};
+use c2m_runtime::auth::Role as AuthRole;
+use c2m_test_support::eventually_eq;
+use serde_json::json;
+
+use crate::story::{Story, Topology, authed, funnel, handoff_request, onboard, token};
+
+const AGENT_ID: &str = "acme-billing-agent";
+const CLIENT_TOKEN: &str = "SJENCPGJESMGUFPY";
+const RCS_PHONE: &str = "+14155550142";
+const SMS_ONLY_PHONE: &str = "+14155550143";
+
+/// acme with RBM credentials and an RCS-then-SMS configuration.
+async fn rcs_first(story: &Story) -> String {
+    let key = onboard(story, "acme").await;
+    let admin = token(AuthRole::Admin, Some("acme"));
+    let service_account = story
+        .google
+        .service_account("rbm@acme-project.iam.gserviceaccount.com");
+    let mut gateway = story.gateway().await;
+    // A key file that is not one is refused, naming the field.
+    let refused = gateway
+        .put_provider_credentials(authed(
+            pb::PutProviderCredentialsRequest {
+                account_id: "acme".into(),
+                provider: pb::Provider::GoogleRbm as i32,
+                credentials: Some(Credentials::GoogleRbm(pb::GoogleRbmCredentials {
+                    agent_id: AGENT_ID.into(),
+                    service_account_json: r#"{"client_email":"x@y","private_key":"nope"}"#.into(),
+                    client_token: CLIENT_TOKEN.into(),
+                })),
+            },
+            &admin,
+        ))
+        .await
+        .expect_err("a bad key file");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let details = tonic_types::StatusExt::get_error_details(&refused);
+    assert_eq!(
+        details.bad_request().expect("field violations").field_violations[0].field,
+        "google_rbm.service_account_json"
+    );
+    gateway
+        .put_provider_credentials(authed(
+            pb::PutProviderCredentialsRequest {
+                account_id: "acme".into(),
+                provider: pb::Provider::GoogleRbm as i32,
+                credentials: Some(Credentials::GoogleRbm(pb::GoogleRbmCredentials {
+                    agent_id: AGENT_ID.into(),
+                    service_account_json: service_account,
+                    client_token: CLIENT_TOKEN.into(),
+                })),
+            },
+            &admin,
+        ))
+        .await
+        .expect("rbm credentials");
+    story
+        .config()
+        .await
+        .update_handoff_config(authed(
+            pb::UpdateHandoffConfigRequest {
+                account_id: "acme".into(),
+                config: Some(pb::HandoffConfig {
+                    handoff_config_id: "billing".into(),
+                    name: "Billing queue".into(),
+                    skill_id: "billing-agents".into(),
+                    channel_priority: vec![Channel::Rcs as i32, Channel::Sms as i32],
+                    messages: vec![
+                        pb::ChannelMessage {
+                            channel: Channel::Rcs as i32,
+                            text: "Hi {{first_name}}, chat with us here about {{topic}}.".into(),
+                        },
+                        pb::ChannelMessage {
+                            channel: Channel::Sms as i32,
+                            text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
+                        },
+                    ],
+                    version: 1,
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("configuration");
+    story.google.add_rcs_phone(RCS_PHONE);
+    key
+}
+
+fn eligibility_of(response: &pb::CheckEligibilityResponse, channel: Channel) -> (bool, i32) {
+    let c = response
+        .channels
+        .iter()
+        .find(|c| c.channel == channel as i32)
+        .expect("channel considered");
+    (c.eligible, c.reason)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rcs_carries_the_deflection_where_the_number_has_it_and_sms_where_not() {
+    let story = Story::start(Topology::Dev).await;
+    let key = rcs_first(&story).await;
+    let webhook = format!("{}/webhooks/google/acme", story.webhooks);
+
+    // Google's webhook set-up: the secret comes back only for the right client token.
+    assert_eq!(
+        story
+            .google
+            .post_handshake(&webhook, CLIENT_TOKEN, "1234567890")
+            .await,
+        (200, "1234567890".to_owned())
+    );
+    assert_eq!(
+        story
+            .google
+            .post_handshake(&webhook, "WRONGTOKEN", "1234567890")
+            .await
+            .0,
+        403
+    );
+
+    // Eligibility asks RBM; the number without RCS is out for that reason only.
+    let rcs = story.eligibility("acme", RCS_PHONE, &key).await;
+    assert_eq!(rcs.recommended_channel, Channel::Rcs as i32);
+    let sms_only = story.eligibility("acme", SMS_ONLY_PHONE, &key).await;
+    assert_eq!(
+        eligibility_of(&sms_only, Channel::Rcs),
+        (false, IneligibilityReason::NotRcsReachable as i32)
+    );
+    assert_eq!(sms_only.recommended_channel, Channel::Sms as i32);
+    assert!(story.google.rcs_sent().is_empty(), "eligibility sends nothing");
+
+    let handoff = story
+        .deflect(handoff_request("acme", RCS_PHONE, "rcs-1"), &key)
+        .await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(handoff.channel, Channel::Rcs as i32);
+    let sent = story.google.rcs_sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].phone, RCS_PHONE);
+    assert_eq!(sent[0].agent_id, AGENT_ID);
+    assert_eq!(sent[0].message_id, format!("{}-1", handoff.handoff_id));
+    assert_eq!(
+        sent[0].body,
+        json!({ "contentMessage": { "text": "Hi Ada, chat with us here about your bill." } })
+    );
+    assert_eq!(
+        story.twilio.sent().len(),
+        0,
+        "nothing went by SMS for the RCS number"
+    );
+
+    let fallback = story
+        .deflect(handoff_request("acme", SMS_ONLY_PHONE, "rcs-2"), &key)
+        .await;
+    assert_eq!(fallback.channel, Channel::Sms as i32);
+    assert_eq!(story.twilio.sent().len(), 1);
+    // Two sends and two capability checks, one service-account token between them.
+    assert_eq!(story.google.token_requests(), 1);
+
+    // RBM's events: delivered, then read; a replay and a forgery change nothing.
+    let message_id = sent[0].message_id.clone();
+    let event = |kind: &str, id: &str| {
+        json!({
+            "senderPhoneNumber": RCS_PHONE, "eventType": kind, "eventId": id,
+            "messageId": message_id, "sendTime": "2026-11-26T12:00:02Z", "agentId": AGENT_ID,
+        })
+    };
+    let forged = story
+        .google
+        .post_rbm(
+            &webhook,
+            &event("READ", "EV-forged"),
+            Some(Some("bm90IGEgc2lnbmF0dXJl".into())),
+            CLIENT_TOKEN,
+        )
+        .await;
+    assert_eq!(forged.0, 403);
+    let unsigned = story
+        .google
+        .post_rbm(&webhook, &event("READ", "EV-unsigned"), Some(None), CLIENT_TOKEN)
+        .await;
+    assert_eq!(unsigned.0, 403);
+    for (kind, id) in [("DELIVERED", "EV-1"), ("DELIVERED", "EV-1"), ("IS_TYPING", "EV-2"), ("READ", "EV-3")] {
+        let (status, _) = story
+            .google
+            .post_rbm(&webhook, &event(kind, id), None, CLIENT_TOKEN)
+            .await;
+        assert_eq!(status, 200, "{kind} {id}");
+    }
+    let stage = || async {
+        story
+            .gateway()
+            .await
+            .get_message(authed(
+                pb::GetMessageRequest {
+                    account_id: "acme".into(),
+                    message_id: message_id.clone(),
+                },
+                &token(AuthRole::Viewer, Some("acme")),
+            ))
+            .await
+            .expect("message")
+            .into_inner()
+            .message
+            .expect("message")
+            .stage
+    };
+    assert_eq!(stage().await, FunnelStage::Read as i32);
+
+    // The consumer answers in RCS: the conversation opens on the deflection's skill.
+    let (status, _) = story
+        .google
+        .post_rbm(
+            &webhook,
+            &json!({
+                "senderPhoneNumber": RCS_PHONE, "text": "Yes please", "eventId": "EV-4",
+                "messageId": "MSG-IN-1", "sendTime": "2026-11-26T12:01:00Z", "agentId": AGENT_ID,
+            }),
+            None,
+            CLIENT_TOKEN,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let conversation = story.open_conversation("acme", RCS_PHONE).await;
+    assert_eq!(conversation.channel, Channel::Rcs as i32);
+    assert_eq!(conversation.skill_id, "billing-agents");
+    assert_eq!(conversation.handoff_id, handoff.handoff_id);
+
+    let rcs_counts = || async {
+        funnel(&story, "acme")
+            .await
+            .remove("CHANNEL_RCS")
+            .unwrap_or_default()
+    };
+    let expected: std::collections::BTreeMap<String, u64> = [
+        ("FUNNEL_STAGE_ATTEMPTED", 1),
+        ("FUNNEL_STAGE_SENT", 1),
+        ("FUNNEL_STAGE_DELIVERED", 1),
+        ("FUNNEL_STAGE_READ", 1),
+        ("FUNNEL_STAGE_RESPONDED", 1),
+        ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    eventually_eq("the RCS funnel", Duration::from_secs(10), &expected, rcs_counts).await;
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_rbm_revokes_undelivered_falls_back_to_sms() {
+    let story = Story::start(Topology::Dev).await;
+    let key = rcs_first(&story).await;
+    let handoff = story
+        .deflect(handoff_request("acme", RCS_PHONE, "rcs-ttl"), &key)
+        .await;
+    assert_eq!(handoff.channel, Channel::Rcs as i32);
+    // The message's time to live ran out before the phone took it; RBM revoked it.
+    let (status, _) = story
+        .google
+        .post_rbm(
+            &format!("{}/webhooks/google/acme", story.webhooks),
+            &json!({
+                "phoneNumber": RCS_PHONE, "agentId": AGENT_ID, "eventType": "TTL_EXPIRATION_REVOKED",
+                "eventId": "SE-1", "messageId": format!("{}-1", handoff.handoff_id),
+                "sendTime": "2026-11-26T12:10:00Z",
+            }),
+            None,
+            CLIENT_TOKEN,
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually_eq(
+        "the SMS fallback",
+        Duration::from_secs(10),
+        &1,
+        || async { story.twilio.sent().len() },
+    )
+    .await;
+    let after = story
+        .handoff()
+        .await
+        .get_handoff(authed(
+            pb::GetHandoffRequest {
+                account_id: "acme".into(),
+                handoff_id: handoff.handoff_id.clone(),
+            },
+            &key,
+        ))
+        .await
+        .expect("handoff")
+        .into_inner()
+        .handoff
+        .expect("handoff");
+    let attempts: Vec<(i32, i32, String)> = after
+        .attempts
+        .iter()
+        .map(|a| (a.channel, a.outcome, a.error_code.clone()))
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![
+            (
+                Channel::Rcs as i32,
+                pb::AttemptOutcome::Undelivered as i32,
+                "TTL_EXPIRATION_REVOKED".to_owned()
+            ),
+            (Channel::Sms as i32, pb::AttemptOutcome::Sent as i32, String::new()),
+        ]
+    );
+    story.stop().await;
+}
