@@ -1,6 +1,7 @@
 //! End-to-end tests: c2m booted in-process on ephemeral ports against real PostgreSQL and Redis,
 //! driven over gRPC and HTTP the way its users drive it.
 
+mod app_messaging;
 mod config_plane;
 mod deflection;
 mod grpc;
