@@ -2,6 +2,7 @@
 //! driven over gRPC and HTTP the way its users drive it.
 
 mod app_messaging;
+mod apple;
 mod config_plane;
 mod deflection;
 mod grpc;

@@ -509,3 +509,116 @@ async fn a_delivered_message_is_not_followed_by_another() {
     assert_eq!(after.attempts.len(), 1);
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_form_text_goes_only_inside_the_customer_service_window() {
+    let story = Story::start(Topology::Dev).await;
+    let key = whatsapp_first(&story).await;
+    let admin = token(AuthRole::Admin, Some("acme"));
+    let webhook = format!("{}/webhooks/meta/acme", story.webhooks);
+    // The configuration has a plain text for WhatsApp beside its template.
+    story
+        .config()
+        .await
+        .create_handoff_config(authed(
+            pb::CreateHandoffConfigRequest {
+                account_id: "acme".into(),
+                config: Some(pb::HandoffConfig {
+                    handoff_config_id: "wa-text".into(),
+                    name: "WhatsApp, text when we may".into(),
+                    skill_id: "billing-agents".into(),
+                    channel_priority: vec![Channel::Whatsapp as i32],
+                    whatsapp_template_id: "followup".into(),
+                    messages: vec![pb::ChannelMessage {
+                        channel: Channel::Whatsapp as i32,
+                        text: "Hello again {{first_name}}, we can pick this up here.".into(),
+                    }],
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("configuration");
+    let wrote = "+14155550411";
+    let silent = "+14155550412";
+    // One consumer has just written to the business on WhatsApp (nothing to route yet).
+    let (status, _) = story
+        .meta
+        .send_inbound(&webhook, APP_SECRET, PHONE_NUMBER_ID, &wrote[1..], "hi")
+        .await;
+    assert_eq!(status, 200);
+    let reach = |phone: &'static str| {
+        let story = &story;
+        async move {
+            story
+                .gateway()
+                .await
+                .check_reachability(authed(
+                    pb::CheckReachabilityRequest {
+                        account_id: "acme".into(),
+                        channel: Channel::Whatsapp as i32,
+                        phone: phone.into(),
+                        ..Default::default()
+                    },
+                    &token(AuthRole::Viewer, Some("acme")),
+                ))
+                .await
+                .expect("reachability")
+                .into_inner()
+        }
+    };
+    let open = reach(wrote).await;
+    assert!(open.reachable);
+    let closes = c2m_proto::from_timestamp(&open.window_closes_at.expect("closes"))
+        .expect("timestamp");
+    let left = closes - chrono::Utc::now();
+    assert!(
+        left > chrono::Duration::hours(23) && left <= chrono::Duration::hours(24),
+        "{left}"
+    );
+    assert!(!reach(silent).await.reachable);
+
+    let with_config = |phone: &str, idempotency_key: &str| {
+        let mut r = request(phone, idempotency_key);
+        r.handoff_config_id = "wa-text".into();
+        r
+    };
+    let texted = story.deflect(with_config(wrote, "w-1"), &key).await;
+    assert_eq!(texted.channel, Channel::Whatsapp as i32);
+    let templated = story.deflect(with_config(silent, "w-2"), &key).await;
+    assert_eq!(templated.channel, Channel::Whatsapp as i32);
+    let sent = story.meta.sent();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].body["type"], "text");
+    assert_eq!(
+        sent[0].body["text"]["body"],
+        "Hello again Ada, we can pick this up here."
+    );
+    assert_eq!(sent[1].body["type"], "template");
+
+    // Asked directly, the gateway refuses free-form text outside the window without calling Meta.
+    let refused = story
+        .gateway()
+        .await
+        .send_message(authed(
+            pb::SendMessageRequest {
+                account_id: "acme".into(),
+                message_id: "direct-1".into(),
+                channel: Channel::Whatsapp as i32,
+                to: silent.into(),
+                text: "Just checking in".into(),
+                ..Default::default()
+            },
+            &token(AuthRole::Operator, None),
+        ))
+        .await
+        .expect("answered")
+        .into_inner()
+        .message
+        .expect("message");
+    assert_eq!(refused.stage, pb::FunnelStage::Failed as i32);
+    assert_eq!(refused.error_code, "outside-customer-service-window");
+    assert_eq!(story.meta.sent().len(), 2);
+    story.stop().await;
+}

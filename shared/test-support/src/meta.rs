@@ -110,6 +110,13 @@ async fn messages(
     .into_response()
 }
 
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+}
+
 /// `sha256=<hex HMAC-SHA256(app secret, body)>`, as Meta signs webhooks.
 pub fn meta_signature(app_secret: &str, body: &[u8]) -> String {
     let mut mac =
@@ -265,7 +272,7 @@ impl MetaEmulator {
             phone_number_id,
             serde_json::json!({
                 "contacts": [{ "profile": { "name": "Ada" }, "wa_id": from }],
-                "messages": [{ "from": from, "id": id, "timestamp": "1764158460", "type": "text", "text": { "body": text } }],
+                "messages": [{ "from": from, "id": id, "timestamp": now_unix().to_string(), "type": "text", "text": { "body": text } }],
             }),
         );
         self.post_webhook(url, app_secret, &body, None).await
