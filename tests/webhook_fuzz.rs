@@ -1,9 +1,10 @@
-//! Webhook parsers against arbitrary bytes: whatever arrives, correctly signed or not, the answer is
+//! Webhook parsers (Twilio, Meta, Google RBM) against arbitrary bytes: whatever arrives, correctly signed or not, the answer is
 //! a 2xx or a 4xx — never a 5xx, never a hang, never a panic.
 
 use c2m_proto::v1::{self as pb, put_provider_credentials_request::Credentials};
 use c2m_runtime::auth::Role as AuthRole;
-use c2m_test_support::{meta_signature, twilio_signature};
+use base64::{Engine, engine::general_purpose::STANDARD};
+use c2m_test_support::{goog_signature, meta_signature, twilio_signature};
 
 use crate::story::{Story, TWILIO_TOKEN, Topology, authed, onboard, token};
 
@@ -59,18 +60,36 @@ async fn webhooks_answer_arbitrary_bytes_with_2xx_or_4xx() {
         ))
         .await
         .expect("meta credentials");
+    story
+        .gateway()
+        .await
+        .put_provider_credentials(authed(
+            pb::PutProviderCredentialsRequest {
+                account_id: "acme".into(),
+                provider: pb::Provider::GoogleRbm as i32,
+                credentials: Some(Credentials::GoogleRbm(pb::GoogleRbmCredentials {
+                    agent_id: "agent".into(),
+                    service_account_json: story.google.service_account("rbm@acme.iam.gserviceaccount.com"),
+                    client_token: "ct".into(),
+                })),
+            },
+            &token(AuthRole::Admin, Some("acme")),
+        ))
+        .await
+        .expect("rbm credentials");
     let http = reqwest::Client::new();
     let twilio_status = format!("{}/webhooks/twilio/acme/status", story.webhooks);
     let twilio_inbound = format!("{}/webhooks/twilio/acme/inbound", story.webhooks);
     let meta = format!("{}/webhooks/meta/acme", story.webhooks);
+    let google = format!("{}/webhooks/google/acme", story.webhooks);
     let mut rng = Rng(20261126);
     let mut bad = Vec::new();
-    for i in 0..300 {
-        let body = rng.body();
+    for i in 0..400 {
+        let mut body = rng.body();
         let signed = rng.next().is_multiple_of(2);
-        let (url, header, signature) = match i % 3 {
+        let (url, header, signature) = match i % 4 {
             0 | 1 => {
-                let url = if i % 3 == 0 {
+                let url = if i % 4 == 0 {
                     &twilio_status
                 } else {
                     &twilio_inbound
@@ -89,7 +108,7 @@ async fn webhooks_answer_arbitrary_bytes_with_2xx_or_4xx() {
                 };
                 (url, "X-Twilio-Signature", signature)
             }
-            _ => {
+            2 => {
                 let signature = if signed {
                     meta_signature("s", &body)
                 } else {
@@ -97,13 +116,27 @@ async fn webhooks_answer_arbitrary_bytes_with_2xx_or_4xx() {
                 };
                 (&meta, "X-Hub-Signature-256", signature)
             }
+            _ => {
+                // RBM signs the decoded `message.data`: signed bytes go inside an envelope;
+                // unsigned ones arrive bare, as a handshake would.
+                if signed {
+                    let signature = goog_signature("ct", &body);
+                    body = serde_json::to_vec(&serde_json::json!({
+                        "message": { "data": STANDARD.encode(&body) }
+                    }))
+                    .expect("json");
+                    (&google, "X-Goog-Signature", signature)
+                } else {
+                    (&google, "X-Unsigned", String::new())
+                }
+            }
         };
         let status = http
             .post(url.as_str())
             .header(header, signature)
             .header(
                 "content-type",
-                if i % 3 == 2 {
+                if i % 4 >= 2 {
                     "application/json"
                 } else {
                     "application/x-www-form-urlencoded"

@@ -102,3 +102,25 @@ pub fn verify(client_token: &str, data: &[u8], signature: &str) -> bool {
     mac.update(data);
     mac.verify_slice(&expected).is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::verify;
+
+    /// A vector computed apart from this code (Python's `hmac` with SHA-512, base64), as Google's
+    /// webhook guide describes the signature.
+    const DATA: &[u8] = br#"{"senderPhoneNumber":"+12223334444","eventType":"DELIVERED","eventId":"MxZfN6a1b2","messageId":"msg-1","agentId":"acme-agent"}"#;
+    const SIGNATURE: &str =
+        "KigwPtuaIdbfqKgHS24nRh98HCr59QmW2k7Cpo0sPT3N45Y12NXRtfPAcuII7jxXiTEOt7s0xF1CJEef2sIaXQ==";
+
+    #[test]
+    fn the_signature_is_hmac_sha512_of_the_decoded_data_under_the_client_token() {
+        assert!(verify("SJENCPGJESMGUFPY", DATA, SIGNATURE));
+        assert!(!verify("SJENCPGJESMGUFPZ", DATA, SIGNATURE), "another token");
+        assert!(
+            !verify("SJENCPGJESMGUFPY", &DATA[1..], SIGNATURE),
+            "other bytes"
+        );
+        assert!(!verify("SJENCPGJESMGUFPY", DATA, "not base64!"));
+    }
+}
