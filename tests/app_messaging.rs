@@ -229,7 +229,10 @@ async fn a_logged_in_consumer_gets_a_push_on_every_device_and_others_fall_to_sms
         apns[0].body["aps"]["alert"],
         json!({ "title": "acme Inc.", "body": "Ada, tap to chat with us about your bill." })
     );
-    assert!(story.twilio.sent().is_empty(), "no SMS for a pushed consumer");
+    assert!(
+        story.twilio.sent().is_empty(),
+        "no SMS for a pushed consumer"
+    );
 
     // A push reports no delivery: nothing is left watching it for a delivery fallback.
     let mut db = story.db.connect().await;
@@ -278,7 +281,11 @@ async fn dead_device_tokens_are_forgotten_and_the_handoff_falls_back_to_sms() {
                 pb::AttemptOutcome::Failed as i32,
                 "unregistered".to_owned()
             ),
-            (Channel::Sms as i32, pb::AttemptOutcome::Sent as i32, String::new()),
+            (
+                Channel::Sms as i32,
+                pb::AttemptOutcome::Sent as i32,
+                String::new()
+            ),
         ]
     );
     // Both tokens are gone: the consumer is ineligible for app messaging from now on.

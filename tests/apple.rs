@@ -82,7 +82,7 @@ async fn one_invite_per_pending_deflection() {
     // pending (no chat came of it), so it is reused, not sent again.
     let lease = format!("{}:{{acme}}:lease:{PHONE}", story.redis.prefix());
     let redis = redis::Client::open(story.redis.url()).expect("url");
-    let mut redis = redis
+    let redis = redis
         .get_multiplexed_async_connection()
         .await
         .expect("redis");

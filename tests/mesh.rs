@@ -214,11 +214,13 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
         in_schema("channel_gateway"),
         [
             "_sqlx_migrations",
+            "devices",
             "number_lookups",
             "outbound_messages",
             "outbox",
             "provider_credentials",
-            "webhook_inbox"
+            "webhook_inbox",
+            "whatsapp_windows"
         ]
     );
     assert_eq!(

@@ -46,7 +46,11 @@ async fn rcs_first(story: &Story) -> String {
     assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     let details = tonic_types::StatusExt::get_error_details(&refused);
     assert_eq!(
-        details.bad_request().expect("field violations").field_violations[0].field,
+        details
+            .bad_request()
+            .expect("field violations")
+            .field_violations[0]
+            .field,
         "google_rbm.service_account_json"
     );
     gateway
@@ -138,7 +142,10 @@ async fn rcs_carries_the_deflection_where_the_number_has_it_and_sms_where_not() 
         (false, IneligibilityReason::NotRcsReachable as i32)
     );
     assert_eq!(sms_only.recommended_channel, Channel::Sms as i32);
-    assert!(story.google.rcs_sent().is_empty(), "eligibility sends nothing");
+    assert!(
+        story.google.rcs_sent().is_empty(),
+        "eligibility sends nothing"
+    );
 
     let handoff = story
         .deflect(handoff_request("acme", RCS_PHONE, "rcs-1"), &key)
@@ -188,10 +195,20 @@ async fn rcs_carries_the_deflection_where_the_number_has_it_and_sms_where_not() 
     assert_eq!(forged.0, 403);
     let unsigned = story
         .google
-        .post_rbm(&webhook, &event("READ", "EV-unsigned"), Some(None), CLIENT_TOKEN)
+        .post_rbm(
+            &webhook,
+            &event("READ", "EV-unsigned"),
+            Some(None),
+            CLIENT_TOKEN,
+        )
         .await;
     assert_eq!(unsigned.0, 403);
-    for (kind, id) in [("DELIVERED", "EV-1"), ("DELIVERED", "EV-1"), ("IS_TYPING", "EV-2"), ("READ", "EV-3")] {
+    for (kind, id) in [
+        ("DELIVERED", "EV-1"),
+        ("DELIVERED", "EV-1"),
+        ("IS_TYPING", "EV-2"),
+        ("READ", "EV-3"),
+    ] {
         let (status, _) = story
             .google
             .post_rbm(&webhook, &event(kind, id), None, CLIENT_TOKEN)
@@ -254,7 +271,13 @@ async fn rcs_carries_the_deflection_where_the_number_has_it_and_sms_where_not() 
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    eventually_eq("the RCS funnel", Duration::from_secs(10), &expected, rcs_counts).await;
+    eventually_eq(
+        "the RCS funnel",
+        Duration::from_secs(10),
+        &expected,
+        rcs_counts,
+    )
+    .await;
     story.stop().await;
 }
 
@@ -281,12 +304,9 @@ async fn a_message_rbm_revokes_undelivered_falls_back_to_sms() {
         )
         .await;
     assert_eq!(status, 200);
-    eventually_eq(
-        "the SMS fallback",
-        Duration::from_secs(10),
-        &1,
-        || async { story.twilio.sent().len() },
-    )
+    eventually_eq("the SMS fallback", Duration::from_secs(10), &1, || async {
+        story.twilio.sent().len()
+    })
     .await;
     let after = story
         .handoff()
@@ -316,7 +336,11 @@ async fn a_message_rbm_revokes_undelivered_falls_back_to_sms() {
                 pb::AttemptOutcome::Undelivered as i32,
                 "TTL_EXPIRATION_REVOKED".to_owned()
             ),
-            (Channel::Sms as i32, pb::AttemptOutcome::Sent as i32, String::new()),
+            (
+                Channel::Sms as i32,
+                pb::AttemptOutcome::Sent as i32,
+                String::new()
+            ),
         ]
     );
     story.stop().await;

@@ -1,9 +1,9 @@
 //! Webhook parsers (Twilio, Meta, Google RBM) against arbitrary bytes: whatever arrives, correctly signed or not, the answer is
 //! a 2xx or a 4xx — never a 5xx, never a hang, never a panic.
 
+use base64::{Engine, engine::general_purpose::STANDARD};
 use c2m_proto::v1::{self as pb, put_provider_credentials_request::Credentials};
 use c2m_runtime::auth::Role as AuthRole;
-use base64::{Engine, engine::general_purpose::STANDARD};
 use c2m_test_support::{goog_signature, meta_signature, twilio_signature};
 
 use crate::story::{Story, TWILIO_TOKEN, Topology, authed, onboard, token};
@@ -69,7 +69,9 @@ async fn webhooks_answer_arbitrary_bytes_with_2xx_or_4xx() {
                 provider: pb::Provider::GoogleRbm as i32,
                 credentials: Some(Credentials::GoogleRbm(pb::GoogleRbmCredentials {
                     agent_id: "agent".into(),
-                    service_account_json: story.google.service_account("rbm@acme.iam.gserviceaccount.com"),
+                    service_account_json: story
+                        .google
+                        .service_account("rbm@acme.iam.gserviceaccount.com"),
                     client_token: "ct".into(),
                 })),
             },

@@ -570,8 +570,8 @@ async fn free_form_text_goes_only_inside_the_customer_service_window() {
     };
     let open = reach(wrote).await;
     assert!(open.reachable);
-    let closes = c2m_proto::from_timestamp(&open.window_closes_at.expect("closes"))
-        .expect("timestamp");
+    let closes =
+        c2m_proto::from_timestamp(&open.window_closes_at.expect("closes")).expect("timestamp");
     let left = closes - chrono::Utc::now();
     assert!(
         left > chrono::Duration::hours(23) && left <= chrono::Duration::hours(24),

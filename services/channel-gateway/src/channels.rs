@@ -7,9 +7,9 @@ use prost::Message;
 use tonic::Status;
 
 use crate::{
-    Service, credentials, devices, google, push, rbm, sandbox, window,
+    Service, credentials, devices, google, meta, push, rbm, sandbox,
     twilio::{self, SendOutcome},
-    meta,
+    window,
 };
 
 /// What RBM says of a number.
@@ -50,7 +50,11 @@ impl Service {
         }
     }
 
-    async fn send_sms(&self, r: &pb::SendMessageRequest, text: &str) -> Result<SendOutcome, Status> {
+    async fn send_sms(
+        &self,
+        r: &pb::SendMessageRequest,
+        text: &str,
+    ) -> Result<SendOutcome, Status> {
         let creds = match self
             .credentials::<pb::TwilioCredentials>(&r.account_id, Provider::Twilio)
             .await
@@ -302,8 +306,14 @@ impl Service {
         let mut last_failure = None;
         for device in &devices {
             let outcome = match device.platform {
-                DevicePlatform::Ios => self.push_apns(&r.account_id, &device.token, &notification).await?,
-                _ => self.push_fcm(&r.account_id, &device.token, &notification).await?,
+                DevicePlatform::Ios => {
+                    self.push_apns(&r.account_id, &device.token, &notification)
+                        .await?
+                }
+                _ => {
+                    self.push_fcm(&r.account_id, &device.token, &notification)
+                        .await?
+                }
             };
             match outcome {
                 push::PushOutcome::Accepted(id) => {
@@ -314,7 +324,10 @@ impl Service {
                     devices::forget(self.db.pool(), &r.account_id, &device.token)
                         .await
                         .map_err(db_status)?;
-                    last_failure = Some(("unregistered".to_owned(), "the device token is no longer valid".to_owned()));
+                    last_failure = Some((
+                        "unregistered".to_owned(),
+                        "the device token is no longer valid".to_owned(),
+                    ));
                 }
                 push::PushOutcome::Failed { code, message } => last_failure = Some((code, message)),
             }
@@ -336,7 +349,10 @@ impl Service {
             SendOutcome::Failed { code, message } => push::PushOutcome::Failed { code, message },
             SendOutcome::Accepted { .. } => unreachable!("a token lookup accepts nothing"),
         };
-        let creds = match self.provider::<pb::FcmCredentials>(account_id, Provider::Fcm).await? {
+        let creds = match self
+            .provider::<pb::FcmCredentials>(account_id, Provider::Fcm)
+            .await?
+        {
             Ok(creds) => creds,
             Err(outcome) => return Ok(failed(outcome)),
         };
@@ -370,12 +386,17 @@ impl Service {
         device_token: &str,
         n: &push::Notification<'_>,
     ) -> Result<push::PushOutcome, Status> {
-        let creds = match self.provider::<pb::ApnsCredentials>(account_id, Provider::Apns).await? {
+        let creds = match self
+            .provider::<pb::ApnsCredentials>(account_id, Provider::Apns)
+            .await?
+        {
             Ok(creds) => creds,
             Err(SendOutcome::Failed { code, message }) => {
                 return Ok(push::PushOutcome::Failed { code, message });
             }
-            Err(SendOutcome::Accepted { .. }) => unreachable!("a credentials lookup accepts nothing"),
+            Err(SendOutcome::Accepted { .. }) => {
+                unreachable!("a credentials lookup accepts nothing")
+            }
         };
         let provider_token = match self.apns_tokens.token(&creds) {
             Ok(token) => token,

@@ -29,9 +29,8 @@ pub struct ServiceAccount {
 impl ServiceAccount {
     /// Parses a key file and its key; the message says what is wrong, never what the key is.
     pub fn parse(json: &str) -> Result<(Self, Rs256), String> {
-        let account: Self = serde_json::from_str(json).map_err(|e| {
-            format!("a service-account key file (client_email, private_key): {e}")
-        })?;
+        let account: Self = serde_json::from_str(json)
+            .map_err(|e| format!("a service-account key file (client_email, private_key): {e}"))?;
         if !account.client_email.contains('@') {
             return Err("client_email is not an email address".into());
         }
@@ -40,11 +39,14 @@ impl ServiceAccount {
     }
 }
 
-/// Access tokens per service account and scope.
+/// A service account (its email and key id) and a scope.
+type TokenKey = (String, String, &'static str);
+
+/// Access tokens per service account and scope, each with when to stop using it.
 #[derive(Debug)]
 pub struct Tokens {
     token_url: String,
-    cached: Mutex<HashMap<(String, String, &'static str), (String, Instant)>>,
+    cached: Mutex<HashMap<TokenKey, (String, Instant)>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -124,10 +124,7 @@ impl ChannelGatewayService for Service {
                     violations.add("apns.key_id", "the 10-character Key ID");
                 }
                 if let Err(why) = Es256::from_pem(&a.private_key_pem) {
-                    violations.add(
-                        "apns.private_key_pem",
-                        format!("the .p8 key: {why}"),
-                    );
+                    violations.add("apns.private_key_pem", format!("the .p8 key: {why}"));
                 }
                 if a.topic.is_empty() {
                     violations.add("apns.topic", "required: the app's bundle id");
@@ -207,8 +204,7 @@ impl ChannelGatewayService for Service {
             violations.add("to", "an E.164 number");
         }
         if channel == Channel::AppleMessages
-            && r
-                .apple_messages_invite
+            && r.apple_messages_invite
                 .as_ref()
                 .is_none_or(|i| i.business_id.is_empty())
         {
@@ -453,7 +449,7 @@ impl ChannelGatewayService for Service {
         if r.device_token.is_empty() || r.device_token.len() > 4096 {
             violations.add("device_token", "required, at most 4096 characters");
         } else if platform == pb::DevicePlatform::Ios
-            && !(r.device_token.len() % 2 == 0
+            && !(r.device_token.len().is_multiple_of(2)
                 && r.device_token.bytes().all(|b| b.is_ascii_hexdigit()))
         {
             violations.add("device_token", "an APNs device token is hexadecimal");
@@ -478,9 +474,14 @@ impl ChannelGatewayService for Service {
         let caller = self.key.caller(request.metadata())?;
         let r = request.into_inner();
         caller.authorize(&r.account_id, Role::Editor)?;
-        if !devices::remove(self.db.pool(), &r.account_id, &r.consumer_id, &r.device_token)
-            .await
-            .map_err(db_status)?
+        if !devices::remove(
+            self.db.pool(),
+            &r.account_id,
+            &r.consumer_id,
+            &r.device_token,
+        )
+        .await
+        .map_err(db_status)?
         {
             return Err(Status::not_found(format!(
                 "consumer {} has no such device",

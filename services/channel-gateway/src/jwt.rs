@@ -110,8 +110,8 @@ mod tests {
     #[test]
     fn es256_tokens_verify_with_the_public_key() {
         let rng = SystemRandom::new();
-        let der = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-            .expect("a key");
+        let der =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("a key");
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, der.as_ref(), &rng)
             .expect("parses");
         let key = Es256::from_pem(&pem(der.as_ref())).expect("parses from PEM");
@@ -141,11 +141,9 @@ mod tests {
             Rs256::from_pem(&pem(b"not a key")).unwrap_err(),
             KeyError::Key("RSA")
         );
-        let der = EcdsaKeyPair::generate_pkcs8(
-            &ECDSA_P256_SHA256_FIXED_SIGNING,
-            &SystemRandom::new(),
-        )
-        .expect("a key");
+        let der =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &SystemRandom::new())
+                .expect("a key");
         assert_eq!(
             Rs256::from_pem(&pem(der.as_ref())).unwrap_err(),
             KeyError::Key("RSA")

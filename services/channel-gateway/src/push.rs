@@ -22,7 +22,10 @@ pub enum PushOutcome {
     Accepted(String),
     /// The token is no longer valid (FCM UNREGISTERED, APNs 410 or BadDeviceToken): drop it.
     Unregistered,
-    Failed { code: String, message: String },
+    Failed {
+        code: String,
+        message: String,
+    },
 }
 
 /// What the notification says, and the ids the app gets to open the right conversation.

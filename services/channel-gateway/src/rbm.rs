@@ -97,8 +97,8 @@ pub fn verify(client_token: &str, data: &[u8], signature: &str) -> bool {
     let Ok(expected) = STANDARD.decode(signature.trim()) else {
         return false;
     };
-    let mut mac = <Hmac<Sha512> as KeyInit>::new_from_slice(client_token.as_bytes())
-        .expect("any key length");
+    let mut mac =
+        <Hmac<Sha512> as KeyInit>::new_from_slice(client_token.as_bytes()).expect("any key length");
     mac.update(data);
     mac.verify_slice(&expected).is_ok()
 }
@@ -116,7 +116,10 @@ mod tests {
     #[test]
     fn the_signature_is_hmac_sha512_of_the_decoded_data_under_the_client_token() {
         assert!(verify("SJENCPGJESMGUFPY", DATA, SIGNATURE));
-        assert!(!verify("SJENCPGJESMGUFPZ", DATA, SIGNATURE), "another token");
+        assert!(
+            !verify("SJENCPGJESMGUFPZ", DATA, SIGNATURE),
+            "another token"
+        );
         assert!(
             !verify("SJENCPGJESMGUFPY", &DATA[1..], SIGNATURE),
             "other bytes"

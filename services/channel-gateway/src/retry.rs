@@ -14,7 +14,10 @@ const MAX_WAIT: Duration = Duration::from_secs(2);
 pub async fn send(
     build: impl Fn() -> reqwest::RequestBuilder,
 ) -> reqwest::Result<reqwest::Response> {
-    send_while(build, |status| status == reqwest::StatusCode::TOO_MANY_REQUESTS).await
+    send_while(build, |status| {
+        status == reqwest::StatusCode::TOO_MANY_REQUESTS
+    })
+    .await
 }
 
 /// Like [`send`], for a provider that also says when another status is safe to retry (FCM's

@@ -193,10 +193,7 @@ impl Service {
             .messages
             .iter()
             .any(|m| m.channel == Channel::Whatsapp as i32)
-            && self
-                .reachability(d, Channel::Whatsapp)
-                .await?
-                .reachable
+            && self.reachability(d, Channel::Whatsapp).await?.reachable
             && let Some(step) = text_step(d, config, Channel::Whatsapp)?
         {
             return Ok(Ok(step));

@@ -70,13 +70,11 @@ fn decode_steps(value: &serde_json::Value) -> Vec<Step> {
                             .collect(),
                     )
                 }),
-                apple: s["apple"]
-                    .as_object()
-                    .map(|a| pb::AppleMessagesInvite {
-                        business_id: text(&a["business_id"]),
-                        intent_id: text(&a["intent_id"]),
-                        group_id: text(&a["group_id"]),
-                    }),
+                apple: s["apple"].as_object().map(|a| pb::AppleMessagesInvite {
+                    business_id: text(&a["business_id"]),
+                    intent_id: text(&a["intent_id"]),
+                    group_id: text(&a["group_id"]),
+                }),
                 push: s["push"]
                     .as_object()
                     .map(|p| (text(&p["consumer_id"]), text(&p["title"]))),

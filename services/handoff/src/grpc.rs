@@ -128,7 +128,6 @@ impl Service {
                     handoff_config_id: to.handoff_config_id.to_owned(),
                     skill_id: to.skill_id.to_owned(),
                     whatsapp_template: step.whatsapp_template(),
-                    ..Default::default()
                 })
                 .await;
             let mut attempt = Attempt {

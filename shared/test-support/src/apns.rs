@@ -76,7 +76,10 @@ fn check_token(public_key: &[u8], headers: &HeaderMap) -> Result<(), &'static st
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("bearer ").or_else(|| v.strip_prefix("Bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("bearer ")
+                .or_else(|| v.strip_prefix("Bearer "))
+        })
         .ok_or("MissingProviderToken")?;
     let (signed, signature) = token.rsplit_once('.').ok_or("InvalidProviderToken")?;
     let (header, claims) = signed.split_once('.').ok_or("InvalidProviderToken")?;
@@ -95,8 +98,7 @@ fn check_token(public_key: &[u8], headers: &HeaderMap) -> Result<(), &'static st
                 .map_err(|_| "InvalidProviderToken")?,
         )
         .map_err(|_| "InvalidProviderToken")?;
-    if header["alg"] != "ES256" || header["kid"] != APNS_KEY_ID || claims["iss"] != APNS_TEAM_ID
-    {
+    if header["alg"] != "ES256" || header["kid"] != APNS_KEY_ID || claims["iss"] != APNS_TEAM_ID {
         return Err("InvalidProviderToken");
     }
     let now = std::time::SystemTime::now()
@@ -144,7 +146,9 @@ async fn push(
     if inner.dead_tokens.contains(&device_token) {
         return (
             StatusCode::GONE,
-            Json(serde_json::json!({ "reason": "Unregistered", "timestamp": 1_764_158_400_000_i64 })),
+            Json(
+                serde_json::json!({ "reason": "Unregistered", "timestamp": 1_764_158_400_000_i64 }),
+            ),
         )
             .into_response();
     }

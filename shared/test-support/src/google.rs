@@ -209,14 +209,26 @@ async fn capabilities(
 ) -> Response {
     let mut inner = inner.lock().expect("emulator state");
     if !authorized(&inner, &headers, RBM_SCOPE) {
-        return google_error(StatusCode::UNAUTHORIZED, "Request had invalid authentication credentials.", serde_json::Value::Null);
+        return google_error(
+            StatusCode::UNAUTHORIZED,
+            "Request had invalid authentication credentials.",
+            serde_json::Value::Null,
+        );
     }
     if !query.contains_key("requestId") || !query.contains_key("agentId") {
-        return google_error(StatusCode::BAD_REQUEST, "requestId and agentId are required", serde_json::Value::Null);
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "requestId and agentId are required",
+            serde_json::Value::Null,
+        );
     }
     inner.capability_checks.push(phone.clone());
     if !inner.rcs_phones.contains(&phone) {
-        return google_error(StatusCode::NOT_FOUND, "Requested entity was not found.", serde_json::Value::Null);
+        return google_error(
+            StatusCode::NOT_FOUND,
+            "Requested entity was not found.",
+            serde_json::Value::Null,
+        );
     }
     Json(serde_json::json!({ "features": ["RICHCARD_STANDALONE", "ACTION_DIAL", "ACTION_OPEN_URL"] }))
         .into_response()
@@ -231,19 +243,39 @@ async fn agent_messages(
 ) -> Response {
     let mut inner = inner.lock().expect("emulator state");
     if !authorized(&inner, &headers, RBM_SCOPE) {
-        return google_error(StatusCode::UNAUTHORIZED, "Request had invalid authentication credentials.", serde_json::Value::Null);
+        return google_error(
+            StatusCode::UNAUTHORIZED,
+            "Request had invalid authentication credentials.",
+            serde_json::Value::Null,
+        );
     }
     let (Some(message_id), Some(agent_id)) = (query.get("messageId"), query.get("agentId")) else {
-        return google_error(StatusCode::BAD_REQUEST, "messageId and agentId are required", serde_json::Value::Null);
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "messageId and agentId are required",
+            serde_json::Value::Null,
+        );
     };
     let Ok(body) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return google_error(StatusCode::BAD_REQUEST, "Invalid JSON payload received.", serde_json::Value::Null);
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "Invalid JSON payload received.",
+            serde_json::Value::Null,
+        );
     };
     if !body["contentMessage"]["text"].is_string() {
-        return google_error(StatusCode::BAD_REQUEST, "contentMessage is required", serde_json::Value::Null);
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "contentMessage is required",
+            serde_json::Value::Null,
+        );
     }
     if !inner.rcs_phones.contains(&phone) {
-        return google_error(StatusCode::NOT_FOUND, "Requested entity was not found.", serde_json::Value::Null);
+        return google_error(
+            StatusCode::NOT_FOUND,
+            "Requested entity was not found.",
+            serde_json::Value::Null,
+        );
     }
     // A reused messageId is the same message: accepted, not sent again.
     if !inner.rcs.iter().any(|m| &m.message_id == message_id) {
@@ -270,19 +302,35 @@ async fn fcm_send(
 ) -> Response {
     let mut inner = inner.lock().expect("emulator state");
     if !authorized(&inner, &headers, FCM_SCOPE) {
-        return google_error(StatusCode::UNAUTHORIZED, "Request had invalid authentication credentials.", serde_json::Value::Null);
+        return google_error(
+            StatusCode::UNAUTHORIZED,
+            "Request had invalid authentication credentials.",
+            serde_json::Value::Null,
+        );
     }
     let Ok(body) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return google_error(StatusCode::BAD_REQUEST, "Invalid JSON payload received.", serde_json::Value::Null);
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "Invalid JSON payload received.",
+            serde_json::Value::Null,
+        );
     };
     let Some(token) = body["message"]["token"].as_str() else {
-        return google_error(StatusCode::BAD_REQUEST, "message.token is required", serde_json::Value::Null);
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "message.token is required",
+            serde_json::Value::Null,
+        );
     };
     let data_are_strings = body["message"]["data"]
         .as_object()
         .is_none_or(|d| d.values().all(serde_json::Value::is_string));
     if !data_are_strings || !body["message"]["notification"]["body"].is_string() {
-        return google_error(StatusCode::BAD_REQUEST, "Invalid value at 'message'", serde_json::Value::Null);
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "Invalid value at 'message'",
+            serde_json::Value::Null,
+        );
     }
     if inner.dead_fcm_tokens.contains(token) {
         return google_error(
@@ -303,8 +351,8 @@ async fn fcm_send(
 
 /// `X-Goog-Signature`: base64 of HMAC-SHA512 under the client token over the decoded data.
 pub fn goog_signature(client_token: &str, data: &[u8]) -> String {
-    let mut mac = <Hmac<Sha512> as KeyInit>::new_from_slice(client_token.as_bytes())
-        .expect("any key length");
+    let mut mac =
+        <Hmac<Sha512> as KeyInit>::new_from_slice(client_token.as_bytes()).expect("any key length");
     mac.update(data);
     STANDARD.encode(mac.finalize().into_bytes())
 }
@@ -422,7 +470,9 @@ impl GoogleEmulator {
         });
         let mut request = self.http.post(url).json(&envelope);
         match signature {
-            None => request = request.header("X-Goog-Signature", goog_signature(client_token, &raw)),
+            None => {
+                request = request.header("X-Goog-Signature", goog_signature(client_token, &raw))
+            }
             Some(Some(forged)) => request = request.header("X-Goog-Signature", forged),
             Some(None) => {}
         }
@@ -434,7 +484,12 @@ impl GoogleEmulator {
     }
 
     /// The webhook set-up handshake as Google sends it.
-    pub async fn post_handshake(&self, url: &str, client_token: &str, secret: &str) -> (u16, String) {
+    pub async fn post_handshake(
+        &self,
+        url: &str,
+        client_token: &str,
+        secret: &str,
+    ) -> (u16, String) {
         let response = self
             .http
             .post(url)
