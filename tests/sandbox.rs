@@ -107,3 +107,129 @@ async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
     .await;
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rcs_and_whatsapp_play_in_the_sandbox_too() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let admin = token(AuthRole::Admin, Some("acme"));
+    let mut gateway = story.gateway().await;
+    gateway
+        .put_provider_credentials(authed(
+            pb::PutProviderCredentialsRequest {
+                account_id: "acme".into(),
+                provider: pb::Provider::Sandbox as i32,
+                credentials: Some(Credentials::Sandbox(pb::SandboxCredentials {
+                    reply_text: "Yes please".into(),
+                    fail_delivery: false,
+                })),
+            },
+            &admin,
+        ))
+        .await
+        .expect("sandbox on");
+    let mut config = story.config().await;
+    config
+        .create_whats_app_template(authed(
+            pb::CreateWhatsAppTemplateRequest {
+                account_id: "acme".into(),
+                template: Some(pb::WhatsAppTemplate {
+                    template_id: "followup".into(),
+                    name: "billing_followup".into(),
+                    language: "en_US".into(),
+                    category: pb::WhatsAppTemplateCategory::Utility as i32,
+                    body: "Hi {{1}}, reply here about {{2}}.".into(),
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("template");
+    // Nobody at Meta reviews a sandbox template: an operator approves it as Meta would.
+    config
+        .update_whats_app_template_status(authed(
+            pb::UpdateWhatsAppTemplateStatusRequest {
+                account_id: "acme".into(),
+                template_id: "followup".into(),
+                status: pb::WhatsAppTemplateStatus::Approved as i32,
+                ..Default::default()
+            },
+            &token(AuthRole::Operator, None),
+        ))
+        .await
+        .expect("approved");
+    for (id, channel) in [("rcs-only", Channel::Rcs), ("wa-only", Channel::Whatsapp)] {
+        config
+            .create_handoff_config(authed(
+                pb::CreateHandoffConfigRequest {
+                    account_id: "acme".into(),
+                    config: Some(pb::HandoffConfig {
+                        handoff_config_id: id.into(),
+                        name: id.into(),
+                        skill_id: "billing-agents".into(),
+                        channel_priority: vec![channel as i32],
+                        whatsapp_template_id: if channel == Channel::Whatsapp {
+                            "followup".into()
+                        } else {
+                            String::new()
+                        },
+                        messages: if channel == Channel::Rcs {
+                            vec![pb::ChannelMessage {
+                                channel: Channel::Rcs as i32,
+                                text: "Hi {{first_name}}, chat with us here.".into(),
+                            }]
+                        } else {
+                            Vec::new()
+                        },
+                        ..Default::default()
+                    }),
+                },
+                &admin,
+            ))
+            .await
+            .expect("configuration");
+    }
+    for (config_id, phone) in [("rcs-only", "+14155550911"), ("wa-only", "+14155550912")] {
+        let mut request = handoff_request("acme", phone, config_id);
+        request.handoff_config_id = config_id.into();
+        request.template_variables.insert("1".into(), "Ada".into());
+        request
+            .template_variables
+            .insert("2".into(), "your bill".into());
+        let handoff = story.deflect(request, &key).await;
+        assert_eq!(handoff.status, HandoffStatus::Sent as i32, "{config_id}");
+    }
+    // Every stage each channel has, played by the sandbox through the signed webhooks.
+    let stages: BTreeMap<String, u64> = [
+        "FUNNEL_STAGE_ATTEMPTED",
+        "FUNNEL_STAGE_SENT",
+        "FUNNEL_STAGE_DELIVERED",
+        "FUNNEL_STAGE_READ",
+        "FUNNEL_STAGE_RESPONDED",
+        "FUNNEL_STAGE_CONVERSATION_OPENED",
+    ]
+    .into_iter()
+    .map(|k| (k.to_owned(), 1))
+    .collect();
+    let expected: BTreeMap<String, BTreeMap<String, u64>> = [
+        ("CHANNEL_RCS".to_owned(), stages.clone()),
+        ("CHANNEL_WHATSAPP".to_owned(), stages),
+    ]
+    .into();
+    eventually_eq(
+        "the sandboxed RCS and WhatsApp funnels",
+        Duration::from_secs(10),
+        &expected,
+        || funnel(&story, "acme"),
+    )
+    .await;
+    let whatsapp = story.open_conversation("acme", "+14155550912").await;
+    assert_eq!(
+        whatsapp.transcript[0].text,
+        "Hi Ada, reply here about your bill."
+    );
+    assert_eq!(whatsapp.transcript[1].text, "Yes please");
+    assert!(story.meta.sent().is_empty() && story.google.rcs_sent().is_empty());
+    story.stop().await;
+}

@@ -61,7 +61,11 @@ impl Service {
         {
             Ok(creds) => creds,
             Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
-            Err(credentials::CredentialsError::Missing(_)) => return self.send_to_sandbox(r).await,
+            Err(credentials::CredentialsError::Missing(_)) => {
+                return self
+                    .sandbox(r, format!("SM{}", sandbox_id(&r.message_id)), "twilio")
+                    .await;
+            }
             Err(e) => return Ok(no_credentials(e)),
         };
         let callback = format!(
@@ -80,8 +84,14 @@ impl Service {
         .await)
     }
 
-    /// Accounts without Twilio credentials but with the sandbox send there.
-    async fn send_to_sandbox(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
+    /// Accounts without a provider's credentials but with the sandbox send there: it accepts the
+    /// message under `id` and plays `provider` (twilio, meta or google) and the consumer.
+    async fn sandbox(
+        &self,
+        r: &pb::SendMessageRequest,
+        id: String,
+        provider: &str,
+    ) -> Result<SendOutcome, Status> {
         let options = match self
             .credentials::<pb::SandboxCredentials>(&r.account_id, Provider::Sandbox)
             .await
@@ -90,27 +100,24 @@ impl Service {
             Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
             Err(e) => return Ok(no_credentials(e)),
         };
-        let sid = format!(
-            "SM{}",
-            r.message_id
-                .replace('-', "")
-                .chars()
-                .rev()
-                .take(32)
-                .collect::<String>()
-        );
-        sandbox::simulate(
-            self.http.clone(),
-            sandbox::Simulation {
-                public_url: self.settings.public_url.clone(),
-                account_id: r.account_id.clone(),
-                auth_token: sandbox::auth_token(&self.settings.credentials_key, &r.account_id),
-                message_sid: sid.clone(),
-                to: r.to.clone(),
-                options,
+        let key = &self.settings.credentials_key;
+        let simulation = sandbox::Simulation {
+            public_url: self.settings.public_url.clone(),
+            account_id: r.account_id.clone(),
+            auth_token: match provider {
+                "twilio" => sandbox::auth_token(key, &r.account_id),
+                other => sandbox::secret(key, &r.account_id, other),
             },
-        );
-        Ok(SendOutcome::Accepted { sid })
+            message_sid: id.clone(),
+            to: r.to.clone(),
+            options,
+        };
+        match provider {
+            "meta" => sandbox::simulate_whatsapp(self.http.clone(), simulation),
+            "google" => sandbox::simulate_rcs(self.http.clone(), simulation),
+            _ => sandbox::simulate(self.http.clone(), simulation),
+        }
+        Ok(SendOutcome::Accepted { sid: id })
     }
 
     async fn send_whatsapp(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
@@ -133,6 +140,15 @@ impl Service {
         {
             Ok(creds) => creds,
             Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
+            Err(credentials::CredentialsError::Missing(_)) => {
+                return self
+                    .sandbox(
+                        r,
+                        format!("wamid.SANDBOX{}", sandbox_id(&r.message_id)),
+                        "meta",
+                    )
+                    .await;
+            }
             Err(e) => return Ok(no_credentials(e)),
         };
         Ok(meta::send(
@@ -165,6 +181,18 @@ impl Service {
             }
         };
         T::decode(plaintext.as_slice()).map_err(|_| credentials::CredentialsError::Sealed)
+    }
+
+    /// Whether the account tries things out in the sandbox.
+    pub(crate) async fn has_sandbox(&self, account_id: &str) -> Result<bool, Status> {
+        match self
+            .credentials::<pb::SandboxCredentials>(account_id, Provider::Sandbox)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(credentials::CredentialsError::Db(e)) => Err(db_status(e)),
+            Err(_) => Ok(false),
+        }
     }
 
     /// The credentials, or the outcome that records why there are none.
@@ -217,7 +245,12 @@ impl Service {
         let (creds, token) = match self.rbm_token(account_id).await? {
             Ok(found) => found,
             Err(SendOutcome::Failed { code, .. }) if code == "no-credentials" => {
-                return Ok(Capability::NoCredentials);
+                // The sandbox reaches every number.
+                return Ok(if self.has_sandbox(account_id).await? {
+                    Capability::Capable
+                } else {
+                    Capability::NoCredentials
+                });
             }
             Err(SendOutcome::Failed { message, .. }) => return Ok(Capability::Unknown(message)),
             Err(SendOutcome::Accepted { .. }) => unreachable!("a token lookup accepts nothing"),
@@ -246,6 +279,9 @@ impl Service {
     async fn send_rcs(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
         let (creds, token) = match self.rbm_token(&r.account_id).await? {
             Ok(found) => found,
+            Err(SendOutcome::Failed { code, .. }) if code == "no-credentials" => {
+                return self.sandbox(r, r.message_id.clone(), "google").await;
+            }
             Err(outcome) => return Ok(outcome),
         };
         let outcome = rbm::send(
@@ -434,4 +470,9 @@ pub fn apple_link(invite: &pb::AppleMessagesInvite) -> String {
         link.push_str(&serde_urlencoded::to_string(query).expect("pairs of strings encode"));
     }
     link
+}
+
+/// 32 hex-ish characters from a message id, for the sandbox's provider ids.
+fn sandbox_id(message_id: &str) -> String {
+    message_id.replace('-', "").chars().rev().take(32).collect()
 }

@@ -85,6 +85,14 @@ pub async fn send(
     }
 }
 
+/// `sha256=<hex HMAC-SHA256(app secret, raw body)>`: what the sandbox signs with, as Meta does.
+pub fn signature(app_secret: &str, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(app_secret.as_bytes())
+        .expect("hmac accepts any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
 /// Checks `X-Hub-Signature-256: sha256=<hex HMAC-SHA256(app secret, raw body)>` in constant time.
 pub fn verify(app_secret: &str, body: &[u8], header: &str) -> bool {
     let Some(hex_digest) = header.trim().strip_prefix("sha256=") else {

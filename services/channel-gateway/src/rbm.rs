@@ -92,6 +92,14 @@ pub async fn send(
     SendOutcome::Failed { code, message }
 }
 
+/// `X-Goog-Signature` for `data`: what the sandbox signs with, as RBM does.
+pub fn signature(client_token: &str, data: &[u8]) -> String {
+    let mut mac =
+        <Hmac<Sha512> as KeyInit>::new_from_slice(client_token.as_bytes()).expect("any key length");
+    mac.update(data);
+    STANDARD.encode(mac.finalize().into_bytes())
+}
+
 /// `X-Goog-Signature`: base64 of HMAC-SHA512 under the client token over the decoded `data`.
 pub fn verify(client_token: &str, data: &[u8], signature: &str) -> bool {
     let Ok(expected) = STANDARD.decode(signature.trim()) else {

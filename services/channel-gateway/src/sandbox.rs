@@ -1,7 +1,9 @@
-//! The built-in sandbox: plays Twilio and the consumer for accounts without Twilio credentials. It
-//! accepts a message, then posts the webhooks Twilio would — `sent`, `delivered` (or `undelivered`)
-//! and, when configured, the consumer's reply — to this gateway's own public webhook URL, signed
-//! the way Twilio signs, so they take exactly the path real webhooks take.
+//! The built-in sandbox: plays the provider and the consumer for an account's channels that have no
+//! real credentials — Twilio for SMS (and Apple Messages invites), Meta for WhatsApp, Google RBM for
+//! RCS. It accepts a message, then posts the webhooks that provider would — sent, delivered (or
+//! failed), read where the channel has it, and, when configured, the consumer's reply — to this
+//! gateway's own public webhook URL, signed the way that provider signs, so they take exactly the
+//! path real webhooks take.
 
 use std::time::Duration;
 
@@ -22,6 +24,150 @@ pub fn auth_token(credentials_key: &str, account_id: &str) -> String {
     mac.update(b"c2m-sandbox\0");
     mac.update(account_id.as_bytes());
     hex::encode(mac.finalize().into_bytes())
+}
+
+/// The secret the sandbox signs one provider's webhooks with (Meta's app secret, RBM's client
+/// token), derived like [`auth_token`].
+pub fn secret(credentials_key: &str, account_id: &str, provider: &str) -> String {
+    auth_token(credentials_key, &format!("{account_id}\0{provider}"))
+}
+
+/// Plays Meta and the consumer for a WhatsApp message: `sent`, `delivered` and `read` (or `failed`
+/// with 131026), then the reply, in Meta's envelope with `X-Hub-Signature-256`.
+pub fn simulate_whatsapp(http: reqwest::Client, sim: Simulation) {
+    tokio::spawn(async move {
+        let url = format!(
+            "{}/webhooks/meta/{}",
+            sim.public_url.trim_end_matches('/'),
+            sim.account_id
+        );
+        let secret = sim.auth_token.clone();
+        let to = sim.to.trim_start_matches('+').to_owned();
+        let envelope = |value: serde_json::Value| {
+            let mut value = value;
+            value["messaging_product"] = "whatsapp".into();
+            value["metadata"] = serde_json::json!({ "display_phone_number": FROM.trim_start_matches('+'), "phone_number_id": "sandbox" });
+            serde_json::json!({
+                "object": "whatsapp_business_account",
+                "entry": [{ "id": "sandbox", "changes": [{ "field": "messages", "value": value }] }],
+            })
+        };
+        let now = || chrono::Utc::now().timestamp().to_string();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let statuses: &[&str] = if sim.options.fail_delivery {
+            &["sent", "failed"]
+        } else {
+            &["sent", "delivered", "read"]
+        };
+        for status in statuses {
+            let mut entry = serde_json::json!({
+                "id": sim.message_sid, "status": status, "timestamp": now(), "recipient_id": to,
+            });
+            if *status == "failed" {
+                entry["errors"] =
+                    serde_json::json!([{ "code": 131026, "title": "Message undeliverable" }]);
+            }
+            let body = envelope(serde_json::json!({ "statuses": [entry] }));
+            post_json(&http, &url, &body, |raw| {
+                ("X-Hub-Signature-256", crate::meta::signature(&secret, raw))
+            })
+            .await;
+        }
+        if sim.options.reply_text.is_empty() || sim.options.fail_delivery {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let body = envelope(serde_json::json!({
+            "contacts": [{ "profile": { "name": "Sandbox consumer" }, "wa_id": to }],
+            "messages": [{
+                "from": to, "id": format!("wamid.SANDBOX{}", uuid_like(&sim.message_sid)),
+                "timestamp": now(), "type": "text", "text": { "body": sim.options.reply_text },
+            }],
+        }));
+        post_json(&http, &url, &body, |raw| {
+            ("X-Hub-Signature-256", crate::meta::signature(&secret, raw))
+        })
+        .await;
+    });
+}
+
+/// Plays RBM and the consumer for an RCS message: DELIVERED and READ (or the server's
+/// TTL_EXPIRATION_REVOKED), then the reply, in RBM's envelope with `X-Goog-Signature`.
+pub fn simulate_rcs(http: reqwest::Client, sim: Simulation) {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    tokio::spawn(async move {
+        let url = format!(
+            "{}/webhooks/google/{}",
+            sim.public_url.trim_end_matches('/'),
+            sim.account_id
+        );
+        let client_token = sim.auth_token.clone();
+        let post_event = |event: serde_json::Value| {
+            let http = http.clone();
+            let url = url.clone();
+            let client_token = client_token.clone();
+            async move {
+                let data = serde_json::to_vec(&event).expect("json");
+                let signature = crate::rbm::signature(&client_token, &data);
+                let body = serde_json::json!({
+                    "message": { "data": STANDARD.encode(&data), "messageId": uuid_like(&signature) },
+                    "subscription": "projects/c2m-sandbox/subscriptions/rbm",
+                });
+                post_json(&http, &url, &body, |_| {
+                    ("X-Goog-Signature", signature.clone())
+                })
+                .await;
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let events: &[&str] = if sim.options.fail_delivery {
+            &["TTL_EXPIRATION_REVOKED"]
+        } else {
+            &["DELIVERED", "READ"]
+        };
+        for kind in events {
+            post_event(serde_json::json!({
+                "senderPhoneNumber": sim.to, "phoneNumber": sim.to, "eventType": kind,
+                "eventId": format!("{kind}-{}", sim.message_sid), "messageId": sim.message_sid,
+                "agentId": "c2m-sandbox",
+            }))
+            .await;
+        }
+        if sim.options.reply_text.is_empty() || sim.options.fail_delivery {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        post_event(serde_json::json!({
+            "senderPhoneNumber": sim.to, "text": sim.options.reply_text,
+            "eventId": format!("reply-{}", sim.message_sid),
+            "messageId": format!("reply-{}", uuid_like(&sim.message_sid)), "agentId": "c2m-sandbox",
+        }))
+        .await;
+    });
+}
+
+async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+    sign: impl Fn(&[u8]) -> (&'static str, String),
+) {
+    let raw = serde_json::to_vec(body).expect("json");
+    let (header, signature) = sign(&raw);
+    let result = http
+        .post(url)
+        .header(header, signature)
+        .header("content-type", "application/json")
+        .body(raw)
+        .send()
+        .await;
+    match result {
+        Ok(response) if response.status().is_success() => {}
+        Ok(response) => tracing::warn!(url, status = %response.status(), "sandbox webhook refused"),
+        Err(error) => {
+            tracing::warn!(url, %error, "sandbox webhook not delivered (is channel_gateway.public_url reachable?)")
+        }
+    }
 }
 
 /// What a simulated message needs.
