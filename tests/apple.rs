@@ -39,6 +39,7 @@ async fn apple_first(story: &Story) -> String {
                     apple_business_id: BUSINESS_ID.into(),
                     apple_intent_id: "billing".into(),
                     apple_group_id: "tier 1".into(),
+                    apple_body: "About {{topic}}".into(),
                     version: 1,
                     ..Default::default()
                 }),
@@ -74,7 +75,7 @@ async fn one_invite_per_pending_deflection() {
         sent[0].field("Body"),
         format!(
             "Hi Ada, chat with us in Messages:\nhttps://bcrw.apple.com/urn:biz:{BUSINESS_ID}\
-             ?biz-intent-id=billing&biz-group-id=tier+1"
+             ?biz-intent-id=billing&biz-group-id=tier+1&body=About+your+bill"
         )
     );
 

@@ -474,6 +474,14 @@ async fn each_invalid_configuration_names_its_field() {
             },
             "config.skill_id",
         ),
+        (
+            "an Apple Messages opening message too long",
+            pb::HandoffConfig {
+                apple_body: "x".repeat(501),
+                ..base()
+            },
+            "config.apple_body",
+        ),
     ];
     for (case, config, field) in cases {
         let refused = client

@@ -455,12 +455,14 @@ impl Service {
     }
 }
 
-/// `https://bcrw.apple.com/urn:biz:{business id}` with the intent and group, when configured.
+/// `https://bcrw.apple.com/urn:biz:{business id}` with the intent, group and opening message, when
+/// configured.
 pub fn apple_link(invite: &pb::AppleMessagesInvite) -> String {
     let mut link = format!("https://bcrw.apple.com/urn:biz:{}", invite.business_id);
     let query: Vec<(&str, &str)> = [
         ("biz-intent-id", invite.intent_id.as_str()),
         ("biz-group-id", invite.group_id.as_str()),
+        ("body", invite.body.as_str()),
     ]
     .into_iter()
     .filter(|(_, v)| !v.is_empty())

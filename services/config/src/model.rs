@@ -138,6 +138,7 @@ pub struct HandoffConfig {
     pub apple_business_id: String,
     pub apple_intent_id: String,
     pub apple_group_id: String,
+    pub apple_body: String,
     pub delivery_deadline_seconds: u32,
     pub version: i64,
     pub updated_at: DateTime<Utc>,
@@ -232,6 +233,15 @@ impl HandoffConfig {
                 );
             }
         }
+        if priority.contains(&Channel::AppleMessages) && wire.apple_business_id.trim().is_empty() {
+            violations.add(
+                "config.apple_business_id",
+                "required when CHANNEL_APPLE_MESSAGES is a channel: the invite links to it",
+            );
+        }
+        if wire.apple_body.chars().count() > 500 {
+            violations.add("config.apple_body", "at most 500 characters");
+        }
         Self {
             id,
             account_id: account.id.clone(),
@@ -243,6 +253,7 @@ impl HandoffConfig {
             apple_business_id: wire.apple_business_id.clone(),
             apple_intent_id: wire.apple_intent_id.clone(),
             apple_group_id: wire.apple_group_id.clone(),
+            apple_body: wire.apple_body.clone(),
             delivery_deadline_seconds: wire.delivery_deadline_seconds,
             version: 1,
             updated_at: Utc::now(),
@@ -268,6 +279,7 @@ impl HandoffConfig {
             apple_business_id: self.apple_business_id.clone(),
             apple_intent_id: self.apple_intent_id.clone(),
             apple_group_id: self.apple_group_id.clone(),
+            apple_body: self.apple_body.clone(),
             delivery_deadline_seconds: self.delivery_deadline_seconds,
             version: self.version,
             updated_at: Some(c2m_proto::timestamp(self.updated_at)),

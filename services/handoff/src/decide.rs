@@ -323,10 +323,19 @@ impl Service {
         };
         match channel {
             Channel::AppleMessages => {
+                let body = render(&config.apple_body, |name| d.variable(name)).map_err(|name| {
+                    invalid_field(
+                        format!("template_variables[{name}]"),
+                        format!(
+                            "the Apple Messages body needs {{{{{name}}}}} and no value was given"
+                        ),
+                    )
+                })?;
                 step.apple = Some(pb::AppleMessagesInvite {
                     business_id: config.apple_business_id.clone(),
                     intent_id: config.apple_intent_id.clone(),
                     group_id: config.apple_group_id.clone(),
+                    body,
                 });
             }
             Channel::AppMessaging => {

@@ -36,6 +36,7 @@ pub fn encode_steps(steps: &[Step]) -> serde_json::Value {
                 })),
                 "apple": s.apple.as_ref().map(|a| json!({
                     "business_id": a.business_id, "intent_id": a.intent_id, "group_id": a.group_id,
+                    "body": a.body,
                 })),
                 "push": s.push.as_ref().map(|(consumer_id, title)| json!({
                     "consumer_id": consumer_id, "title": title,
@@ -74,6 +75,7 @@ fn decode_steps(value: &serde_json::Value) -> Vec<Step> {
                     business_id: text(&a["business_id"]),
                     intent_id: text(&a["intent_id"]),
                     group_id: text(&a["group_id"]),
+                    body: text(&a["body"]),
                 }),
                 push: s["push"]
                     .as_object()

@@ -61,7 +61,7 @@ fn account_row(row: PgRow) -> Result<Account, sqlx::Error> {
 }
 
 const CONFIG_COLUMNS: &str = "handoff_config_id, account_id, name, skill_id, channel_priority, messages, \
-    whatsapp_template_id, apple_business_id, apple_intent_id, apple_group_id, \
+    whatsapp_template_id, apple_business_id, apple_intent_id, apple_group_id, apple_body, \
     delivery_deadline_seconds, version, updated_at";
 
 fn config_row(row: PgRow) -> Result<HandoffConfig, sqlx::Error> {
@@ -85,6 +85,7 @@ fn config_row(row: PgRow) -> Result<HandoffConfig, sqlx::Error> {
         apple_business_id: row.try_get("apple_business_id")?,
         apple_intent_id: row.try_get("apple_intent_id")?,
         apple_group_id: row.try_get("apple_group_id")?,
+        apple_body: row.try_get("apple_body")?,
         delivery_deadline_seconds: row.try_get::<i32, _>("delivery_deadline_seconds")? as u32,
         version: row.try_get("version")?,
         updated_at: row.try_get("updated_at")?,

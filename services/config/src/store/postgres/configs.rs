@@ -11,8 +11,8 @@ pub(super) async fn create_handoff_config(
     sqlx::query(
         "INSERT INTO handoff_configs (handoff_config_id, account_id, name, skill_id, channel_priority, \
          messages, whatsapp_template_id, apple_business_id, apple_intent_id, apple_group_id, \
-         delivery_deadline_seconds, version, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+         delivery_deadline_seconds, version, updated_at, apple_body) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(&c.id)
     .bind(&c.account_id)
@@ -27,6 +27,7 @@ pub(super) async fn create_handoff_config(
     .bind(c.delivery_deadline_seconds as i32)
     .bind(c.version)
     .bind(c.updated_at)
+    .bind(&c.apple_body)
     .execute(&mut *tx)
     .await
     .map_err(conflict("handoff configuration (id or name)"))?;
@@ -109,7 +110,7 @@ pub(super) async fn update_handoff_config(
     let after = sqlx::query(sql(format!(
         "UPDATE handoff_configs SET name = $3, skill_id = $4, channel_priority = $5, messages = $6, \
          whatsapp_template_id = $7, apple_business_id = $8, apple_intent_id = $9, apple_group_id = $10, \
-         delivery_deadline_seconds = $11, version = version + 1, updated_at = now() \
+         delivery_deadline_seconds = $11, apple_body = $12, version = version + 1, updated_at = now() \
          WHERE account_id = $1 AND handoff_config_id = $2 RETURNING {CONFIG_COLUMNS}"
     )))
     .bind(&c.account_id)
@@ -123,6 +124,7 @@ pub(super) async fn update_handoff_config(
     .bind(&c.apple_intent_id)
     .bind(&c.apple_group_id)
     .bind(c.delivery_deadline_seconds as i32)
+    .bind(&c.apple_body)
     .fetch_one(&mut *tx)
     .await
     .map_err(conflict("handoff configuration name"))
