@@ -267,10 +267,6 @@ impl Service {
             (None, None) => HandoffStatus::Failed,
         };
         let now = Utc::now();
-        if let Some((channel, text)) = &sent {
-            self.record_deflection(&d, &handoff_id, &decision.skill_id, *channel, text, now)
-                .await;
-        }
         let handoff = StoredHandoff {
             handoff_id: handoff_id.clone(),
             account_id: d.account_id.clone(),
@@ -323,13 +319,24 @@ impl Service {
                 window_seconds: decision.delivery_deadline.map(|d| d.as_secs() as i32),
             })
         });
-        self.commit(
-            handoff,
-            (&idempotency_key, &fingerprint),
-            &events,
-            fallback.as_ref(),
-        )
-        .await
+        // Routing's record of what was sent and the handoff's own commit are independent: both
+        // go at once, and the IVR is answered when both are done.
+        let deflection = async {
+            if let Some((channel, text)) = &sent {
+                self.record_deflection(&d, &handoff_id, &decision.skill_id, *channel, text, now)
+                    .await;
+            }
+        };
+        let (committed, ()) = tokio::join!(
+            self.commit(
+                handoff,
+                (&idempotency_key, &fingerprint),
+                &events,
+                fallback.as_ref(),
+            ),
+            deflection
+        );
+        committed
     }
 
     /// Routing must know what was sent, to open the conversation when the consumer replies.

@@ -190,7 +190,10 @@ pub struct Fallback {
     pub window_seconds: Option<i32>,
 }
 
-/// Writes the handoff, its idempotency record, its events and its pending fallback together.
+/// Writes the handoff, its idempotency record, its events and its pending fallback together, in
+/// one statement (one round trip, one commit: this is the hot path). The idempotency key is
+/// claimed first; an expired record of the same key is replaced, and a live one means a
+/// concurrent twin won, in which case nothing at all is written.
 pub async fn save(
     pool: &PgPool,
     h: &StoredHandoff,
@@ -198,11 +201,28 @@ pub async fn save(
     events: &[pb::Event],
     fallback: Option<&Fallback>,
 ) -> Result<Saved, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO handoffs (handoff_id, account_id, handoff_config_id, consumer_phone, status, channel, \
-         skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    let (key, fingerprint) = idempotency;
+    let (event_ids, payloads) = outbox::rows(events)?;
+    let claimed: i64 = sqlx::query_scalar(
+        "WITH claim AS ( \
+             INSERT INTO idempotency_keys (account_id, idempotency_key, request_hash, handoff_id, expires_at) \
+             VALUES ($2, $13, $14, $1, now() + interval '24 hours') \
+             ON CONFLICT (account_id, idempotency_key) DO UPDATE \
+             SET request_hash = EXCLUDED.request_hash, handoff_id = EXCLUDED.handoff_id, \
+                 expires_at = EXCLUDED.expires_at \
+             WHERE idempotency_keys.expires_at <= now() \
+             RETURNING handoff_id), \
+         handoff AS ( \
+             INSERT INTO handoffs (handoff_id, account_id, handoff_config_id, consumer_phone, status, \
+                 channel, skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM claim), \
+         events AS ( \
+             INSERT INTO outbox (event_id, payload) \
+             SELECT * FROM unnest($15::uuid[], $16::bytea[]) WHERE EXISTS (SELECT 1 FROM claim)), \
+         fallback AS ( \
+             INSERT INTO fallbacks (handoff_id, account_id, message_id, remaining, deadline, window_seconds) \
+             SELECT $1, $2, $17, $18, $19, $20 FROM claim WHERE $17::text IS NOT NULL) \
+         SELECT count(*) FROM claim",
     )
     .bind(&h.handoff_id)
     .bind(&h.account_id)
@@ -216,41 +236,19 @@ pub async fn save(
     .bind(serde_json::to_value(&h.attempts).map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
     .bind(&h.duplicate_of)
     .bind(h.created_at)
-    .execute(&mut *tx)
-    .await?;
-    let (key, fingerprint) = idempotency;
-    // An expired record of the same key is replaced; a live one means a concurrent twin won.
-    let claimed = sqlx::query(
-        "INSERT INTO idempotency_keys (account_id, idempotency_key, request_hash, handoff_id, expires_at) \
-         VALUES ($1, $2, $3, $4, now() + interval '24 hours') \
-         ON CONFLICT (account_id, idempotency_key) DO UPDATE \
-         SET request_hash = $3, handoff_id = $4, expires_at = now() + interval '24 hours' \
-         WHERE idempotency_keys.expires_at <= now()",
-    )
-    .bind(&h.account_id)
     .bind(key)
     .bind(fingerprint)
-    .bind(&h.handoff_id)
-    .execute(&mut *tx)
+    .bind(&event_ids)
+    .bind(&payloads)
+    .bind(fallback.map(|f| f.message_id.as_str()))
+    .bind(fallback.map(|f| &f.remaining))
+    .bind(fallback.and_then(|f| f.deadline))
+    .bind(fallback.and_then(|f| f.window_seconds))
+    .fetch_one(pool)
     .await?;
-    if claimed.rows_affected() == 0 {
-        return Ok(Saved::Raced);
-    }
-    outbox::enqueue(&mut tx, events).await?;
-    if let Some(f) = fallback {
-        sqlx::query(
-            "INSERT INTO fallbacks (handoff_id, account_id, message_id, remaining, deadline, window_seconds) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&h.handoff_id)
-        .bind(&h.account_id)
-        .bind(&f.message_id)
-        .bind(&f.remaining)
-        .bind(f.deadline)
-        .bind(f.window_seconds)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(Saved::Saved)
+    Ok(if claimed == 0 {
+        Saved::Raced
+    } else {
+        Saved::Saved
+    })
 }

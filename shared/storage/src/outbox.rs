@@ -22,14 +22,20 @@ const BATCH: i64 = 500;
 /// How often the relay looks for events nobody told it about (other replicas' writes).
 const POLL: Duration = Duration::from_millis(100);
 
-/// Writes `events` into the outbox inside the caller's transaction.
-pub async fn enqueue(tx: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
+/// The outbox's columns for `events`: their ids and encodings, to bind as `uuid[]` and `bytea[]`
+/// (for a caller that writes its change and its events in one statement).
+pub fn rows(events: &[Event]) -> Result<(Vec<uuid::Uuid>, Vec<Vec<u8>>), sqlx::Error> {
     let ids = events
         .iter()
         .map(|e| e.event_id.parse::<uuid::Uuid>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| sqlx::Error::Protocol(format!("event id is not a uuid: {e}")))?;
-    let payloads: Vec<Vec<u8>> = events.iter().map(Message::encode_to_vec).collect();
+    Ok((ids, events.iter().map(Message::encode_to_vec).collect()))
+}
+
+/// Writes `events` into the outbox inside the caller's transaction.
+pub async fn enqueue(tx: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
+    let (ids, payloads) = rows(events)?;
     sqlx::query(
         "INSERT INTO outbox (event_id, payload) SELECT * FROM unnest($1::uuid[], $2::bytea[])",
     )
