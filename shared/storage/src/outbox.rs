@@ -21,6 +21,10 @@ use tokio_util::sync::CancellationToken;
 const BATCH: i64 = 500;
 /// How often the relay looks for events nobody told it about (other replicas' writes).
 const POLL: Duration = Duration::from_millis(100);
+/// The least time between two batches that are not full: under load, the events of many commits
+/// leave together (one read, one call, one delete) instead of a batch per commit; when idle, an
+/// event still leaves at once.
+const LINGER: Duration = Duration::from_millis(10);
 
 /// The outbox's columns for `events`: their ids and encodings, to bind as `uuid[]` and `bytea[]`
 /// (for a caller that writes its change and its events in one statement).
@@ -72,9 +76,22 @@ impl Relay {
     /// the events stay in the outbox meanwhile.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failing = false;
+        let mut last: Option<tokio::time::Instant> = None;
         loop {
+            if let Some(wait) = last.map(|at| LINGER.saturating_sub(at.elapsed()))
+                && !wait.is_zero()
+            {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            last = Some(tokio::time::Instant::now());
             match self.ship_batch().await {
-                Ok(n) if n as i64 == BATCH => continue,
+                Ok(n) if n as i64 == BATCH => {
+                    last = None;
+                    continue;
+                }
                 Ok(_) => {
                     if failing {
                         tracing::info!("outbox relay recovered");

@@ -98,6 +98,10 @@ impl ServiceDb {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            // No ping before every checkout: that is a round trip per query on the hot path. A
+            // connection PostgreSQL dropped fails its next query and is discarded, and the health
+            // probe reports the database meanwhile.
+            .test_before_acquire(false)
             .connect_lazy_with(options);
         Ok(Self {
             pool,
