@@ -53,6 +53,8 @@ pub struct Options {
     pub db_max_connections: Option<u32>,
     /// `handoff.consumer_lease_ms`.
     pub consumer_lease_ms: Option<u64>,
+    /// `server.health_interval_ms` (tests probe every 50 ms, to see changes quickly).
+    pub health_interval_ms: Option<u64>,
 }
 
 pub struct Story {
@@ -92,7 +94,7 @@ impl Story {
             database: db.settings(),
             redis: redis.settings(),
             server: ServerSettings {
-                health_interval_ms: 50,
+                health_interval_ms: options.health_interval_ms.unwrap_or(50),
                 grace_period_secs: 1,
                 ..ServerSettings::default()
             },

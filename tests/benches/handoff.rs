@@ -230,6 +230,8 @@ fn main() {
             Options {
                 redis_url: Some(redis.url()),
                 db_max_connections: Some(16),
+                // Probes as often as a deployment's (the tests' 50 ms would be load of its own).
+                health_interval_ms: Some(2_000),
                 ..Options::default()
             },
         )
