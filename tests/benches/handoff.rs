@@ -3,7 +3,8 @@
 //! server as the denominator. Prints figures; asserts nothing.
 //!
 //! Knobs (environment): C2M_BENCH_CALLERS (64), C2M_BENCH_ACCOUNTS (8), C2M_BENCH_SECONDS (10),
-//! C2M_BENCH_RATE (1000, the fixed arrival rate of the latency phase).
+//! C2M_BENCH_RATE (1000, the fixed arrival rate of the latency phase), C2M_BENCH_TOPOLOGY
+//! (`separate`, or `dev` for every role in one server calling the others in process).
 
 /// The allocator the `c2m` binary ships with, so the figures are the binary's.
 #[global_allocator]
@@ -219,6 +220,9 @@ fn main() {
     let account_count = knob("C2M_BENCH_ACCOUNTS", 8);
     let seconds = knob("C2M_BENCH_SECONDS", 10);
     let rate = knob("C2M_BENCH_RATE", 1000);
+    // `separate` (the default): five servers calling each other over gRPC, as five Deployments
+    // do; `dev`: all roles in one server calling each other in process, as `c2m dev` does.
+    let one_process = std::env::var("C2M_BENCH_TOPOLOGY").is_ok_and(|t| t == "dev");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -226,7 +230,11 @@ fn main() {
     runtime.block_on(async move {
         let redis = RedisServer::start();
         let story = Story::start_with(
-            Topology::Separate,
+            if one_process {
+                Topology::Dev
+            } else {
+                Topology::Separate
+            },
             Options {
                 redis_url: Some(redis.url()),
                 db_max_connections: Some(16),
@@ -284,7 +292,12 @@ fn main() {
         let (achieved, fixed, fixed_failed) = open_loop(&client, &accounts, rate, seconds).await;
         let echo = echo_baseline(callers, seconds).await;
 
-        println!("c2m handoff benchmark: {callers} callers, {account_count} accounts, {seconds} s per phase, 2 cores");
+        let topology = if one_process {
+            "one process (c2m dev)"
+        } else {
+            "five separate servers"
+        };
+        println!("c2m handoff benchmark: {topology}, {callers} callers, {account_count} accounts, {seconds} s per phase, 2 cores");
         println!("  closed loop: {throughput:.0} handoffs/s ({done} handoffs, {closed_failed} failed)");
         println!(
             "    latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",

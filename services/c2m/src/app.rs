@@ -1,10 +1,15 @@
 //! Assembling roles into running servers: the same code serves one role (`c2m serve <role>`),
 //! all of them on one address (`c2m dev`), or in-process for tests.
 
+use c2m_proto::v1::{
+    channel_gateway_service_server::ChannelGatewayServiceServer,
+    config_service_server::ConfigServiceServer, handoff_service_server::HandoffServiceServer,
+    reporting_service_server::ReportingServiceServer, routing_service_server::RoutingServiceServer,
+};
 use c2m_runtime::{
     CancellationToken, Component, ServeError,
     auth::TokenKey,
-    peers::{PeerSettings, Peers},
+    peers::{LocalPeers, Peer, PeerSettings, Peers},
     server,
 };
 use c2m_storage::{RedisHandle, ServiceDb, postgres::DbError, redis::RedisError};
@@ -45,7 +50,11 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
     }
     let key = TokenKey::new(config.auth.token_secret.as_bytes());
     let redis = RedisHandle::new(&config.redis)?;
-    let peers = |name| Peers::new(&config.peers, key.clone(), name);
+    // Roles that share this process call each other directly; the rest over the network.
+    let local = LocalPeers::default();
+    let peers = |name| {
+        Ok::<_, AppError>(Peers::new(&config.peers, key.clone(), name)?.with_local(local.clone()))
+    };
     let db = |role: Role| {
         let (schema, migrator) = role.schema();
         ServiceDb::connect_lazy(&config.database, schema, migrator)
@@ -54,20 +63,26 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
         .iter()
         .map(|&role| {
             Ok(match role {
-                Role::Handoff => c2m_handoff::Service::new(
-                    db(role)?,
-                    redis.clone(),
-                    peers("handoff")?,
-                    &config.handoff,
-                )
-                .into_component(),
-                Role::Routing => c2m_routing::Service::new(
-                    db(role)?,
-                    redis.clone(),
-                    peers("routing")?,
-                    key.clone(),
-                )
-                .into_component(),
+                Role::Handoff => {
+                    let service = c2m_handoff::Service::new(
+                        db(role)?,
+                        redis.clone(),
+                        peers("handoff")?,
+                        &config.handoff,
+                    );
+                    local.register(Peer::Handoff, HandoffServiceServer::new(service.clone()));
+                    service.into_component()
+                }
+                Role::Routing => {
+                    let service = c2m_routing::Service::new(
+                        db(role)?,
+                        redis.clone(),
+                        peers("routing")?,
+                        key.clone(),
+                    );
+                    local.register(Peer::Routing, RoutingServiceServer::new(service.clone()));
+                    service.into_component()
+                }
                 Role::ChannelGateway => {
                     let addr = config.listen.webhooks;
                     let webhooks = std::net::TcpListener::bind(addr)
@@ -76,17 +91,30 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
                             TcpListener::from_std(l)
                         })
                         .map_err(|source| AppError::Webhooks { addr, source })?;
-                    c2m_channel_gateway::Service::new(
+                    let service = c2m_channel_gateway::Service::new(
                         db(role)?,
                         peers("channel-gateway")?,
                         key.clone(),
                         config.channel_gateway.clone(),
-                    )?
-                    .into_component(webhooks)
+                    )?;
+                    local.register(
+                        Peer::ChannelGateway,
+                        ChannelGatewayServiceServer::new(service.clone()),
+                    );
+                    service.into_component(webhooks)
                 }
-                Role::Config => c2m_config::Service::new(db(role)?, key.clone()).into_component(),
+                Role::Config => {
+                    let service = c2m_config::Service::new(db(role)?, key.clone());
+                    local.register(Peer::Config, ConfigServiceServer::new(service.clone()));
+                    service.into_component()
+                }
                 Role::Reporting => {
-                    c2m_reporting::Service::new(db(role)?, key.clone()).into_component()
+                    let service = c2m_reporting::Service::new(db(role)?, key.clone());
+                    local.register(
+                        Peer::Reporting,
+                        ReportingServiceServer::new(service.clone()),
+                    );
+                    service.into_component()
                 }
             })
         })

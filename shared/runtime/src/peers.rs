@@ -1,7 +1,7 @@
 //! Clients for calling the other c2m services, authenticated as this service.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -15,8 +15,9 @@ use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
+    transport::Endpoint,
 };
+use tower::{ServiceExt, util::BoxCloneSyncService};
 
 use crate::auth::TokenKey;
 
@@ -95,16 +96,69 @@ impl Interceptor for ServiceAuth {
     }
 }
 
-pub type Authed = InterceptedService<Channel, ServiceAuth>;
+/// A transport error reaching a peer (an in-process peer has none).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct PeerError(#[from] tonic::transport::Error);
+
+/// How a peer is reached: a gRPC channel over the network, or the peer's own tonic service when
+/// it runs in this process (`c2m dev`, or several roles on one server). Either way the request is
+/// the same protobuf with the same service token, and the peer checks it the same way.
+pub type PeerService = BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    PeerError,
+>;
+
+pub type Authed = InterceptedService<PeerService, ServiceAuth>;
+
+/// The peers that run in this process, filled in once they are built; shared by every service's
+/// [`Peers`], so each calls the others directly instead of through its own network listener.
+#[derive(Clone, Default)]
+pub struct LocalPeers(Arc<[OnceLock<PeerService>; 5]>);
+
+impl std::fmt::Debug for LocalPeers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let here: Vec<usize> = (0..5).filter(|i| self.0[*i].get().is_some()).collect();
+        f.debug_tuple("LocalPeers").field(&here).finish()
+    }
+}
+
+/// Which peer a [`LocalPeers`] slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Handoff = 0,
+    Routing = 1,
+    ChannelGateway = 2,
+    Config = 3,
+    Reporting = 4,
+}
+
+impl LocalPeers {
+    /// Serves calls to `peer` with `service`, a tonic server of this process. The first
+    /// registration wins.
+    pub fn register<S>(&self, peer: Peer, service: S)
+    where
+        S: tower::Service<
+                http::Request<tonic::body::Body>,
+                Response = http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let boxed = BoxCloneSyncService::new(service.map_err(|never| match never {}));
+        let _ = self.0[peer as usize].set(boxed);
+    }
+}
 
 /// Lazily connected channels to every peer.
 #[derive(Debug, Clone)]
 pub struct Peers {
-    handoff: Channel,
-    routing: Channel,
-    channel_gateway: Channel,
-    config: Channel,
-    reporting: Channel,
+    remote: [PeerService; 5],
+    local: LocalPeers,
     auth: ServiceAuth,
 }
 
@@ -116,19 +170,23 @@ impl Peers {
         name: &'static str,
     ) -> Result<Self, tonic::transport::Error> {
         let timeout = Duration::from_millis(settings.timeout_ms);
-        let lazy = |url: &str| -> Result<Channel, tonic::transport::Error> {
-            Ok(Endpoint::from_shared(url.to_owned())?
+        let lazy = |url: &str| -> Result<PeerService, tonic::transport::Error> {
+            let channel = Endpoint::from_shared(url.to_owned())?
                 .timeout(timeout)
                 .connect_timeout(timeout)
                 .tcp_nodelay(true)
-                .connect_lazy())
+                .connect_lazy();
+            Ok(BoxCloneSyncService::new(channel.map_err(PeerError::from)))
         };
         Ok(Self {
-            handoff: lazy(&settings.handoff)?,
-            routing: lazy(&settings.routing)?,
-            channel_gateway: lazy(&settings.channel_gateway)?,
-            config: lazy(&settings.config)?,
-            reporting: lazy(&settings.reporting)?,
+            remote: [
+                lazy(&settings.handoff)?,
+                lazy(&settings.routing)?,
+                lazy(&settings.channel_gateway)?,
+                lazy(&settings.config)?,
+                lazy(&settings.reporting)?,
+            ],
+            local: LocalPeers::default(),
             auth: ServiceAuth {
                 key,
                 name,
@@ -137,26 +195,39 @@ impl Peers {
         })
     }
 
+    /// Calls the peers registered in `local` in process; the others over the network.
+    pub fn with_local(mut self, local: LocalPeers) -> Self {
+        self.local = local;
+        self
+    }
+
+    fn service(&self, peer: Peer) -> PeerService {
+        self.local.0[peer as usize]
+            .get()
+            .unwrap_or(&self.remote[peer as usize])
+            .clone()
+    }
+
     pub fn handoff(&self) -> HandoffServiceClient<Authed> {
-        HandoffServiceClient::with_interceptor(self.handoff.clone(), self.auth.clone())
+        HandoffServiceClient::with_interceptor(self.service(Peer::Handoff), self.auth.clone())
     }
 
     pub fn routing(&self) -> RoutingServiceClient<Authed> {
-        RoutingServiceClient::with_interceptor(self.routing.clone(), self.auth.clone())
+        RoutingServiceClient::with_interceptor(self.service(Peer::Routing), self.auth.clone())
     }
 
     pub fn channel_gateway(&self) -> ChannelGatewayServiceClient<Authed> {
         ChannelGatewayServiceClient::with_interceptor(
-            self.channel_gateway.clone(),
+            self.service(Peer::ChannelGateway),
             self.auth.clone(),
         )
     }
 
     pub fn config(&self) -> ConfigServiceClient<Authed> {
-        ConfigServiceClient::with_interceptor(self.config.clone(), self.auth.clone())
+        ConfigServiceClient::with_interceptor(self.service(Peer::Config), self.auth.clone())
     }
 
     pub fn reporting(&self) -> ReportingServiceClient<Authed> {
-        ReportingServiceClient::with_interceptor(self.reporting.clone(), self.auth.clone())
+        ReportingServiceClient::with_interceptor(self.service(Peer::Reporting), self.auth.clone())
     }
 }
