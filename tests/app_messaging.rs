@@ -20,65 +20,47 @@ const IOS_TOKEN: &str = "7a3f0c9e2b14d6a8e5f1c3b7d9a2e4f6b8c0d2e4f6a8b0c2d4e6f8a
 /// acme with FCM and APNs credentials and an app-then-SMS configuration.
 async fn app_first(story: &Story) -> String {
     let key = onboard(story, "acme").await;
-    let admin = token(AuthRole::Admin, Some("acme"));
-    let mut gateway = story.gateway().await;
-    let fcm = pb::FcmCredentials {
-        project_id: "acme-app".into(),
-        service_account_json: story
-            .google
-            .service_account("fcm@acme-app.iam.gserviceaccount.com"),
-    };
-    let apns = pb::ApnsCredentials {
-        team_id: APNS_TEAM_ID.into(),
-        key_id: APNS_KEY_ID.into(),
-        private_key_pem: story.apns.private_key_pem().into(),
-        topic: APNS_TOPIC.into(),
-    };
-    for (provider, credentials) in [
-        (pb::Provider::Fcm, Credentials::Fcm(fcm)),
-        (pb::Provider::Apns, Credentials::Apns(apns)),
-    ] {
-        gateway
-            .put_provider_credentials(authed(
-                pb::PutProviderCredentialsRequest {
-                    account_id: "acme".into(),
-                    provider: provider as i32,
-                    credentials: Some(credentials),
-                },
-                &admin,
-            ))
-            .await
-            .expect("push credentials");
-    }
     story
-        .config()
-        .await
-        .update_handoff_config(authed(
-            pb::UpdateHandoffConfigRequest {
-                account_id: "acme".into(),
-                config: Some(pb::HandoffConfig {
-                    handoff_config_id: "billing".into(),
-                    name: "Billing queue".into(),
-                    skill_id: "billing-agents".into(),
-                    channel_priority: vec![Channel::AppMessaging as i32, Channel::Sms as i32],
-                    messages: vec![
-                        pb::ChannelMessage {
-                            channel: Channel::AppMessaging as i32,
-                            text: "{{first_name}}, tap to chat with us about {{topic}}.".into(),
-                        },
-                        pb::ChannelMessage {
-                            channel: Channel::Sms as i32,
-                            text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
-                        },
-                    ],
-                    version: 1,
-                    ..Default::default()
-                }),
+        .put_credentials(
+            "acme",
+            Credentials::Fcm(pb::FcmCredentials {
+                project_id: "acme-app".into(),
+                service_account_json: story
+                    .google
+                    .service_account("fcm@acme-app.iam.gserviceaccount.com"),
+            }),
+        )
+        .await;
+    story
+        .put_credentials(
+            "acme",
+            Credentials::Apns(pb::ApnsCredentials {
+                team_id: APNS_TEAM_ID.into(),
+                key_id: APNS_KEY_ID.into(),
+                private_key_pem: story.apns.private_key_pem().into(),
+                topic: APNS_TOPIC.into(),
+            }),
+        )
+        .await;
+    story
+        .reconfigure_billing(
+            "acme",
+            pb::HandoffConfig {
+                channel_priority: vec![Channel::AppMessaging as i32, Channel::Sms as i32],
+                messages: vec![
+                    pb::ChannelMessage {
+                        channel: Channel::AppMessaging as i32,
+                        text: "{{first_name}}, tap to chat with us about {{topic}}.".into(),
+                    },
+                    pb::ChannelMessage {
+                        channel: Channel::Sms as i32,
+                        text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
+                    },
+                ],
+                ..Default::default()
             },
-            &admin,
-        ))
-        .await
-        .expect("configuration");
+        )
+        .await;
     key
 }
 

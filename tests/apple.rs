@@ -5,10 +5,9 @@
 use std::time::Duration;
 
 use c2m_proto::v1::{self as pb, Channel, HandoffStatus};
-use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::eventually;
 
-use crate::story::{Options, Story, Topology, authed, handoff_request, onboard, token};
+use crate::story::{Options, Story, Topology, handoff_request, onboard};
 
 const PHONE: &str = "+14155550190";
 const BUSINESS_ID: &str = "3f5a1c2e-7b9d-4e6f-8a0b-1c2d3e4f5a6b";
@@ -16,38 +15,28 @@ const BUSINESS_ID: &str = "3f5a1c2e-7b9d-4e6f-8a0b-1c2d3e4f5a6b";
 async fn apple_first(story: &Story) -> String {
     let key = onboard(story, "acme").await;
     story
-        .config()
-        .await
-        .update_handoff_config(authed(
-            pb::UpdateHandoffConfigRequest {
-                account_id: "acme".into(),
-                config: Some(pb::HandoffConfig {
-                    handoff_config_id: "billing".into(),
-                    name: "Billing queue".into(),
-                    skill_id: "billing-agents".into(),
-                    channel_priority: vec![Channel::AppleMessages as i32, Channel::Sms as i32],
-                    messages: vec![
-                        pb::ChannelMessage {
-                            channel: Channel::AppleMessages as i32,
-                            text: "Hi {{first_name}}, chat with us in Messages:".into(),
-                        },
-                        pb::ChannelMessage {
-                            channel: Channel::Sms as i32,
-                            text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
-                        },
-                    ],
-                    apple_business_id: BUSINESS_ID.into(),
-                    apple_intent_id: "billing".into(),
-                    apple_group_id: "tier 1".into(),
-                    apple_body: "About {{topic}}".into(),
-                    version: 1,
-                    ..Default::default()
-                }),
+        .reconfigure_billing(
+            "acme",
+            pb::HandoffConfig {
+                channel_priority: vec![Channel::AppleMessages as i32, Channel::Sms as i32],
+                messages: vec![
+                    pb::ChannelMessage {
+                        channel: Channel::AppleMessages as i32,
+                        text: "Hi {{first_name}}, chat with us in Messages:".into(),
+                    },
+                    pb::ChannelMessage {
+                        channel: Channel::Sms as i32,
+                        text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
+                    },
+                ],
+                apple_business_id: BUSINESS_ID.into(),
+                apple_intent_id: "billing".into(),
+                apple_group_id: "tier 1".into(),
+                apple_body: "About {{topic}}".into(),
+                ..Default::default()
             },
-            &token(AuthRole::Admin, Some("acme")),
-        ))
-        .await
-        .expect("configuration");
+        )
+        .await;
     key
 }
 

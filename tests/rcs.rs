@@ -53,50 +53,35 @@ async fn rcs_first(story: &Story) -> String {
             .field,
         "google_rbm.service_account_json"
     );
-    gateway
-        .put_provider_credentials(authed(
-            pb::PutProviderCredentialsRequest {
-                account_id: "acme".into(),
-                provider: pb::Provider::GoogleRbm as i32,
-                credentials: Some(Credentials::GoogleRbm(pb::GoogleRbmCredentials {
-                    agent_id: AGENT_ID.into(),
-                    service_account_json: service_account,
-                    client_token: CLIENT_TOKEN.into(),
-                })),
-            },
-            &admin,
-        ))
-        .await
-        .expect("rbm credentials");
     story
-        .config()
-        .await
-        .update_handoff_config(authed(
-            pb::UpdateHandoffConfigRequest {
-                account_id: "acme".into(),
-                config: Some(pb::HandoffConfig {
-                    handoff_config_id: "billing".into(),
-                    name: "Billing queue".into(),
-                    skill_id: "billing-agents".into(),
-                    channel_priority: vec![Channel::Rcs as i32, Channel::Sms as i32],
-                    messages: vec![
-                        pb::ChannelMessage {
-                            channel: Channel::Rcs as i32,
-                            text: "Hi {{first_name}}, chat with us here about {{topic}}.".into(),
-                        },
-                        pb::ChannelMessage {
-                            channel: Channel::Sms as i32,
-                            text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
-                        },
-                    ],
-                    version: 1,
-                    ..Default::default()
-                }),
+        .put_credentials(
+            "acme",
+            Credentials::GoogleRbm(pb::GoogleRbmCredentials {
+                agent_id: AGENT_ID.into(),
+                service_account_json: service_account,
+                client_token: CLIENT_TOKEN.into(),
+            }),
+        )
+        .await;
+    story
+        .reconfigure_billing(
+            "acme",
+            pb::HandoffConfig {
+                channel_priority: vec![Channel::Rcs as i32, Channel::Sms as i32],
+                messages: vec![
+                    pb::ChannelMessage {
+                        channel: Channel::Rcs as i32,
+                        text: "Hi {{first_name}}, chat with us here about {{topic}}.".into(),
+                    },
+                    pb::ChannelMessage {
+                        channel: Channel::Sms as i32,
+                        text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
+                    },
+                ],
+                ..Default::default()
             },
-            &admin,
-        ))
-        .await
-        .expect("configuration");
+        )
+        .await;
     story.google.add_rcs_phone(RCS_PHONE);
     key
 }

@@ -113,21 +113,15 @@ async fn rcs_and_whatsapp_play_in_the_sandbox_too() {
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
     let admin = token(AuthRole::Admin, Some("acme"));
-    let mut gateway = story.gateway().await;
-    gateway
-        .put_provider_credentials(authed(
-            pb::PutProviderCredentialsRequest {
-                account_id: "acme".into(),
-                provider: pb::Provider::Sandbox as i32,
-                credentials: Some(Credentials::Sandbox(pb::SandboxCredentials {
-                    reply_text: "Yes please".into(),
-                    fail_delivery: false,
-                })),
-            },
-            &admin,
-        ))
-        .await
-        .expect("sandbox on");
+    story
+        .put_credentials(
+            "acme",
+            Credentials::Sandbox(pb::SandboxCredentials {
+                reply_text: "Yes please".into(),
+                fail_delivery: false,
+            }),
+        )
+        .await;
     let mut config = story.config().await;
     config
         .create_whats_app_template(authed(

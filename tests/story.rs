@@ -502,3 +502,51 @@ impl Story {
             .into_inner()
     }
 }
+
+impl Story {
+    /// An admin of `account_id` stores credentials for the provider they are for.
+    pub async fn put_credentials(&self, account_id: &str, credentials: Credentials) {
+        let provider = match &credentials {
+            Credentials::Twilio(_) => pb::Provider::Twilio,
+            Credentials::MetaWhatsapp(_) => pb::Provider::MetaWhatsapp,
+            Credentials::GoogleRbm(_) => pb::Provider::GoogleRbm,
+            Credentials::Fcm(_) => pb::Provider::Fcm,
+            Credentials::Apns(_) => pb::Provider::Apns,
+            Credentials::Sandbox(_) => pb::Provider::Sandbox,
+        };
+        self.gateway()
+            .await
+            .put_provider_credentials(authed(
+                pb::PutProviderCredentialsRequest {
+                    account_id: account_id.to_owned(),
+                    provider: provider as i32,
+                    credentials: Some(credentials),
+                },
+                &token(AuthRole::Admin, Some(account_id)),
+            ))
+            .await
+            .unwrap_or_else(|s| panic!("{} credentials stored: {s}", provider.as_str_name()));
+    }
+
+    /// An admin rewrites `onboard`'s "billing" configuration (still routing to billing-agents)
+    /// with `changes`: its channels, messages and channel settings.
+    pub async fn reconfigure_billing(&self, account_id: &str, changes: pb::HandoffConfig) {
+        self.config()
+            .await
+            .update_handoff_config(authed(
+                pb::UpdateHandoffConfigRequest {
+                    account_id: account_id.to_owned(),
+                    config: Some(pb::HandoffConfig {
+                        handoff_config_id: "billing".into(),
+                        name: "Billing queue".into(),
+                        skill_id: "billing-agents".into(),
+                        version: 1,
+                        ..changes
+                    }),
+                },
+                &token(AuthRole::Admin, Some(account_id)),
+            ))
+            .await
+            .expect("configuration updated");
+    }
+}

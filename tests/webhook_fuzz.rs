@@ -3,10 +3,9 @@
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use c2m_proto::v1::{self as pb, put_provider_credentials_request::Credentials};
-use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::{goog_signature, meta_signature, twilio_signature};
 
-use crate::story::{Story, TWILIO_TOKEN, Topology, authed, onboard, token};
+use crate::story::{Story, TWILIO_TOKEN, Topology, onboard};
 
 /// A small deterministic generator (SplitMix64): random inputs, reproducible failures.
 struct Rng(u64);
@@ -43,42 +42,28 @@ async fn webhooks_answer_arbitrary_bytes_with_2xx_or_4xx() {
     let story = Story::start(Topology::Dev).await;
     onboard(&story, "acme").await;
     story
-        .gateway()
-        .await
-        .put_provider_credentials(authed(
-            pb::PutProviderCredentialsRequest {
-                account_id: "acme".into(),
-                provider: pb::Provider::MetaWhatsapp as i32,
-                credentials: Some(Credentials::MetaWhatsapp(pb::MetaWhatsAppCredentials {
-                    phone_number_id: "1065".into(),
-                    access_token: "t".into(),
-                    app_secret: "s".into(),
-                    verify_token: "v".into(),
-                })),
-            },
-            &token(AuthRole::Admin, Some("acme")),
-        ))
-        .await
-        .expect("meta credentials");
+        .put_credentials(
+            "acme",
+            Credentials::MetaWhatsapp(pb::MetaWhatsAppCredentials {
+                phone_number_id: "1065".into(),
+                access_token: "t".into(),
+                app_secret: "s".into(),
+                verify_token: "v".into(),
+            }),
+        )
+        .await;
     story
-        .gateway()
-        .await
-        .put_provider_credentials(authed(
-            pb::PutProviderCredentialsRequest {
-                account_id: "acme".into(),
-                provider: pb::Provider::GoogleRbm as i32,
-                credentials: Some(Credentials::GoogleRbm(pb::GoogleRbmCredentials {
-                    agent_id: "agent".into(),
-                    service_account_json: story
-                        .google
-                        .service_account("rbm@acme.iam.gserviceaccount.com"),
-                    client_token: "ct".into(),
-                })),
-            },
-            &token(AuthRole::Admin, Some("acme")),
-        ))
-        .await
-        .expect("rbm credentials");
+        .put_credentials(
+            "acme",
+            Credentials::GoogleRbm(pb::GoogleRbmCredentials {
+                agent_id: "agent".into(),
+                service_account_json: story
+                    .google
+                    .service_account("rbm@acme.iam.gserviceaccount.com"),
+                client_token: "ct".into(),
+            }),
+        )
+        .await;
     let http = reqwest::Client::new();
     let twilio_status = format!("{}/webhooks/twilio/acme/status", story.webhooks);
     let twilio_inbound = format!("{}/webhooks/twilio/acme/inbound", story.webhooks);

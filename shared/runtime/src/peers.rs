@@ -64,12 +64,15 @@ impl PeerSettings {
 /// How long one minted service token is reused (it is valid for five minutes).
 const TOKEN_REUSE: Duration = Duration::from_secs(60);
 
+/// An `authorization` header and when it was minted.
+type Minted = Option<(MetadataValue<Ascii>, Instant)>;
+
 /// Adds this service's token to every outgoing call, minting one a minute rather than one a call.
 #[derive(Debug, Clone)]
 pub struct ServiceAuth {
     key: TokenKey,
     name: &'static str,
-    minted: Arc<Mutex<Option<(MetadataValue<Ascii>, Instant)>>>,
+    minted: Arc<Mutex<Minted>>,
 }
 
 impl ServiceAuth {
