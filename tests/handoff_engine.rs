@@ -314,6 +314,14 @@ async fn without_redis_handoffs_go_on_within_the_replica_share_and_exact_limits_
         crate::grpc::health(&channel, "c2m.v1.HandoffService").await,
         ServingStatus::Serving
     );
+    // The metrics say so too.
+    let metrics = || story.metrics();
+    assert!(
+        metrics()
+            .await
+            .contains("c2m_redis_degraded{service=\"handoff\"} 1\n"),
+        "degraded while redis is down"
+    );
 
     // Redis returns (empty: it keeps nothing on disk). Once a decision is made there again...
     let redis = RedisServer::start_on(port);
@@ -357,6 +365,31 @@ async fn without_redis_handoffs_go_on_within_the_replica_share_and_exact_limits_
     .await;
     // ...the limit is the account's whole limit again, exact across replicas.
     assert_eq!(burst(&handoff, "globex", &globex, "back").await, (30, 10));
+    let text = metrics().await;
+    assert!(
+        text.contains("c2m_redis_degraded{service=\"handoff\"} 0\n"),
+        "{text}"
+    );
+    // Every answer counted: two bursts of 40 and the probes, 15 + 30 of the bursts sent and
+    // 25 + 10 refused (a probe may be either).
+    let count = |series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let answers: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("c2m_handoffs_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(answers, 80 + probe, "{text}");
+    let refused = count("c2m_handoffs_total{status=\"ResourceExhausted\",channel=\"\"}");
+    let sent = count("c2m_handoffs_total{status=\"HANDOFF_STATUS_SENT\",channel=\"CHANNEL_SMS\"}");
+    assert!(
+        refused >= 35 && sent >= 45 && refused + sent == answers,
+        "{text}"
+    );
     story.stop().await;
 }
 

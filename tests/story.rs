@@ -550,3 +550,17 @@ impl Story {
             .expect("configuration updated");
     }
 }
+
+impl Story {
+    /// `GET /metrics` on the first server (the whole process in the Dev topology).
+    pub async fn metrics(&self) -> String {
+        let url = format!("{}/metrics", self.servers[0].endpoint());
+        let response = reqwest::get(&url).await.expect("metrics answered");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        response.text().await.expect("text")
+    }
+}

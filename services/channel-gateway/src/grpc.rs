@@ -5,7 +5,7 @@ use c2m_proto::v1::{
     channel_gateway_service_server::ChannelGatewayService,
     put_provider_credentials_request::Credentials,
 };
-use c2m_runtime::{auth::Role, is_e164, mask_phone, status::FieldViolations};
+use c2m_runtime::{auth::Role, is_e164, mask_phone, metrics, status::FieldViolations};
 use chrono::Utc;
 use prost::Message;
 use tonic::{Request, Response, Status};
@@ -244,6 +244,20 @@ impl ChannelGatewayService for Service {
         {
             tracing::warn!(%status, "opt-out from twilio 21610 not recorded");
         }
+        metrics::inc(
+            "c2m_provider_sends_total",
+            "Messages handed to a provider, by channel and outcome (accepted, or the error code).",
+            &[
+                ("channel", channel.as_str_name()),
+                (
+                    "outcome",
+                    match &outcome {
+                        SendOutcome::Accepted { .. } => "accepted",
+                        SendOutcome::Failed { code, .. } => code,
+                    },
+                ),
+            ],
+        );
         let now = Utc::now();
         let (stage, provider_id, error_code, error_message) = match outcome {
             SendOutcome::Accepted { sid } => (FunnelStage::Sent, Some(sid), None, None),

@@ -131,6 +131,7 @@ impl Gate {
                         .unwrap_or_else(|p| p.into_inner());
                     if skip.take().is_some() {
                         tracing::info!("redis is back: exact limits again");
+                        degraded(false);
                     }
                     return decision;
                 }
@@ -141,6 +142,7 @@ impl Gate {
                         .unwrap_or_else(|p| p.into_inner());
                     if skip.is_none() {
                         tracing::warn!(%error, "redis unavailable: deciding in this replica (degraded)");
+                        degraded(true);
                     }
                     *skip = Some(Instant::now() + BREAKER);
                 }
@@ -189,4 +191,14 @@ impl Gate {
         };
         Ok(Decision { passage, at_us })
     }
+}
+
+/// `c2m_redis_degraded{service="handoff"}`: 1 while this replica decides without Redis.
+fn degraded(yes: bool) {
+    c2m_runtime::metrics::set(
+        "c2m_redis_degraded",
+        "1 while the service works without Redis (per-replica limits and leases), else 0.",
+        &[("service", "handoff")],
+        if yes { 1.0 } else { 0.0 },
+    );
 }

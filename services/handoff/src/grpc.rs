@@ -4,7 +4,7 @@ use c2m_proto::v1::{
     self as pb, AttemptOutcome, Channel, FunnelStage, HandoffStatus,
     handoff_service_server::HandoffService,
 };
-use c2m_runtime::{auth, ids, mask_phone, status};
+use c2m_runtime::{auth, ids, mask_phone, metrics, status};
 use c2m_storage::outbox;
 use chrono::Utc;
 use sha2::{Digest, Sha256};
@@ -476,12 +476,34 @@ impl HandoffService for Service {
         &self,
         request: Request<pb::CreateHandoffRequest>,
     ) -> Result<Response<pb::CreateHandoffResponse>, Status> {
-        self.authenticate(request.metadata(), &request.get_ref().account_id)
-            .await?;
-        let (deflection, key) = Deflection::from_create(request.get_ref())?;
-        let handoff = self.create(deflection, key).await?;
+        let started = std::time::Instant::now();
+        let created = async {
+            self.authenticate(request.metadata(), &request.get_ref().account_id)
+                .await?;
+            let (deflection, key) = Deflection::from_create(request.get_ref())?;
+            self.create(deflection, key).await
+        }
+        .await;
+        let (status, channel) = match &created {
+            Ok(h) => (
+                h.status.as_str_name().to_owned(),
+                h.channel.map_or("", |c| c.as_str_name()),
+            ),
+            Err(refusal) => (format!("{:?}", refusal.code()), ""),
+        };
+        metrics::inc(
+            "c2m_handoffs_total",
+            "CreateHandoff answers, by handoff status (or the gRPC code of a refusal) and channel.",
+            &[("status", &status), ("channel", channel)],
+        );
+        metrics::observe(
+            "c2m_handoff_duration_seconds",
+            "How long CreateHandoff took, the caller waiting on the line.",
+            &[],
+            started.elapsed(),
+        );
         Ok(Response::new(pb::CreateHandoffResponse {
-            handoff: Some(handoff.to_wire(None)),
+            handoff: Some(created?.to_wire(None)),
         }))
     }
 

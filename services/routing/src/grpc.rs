@@ -5,12 +5,23 @@ use c2m_runtime::{auth::Role, mask_phone, status::FieldViolations};
 use c2m_storage::outbox;
 use prost::Message;
 use redis::AsyncCommands;
+use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
 use crate::{
     Service,
     conversations::{self, Inbound, RouteError},
 };
+
+/// `c2m_redis_degraded{service="routing"}`: 1 while lease writes skip Redis.
+fn degraded(yes: bool) {
+    c2m_runtime::metrics::set(
+        "c2m_redis_degraded",
+        "1 while the service works without Redis (per-replica limits and leases), else 0.",
+        &[("service", "routing")],
+        if yes { 1.0 } else { 0.0 },
+    );
+}
 
 /// Replies count within this many hours when the account's setting cannot be read.
 const DEFAULT_LOOKBACK_HOURS: u32 = 24;
@@ -25,19 +36,49 @@ fn required(violations: &mut FieldViolations, field: &str, value: &str) {
     }
 }
 
+/// How long an open-conversation lease lives without being written again. PostgreSQL holds the
+/// fact; the lease only spares Handoff the read. It expires so that one Redis could not delete
+/// (the conversation closed while Redis was away) stops blocking the consumer within this time.
+const LEASE_TTL_SECS: u64 = 15 * 60;
+/// How long lease writes are skipped after Redis failed.
+const BREAKER: Duration = Duration::from_secs(1);
+
 impl Service {
     async fn set_lease(&self, account_id: &str, consumer: &str, conversation_id: Option<&str>) {
+        let skipping = self
+            .skip_redis_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| Instant::now() < until);
+        if skipping {
+            return;
+        }
         let key = self.lease_key(account_id, consumer);
         let result = match self.redis.connection().await {
             Ok(mut redis) => match conversation_id {
-                Some(id) => redis.set::<_, _, ()>(&key, id).await,
+                Some(id) => redis.set_ex::<_, _, ()>(&key, id, LEASE_TTL_SECS).await,
                 None => redis.del::<_, ()>(&key).await,
             },
             Err(error) => Err(error),
         };
-        // PostgreSQL holds the fact; a missed lease only costs a database read later.
-        if let Err(error) = result {
-            tracing::warn!(%error, consumer = %mask_phone(consumer), "open-conversation lease not updated");
+        let mut skip = self
+            .skip_redis_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(()) => {
+                if skip.take().is_some() {
+                    tracing::info!("redis is back: open-conversation leases written again");
+                    degraded(false);
+                }
+            }
+            Err(error) => {
+                if skip.is_none() {
+                    tracing::warn!(%error, consumer = %mask_phone(consumer), "redis unavailable: open-conversation leases not written (PostgreSQL still decides)");
+                    degraded(true);
+                }
+                *skip = Some(Instant::now() + BREAKER);
+            }
         }
     }
 

@@ -10,6 +10,11 @@
 mod conversations;
 mod grpc;
 
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
 use c2m_proto::v1::routing_service_server::RoutingServiceServer;
 use c2m_runtime::{Component, auth::TokenKey, peers::Peers};
 use c2m_storage::{RedisHandle, ServiceDb, outbox::Relay};
@@ -29,6 +34,9 @@ pub struct Service {
     peers: Peers,
     key: TokenKey,
     relay: Relay,
+    /// Set when Redis failed: lease writes are skipped until then, so a dead Redis costs a
+    /// caller one timeout a second at most rather than one per request.
+    skip_redis_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Service {
@@ -40,6 +48,7 @@ impl Service {
             peers,
             key,
             relay,
+            skip_redis_until: Arc::default(),
         }
     }
 

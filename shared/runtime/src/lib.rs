@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cache;
 pub mod health;
 pub mod ids;
+pub mod metrics;
 pub mod peers;
 pub mod phone;
 pub mod server;

@@ -190,7 +190,10 @@ pub async fn run(
             tracing::info!(%addr, "draining in-flight requests");
         }
     };
-    let mut router = routes.routes().into_axum_router();
+    let mut router = routes
+        .routes()
+        .into_axum_router()
+        .merge(crate::metrics::router());
     for extra in http {
         router = router.merge(extra);
     }
