@@ -622,3 +622,21 @@ async fn free_form_text_goes_only_inside_the_customer_service_window() {
     assert_eq!(story.meta.sent().len(), 2);
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meta_throughput_errors_are_retried_before_falling_back() {
+    let story = Story::start(Topology::Dev).await;
+    let key = whatsapp_first(&story).await;
+    // Meta's number is at its throughput twice, then takes the message.
+    story.meta.throttle_next(2);
+    let sent = story.deflect(request("+14155550421", "tp-1"), &key).await;
+    assert_eq!(sent.channel, Channel::Whatsapp as i32);
+    assert_eq!((story.meta.requests(), story.meta.sent().len()), (3, 1));
+    // Past the retries the attempt fails with Meta's code and SMS takes the message.
+    story.meta.throttle_next(3);
+    let fallback = story.deflect(request("+14155550422", "tp-2"), &key).await;
+    assert_eq!(fallback.channel, Channel::Sms as i32);
+    assert_eq!(fallback.attempts[0].error_code, "130429");
+    assert_eq!((story.meta.requests(), story.meta.sent().len()), (6, 1));
+    story.stop().await;
+}

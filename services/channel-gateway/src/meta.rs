@@ -8,6 +8,9 @@ use sha2::Sha256;
 
 use crate::twilio::SendOutcome;
 
+/// Meta's "rate limit hit": the business number's throughput is spent for the moment.
+const THROUGHPUT_LIMIT: i64 = 130_429;
+
 /// `POST {base}/{version}/{phone-number-id}/messages` with the access token as a bearer: a
 /// template message (how a business starts a conversation) or, inside the customer-service
 /// window, text.
@@ -52,23 +55,33 @@ pub async fn send(
             "text": { "body": text },
         }),
     };
-    let response = match crate::retry::send(|| {
-        http.post(&url)
-            .bearer_auth(&credentials.access_token)
-            .json(&body)
-    })
-    .await
-    {
-        Ok(response) => response,
-        Err(error) => {
-            return SendOutcome::Failed {
-                code: "unreachable".into(),
-                message: format!("meta unreachable: {error}"),
-            };
+    // Meta reports its throughput limit (130429) in the error body, whatever the HTTP status: a
+    // refused message was not sent, so it is tried again like a 429, at most twice.
+    let mut throttled = 0;
+    let (status, value) = loop {
+        let response = match crate::retry::send(|| {
+            http.post(&url)
+                .bearer_auth(&credentials.access_token)
+                .json(&body)
+        })
+        .await
+        {
+            Ok(response) => response,
+            Err(error) => {
+                return SendOutcome::Failed {
+                    code: "unreachable".into(),
+                    message: format!("meta unreachable: {error}"),
+                };
+            }
+        };
+        let status = response.status();
+        let value: serde_json::Value = response.json().await.unwrap_or_default();
+        if value["error"]["code"].as_i64() != Some(THROUGHPUT_LIMIT) || throttled == 2 {
+            break (status, value);
         }
+        tokio::time::sleep(crate::retry::backoff(throttled)).await;
+        throttled += 1;
     };
-    let status = response.status();
-    let value: serde_json::Value = response.json().await.unwrap_or_default();
     if let Some(id) = value["messages"][0]["id"]
         .as_str()
         .filter(|_| status.is_success())

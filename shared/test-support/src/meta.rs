@@ -31,6 +31,8 @@ struct Inner {
     tokens: HashMap<String, String>,
     sent: Vec<SentWhatsApp>,
     refuse_next: Option<(u16, i64, String)>,
+    throttle_next: usize,
+    requests: usize,
     counter: u64,
 }
 
@@ -67,6 +69,7 @@ async fn messages(
     body: Bytes,
 ) -> Response {
     let mut inner = inner.lock().expect("emulator state");
+    inner.requests += 1;
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -86,6 +89,14 @@ async fn messages(
                 && body["template"]["language"]["code"].is_string() => {}
         Some("text") if body["text"]["body"].is_string() => {}
         _ => return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter"),
+    }
+    if inner.throttle_next > 0 {
+        inner.throttle_next -= 1;
+        return graph_error(
+            StatusCode::BAD_REQUEST,
+            130_429,
+            "(#130429) Rate limit hit: Cloud API message throughput has been reached.",
+        );
     }
     if let Some((status, code, message)) = inner.refuse_next.take() {
         return graph_error(
@@ -164,6 +175,16 @@ impl MetaEmulator {
     pub fn refuse_next(&self, http_status: u16, code: i64, message: &str) {
         self.inner.lock().expect("emulator state").refuse_next =
             Some((http_status, code, message.into()));
+    }
+
+    /// Answers the next `times` sends with Meta's throughput error (HTTP 400, code 130429).
+    pub fn throttle_next(&self, times: usize) {
+        self.inner.lock().expect("emulator state").throttle_next = times;
+    }
+
+    /// Every send request, accepted or not.
+    pub fn requests(&self) -> usize {
+        self.inner.lock().expect("emulator state").requests
     }
 
     pub fn sent(&self) -> Vec<SentWhatsApp> {
