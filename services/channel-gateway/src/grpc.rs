@@ -3,20 +3,15 @@
 use c2m_proto::v1::{
     self as pb, Channel, FunnelStage, Provider,
     channel_gateway_service_server::ChannelGatewayService,
-    put_provider_credentials_request::Credentials,
 };
 use c2m_runtime::{auth::Role, is_e164, mask_phone, metrics, status::FieldViolations};
 use chrono::Utc;
-use prost::Message;
 use tonic::{Request, Response, Status};
 
 use crate::{
     Service,
     channels::Capability,
-    credentials, devices,
-    google::ServiceAccount,
-    jwt::Es256,
-    lookup,
+    credentials, devices, lookup,
     messages::{self, Outbound},
     twilio::SendOutcome,
     window,
@@ -24,36 +19,6 @@ use crate::{
 
 fn db_status(error: sqlx::Error) -> Status {
     c2m_storage::postgres::db_status("gateway", error)
-}
-
-fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {
-    if !(t.account_sid.starts_with("AC") && t.account_sid.len() == 34) {
-        v.add(
-            "twilio.account_sid",
-            "an Account SID: AC and 32 hex characters",
-        );
-    }
-    if t.auth_token.is_empty() {
-        v.add("twilio.auth_token", "required");
-    }
-    match (t.from_number.is_empty(), t.messaging_service_sid.is_empty()) {
-        (true, true) => v.add(
-            "twilio.from_number",
-            "one of from_number or messaging_service_sid is required",
-        ),
-        (false, false) => v.add(
-            "twilio.messaging_service_sid",
-            "give from_number or messaging_service_sid, not both",
-        ),
-        (false, true) if !is_e164(&t.from_number) => {
-            v.add("twilio.from_number", "an E.164 number, e.g. +14155550100")
-        }
-        (true, false) if !t.messaging_service_sid.starts_with("MG") => v.add(
-            "twilio.messaging_service_sid",
-            "a Messaging Service SID starts with MG",
-        ),
-        _ => {}
-    }
 }
 
 #[tonic::async_trait]
@@ -66,76 +31,7 @@ impl ChannelGatewayService for Service {
         let r = request.into_inner();
         caller.authorize(&r.account_id, Role::Admin)?;
         let mut violations = FieldViolations::new();
-        let (provider, plaintext) = match &r.credentials {
-            Some(Credentials::Twilio(t)) => {
-                validate_twilio(t, &mut violations);
-                (Provider::Twilio, t.encode_to_vec())
-            }
-            Some(Credentials::MetaWhatsapp(m)) => {
-                if m.phone_number_id.is_empty()
-                    || !m.phone_number_id.bytes().all(|b| b.is_ascii_digit())
-                {
-                    violations.add(
-                        "meta_whatsapp.phone_number_id",
-                        "the numeric phone number id",
-                    );
-                }
-                for (field, value) in [
-                    ("meta_whatsapp.access_token", &m.access_token),
-                    ("meta_whatsapp.app_secret", &m.app_secret),
-                    ("meta_whatsapp.verify_token", &m.verify_token),
-                ] {
-                    if value.is_empty() {
-                        violations.add(field, "required");
-                    }
-                }
-                (Provider::MetaWhatsapp, m.encode_to_vec())
-            }
-            Some(Credentials::Sandbox(sandbox)) => (Provider::Sandbox, sandbox.encode_to_vec()),
-            Some(Credentials::GoogleRbm(g)) => {
-                if g.agent_id.is_empty() {
-                    violations.add("google_rbm.agent_id", "required");
-                }
-                if let Err(why) = ServiceAccount::parse(&g.service_account_json) {
-                    violations.add("google_rbm.service_account_json", why);
-                }
-                if g.client_token.is_empty() {
-                    violations.add(
-                        "google_rbm.client_token",
-                        "required: it verifies RBM's webhooks",
-                    );
-                }
-                (Provider::GoogleRbm, g.encode_to_vec())
-            }
-            Some(Credentials::Fcm(f)) => {
-                if f.project_id.is_empty() {
-                    violations.add("fcm.project_id", "required");
-                }
-                if let Err(why) = ServiceAccount::parse(&f.service_account_json) {
-                    violations.add("fcm.service_account_json", why);
-                }
-                (Provider::Fcm, f.encode_to_vec())
-            }
-            Some(Credentials::Apns(a)) => {
-                if a.team_id.len() != 10 {
-                    violations.add("apns.team_id", "the 10-character Team ID");
-                }
-                if a.key_id.len() != 10 {
-                    violations.add("apns.key_id", "the 10-character Key ID");
-                }
-                if let Err(why) = Es256::from_pem(&a.private_key_pem) {
-                    violations.add("apns.private_key_pem", format!("the .p8 key: {why}"));
-                }
-                if a.topic.is_empty() {
-                    violations.add("apns.topic", "required: the app's bundle id");
-                }
-                (Provider::Apns, a.encode_to_vec())
-            }
-            None => {
-                violations.add("credentials", "required");
-                (Provider::Unspecified, Vec::new())
-            }
-        };
+        let (provider, plaintext) = credentials::validated(r.credentials.as_ref(), &mut violations);
         if r.provider != Provider::Unspecified as i32 && r.provider != provider as i32 {
             violations.add("provider", "does not match the credentials given");
         }
