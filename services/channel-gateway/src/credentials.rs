@@ -143,36 +143,6 @@ pub async fn open(
     sealer.open(account_id, provider, &sealed)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sealed_credentials_open_only_for_their_account_and_key() {
-        let sealer = Sealer::new(&[7; 32]);
-        let sealed = sealer.seal("acme", Provider::Twilio, b"token");
-        assert!(
-            !sealed.windows(5).any(|w| w == b"token"),
-            "plaintext leaked"
-        );
-        assert_eq!(
-            sealer.open("acme", Provider::Twilio, &sealed).unwrap(),
-            b"token"
-        );
-        assert!(sealer.open("globex", Provider::Twilio, &sealed).is_err());
-        assert!(
-            sealer
-                .open("acme", Provider::MetaWhatsapp, &sealed)
-                .is_err()
-        );
-        assert!(
-            Sealer::new(&[8; 32])
-                .open("acme", Provider::Twilio, &sealed)
-                .is_err()
-        );
-    }
-}
-
 fn validate_twilio(t: &pb::TwilioCredentials, v: &mut FieldViolations) {
     if !(t.account_sid.starts_with("AC") && t.account_sid.len() == 34) {
         v.add(
@@ -277,5 +247,35 @@ pub fn validated(
             violations.add("credentials", "required");
             (Provider::Unspecified, Vec::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_credentials_open_only_for_their_account_and_key() {
+        let sealer = Sealer::new(&[7; 32]);
+        let sealed = sealer.seal("acme", Provider::Twilio, b"token");
+        assert!(
+            !sealed.windows(5).any(|w| w == b"token"),
+            "plaintext leaked"
+        );
+        assert_eq!(
+            sealer.open("acme", Provider::Twilio, &sealed).unwrap(),
+            b"token"
+        );
+        assert!(sealer.open("globex", Provider::Twilio, &sealed).is_err());
+        assert!(
+            sealer
+                .open("acme", Provider::MetaWhatsapp, &sealed)
+                .is_err()
+        );
+        assert!(
+            Sealer::new(&[8; 32])
+                .open("acme", Provider::Twilio, &sealed)
+                .is_err()
+        );
     }
 }
