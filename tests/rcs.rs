@@ -333,3 +333,37 @@ async fn a_message_rbm_revokes_undelivered_falls_back_to_sms() {
     assert_eq!(story.twilio.sent().len(), 1);
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_google_refuses_falls_back_to_sms_naming_why() {
+    let story = Story::start(Topology::Dev).await;
+    let key = rcs_first(&story).await;
+    // A key file whose account Google does not know (revoked, or from another project): the
+    // token endpoint refuses the assertion.
+    let unknown = serde_json::json!({
+        "type": "service_account",
+        "private_key_id": "0123456789abcdef0123456789abcdef01234567",
+        "private_key": c2m_test_support::TEST_SERVICE_ACCOUNT_KEY,
+        "client_email": "revoked@acme-project.iam.gserviceaccount.com",
+    })
+    .to_string();
+    story
+        .put_credentials(
+            "acme",
+            Credentials::GoogleRbm(pb::GoogleRbmCredentials {
+                agent_id: AGENT_ID.into(),
+                service_account_json: unknown,
+                client_token: CLIENT_TOKEN.into(),
+            }),
+        )
+        .await;
+    let handoff = story
+        .deflect(handoff_request("acme", RCS_PHONE, "rcs-oauth"), &key)
+        .await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(handoff.channel, Channel::Sms as i32);
+    assert_eq!(handoff.attempts[0].channel, Channel::Rcs as i32);
+    assert_eq!(handoff.attempts[0].error_code, "oauth:invalid_grant");
+    assert!(story.google.rcs_sent().is_empty());
+    story.stop().await;
+}
