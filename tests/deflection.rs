@@ -11,7 +11,6 @@ use c2m::{Role, app};
 use c2m_proto::v1::handoff_service_client::HandoffServiceClient;
 use c2m_proto::v1::{self as pb, Channel, FunnelStage, HandoffStatus, TranscriptDirection};
 use c2m_runtime::auth::Role as AuthRole;
-use c2m_test_support::eventually_eq;
 use redis::AsyncCommands;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -205,28 +204,22 @@ async fn deflect_and_reply(topology: Topology) {
     assert_eq!(story.twilio.sent().len(), 1);
 
     // The funnel, by channel.
-    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
-        "CHANNEL_SMS".to_owned(),
-        [
-            ("FUNNEL_STAGE_ATTEMPTED", 2),
-            ("FUNNEL_STAGE_SENT", 1),
-            ("FUNNEL_STAGE_DELIVERED", 1),
-            ("FUNNEL_STAGE_RESPONDED", 1),
-            ("FUNNEL_STAGE_SKIPPED_OPEN_CONVERSATION", 1),
-            ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect(),
-    )]
-    .into();
-    eventually_eq(
-        "the funnel to count the journey",
-        Duration::from_secs(10),
-        &expected,
-        || funnel(&story, "acme"),
-    )
-    .await;
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[
+                    ("FUNNEL_STAGE_ATTEMPTED", 2),
+                    ("FUNNEL_STAGE_SENT", 1),
+                    ("FUNNEL_STAGE_DELIVERED", 1),
+                    ("FUNNEL_STAGE_RESPONDED", 1),
+                    ("FUNNEL_STAGE_SKIPPED_OPEN_CONVERSATION", 1),
+                    ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
+                ],
+            )],
+        )
+        .await;
     assert_eq!(
         funnel(&story, "globex").await,
         BTreeMap::new(),
@@ -412,19 +405,15 @@ async fn the_account_rate_limit_holds_across_replicas_and_only_for_that_account(
     assert_eq!(other.status, HandoffStatus::Sent as i32);
 
     // Rejected handoffs were never attempted.
-    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
-        "CHANNEL_SMS".to_owned(),
-        [
-            ("FUNNEL_STAGE_ATTEMPTED".to_owned(), 30),
-            ("FUNNEL_STAGE_SENT".to_owned(), 30),
-        ]
-        .into(),
-    )]
-    .into();
-    eventually_eq("acme's funnel", Duration::from_secs(10), &expected, || {
-        funnel(&story, "acme")
-    })
-    .await;
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[("FUNNEL_STAGE_ATTEMPTED", 30), ("FUNNEL_STAGE_SENT", 30)],
+            )],
+        )
+        .await;
 
     replica.stop().await.expect("drains cleanly");
     story.stop().await;

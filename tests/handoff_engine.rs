@@ -395,10 +395,7 @@ async fn without_redis_handoffs_go_on_within_the_replica_share_and_exact_limits_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_sends_nothing_and_counts_what_it_should() {
-    use std::collections::BTreeMap;
-
     use c2m_proto::v1 as pb;
-    use c2m_test_support::eventually_eq;
 
     use crate::story::funnel;
 
@@ -466,33 +463,27 @@ async fn every_refusal_sends_nothing_and_counts_what_it_should() {
     assert_eq!(refused.code(), Code::FailedPrecondition);
 
     assert!(story.twilio.sent().is_empty(), "nothing was sent");
-    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
-        "CHANNEL_SMS".to_owned(),
-        [
-            ("FUNNEL_STAGE_ATTEMPTED".to_owned(), 1),
-            ("FUNNEL_STAGE_FAILED".to_owned(), 1),
-            // Twilio's 21610 also records the opt-out.
-            ("FUNNEL_STAGE_OPTED_OUT".to_owned(), 1),
-        ]
-        .into(),
-    )]
-    .into();
-    eventually_eq("acme's funnel", Duration::from_secs(10), &expected, || {
-        funnel(&story, "acme")
-    })
-    .await;
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[
+                    ("FUNNEL_STAGE_ATTEMPTED", 1),
+                    ("FUNNEL_STAGE_FAILED", 1),
+                    // Twilio's 21610 also records the opt-out.
+                    ("FUNNEL_STAGE_OPTED_OUT", 1),
+                ],
+            )],
+        )
+        .await;
     assert!(funnel(&story, "globex").await.is_empty());
     story.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared() {
-    use std::collections::BTreeMap;
-
     use c2m_proto::v1::{self as pb, IneligibilityReason};
-    use c2m_test_support::eventually_eq;
-
-    use crate::story::funnel;
 
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
@@ -528,30 +519,26 @@ async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared
     assert!(check("+447400123456").await.eligible);
     assert_eq!(story.twilio.lookups(), ["+14155550601", "+14155550602"]);
 
-    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
-        "CHANNEL_SMS".to_owned(),
-        [
-            ("FUNNEL_STAGE_ATTEMPTED".to_owned(), 1),
-            ("FUNNEL_STAGE_REJECTED_LANDLINE".to_owned(), 1),
-        ]
-        .into(),
-    )]
-    .into();
-    eventually_eq("the funnel", Duration::from_secs(10), &expected, || {
-        funnel(&story, "acme")
-    })
-    .await;
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[
+                    ("FUNNEL_STAGE_ATTEMPTED", 1),
+                    ("FUNNEL_STAGE_REJECTED_LANDLINE", 1),
+                ],
+            )],
+        )
+        .await;
     story.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_who_said_stop_is_not_messaged_there_again() {
-    use std::collections::BTreeMap;
-
     use c2m_proto::v1::IneligibilityReason;
-    use c2m_test_support::eventually_eq;
 
-    use crate::story::{BRAND_NUMBER, TWILIO_SID, funnel};
+    use crate::story::{BRAND_NUMBER, TWILIO_SID};
 
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
@@ -590,21 +577,20 @@ async fn a_consumer_who_said_stop_is_not_messaged_there_again() {
     );
     assert!(story.twilio.sent().is_empty());
 
-    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
-        "CHANNEL_SMS".to_owned(),
-        [
-            ("FUNNEL_STAGE_ATTEMPTED".to_owned(), 2),
-            ("FUNNEL_STAGE_FAILED".to_owned(), 1),
-            ("FUNNEL_STAGE_OPTED_OUT".to_owned(), 2),
-            ("FUNNEL_STAGE_REJECTED_OPTED_OUT".to_owned(), 1),
-        ]
-        .into(),
-    )]
-    .into();
-    eventually_eq("the funnel", Duration::from_secs(10), &expected, || {
-        funnel(&story, "acme")
-    })
-    .await;
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[
+                    ("FUNNEL_STAGE_ATTEMPTED", 2),
+                    ("FUNNEL_STAGE_FAILED", 1),
+                    ("FUNNEL_STAGE_OPTED_OUT", 2),
+                    ("FUNNEL_STAGE_REJECTED_OPTED_OUT", 1),
+                ],
+            )],
+        )
+        .await;
     story.stop().await;
 }
 

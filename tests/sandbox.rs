@@ -1,16 +1,16 @@
 //! The built-in sandbox: an account with no provider account tries the whole flow — send,
 //! delivery, the consumer's reply, the conversation — through the same signed webhooks.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use c2m_proto::v1::{
     self as pb, Channel, HandoffStatus, put_provider_credentials_request::Credentials,
 };
 use c2m_runtime::auth::Role as AuthRole;
-use c2m_test_support::{eventually, eventually_eq};
+use c2m_test_support::eventually;
 use redis::AsyncCommands;
 
-use crate::story::{Story, Topology, authed, funnel, handoff_request, onboard, token};
+use crate::story::{Story, Topology, authed, handoff_request, onboard, token};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
@@ -84,27 +84,21 @@ async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
         ["Hi Ada, text us here about your bill.", "Yes please"]
     );
 
-    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
-        "CHANNEL_SMS".to_owned(),
-        [
-            ("FUNNEL_STAGE_ATTEMPTED", 1),
-            ("FUNNEL_STAGE_SENT", 1),
-            ("FUNNEL_STAGE_DELIVERED", 1),
-            ("FUNNEL_STAGE_RESPONDED", 1),
-            ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect(),
-    )]
-    .into();
-    eventually_eq(
-        "the sandboxed funnel",
-        Duration::from_secs(10),
-        &expected,
-        || funnel(&story, "acme"),
-    )
-    .await;
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[
+                    ("FUNNEL_STAGE_ATTEMPTED", 1),
+                    ("FUNNEL_STAGE_SENT", 1),
+                    ("FUNNEL_STAGE_DELIVERED", 1),
+                    ("FUNNEL_STAGE_RESPONDED", 1),
+                    ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
+                ],
+            )],
+        )
+        .await;
     story.stop().await;
 }
 
@@ -195,29 +189,20 @@ async fn rcs_and_whatsapp_play_in_the_sandbox_too() {
         assert_eq!(handoff.status, HandoffStatus::Sent as i32, "{config_id}");
     }
     // Every stage each channel has, played by the sandbox through the signed webhooks.
-    let stages: BTreeMap<String, u64> = [
-        "FUNNEL_STAGE_ATTEMPTED",
-        "FUNNEL_STAGE_SENT",
-        "FUNNEL_STAGE_DELIVERED",
-        "FUNNEL_STAGE_READ",
-        "FUNNEL_STAGE_RESPONDED",
-        "FUNNEL_STAGE_CONVERSATION_OPENED",
-    ]
-    .into_iter()
-    .map(|k| (k.to_owned(), 1))
-    .collect();
-    let expected: BTreeMap<String, BTreeMap<String, u64>> = [
-        ("CHANNEL_RCS".to_owned(), stages.clone()),
-        ("CHANNEL_WHATSAPP".to_owned(), stages),
-    ]
-    .into();
-    eventually_eq(
-        "the sandboxed RCS and WhatsApp funnels",
-        Duration::from_secs(10),
-        &expected,
-        || funnel(&story, "acme"),
-    )
-    .await;
+    let stages: &[(&str, u64)] = &[
+        ("FUNNEL_STAGE_ATTEMPTED", 1),
+        ("FUNNEL_STAGE_SENT", 1),
+        ("FUNNEL_STAGE_DELIVERED", 1),
+        ("FUNNEL_STAGE_READ", 1),
+        ("FUNNEL_STAGE_RESPONDED", 1),
+        ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
+    ];
+    story
+        .await_funnel(
+            "acme",
+            &[("CHANNEL_RCS", stages), ("CHANNEL_WHATSAPP", stages)],
+        )
+        .await;
     let whatsapp = story.open_conversation("acme", "+14155550912").await;
     assert_eq!(
         whatsapp.transcript[0].text,

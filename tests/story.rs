@@ -564,3 +564,24 @@ impl Story {
         response.text().await.expect("text")
     }
 }
+
+impl Story {
+    /// Waits (10 s at most) until `account_id`'s funnel by channel is exactly `expected`:
+    /// each channel with each stage's count.
+    pub async fn await_funnel(&self, account_id: &str, expected: &[(&str, &[(&str, u64)])]) {
+        let expected: BTreeMap<String, BTreeMap<String, u64>> = expected
+            .iter()
+            .map(|(channel, stages)| {
+                let stages = stages.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect();
+                ((*channel).to_owned(), stages)
+            })
+            .collect();
+        c2m_test_support::eventually_eq(
+            &format!("{account_id}'s funnel"),
+            Duration::from_secs(10),
+            &expected,
+            || funnel(self, account_id),
+        )
+        .await;
+    }
+}

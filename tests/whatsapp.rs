@@ -1,16 +1,15 @@
 //! WhatsApp through Meta's Cloud API: an approved template starts the conversation, Meta's signed
 //! webhooks move it forward and route the reply, and a refusal falls back to SMS in the same call.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use c2m_proto::v1::{
     self as pb, AttemptOutcome, Channel, HandoffStatus, TranscriptDirection,
     put_provider_credentials_request::Credentials,
 };
 use c2m_runtime::auth::Role as AuthRole;
-use c2m_test_support::eventually_eq;
 
-use crate::story::{Story, Topology, authed, funnel, handoff_request, onboard, token};
+use crate::story::{Story, Topology, authed, handoff_request, onboard, token};
 
 const PHONE_NUMBER_ID: &str = "106540352242922";
 const ACCESS_TOKEN: &str = "EAAG-test-access-token";
@@ -223,28 +222,22 @@ async fn an_approved_template_starts_the_conversation_and_meta_webhooks_carry_it
         ]
     );
 
-    let expected: BTreeMap<String, BTreeMap<String, u64>> = [(
-        "CHANNEL_WHATSAPP".to_owned(),
-        [
-            ("FUNNEL_STAGE_ATTEMPTED", 1),
-            ("FUNNEL_STAGE_SENT", 1),
-            ("FUNNEL_STAGE_DELIVERED", 1),
-            ("FUNNEL_STAGE_READ", 1),
-            ("FUNNEL_STAGE_RESPONDED", 1),
-            ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect(),
-    )]
-    .into();
-    eventually_eq(
-        "the WhatsApp funnel",
-        Duration::from_secs(10),
-        &expected,
-        || funnel(&story, "acme"),
-    )
-    .await;
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_WHATSAPP",
+                &[
+                    ("FUNNEL_STAGE_ATTEMPTED", 1),
+                    ("FUNNEL_STAGE_SENT", 1),
+                    ("FUNNEL_STAGE_DELIVERED", 1),
+                    ("FUNNEL_STAGE_READ", 1),
+                    ("FUNNEL_STAGE_RESPONDED", 1),
+                    ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
+                ],
+            )],
+        )
+        .await;
     story.stop().await;
 }
 
