@@ -147,37 +147,33 @@ async fn rcs_and_whatsapp_play_in_the_sandbox_too() {
         ))
         .await
         .expect("approved");
-    for (id, channel) in [("rcs-only", Channel::Rcs), ("wa-only", Channel::Whatsapp)] {
-        config
-            .create_handoff_config(authed(
-                pb::CreateHandoffConfigRequest {
-                    account_id: "acme".into(),
-                    config: Some(pb::HandoffConfig {
-                        handoff_config_id: id.into(),
-                        name: id.into(),
-                        skill_id: "billing-agents".into(),
-                        channel_priority: vec![channel as i32],
-                        whatsapp_template_id: if channel == Channel::Whatsapp {
-                            "followup".into()
-                        } else {
-                            String::new()
-                        },
-                        messages: if channel == Channel::Rcs {
-                            vec![pb::ChannelMessage {
-                                channel: Channel::Rcs as i32,
-                                text: "Hi {{first_name}}, chat with us here.".into(),
-                            }]
-                        } else {
-                            Vec::new()
-                        },
-                        ..Default::default()
-                    }),
-                },
-                &admin,
-            ))
-            .await
-            .expect("configuration");
-    }
+    story
+        .add_config(
+            "acme",
+            pb::HandoffConfig {
+                handoff_config_id: "rcs-only".into(),
+                name: "RCS only".into(),
+                channel_priority: vec![Channel::Rcs as i32],
+                messages: vec![pb::ChannelMessage {
+                    channel: Channel::Rcs as i32,
+                    text: "Hi {{first_name}}, chat with us here.".into(),
+                }],
+                ..Default::default()
+            },
+        )
+        .await;
+    story
+        .add_config(
+            "acme",
+            pb::HandoffConfig {
+                handoff_config_id: "wa-only".into(),
+                name: "WhatsApp only".into(),
+                channel_priority: vec![Channel::Whatsapp as i32],
+                whatsapp_template_id: "followup".into(),
+                ..Default::default()
+            },
+        )
+        .await;
     for (config_id, phone) in [("rcs-only", "+14155550911"), ("wa-only", "+14155550912")] {
         let mut request = handoff_request("acme", phone, config_id);
         request.handoff_config_id = config_id.into();

@@ -585,3 +585,26 @@ impl Story {
         .await;
     }
 }
+
+impl Story {
+    /// An admin of `account_id` creates `config`, routing to billing-agents unless it names a
+    /// skill.
+    pub async fn add_config(&self, account_id: &str, config: pb::HandoffConfig) {
+        let skill_id = if config.skill_id.is_empty() {
+            "billing-agents".to_owned()
+        } else {
+            config.skill_id.clone()
+        };
+        self.config()
+            .await
+            .create_handoff_config(authed(
+                pb::CreateHandoffConfigRequest {
+                    account_id: account_id.to_owned(),
+                    config: Some(pb::HandoffConfig { skill_id, ..config }),
+                },
+                &token(AuthRole::Admin, Some(account_id)),
+            ))
+            .await
+            .expect("configuration created");
+    }
+}

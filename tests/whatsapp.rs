@@ -85,28 +85,25 @@ async fn whatsapp_first(story: &Story) -> String {
         approved[0].status,
         pb::WhatsAppTemplateStatus::Approved as i32
     );
-    config
-        .create_handoff_config(authed(
-            pb::CreateHandoffConfigRequest {
-                account_id: "acme".into(),
-                config: Some(pb::HandoffConfig {
-                    handoff_config_id: "wa-first".into(),
-                    name: "WhatsApp first".into(),
-                    skill_id: "billing-agents".into(),
-                    channel_priority: vec![Channel::Whatsapp as i32, Channel::Sms as i32],
-                    whatsapp_template_id: "followup".into(),
-                    messages: vec![pb::ChannelMessage {
-                        channel: Channel::Sms as i32,
-                        text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
-                    }],
-                    ..Default::default()
-                }),
-            },
-            &admin,
-        ))
-        .await
-        .expect("configuration");
+    story
+        .add_config("acme", whatsapp_then_sms("wa-first", "WhatsApp first"))
+        .await;
     key
+}
+
+/// WhatsApp's approved template first, SMS if it is refused.
+fn whatsapp_then_sms(id: &str, name: &str) -> pb::HandoffConfig {
+    pb::HandoffConfig {
+        handoff_config_id: id.into(),
+        name: name.into(),
+        channel_priority: vec![Channel::Whatsapp as i32, Channel::Sms as i32],
+        whatsapp_template_id: "followup".into(),
+        messages: vec![pb::ChannelMessage {
+            channel: Channel::Sms as i32,
+            text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
+        }],
+        ..Default::default()
+    }
 }
 
 fn request(phone: &str, idempotency_key: &str) -> pb::CreateHandoffRequest {
@@ -312,29 +309,14 @@ fn attempts(handoff: &pb::Handoff) -> Vec<(i32, i32, String)> {
 /// A copy of the WhatsApp-first configuration that waits `seconds` for delivery.
 async fn with_deadline(story: &Story, seconds: u32) {
     story
-        .config()
-        .await
-        .create_handoff_config(authed(
-            pb::CreateHandoffConfigRequest {
-                account_id: "acme".into(),
-                config: Some(pb::HandoffConfig {
-                    handoff_config_id: "wa-deadline".into(),
-                    name: "WhatsApp first, 1 s to deliver".into(),
-                    skill_id: "billing-agents".into(),
-                    channel_priority: vec![Channel::Whatsapp as i32, Channel::Sms as i32],
-                    whatsapp_template_id: "followup".into(),
-                    messages: vec![pb::ChannelMessage {
-                        channel: Channel::Sms as i32,
-                        text: "Hi {{first_name}}, text us here about {{topic}}.".into(),
-                    }],
-                    delivery_deadline_seconds: seconds,
-                    ..Default::default()
-                }),
+        .add_config(
+            "acme",
+            pb::HandoffConfig {
+                delivery_deadline_seconds: seconds,
+                ..whatsapp_then_sms("wa-deadline", "WhatsApp first, 1 s to deliver")
             },
-            &token(AuthRole::Editor, Some("acme")),
-        ))
-        .await
-        .expect("configuration");
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -507,32 +489,25 @@ async fn a_delivered_message_is_not_followed_by_another() {
 async fn free_form_text_goes_only_inside_the_customer_service_window() {
     let story = Story::start(Topology::Dev).await;
     let key = whatsapp_first(&story).await;
-    let admin = token(AuthRole::Admin, Some("acme"));
+    let _admin = token(AuthRole::Admin, Some("acme"));
     let webhook = format!("{}/webhooks/meta/acme", story.webhooks);
     // The configuration has a plain text for WhatsApp beside its template.
     story
-        .config()
-        .await
-        .create_handoff_config(authed(
-            pb::CreateHandoffConfigRequest {
-                account_id: "acme".into(),
-                config: Some(pb::HandoffConfig {
-                    handoff_config_id: "wa-text".into(),
-                    name: "WhatsApp, text when we may".into(),
-                    skill_id: "billing-agents".into(),
-                    channel_priority: vec![Channel::Whatsapp as i32],
-                    whatsapp_template_id: "followup".into(),
-                    messages: vec![pb::ChannelMessage {
-                        channel: Channel::Whatsapp as i32,
-                        text: "Hello again {{first_name}}, we can pick this up here.".into(),
-                    }],
-                    ..Default::default()
-                }),
+        .add_config(
+            "acme",
+            pb::HandoffConfig {
+                handoff_config_id: "wa-text".into(),
+                name: "WhatsApp, text when we may".into(),
+                channel_priority: vec![Channel::Whatsapp as i32],
+                whatsapp_template_id: "followup".into(),
+                messages: vec![pb::ChannelMessage {
+                    channel: Channel::Whatsapp as i32,
+                    text: "Hello again {{first_name}}, we can pick this up here.".into(),
+                }],
+                ..Default::default()
             },
-            &admin,
-        ))
-        .await
-        .expect("configuration");
+        )
+        .await;
     let wrote = "+14155550411";
     let silent = "+14155550412";
     // One consumer has just written to the business on WhatsApp (nothing to route yet).
