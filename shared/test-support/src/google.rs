@@ -97,6 +97,10 @@ fn google_error(status: StatusCode, message: &str, extra: serde_json::Value) -> 
     (status, Json(serde_json::json!({ "error": error }))).into_response()
 }
 
+fn refuse(status: StatusCode, message: &str) -> Response {
+    google_error(status, message, serde_json::Value::Null)
+}
+
 fn pkcs8(pem: &str) -> Vec<u8> {
     let body: String = pem
         .lines()
@@ -198,6 +202,7 @@ fn authorized(inner: &Inner, headers: &HeaderMap, scope: &str) -> bool {
         .is_some_and(|granted| granted.split(' ').any(|s| s == scope))
 }
 
+const UNAUTHENTICATED: &str = "Request had invalid authentication credentials.";
 const RBM_SCOPE: &str = "https://www.googleapis.com/auth/rcsbusinessmessaging";
 const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 
@@ -209,26 +214,17 @@ async fn capabilities(
 ) -> Response {
     let mut inner = inner.lock().expect("emulator state");
     if !authorized(&inner, &headers, RBM_SCOPE) {
-        return google_error(
-            StatusCode::UNAUTHORIZED,
-            "Request had invalid authentication credentials.",
-            serde_json::Value::Null,
-        );
+        return refuse(StatusCode::UNAUTHORIZED, UNAUTHENTICATED);
     }
     if !query.contains_key("requestId") || !query.contains_key("agentId") {
-        return google_error(
+        return refuse(
             StatusCode::BAD_REQUEST,
             "requestId and agentId are required",
-            serde_json::Value::Null,
         );
     }
     inner.capability_checks.push(phone.clone());
     if !inner.rcs_phones.contains(&phone) {
-        return google_error(
-            StatusCode::NOT_FOUND,
-            "Requested entity was not found.",
-            serde_json::Value::Null,
-        );
+        return refuse(StatusCode::NOT_FOUND, "Requested entity was not found.");
     }
     Json(serde_json::json!({ "features": ["RICHCARD_STANDALONE", "ACTION_DIAL", "ACTION_OPEN_URL"] }))
         .into_response()
@@ -243,39 +239,22 @@ async fn agent_messages(
 ) -> Response {
     let mut inner = inner.lock().expect("emulator state");
     if !authorized(&inner, &headers, RBM_SCOPE) {
-        return google_error(
-            StatusCode::UNAUTHORIZED,
-            "Request had invalid authentication credentials.",
-            serde_json::Value::Null,
-        );
+        return refuse(StatusCode::UNAUTHORIZED, UNAUTHENTICATED);
     }
     let (Some(message_id), Some(agent_id)) = (query.get("messageId"), query.get("agentId")) else {
-        return google_error(
+        return refuse(
             StatusCode::BAD_REQUEST,
             "messageId and agentId are required",
-            serde_json::Value::Null,
         );
     };
     let Ok(body) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return google_error(
-            StatusCode::BAD_REQUEST,
-            "Invalid JSON payload received.",
-            serde_json::Value::Null,
-        );
+        return refuse(StatusCode::BAD_REQUEST, "Invalid JSON payload received.");
     };
     if !body["contentMessage"]["text"].is_string() {
-        return google_error(
-            StatusCode::BAD_REQUEST,
-            "contentMessage is required",
-            serde_json::Value::Null,
-        );
+        return refuse(StatusCode::BAD_REQUEST, "contentMessage is required");
     }
     if !inner.rcs_phones.contains(&phone) {
-        return google_error(
-            StatusCode::NOT_FOUND,
-            "Requested entity was not found.",
-            serde_json::Value::Null,
-        );
+        return refuse(StatusCode::NOT_FOUND, "Requested entity was not found.");
     }
     // A reused messageId is the same message: accepted, not sent again.
     if !inner.rcs.iter().any(|m| &m.message_id == message_id) {
@@ -302,35 +281,19 @@ async fn fcm_send(
 ) -> Response {
     let mut inner = inner.lock().expect("emulator state");
     if !authorized(&inner, &headers, FCM_SCOPE) {
-        return google_error(
-            StatusCode::UNAUTHORIZED,
-            "Request had invalid authentication credentials.",
-            serde_json::Value::Null,
-        );
+        return refuse(StatusCode::UNAUTHORIZED, UNAUTHENTICATED);
     }
     let Ok(body) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return google_error(
-            StatusCode::BAD_REQUEST,
-            "Invalid JSON payload received.",
-            serde_json::Value::Null,
-        );
+        return refuse(StatusCode::BAD_REQUEST, "Invalid JSON payload received.");
     };
     let Some(token) = body["message"]["token"].as_str() else {
-        return google_error(
-            StatusCode::BAD_REQUEST,
-            "message.token is required",
-            serde_json::Value::Null,
-        );
+        return refuse(StatusCode::BAD_REQUEST, "message.token is required");
     };
     let data_are_strings = body["message"]["data"]
         .as_object()
         .is_none_or(|d| d.values().all(serde_json::Value::is_string));
     if !data_are_strings || !body["message"]["notification"]["body"].is_string() {
-        return google_error(
-            StatusCode::BAD_REQUEST,
-            "Invalid value at 'message'",
-            serde_json::Value::Null,
-        );
+        return refuse(StatusCode::BAD_REQUEST, "Invalid value at 'message'");
     }
     if inner.dead_fcm_tokens.contains(token) {
         return google_error(
