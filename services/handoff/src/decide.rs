@@ -323,14 +323,7 @@ impl Service {
         };
         match channel {
             Channel::AppleMessages => {
-                let body = render(&config.apple_body, |name| d.variable(name)).map_err(|name| {
-                    invalid_field(
-                        format!("template_variables[{name}]"),
-                        format!(
-                            "the Apple Messages body needs {{{{{name}}}}} and no value was given"
-                        ),
-                    )
-                })?;
+                let body = rendered(d, &config.apple_body, "the Apple Messages body")?;
                 step.apple = Some(pb::AppleMessagesInvite {
                     business_id: config.apple_business_id.clone(),
                     intent_id: config.apple_intent_id.clone(),
@@ -410,11 +403,10 @@ impl Service {
                 .check_consumer(pb::CheckConsumerRequest {
                     account_id: d.account_id.clone(),
                     consumer_phone: d.consumer_phone.clone(),
-                    // An invite is pending as long as a reply to it would still be routed.
+                    // An invite is pending as long as a reply to it would still be routed
+                    // (Config stores the account's lookback, its default included).
                     pending_invite_hours: if candidates.contains(&Channel::AppleMessages) {
-                        Some(settings.reply_lookback_hours)
-                            .filter(|h| *h > 0)
-                            .unwrap_or(24)
+                        settings.reply_lookback_hours
                     } else {
                         0
                     },
@@ -531,16 +523,23 @@ fn text_step(
     let Some(template) = template else {
         return Ok(None);
     };
-    let text = render(&template, |name| d.variable(name)).map_err(|name| {
+    let text = rendered(
+        d,
+        &template,
+        &format!("the {} message", channel.as_str_name()),
+    )?;
+    Ok(Some(Step::text(channel, text)))
+}
+
+/// `template` with its `{{variables}}` filled from the request; `what` names it when one is
+/// missing, so no text with a literal placeholder ever leaves.
+fn rendered(d: &Deflection, template: &str, what: &str) -> Result<String, Status> {
+    render(template, |name| d.variable(name)).map_err(|name| {
         invalid_field(
             format!("template_variables[{name}]"),
-            format!(
-                "the {} message needs {{{{{name}}}}} and no value was given",
-                channel.as_str_name()
-            ),
+            format!("{what} needs {{{{{name}}}}} and no value was given"),
         )
-    })?;
-    Ok(Some(Step::text(channel, text)))
+    })
 }
 
 /// The highest `{{N}}` in a WhatsApp template body.
