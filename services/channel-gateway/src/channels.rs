@@ -7,8 +7,9 @@ use prost::Message;
 use tonic::Status;
 
 use crate::{
-    Service, credentials, devices, google, meta, push, rbm, sandbox,
-    twilio::{self, SendOutcome},
+    Service, credentials, devices, google, meta, push, rbm,
+    sandbox::{self, Player},
+    twilio::{self, Refusal, SendOutcome},
     window,
 };
 
@@ -26,11 +27,17 @@ fn db_status(error: sqlx::Error) -> Status {
     c2m_storage::postgres::db_status("gateway", error)
 }
 
-fn no_credentials(error: credentials::CredentialsError) -> SendOutcome {
-    SendOutcome::Failed {
-        code: "no-credentials".into(),
-        message: error.to_string(),
-    }
+/// An account's credentials for one provider, as a send needs them.
+enum Creds<T> {
+    Found(T),
+    /// None stored: the sandbox may play the provider, if the account has it.
+    Missing(Refusal),
+    /// Stored but not usable (sealed under another key, or refused by the provider).
+    Unusable(Refusal),
+}
+
+fn refused(error: credentials::CredentialsError) -> Refusal {
+    Refusal::new("no-credentials", error.to_string())
 }
 
 impl Service {
@@ -56,17 +63,12 @@ impl Service {
         text: &str,
     ) -> Result<SendOutcome, Status> {
         let creds = match self
-            .credentials::<pb::TwilioCredentials>(&r.account_id, Provider::Twilio)
-            .await
+            .provider::<pb::TwilioCredentials>(&r.account_id, Provider::Twilio)
+            .await?
         {
-            Ok(creds) => creds,
-            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
-            Err(credentials::CredentialsError::Missing(_)) => {
-                return self
-                    .sandbox(r, format!("SM{}", sandbox_id(&r.message_id)), "twilio")
-                    .await;
-            }
-            Err(e) => return Ok(no_credentials(e)),
+            Creds::Found(creds) => creds,
+            Creds::Missing(refusal) => return self.sandbox(r, Player::Twilio, refusal).await,
+            Creds::Unusable(refusal) => return Ok(refusal.into()),
         };
         let callback = format!(
             "{}/webhooks/twilio/{}/status",
@@ -84,39 +86,34 @@ impl Service {
         .await)
     }
 
-    /// Accounts without a provider's credentials but with the sandbox send there: it accepts the
-    /// message under `id` and plays `provider` (twilio, meta or google) and the consumer.
+    /// Accounts without `player`'s credentials but with the sandbox send there: it accepts the
+    /// message and plays the provider and the consumer. Without the sandbox, `missing` stands.
     async fn sandbox(
         &self,
         r: &pb::SendMessageRequest,
-        id: String,
-        provider: &str,
+        player: Player,
+        missing: Refusal,
     ) -> Result<SendOutcome, Status> {
         let options = match self
-            .credentials::<pb::SandboxCredentials>(&r.account_id, Provider::Sandbox)
-            .await
+            .provider::<pb::SandboxCredentials>(&r.account_id, Provider::Sandbox)
+            .await?
         {
-            Ok(options) => options,
-            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
-            Err(e) => return Ok(no_credentials(e)),
+            Creds::Found(options) => options,
+            Creds::Missing(_) => return Ok(missing.into()),
+            Creds::Unusable(refusal) => return Ok(refusal.into()),
         };
-        let key = &self.settings.credentials_key;
-        let simulation = sandbox::Simulation {
-            public_url: self.settings.public_url.clone(),
-            account_id: r.account_id.clone(),
-            auth_token: match provider {
-                "twilio" => sandbox::auth_token(key, &r.account_id),
-                other => sandbox::secret(key, &r.account_id, other),
+        let id = player.message_id(&r.message_id);
+        player.simulate(
+            self.http.clone(),
+            sandbox::Simulation {
+                public_url: self.settings.public_url.clone(),
+                account_id: r.account_id.clone(),
+                auth_token: player.secret(&self.settings.credentials_key, &r.account_id),
+                message_sid: id.clone(),
+                to: r.to.clone(),
+                options,
             },
-            message_sid: id.clone(),
-            to: r.to.clone(),
-            options,
-        };
-        match provider {
-            "meta" => sandbox::simulate_whatsapp(self.http.clone(), simulation),
-            "google" => sandbox::simulate_rcs(self.http.clone(), simulation),
-            _ => sandbox::simulate(self.http.clone(), simulation),
-        }
+        );
         Ok(SendOutcome::Accepted { sid: id })
     }
 
@@ -135,21 +132,12 @@ impl Service {
             });
         }
         let creds = match self
-            .credentials::<pb::MetaWhatsAppCredentials>(&r.account_id, Provider::MetaWhatsapp)
-            .await
+            .provider::<pb::MetaWhatsAppCredentials>(&r.account_id, Provider::MetaWhatsapp)
+            .await?
         {
-            Ok(creds) => creds,
-            Err(credentials::CredentialsError::Db(e)) => return Err(db_status(e)),
-            Err(credentials::CredentialsError::Missing(_)) => {
-                return self
-                    .sandbox(
-                        r,
-                        format!("wamid.SANDBOX{}", sandbox_id(&r.message_id)),
-                        "meta",
-                    )
-                    .await;
-            }
-            Err(e) => return Ok(no_credentials(e)),
+            Creds::Found(creds) => creds,
+            Creds::Missing(refusal) => return self.sandbox(r, Player::Meta, refusal).await,
+            Creds::Unusable(refusal) => return Ok(refusal.into()),
         };
         Ok(meta::send(
             &self.http,
@@ -195,36 +183,42 @@ impl Service {
         }
     }
 
-    /// The credentials, or the outcome that records why there are none.
+    /// The account's credentials for `provider`; only our own storage failing is an error.
     async fn provider<T: Message + Default>(
         &self,
         account_id: &str,
         provider: Provider,
-    ) -> Result<Result<T, SendOutcome>, Status> {
+    ) -> Result<Creds<T>, Status> {
         match self.credentials::<T>(account_id, provider).await {
-            Ok(creds) => Ok(Ok(creds)),
+            Ok(creds) => Ok(Creds::Found(creds)),
             Err(credentials::CredentialsError::Db(e)) => Err(db_status(e)),
-            Err(e) => Ok(Err(no_credentials(e))),
+            Err(e @ credentials::CredentialsError::Missing(_)) => Ok(Creds::Missing(refused(e))),
+            Err(e) => Ok(Creds::Unusable(refused(e))),
         }
     }
 
-    /// An RBM access token for the account's agent.
+    /// The account's RBM agent with an access token for it.
     async fn rbm_token(
         &self,
         account_id: &str,
-    ) -> Result<Result<(pb::GoogleRbmCredentials, String), SendOutcome>, Status> {
-        let creds = match self
-            .provider::<pb::GoogleRbmCredentials>(account_id, Provider::GoogleRbm)
-            .await?
-        {
-            Ok(creds) => creds,
-            Err(outcome) => return Ok(Err(outcome)),
-        };
-        Ok(self
-            .google
-            .token(&self.http, &creds.service_account_json, google::RBM_SCOPE)
-            .await
-            .map(|(_, token)| (creds, token)))
+    ) -> Result<Creds<(pb::GoogleRbmCredentials, String)>, Status> {
+        Ok(
+            match self
+                .provider::<pb::GoogleRbmCredentials>(account_id, Provider::GoogleRbm)
+                .await?
+            {
+                Creds::Found(creds) => match self
+                    .google
+                    .token(&self.http, &creds.service_account_json, google::RBM_SCOPE)
+                    .await
+                {
+                    Ok((_, token)) => Creds::Found((creds, token)),
+                    Err(refusal) => Creds::Unusable(refusal),
+                },
+                Creds::Missing(refusal) => Creds::Missing(refusal),
+                Creds::Unusable(refusal) => Creds::Unusable(refusal),
+            },
+        )
     }
 
     /// Whether the number can take RCS from the account's agent, asked of RBM and remembered
@@ -243,17 +237,13 @@ impl Service {
             });
         }
         let (creds, token) = match self.rbm_token(account_id).await? {
-            Ok(found) => found,
-            Err(SendOutcome::Failed { code, .. }) if code == "no-credentials" => {
-                // The sandbox reaches every number.
-                return Ok(if self.has_sandbox(account_id).await? {
-                    Capability::Capable
-                } else {
-                    Capability::NoCredentials
-                });
+            Creds::Found(found) => found,
+            // The sandbox reaches every number.
+            Creds::Missing(_) if self.has_sandbox(account_id).await? => {
+                return Ok(Capability::Capable);
             }
-            Err(SendOutcome::Failed { message, .. }) => return Ok(Capability::Unknown(message)),
-            Err(SendOutcome::Accepted { .. }) => unreachable!("a token lookup accepts nothing"),
+            Creds::Missing(_) => return Ok(Capability::NoCredentials),
+            Creds::Unusable(refusal) => return Ok(Capability::Unknown(refusal.message)),
         };
         let answer = rbm::capable(
             &self.http,
@@ -278,11 +268,9 @@ impl Service {
 
     async fn send_rcs(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
         let (creds, token) = match self.rbm_token(&r.account_id).await? {
-            Ok(found) => found,
-            Err(SendOutcome::Failed { code, .. }) if code == "no-credentials" => {
-                return self.sandbox(r, r.message_id.clone(), "google").await;
-            }
-            Err(outcome) => return Ok(outcome),
+            Creds::Found(found) => found,
+            Creds::Missing(refusal) => return self.sandbox(r, Player::Google, refusal).await,
+            Creds::Unusable(refusal) => return Ok(refusal.into()),
         };
         let outcome = rbm::send(
             &self.http,
@@ -381,16 +369,12 @@ impl Service {
         device_token: &str,
         n: &push::Notification<'_>,
     ) -> Result<push::PushOutcome, Status> {
-        let failed = |outcome: SendOutcome| match outcome {
-            SendOutcome::Failed { code, message } => push::PushOutcome::Failed { code, message },
-            SendOutcome::Accepted { .. } => unreachable!("a token lookup accepts nothing"),
-        };
         let creds = match self
             .provider::<pb::FcmCredentials>(account_id, Provider::Fcm)
             .await?
         {
-            Ok(creds) => creds,
-            Err(outcome) => return Ok(failed(outcome)),
+            Creds::Found(creds) => creds,
+            Creds::Missing(refusal) | Creds::Unusable(refusal) => return Ok(refusal.into()),
         };
         let token = match self
             .google
@@ -398,7 +382,7 @@ impl Service {
             .await
         {
             Ok((_, token)) => token,
-            Err(outcome) => return Ok(failed(outcome)),
+            Err(refusal) => return Ok(refusal.into()),
         };
         let outcome = push::fcm(
             &self.http,
@@ -426,22 +410,12 @@ impl Service {
             .provider::<pb::ApnsCredentials>(account_id, Provider::Apns)
             .await?
         {
-            Ok(creds) => creds,
-            Err(SendOutcome::Failed { code, message }) => {
-                return Ok(push::PushOutcome::Failed { code, message });
-            }
-            Err(SendOutcome::Accepted { .. }) => {
-                unreachable!("a credentials lookup accepts nothing")
-            }
+            Creds::Found(creds) => creds,
+            Creds::Missing(refusal) | Creds::Unusable(refusal) => return Ok(refusal.into()),
         };
         let provider_token = match self.apns_tokens.token(&creds) {
             Ok(token) => token,
-            Err(message) => {
-                return Ok(push::PushOutcome::Failed {
-                    code: "bad-credentials".into(),
-                    message,
-                });
-            }
+            Err(message) => return Ok(Refusal::new("bad-credentials", message).into()),
         };
         Ok(push::apns(
             &self.http2,
@@ -472,9 +446,4 @@ pub fn apple_link(invite: &pb::AppleMessagesInvite) -> String {
         link.push_str(&serde_urlencoded::to_string(query).expect("pairs of strings encode"));
     }
     link
-}
-
-/// 32 hex-ish characters from a message id, for the sandbox's provider ids.
-fn sandbox_id(message_id: &str) -> String {
-    message_id.replace('-', "").chars().rev().take(32).collect()
 }

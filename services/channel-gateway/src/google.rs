@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{jwt::Rs256, twilio::SendOutcome};
+use crate::{jwt::Rs256, twilio::Refusal};
 
 /// The scopes c2m asks for.
 pub const RBM_SCOPE: &str = "https://www.googleapis.com/auth/rcsbusinessmessaging";
@@ -82,11 +82,8 @@ impl Tokens {
         http: &reqwest::Client,
         json_key: &str,
         scope: &'static str,
-    ) -> Result<(ServiceAccount, String), SendOutcome> {
-        let failed = |code: &str, message: String| SendOutcome::Failed {
-            code: code.into(),
-            message,
-        };
+    ) -> Result<(ServiceAccount, String), Refusal> {
+        let failed = Refusal::new;
         let (account, key) =
             ServiceAccount::parse(json_key).map_err(|e| failed("bad-credentials", e))?;
         let cache_key = (

@@ -28,6 +28,15 @@ pub enum PushOutcome {
     },
 }
 
+impl From<crate::twilio::Refusal> for PushOutcome {
+    fn from(r: crate::twilio::Refusal) -> Self {
+        PushOutcome::Failed {
+            code: r.code,
+            message: r.message,
+        }
+    }
+}
+
 /// What the notification says, and the ids the app gets to open the right conversation.
 #[derive(Debug, Clone)]
 pub struct Notification<'a> {

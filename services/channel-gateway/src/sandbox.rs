@@ -16,9 +16,8 @@ use crate::twilio;
 /// The number the sandbox sends from (Twilio's own magic test number).
 pub const FROM: &str = "+15005550006";
 
-/// The auth token sandbox webhooks are signed with: derived from the credentials key, so every
-/// gateway replica verifies what any replica's sandbox posted.
-pub fn auth_token(credentials_key: &str, account_id: &str) -> String {
+/// The Twilio auth token sandbox webhooks are signed with.
+fn auth_token(credentials_key: &str, account_id: &str) -> String {
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(credentials_key.as_bytes())
         .expect("hmac accepts any key length");
     mac.update(b"c2m-sandbox\0");
@@ -26,15 +25,51 @@ pub fn auth_token(credentials_key: &str, account_id: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
-/// The secret the sandbox signs one provider's webhooks with (Meta's app secret, RBM's client
-/// token), derived like [`auth_token`].
-pub fn secret(credentials_key: &str, account_id: &str, provider: &str) -> String {
-    auth_token(credentials_key, &format!("{account_id}\0{provider}"))
+/// The provider the sandbox plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Player {
+    /// Twilio, for SMS and Apple Messages invites.
+    Twilio,
+    /// Meta's Cloud API, for WhatsApp.
+    Meta,
+    /// Google RBM, for RCS.
+    Google,
+}
+
+impl Player {
+    /// The secret its webhooks are signed with (Twilio's auth token, Meta's app secret, RBM's
+    /// client token), derived from the credentials key so every gateway replica verifies them.
+    pub fn secret(self, credentials_key: &str, account_id: &str) -> String {
+        match self {
+            Player::Twilio => auth_token(credentials_key, account_id),
+            Player::Meta => auth_token(credentials_key, &format!("{account_id}\0meta")),
+            Player::Google => auth_token(credentials_key, &format!("{account_id}\0google")),
+        }
+    }
+
+    /// The provider's id for the message, in the provider's own shape (RBM keeps ours).
+    pub fn message_id(self, message_id: &str) -> String {
+        let hex: String = message_id.replace('-', "").chars().rev().take(32).collect();
+        match self {
+            Player::Twilio => format!("SM{hex}"),
+            Player::Meta => format!("wamid.SANDBOX{hex}"),
+            Player::Google => message_id.to_owned(),
+        }
+    }
+
+    /// Plays the provider and the consumer for one accepted message, in the background.
+    pub fn simulate(self, http: reqwest::Client, sim: Simulation) {
+        match self {
+            Player::Twilio => simulate_sms(http, sim),
+            Player::Meta => simulate_whatsapp(http, sim),
+            Player::Google => simulate_rcs(http, sim),
+        }
+    }
 }
 
 /// Plays Meta and the consumer for a WhatsApp message: `sent`, `delivered` and `read` (or `failed`
 /// with 131026), then the reply, in Meta's envelope with `X-Hub-Signature-256`.
-pub fn simulate_whatsapp(http: reqwest::Client, sim: Simulation) {
+fn simulate_whatsapp(http: reqwest::Client, sim: Simulation) {
     tokio::spawn(async move {
         let url = format!(
             "{}/webhooks/meta/{}",
@@ -93,7 +128,7 @@ pub fn simulate_whatsapp(http: reqwest::Client, sim: Simulation) {
 
 /// Plays RBM and the consumer for an RCS message: DELIVERED and READ (or the server's
 /// TTL_EXPIRATION_REVOKED), then the reply, in RBM's envelope with `X-Goog-Signature`.
-pub fn simulate_rcs(http: reqwest::Client, sim: Simulation) {
+fn simulate_rcs(http: reqwest::Client, sim: Simulation) {
     use base64::{Engine, engine::general_purpose::STANDARD};
     tokio::spawn(async move {
         let url = format!(
@@ -181,8 +216,8 @@ pub struct Simulation {
     pub options: SandboxCredentials,
 }
 
-/// Plays the provider and the consumer for one accepted message, in the background.
-pub fn simulate(http: reqwest::Client, sim: Simulation) {
+/// Plays Twilio and the consumer for an SMS: `sent`, `delivered` (or `undelivered`), the reply.
+fn simulate_sms(http: reqwest::Client, sim: Simulation) {
     tokio::spawn(async move {
         let base = sim.public_url.trim_end_matches('/');
         let status_url = format!("{base}/webhooks/twilio/{}/status", sim.account_id);

@@ -6,7 +6,33 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
 use sha1::Sha1;
 
-/// What Twilio answered to a send.
+/// Why a provider (or c2m before calling it) would not take a message: the code and message
+/// recorded on the attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: String,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Refusal> for SendOutcome {
+    fn from(r: Refusal) -> Self {
+        SendOutcome::Failed {
+            code: r.code,
+            message: r.message,
+        }
+    }
+}
+
+/// What a provider answered to a send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
     /// Accepted: the message SID (`SM…`).

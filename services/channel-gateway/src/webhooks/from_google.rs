@@ -72,11 +72,8 @@ pub(super) async fn events(
         Err(credentials::CredentialsError::Missing(_)) => {
             match service.has_sandbox(&account_id).await {
                 Ok(true) => GoogleRbmCredentials {
-                    client_token: sandbox::secret(
-                        &service.settings.credentials_key,
-                        &account_id,
-                        "google",
-                    ),
+                    client_token: sandbox::Player::Google
+                        .secret(&service.settings.credentials_key, &account_id),
                     ..Default::default()
                 },
                 Ok(false) => return refuse(StatusCode::FORBIDDEN, "unknown account"),

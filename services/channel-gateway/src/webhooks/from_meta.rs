@@ -27,7 +27,7 @@ async fn meta_credentials(
             match service.has_sandbox(account_id).await {
                 Ok(true) => {
                     let secret =
-                        sandbox::secret(&service.settings.credentials_key, account_id, "meta");
+                        sandbox::Player::Meta.secret(&service.settings.credentials_key, account_id);
                     Ok(MetaWhatsAppCredentials {
                         phone_number_id: "sandbox".into(),
                         access_token: String::new(),

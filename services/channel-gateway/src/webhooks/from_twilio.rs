@@ -66,7 +66,9 @@ async fn verified_twilio_form(
             .credentials::<c2m_proto::v1::SandboxCredentials>(account_id, Provider::Sandbox)
             .await
         {
-            Ok(_) => crate::sandbox::auth_token(&service.settings.credentials_key, account_id),
+            Ok(_) => {
+                crate::sandbox::Player::Twilio.secret(&service.settings.credentials_key, account_id)
+            }
             Err(_) => return Err(forbidden()),
         },
         // Unknown account or no Twilio set up: nothing can verify it.
