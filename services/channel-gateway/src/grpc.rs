@@ -4,7 +4,11 @@ use c2m_proto::v1::{
     self as pb, Channel, FunnelStage, Provider,
     channel_gateway_service_server::ChannelGatewayService,
 };
-use c2m_runtime::{auth::Role, is_e164, mask_phone, metrics, status::FieldViolations};
+use c2m_runtime::{
+    auth::Role,
+    is_e164, mask_phone, metrics,
+    status::{self, FieldViolations},
+};
 use chrono::Utc;
 use tonic::{Request, Response, Status};
 
@@ -114,7 +118,9 @@ impl ChannelGatewayService for Service {
         }
         violations.into_result()?;
 
-        if let Some(existing) = messages::get(self.db.pool(), &r.account_id, &r.message_id)
+        if let Some(existing) = self
+            .lookups
+            .run((r.account_id.clone(), r.message_id.clone()))
             .await
             .map_err(db_status)?
         {
@@ -161,9 +167,9 @@ impl ChannelGatewayService for Service {
                 (FunnelStage::Failed, None, Some(code), Some(message))
             }
         };
-        let message = messages::record(
-            self.db.pool(),
-            &Outbound {
+        let message = self
+            .records
+            .run(Outbound {
                 message_id: r.message_id,
                 account_id: r.account_id,
                 channel,
@@ -176,10 +182,12 @@ impl ChannelGatewayService for Service {
                 error_message,
                 sent_at: now,
                 updated_at: now,
-            },
-        )
-        .await
-        .map_err(db_status)?;
+            })
+            .await
+            .map_err(db_status)?
+            .ok_or_else(|| {
+                status::invalid_field("message_id", "already used by another account")
+            })?;
         tracing::info!(
             account_id = %message.account_id,
             message_id = %message.message_id,

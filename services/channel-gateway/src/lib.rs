@@ -28,7 +28,7 @@ use std::{sync::Arc, time::Duration};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use c2m_proto::v1::channel_gateway_service_server::ChannelGatewayServiceServer;
 use c2m_runtime::{Component, auth::TokenKey, cache::TtlCache, peers::Peers};
-use c2m_storage::{ServiceDb, outbox::Relay};
+use c2m_storage::{ServiceDb, batch::Batcher, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 use tokio::net::TcpListener;
@@ -124,6 +124,8 @@ pub struct Service {
     rcs_capability: Arc<TtlCache<(String, String), bool>>,
     settings: Arc<GatewaySettings>,
     relay: Relay,
+    lookups: Batcher<messages::Lookups>,
+    records: Batcher<messages::Records>,
     /// Opened credentials per account and provider, briefly. Replaced here at once; other
     /// replicas see a change within the TTL.
     credentials: Arc<TtlCache<(String, i32), Vec<u8>>>,
@@ -174,6 +176,8 @@ impl Service {
         let http = http_client(timeout, false)?;
         let http2 = http_client(timeout, true)?;
         let relay = Relay::new(db.clone(), peers.clone());
+        let lookups = Batcher::new(messages::Lookups(db.pool().clone()));
+        let records = Batcher::new(messages::Records(db.pool().clone()));
         Ok(Self {
             db,
             peers,
@@ -186,6 +190,8 @@ impl Service {
             rcs_capability: Arc::new(TtlCache::new(Duration::from_secs(600), 100_000)),
             settings: Arc::new(settings),
             relay,
+            lookups,
+            records,
             credentials: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
         })
     }

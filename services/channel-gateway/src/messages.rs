@@ -2,7 +2,7 @@
 //! order (read before delivered), and a late one must not undo an earlier one.
 
 use c2m_proto::v1::{self as pb, Channel, FunnelStage};
-use c2m_storage::outbox;
+use c2m_storage::{batch::Statement, outbox};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
 
@@ -74,43 +74,107 @@ pub async fn get(
     account_id: &str,
     message_id: &str,
 ) -> Result<Option<Outbound>, sqlx::Error> {
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM outbound_messages WHERE account_id = $1 AND message_id = $2"
-    )))
-    .bind(account_id)
-    .bind(message_id)
-    .fetch_optional(pool)
-    .await?
-    .map(outbound)
-    .transpose()
+    Ok(Lookups(pool.clone())
+        .run(&[(account_id.to_owned(), message_id.to_owned())])
+        .await?
+        .pop()
+        .flatten())
 }
 
-/// Records a send's outcome. A message id already recorded keeps its first outcome, which is
-/// returned.
-pub async fn record(pool: &PgPool, m: &Outbound) -> Result<Outbound, sqlx::Error> {
-    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO outbound_messages ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-         ON CONFLICT (message_id) DO NOTHING RETURNING {COLUMNS}"
-    )))
-    .bind(&m.message_id)
-    .bind(&m.account_id)
-    .bind(m.channel.as_str_name())
-    .bind(&m.handoff_id)
-    .bind(&m.handoff_config_id)
-    .bind(&m.skill_id)
-    .bind(&m.provider_message_id)
-    .bind(m.stage.as_str_name())
-    .bind(&m.error_code)
-    .bind(&m.error_message)
-    .bind(m.sent_at)
-    .bind(m.updated_at)
-    .fetch_optional(pool)
-    .await?;
-    match inserted {
-        Some(row) => outbound(row),
-        None => get(pool, &m.account_id, &m.message_id)
-            .await?
-            .ok_or(sqlx::Error::RowNotFound),
+/// Messages by `(account_id, message_id)`, looked up together.
+pub struct Lookups(pub PgPool);
+
+impl Statement for Lookups {
+    type Row = (String, String);
+    type Output = Option<Outbound>;
+
+    async fn run(&self, keys: &[(String, String)]) -> Result<Vec<Option<Outbound>>, sqlx::Error> {
+        let (accounts, ids): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(|(a, m)| (a.as_str(), m.as_str())).unzip();
+        let found = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM outbound_messages \
+             WHERE message_id = ANY($2) AND (account_id, message_id) IN \
+                 (SELECT * FROM unnest($1::text[], $2::text[]))"
+        )))
+        .bind(&accounts)
+        .bind(&ids)
+        .fetch_all(&self.0)
+        .await?
+        .into_iter()
+        .map(outbound)
+        .collect::<Result<Vec<_>, _>>()?;
+        Ok(keys
+            .iter()
+            .map(|(account, id)| {
+                found
+                    .iter()
+                    .find(|m| &m.message_id == id && &m.account_id == account)
+                    .cloned()
+            })
+            .collect())
+    }
+}
+
+/// Records sends' outcomes, together. A message id already recorded keeps its first outcome,
+/// which is returned (none if that id belongs to another account).
+pub struct Records(pub PgPool);
+
+impl Statement for Records {
+    type Row = Outbound;
+    type Output = Option<Outbound>;
+
+    async fn run(&self, messages: &[Outbound]) -> Result<Vec<Option<Outbound>>, sqlx::Error> {
+        let text = |f: fn(&Outbound) -> &str| messages.iter().map(f).collect::<Vec<_>>();
+        let optional =
+            |f: fn(&Outbound) -> Option<&str>| messages.iter().map(f).collect::<Vec<_>>();
+        let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO outbound_messages ({COLUMNS}) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], \
+                 $12::timestamptz[]) \
+             ON CONFLICT (message_id) DO NOTHING RETURNING {COLUMNS}"
+        )))
+        .bind(text(|m| &m.message_id))
+        .bind(text(|m| &m.account_id))
+        .bind(text(|m| m.channel.as_str_name()))
+        .bind(text(|m| &m.handoff_id))
+        .bind(text(|m| &m.handoff_config_id))
+        .bind(text(|m| &m.skill_id))
+        .bind(optional(|m| m.provider_message_id.as_deref()))
+        .bind(text(|m| m.stage.as_str_name()))
+        .bind(optional(|m| m.error_code.as_deref()))
+        .bind(optional(|m| m.error_message.as_deref()))
+        .bind(messages.iter().map(|m| m.sent_at).collect::<Vec<_>>())
+        .bind(messages.iter().map(|m| m.updated_at).collect::<Vec<_>>())
+        .fetch_all(&self.0)
+        .await?
+        .into_iter()
+        .map(outbound)
+        .collect::<Result<Vec<_>, _>>()?;
+        let mut recorded: Vec<Option<Outbound>> = messages
+            .iter()
+            .map(|m| {
+                inserted
+                    .iter()
+                    .find(|i| i.message_id == m.message_id)
+                    .cloned()
+            })
+            .collect();
+        // The ones recorded before: their first outcome (read now, after the insert waited for
+        // any concurrent writer of the same id to commit).
+        let earlier: Vec<(String, String)> = messages
+            .iter()
+            .zip(&recorded)
+            .filter(|(_, r)| r.is_none())
+            .map(|(m, _)| (m.account_id.clone(), m.message_id.clone()))
+            .collect();
+        if !earlier.is_empty() {
+            let mut found = Lookups(self.0.clone()).run(&earlier).await?.into_iter();
+            for slot in recorded.iter_mut().filter(|r| r.is_none()) {
+                *slot = found.next().flatten();
+            }
+        }
+        Ok(recorded)
     }
 }
 

@@ -17,7 +17,7 @@ use crate::{
     decide::Step,
     gate::{Ask, Passage},
     request::Deflection,
-    store::{self, Attempt, Fallback, Saved, StoredHandoff},
+    store::{self, Attempt, Fallback, Save, Saved, StoredHandoff},
 };
 
 pub(crate) fn db_status(error: sqlx::Error) -> Status {
@@ -174,7 +174,9 @@ impl Service {
         key: &str,
         fingerprint: &[u8],
     ) -> Result<Option<StoredHandoff>, Status> {
-        match store::by_idempotency_key(self.db.pool(), &d.account_id, key)
+        match self
+            .replays
+            .run((d.account_id.clone(), key.to_owned()))
             .await
             .map_err(db_status)?
         {
@@ -419,11 +421,14 @@ impl Service {
         events: &[pb::Event],
         fallback: Option<&Fallback>,
     ) -> Result<StoredHandoff, Status> {
-        let pool = self.db.pool();
-        match store::save(pool, &handoff, idempotency, events, fallback)
-            .await
-            .map_err(db_status)?
-        {
+        let save = Save {
+            handoff: handoff.clone(),
+            idempotency_key: idempotency.0.to_owned(),
+            fingerprint: idempotency.1.to_vec(),
+            events: events.to_vec(),
+            fallback: fallback.cloned(),
+        };
+        match self.saves.run(save).await.map_err(db_status)? {
             Saved::Saved => {
                 self.relay.wake();
                 tracing::info!(
@@ -436,7 +441,9 @@ impl Service {
                 );
                 Ok(handoff)
             }
-            Saved::Raced => store::by_idempotency_key(pool, &handoff.account_id, idempotency.0)
+            Saved::Raced => self
+                .replays
+                .run((handoff.account_id.clone(), idempotency.0.to_owned()))
                 .await
                 .map_err(db_status)?
                 .map(|(_, winner)| winner)

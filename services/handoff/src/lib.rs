@@ -21,7 +21,7 @@ use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::{self as pb, handoff_service_server::HandoffServiceServer};
 use c2m_runtime::{Component, cache::TtlCache, peers::Peers};
-use c2m_storage::{RedisHandle, ServiceDb, outbox::Relay};
+use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 
@@ -66,6 +66,8 @@ pub struct Service {
     peers: Peers,
     relay: Relay,
     gate: Gate,
+    saves: Batcher<store::Saves>,
+    replays: Batcher<store::Replays>,
     api_keys: Arc<TtlCache<[u8; 32], String>>,
     accounts: Arc<TtlCache<String, pb::Account>>,
     configs: Arc<TtlCache<(String, String), pb::HandoffConfig>>,
@@ -93,6 +95,8 @@ impl Service {
                 Duration::from_millis(settings.consumer_lease_ms),
                 settings.replicas,
             ),
+            saves: Batcher::new(store::Saves(db.pool().clone())),
+            replays: Batcher::new(store::Replays(db.pool().clone())),
             api_keys: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
             accounts: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             configs: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),

@@ -1,7 +1,7 @@
 //! Handoffs, their idempotency records and their events, written in one transaction.
 
 use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, HandoffStatus};
-use c2m_storage::outbox;
+use c2m_storage::{batch::Statement, outbox};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row, postgres::PgRow};
@@ -149,27 +149,43 @@ pub async fn load(
     .transpose()
 }
 
-/// The handoff an unexpired idempotency key points at, with the fingerprint it was made with.
-pub async fn by_idempotency_key(
-    pool: &PgPool,
-    account_id: &str,
-    key: &str,
-) -> Result<Option<(Vec<u8>, StoredHandoff)>, sqlx::Error> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT i.request_hash, {} FROM idempotency_keys i JOIN handoffs h USING (handoff_id) \
-         WHERE i.account_id = $1 AND i.idempotency_key = $2 AND i.expires_at > now()",
-        COLUMNS
-            .split(", ")
-            .map(|c| format!("h.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )))
-    .bind(account_id)
-    .bind(key)
-    .fetch_optional(pool)
-    .await?;
-    row.map(|row| Ok((row.try_get("request_hash")?, handoff(row)?)))
-        .transpose()
+/// The handoffs unexpired idempotency keys point at, with the fingerprint each was made with:
+/// rows are `(account_id, idempotency_key)`, looked up together.
+pub struct Replays(pub PgPool);
+
+impl Statement for Replays {
+    type Row = (String, String);
+    type Output = Option<(Vec<u8>, StoredHandoff)>;
+
+    async fn run(&self, keys: &[(String, String)]) -> Result<Vec<Self::Output>, sqlx::Error> {
+        let (accounts, keys): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(|(a, k)| (a.as_str(), k.as_str())).unzip();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT q.n, i.request_hash, {} \
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(account_id, idempotency_key, n) \
+             JOIN idempotency_keys i ON i.account_id = q.account_id \
+                 AND i.idempotency_key = q.idempotency_key AND i.expires_at > now() \
+             JOIN handoffs h ON h.handoff_id = i.handoff_id",
+            COLUMNS
+                .split(", ")
+                .map(|c| format!("h.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+        .bind(&accounts)
+        .bind(&keys)
+        .fetch_all(&self.0)
+        .await?;
+        let mut found = vec![None; accounts.len()];
+        for row in rows {
+            let n: i64 = row.try_get("n")?;
+            let hash: Vec<u8> = row.try_get("request_hash")?;
+            if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| found.get_mut(i)) {
+                *slot = Some((hash, handoff(row)?));
+            }
+        }
+        Ok(found)
+    }
 }
 
 /// What saving a handoff did.
@@ -190,65 +206,131 @@ pub struct Fallback {
     pub window_seconds: Option<i32>,
 }
 
-/// Writes the handoff, its idempotency record, its events and its pending fallback together, in
-/// one statement (one round trip, one commit: this is the hot path). The idempotency key is
-/// claimed first; an expired record of the same key is replaced, and a live one means a
-/// concurrent twin won, in which case nothing at all is written.
-pub async fn save(
-    pool: &PgPool,
-    h: &StoredHandoff,
-    idempotency: (&str, &[u8]),
-    events: &[pb::Event],
-    fallback: Option<&Fallback>,
-) -> Result<Saved, sqlx::Error> {
-    let (key, fingerprint) = idempotency;
-    let (event_ids, payloads) = outbox::rows(events)?;
-    let claimed: i64 = sqlx::query_scalar(
-        "WITH claim AS ( \
-             INSERT INTO idempotency_keys (account_id, idempotency_key, request_hash, handoff_id, expires_at) \
-             VALUES ($2, $13, $14, $1, now() + interval '24 hours') \
-             ON CONFLICT (account_id, idempotency_key) DO UPDATE \
-             SET request_hash = EXCLUDED.request_hash, handoff_id = EXCLUDED.handoff_id, \
-                 expires_at = EXCLUDED.expires_at \
-             WHERE idempotency_keys.expires_at <= now() \
-             RETURNING handoff_id), \
-         handoff AS ( \
-             INSERT INTO handoffs (handoff_id, account_id, handoff_config_id, consumer_phone, status, \
-                 channel, skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM claim), \
-         events AS ( \
-             INSERT INTO outbox (event_id, payload) \
-             SELECT * FROM unnest($15::uuid[], $16::bytea[]) WHERE EXISTS (SELECT 1 FROM claim)), \
-         fallback AS ( \
-             INSERT INTO fallbacks (handoff_id, account_id, message_id, remaining, deadline, window_seconds) \
-             SELECT $1, $2, $17, $18, $19, $20 FROM claim WHERE $17::text IS NOT NULL) \
-         SELECT count(*) FROM claim",
-    )
-    .bind(&h.handoff_id)
-    .bind(&h.account_id)
-    .bind(&h.handoff_config_id)
-    .bind(&h.consumer_phone)
-    .bind(h.status.as_str_name())
-    .bind(h.channel.map(|c| c.as_str_name()))
-    .bind(&h.skill_id)
-    .bind(&h.ivr_call_id)
-    .bind(&h.ivr_number)
-    .bind(serde_json::to_value(&h.attempts).map_err(|e| sqlx::Error::Encode(Box::new(e)))?)
-    .bind(&h.duplicate_of)
-    .bind(h.created_at)
-    .bind(key)
-    .bind(fingerprint)
-    .bind(&event_ids)
-    .bind(&payloads)
-    .bind(fallback.map(|f| f.message_id.as_str()))
-    .bind(fallback.map(|f| &f.remaining))
-    .bind(fallback.and_then(|f| f.deadline))
-    .bind(fallback.and_then(|f| f.window_seconds))
-    .fetch_one(pool)
-    .await?;
-    Ok(if claimed == 0 {
-        Saved::Raced
-    } else {
-        Saved::Saved
-    })
+/// A handoff to write with its idempotency record, its events and its pending fallback.
+#[derive(Debug)]
+pub struct Save {
+    pub handoff: StoredHandoff,
+    pub idempotency_key: String,
+    pub fingerprint: Vec<u8>,
+    pub events: Vec<pb::Event>,
+    pub fallback: Option<Fallback>,
+}
+
+/// Writes handoffs, each with its idempotency record, its events and its pending fallback, in
+/// one statement for the whole batch (one round trip, one commit: this is the hot path). Each
+/// handoff claims its idempotency key first; an expired record of the same key is replaced, and a
+/// live one means a concurrent twin won, in which case nothing of that handoff is written.
+pub struct Saves(pub PgPool);
+
+impl Statement for Saves {
+    type Row = Save;
+    type Output = Saved;
+
+    async fn run(&self, saves: &[Save]) -> Result<Vec<Saved>, sqlx::Error> {
+        let column = |f: fn(&Save) -> &str| saves.iter().map(f).collect::<Vec<_>>();
+        let mut event_ids = Vec::new();
+        let mut payloads = Vec::new();
+        let mut event_handoffs = Vec::new();
+        for save in saves {
+            let (ids, bytes) = outbox::rows(&save.events)?;
+            event_handoffs.extend(ids.iter().map(|_| save.handoff.handoff_id.as_str()));
+            event_ids.extend(ids);
+            payloads.extend(bytes);
+        }
+        let attempts = saves
+            .iter()
+            .map(|s| serde_json::to_value(&s.handoff.attempts))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let fallbacks: Vec<(&str, &Fallback)> = saves
+            .iter()
+            .filter_map(|s| Some((s.handoff.handoff_id.as_str(), s.fallback.as_ref()?)))
+            .collect();
+        let claimed: Vec<String> = sqlx::query_scalar(
+            "WITH input AS ( \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                     $6::text[], $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::text[], \
+                     $12::timestamptz[], $13::text[], $14::bytea[]) \
+                 AS t(handoff_id, account_id, handoff_config_id, consumer_phone, status, channel, \
+                     skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at, \
+                     idempotency_key, request_hash)), \
+             claim AS ( \
+                 INSERT INTO idempotency_keys (account_id, idempotency_key, request_hash, handoff_id, expires_at) \
+                 SELECT account_id, idempotency_key, request_hash, handoff_id, now() + interval '24 hours' \
+                 FROM input \
+                 ON CONFLICT (account_id, idempotency_key) DO UPDATE \
+                 SET request_hash = EXCLUDED.request_hash, handoff_id = EXCLUDED.handoff_id, \
+                     expires_at = EXCLUDED.expires_at \
+                 WHERE idempotency_keys.expires_at <= now() \
+                 RETURNING handoff_id), \
+             handoff AS ( \
+                 INSERT INTO handoffs (handoff_id, account_id, handoff_config_id, consumer_phone, status, \
+                     channel, skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at) \
+                 SELECT handoff_id, account_id, handoff_config_id, consumer_phone, status, channel, \
+                     skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at \
+                 FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
+             events AS ( \
+                 INSERT INTO outbox (event_id, payload) \
+                 SELECT event_id, payload FROM unnest($15::uuid[], $16::bytea[], $17::text[]) \
+                     AS e(event_id, payload, handoff_id) \
+                 WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
+             fallback AS ( \
+                 INSERT INTO fallbacks (handoff_id, account_id, message_id, remaining, deadline, window_seconds) \
+                 SELECT f.handoff_id, i.account_id, f.message_id, f.remaining, f.deadline, f.window_seconds \
+                 FROM unnest($18::text[], $19::text[], $20::jsonb[], $21::timestamptz[], $22::int[]) \
+                     AS f(handoff_id, message_id, remaining, deadline, window_seconds) \
+                 JOIN input i USING (handoff_id) \
+                 WHERE handoff_id IN (SELECT handoff_id FROM claim)) \
+             SELECT handoff_id FROM claim",
+        )
+        .bind(column(|s| &s.handoff.handoff_id))
+        .bind(column(|s| &s.handoff.account_id))
+        .bind(column(|s| &s.handoff.handoff_config_id))
+        .bind(column(|s| &s.handoff.consumer_phone))
+        .bind(column(|s| s.handoff.status.as_str_name()))
+        .bind(
+            saves
+                .iter()
+                .map(|s| s.handoff.channel.map(|c| c.as_str_name()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(column(|s| &s.handoff.skill_id))
+        .bind(column(|s| &s.handoff.ivr_call_id))
+        .bind(column(|s| &s.handoff.ivr_number))
+        .bind(&attempts)
+        .bind(
+            saves
+                .iter()
+                .map(|s| s.handoff.duplicate_of.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(saves.iter().map(|s| s.handoff.created_at).collect::<Vec<_>>())
+        .bind(column(|s| &s.idempotency_key))
+        .bind(saves.iter().map(|s| s.fingerprint.as_slice()).collect::<Vec<_>>())
+        .bind(&event_ids)
+        .bind(&payloads)
+        .bind(&event_handoffs)
+        .bind(fallbacks.iter().map(|(h, _)| *h).collect::<Vec<_>>())
+        .bind(
+            fallbacks
+                .iter()
+                .map(|(_, f)| f.message_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(fallbacks.iter().map(|(_, f)| &f.remaining).collect::<Vec<_>>())
+        .bind(fallbacks.iter().map(|(_, f)| f.deadline).collect::<Vec<_>>())
+        .bind(fallbacks.iter().map(|(_, f)| f.window_seconds).collect::<Vec<_>>())
+        .fetch_all(&self.0)
+        .await?;
+        Ok(saves
+            .iter()
+            .map(|s| {
+                if claimed.contains(&s.handoff.handoff_id) {
+                    Saved::Saved
+                } else {
+                    Saved::Raced
+                }
+            })
+            .collect())
+    }
 }

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     Service,
     conversations::{self, Inbound, RouteError},
+    deflections::{Consumer, Deflection},
 };
 
 /// `c2m_redis_degraded{service="routing"}`: 1 while lease writes skip Redis.
@@ -139,25 +140,19 @@ impl RoutingService for Service {
     ) -> Result<Response<pb::CheckConsumerResponse>, Status> {
         self.key.caller(request.metadata())?.require_internal()?;
         let request = request.into_inner();
-        // One query for both facts: the open conversation (the truth behind the Redis lease) and
-        // the channels the consumer opted out of.
-        let (conversation, opted_out, pending_invite): (Option<String>, Vec<String>, Option<String>) = sqlx::query_as(
-            "SELECT (SELECT conversation_id FROM conversations \
-                     WHERE account_id = $1 AND consumer_address = $2 AND closed_at IS NULL), \
-                    ARRAY(SELECT channel FROM opt_outs WHERE account_id = $1 AND consumer_phone = $2), \
-                    (SELECT d.handoff_id FROM deflections d \
-                     WHERE $3 > 0 AND d.account_id = $1 AND d.consumer_phone = $2 \
-                       AND d.channel = 'CHANNEL_APPLE_MESSAGES' \
-                       AND d.sent_at > now() - make_interval(hours => $3) \
-                       AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.handoff_id = d.handoff_id) \
-                     ORDER BY d.sent_at DESC LIMIT 1)",
-        )
-        .bind(&request.account_id)
-        .bind(&request.consumer_phone)
-        .bind(i32::try_from(request.pending_invite_hours).unwrap_or(i32::MAX))
-        .fetch_one(self.db.pool())
-        .await
-        .map_err(db_status)?;
+        let Consumer {
+            conversation,
+            opted_out,
+            pending_invite,
+        } = self
+            .checks
+            .run((
+                request.account_id.clone(),
+                request.consumer_phone.clone(),
+                i32::try_from(request.pending_invite_hours).unwrap_or(i32::MAX),
+            ))
+            .await
+            .map_err(db_status)?;
         if let Some(conversation_id) = &conversation {
             // Handoff asks only when the Redis lease is absent: Redis lost it, write it back.
             self.set_lease(
@@ -202,25 +197,21 @@ impl RoutingService for Service {
             violations.add("sent_at", "a valid timestamp is required");
         }
         violations.into_result()?;
-        sqlx::query(
-            "INSERT INTO deflections (handoff_id, account_id, handoff_config_id, ivr_number, consumer_phone, \
-             channel, skill_id, first_message, engagement_attributes, sent_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (handoff_id) DO UPDATE SET channel = $6, first_message = $8, sent_at = $10",
-        )
-        .bind(&r.handoff_id)
-        .bind(&r.account_id)
-        .bind(&r.handoff_config_id)
-        .bind(&r.ivr_number)
-        .bind(&r.consumer_phone)
-        .bind(channel.as_str_name())
-        .bind(&r.skill_id)
-        .bind(&r.first_message)
-        .bind(r.engagement_attributes.unwrap_or_default().encode_to_vec())
-        .bind(sent_at)
-        .execute(self.db.pool())
-        .await
-        .map_err(db_status)?;
+        self.deflections
+            .run(Deflection {
+                handoff_id: r.handoff_id,
+                account_id: r.account_id,
+                handoff_config_id: r.handoff_config_id,
+                ivr_number: r.ivr_number,
+                consumer_phone: r.consumer_phone,
+                channel: channel.as_str_name().to_owned(),
+                skill_id: r.skill_id,
+                first_message: r.first_message,
+                engagement_attributes: r.engagement_attributes.unwrap_or_default().encode_to_vec(),
+                sent_at: sent_at.unwrap_or_default(),
+            })
+            .await
+            .map_err(db_status)?;
         Ok(Response::new(pb::RecordDeflectionResponse {}))
     }
 

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod conversations;
+mod deflections;
 mod grpc;
 
 use std::{
@@ -17,7 +18,7 @@ use std::{
 
 use c2m_proto::v1::routing_service_server::RoutingServiceServer;
 use c2m_runtime::{Component, auth::TokenKey, peers::Peers};
-use c2m_storage::{RedisHandle, ServiceDb, outbox::Relay};
+use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay};
 use sqlx::migrate::Migrator;
 
 /// The PostgreSQL schema this service owns; no other service reads it.
@@ -34,6 +35,8 @@ pub struct Service {
     peers: Peers,
     key: TokenKey,
     relay: Relay,
+    checks: Batcher<deflections::Checks>,
+    deflections: Batcher<deflections::Records>,
     /// Set when Redis failed: lease writes are skipped until then, so a dead Redis costs a
     /// caller one timeout a second at most rather than one per request.
     skip_redis_until: Arc<Mutex<Option<Instant>>>,
@@ -43,6 +46,8 @@ impl Service {
     pub fn new(db: ServiceDb, redis: RedisHandle, peers: Peers, key: TokenKey) -> Self {
         let relay = Relay::new(db.clone(), peers.clone());
         Self {
+            checks: Batcher::new(deflections::Checks(db.pool().clone())),
+            deflections: Batcher::new(deflections::Records(db.pool().clone())),
             db,
             redis,
             peers,

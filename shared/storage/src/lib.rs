@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod batch;
 pub mod outbox;
 pub mod postgres;
 pub mod redis;

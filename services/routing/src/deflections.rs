@@ -1,0 +1,120 @@
+//! The two statements on every handoff's path, batched across concurrent handoffs (see
+//! `c2m_storage::batch`): what Routing knows about a consumer before a message goes, and the
+//! record of what went.
+
+use c2m_storage::batch::Statement;
+use sqlx::{PgPool, Row};
+
+/// What a handoff must know about a consumer before messaging them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Consumer {
+    /// The open conversation, the truth behind the Redis lease.
+    pub conversation: Option<String>,
+    /// The channels the consumer opted out of.
+    pub opted_out: Vec<String>,
+    /// The latest Apple Messages deflection inside the window that no conversation answered.
+    pub pending_invite: Option<String>,
+}
+
+/// A consumer to check: account, phone, and the hours an Apple Messages invite stays pending
+/// (0: none is looked for).
+pub type Check = (String, String, i32);
+
+/// Consumers checked together, one row each.
+pub struct Checks(pub PgPool);
+
+impl Statement for Checks {
+    type Row = Check;
+    type Output = Consumer;
+
+    async fn run(&self, checks: &[Check]) -> Result<Vec<Consumer>, sqlx::Error> {
+        let accounts: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
+        let phones: Vec<&str> = checks.iter().map(|c| c.1.as_str()).collect();
+        let hours: Vec<i32> = checks.iter().map(|c| c.2).collect();
+        let rows = sqlx::query(
+            "SELECT q.n, \
+                 (SELECT conversation_id FROM conversations \
+                  WHERE account_id = q.account_id AND consumer_address = q.phone \
+                    AND closed_at IS NULL) AS conversation, \
+                 ARRAY(SELECT channel FROM opt_outs \
+                       WHERE account_id = q.account_id AND consumer_phone = q.phone) AS opted_out, \
+                 (SELECT d.handoff_id FROM deflections d \
+                  WHERE q.hours > 0 AND d.account_id = q.account_id AND d.consumer_phone = q.phone \
+                    AND d.channel = 'CHANNEL_APPLE_MESSAGES' \
+                    AND d.sent_at > now() - make_interval(hours => q.hours) \
+                    AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.handoff_id = d.handoff_id) \
+                  ORDER BY d.sent_at DESC LIMIT 1) AS pending_invite \
+             FROM unnest($1::text[], $2::text[], $3::int[]) WITH ORDINALITY AS q(account_id, phone, hours, n) \
+             ORDER BY q.n",
+        )
+        .bind(&accounts)
+        .bind(&phones)
+        .bind(&hours)
+        .fetch_all(&self.0)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(Consumer {
+                    conversation: row.try_get("conversation")?,
+                    opted_out: row.try_get("opted_out")?,
+                    pending_invite: row.try_get("pending_invite")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A message sent for a handoff, to find when the consumer replies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deflection {
+    pub handoff_id: String,
+    pub account_id: String,
+    pub handoff_config_id: String,
+    pub ivr_number: String,
+    pub consumer_phone: String,
+    pub channel: String,
+    pub skill_id: String,
+    pub first_message: String,
+    /// `c2m.v1.EngagementAttributes`, encoded.
+    pub engagement_attributes: Vec<u8>,
+    pub sent_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Deflections recorded together. A handoff recorded again (a fallback sent on another channel)
+/// keeps its row, with the channel, message and time of the latest send.
+pub struct Records(pub PgPool);
+
+impl Statement for Records {
+    type Row = Deflection;
+    type Output = ();
+
+    async fn run(&self, deflections: &[Deflection]) -> Result<Vec<()>, sqlx::Error> {
+        let text = |f: fn(&Deflection) -> &str| deflections.iter().map(f).collect::<Vec<_>>();
+        sqlx::query(
+            "INSERT INTO deflections (handoff_id, account_id, handoff_config_id, ivr_number, \
+                 consumer_phone, channel, skill_id, first_message, engagement_attributes, sent_at) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                 $6::text[], $7::text[], $8::text[], $9::bytea[], $10::timestamptz[]) \
+             ON CONFLICT (handoff_id) DO UPDATE SET channel = EXCLUDED.channel, \
+                 first_message = EXCLUDED.first_message, sent_at = EXCLUDED.sent_at",
+        )
+        .bind(text(|d| &d.handoff_id))
+        .bind(text(|d| &d.account_id))
+        .bind(text(|d| &d.handoff_config_id))
+        .bind(text(|d| &d.ivr_number))
+        .bind(text(|d| &d.consumer_phone))
+        .bind(text(|d| &d.channel))
+        .bind(text(|d| &d.skill_id))
+        .bind(text(|d| &d.first_message))
+        .bind(
+            deflections
+                .iter()
+                .map(|d| d.engagement_attributes.as_slice())
+                .collect::<Vec<_>>(),
+        )
+        .bind(deflections.iter().map(|d| d.sent_at).collect::<Vec<_>>())
+        .execute(&self.0)
+        .await?;
+        Ok(vec![(); deflections.len()])
+    }
+}
