@@ -118,9 +118,7 @@ impl ChannelGatewayService for Service {
         }
         violations.into_result()?;
 
-        if let Some(existing) = self
-            .lookups
-            .run((r.account_id.clone(), r.message_id.clone()))
+        if let Some(existing) = messages::get(self.db.pool(), &r.account_id, &r.message_id)
             .await
             .map_err(db_status)?
         {

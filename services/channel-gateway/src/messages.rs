@@ -74,45 +74,15 @@ pub async fn get(
     account_id: &str,
     message_id: &str,
 ) -> Result<Option<Outbound>, sqlx::Error> {
-    Ok(Lookups(pool.clone())
-        .run(&[(account_id.to_owned(), message_id.to_owned())])
-        .await?
-        .pop()
-        .flatten())
-}
-
-/// Messages by `(account_id, message_id)`, looked up together.
-pub struct Lookups(pub PgPool);
-
-impl Statement for Lookups {
-    type Row = (String, String);
-    type Output = Option<Outbound>;
-
-    async fn run(&self, keys: &[(String, String)]) -> Result<Vec<Option<Outbound>>, sqlx::Error> {
-        let (accounts, ids): (Vec<&str>, Vec<&str>) =
-            keys.iter().map(|(a, m)| (a.as_str(), m.as_str())).unzip();
-        let found = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM outbound_messages \
-             WHERE message_id = ANY($2) AND (account_id, message_id) IN \
-                 (SELECT * FROM unnest($1::text[], $2::text[]))"
-        )))
-        .bind(&accounts)
-        .bind(&ids)
-        .fetch_all(&self.0)
-        .await?
-        .into_iter()
-        .map(outbound)
-        .collect::<Result<Vec<_>, _>>()?;
-        Ok(keys
-            .iter()
-            .map(|(account, id)| {
-                found
-                    .iter()
-                    .find(|m| &m.message_id == id && &m.account_id == account)
-                    .cloned()
-            })
-            .collect())
-    }
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM outbound_messages WHERE account_id = $1 AND message_id = $2"
+    )))
+    .bind(account_id)
+    .bind(message_id)
+    .fetch_optional(pool)
+    .await?
+    .map(outbound)
+    .transpose()
 }
 
 /// Records sends' outcomes, together. A message id already recorded keeps its first outcome,
@@ -168,11 +138,11 @@ impl Statement for Records {
             .filter(|(_, r)| r.is_none())
             .map(|(m, _)| (m.account_id.clone(), m.message_id.clone()))
             .collect();
-        if !earlier.is_empty() {
-            let mut found = Lookups(self.0.clone()).run(&earlier).await?.into_iter();
-            for slot in recorded.iter_mut().filter(|r| r.is_none()) {
-                *slot = found.next().flatten();
-            }
+        for ((account_id, message_id), slot) in earlier
+            .iter()
+            .zip(recorded.iter_mut().filter(|r| r.is_none()))
+        {
+            *slot = get(&self.0, account_id, message_id).await?;
         }
         Ok(recorded)
     }

@@ -35,7 +35,6 @@ pub struct Service {
     peers: Peers,
     key: TokenKey,
     relay: Relay,
-    checks: Batcher<deflections::Checks>,
     deflections: Batcher<deflections::Records>,
     /// Set when Redis failed: lease writes are skipped until then, so a dead Redis costs a
     /// caller one timeout a second at most rather than one per request.
@@ -46,7 +45,6 @@ impl Service {
     pub fn new(db: ServiceDb, redis: RedisHandle, peers: Peers, key: TokenKey) -> Self {
         let relay = Relay::new(db.clone(), peers.clone());
         Self {
-            checks: Batcher::new(deflections::Checks(db.pool().clone())),
             deflections: Batcher::new(deflections::Records(db.pool().clone())),
             db,
             redis,
