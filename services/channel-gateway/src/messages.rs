@@ -214,3 +214,74 @@ pub async fn advance(
     outbox::enqueue(tx, &events).await?;
     Ok(events.len())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use c2m_storage::ServiceDb;
+    use c2m_test_support::TestDatabase;
+
+    fn message(account_id: &str, message_id: &str, stage: FunnelStage) -> Outbound {
+        let now = Utc::now();
+        Outbound {
+            message_id: message_id.into(),
+            account_id: account_id.into(),
+            channel: Channel::Sms,
+            handoff_id: "ho_1".into(),
+            handoff_config_id: "default".into(),
+            skill_id: "billing".into(),
+            provider_message_id: (stage == FunnelStage::Sent).then(|| format!("SM{message_id}")),
+            stage,
+            error_code: None,
+            error_message: None,
+            sent_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// In one batch: a new message is recorded as sent; a message id recorded before keeps its
+    /// first outcome; an id another account holds is not this account's (none).
+    #[tokio::test]
+    async fn a_batch_records_new_messages_and_keeps_first_outcomes() {
+        let database = TestDatabase::create().await;
+        let db = ServiceDb::connect_lazy(&database.settings(), crate::SCHEMA, &crate::MIGRATOR)
+            .expect("settings");
+        db.migrate().await.expect("migrates");
+        let records = Records(db.pool().clone());
+        records
+            .run(&[
+                message("acme", "m-earlier", FunnelStage::Failed),
+                message("globex", "m-theirs", FunnelStage::Sent),
+            ])
+            .await
+            .expect("records");
+
+        let recorded = records
+            .run(&[
+                message("acme", "m-new", FunnelStage::Sent),
+                message("acme", "m-earlier", FunnelStage::Sent),
+                message("acme", "m-theirs", FunnelStage::Sent),
+            ])
+            .await
+            .expect("records");
+        let stages: Vec<Option<FunnelStage>> = recorded
+            .iter()
+            .map(|m| m.as_ref().map(|m| m.stage))
+            .collect();
+        assert_eq!(
+            stages,
+            [Some(FunnelStage::Sent), Some(FunnelStage::Failed), None]
+        );
+        assert_eq!(
+            recorded[0]
+                .as_ref()
+                .and_then(|m| m.provider_message_id.as_deref()),
+            Some("SMm-new")
+        );
+        let stored = get(db.pool(), "globex", "m-theirs")
+            .await
+            .expect("reads")
+            .expect("still theirs");
+        assert_eq!(stored.stage, FunnelStage::Sent);
+    }
+}

@@ -318,3 +318,122 @@ impl Statement for Saves {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use c2m_proto::v1::FunnelStage;
+    use c2m_storage::ServiceDb;
+    use c2m_test_support::TestDatabase;
+
+    fn save(handoff_id: &str, key: &str, fallback: bool) -> Save {
+        let handoff = StoredHandoff {
+            handoff_id: handoff_id.into(),
+            account_id: "acme".into(),
+            handoff_config_id: "default".into(),
+            consumer_phone: "+447700900123".into(),
+            status: HandoffStatus::Sent,
+            channel: Some(Channel::Sms),
+            skill_id: "billing".into(),
+            ivr_call_id: String::new(),
+            ivr_number: String::new(),
+            attempts: Vec::new(),
+            duplicate_of: None,
+            created_at: Utc::now(),
+        };
+        Save {
+            events: [FunnelStage::Attempted, FunnelStage::Sent]
+                .into_iter()
+                .map(|stage| pb::Event {
+                    handoff_id: handoff_id.into(),
+                    ..outbox::event("acme", stage)
+                })
+                .collect(),
+            fallback: fallback.then(|| Fallback {
+                message_id: format!("{handoff_id}-1"),
+                remaining: serde_json::json!([]),
+                deadline: None,
+                window_seconds: Some(60),
+            }),
+            handoff,
+            idempotency_key: key.into(),
+            fingerprint: key.as_bytes().to_vec(),
+        }
+    }
+
+    async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql)
+            .fetch_one(pool)
+            .await
+            .expect("counts")
+    }
+
+    /// One statement saves a batch: each handoff whose key is free is written whole (row,
+    /// idempotency record, events, fallback), and one whose key a committed handoff holds writes
+    /// nothing at all. Two rows of one batch with the same key fail the statement, which is what
+    /// makes the batcher run them one by one (the first saves, the second has raced).
+    #[tokio::test]
+    async fn a_batch_saves_each_handoff_whole_or_not_at_all() {
+        let database = TestDatabase::create().await;
+        let db = ServiceDb::connect_lazy(&database.settings(), crate::SCHEMA, &crate::MIGRATOR)
+            .expect("settings");
+        db.migrate().await.expect("migrates");
+        let saves = Saves(db.pool().clone());
+
+        let first = saves.run(&[save("ho_first", "k-taken", false)]).await;
+        assert!(matches!(first.as_deref(), Ok([Saved::Saved])));
+
+        let batch = [
+            save("ho_plain", "k-plain", false),
+            save("ho_fallback", "k-fallback", true),
+            save("ho_late", "k-taken", true),
+        ];
+        let outcome = saves.run(&batch).await.expect("one statement");
+        assert!(matches!(
+            outcome.as_slice(),
+            [Saved::Saved, Saved::Saved, Saved::Raced]
+        ));
+        let pool = db.pool();
+        assert_eq!(count(pool, "SELECT count(*) FROM handoffs").await, 3);
+        assert_eq!(
+            count(
+                pool,
+                "SELECT count(*) FROM handoffs WHERE handoff_id = 'ho_late'"
+            )
+            .await,
+            0
+        );
+        assert_eq!(count(pool, "SELECT count(*) FROM outbox").await, 6);
+        assert_eq!(
+            sqlx::query_scalar::<_, String>("SELECT handoff_id FROM fallbacks")
+                .fetch_all(pool)
+                .await
+                .expect("fallbacks"),
+            vec!["ho_fallback".to_owned()]
+        );
+        assert_eq!(
+            sqlx::query_scalar::<_, String>(
+                "SELECT handoff_id FROM idempotency_keys WHERE idempotency_key = 'k-taken'"
+            )
+            .fetch_one(pool)
+            .await
+            .expect("key"),
+            "ho_first"
+        );
+
+        let twins = [save("ho_a", "k-twin", false), save("ho_b", "k-twin", false)];
+        assert!(matches!(
+            saves.run(&twins).await,
+            Err(sqlx::Error::Database(_))
+        ));
+        assert!(matches!(
+            saves.run(&twins[..1]).await.as_deref(),
+            Ok([Saved::Saved])
+        ));
+        assert!(matches!(
+            saves.run(&twins[1..]).await.as_deref(),
+            Ok([Saved::Raced])
+        ));
+        assert_eq!(count(pool, "SELECT count(*) FROM outbox").await, 8);
+    }
+}
