@@ -118,7 +118,9 @@ impl ChannelGatewayService for Service {
         }
         violations.into_result()?;
 
-        if let Some(existing) = messages::get(self.db.pool(), &r.account_id, &r.message_id)
+        if let Some(existing) = self
+            .lookups
+            .run((r.account_id.clone(), r.message_id.clone()))
             .await
             .map_err(db_status)?
         {

@@ -124,6 +124,7 @@ pub struct Service {
     rcs_capability: Arc<TtlCache<(String, String), bool>>,
     settings: Arc<GatewaySettings>,
     relay: Relay,
+    lookups: Batcher<messages::Lookups>,
     records: Batcher<messages::Records>,
     /// Opened credentials per account and provider, briefly. Replaced here at once; other
     /// replicas see a change within the TTL.
@@ -175,7 +176,8 @@ impl Service {
         let http = http_client(timeout, false)?;
         let http2 = http_client(timeout, true)?;
         let relay = Relay::new(db.clone(), peers.clone());
-        let records = Batcher::new(messages::Records(db.pool().clone()));
+        let lookups = Batcher::new(messages::Lookups(db.batch_pool().clone()));
+        let records = Batcher::new(messages::Records(db.batch_pool().clone()));
         Ok(Self {
             db,
             peers,
@@ -188,6 +190,7 @@ impl Service {
             rcs_capability: Arc::new(TtlCache::new(Duration::from_secs(600), 100_000)),
             settings: Arc::new(settings),
             relay,
+            lookups,
             records,
             credentials: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
         })

@@ -174,7 +174,9 @@ impl Service {
         key: &str,
         fingerprint: &[u8],
     ) -> Result<Option<StoredHandoff>, Status> {
-        match store::by_idempotency_key(self.db.pool(), &d.account_id, key)
+        match self
+            .replays
+            .run((d.account_id.clone(), key.to_owned()))
             .await
             .map_err(db_status)?
         {
@@ -439,13 +441,13 @@ impl Service {
                 );
                 Ok(handoff)
             }
-            Saved::Raced => {
-                store::by_idempotency_key(self.db.pool(), &handoff.account_id, idempotency.0)
-                    .await
-                    .map_err(db_status)?
-                    .map(|(_, winner)| winner)
-                    .ok_or_else(|| Status::aborted("a concurrent retry is in flight, retry"))
-            }
+            Saved::Raced => self
+                .replays
+                .run((handoff.account_id.clone(), idempotency.0.to_owned()))
+                .await
+                .map_err(db_status)?
+                .map(|(_, winner)| winner)
+                .ok_or_else(|| Status::aborted("a concurrent retry is in flight, retry")),
         }
     }
 

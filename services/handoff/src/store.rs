@@ -149,27 +149,47 @@ pub async fn load(
     .transpose()
 }
 
-/// The handoff an unexpired idempotency key points at, with the fingerprint it was made with.
-pub async fn by_idempotency_key(
-    pool: &PgPool,
-    account_id: &str,
-    key: &str,
-) -> Result<Option<(Vec<u8>, StoredHandoff)>, sqlx::Error> {
-    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT i.request_hash, {} FROM idempotency_keys i JOIN handoffs h USING (handoff_id) \
-         WHERE i.account_id = $1 AND i.idempotency_key = $2 AND i.expires_at > now()",
-        COLUMNS
-            .split(", ")
-            .map(|c| format!("h.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )))
-    .bind(account_id)
-    .bind(key)
-    .fetch_optional(pool)
-    .await?;
-    row.map(|row| Ok((row.try_get("request_hash")?, handoff(row)?)))
-        .transpose()
+/// The handoffs unexpired idempotency keys point at, with the fingerprint each was made with:
+/// rows are `(account_id, idempotency_key)`, looked up together.
+pub struct Replays(pub PgPool);
+
+impl Statement for Replays {
+    type Row = (String, String);
+    type Output = Option<(Vec<u8>, StoredHandoff)>;
+
+    async fn run(&self, keys: &[(String, String)]) -> Result<Vec<Self::Output>, sqlx::Error> {
+        let (accounts, keys): (Vec<&str>, Vec<&str>) =
+            keys.iter().map(|(a, k)| (a.as_str(), k.as_str())).unzip();
+        // LATERAL with OFFSET 0 is not flattened into a join: each key is one probe of the
+        // primary keys, whatever the generic plan thought of the tables' sizes.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT q.n, found.* \
+             FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS q(account_id, idempotency_key, n) \
+             CROSS JOIN LATERAL ( \
+                 SELECT i.request_hash, {} FROM idempotency_keys i \
+                 JOIN handoffs h ON h.handoff_id = i.handoff_id \
+                 WHERE i.account_id = q.account_id AND i.idempotency_key = q.idempotency_key \
+                     AND i.expires_at > now() OFFSET 0) AS found",
+            COLUMNS
+                .split(", ")
+                .map(|c| format!("h.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+        .bind(&accounts)
+        .bind(&keys)
+        .fetch_all(&self.0)
+        .await?;
+        let mut found = vec![None; accounts.len()];
+        for row in rows {
+            let n: i64 = row.try_get("n")?;
+            let hash: Vec<u8> = row.try_get("request_hash")?;
+            if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| found.get_mut(i)) {
+                *slot = Some((hash, handoff(row)?));
+            }
+        }
+        Ok(found)
+    }
 }
 
 /// What saving a handoff did.

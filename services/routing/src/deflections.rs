@@ -3,7 +3,7 @@
 //! `c2m_storage::batch`).
 
 use c2m_storage::batch::Statement;
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 
 /// What a handoff must know about a consumer before messaging them.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,47 +16,53 @@ pub struct Consumer {
     pub pending_invite: Option<String>,
 }
 
-/// What Routing knows about `phone`, in one query; an Apple Messages invite counts as pending
-/// for `invite_hours` (0: none is looked for). One row, by the tables' keys: batching this read
-/// would only trade the index lookups for array plans the planner may get wrong.
-pub async fn check(
-    pool: &PgPool,
-    account_id: &str,
-    phone: &str,
-    invite_hours: i32,
-) -> Result<Consumer, sqlx::Error> {
-    const FACTS: &str = "SELECT (SELECT conversation_id FROM conversations \
-                WHERE account_id = $1 AND consumer_address = $2 AND closed_at IS NULL), \
-            ARRAY(SELECT channel FROM opt_outs WHERE account_id = $1 AND consumer_phone = $2)";
-    // Two statements rather than one with `$3 > 0`: such a condition makes PostgreSQL plan the
-    // statement afresh on every call (a custom plan always looks cheaper than the generic one),
-    // which cost more than running it.
-    let (conversation, opted_out, pending_invite) = if invite_hours > 0 {
-        sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "{FACTS}, (SELECT d.handoff_id FROM deflections d \
-                 WHERE d.account_id = $1 AND d.consumer_phone = $2 \
-                   AND d.channel = 'CHANNEL_APPLE_MESSAGES' \
-                   AND d.sent_at > now() - make_interval(hours => $3) \
-                   AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.handoff_id = d.handoff_id) \
-                 ORDER BY d.sent_at DESC LIMIT 1)"
-        )))
-        .bind(account_id)
-        .bind(phone)
-        .bind(invite_hours)
-        .fetch_one(pool)
-        .await?
-    } else {
-        sqlx::query_as(sqlx::AssertSqlSafe(format!("{FACTS}, NULL::text")))
-            .bind(account_id)
-            .bind(phone)
-            .fetch_one(pool)
-            .await?
-    };
-    Ok(Consumer {
-        conversation,
-        opted_out,
-        pending_invite,
-    })
+/// A consumer to check: account, phone, and the hours an Apple Messages invite stays pending
+/// (0: none is looked for).
+pub type Check = (String, String, i32);
+
+/// Consumers checked together, one row each; each fact is a probe by the tables' keys (a
+/// subquery per row, which PostgreSQL cannot turn into a scan of a whole table).
+pub struct Checks(pub PgPool);
+
+impl Statement for Checks {
+    type Row = Check;
+    type Output = Consumer;
+
+    async fn run(&self, checks: &[Check]) -> Result<Vec<Consumer>, sqlx::Error> {
+        let accounts: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
+        let phones: Vec<&str> = checks.iter().map(|c| c.1.as_str()).collect();
+        let hours: Vec<i32> = checks.iter().map(|c| c.2).collect();
+        let rows = sqlx::query(
+            "SELECT \
+                 (SELECT conversation_id FROM conversations \
+                  WHERE account_id = q.account_id AND consumer_address = q.phone \
+                    AND closed_at IS NULL) AS conversation, \
+                 ARRAY(SELECT channel FROM opt_outs \
+                       WHERE account_id = q.account_id AND consumer_phone = q.phone) AS opted_out, \
+                 (SELECT d.handoff_id FROM deflections d \
+                  WHERE q.hours > 0 AND d.account_id = q.account_id AND d.consumer_phone = q.phone \
+                    AND d.channel = 'CHANNEL_APPLE_MESSAGES' \
+                    AND d.sent_at > now() - make_interval(hours => q.hours) \
+                    AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.handoff_id = d.handoff_id) \
+                  ORDER BY d.sent_at DESC LIMIT 1) AS pending_invite \
+             FROM unnest($1::text[], $2::text[], $3::int[]) WITH ORDINALITY AS q(account_id, phone, hours, n) \
+             ORDER BY q.n",
+        )
+        .bind(&accounts)
+        .bind(&phones)
+        .bind(&hours)
+        .fetch_all(&self.0)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(Consumer {
+                    conversation: row.try_get("conversation")?,
+                    opted_out: row.try_get("opted_out")?,
+                    pending_invite: row.try_get("pending_invite")?,
+                })
+            })
+            .collect()
+    }
 }
 
 /// A message sent for a handoff, to find when the consumer replies.

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     Service,
     conversations::{self, Inbound, RouteError},
-    deflections::{self, Consumer, Deflection},
+    deflections::{Consumer, Deflection},
 };
 
 /// `c2m_redis_degraded{service="routing"}`: 1 while lease writes skip Redis.
@@ -144,14 +144,15 @@ impl RoutingService for Service {
             conversation,
             opted_out,
             pending_invite,
-        } = deflections::check(
-            self.db.pool(),
-            &request.account_id,
-            &request.consumer_phone,
-            i32::try_from(request.pending_invite_hours).unwrap_or(i32::MAX),
-        )
-        .await
-        .map_err(db_status)?;
+        } = self
+            .checks
+            .run((
+                request.account_id.clone(),
+                request.consumer_phone.clone(),
+                i32::try_from(request.pending_invite_hours).unwrap_or(i32::MAX),
+            ))
+            .await
+            .map_err(db_status)?;
         if let Some(conversation_id) = &conversation {
             // Handoff asks only when the Redis lease is absent: Redis lost it, write it back.
             self.set_lease(

@@ -35,6 +35,7 @@ pub struct Service {
     peers: Peers,
     key: TokenKey,
     relay: Relay,
+    checks: Batcher<deflections::Checks>,
     deflections: Batcher<deflections::Records>,
     /// Set when Redis failed: lease writes are skipped until then, so a dead Redis costs a
     /// caller one timeout a second at most rather than one per request.
@@ -45,7 +46,8 @@ impl Service {
     pub fn new(db: ServiceDb, redis: RedisHandle, peers: Peers, key: TokenKey) -> Self {
         let relay = Relay::new(db.clone(), peers.clone());
         Self {
-            deflections: Batcher::new(deflections::Records(db.pool().clone())),
+            checks: Batcher::new(deflections::Checks(db.batch_pool().clone())),
+            deflections: Batcher::new(deflections::Records(db.batch_pool().clone())),
             db,
             redis,
             peers,

@@ -51,9 +51,12 @@ impl<S: Statement> std::fmt::Debug for Batcher<S> {
     }
 }
 
-/// Statements of one kind running at once, by default: a second batch forms while the first
-/// runs, so the batcher never waits on one slow round trip.
-pub const SLOTS: usize = 2;
+/// Statements of one kind running at once, by default: one, as in PostgreSQL's own group commit.
+/// The rows that arrive while it runs leave together in the next. Measured on the handoff
+/// benchmark (two cores), one slot carried 2,600–2,800 handoffs/s where two carried 2,100, at the
+/// same latency at 500/s and 1,000/s: the batches are larger, and a round trip saved is worth more
+/// than the overlap a second slot buys.
+pub const SLOTS: usize = 1;
 /// The most rows in one statement, by default.
 pub const MAX_ROWS: usize = 64;
 

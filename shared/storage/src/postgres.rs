@@ -70,10 +70,16 @@ pub enum DbError {
     NotMigrated { schema: &'static str, count: usize },
 }
 
+/// Connections of a service's batch pool: a service has at most two batched statements on its
+/// hot path, each running `batch::SLOTS` statements at once.
+const BATCH_CONNECTIONS: u32 = 2 * crate::batch::SLOTS as u32;
+
 /// A service's database: a pool confined to its schema, and the migrations that shape it.
 #[derive(Debug, Clone)]
 pub struct ServiceDb {
     pool: PgPool,
+    /// For batched statements only (see [`ServiceDb::batch_pool`]).
+    batch_pool: PgPool,
     schema: &'static str,
     migrator: &'static Migrator,
     migrate_on_start: bool,
@@ -95,6 +101,14 @@ impl ServiceDb {
             .options([("search_path", schema)])
             .application_name(&format!("c2m-{schema}"));
         let create_database = settings.create_database.then(|| options.clone());
+        let batch_pool = PgPoolOptions::new()
+            .max_connections(BATCH_CONNECTIONS)
+            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            .test_before_acquire(false)
+            .connect_lazy_with(options.clone().options([
+                ("search_path", schema),
+                ("plan_cache_mode", "force_generic_plan"),
+            ]));
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
@@ -105,6 +119,7 @@ impl ServiceDb {
             .connect_lazy_with(options);
         Ok(Self {
             pool,
+            batch_pool,
             schema,
             migrator,
             migrate_on_start: settings.migrate_on_start,
@@ -115,6 +130,16 @@ impl ServiceDb {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Connections for batched statements (`crate::batch`), which take their rows as arrays.
+    /// PostgreSQL sees a constant array's exact length, so by default it finds a plan made for
+    /// that length cheaper than the generic one and plans such a statement afresh on every call,
+    /// which costs more than running it. On these connections it plans each statement once
+    /// (`plan_cache_mode = force_generic_plan`); the statements are written so that the generic
+    /// plan probes the tables' keys row by row, however small the tables were when it was made.
+    pub fn batch_pool(&self) -> &PgPool {
+        &self.batch_pool
     }
 
     /// Whether this process has seen the schema migrated (it has run or checked the migrations).
