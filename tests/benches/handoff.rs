@@ -194,6 +194,83 @@ async fn echo_baseline(callers: u64, seconds: u64) -> f64 {
     count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
+/// CPU seconds used so far, from /proc (Linux; zeros elsewhere): by this process (the servers,
+/// the callers, the emulator), by PostgreSQL's and Redis's processes on this machine, and by the
+/// whole machine.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    this: f64,
+    postgres: f64,
+    redis: f64,
+    machine_busy: f64,
+    machine_all: f64,
+}
+
+impl Cpu {
+    fn now() -> Self {
+        // The kernel's clock ticks; 100 a second on every Linux this runs on.
+        const HZ: f64 = 100.0;
+        let times = |stat: &str| -> Option<(String, f64)> {
+            let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_owned();
+            let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
+            let ticks =
+                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+            Some((comm, ticks / HZ))
+        };
+        let mut cpu = Cpu {
+            this: std::fs::read_to_string("/proc/self/stat")
+                .ok()
+                .and_then(|s| times(&s))
+                .map_or(0.0, |(_, t)| t),
+            postgres: 0.0,
+            redis: 0.0,
+            machine_busy: 0.0,
+            machine_all: 0.0,
+        };
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some((comm, t)) = std::fs::read_to_string(entry.path().join("stat"))
+                .ok()
+                .and_then(|s| times(&s))
+            else {
+                continue;
+            };
+            match comm.as_str() {
+                "postgres" => cpu.postgres += t,
+                "redis-server" => cpu.redis += t,
+                _ => {}
+            }
+        }
+        if let Some(line) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned))
+        {
+            let ticks: Vec<f64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|t| t.parse().ok())
+                .collect();
+            cpu.machine_all = ticks.iter().sum::<f64>() / HZ;
+            // idle and iowait are the 4th and 5th.
+            cpu.machine_busy =
+                cpu.machine_all - ticks.get(3..5).map_or(0.0, |t| t.iter().sum()) / HZ;
+        }
+        cpu
+    }
+
+    /// Per handoff between `self` and `later`, and how busy the machine was.
+    fn report(&self, later: &Cpu, handoffs: usize) -> String {
+        let per = |a: f64, b: f64| (b - a) * 1000.0 / handoffs.max(1) as f64;
+        format!(
+            "cpu per handoff: {:.2} ms this process (servers, callers, emulator), {:.2} ms postgres, {:.2} ms redis; machine {:.0}% busy",
+            per(self.this, later.this),
+            per(self.postgres, later.postgres),
+            per(self.redis, later.redis),
+            100.0 * (later.machine_busy - self.machine_busy)
+                / (later.machine_all - self.machine_all).max(f64::EPSILON)
+        )
+    }
+}
+
 /// `cmdstat_<name>` calls from INFO commandstats.
 async fn command_calls(redis: &RedisServer) -> std::collections::HashMap<String, u64> {
     let client = redis::Client::open(redis.url()).expect("url");
@@ -224,6 +301,7 @@ fn main() {
     // do; `dev`: all roles in one server calling each other in process, as `c2m dev` does.
     let one_process = std::env::var("C2M_BENCH_TOPOLOGY").is_ok_and(|t| t == "dev");
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(knob("C2M_BENCH_WORKERS", 2) as usize)
         .enable_all()
         .build()
         .expect("runtime");
@@ -276,7 +354,9 @@ fn main() {
         closed_loop(&client, &accounts, callers, 2).await;
 
         let before = command_calls(&redis).await;
+        let cpu_before = Cpu::now();
         let (latencies, closed_failed) = closed_loop(&client, &accounts, callers, seconds).await;
+        let cpu_closed = Cpu::now();
         let done = latencies.len();
         let after = command_calls(&redis).await;
         let delta = |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
@@ -289,7 +369,11 @@ fn main() {
             - delta("ping");
         let throughput = done as f64 / seconds as f64;
 
+        let cpu_open = Cpu::now();
         let (achieved, fixed, fixed_failed) = open_loop(&client, &accounts, rate, seconds).await;
+        let cpu_fixed = cpu_open.report(&Cpu::now(), fixed.len() + fixed_failed);
+        let cpu_closed = cpu_before.report(&cpu_closed, done + closed_failed);
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         let echo = echo_baseline(callers, seconds).await;
 
         let topology = if one_process {
@@ -297,7 +381,7 @@ fn main() {
         } else {
             "five separate servers"
         };
-        println!("c2m handoff benchmark: {topology}, {callers} callers, {account_count} accounts, {seconds} s per phase, 2 cores");
+        println!("c2m handoff benchmark: {topology}, {callers} callers, {account_count} accounts, {seconds} s per phase, {cores} cores");
         println!("  closed loop: {throughput:.0} handoffs/s ({done} handoffs, {closed_failed} failed)");
         println!(
             "    latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
@@ -305,12 +389,14 @@ fn main() {
             ms(percentile(&latencies, 0.99)),
             ms(percentile(&latencies, 0.999))
         );
+        println!("    {cpu_closed}");
         println!(
             "  fixed rate {rate}/s (completed {achieved:.0}/s, {fixed_failed} failed): p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
             ms(percentile(&fixed, 0.50)),
             ms(percentile(&fixed, 0.99)),
             ms(percentile(&fixed, 0.999))
         );
+        println!("    {cpu_fixed}");
         println!(
             "  redis: {:.3} round trips (EVALSHA/EVAL) per handoff; {:.2} commands per handoff counting those run inside the script",
             scripts as f64 / done as f64,

@@ -71,8 +71,8 @@ pub enum DbError {
 }
 
 /// Connections of a service's batch pool: a service has at most two batched statements on its
-/// hot path, each running `batch::SLOTS` statements at once.
-const BATCH_CONNECTIONS: u32 = 2 * crate::batch::SLOTS as u32;
+/// hot path, and each runs one statement at a time.
+const BATCH_CONNECTIONS: u32 = 2;
 
 /// A service's database: a pool confined to its schema, and the migrations that shape it.
 #[derive(Debug, Clone)]
