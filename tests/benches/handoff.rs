@@ -1,10 +1,11 @@
 //! `cargo bench -p c2m-e2e --bench handoff`: CreateHandoff through the whole mesh — five separate
 //! servers, PostgreSQL, Redis, the Twilio emulator — and, in the same run, a bare tonic unary
-//! server as the denominator. Prints figures; asserts nothing.
+//! server as the denominator. Prints figures, CPU per handoff among them; asserts nothing.
 //!
 //! Knobs (environment): C2M_BENCH_CALLERS (64), C2M_BENCH_ACCOUNTS (8), C2M_BENCH_SECONDS (10),
 //! C2M_BENCH_RATE (1000, the fixed arrival rate of the latency phase), C2M_BENCH_TOPOLOGY
-//! (`separate`, or `dev` for every role in one server calling the others in process).
+//! (`separate`, or `dev` for every role in one server calling the others in process),
+//! C2M_BENCH_WORKERS (2, the runtime's worker threads, which the servers and the callers share).
 
 /// The allocator the `c2m` binary ships with, so the figures are the binary's.
 #[global_allocator]
