@@ -8,6 +8,7 @@ use c2m_proto::v1::{
     put_provider_credentials_request::Credentials,
 };
 use c2m_runtime::auth::Role as AuthRole;
+use tonic_types::StatusExt;
 
 use crate::story::{Story, Topology, authed, handoff_request, onboard, token};
 
@@ -588,6 +589,43 @@ async fn free_form_text_goes_only_inside_the_customer_service_window() {
     assert_eq!(refused.stage, pb::FunnelStage::Failed as i32);
     assert_eq!(refused.error_code, "outside-customer-service-window");
     assert_eq!(story.meta.sent().len(), 2);
+
+    // The same message id again: the first outcome, and still no call to Meta; from another
+    // account, refused naming the field.
+    let again = |account_id: &str| {
+        let mut gateway = story.gateway();
+        let request = authed(
+            pb::SendMessageRequest {
+                account_id: account_id.into(),
+                message_id: "direct-1".into(),
+                channel: Channel::Whatsapp as i32,
+                to: wrote.into(),
+                text: "Just checking in".into(),
+                ..Default::default()
+            },
+            &token(AuthRole::Operator, None),
+        );
+        async move { gateway.await.send_message(request).await }
+    };
+    let repeated = again("acme")
+        .await
+        .expect("answered")
+        .into_inner()
+        .message
+        .expect("message");
+    assert_eq!(repeated, refused);
+    let foreign = again("globex").await.expect_err("another account's id");
+    assert_eq!(foreign.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        foreign
+            .get_error_details()
+            .bad_request()
+            .expect("violations")
+            .field_violations[0]
+            .field,
+        "message_id"
+    );
+    assert_eq!(story.meta.requests(), 2);
     story.stop().await;
 }
 

@@ -120,10 +120,16 @@ impl ChannelGatewayService for Service {
 
         if let Some(existing) = self
             .lookups
-            .run((r.account_id.clone(), r.message_id.clone()))
+            .run(r.message_id.clone())
             .await
             .map_err(db_status)?
         {
+            if existing.account_id != r.account_id {
+                return Err(status::invalid_field(
+                    "message_id",
+                    "already used by another account",
+                ));
+            }
             return Ok(Response::new(pb::SendMessageResponse {
                 message: Some(existing.to_wire()),
             }));

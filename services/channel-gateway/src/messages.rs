@@ -85,15 +85,15 @@ pub async fn get(
     .transpose()
 }
 
-/// Messages by `(account_id, message_id)`, looked up together.
+/// Messages by id (the primary key, unique across accounts), looked up together. The caller
+/// checks that a message found is its account's.
 pub struct Lookups(pub PgPool);
 
 impl Statement for Lookups {
-    type Row = (String, String);
+    type Row = String;
     type Output = Option<Outbound>;
 
-    async fn run(&self, keys: &[(String, String)]) -> Result<Vec<Option<Outbound>>, sqlx::Error> {
-        let ids: Vec<&str> = keys.iter().map(|(_, m)| m.as_str()).collect();
+    async fn run(&self, ids: &[String]) -> Result<Vec<Option<Outbound>>, sqlx::Error> {
         // LATERAL with OFFSET 0 is not flattened into a join: each id is one probe of the
         // primary key, whatever the generic plan thought of the table's size.
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -101,17 +101,14 @@ impl Statement for Lookups {
              CROSS JOIN LATERAL (SELECT {COLUMNS} FROM outbound_messages m \
                  WHERE m.message_id = q.message_id OFFSET 0) AS found"
         )))
-        .bind(&ids)
+        .bind(ids)
         .fetch_all(&self.0)
         .await?;
-        let mut found = vec![None; keys.len()];
+        let mut found = vec![None; ids.len()];
         for row in rows {
             let n: i64 = row.try_get("n")?;
-            let message = outbound(row)?;
-            if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| found.get_mut(i))
-                && keys[n as usize - 1].0 == message.account_id
-            {
-                *slot = Some(message);
+            if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| found.get_mut(i)) {
+                *slot = Some(outbound(row)?);
             }
         }
         Ok(found)

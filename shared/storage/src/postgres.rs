@@ -105,10 +105,11 @@ impl ServiceDb {
             .max_connections(BATCH_CONNECTIONS)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
             .test_before_acquire(false)
-            .connect_lazy_with(options.clone().options([
-                ("search_path", schema),
-                ("plan_cache_mode", "force_generic_plan"),
-            ]));
+            .connect_lazy_with(
+                options
+                    .clone()
+                    .options([("plan_cache_mode", "force_generic_plan")]),
+            );
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
