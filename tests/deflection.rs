@@ -418,3 +418,75 @@ async fn the_account_rate_limit_holds_across_replicas_and_only_for_that_account(
     replica.stop().await.expect("drains cleanly");
     story.stop().await;
 }
+
+/// Events a relay could not hand to Reporting stay in the outbox (the batch is taken out in a
+/// transaction that rolls back), and leave, counted once, when Reporting answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reporting_did_not_take_stay_in_the_outbox_until_it_does() {
+    use c2m_runtime::{auth::TokenKey, peers::Peers};
+    use c2m_storage::{ServiceDb, outbox};
+
+    let story = Story::start(Topology::Dev).await;
+    // A Handoff schema of its own, in a database no running relay reads.
+    let database = c2m_test_support::TestDatabase::create().await;
+    let db = ServiceDb::connect_lazy(
+        &database.settings(),
+        c2m_handoff::SCHEMA,
+        &c2m_handoff::MIGRATOR,
+    )
+    .expect("settings");
+    db.migrate().await.expect("migrates");
+    let events: Vec<pb::Event> = [FunnelStage::Attempted, FunnelStage::Sent]
+        .into_iter()
+        .map(|stage| pb::Event {
+            handoff_id: "ho_outbox".into(),
+            channel: Channel::Sms as i32,
+            ..outbox::event("outboxco", stage)
+        })
+        .collect();
+    let mut tx = db.pool().begin().await.expect("begins");
+    outbox::enqueue(&mut tx, &events).await.expect("enqueues");
+    tx.commit().await.expect("commits");
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM handoff.outbox")
+            .fetch_one(db.pool())
+            .await
+            .expect("counts")
+    };
+
+    // Reporting at a port nothing listens on.
+    let closed = std::net::TcpListener::bind(ANY_PORT)
+        .expect("binds")
+        .local_addr()
+        .expect("addr");
+    let key = TokenKey::new(crate::story::SECRET.as_bytes());
+    let unreachable = c2m_runtime::peers::PeerSettings {
+        reporting: format!("http://{closed}"),
+        timeout_ms: 500,
+        ..story.peers()
+    };
+    let relay = |settings| {
+        outbox::Relay::new(
+            db.clone(),
+            Peers::new(&settings, key.clone(), "handoff").expect("peers"),
+        )
+    };
+    relay(unreachable)
+        .ship_batch()
+        .await
+        .expect_err("reporting is not there");
+    assert_eq!(waiting().await, 2);
+
+    assert_eq!(relay(story.peers()).ship_batch().await.expect("ships"), 2);
+    assert_eq!(waiting().await, 0);
+    story
+        .await_funnel(
+            "outboxco",
+            &[(
+                "CHANNEL_SMS",
+                &[("FUNNEL_STAGE_ATTEMPTED", 1), ("FUNNEL_STAGE_SENT", 1)],
+            )],
+        )
+        .await;
+    story.stop().await;
+}

@@ -22,7 +22,7 @@ const BATCH: i64 = 500;
 /// How often the relay looks for events nobody told it about (other replicas' writes).
 const POLL: Duration = Duration::from_millis(100);
 /// The least time between two batches that are not full: under load, the events of many commits
-/// leave together (one read, one call, one delete) instead of a batch per commit; when idle, an
+/// leave together (one statement, one call) instead of a batch per commit; when idle, an
 /// event still leaves at once.
 const LINGER: Duration = Duration::from_millis(10);
 
@@ -120,9 +120,12 @@ impl Relay {
             return Ok(0);
         }
         let mut tx = self.db.pool().begin().await?;
+        // Taken out in the transaction, put back by its rollback if Reporting does not take them.
         // SKIP LOCKED: replicas share the outbox without shipping the same batch twice at once.
-        let rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT seq, payload FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED",
+        let mut rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+            "DELETE FROM outbox WHERE seq IN \
+                 (SELECT seq FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+             RETURNING seq, payload",
         )
         .bind(BATCH)
         .fetch_all(&mut *tx)
@@ -130,6 +133,7 @@ impl Relay {
         if rows.is_empty() {
             return Ok(0);
         }
+        rows.sort_unstable_by_key(|(seq, _)| *seq);
         let events = rows
             .iter()
             .map(|(_, payload)| Event::decode(payload.as_slice()))
@@ -138,13 +142,8 @@ impl Relay {
             .reporting()
             .record_events(RecordEventsRequest { events })
             .await?;
-        let seqs: Vec<i64> = rows.iter().map(|(seq, _)| *seq).collect();
-        sqlx::query("DELETE FROM outbox WHERE seq = ANY($1)")
-            .bind(&seqs)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
-        Ok(seqs.len())
+        Ok(rows.len())
     }
 }
 
