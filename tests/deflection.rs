@@ -424,18 +424,14 @@ async fn the_account_rate_limit_holds_across_replicas_and_only_for_that_account(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_reporting_did_not_take_stay_in_the_outbox_until_it_does() {
     use c2m_runtime::{auth::TokenKey, peers::Peers};
-    use c2m_storage::{ServiceDb, outbox};
+    use c2m_storage::outbox;
 
     let story = Story::start(Topology::Dev).await;
     // A Handoff schema of its own, in a database no running relay reads.
     let database = c2m_test_support::TestDatabase::create().await;
-    let db = ServiceDb::connect_lazy(
-        &database.settings(),
-        c2m_handoff::SCHEMA,
-        &c2m_handoff::MIGRATOR,
-    )
-    .expect("settings");
-    db.migrate().await.expect("migrates");
+    let db = database
+        .migrated(c2m_handoff::SCHEMA, &c2m_handoff::MIGRATOR)
+        .await;
     let events: Vec<pb::Event> = [FunnelStage::Attempted, FunnelStage::Sent]
         .into_iter()
         .map(|stage| pb::Event {

@@ -248,7 +248,6 @@ pub async fn advance(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use c2m_storage::ServiceDb;
     use c2m_test_support::TestDatabase;
 
     fn message(account_id: &str, message_id: &str, stage: FunnelStage) -> Outbound {
@@ -274,10 +273,8 @@ mod tests {
     #[tokio::test]
     async fn a_batch_records_new_messages_and_keeps_first_outcomes() {
         let database = TestDatabase::create().await;
-        let db = ServiceDb::connect_lazy(&database.settings(), crate::SCHEMA, &crate::MIGRATOR)
-            .expect("settings");
-        db.migrate().await.expect("migrates");
-        let records = Records(db.pool().clone());
+        let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
+        let records = Records(db.batch_pool().clone());
         records
             .run(&[
                 message("acme", "m-earlier", FunnelStage::Failed),

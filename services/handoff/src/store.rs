@@ -343,7 +343,6 @@ impl Statement for Saves {
 mod tests {
     use super::*;
     use c2m_proto::v1::FunnelStage;
-    use c2m_storage::ServiceDb;
     use c2m_test_support::TestDatabase;
 
     fn save(handoff_id: &str, key: &str, fallback: bool) -> Save {
@@ -395,10 +394,8 @@ mod tests {
     #[tokio::test]
     async fn a_batch_saves_each_handoff_whole_or_not_at_all() {
         let database = TestDatabase::create().await;
-        let db = ServiceDb::connect_lazy(&database.settings(), crate::SCHEMA, &crate::MIGRATOR)
-            .expect("settings");
-        db.migrate().await.expect("migrates");
-        let saves = Saves(db.pool().clone());
+        let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
+        let saves = Saves(db.batch_pool().clone());
 
         let first = saves.run(&[save("ho_first", "k-taken", false)]).await;
         assert!(matches!(first.as_deref(), Ok([Saved::Saved])));

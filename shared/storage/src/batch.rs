@@ -272,37 +272,49 @@ mod tests {
         }
     }
 
-    /// Rows that arrive while the only slot is busy leave together, each caller gets its own
-    /// row's output, and a row that breaks a constraint fails alone.
-    #[tokio::test]
-    async fn rows_waiting_for_a_slot_leave_together_and_a_bad_row_fails_alone() {
+    type Answer = tokio::task::JoinHandle<Result<u32, sqlx::Error>>;
+
+    /// A batcher whose first statement (row 1) is running and held, with `queued` waiting
+    /// behind it: the statement, the batcher, the first caller and the queued callers.
+    async fn held_with(
+        queued: &[u32],
+    ) -> (Arc<Doubling>, Batcher<Arc<Doubling>>, Answer, Vec<Answer>) {
         let statement = Arc::new(Doubling {
             hold_first: true.into(),
             ..Default::default()
         });
         let batcher = Batcher::new(statement.clone());
-        // The first row takes the only slot and is held there.
-        let first = tokio::spawn({
+        let call = |row: u32| {
             let batcher = batcher.clone();
-            async move { batcher.run(1).await }
-        });
+            tokio::spawn(async move { batcher.run(row).await })
+        };
+        let first = call(1);
         until(|| statement.batches.lock().unwrap().len() == 1).await;
-        // These queue behind it.
-        let waiting: Vec<_> = [2, 13, 4]
-            .into_iter()
-            .map(|row| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { batcher.run(row).await })
-            })
-            .collect();
-        until(|| batcher.inner.waiting().len() == 3).await;
+        let waiting = queued.iter().map(|row| call(*row)).collect();
+        until(|| batcher.inner.waiting().len() == queued.len()).await;
+        (statement, batcher, first, waiting)
+    }
+
+    async fn answers(waiting: Vec<Answer>) -> Vec<Result<u32, String>> {
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            futures::future::join_all(waiting),
+        )
+        .await
+        .expect("every caller is answered within 5 s")
+        .into_iter()
+        .map(|r| r.unwrap().map_err(|e| e.to_string()))
+        .collect()
+    }
+
+    /// Rows that arrive while a statement runs leave together in the next, each caller gets its
+    /// own row's output, and a row that breaks a constraint fails alone.
+    #[tokio::test]
+    async fn rows_waiting_for_a_statement_leave_together_and_a_bad_row_fails_alone() {
+        let (statement, _batcher, first, waiting) = held_with(&[2, 13, 4]).await;
         statement.gate.notify_one();
         assert_eq!(first.await.unwrap().unwrap(), 2);
-        let answers: Vec<_> = futures::future::join_all(waiting)
-            .await
-            .into_iter()
-            .map(|r| r.unwrap().map_err(|e| e.to_string()))
-            .collect();
+        let answers = answers(waiting).await;
         assert_eq!(answers[0], Ok(4));
         assert!(answers[1].as_ref().unwrap_err().contains("row 13"));
         assert_eq!(answers[2], Ok(8));
@@ -314,35 +326,9 @@ mod tests {
     /// it: they leave in the next statement.
     #[tokio::test]
     async fn rows_queued_behind_a_caller_that_went_away_are_still_written() {
-        let statement = Arc::new(Doubling {
-            hold_first: true.into(),
-            ..Default::default()
-        });
-        let batcher = Batcher::new(statement.clone());
-        let first = tokio::spawn({
-            let batcher = batcher.clone();
-            async move { batcher.run(1).await }
-        });
-        until(|| statement.batches.lock().unwrap().len() == 1).await;
-        let waiting: Vec<_> = [2, 4]
-            .into_iter()
-            .map(|row| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { batcher.run(row).await })
-            })
-            .collect();
-        until(|| batcher.inner.waiting().len() == 2).await;
+        let (statement, _batcher, first, waiting) = held_with(&[2, 4]).await;
         first.abort();
-        let answers: Vec<_> = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            futures::future::join_all(waiting),
-        )
-        .await
-        .expect("the queued rows are written within 5 s")
-        .into_iter()
-        .map(|r| r.unwrap().map_err(|e| e.to_string()))
-        .collect();
-        assert_eq!(answers, [Ok(4), Ok(8)]);
+        assert_eq!(answers(waiting).await, [Ok(4), Ok(8)]);
         assert_eq!(*statement.batches.lock().unwrap(), vec![1, 2]);
     }
 

@@ -1,4 +1,4 @@
-use c2m_storage::DatabaseSettings;
+use c2m_storage::{DatabaseSettings, ServiceDb};
 use sqlx::{Connection, PgConnection};
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -49,6 +49,20 @@ impl TestDatabase {
             create_database: false,
             ..DatabaseSettings::default()
         }
+    }
+
+    /// A service's schema in this database, migrated.
+    pub async fn migrated(
+        &self,
+        schema: &'static str,
+        migrator: &'static sqlx::migrate::Migrator,
+    ) -> ServiceDb {
+        let db = ServiceDb::connect_lazy(&self.settings(), schema, migrator)
+            .unwrap_or_else(|e| panic!("settings for {}: {e}", self.name));
+        db.migrate()
+            .await
+            .unwrap_or_else(|e| panic!("cannot migrate {schema} in {}: {e}", self.name));
+        db
     }
 
     /// A connection to this database, for assertions.
