@@ -8,8 +8,9 @@
 //! service therefore adds no delay, and a busy one does fewer statements.
 //!
 //! A statement that fails on a database error (a constraint a row breaks) is run again row by
-//! row, so one bad row fails only its own caller. A failure to reach the database fails the whole
-//! batch, with the same kind of error for every caller. A caller that goes away never cancels
+//! row, so one bad row fails only its own caller. A statement whose connection broke is run once
+//! more; a failure to reach the database after that fails the whole batch, with the same kind of
+//! error for every caller. A caller that goes away never cancels
 //! another's row; its own row, if the statement carried nothing else, is cancelled with it, as
 //! any query would be (every write here is idempotent, so a retry is safe either way).
 
@@ -163,7 +164,18 @@ impl<S: Statement> Drop for Lead<S> {
 
 async fn write<S: Statement>(statement: &S, batch: Vec<Waiting<S>>) {
     let (rows, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-    match statement.run(&rows).await {
+    let mut result = statement.run(&rows).await;
+    if let Err(error) = &result
+        && connection_lost(error)
+    {
+        // A connection PostgreSQL closed (a restart, a failover) fails its next statement once
+        // and is discarded; the batch would fail every caller in it for that. Once more on a
+        // fresh connection: every batched statement is safe to repeat (reads, upserts, and a
+        // save whose idempotency claim makes a repeat of a committed save a harmless race).
+        tracing::warn!(%error, rows = rows.len(), "batched statement lost its connection, once more");
+        result = statement.run(&rows).await;
+    }
+    match result {
         Ok(outputs) if outputs.len() == rows.len() => {
             for (reply, output) in replies.into_iter().zip(outputs) {
                 let _ = reply.send(Ok(output));
@@ -203,6 +215,16 @@ async fn write<S: Statement>(statement: &S, batch: Vec<Waiting<S>>) {
     }
 }
 
+/// The connection broke under the statement: PostgreSQL went away (an I/O error) or told its
+/// connections it was shutting down (SQLSTATE 57P01–57P03).
+fn connection_lost(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| code.starts_with("57P0")),
+        _ => false,
+    }
+}
+
 /// An error of the same kind as `error`, for each caller of a failed batch (sqlx's errors cannot
 /// be cloned): what the caller decides on is whether the database was reachable.
 fn same_kind(error: &sqlx::Error) -> sqlx::Error {
@@ -226,6 +248,8 @@ mod tests {
         batches: Mutex<Vec<usize>>,
         gate: tokio::sync::Notify,
         hold_first: std::sync::atomic::AtomicBool,
+        /// Statements that fail as if their connection broke, before the others succeed.
+        broken_connections: std::sync::atomic::AtomicUsize,
     }
 
     impl Statement for Arc<Doubling> {
@@ -238,6 +262,17 @@ mod tests {
                 .swap(false, std::sync::atomic::Ordering::SeqCst)
             {
                 self.gate.notified().await;
+            }
+            if self
+                .broken_connections
+                .fetch_update(
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                    |n| n.checked_sub(1),
+                )
+                .is_ok()
+            {
+                return Err(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()));
             }
             if rows.contains(&13) {
                 return Err(sqlx::Error::Database(Box::new(Broken)));
@@ -330,6 +365,24 @@ mod tests {
         first.abort();
         assert_eq!(answers(waiting).await, [Ok(4), Ok(8)]);
         assert_eq!(*statement.batches.lock().unwrap(), vec![1, 2]);
+    }
+
+    /// A statement whose connection broke is run once more, and its callers do not notice; a
+    /// second break in a row fails them, as an unreachable database.
+    #[tokio::test]
+    async fn a_broken_connection_costs_one_more_statement_not_the_batch() {
+        let statement = Arc::new(Doubling {
+            broken_connections: 1.into(),
+            ..Default::default()
+        });
+        let batcher = Batcher::new(statement.clone());
+        assert_eq!(batcher.run(3).await.expect("run again"), 6);
+        assert_eq!(*statement.batches.lock().unwrap(), vec![1, 1]);
+
+        statement
+            .broken_connections
+            .store(2, std::sync::atomic::Ordering::SeqCst);
+        assert!(matches!(batcher.run(3).await, Err(sqlx::Error::Io(_))));
     }
 
     async fn until(condition: impl Fn() -> bool) {
