@@ -593,7 +593,7 @@ async fn free_form_text_goes_only_inside_the_customer_service_window() {
     // The same message id again: the first outcome, and still no call to Meta; from another
     // account, refused naming the field.
     let again = |account_id: &str| {
-        let mut gateway = story.gateway();
+        let gateway = story.gateway();
         let request = authed(
             pb::SendMessageRequest {
                 account_id: account_id.into(),
