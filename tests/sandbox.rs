@@ -106,7 +106,6 @@ async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
 async fn rcs_and_whatsapp_play_in_the_sandbox_too() {
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
-    let admin = token(AuthRole::Admin, Some("acme"));
     story
         .put_credentials(
             "acme",
@@ -116,26 +115,11 @@ async fn rcs_and_whatsapp_play_in_the_sandbox_too() {
             }),
         )
         .await;
-    let mut config = story.config().await;
-    config
-        .create_whats_app_template(authed(
-            pb::CreateWhatsAppTemplateRequest {
-                account_id: "acme".into(),
-                template: Some(pb::WhatsAppTemplate {
-                    template_id: "followup".into(),
-                    name: "billing_followup".into(),
-                    language: "en_US".into(),
-                    category: pb::WhatsAppTemplateCategory::Utility as i32,
-                    body: "Hi {{1}}, reply here about {{2}}.".into(),
-                    ..Default::default()
-                }),
-            },
-            &admin,
-        ))
-        .await
-        .expect("template");
+    story.add_followup_template("acme").await;
     // Nobody at Meta reviews a sandbox template: an operator approves it as Meta would.
-    config
+    story
+        .config()
+        .await
         .update_whats_app_template_status(authed(
             pb::UpdateWhatsAppTemplateStatusRequest {
                 account_id: "acme".into(),

@@ -505,6 +505,29 @@ impl Story {
 
 impl Story {
     /// An admin of `account_id` stores credentials for the provider they are for.
+    /// An admin of `account_id` submits the WhatsApp template `followup` ("Hi {{1}}, reply here
+    /// about {{2}}."), pending until Meta (or an operator) approves it.
+    pub async fn add_followup_template(&self, account_id: &str) {
+        self.config()
+            .await
+            .create_whats_app_template(authed(
+                pb::CreateWhatsAppTemplateRequest {
+                    account_id: account_id.to_owned(),
+                    template: Some(pb::WhatsAppTemplate {
+                        template_id: "followup".into(),
+                        name: "billing_followup".into(),
+                        language: "en_US".into(),
+                        category: pb::WhatsAppTemplateCategory::Utility as i32,
+                        body: "Hi {{1}}, reply here about {{2}}.".into(),
+                        ..Default::default()
+                    }),
+                },
+                &token(AuthRole::Admin, Some(account_id)),
+            ))
+            .await
+            .expect("template");
+    }
+
     pub async fn put_credentials(&self, account_id: &str, credentials: Credentials) {
         let provider = match &credentials {
             Credentials::Twilio(_) => pb::Provider::Twilio,

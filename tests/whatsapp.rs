@@ -23,41 +23,17 @@ async fn whatsapp_first(story: &Story) -> String {
     let admin = token(AuthRole::Admin, Some("acme"));
     story.meta.add_number(PHONE_NUMBER_ID, ACCESS_TOKEN);
     story
-        .gateway()
-        .await
-        .put_provider_credentials(authed(
-            pb::PutProviderCredentialsRequest {
-                account_id: "acme".into(),
-                provider: pb::Provider::MetaWhatsapp as i32,
-                credentials: Some(Credentials::MetaWhatsapp(pb::MetaWhatsAppCredentials {
-                    phone_number_id: PHONE_NUMBER_ID.into(),
-                    access_token: ACCESS_TOKEN.into(),
-                    app_secret: APP_SECRET.into(),
-                    verify_token: VERIFY_TOKEN.into(),
-                })),
-            },
-            &admin,
-        ))
-        .await
-        .expect("meta credentials");
-    let mut config = story.config().await;
-    config
-        .create_whats_app_template(authed(
-            pb::CreateWhatsAppTemplateRequest {
-                account_id: "acme".into(),
-                template: Some(pb::WhatsAppTemplate {
-                    template_id: "followup".into(),
-                    name: "billing_followup".into(),
-                    language: "en_US".into(),
-                    category: pb::WhatsAppTemplateCategory::Utility as i32,
-                    body: "Hi {{1}}, reply here about {{2}}.".into(),
-                    ..Default::default()
-                }),
-            },
-            &admin,
-        ))
-        .await
-        .expect("template");
+        .put_credentials(
+            "acme",
+            Credentials::MetaWhatsapp(pb::MetaWhatsAppCredentials {
+                phone_number_id: PHONE_NUMBER_ID.into(),
+                access_token: ACCESS_TOKEN.into(),
+                app_secret: APP_SECRET.into(),
+                verify_token: VERIFY_TOKEN.into(),
+            }),
+        )
+        .await;
+    story.add_followup_template("acme").await;
     // Meta approves it: its template-status webhook reaches the gateway, which tells Config.
     let (status, _) = story
         .meta
@@ -70,7 +46,9 @@ async fn whatsapp_first(story: &Story) -> String {
         )
         .await;
     assert_eq!(status, 200);
-    let approved = config
+    let approved = story
+        .config()
+        .await
         .list_whats_app_templates(authed(
             pb::ListWhatsAppTemplatesRequest {
                 account_id: "acme".into(),
