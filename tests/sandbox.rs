@@ -29,20 +29,15 @@ async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
         ))
         .await
         .expect("twilio removed");
-    gateway
-        .put_provider_credentials(authed(
-            pb::PutProviderCredentialsRequest {
-                account_id: "acme".into(),
-                provider: pb::Provider::Sandbox as i32,
-                credentials: Some(Credentials::Sandbox(pb::SandboxCredentials {
-                    reply_text: "Yes please".into(),
-                    fail_delivery: false,
-                })),
-            },
-            &admin,
-        ))
-        .await
-        .expect("sandbox on");
+    story
+        .put_credentials(
+            "acme",
+            Credentials::Sandbox(pb::SandboxCredentials {
+                reply_text: "Yes please".into(),
+                fail_delivery: false,
+            }),
+        )
+        .await;
 
     let handoff = story
         .deflect(handoff_request("acme", "+14155550901", "sb-1"), &key)
