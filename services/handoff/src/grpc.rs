@@ -333,8 +333,8 @@ impl Service {
             self.commit(
                 handoff,
                 (&idempotency_key, &fingerprint),
-                &events,
-                fallback.as_ref(),
+                events.into(),
+                fallback,
             ),
             deflection
         );
@@ -410,7 +410,7 @@ impl Service {
                 String::new(),
             ),
         ];
-        self.commit(handoff, idempotency, &events, None).await
+        self.commit(handoff, idempotency, events.into(), None).await
     }
 
     /// Writes the handoff with its idempotency record and events; a twin that committed first wins.
@@ -418,15 +418,15 @@ impl Service {
         &self,
         handoff: StoredHandoff,
         idempotency: (&str, &[u8]),
-        events: &[pb::Event],
-        fallback: Option<&Fallback>,
+        events: Vec<pb::Event>,
+        fallback: Option<Fallback>,
     ) -> Result<StoredHandoff, Status> {
         let save = Save {
             handoff: handoff.clone(),
             idempotency_key: idempotency.0.to_owned(),
             fingerprint: idempotency.1.to_vec(),
-            events: events.to_vec(),
-            fallback: fallback.cloned(),
+            events,
+            fallback,
         };
         match self.saves.run(save).await.map_err(db_status)? {
             Saved::Saved => {
