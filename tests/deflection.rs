@@ -486,3 +486,146 @@ async fn events_reporting_did_not_take_stay_in_the_outbox_until_it_does() {
         .await;
     story.stop().await;
 }
+
+/// A deflection reaches Routing through Handoff's outbox a moment after the IVR is answered. A
+/// reply that comes first is not lost: Routing has Handoff ship what it has, waits for a batch
+/// already on its way, and opens the conversation from it. Here the batch is held on its way
+/// (Routing's insert waits on a lock the test holds) until the reply is seen waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_that_overtakes_its_deflection_waits_for_it() {
+    let story = Story::start(Topology::Separate).await;
+    let api_key = onboard(&story, "acme").await;
+
+    let mut holder = story.db.connect().await;
+    sqlx::query("BEGIN")
+        .execute(&mut holder)
+        .await
+        .expect("begins");
+    sqlx::query("LOCK TABLE routing.deflections IN SHARE MODE")
+        .execute(&mut holder)
+        .await
+        .expect("locks Routing's deflections against writes");
+
+    let sent = story
+        .deflect(handoff_request("acme", CALLER, "call-early"), &api_key)
+        .await;
+    assert_eq!(sent.status, HandoffStatus::Sent as i32);
+
+    // Backends of this database waiting on a lock, running a statement that starts with `sql`.
+    let waiting = |sql: &'static str| {
+        let db = &story.db;
+        async move {
+            let mut conn = db.connect().await;
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE $1 || '%'",
+            )
+            .bind(sql)
+            .fetch_one(&mut conn)
+            .await
+            .expect("reads pg_stat_activity")
+                > 0
+        }
+    };
+    c2m_test_support::eventually(
+        "the relay's batch to wait in Routing",
+        Duration::from_secs(10),
+        || waiting("INSERT INTO deflections"),
+    )
+    .await;
+
+    let inbound_url = format!("{}/webhooks/twilio/acme/inbound", story.webhooks);
+    let reply = story.twilio.send_inbound(
+        &inbound_url,
+        TWILIO_SID,
+        CALLER,
+        BRAND_NUMBER,
+        "That was quick",
+        None,
+    );
+    let release = async {
+        c2m_test_support::eventually(
+            "the reply to wait for the batch on its way",
+            Duration::from_secs(10),
+            || waiting("DELETE FROM deflection_outbox"),
+        )
+        .await;
+        sqlx::query("COMMIT")
+            .execute(&mut holder)
+            .await
+            .expect("releases the lock");
+    };
+    let ((status, _), ()) = tokio::join!(reply, release);
+    assert_eq!(status, 200);
+    let conversation = story.open_conversation("acme", CALLER).await;
+    assert_eq!(conversation.handoff_id, sent.handoff_id);
+    assert_eq!(conversation.skill_id, "billing-agents");
+    assert_eq!(
+        conversation
+            .transcript
+            .iter()
+            .map(|e| e.text.as_str())
+            .collect::<Vec<_>>(),
+        ["Hi Ada, text us here about your bill.", "That was quick"]
+    );
+
+    // Only c2m's own services may ask for a flush.
+    let refused = story
+        .handoff()
+        .await
+        .flush_deflections(authed(
+            pb::FlushDeflectionsRequest {},
+            &token(AuthRole::Admin, Some("acme")),
+        ))
+        .await
+        .expect_err("an admin is not a service");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+
+    // A batch with a bad deflection is refused whole, naming the field by its place.
+    let service =
+        c2m_runtime::auth::TokenKey::new(crate::story::SECRET.as_bytes()).service_token("handoff");
+    let good = pb::Deflection {
+        account_id: "acme".into(),
+        handoff_id: "ho-batch-good".into(),
+        consumer_phone: "+14155550999".into(),
+        channel: Channel::Sms as i32,
+        skill_id: "billing-agents".into(),
+        sent_at: Some(c2m_proto::timestamp(chrono::Utc::now())),
+        ..Default::default()
+    };
+    let bad = pb::Deflection {
+        handoff_id: "ho-batch-bad".into(),
+        channel: 0,
+        sent_at: None,
+        ..good.clone()
+    };
+    let refused = story
+        .routing()
+        .await
+        .record_deflections(authed(
+            pb::RecordDeflectionsRequest {
+                deflections: vec![good, bad],
+            },
+            &service,
+        ))
+        .await
+        .expect_err("a deflection without channel or time");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let fields: Vec<String> = refused
+        .get_details_bad_request()
+        .expect("field violations")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["deflections[1].channel", "deflections[1].sent_at"]);
+    let mut conn = story.db.connect().await;
+    let written: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM routing.deflections WHERE handoff_id LIKE 'ho-batch-%'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("counts");
+    assert_eq!(written, 0, "nothing of a refused batch is written");
+    story.stop().await;
+}

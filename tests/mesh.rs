@@ -193,6 +193,7 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
         in_schema("handoff"),
         [
             "_sqlx_migrations",
+            "deflection_outbox",
             "fallbacks",
             "handoffs",
             "idempotency_keys",

@@ -68,6 +68,7 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
                         db(role)?,
                         redis.clone(),
                         peers("handoff")?,
+                        key.clone(),
                         &config.handoff,
                     );
                     local.register(Peer::Handoff, HandoffServiceServer::new(service.clone()));

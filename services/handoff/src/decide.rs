@@ -391,6 +391,15 @@ impl Service {
             None => priority,
         };
 
+        let apple = candidates.contains(&Channel::AppleMessages);
+        if apple && open_conversation.is_none() {
+            // Routing finds a pending invite among the deflections it has: ship ours first, so
+            // that one sent a moment ago counts.
+            self.deflections
+                .flush()
+                .await
+                .map_err(crate::deflections::relay_status)?;
+        }
         let consumer = match open_conversation {
             Some(conversation_id) => pb::CheckConsumerResponse {
                 conversation_open: true,
@@ -405,7 +414,7 @@ impl Service {
                     consumer_phone: d.consumer_phone.clone(),
                     // An invite is pending as long as a reply to it would still be routed
                     // (Config stores the account's lookback, its default included).
-                    pending_invite_hours: if candidates.contains(&Channel::AppleMessages) {
+                    pending_invite_hours: if apple {
                         settings.reply_lookback_hours
                     } else {
                         0

@@ -174,6 +174,7 @@ impl Service {
         tx.commit().await?;
         if wrote_events {
             self.relay.wake();
+            self.deflections.wake();
         }
         Ok(())
     }
@@ -229,10 +230,11 @@ impl Service {
             Some((channel, text)) => {
                 handoff.channel = Some(*channel);
                 handoff.status = HandoffStatus::Sent;
-                if let Err(status) = self
-                    .peers
-                    .routing()
-                    .record_deflection(pb::RecordDeflectionRequest {
+                // Routing keeps the handoff's deflection and takes this send's channel, message
+                // and time for it (engagement attributes came with the first).
+                store::enqueue_deflection(
+                    tx,
+                    &pb::Deflection {
                         account_id: handoff.account_id.clone(),
                         handoff_id: handoff.handoff_id.clone(),
                         consumer_phone: handoff.consumer_phone.clone(),
@@ -243,11 +245,9 @@ impl Service {
                         handoff_config_id: handoff.handoff_config_id.clone(),
                         ivr_number: handoff.ivr_number.clone(),
                         engagement_attributes: None,
-                    })
-                    .await
-                {
-                    tracing::error!(%status, handoff_id, "fallback deflection not recorded: a reply will not find it");
-                }
+                    },
+                )
+                .await?;
                 vec![event(&handoff, FunnelStage::Sent, *channel, String::new())]
             }
             None => {

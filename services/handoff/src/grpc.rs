@@ -321,54 +321,28 @@ impl Service {
                 window_seconds: decision.delivery_deadline.map(|d| d.as_secs() as i32),
             })
         });
-        // Routing's record of what was sent and the handoff's own commit are independent: both
-        // go at once, and the IVR is answered when both are done.
-        let deflection = async {
-            if let Some((channel, text)) = &sent {
-                self.record_deflection(&d, &handoff_id, &decision.skill_id, *channel, text, now)
-                    .await;
-            }
-        };
-        let (committed, ()) = tokio::join!(
-            self.commit(
-                handoff,
-                (&idempotency_key, &fingerprint),
-                events.into(),
-                fallback,
-            ),
-            deflection
-        );
-        committed
-    }
-
-    /// Routing must know what was sent, to open the conversation when the consumer replies.
-    async fn record_deflection(
-        &self,
-        d: &Deflection,
-        handoff_id: &str,
-        skill_id: &str,
-        channel: Channel,
-        text: &str,
-        sent_at: chrono::DateTime<Utc>,
-    ) {
-        let record = pb::RecordDeflectionRequest {
+        // What Routing must know to open the conversation when the consumer replies: committed
+        // with the handoff, shipped by the deflection relay.
+        let deflection = sent.as_ref().map(|(channel, text)| pb::Deflection {
             account_id: d.account_id.clone(),
-            handoff_id: handoff_id.to_owned(),
+            handoff_id: handoff_id.clone(),
             consumer_phone: d.consumer_phone.clone(),
-            channel: channel as i32,
-            skill_id: skill_id.to_owned(),
-            first_message: text.to_owned(),
+            channel: *channel as i32,
+            skill_id: decision.skill_id.clone(),
+            first_message: text.clone(),
             engagement_attributes: Some(d.engagement_attributes.clone()),
-            sent_at: Some(c2m_proto::timestamp(sent_at)),
+            sent_at: Some(c2m_proto::timestamp(now)),
             handoff_config_id: d.handoff_config_id.clone(),
             ivr_number: d.ivr_number.clone(),
-        };
-        if let Err(status) = self.peers.routing().record_deflection(record.clone()).await {
-            tracing::warn!(%status, handoff_id, "recording the deflection failed, retrying once");
-            if let Err(status) = self.peers.routing().record_deflection(record).await {
-                tracing::error!(%status, handoff_id, "deflection not recorded: a reply will not find it");
-            }
-        }
+        });
+        self.commit(
+            handoff,
+            (&idempotency_key, &fingerprint),
+            events.into(),
+            fallback,
+            deflection,
+        )
+        .await
     }
 
     /// Another handoff holds the consumer's lease: record this one as skipped, pointing at it.
@@ -410,27 +384,35 @@ impl Service {
                 String::new(),
             ),
         ];
-        self.commit(handoff, idempotency, events.into(), None).await
+        self.commit(handoff, idempotency, events.into(), None, None)
+            .await
     }
 
-    /// Writes the handoff with its idempotency record and events; a twin that committed first wins.
+    /// Writes the handoff with its idempotency record, events, fallback and deflection; a twin
+    /// that committed first wins.
     async fn commit(
         &self,
         handoff: StoredHandoff,
         idempotency: (&str, &[u8]),
         events: Vec<pb::Event>,
         fallback: Option<Fallback>,
+        deflection: Option<pb::Deflection>,
     ) -> Result<StoredHandoff, Status> {
+        let deflected = deflection.is_some();
         let save = Save {
             handoff: handoff.clone(),
             idempotency_key: idempotency.0.to_owned(),
             fingerprint: idempotency.1.to_vec(),
             events,
             fallback,
+            deflection,
         };
         match self.saves.run(save).await.map_err(db_status)? {
             Saved::Saved => {
                 self.relay.wake();
+                if deflected {
+                    self.deflections.wake();
+                }
                 tracing::info!(
                     account_id = %handoff.account_id,
                     handoff_id = %handoff.handoff_id,
@@ -545,6 +527,21 @@ impl HandoffService for Service {
         let progress = self.progress(&handoff).await;
         Ok(Response::new(pb::GetHandoffResponse {
             handoff: Some(handoff.to_wire(progress)),
+        }))
+    }
+
+    async fn flush_deflections(
+        &self,
+        request: Request<pb::FlushDeflectionsRequest>,
+    ) -> Result<Response<pb::FlushDeflectionsResponse>, Status> {
+        self.key.caller(request.metadata())?.require_internal()?;
+        let shipped = self
+            .deflections
+            .flush()
+            .await
+            .map_err(crate::deflections::relay_status)?;
+        Ok(Response::new(pb::FlushDeflectionsResponse {
+            shipped: u32::try_from(shipped).unwrap_or(u32::MAX),
         }))
     }
 }

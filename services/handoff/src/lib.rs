@@ -1,11 +1,13 @@
 //! The Handoff service: what an IVR calls to deflect a caller to messaging.
 //!
-//! Owns the `handoff` PostgreSQL schema: handoffs, idempotency records and the event outbox. Keeps
-//! the per-account rate limit in Redis (`<prefix>:{<account>}:rl`).
+//! Owns the `handoff` PostgreSQL schema: handoffs, idempotency records, the event outbox and the
+//! deflection outbox (to Routing). Keeps the per-account rate limit in Redis
+//! (`<prefix>:{<account>}:rl`).
 
 #![forbid(unsafe_code)]
 
 mod decide;
+mod deflections;
 mod fallback;
 mod follow;
 pub mod gate;
@@ -20,12 +22,12 @@ mod store;
 use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::{self as pb, handoff_service_server::HandoffServiceServer};
-use c2m_runtime::{Component, cache::TtlCache, peers::Peers};
+use c2m_runtime::{Component, auth::TokenKey, cache::TtlCache, peers::Peers};
 use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 
-use crate::gate::Gate;
+use crate::{deflections::ToRouting, gate::Gate};
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "handoff";
@@ -64,7 +66,9 @@ pub struct Service {
     db: ServiceDb,
     redis: RedisHandle,
     peers: Peers,
+    key: TokenKey,
     relay: Relay,
+    deflections: Relay<ToRouting>,
     gate: Gate,
     saves: Batcher<store::Saves>,
     replays: Batcher<store::Replays>,
@@ -85,10 +89,12 @@ impl Service {
         db: ServiceDb,
         redis: RedisHandle,
         peers: Peers,
+        key: TokenKey,
         settings: &HandoffSettings,
     ) -> Self {
         Self {
             relay: Relay::new(db.clone(), peers.clone()),
+            deflections: Relay::to(ToRouting, db.clone(), peers.clone()),
             gate: Gate::new(
                 redis.clone(),
                 Duration::from_secs(1),
@@ -104,12 +110,14 @@ impl Service {
             db,
             redis,
             peers,
+            key,
         }
     }
 
-    /// The gRPC service, SERVING while its schema and Redis answer, with its outbox relay.
+    /// The gRPC service, SERVING while its schema and Redis answer, with its outbox relays.
     pub fn into_component(self) -> Component {
         let relay = self.relay.clone();
+        let deflections = self.deflections.clone();
         let follower = self.clone();
         let watcher = self.clone();
         Component::new(HandoffServiceServer::new(self.clone()))
@@ -117,6 +125,7 @@ impl Service {
             .with_probe(self.db.probe())
             .with_optional_probe(self.redis.probe())
             .with_task(move |shutdown| relay.run(shutdown))
+            .with_task(move |shutdown| deflections.run(shutdown))
             .with_task(move |shutdown| follower.follow_config(shutdown))
             .with_task(move |shutdown| watcher.run_fallbacks(shutdown))
     }

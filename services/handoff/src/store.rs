@@ -1,8 +1,10 @@
-//! Handoffs, their idempotency records and their events, written in one transaction.
+//! Handoffs, their idempotency records, their events and their deflections, written in one
+//! transaction.
 
 use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, HandoffStatus};
 use c2m_storage::{batch::Statement, outbox};
 use chrono::{DateTime, Utc};
+use prost::Message;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row, postgres::PgRow};
 
@@ -210,7 +212,8 @@ pub struct Fallback {
     pub window_seconds: Option<i32>,
 }
 
-/// A handoff to write with its idempotency record, its events and its pending fallback.
+/// A handoff to write with its idempotency record, its events, its pending fallback and, when a
+/// message went, the deflection Routing must know of.
 #[derive(Debug)]
 pub struct Save {
     pub handoff: StoredHandoff,
@@ -218,10 +221,24 @@ pub struct Save {
     pub fingerprint: Vec<u8>,
     pub events: Vec<pb::Event>,
     pub fallback: Option<Fallback>,
+    pub deflection: Option<pb::Deflection>,
 }
 
-/// Writes handoffs, each with its idempotency record, its events and its pending fallback, in
-/// one statement for the whole batch (one round trip, one commit: this is the hot path). Each
+/// Puts a deflection in the outbox that ships them to Routing, inside the caller's transaction.
+pub async fn enqueue_deflection(
+    tx: &mut sqlx::PgConnection,
+    deflection: &pb::Deflection,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO deflection_outbox (payload) VALUES ($1)")
+        .bind(deflection.encode_to_vec())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Writes handoffs, each with its idempotency record, its events, its pending fallback and its
+/// deflection, in one statement for the whole batch (one round trip, one commit: this is the hot
+/// path). Each
 /// handoff claims its idempotency key first; an expired record of the same key is replaced, and a
 /// live one means a concurrent twin won, in which case nothing of that handoff is written.
 pub struct Saves(pub PgPool);
@@ -250,6 +267,13 @@ impl Statement for Saves {
             .iter()
             .filter_map(|s| Some((s.handoff.handoff_id.as_str(), s.fallback.as_ref()?)))
             .collect();
+        let (deflected, deflections): (Vec<&str>, Vec<Vec<u8>>) = saves
+            .iter()
+            .filter_map(|s| {
+                let deflection = s.deflection.as_ref()?;
+                Some((s.handoff.handoff_id.as_str(), deflection.encode_to_vec()))
+            })
+            .unzip();
         let claimed: Vec<String> = sqlx::query_scalar(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
@@ -284,7 +308,12 @@ impl Statement for Saves {
                  FROM unnest($18::text[], $19::text[], $20::jsonb[], $21::timestamptz[], $22::int[]) \
                      AS f(handoff_id, message_id, remaining, deadline, window_seconds) \
                  JOIN input i USING (handoff_id) \
-                 WHERE handoff_id IN (SELECT handoff_id FROM claim)) \
+                 WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
+             deflection AS ( \
+                 INSERT INTO deflection_outbox (payload) \
+                 SELECT payload FROM unnest($23::text[], $24::bytea[]) WITH ORDINALITY \
+                     AS d(handoff_id, payload, n) \
+                 WHERE handoff_id IN (SELECT handoff_id FROM claim) ORDER BY n) \
              SELECT handoff_id FROM claim",
         )
         .bind(column(|s| &s.handoff.handoff_id))
@@ -324,6 +353,8 @@ impl Statement for Saves {
         .bind(fallbacks.iter().map(|(_, f)| &f.remaining).collect::<Vec<_>>())
         .bind(fallbacks.iter().map(|(_, f)| f.deadline).collect::<Vec<_>>())
         .bind(fallbacks.iter().map(|(_, f)| f.window_seconds).collect::<Vec<_>>())
+        .bind(&deflected)
+        .bind(&deflections)
         .fetch_all(&self.0)
         .await?;
         Ok(saves
@@ -374,6 +405,14 @@ mod tests {
                 deadline: None,
                 window_seconds: Some(60),
             }),
+            deflection: Some(pb::Deflection {
+                account_id: "acme".into(),
+                handoff_id: handoff_id.into(),
+                consumer_phone: handoff.consumer_phone.clone(),
+                channel: Channel::Sms as i32,
+                skill_id: handoff.skill_id.clone(),
+                ..Default::default()
+            }),
             handoff,
             idempotency_key: key.into(),
             fingerprint: key.as_bytes().to_vec(),
@@ -388,7 +427,7 @@ mod tests {
     }
 
     /// One statement saves a batch: each handoff whose key is free is written whole (row,
-    /// idempotency record, events, fallback), and one whose key a committed handoff holds writes
+    /// idempotency record, events, fallback, deflection), and one whose key a committed handoff holds writes
     /// nothing at all. Two rows of one batch with the same key fail the statement, which is what
     /// makes the batcher run them one by one (the first saves, the second has raced).
     #[tokio::test]
@@ -421,6 +460,19 @@ mod tests {
             0
         );
         assert_eq!(count(pool, "SELECT count(*) FROM outbox").await, 6);
+        let shipping: Vec<String> =
+            sqlx::query_scalar::<_, Vec<u8>>("SELECT payload FROM deflection_outbox ORDER BY seq")
+                .fetch_all(pool)
+                .await
+                .expect("deflections")
+                .iter()
+                .map(|p| {
+                    pb::Deflection::decode(p.as_slice())
+                        .expect("decodes")
+                        .handoff_id
+                })
+                .collect();
+        assert_eq!(shipping, ["ho_first", "ho_plain", "ho_fallback"]);
         assert_eq!(
             sqlx::query_scalar::<_, String>("SELECT handoff_id FROM fallbacks")
                 .fetch_all(pool)
@@ -452,5 +504,9 @@ mod tests {
             Ok([Saved::Raced])
         ));
         assert_eq!(count(pool, "SELECT count(*) FROM outbox").await, 8);
+        assert_eq!(
+            count(pool, "SELECT count(*) FROM deflection_outbox").await,
+            4
+        );
     }
 }

@@ -1,6 +1,6 @@
-//! The two statements on every handoff's path: what Routing knows about a consumer before a
-//! message goes, and the record of what went, batched across concurrent handoffs (see
-//! `c2m_storage::batch`).
+//! What Routing knows about a consumer before a message goes (the statement on every handoff's
+//! path, batched across concurrent handoffs: see `c2m_storage::batch`), and the record of what
+//! went, which Handoff's deflection outbox ships in batches of its own.
 
 use c2m_storage::batch::Statement;
 use sqlx::{PgPool, Row};
@@ -81,41 +81,109 @@ pub struct Deflection {
     pub sent_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// Deflections recorded together. A handoff recorded again (a fallback sent on another channel)
-/// keeps its row, with the channel, message and time of the latest send.
-pub struct Records(pub PgPool);
+/// Records deflections with one statement. A handoff recorded again (a fallback sent on another
+/// channel) keeps its row and takes the channel, message and time of its latest send; an older
+/// send arriving late (a batch shipped again after a newer one) changes nothing.
+pub async fn record(pool: &PgPool, deflections: Vec<Deflection>) -> Result<(), sqlx::Error> {
+    let deflections = latest_per_handoff(deflections);
+    let text = |f: fn(&Deflection) -> &str| deflections.iter().map(f).collect::<Vec<_>>();
+    sqlx::query(
+        "INSERT INTO deflections (handoff_id, account_id, handoff_config_id, ivr_number, \
+             consumer_phone, channel, skill_id, first_message, engagement_attributes, sent_at) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::text[], $7::text[], $8::text[], $9::bytea[], $10::timestamptz[]) \
+         ON CONFLICT (handoff_id) DO UPDATE SET channel = EXCLUDED.channel, \
+             first_message = EXCLUDED.first_message, sent_at = EXCLUDED.sent_at \
+         WHERE deflections.sent_at <= EXCLUDED.sent_at",
+    )
+    .bind(text(|d| &d.handoff_id))
+    .bind(text(|d| &d.account_id))
+    .bind(text(|d| &d.handoff_config_id))
+    .bind(text(|d| &d.ivr_number))
+    .bind(text(|d| &d.consumer_phone))
+    .bind(text(|d| &d.channel))
+    .bind(text(|d| &d.skill_id))
+    .bind(text(|d| &d.first_message))
+    .bind(
+        deflections
+            .iter()
+            .map(|d| d.engagement_attributes.as_slice())
+            .collect::<Vec<_>>(),
+    )
+    .bind(deflections.iter().map(|d| d.sent_at).collect::<Vec<_>>())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
 
-impl Statement for Records {
-    type Row = Deflection;
-    type Output = ();
+/// One row per handoff, as the statement's upsert would leave it had the rows come one by one
+/// (one statement cannot touch a row twice): the first row of a handoff, with the channel,
+/// message and time of its latest send.
+fn latest_per_handoff(deflections: Vec<Deflection>) -> Vec<Deflection> {
+    let mut at = std::collections::HashMap::with_capacity(deflections.len());
+    let mut kept: Vec<Deflection> = Vec::with_capacity(deflections.len());
+    for d in deflections {
+        match at.get(&d.handoff_id) {
+            Some(&i) => {
+                let first: &mut Deflection = &mut kept[i];
+                if first.sent_at <= d.sent_at {
+                    first.channel = d.channel;
+                    first.first_message = d.first_message;
+                    first.sent_at = d.sent_at;
+                }
+            }
+            None => {
+                at.insert(d.handoff_id.clone(), kept.len());
+                kept.push(d);
+            }
+        }
+    }
+    kept
+}
 
-    async fn run(&self, deflections: &[Deflection]) -> Result<Vec<()>, sqlx::Error> {
-        let text = |f: fn(&Deflection) -> &str| deflections.iter().map(f).collect::<Vec<_>>();
-        sqlx::query(
-            "INSERT INTO deflections (handoff_id, account_id, handoff_config_id, ivr_number, \
-                 consumer_phone, channel, skill_id, first_message, engagement_attributes, sent_at) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                 $6::text[], $7::text[], $8::text[], $9::bytea[], $10::timestamptz[]) \
-             ON CONFLICT (handoff_id) DO UPDATE SET channel = EXCLUDED.channel, \
-                 first_message = EXCLUDED.first_message, sent_at = EXCLUDED.sent_at",
-        )
-        .bind(text(|d| &d.handoff_id))
-        .bind(text(|d| &d.account_id))
-        .bind(text(|d| &d.handoff_config_id))
-        .bind(text(|d| &d.ivr_number))
-        .bind(text(|d| &d.consumer_phone))
-        .bind(text(|d| &d.channel))
-        .bind(text(|d| &d.skill_id))
-        .bind(text(|d| &d.first_message))
-        .bind(
-            deflections
-                .iter()
-                .map(|d| d.engagement_attributes.as_slice())
-                .collect::<Vec<_>>(),
-        )
-        .bind(deflections.iter().map(|d| d.sent_at).collect::<Vec<_>>())
-        .execute(&self.0)
-        .await?;
-        Ok(vec![(); deflections.len()])
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    fn sent(handoff_id: &str, channel: &str, second: u32) -> Deflection {
+        Deflection {
+            handoff_id: handoff_id.into(),
+            account_id: "acme".into(),
+            handoff_config_id: "default".into(),
+            ivr_number: String::new(),
+            consumer_phone: "+447700900123".into(),
+            channel: channel.into(),
+            skill_id: "billing".into(),
+            first_message: format!("via {channel}"),
+            engagement_attributes: vec![1, 2, 3],
+            sent_at: Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, second).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_handoff_sent_twice_in_one_batch_is_one_row_with_its_latest_send() {
+        let fallback = Deflection {
+            engagement_attributes: Vec::new(),
+            ..sent("ho_a", "CHANNEL_SMS", 9)
+        };
+        let kept = latest_per_handoff(vec![
+            sent("ho_a", "CHANNEL_WHATSAPP", 1),
+            sent("ho_b", "CHANNEL_SMS", 2),
+            fallback,
+            // Shipped again after the fallback: older, so it changes nothing.
+            sent("ho_a", "CHANNEL_WHATSAPP", 1),
+        ]);
+        assert_eq!(
+            kept,
+            vec![
+                Deflection {
+                    channel: "CHANNEL_SMS".into(),
+                    first_message: "via CHANNEL_SMS".into(),
+                    ..sent("ho_a", "CHANNEL_WHATSAPP", 9)
+                },
+                sent("ho_b", "CHANNEL_SMS", 2),
+            ]
+        );
     }
 }

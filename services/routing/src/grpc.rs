@@ -1,7 +1,11 @@
 //! The `c2m.v1.RoutingService` RPCs.
 
 use c2m_proto::v1::{self as pb, Channel, FunnelStage, routing_service_server::RoutingService};
-use c2m_runtime::{auth::Role, mask_phone, status::FieldViolations};
+use c2m_runtime::{
+    auth::Role,
+    mask_phone,
+    status::{FieldViolations, invalid_field},
+};
 use c2m_storage::outbox;
 use prost::Message;
 use redis::AsyncCommands;
@@ -11,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     Service,
     conversations::{self, Inbound, RouteError},
-    deflections::{Consumer, Deflection},
+    deflections::{self, Consumer, Deflection},
 };
 
 /// `c2m_redis_degraded{service="routing"}`: 1 while lease writes skip Redis.
@@ -23,6 +27,9 @@ fn degraded(yes: bool) {
         if yes { 1.0 } else { 0.0 },
     );
 }
+
+/// The most deflections one RecordDeflections call may carry.
+const MAX_DEFLECTIONS: usize = 1000;
 
 /// Replies count within this many hours when the account's setting cannot be read.
 const DEFAULT_LOOKBACK_HOURS: u32 = 24;
@@ -79,6 +86,32 @@ impl Service {
                     degraded(true);
                 }
                 *skip = Some(Instant::now() + BREAKER);
+            }
+        }
+    }
+
+    /// Has Handoff ship the deflections it committed and Routing has not seen yet. A reply must
+    /// not be given up on while its deflection may be among them: when Handoff cannot be asked,
+    /// the caller is told to retry (the gateway has the provider deliver the reply again).
+    async fn flush_deflections(&self) -> Result<(), Status> {
+        match self
+            .peers
+            .handoff()
+            .flush_deflections(pb::FlushDeflectionsRequest {})
+            .await
+        {
+            Ok(flushed) => {
+                let shipped = flushed.into_inner().shipped;
+                if shipped > 0 {
+                    tracing::info!(shipped, "a reply arrived before its deflection: flushed");
+                }
+                Ok(())
+            }
+            Err(status) => {
+                tracing::warn!(%status, "cannot have Handoff flush its deflections");
+                Err(Status::unavailable(
+                    "cannot ask Handoff for deflections not yet shipped to Routing; retry",
+                ))
             }
         }
     }
@@ -174,45 +207,63 @@ impl RoutingService for Service {
         }))
     }
 
-    async fn record_deflection(
+    async fn record_deflections(
         &self,
-        request: Request<pb::RecordDeflectionRequest>,
-    ) -> Result<Response<pb::RecordDeflectionResponse>, Status> {
+        request: Request<pb::RecordDeflectionsRequest>,
+    ) -> Result<Response<pb::RecordDeflectionsResponse>, Status> {
         self.key.caller(request.metadata())?.require_internal()?;
         let r = request.into_inner();
+        if r.deflections.len() > MAX_DEFLECTIONS {
+            return Err(invalid_field(
+                "deflections",
+                format!("at most {MAX_DEFLECTIONS} in one call"),
+            ));
+        }
         let mut violations = FieldViolations::new();
-        required(&mut violations, "account_id", &r.account_id);
-        required(&mut violations, "handoff_id", &r.handoff_id);
-        required(&mut violations, "consumer_phone", &r.consumer_phone);
-        required(&mut violations, "skill_id", &r.skill_id);
-        let channel = match Channel::try_from(r.channel) {
-            Ok(Channel::Unspecified) | Err(_) => {
-                violations.add("channel", "a channel is required");
-                Channel::Unspecified
+        let mut rows = Vec::with_capacity(r.deflections.len());
+        for (i, d) in r.deflections.into_iter().enumerate() {
+            let field = |name: &str| format!("deflections[{i}].{name}");
+            for (name, value) in [
+                ("account_id", &d.account_id),
+                ("handoff_id", &d.handoff_id),
+                ("consumer_phone", &d.consumer_phone),
+                ("skill_id", &d.skill_id),
+            ] {
+                if value.is_empty() {
+                    violations.add(field(name), "required");
+                }
             }
-            Ok(channel) => channel,
-        };
-        let sent_at = r.sent_at.as_ref().and_then(c2m_proto::from_timestamp);
-        if sent_at.is_none() {
-            violations.add("sent_at", "a valid timestamp is required");
+            let channel = Channel::try_from(d.channel)
+                .ok()
+                .filter(|c| *c != Channel::Unspecified);
+            if channel.is_none() {
+                violations.add(field("channel"), "a channel is required");
+            }
+            let sent_at = d.sent_at.as_ref().and_then(c2m_proto::from_timestamp);
+            if sent_at.is_none() {
+                violations.add(field("sent_at"), "a valid timestamp is required");
+            }
+            let (Some(channel), Some(sent_at)) = (channel, sent_at) else {
+                continue;
+            };
+            rows.push(Deflection {
+                handoff_id: d.handoff_id,
+                account_id: d.account_id,
+                handoff_config_id: d.handoff_config_id,
+                ivr_number: d.ivr_number,
+                consumer_phone: d.consumer_phone,
+                channel: channel.as_str_name().to_owned(),
+                skill_id: d.skill_id,
+                first_message: d.first_message,
+                engagement_attributes: d.engagement_attributes.unwrap_or_default().encode_to_vec(),
+                sent_at,
+            });
         }
         violations.into_result()?;
-        self.deflections
-            .run(Deflection {
-                handoff_id: r.handoff_id,
-                account_id: r.account_id,
-                handoff_config_id: r.handoff_config_id,
-                ivr_number: r.ivr_number,
-                consumer_phone: r.consumer_phone,
-                channel: channel.as_str_name().to_owned(),
-                skill_id: r.skill_id,
-                first_message: r.first_message,
-                engagement_attributes: r.engagement_attributes.unwrap_or_default().encode_to_vec(),
-                sent_at: sent_at.unwrap_or_default(),
-            })
+        deflections::record(self.db.batch_pool(), rows)
             .await
             .map_err(db_status)?;
-        Ok(Response::new(pb::RecordDeflectionResponse {}))
+        Ok(Response::new(pb::RecordDeflectionsResponse {}))
     }
 
     async fn route_inbound_message(
@@ -239,8 +290,9 @@ impl RoutingService for Service {
             lookback_hours: self.lookback_hours(&r.account_id).await,
         };
         // Two replies racing to open the conversation: the unique index lets one win; the other
-        // retries and appends to it.
-        let mut attempt = 0;
+        // retries and appends to it. A reply that finds no deflection asks Handoff for the ones
+        // still in its outbox, and looks once more.
+        let (mut raced, mut flushed) = (false, false);
         let routed = loop {
             let mut tx = self.db.pool().begin().await.map_err(db_status)?;
             match conversations::route(&mut tx, &inbound).await {
@@ -249,11 +301,16 @@ impl RoutingService for Service {
                     Err(e) => return Err(db_status(e)),
                 },
                 Err(RouteError::Db(sqlx::Error::Database(e)))
-                    if e.is_unique_violation() && attempt == 0 =>
+                    if e.is_unique_violation() && !raced =>
                 {
-                    attempt += 1;
+                    raced = true;
                 }
                 Err(RouteError::Db(e)) => return Err(db_status(e)),
+                Err(RouteError::NoDeflection(_)) if !flushed => {
+                    drop(tx);
+                    flushed = true;
+                    self.flush_deflections().await?;
+                }
                 Err(e @ RouteError::NoDeflection(_)) => {
                     return Err(Status::failed_precondition(e.to_string()));
                 }

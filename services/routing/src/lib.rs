@@ -36,7 +36,6 @@ pub struct Service {
     key: TokenKey,
     relay: Relay,
     checks: Batcher<deflections::Checks>,
-    deflections: Batcher<deflections::Records>,
     /// Set when Redis failed: lease writes are skipped until then, so a dead Redis costs a
     /// caller one timeout a second at most rather than one per request.
     skip_redis_until: Arc<Mutex<Option<Instant>>>,
@@ -47,7 +46,6 @@ impl Service {
         let relay = Relay::new(db.clone(), peers.clone());
         Self {
             checks: Batcher::new(deflections::Checks(db.batch_pool().clone())),
-            deflections: Batcher::new(deflections::Records(db.batch_pool().clone())),
             db,
             redis,
             peers,

@@ -5,6 +5,8 @@
 //!
 //! Every service with an outbox has the same table in its own schema:
 //! `outbox (seq bigserial primary key, event_id uuid unique, payload bytea, created_at timestamptz)`.
+//! A service can have other outboxes for other destinations (Handoff ships deflections to Routing
+//! this way): a [`Destination`] names the table and delivers its rows.
 
 use std::{sync::Arc, time::Duration};
 
@@ -50,30 +52,82 @@ pub async fn enqueue(tx: &mut PgConnection, events: &[Event]) -> Result<(), sqlx
     Ok(())
 }
 
-/// Ships a service's outbox to Reporting.
+/// Where an outbox's rows go, and the table they wait in.
+pub trait Destination: Clone + Send + Sync + 'static {
+    /// The outbox table in the service's schema: at least `seq bigserial primary key` and
+    /// `payload bytea`.
+    const TABLE: &'static str;
+
+    /// Delivers `payloads`, in the order they were written. An error leaves them in the outbox,
+    /// to be delivered again: a destination must take a repeat as a no-op.
+    fn deliver(
+        &self,
+        peers: &Peers,
+        payloads: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<(), RelayError>> + Send;
+}
+
+/// Funnel events (`c2m.v1.Event`, in the `outbox` table), to Reporting, which counts each event
+/// id once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ToReporting;
+
+impl Destination for ToReporting {
+    const TABLE: &'static str = "outbox";
+
+    async fn deliver(&self, peers: &Peers, payloads: Vec<Vec<u8>>) -> Result<(), RelayError> {
+        let events = payloads
+            .iter()
+            .map(|payload| Event::decode(payload.as_slice()))
+            .collect::<Result<Vec<_>, _>>()?;
+        peers
+            .reporting()
+            .record_events(RecordEventsRequest { events })
+            .await?;
+        Ok(())
+    }
+}
+
+/// Ships a service's outbox to its destination (Reporting, unless said otherwise).
 #[derive(Debug, Clone)]
-pub struct Relay {
+pub struct Relay<D = ToReporting> {
     db: ServiceDb,
     peers: Peers,
     wake: Arc<Notify>,
+    destination: D,
 }
 
 impl Relay {
+    /// A relay of the service's funnel events to Reporting.
     pub fn new(db: ServiceDb, peers: Peers) -> Self {
+        Self::to(ToReporting, db, peers)
+    }
+}
+
+/// Whether a batch waits for rows another transaction has taken out, or leaves them to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taken {
+    Skip,
+    Wait,
+}
+
+impl<D: Destination> Relay<D> {
+    pub fn to(destination: D, db: ServiceDb, peers: Peers) -> Self {
         Self {
             db,
             peers,
             wake: Arc::new(Notify::new()),
+            destination,
         }
     }
 
-    /// Call after committing events, so they leave now rather than at the next poll.
+    /// Call after committing rows, so they leave now rather than at the next poll.
     pub fn wake(&self) {
         self.wake.notify_one();
     }
 
-    /// Ships batches until `shutdown`. Errors (Reporting or PostgreSQL down) are logged and retried;
-    /// the events stay in the outbox meanwhile.
+    /// Ships batches until `shutdown`. Errors (the destination or PostgreSQL down) are logged and
+    /// retried; the rows stay in the outbox meanwhile.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failing = false;
         let mut last: Option<tokio::time::Instant> = None;
@@ -94,13 +148,13 @@ impl Relay {
                 }
                 Ok(_) => {
                     if failing {
-                        tracing::info!("outbox relay recovered");
+                        tracing::info!(outbox = D::TABLE, "outbox relay recovered");
                         failing = false;
                     }
                 }
                 Err(error) => {
                     if !failing {
-                        tracing::warn!(%error, "outbox relay failing, will retry");
+                        tracing::warn!(outbox = D::TABLE, %error, "outbox relay failing, will retry");
                         failing = true;
                     }
                 }
@@ -113,37 +167,83 @@ impl Relay {
         }
     }
 
-    /// Ships one batch; returns how many events left the outbox.
+    /// Ships one batch; returns how many rows left the outbox.
     pub async fn ship_batch(&self) -> Result<usize, RelayError> {
+        self.ship(Taken::Skip, i64::MAX).await
+    }
+
+    /// Ships every row committed before this call, and returns how many it shipped itself. Rows
+    /// another relay has taken out meanwhile are waited for: when this returns, each of them has
+    /// been delivered, or been put back and delivered here.
+    pub async fn flush(&self) -> Result<usize, RelayError> {
+        if !self.db.is_migrated() {
+            return Ok(0);
+        }
+        let newest: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT max(seq) FROM {}",
+            D::TABLE
+        )))
+        .fetch_one(self.db.pool())
+        .await?;
+        let Some(newest) = newest else {
+            return Ok(0);
+        };
+        let mut shipped = 0;
+        loop {
+            let n = self.ship(Taken::Wait, newest).await?;
+            shipped += n;
+            if n > 0 {
+                continue;
+            }
+            // Nothing came out: the rows we waited for were shipped by whoever held them. Done
+            // unless rows beyond the batch we looked at are still there.
+            let left: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT EXISTS (SELECT 1 FROM {} WHERE seq <= $1)",
+                D::TABLE
+            )))
+            .bind(newest)
+            .fetch_one(self.db.pool())
+            .await?;
+            if !left {
+                return Ok(shipped);
+            }
+        }
+    }
+
+    /// Ships one batch of rows up to `newest`.
+    async fn ship(&self, taken: Taken, newest: i64) -> Result<usize, RelayError> {
         // Until the health probe has migrated the schema there is no outbox to read.
         if !self.db.is_migrated() {
             return Ok(0);
         }
         let mut tx = self.db.pool().begin().await?;
-        // Taken out in the transaction, put back by its rollback if Reporting does not take them.
-        // SKIP LOCKED: replicas share the outbox without shipping the same batch twice at once.
-        let mut rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(
-            "DELETE FROM outbox WHERE seq IN \
-                 (SELECT seq FROM outbox ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED) \
+        // Taken out in the transaction, put back by its rollback if the destination does not
+        // take them. SKIP LOCKED: replicas share the outbox without shipping the same batch twice
+        // at once.
+        let lock = match taken {
+            Taken::Skip => "FOR UPDATE SKIP LOCKED",
+            Taken::Wait => "FOR UPDATE",
+        };
+        let mut rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {table} WHERE seq IN \
+                 (SELECT seq FROM {table} WHERE seq <= $2 ORDER BY seq LIMIT $1 {lock}) \
              RETURNING seq, payload",
-        )
+            table = D::TABLE
+        )))
         .bind(BATCH)
+        .bind(newest)
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
             return Ok(0);
         }
         rows.sort_unstable_by_key(|(seq, _)| *seq);
-        let events = rows
-            .iter()
-            .map(|(_, payload)| Event::decode(payload.as_slice()))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.peers
-            .reporting()
-            .record_events(RecordEventsRequest { events })
+        let n = rows.len();
+        self.destination
+            .deliver(&self.peers, rows.into_iter().map(|(_, p)| p).collect())
             .await?;
         tx.commit().await?;
-        Ok(rows.len())
+        Ok(n)
     }
 }
 
@@ -151,10 +251,10 @@ impl Relay {
 pub enum RelayError {
     #[error("outbox query failed: {0}")]
     Db(#[from] sqlx::Error),
-    #[error("outbox holds an undecodable event: {0}")]
+    #[error("outbox holds an undecodable row: {0}")]
     Decode(#[from] prost::DecodeError),
-    #[error("reporting refused the events: {0}")]
-    Reporting(#[from] tonic::Status),
+    #[error("the destination refused the batch: {0}")]
+    Refused(#[from] tonic::Status),
 }
 
 /// A new event for `account_id` at `stage`, with a fresh id and the current time; set the other
