@@ -118,12 +118,16 @@ impl ChannelGatewayService for Service {
         }
         violations.into_result()?;
 
-        if let Some(existing) = self
-            .lookups
-            .run(r.message_id.clone())
-            .await
-            .map_err(db_status)?
-        {
+        // A repeated id returns its first send; an id the caller has just made up has none.
+        let earlier = if r.fresh_message_id {
+            None
+        } else {
+            self.lookups
+                .run(r.message_id.clone())
+                .await
+                .map_err(db_status)?
+        };
+        if let Some(existing) = earlier {
             if existing.account_id != r.account_id {
                 return Err(status::invalid_field(
                     "message_id",

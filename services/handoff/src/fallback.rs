@@ -212,7 +212,7 @@ impl Service {
             handoff_config_id: &handoff.handoff_config_id,
             skill_id: &handoff.skill_id,
         };
-        let (attempts, sent) = self.send(&to, steps, handoff.attempts.len()).await;
+        let (attempts, sent) = self.send(&to, steps, handoff.attempts.len(), false).await;
         let used = attempts.len();
         let new_message = attempts
             .last()

@@ -101,12 +101,14 @@ impl Service {
     }
 
     /// Sends along `steps` until a channel takes the message; attempts are numbered on from
-    /// `earlier` (the attempts the handoff already made).
+    /// `earlier` (the attempts the handoff already made). `fresh`: the handoff is new, so none of
+    /// its message ids has been sent before (a fallback's may have, by a replica that crashed).
     pub(crate) async fn send(
         &self,
         to: &Recipient<'_>,
         steps: &[Step],
         earlier: usize,
+        fresh: bool,
     ) -> (Vec<Attempt>, Option<(Channel, String)>) {
         let mut attempts = Vec::new();
         for (i, step) in steps.iter().enumerate() {
@@ -128,6 +130,7 @@ impl Service {
                     handoff_config_id: to.handoff_config_id.to_owned(),
                     skill_id: to.skill_id.to_owned(),
                     whatsapp_template: step.whatsapp_template(),
+                    fresh_message_id: fresh,
                 })
                 .await;
             let mut attempt = Attempt {
@@ -261,7 +264,7 @@ impl Service {
                 handoff_config_id: &d.handoff_config_id,
                 skill_id: &decision.skill_id,
             };
-            self.send(&to, &decision.plan, 0).await
+            self.send(&to, &decision.plan, 0, true).await
         };
         let status = match (decision.blocked, &sent) {
             (Some(blocked), _) => blocked,
