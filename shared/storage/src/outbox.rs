@@ -19,14 +19,17 @@ use crate::postgres::ServiceDb;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Events shipped per RecordEvents call.
+/// Rows shipped per call to the destination.
 const BATCH: i64 = 500;
-/// How often the relay looks for events nobody told it about (other replicas' writes).
+/// How often the relay looks for rows nobody told it about (other replicas' writes).
 const POLL: Duration = Duration::from_millis(100);
-/// The least time between two batches that are not full: under load, the events of many commits
-/// leave together (one statement, one call) instead of a batch per commit; when idle, an
-/// event still leaves at once.
-const LINGER: Duration = Duration::from_millis(10);
+/// The least time between two batches that are not full: under load, the rows of many commits
+/// leave together (one statement, one call) instead of a batch per commit; when idle, a row
+/// still leaves at once. Each batch costs four PostgreSQL round trips (begin, take, the
+/// destination's write, commit): at 10 ms, the three relays on a handoff's path made a quarter
+/// of the statements at 1,000 handoffs/s. Nothing waits on a relay: a funnel is 50 ms later at
+/// worst, and a reply that overtakes its deflection has Handoff flush (`Relay::flush`).
+const LINGER: Duration = Duration::from_millis(50);
 
 /// The outbox's columns for `events`: their ids and encodings, to bind as `uuid[]` and `bytea[]`
 /// (for a caller that writes its change and its events in one statement).
