@@ -1,6 +1,8 @@
 //! `cargo bench -p c2m-e2e --bench handoff`: CreateHandoff through the whole mesh — five separate
 //! servers, PostgreSQL, Redis, the Twilio emulator — and, in the same run, a bare tonic unary
-//! server as the denominator. Prints figures, CPU per handoff among them; asserts nothing.
+//! server as the denominator, and a skeleton of the mesh (the handoff's four calls, with nothing
+//! behind them) for what the calls alone allow. Prints figures, CPU per handoff among them;
+//! asserts nothing.
 //!
 //! Knobs (environment): C2M_BENCH_CALLERS (64), C2M_BENCH_ACCOUNTS (8), C2M_BENCH_SECONDS (10),
 //! C2M_BENCH_RATE (1000, the fixed arrival rate of the latency phase), C2M_BENCH_TOPOLOGY
@@ -26,7 +28,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use c2m_proto::v1::{self as pb, HandoffStatus, handoff_service_client::HandoffServiceClient};
+use c2m_proto::v1::{
+    self as pb, HandoffStatus,
+    handoff_service_client::HandoffServiceClient,
+    handoff_service_server::{HandoffService, HandoffServiceServer},
+};
 use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::RedisServer;
 use story::{Options, Story, Topology, authed, handoff_request, onboard, token};
@@ -155,19 +161,8 @@ async fn open_loop(
 
 /// The same closed loop against a bare tonic unary service (health Check, no layers).
 async fn echo_baseline(callers: u64, seconds: u64) -> f64 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("binds");
-    let addr = listener.local_addr().expect("addr");
-    let (_reporter, health) = tonic_health::server::health_reporter();
-    let server = tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .expect("echo serves");
-    });
-    let channel = grpc::channel(&format!("http://{addr}")).await;
+    let (url, server) = echo_server().await;
+    let channel = grpc::channel(&url).await;
     let count = Arc::new(AtomicU64::new(0));
     let until = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -193,6 +188,132 @@ async fn echo_baseline(callers: u64, seconds: u64) -> f64 {
     }
     server.abort();
     count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A Handoff that makes a handoff's calls and does nothing else: the IVR's call to it, a unary
+/// call to a "Routing" and one to a "Gateway" (bare tonic servers), and an HTTP/1.1 POST to a
+/// "provider" (a bare axum route), one after the other as a handoff makes them. No database, no
+/// Redis, no logic. Its throughput is what the mesh's shape allows on this machine, and its
+/// ratio to the echo the best the handoff's could be.
+#[derive(Clone)]
+struct Skeleton {
+    routing: HealthClient<Channel>,
+    gateway: HealthClient<Channel>,
+    http: reqwest::Client,
+    provider: String,
+}
+
+#[tonic::async_trait]
+impl HandoffService for Skeleton {
+    async fn create_handoff(
+        &self,
+        _request: tonic::Request<pb::CreateHandoffRequest>,
+    ) -> Result<tonic::Response<pb::CreateHandoffResponse>, tonic::Status> {
+        let ask = || HealthCheckRequest {
+            service: String::new(),
+        };
+        self.routing.clone().check(ask()).await?;
+        self.gateway.clone().check(ask()).await?;
+        self.http
+            .post(&self.provider)
+            .body("To=%2B14155550123&Body=hello")
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?
+            .bytes()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        Ok(tonic::Response::new(pb::CreateHandoffResponse {
+            handoff: Some(pb::Handoff {
+                status: HandoffStatus::Sent as i32,
+                ..Default::default()
+            }),
+        }))
+    }
+
+    async fn check_eligibility(
+        &self,
+        _request: tonic::Request<pb::CheckEligibilityRequest>,
+    ) -> Result<tonic::Response<pb::CheckEligibilityResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("skeleton"))
+    }
+
+    async fn get_handoff(
+        &self,
+        _request: tonic::Request<pb::GetHandoffRequest>,
+    ) -> Result<tonic::Response<pb::GetHandoffResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("skeleton"))
+    }
+
+    async fn flush_deflections(
+        &self,
+        _request: tonic::Request<pb::FlushDeflectionsRequest>,
+    ) -> Result<tonic::Response<pb::FlushDeflectionsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("skeleton"))
+    }
+}
+
+/// A listener on a free loopback port, and its address.
+async fn listen() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("binds");
+    let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
+/// Serves a bare health service (the echo) on a free port; its URL and server task.
+async fn echo_server() -> (String, tokio::task::JoinHandle<()>) {
+    let (listener, addr) = listen().await;
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("echo serves");
+    });
+    (format!("http://{addr}"), server)
+}
+
+/// The closed loop against [`Skeleton`]: handoffs per second.
+async fn skeleton(accounts: &Arc<Accounts>, callers: u64, seconds: u64) -> f64 {
+    let (routing_url, routing) = echo_server().await;
+    let (gateway_url, gateway) = echo_server().await;
+    let (provider_listener, provider_addr) = listen().await;
+    let provider = tokio::spawn(async move {
+        let app = axum::Router::new().route(
+            "/messages",
+            axum::routing::post(|| async { r#"{"sid":"SM0","status":"queued"}"# }),
+        );
+        axum::serve(provider_listener, app)
+            .await
+            .expect("provider serves");
+    });
+    let front = Skeleton {
+        routing: HealthClient::new(grpc::channel(&routing_url).await),
+        gateway: HealthClient::new(grpc::channel(&gateway_url).await),
+        http: reqwest::Client::new(),
+        provider: format!("http://{provider_addr}/messages"),
+    };
+    let (front_listener, front_addr) = listen().await;
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(HandoffServiceServer::new(front))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                front_listener,
+            ))
+            .await
+            .expect("skeleton serves");
+    });
+    let client = HandoffServiceClient::new(grpc::channel(&format!("http://{front_addr}")).await);
+    let (done, failed) = closed_loop(&client, accounts, callers, seconds).await;
+    assert_eq!(failed, 0, "the skeleton answers every call");
+    for task in [routing, gateway, provider, server] {
+        task.abort();
+    }
+    done.len() as f64 / seconds as f64
 }
 
 /// CPU seconds used so far, from /proc (Linux; zeros elsewhere): by this process (the servers,
@@ -376,6 +497,7 @@ fn main() {
         let cpu_closed = cpu_before.report(&cpu_closed, done + closed_failed);
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         let echo = echo_baseline(callers, seconds).await;
+        let shape = skeleton(&accounts, callers, seconds).await;
 
         let topology = if one_process {
             "one process (c2m dev)"
@@ -405,6 +527,11 @@ fn main() {
         );
         println!("  bare tonic unary echo, same callers: {echo:.0} calls/s");
         println!("  ratio handoff/echo: {:.3}", throughput / echo);
+        println!(
+            "  skeleton (the handoff's four calls, nothing behind them): {shape:.0} calls/s, ratio to echo {:.3}; handoff/skeleton {:.3}",
+            shape / echo,
+            throughput / shape
+        );
         story.stop().await;
         drop(redis);
     });
