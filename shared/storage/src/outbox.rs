@@ -222,14 +222,16 @@ impl<D: Destination> Relay<D> {
         let mut tx = self.db.pool().begin().await?;
         // Taken out in the transaction, put back by its rollback if the destination does not
         // take them. SKIP LOCKED: replicas share the outbox without shipping the same batch twice
-        // at once.
+        // at once. `= ANY(ARRAY(…))` finds the rows by the primary key: `IN (…)` was planned as a
+        // hash join over a scan of the whole table, dead rows included, which cost 2 ms a batch
+        // once a run had put a hundred thousand events through.
         let lock = match taken {
             Taken::Skip => "FOR UPDATE SKIP LOCKED",
             Taken::Wait => "FOR UPDATE",
         };
         let mut rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM {table} WHERE seq IN \
-                 (SELECT seq FROM {table} WHERE seq <= $2 ORDER BY seq LIMIT $1 {lock}) \
+            "DELETE FROM {table} WHERE seq = ANY(ARRAY( \
+                 SELECT seq FROM {table} WHERE seq <= $2 ORDER BY seq LIMIT $1 {lock})) \
              RETURNING seq, payload",
             table = D::TABLE
         )))
