@@ -229,9 +229,7 @@ impl RoutingService for Service {
                 ("consumer_phone", &d.consumer_phone),
                 ("skill_id", &d.skill_id),
             ] {
-                if value.is_empty() {
-                    violations.add(field(name), "required");
-                }
+                required(&mut violations, &field(name), value);
             }
             let channel = Channel::try_from(d.channel)
                 .ok()
