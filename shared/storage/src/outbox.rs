@@ -26,9 +26,9 @@ const POLL: Duration = Duration::from_millis(100);
 /// The least time between two batches that are not full: under load, the rows of many commits
 /// leave together (one statement, one call) instead of a batch per commit; when idle, a row
 /// still leaves at once. Each batch costs four PostgreSQL round trips (begin, take, the
-/// destination's write, commit): at 10 ms, the three relays on a handoff's path made a quarter
-/// of the statements at 1,000 handoffs/s. Nothing waits on a relay: a funnel is 50 ms later at
-/// worst, and a reply that overtakes its deflection has Handoff flush (`Relay::flush`).
+/// destination's write, commit); at 1,000 handoffs/s, going from 10 ms to 50 ms cut PostgreSQL's
+/// CPU per handoff by a quarter. Nothing waits on a relay: a funnel is 50 ms later at worst, and
+/// a reply that overtakes its deflection has Handoff flush (`Relay::flush`).
 const LINGER: Duration = Duration::from_millis(50);
 
 /// The outbox's columns for `events`: their ids and encodings, to bind as `uuid[]` and `bytea[]`
