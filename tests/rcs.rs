@@ -12,7 +12,7 @@ use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::eventually_eq;
 use serde_json::json;
 
-use crate::story::{Story, Topology, authed, handoff_request, onboard, token};
+use crate::story::{EVERY_STAGE_ONCE, Story, Topology, authed, handoff_request, onboard, token};
 
 const AGENT_ID: &str = "acme-billing-agent";
 const CLIENT_TOKEN: &str = "SJENCPGJESMGUFPY";
@@ -243,17 +243,7 @@ async fn rcs_carries_the_deflection_where_the_number_has_it_and_sms_where_not() 
         .await_funnel(
             "acme",
             &[
-                (
-                    "CHANNEL_RCS",
-                    &[
-                        ("FUNNEL_STAGE_ATTEMPTED", 1),
-                        ("FUNNEL_STAGE_SENT", 1),
-                        ("FUNNEL_STAGE_DELIVERED", 1),
-                        ("FUNNEL_STAGE_READ", 1),
-                        ("FUNNEL_STAGE_RESPONDED", 1),
-                        ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
-                    ],
-                ),
+                ("CHANNEL_RCS", EVERY_STAGE_ONCE),
                 // The number without RCS went by SMS.
                 (
                     "CHANNEL_SMS",

@@ -10,7 +10,15 @@ use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::eventually;
 use redis::AsyncCommands;
 
-use crate::story::{Story, Topology, authed, handoff_request, onboard, token};
+use crate::story::{EVERY_STAGE_ONCE, Story, Topology, authed, handoff_request, onboard, token};
+
+/// Sandbox credentials whose consumer answers every message with "Yes please".
+fn answering_sandbox() -> Credentials {
+    Credentials::Sandbox(pb::SandboxCredentials {
+        reply_text: "Yes please".into(),
+        fail_delivery: false,
+    })
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
@@ -29,15 +37,7 @@ async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
         ))
         .await
         .expect("twilio removed");
-    story
-        .put_credentials(
-            "acme",
-            Credentials::Sandbox(pb::SandboxCredentials {
-                reply_text: "Yes please".into(),
-                fail_delivery: false,
-            }),
-        )
-        .await;
+    story.put_credentials("acme", answering_sandbox()).await;
 
     let handoff = story
         .deflect(handoff_request("acme", "+14155550901", "sb-1"), &key)
@@ -101,15 +101,7 @@ async fn a_sandboxed_account_plays_the_whole_flow_without_a_provider() {
 async fn rcs_and_whatsapp_play_in_the_sandbox_too() {
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
-    story
-        .put_credentials(
-            "acme",
-            Credentials::Sandbox(pb::SandboxCredentials {
-                reply_text: "Yes please".into(),
-                fail_delivery: false,
-            }),
-        )
-        .await;
+    story.put_credentials("acme", answering_sandbox()).await;
     story.add_followup_template("acme").await;
     // Nobody at Meta reviews a sandbox template: an operator approves it as Meta would.
     story
@@ -164,18 +156,13 @@ async fn rcs_and_whatsapp_play_in_the_sandbox_too() {
         assert_eq!(handoff.status, HandoffStatus::Sent as i32, "{config_id}");
     }
     // Every stage each channel has, played by the sandbox through the signed webhooks.
-    let stages: &[(&str, u64)] = &[
-        ("FUNNEL_STAGE_ATTEMPTED", 1),
-        ("FUNNEL_STAGE_SENT", 1),
-        ("FUNNEL_STAGE_DELIVERED", 1),
-        ("FUNNEL_STAGE_READ", 1),
-        ("FUNNEL_STAGE_RESPONDED", 1),
-        ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
-    ];
     story
         .await_funnel(
             "acme",
-            &[("CHANNEL_RCS", stages), ("CHANNEL_WHATSAPP", stages)],
+            &[
+                ("CHANNEL_RCS", EVERY_STAGE_ONCE),
+                ("CHANNEL_WHATSAPP", EVERY_STAGE_ONCE),
+            ],
         )
         .await;
     let whatsapp = story.open_conversation("acme", "+14155550912").await;

@@ -245,6 +245,16 @@ pub const TWILIO_SID: &str = "AC0123456789abcdef0123456789abcdef";
 pub const TWILIO_TOKEN: &str = "twilio-auth-token-for-tests";
 pub const BRAND_NUMBER: &str = "+14155550100";
 
+/// A channel's funnel when one message went, was delivered and read, and was answered.
+pub const EVERY_STAGE_ONCE: &[(&str, u64)] = &[
+    ("FUNNEL_STAGE_ATTEMPTED", 1),
+    ("FUNNEL_STAGE_SENT", 1),
+    ("FUNNEL_STAGE_DELIVERED", 1),
+    ("FUNNEL_STAGE_READ", 1),
+    ("FUNNEL_STAGE_RESPONDED", 1),
+    ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
+];
+
 /// An account set up the way the story's operator and admin do it; returns its API key.
 pub async fn onboard(story: &Story, account_id: &str) -> String {
     let operator = token(AuthRole::Operator, None);
