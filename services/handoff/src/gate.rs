@@ -131,7 +131,7 @@ impl Gate {
                         .unwrap_or_else(|p| p.into_inner());
                     if skip.take().is_some() {
                         tracing::info!("redis is back: exact limits again");
-                        degraded(false);
+                        c2m_runtime::metrics::redis_degraded("handoff", false);
                     }
                     return decision;
                 }
@@ -142,7 +142,7 @@ impl Gate {
                         .unwrap_or_else(|p| p.into_inner());
                     if skip.is_none() {
                         tracing::warn!(%error, "redis unavailable: deciding in this replica (degraded)");
-                        degraded(true);
+                        c2m_runtime::metrics::redis_degraded("handoff", true);
                     }
                     *skip = Some(Instant::now() + BREAKER);
                 }
@@ -191,14 +191,4 @@ impl Gate {
         };
         Ok(Decision { passage, at_us })
     }
-}
-
-/// `c2m_redis_degraded{service="handoff"}`: 1 while this replica decides without Redis.
-fn degraded(yes: bool) {
-    c2m_runtime::metrics::set(
-        "c2m_redis_degraded",
-        "1 while the service works without Redis (per-replica limits and leases), else 0.",
-        &[("service", "handoff")],
-        if yes { 1.0 } else { 0.0 },
-    );
 }

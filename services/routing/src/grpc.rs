@@ -18,16 +18,6 @@ use crate::{
     deflections::{self, Consumer, Deflection},
 };
 
-/// `c2m_redis_degraded{service="routing"}`: 1 while lease writes skip Redis.
-fn degraded(yes: bool) {
-    c2m_runtime::metrics::set(
-        "c2m_redis_degraded",
-        "1 while the service works without Redis (per-replica limits and leases), else 0.",
-        &[("service", "routing")],
-        if yes { 1.0 } else { 0.0 },
-    );
-}
-
 /// The most deflections one RecordDeflections call may carry.
 const MAX_DEFLECTIONS: usize = 1000;
 
@@ -77,13 +67,13 @@ impl Service {
             Ok(()) => {
                 if skip.take().is_some() {
                     tracing::info!("redis is back: open-conversation leases written again");
-                    degraded(false);
+                    c2m_runtime::metrics::redis_degraded("routing", false);
                 }
             }
             Err(error) => {
                 if skip.is_none() {
                     tracing::warn!(%error, consumer = %mask_phone(consumer), "redis unavailable: open-conversation leases not written (PostgreSQL still decides)");
-                    degraded(true);
+                    c2m_runtime::metrics::redis_degraded("routing", true);
                 }
                 *skip = Some(Instant::now() + BREAKER);
             }

@@ -72,6 +72,16 @@ pub fn set(name: &'static str, help: &'static str, labels: &[(&'static str, &str
     with_series(name, help, Kind::Gauge, labels, |s| s.value = value);
 }
 
+/// `c2m_redis_degraded{service}`: 1 while `service` works without Redis, else 0.
+pub fn redis_degraded(service: &'static str, yes: bool) {
+    set(
+        "c2m_redis_degraded",
+        "1 while the service works without Redis (per-replica limits and leases), else 0.",
+        &[("service", service)],
+        if yes { 1.0 } else { 0.0 },
+    );
+}
+
 /// Records one observation in a histogram (seconds).
 pub fn observe(
     name: &'static str,
