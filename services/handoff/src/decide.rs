@@ -323,7 +323,7 @@ impl Service {
         };
         match channel {
             Channel::AppleMessages => {
-                let body = rendered(d, &config.apple_body, "the Apple Messages body")?;
+                let body = rendered(d, &config.apple_body, || "the Apple Messages body".into())?;
                 step.apple = Some(pb::AppleMessagesInvite {
                     business_id: config.apple_business_id.clone(),
                     intent_id: config.apple_intent_id.clone(),
@@ -532,21 +532,23 @@ fn text_step(
     let Some(template) = template else {
         return Ok(None);
     };
-    let text = rendered(
-        d,
-        &template,
-        &format!("the {} message", channel.as_str_name()),
-    )?;
+    let text = rendered(d, &template, || {
+        format!("the {} message", channel.as_str_name())
+    })?;
     Ok(Some(Step::text(channel, text)))
 }
 
 /// `template` with its `{{variables}}` filled from the request; `what` names it when one is
-/// missing, so no text with a literal placeholder ever leaves.
-fn rendered(d: &Deflection, template: &str, what: &str) -> Result<String, Status> {
+/// missing (and is only made then), so no text with a literal placeholder ever leaves.
+fn rendered(
+    d: &Deflection,
+    template: &str,
+    what: impl FnOnce() -> String,
+) -> Result<String, Status> {
     render(template, |name| d.variable(name)).map_err(|name| {
         invalid_field(
             format!("template_variables[{name}]"),
-            format!("{what} needs {{{{{name}}}}} and no value was given"),
+            format!("{} needs {{{{{name}}}}} and no value was given", what()),
         )
     })
 }
