@@ -7,7 +7,9 @@
 //! Knobs (environment): C2M_BENCH_CALLERS (64), C2M_BENCH_ACCOUNTS (8), C2M_BENCH_SECONDS (10),
 //! C2M_BENCH_RATE (1000, the fixed arrival rate of the latency phase), C2M_BENCH_TOPOLOGY
 //! (`separate`, or `dev` for every role in one server calling the others in process),
-//! C2M_BENCH_WORKERS (2, the runtime's worker threads, which the servers and the callers share).
+//! C2M_BENCH_WORKERS (2, the runtime's worker threads, which the servers and the callers share),
+//! C2M_BENCH_PHASES (`closed,fixed,echo,skeleton`: which phases run, e.g. `fixed` alone while
+//! profiling the latency phase).
 
 /// The allocator the `c2m` binary ships with, so the figures are the binary's.
 #[global_allocator]
@@ -44,6 +46,12 @@ fn knob(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Whether the phase `name` is among C2M_BENCH_PHASES (all of them when it is unset).
+fn phase(name: &str) -> bool {
+    std::env::var("C2M_BENCH_PHASES")
+        .map_or(true, |phases| phases.split(',').any(|p| p.trim() == name))
 }
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -475,63 +483,81 @@ fn main() {
         // reads them with the raised limits).
         closed_loop(&client, &accounts, callers, 2).await;
 
-        let before = command_calls(&redis).await;
-        let cpu_before = Cpu::now();
-        let (latencies, closed_failed) = closed_loop(&client, &accounts, callers, seconds).await;
-        let cpu_closed = Cpu::now();
-        let done = latencies.len();
-        let after = command_calls(&redis).await;
-        let delta = |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
-        let scripts = delta("evalsha") + delta("eval");
-        let all_commands: u64 = after
-            .iter()
-            .map(|(name, calls)| calls - before.get(name).copied().unwrap_or(0))
-            .sum::<u64>()
-            - delta("info")
-            - delta("ping");
-        let throughput = done as f64 / seconds as f64;
-
-        let cpu_open = Cpu::now();
-        let (achieved, fixed, fixed_failed) = open_loop(&client, &accounts, rate, seconds).await;
-        let cpu_fixed = cpu_open.report(&Cpu::now(), fixed.len() + fixed_failed);
-        let cpu_closed = cpu_before.report(&cpu_closed, done + closed_failed);
-        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-        let echo = echo_baseline(callers, seconds).await;
-        let shape = skeleton(&accounts, callers, seconds).await;
-
         let topology = if one_process {
             "one process (c2m dev)"
         } else {
             "five separate servers"
         };
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         println!("c2m handoff benchmark: {topology}, {callers} callers, {account_count} accounts, {seconds} s per phase, {cores} cores");
-        println!("  closed loop: {throughput:.0} handoffs/s ({done} handoffs, {closed_failed} failed)");
-        println!(
-            "    latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
-            ms(percentile(&latencies, 0.50)),
-            ms(percentile(&latencies, 0.99)),
-            ms(percentile(&latencies, 0.999))
-        );
-        println!("    {cpu_closed}");
-        println!(
-            "  fixed rate {rate}/s (completed {achieved:.0}/s, {fixed_failed} failed): p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
-            ms(percentile(&fixed, 0.50)),
-            ms(percentile(&fixed, 0.99)),
-            ms(percentile(&fixed, 0.999))
-        );
-        println!("    {cpu_fixed}");
-        println!(
-            "  redis: {:.3} round trips (EVALSHA/EVAL) per handoff; {:.2} commands per handoff counting those run inside the script",
-            scripts as f64 / done as f64,
-            all_commands as f64 / done as f64
-        );
-        println!("  bare tonic unary echo, same callers: {echo:.0} calls/s");
-        println!("  ratio handoff/echo: {:.3}", throughput / echo);
-        println!(
-            "  skeleton (the handoff's four calls, nothing behind them): {shape:.0} calls/s, ratio to echo {:.3}; handoff/skeleton {:.3}",
-            shape / echo,
-            throughput / shape
-        );
+        let mut throughput = None;
+        if phase("closed") {
+            let before = command_calls(&redis).await;
+            let cpu_before = Cpu::now();
+            let (latencies, failed) = closed_loop(&client, &accounts, callers, seconds).await;
+            let cpu_after = Cpu::now();
+            let done = latencies.len();
+            let after = command_calls(&redis).await;
+            let delta = |name: &str| {
+                after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
+            };
+            let scripts = delta("evalsha") + delta("eval");
+            let all_commands: u64 = after
+                .iter()
+                .map(|(name, calls)| calls - before.get(name).copied().unwrap_or(0))
+                .sum::<u64>()
+                - delta("info")
+                - delta("ping");
+            let rate = done as f64 / seconds as f64;
+            throughput = Some(rate);
+            println!("  closed loop: {rate:.0} handoffs/s ({done} handoffs, {failed} failed)");
+            println!(
+                "    latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
+                ms(percentile(&latencies, 0.50)),
+                ms(percentile(&latencies, 0.99)),
+                ms(percentile(&latencies, 0.999))
+            );
+            println!("    {}", cpu_before.report(&cpu_after, done + failed));
+            println!(
+                "  redis: {:.3} round trips (EVALSHA/EVAL) per handoff; {:.2} commands per handoff counting those run inside the script",
+                scripts as f64 / done as f64,
+                all_commands as f64 / done as f64
+            );
+        }
+        if phase("fixed") {
+            let cpu_before = Cpu::now();
+            let (achieved, fixed, failed) = open_loop(&client, &accounts, rate, seconds).await;
+            let cpu = cpu_before.report(&Cpu::now(), fixed.len() + failed);
+            println!(
+                "  fixed rate {rate}/s (completed {achieved:.0}/s, {failed} failed): p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
+                ms(percentile(&fixed, 0.50)),
+                ms(percentile(&fixed, 0.99)),
+                ms(percentile(&fixed, 0.999))
+            );
+            println!("    {cpu}");
+        }
+        let echo = if phase("echo") {
+            Some(echo_baseline(callers, seconds).await)
+        } else {
+            None
+        };
+        if let Some(echo) = echo {
+            println!("  bare tonic unary echo, same callers: {echo:.0} calls/s");
+            if let Some(throughput) = throughput {
+                println!("  ratio handoff/echo: {:.3}", throughput / echo);
+            }
+        }
+        if phase("skeleton") {
+            let shape = skeleton(&accounts, callers, seconds).await;
+            print!("  skeleton (the handoff's four calls, nothing behind them): {shape:.0} calls/s");
+            if let Some(echo) = echo {
+                print!(", ratio to echo {:.3}", shape / echo);
+            }
+            if let Some(throughput) = throughput {
+                print!("; handoff/skeleton {:.3}", throughput / shape);
+            }
+            println!();
+        }
         story.stop().await;
         drop(redis);
     });
