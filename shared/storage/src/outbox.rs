@@ -4,7 +4,9 @@
 //! Reporting ignores.
 //!
 //! Every service with an outbox has the same table in its own schema:
-//! `outbox (seq bigserial primary key, event_id uuid unique, payload bytea, created_at timestamptz)`.
+//! `outbox (seq bigserial primary key, event_id uuid, payload bytea, created_at timestamptz)`.
+//! Event ids are UUIDv7, so Reporting's primary key takes them in order, at the right edge of
+//! its index.
 //! A service can have other outboxes for other destinations (Handoff ships deflections to Routing
 //! this way): a [`Destination`] names the table and delivers its rows.
 
@@ -266,7 +268,7 @@ pub enum RelayError {
 /// fields with struct update syntax.
 pub fn event(account_id: &str, stage: c2m_proto::v1::FunnelStage) -> Event {
     Event {
-        event_id: uuid::Uuid::new_v4().to_string(),
+        event_id: uuid::Uuid::now_v7().to_string(),
         account_id: account_id.to_owned(),
         stage: stage as i32,
         occurred_at: Some(c2m_proto::timestamp(chrono::Utc::now())),
