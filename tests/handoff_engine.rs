@@ -482,6 +482,92 @@ async fn every_refusal_sends_nothing_and_counts_what_it_should() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_holds_neither_its_key_nor_its_consumer() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let mut handoff = story.handoff().await;
+
+    // Refused after the gate admitted it (a template variable is missing), then corrected and
+    // sent again at once under the same key: a new request, not one "still in progress".
+    let corrected = handoff_request("acme", "+14155550211", "fix-1");
+    let mut missing = corrected.clone();
+    missing.template_variables.clear();
+    let refused = handoff
+        .create_handoff(authed(missing, &key))
+        .await
+        .expect_err("missing variable");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let sent = story.deflect(corrected, &key).await;
+    assert_eq!(sent.status, HandoffStatus::Sent as i32);
+
+    // Refused for an unknown configuration, then deflected under another key: the consumer is
+    // not skipped in favour of the refused request, which never became a handoff.
+    let mut unknown = handoff_request("acme", "+14155550212", "fix-2");
+    unknown.handoff_config_id = "nope".into();
+    let refused = handoff
+        .create_handoff(authed(unknown, &key))
+        .await
+        .expect_err("unknown configuration");
+    assert_eq!(refused.code(), Code::NotFound);
+    let sent = story
+        .deflect(handoff_request("acme", "+14155550212", "fix-3"), &key)
+        .await;
+    assert_eq!(sent.status, HandoffStatus::Sent as i32);
+    assert!(sent.duplicate_of.is_empty());
+
+    let to: Vec<String> = story
+        .twilio
+        .sent()
+        .iter()
+        .map(|m| m.field("To").to_owned())
+        .collect();
+    assert_eq!(to, ["+14155550211", "+14155550212"]);
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_redis_forgot_its_key_is_answered_from_the_record_and_holds_nothing() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let request = handoff_request("acme", "+14155550221", "late-1");
+    let first = story.deflect(request.clone(), &key).await;
+    assert_eq!(first.status, HandoffStatus::Sent as i32);
+
+    // Redis keeps a claim for a minute and a lease for seconds, PostgreSQL the record for a day:
+    // the IVR retries once both are gone (removed here rather than waited for).
+    let claim = format!("{}:{{acme}}:idem:late-1", story.redis.prefix());
+    let lease = format!("{}:{{acme}}:lease:+14155550221", story.redis.prefix());
+    let client = redis::Client::open(story.redis.url()).expect("url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let removed: u32 = redis::cmd("DEL")
+        .arg(&claim)
+        .arg(&lease)
+        .query_async(&mut redis)
+        .await
+        .expect("del");
+    assert_eq!(removed, 2, "the first handoff's claim and lease were there");
+
+    let again = story.deflect(request, &key).await;
+    assert_eq!(again.handoff_id, first.handoff_id, "the original answer");
+    assert_eq!(story.twilio.sent().len(), 1, "nothing sent again");
+    // The gate admitted the retry while the record was looked up; what it took is given back.
+    let left: u32 = redis::cmd("EXISTS")
+        .arg(&claim)
+        .arg(&lease)
+        .query_async(&mut redis)
+        .await
+        .expect("exists");
+    assert_eq!(
+        left, 0,
+        "no claim or lease left for a handoff that never was"
+    );
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared() {
     use c2m_proto::v1::{self as pb, IneligibilityReason};
 

@@ -42,6 +42,14 @@ redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
 return {1, now, ''}
 ";
 
+/// Gives back a claim and a lease (KEYS) where they still name the handoff (ARGV[1]).
+const RELEASE: &str = r"
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
+end
+return 0
+";
+
 /// What the gate decided for one handoff.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Passage {
@@ -79,6 +87,7 @@ const BREAKER: Duration = Duration::from_secs(1);
 pub struct Gate {
     redis: RedisHandle,
     script: redis::Script,
+    release: redis::Script,
     window: Duration,
     idempotency_ttl: Duration,
     consumer_lease: Duration,
@@ -101,6 +110,7 @@ impl Gate {
         Self {
             redis,
             script: redis::Script::new(SCRIPT),
+            release: redis::Script::new(RELEASE),
             window,
             idempotency_ttl,
             consumer_lease,
@@ -151,6 +161,46 @@ impl Gate {
         self.local.pass(ask, Instant::now())
     }
 
+    /// Gives back what admitting `ask` took, for a handoff that ends before anything is sent (a
+    /// refused request, or a retry an earlier request's record answers): its idempotency claim,
+    /// so the corrected request can use the key at once, and its consumer lease, so the next call
+    /// for that consumer is not skipped in favour of a handoff that never was. Each only where it
+    /// still names this handoff. The rate-limit slot stays taken: the request was made. A failed
+    /// release is logged; the claim and the lease expire on their own.
+    pub async fn release(&self, ask: Ask<'_>) {
+        self.local.release(ask);
+        let skipping = self
+            .skip_redis_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| Instant::now() < until);
+        if skipping {
+            return;
+        }
+        let released = async {
+            let mut connection = self.redis.connection().await?;
+            self.release
+                .key(self.claim_key(ask))
+                .key(self.lease_key(ask))
+                .arg(ask.handoff_id)
+                .invoke_async::<()>(&mut connection)
+                .await
+        };
+        if let Err(error) = released.await {
+            tracing::warn!(%error, handoff_id = ask.handoff_id, "claim and lease not released; they expire on their own");
+        }
+    }
+
+    fn claim_key(&self, ask: Ask<'_>) -> String {
+        self.redis
+            .account_key(ask.account_id, &format!("idem:{}", ask.idempotency_key))
+    }
+
+    fn lease_key(&self, ask: Ask<'_>) -> String {
+        self.redis
+            .account_key(ask.account_id, &format!("lease:{}", ask.consumer))
+    }
+
     /// The Redis key of the open-conversation lease Routing holds for a consumer.
     pub fn conversation_key(&self, account_id: &str, consumer: &str) -> String {
         self.redis
@@ -163,14 +213,8 @@ impl Gate {
         let (code, at_us, value): (i64, i64, String) = self
             .script
             .key(self.redis.account_key(ask.account_id, "rl"))
-            .key(
-                self.redis
-                    .account_key(ask.account_id, &format!("idem:{}", ask.idempotency_key)),
-            )
-            .key(
-                self.redis
-                    .account_key(ask.account_id, &format!("lease:{}", ask.consumer)),
-            )
+            .key(self.claim_key(ask))
+            .key(self.lease_key(ask))
             .key(self.conversation_key(ask.account_id, ask.consumer))
             .arg(ask.limit)
             .arg(self.window.as_micros() as u64)

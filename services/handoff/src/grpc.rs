@@ -52,6 +52,18 @@ pub(crate) fn event(
     }
 }
 
+/// What the gate let a new handoff do.
+enum Gated {
+    /// Admitted: the decision pipeline's answer.
+    Admitted(Result<crate::decide::Decision, Status>),
+    /// The idempotency key's first request (in flight, or just committed).
+    Duplicate(String),
+    /// The handoff that holds the consumer's lease.
+    ConsumerBusy(String),
+    /// Over the limit until a slot frees.
+    Limited(Duration),
+}
+
 fn outcome_stage(status: HandoffStatus) -> FunnelStage {
     match status {
         HandoffStatus::Sent => FunnelStage::Sent,
@@ -195,32 +207,71 @@ impl Service {
         }
     }
 
+    /// The gate's answer for a new handoff and, when it is admitted, what the decision pipeline
+    /// makes of the request; with the account's limit, for the refusal that names it.
+    async fn gate_and_decide(&self, d: &Deflection, ask: Ask<'_>) -> Result<(u32, Gated), Status> {
+        let account = self.decide_account(&d.account_id).await?;
+        let limit = account
+            .settings
+            .as_ref()
+            .map_or(30, |s| s.rate_limit_per_second.max(1));
+        let gated = match self.gate.decide(Ask { limit, ..ask }).await.passage {
+            Passage::Admitted { open_conversation } => {
+                Gated::Admitted(self.decide(d, open_conversation).await)
+            }
+            Passage::Duplicate { handoff_id } => Gated::Duplicate(handoff_id),
+            Passage::ConsumerBusy { handoff_id } => Gated::ConsumerBusy(handoff_id),
+            Passage::Limited { retry_after } => Gated::Limited(retry_after),
+        };
+        Ok((limit, gated))
+    }
+
     async fn create(
         &self,
         d: Deflection,
         idempotency_key: String,
     ) -> Result<StoredHandoff, Status> {
         let fingerprint = d.fingerprint();
-        if let Some(done) = self.replay(&d, &idempotency_key, &fingerprint).await? {
-            return Ok(done);
-        }
-        let account = self.decide_account(&d.account_id).await?;
-        let limit = account
-            .settings
-            .as_ref()
-            .map_or(30, |s| s.rate_limit_per_second.max(1));
         let handoff_id = ids::generate("ho");
         let ask = Ask {
             account_id: &d.account_id,
             handoff_id: &handoff_id,
             idempotency_key: &idempotency_key,
             consumer: &d.consumer_phone,
-            limit,
+            limit: 0,
         };
-        let decision = self.gate.decide(ask).await;
-        let open_conversation = match decision.passage {
-            Passage::Admitted { open_conversation } => open_conversation,
-            Passage::Duplicate { handoff_id: first } => {
+        // PostgreSQL keeps a committed request's record for 24 hours, Redis its claim for a
+        // minute: the record is looked up while the gate decides and, once it admits, while the
+        // consumer is checked, so the lookup adds no wait. An earlier request's record wins over
+        // whatever the gate said, and an admission that ends here gives back what it took.
+        let (replayed, gated) = tokio::join!(
+            self.replay(&d, &idempotency_key, &fingerprint),
+            self.gate_and_decide(&d, ask),
+        );
+        let admitted = matches!(gated, Ok((_, Gated::Admitted(_))));
+        match replayed {
+            Ok(None) => {}
+            Ok(Some(done)) => {
+                if admitted {
+                    self.gate.release(ask).await;
+                }
+                return Ok(done);
+            }
+            Err(refusal) => {
+                if admitted {
+                    self.gate.release(ask).await;
+                }
+                return Err(refusal);
+            }
+        }
+        let (limit, gated) = gated?;
+        let decision = match gated {
+            Gated::Admitted(Ok(decision)) => decision,
+            Gated::Admitted(Err(refusal)) => {
+                self.gate.release(ask).await;
+                return Err(refusal);
+            }
+            Gated::Duplicate(first) => {
                 // The first request with this key is in flight, or has just committed.
                 return match self.replay(&d, &idempotency_key, &fingerprint).await? {
                     Some(done) => Ok(done),
@@ -230,12 +281,12 @@ impl Service {
                     )),
                 };
             }
-            Passage::ConsumerBusy { handoff_id: holder } => {
+            Gated::ConsumerBusy(holder) => {
                 return self
                     .skip_recent(&d, handoff_id, holder, (&idempotency_key, &fingerprint))
                     .await;
             }
-            Passage::Limited { retry_after } => {
+            Gated::Limited(retry_after) => {
                 return Err(status::rate_limited(
                     format!(
                         "account {} is over its limit of {limit} handoffs per second",
@@ -245,8 +296,6 @@ impl Service {
                 ));
             }
         };
-
-        let decision = self.decide(&d, open_conversation).await?;
         if let Some(pending) = decision.pending_invite.clone() {
             // One Apple Messages invite per pending deflection: a second would start a second
             // chat for the same call.

@@ -114,6 +114,27 @@ impl LocalGate {
             at_us,
         }
     }
+
+    /// Forgets the claim and the lease `ask` took, where they still name its handoff.
+    pub fn release(&self, ask: Ask<'_>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let claim = (ask.account_id.to_owned(), ask.idempotency_key.to_owned());
+        if state
+            .claims
+            .get(&claim)
+            .is_some_and(|(_, holder)| holder == ask.handoff_id)
+        {
+            state.claims.remove(&claim);
+        }
+        let lease = (ask.account_id.to_owned(), ask.consumer.to_owned());
+        if state
+            .leases
+            .get(&lease)
+            .is_some_and(|(_, holder)| holder == ask.handoff_id)
+        {
+            state.leases.remove(&lease);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -192,6 +213,34 @@ mod tests {
         assert!(matches!(
             gate.pass(ask("h3", "+1"), start + Duration::from_secs(11))
                 .passage,
+            Passage::Admitted { .. }
+        ));
+    }
+
+    #[test]
+    fn a_release_frees_only_what_the_handoff_still_holds() {
+        let gate = LocalGate::new(
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            1,
+        );
+        let start = Instant::now();
+        assert!(matches!(
+            gate.pass(ask("h1", "+1"), start).passage,
+            Passage::Admitted { .. }
+        ));
+        // Another handoff's release takes nothing of h1's.
+        gate.release(ask("h2", "+1"));
+        assert_eq!(
+            gate.pass(ask("h3", "+1"), start).passage,
+            Passage::ConsumerBusy {
+                handoff_id: "h1".into()
+            }
+        );
+        gate.release(ask("h1", "+1"));
+        assert!(matches!(
+            gate.pass(ask("h1", "+1"), start).passage,
             Passage::Admitted { .. }
         ));
     }
