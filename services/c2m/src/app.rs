@@ -51,7 +51,7 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
     let key = TokenKey::new(config.auth.token_secret.as_bytes());
     let redis = RedisHandle::new(&config.redis)?;
     // Roles that share this process call each other directly; the rest over the network.
-    let local = LocalPeers::default();
+    let local = LocalPeers::new(std::time::Duration::from_millis(config.peers.timeout_ms));
     let peers = |name| {
         Ok::<_, AppError>(Peers::new(&config.peers, key.clone(), name)?.with_local(local.clone()))
     };

@@ -99,10 +99,17 @@ impl Interceptor for ServiceAuth {
     }
 }
 
-/// A transport error reaching a peer (an in-process peer has none).
+/// A call to a peer that ended without its answer.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct PeerError(#[from] tonic::transport::Error);
+pub enum PeerError {
+    /// Reaching a peer over the network failed, or took longer than `peers.timeout_ms`.
+    #[error(transparent)]
+    Transport(#[from] tonic::transport::Error),
+    /// An in-process peer took longer than `peers.timeout_ms`: `CANCELLED`, as a network
+    /// peer's timeout is.
+    #[error("{0}")]
+    Timeout(#[source] tonic::TimeoutExpired),
+}
 
 /// How a peer is reached: a gRPC channel over the network, or the peer's own tonic service when
 /// it runs in this process (`c2m dev`, or several roles on one server). Either way the request is
@@ -117,12 +124,18 @@ pub type Authed = InterceptedService<PeerService, ServiceAuth>;
 
 /// The peers that run in this process, filled in once they are built; shared by every service's
 /// [`Peers`], so each calls the others directly instead of through its own network listener.
-#[derive(Clone, Default)]
-pub struct LocalPeers(Arc<[OnceLock<PeerService>; 5]>);
+/// A call waits for its answer at most as long as a call over the network would.
+#[derive(Clone)]
+pub struct LocalPeers {
+    services: Arc<[OnceLock<PeerService>; 5]>,
+    timeout: Duration,
+}
 
 impl std::fmt::Debug for LocalPeers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let here: Vec<usize> = (0..5).filter(|i| self.0[*i].get().is_some()).collect();
+        let here: Vec<usize> = (0..5)
+            .filter(|i| self.services[*i].get().is_some())
+            .collect();
         f.debug_tuple("LocalPeers").field(&here).finish()
     }
 }
@@ -138,6 +151,14 @@ pub enum Peer {
 }
 
 impl LocalPeers {
+    /// No peers yet; calls to the ones registered end after `timeout` without an answer.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            services: Arc::default(),
+            timeout,
+        }
+    }
+
     /// Serves calls to `peer` with `service`, a tonic server of this process. The first
     /// registration wins.
     pub fn register<S>(&self, peer: Peer, service: S)
@@ -152,8 +173,17 @@ impl LocalPeers {
             + 'static,
         S::Future: Send + 'static,
     {
-        let boxed = BoxCloneSyncService::new(service.map_err(|never| match never {}));
-        let _ = self.0[peer as usize].set(boxed);
+        let timeout = self.timeout;
+        let timed = tower::service_fn(move |request| {
+            let call = service.clone().oneshot(request);
+            async move {
+                match tokio::time::timeout(timeout, call).await {
+                    Ok(answer) => answer.map_err(|never| match never {}),
+                    Err(_) => Err(PeerError::Timeout(tonic::TimeoutExpired(()))),
+                }
+            }
+        });
+        let _ = self.services[peer as usize].set(BoxCloneSyncService::new(timed));
     }
 }
 
@@ -189,7 +219,7 @@ impl Peers {
                 lazy(&settings.config)?,
                 lazy(&settings.reporting)?,
             ],
-            local: LocalPeers::default(),
+            local: LocalPeers::new(timeout),
             auth: ServiceAuth {
                 key,
                 name,
@@ -205,7 +235,7 @@ impl Peers {
     }
 
     fn service(&self, peer: Peer) -> PeerService {
-        self.local.0[peer as usize]
+        self.local.services[peer as usize]
             .get()
             .unwrap_or(&self.remote[peer as usize])
             .clone()
@@ -232,5 +262,40 @@ impl Peers {
 
     pub fn reporting(&self) -> ReportingServiceClient<Authed> {
         ReportingServiceClient::with_interceptor(self.service(Peer::Reporting), self.auth.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use c2m_proto::v1::CheckConsumerRequest;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_in_process_peer_that_does_not_answer_is_given_up_on_like_a_network_one() {
+        let settings = PeerSettings {
+            timeout_ms: 50,
+            ..PeerSettings::default()
+        };
+        let local = LocalPeers::new(Duration::from_millis(settings.timeout_ms));
+        // A Routing in this process that never answers.
+        local.register(
+            Peer::Routing,
+            tower::service_fn(|_: http::Request<tonic::body::Body>| {
+                std::future::pending::<
+                    Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+                >()
+            }),
+        );
+        let peers = Peers::new(&settings, TokenKey::new(b"peers test secret"), "handoff")
+            .expect("peers")
+            .with_local(local);
+        let mut routing = peers.routing();
+        let call = routing.check_consumer(CheckConsumerRequest::default());
+        let status = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .expect("the call ends on its own")
+            .expect_err("no answer came");
+        assert_eq!(status.code(), tonic::Code::Cancelled, "{status}");
     }
 }
