@@ -629,3 +629,50 @@ async fn a_reply_that_overtakes_its_deflection_waits_for_it() {
     assert_eq!(written, 0, "nothing of a refused batch is written");
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_flushes_share_the_work() {
+    let story = Story::start(Topology::Dev).await;
+    let api_key = onboard(&story, "acme").await;
+    story
+        .deflect(handoff_request("acme", CALLER, "call-1"), &api_key)
+        .await;
+
+    // A burst of replies that find no deflection: each asks Handoff to flush at once.
+    const CALLS: usize = 32;
+    let service =
+        c2m_runtime::auth::TokenKey::new(crate::story::SECRET.as_bytes()).service_token("routing");
+    let handoff = story.handoff().await;
+    let calls = (0..CALLS).map(|_| {
+        let mut handoff = handoff.clone();
+        let service = service.clone();
+        async move {
+            let mut request = tonic::Request::new(pb::FlushDeflectionsRequest {});
+            request.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {service}").parse().expect("ascii"),
+            );
+            handoff.flush_deflections(request).await
+        }
+    });
+    for answer in futures::future::join_all(calls).await {
+        answer.expect("flushed");
+    }
+
+    // Each call returned once a flush that started after it had finished; calls that waited
+    // for the same flush shared it.
+    let metrics = story.metrics().await;
+    let runs: usize = metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("c2m_outbox_flushes_total{outbox=\"deflection_outbox\"} ")
+        })
+        .expect("flushes counted")
+        .parse()
+        .expect("a count");
+    assert!(
+        (1..=CALLS / 4).contains(&runs),
+        "{runs} flushes for {CALLS} concurrent calls"
+    );
+    story.stop().await;
+}

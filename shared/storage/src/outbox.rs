@@ -10,7 +10,13 @@
 //! A service can have other outboxes for other destinations (Handoff ships deflections to Routing
 //! this way): a [`Destination`] names the table and delivers its rows.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use c2m_proto::v1::{Event, RecordEventsRequest};
 use c2m_runtime::peers::Peers;
@@ -100,6 +106,17 @@ pub struct Relay<D = ToReporting> {
     peers: Peers,
     wake: Arc<Notify>,
     destination: D,
+    flushes: Arc<Flushes>,
+}
+
+/// Calls to [`Relay::flush`], so that concurrent ones share one flush.
+#[derive(Debug, Default)]
+struct Flushes {
+    /// Calls made so far, numbered from 1.
+    asked: AtomicU64,
+    /// Held while a flush runs: the calls the last completed flush answered (each call up to
+    /// that number had been made before it started).
+    covered: tokio::sync::Mutex<u64>,
 }
 
 impl Relay {
@@ -123,6 +140,7 @@ impl<D: Destination> Relay<D> {
             peers,
             wake: Arc::new(Notify::new()),
             destination,
+            flushes: Arc::default(),
         }
     }
 
@@ -179,8 +197,29 @@ impl<D: Destination> Relay<D> {
 
     /// Ships every row committed before this call, and returns how many it shipped itself. Rows
     /// another relay has taken out meanwhile are waited for: when this returns, each of them has
-    /// been delivered, or been put back and delivered here.
+    /// been delivered, or been put back and delivered here. Concurrent calls share the work: a
+    /// call that finds a flush running waits for it and, unless that flush started after the
+    /// call was made, runs one more for every call waiting, so a burst of replies that find no
+    /// deflection costs two flushes, not one each.
     pub async fn flush(&self) -> Result<usize, RelayError> {
+        let ticket = self.flushes.asked.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut covered = self.flushes.covered.lock().await;
+        if *covered >= ticket {
+            return Ok(0);
+        }
+        // Every call made by now is answered by a flush that starts now.
+        let covers = self.flushes.asked.load(Ordering::SeqCst);
+        let shipped = self.flush_now().await?;
+        *covered = covers;
+        c2m_runtime::metrics::inc(
+            "c2m_outbox_flushes_total",
+            "Flushes of an outbox on demand (Routing asking for deflections a reply found missing), concurrent demands counted once.",
+            &[("outbox", D::TABLE)],
+        );
+        Ok(shipped)
+    }
+
+    async fn flush_now(&self) -> Result<usize, RelayError> {
         if !self.db.is_migrated() {
             return Ok(0);
         }
