@@ -568,6 +568,64 @@ async fn a_retry_after_redis_forgot_its_key_is_answered_from_the_record_and_hold
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ivr_that_stops_waiting_mid_send_finds_the_handoff_on_retry() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let mut handoff = story.handoff().await;
+    let request = handoff_request("acme", "+14155550231", "slow-1");
+
+    // Twilio takes its time over the send; the IVR gives up after 300 ms.
+    let hold = story.twilio.hold_next();
+    let mut impatient = authed(request.clone(), &key);
+    impatient.set_timeout(Duration::from_millis(300));
+    let gave_up = handoff
+        .create_handoff(impatient)
+        .await
+        .expect_err("the IVR stopped waiting");
+    assert!(
+        matches!(gave_up.code(), Code::Cancelled | Code::DeadlineExceeded),
+        "{gave_up}"
+    );
+    eventually(
+        "the send reaches Twilio",
+        Duration::from_secs(10),
+        || async { story.twilio.requests() == 1 },
+    )
+    .await;
+    hold.release();
+
+    // The IVR retries under the same key until the handoff is recorded: it gets the one that was
+    // sent, and no second message.
+    let answer = std::sync::Mutex::new(None);
+    eventually("the retry is answered", Duration::from_secs(10), || async {
+        match handoff
+            .clone()
+            .create_handoff(authed(request.clone(), &key))
+            .await
+        {
+            Ok(response) => {
+                *answer.lock().expect("answer") = response.into_inner().handoff;
+                true
+            }
+            Err(status) => {
+                assert_eq!(
+                    status.code(),
+                    Code::Aborted,
+                    "in progress, or done: {status}"
+                );
+                false
+            }
+        }
+    })
+    .await;
+    let answer = answer.into_inner().expect("answer").expect("a handoff");
+    assert_eq!(answer.status, HandoffStatus::Sent as i32);
+    assert_eq!(story.twilio.sent().len(), 1, "one message");
+    assert_eq!(story.twilio.requests(), 1, "one send");
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared() {
     use c2m_proto::v1::{self as pb, IneligibilityReason};
 

@@ -522,7 +522,14 @@ impl HandoffService for Service {
             self.authenticate(request.metadata(), &request.get_ref().account_id)
                 .await?;
             let (deflection, key) = Deflection::from_create(request.get_ref())?;
-            self.create(deflection, key).await
+            // A handoff runs to its end even if the IVR stops waiting (its deadline passed, the
+            // call dropped): stopped halfway it would hold its key with nothing recorded, so the
+            // IVR's retry would hear "in progress" for a minute, or leave a message sent and no
+            // handoff, which a later retry would send again. The retry finds it instead.
+            let service = self.clone();
+            tokio::spawn(async move { service.create(deflection, key).await })
+                .await
+                .map_err(|failed| Status::internal(format!("the handoff failed: {failed}")))?
         }
         .await;
         let (status, channel) = match &created {

@@ -46,6 +46,18 @@ struct State_ {
     lookups: Vec<String>,
     requests: usize,
     throttle_next: Option<(usize, String)>,
+    hold_next: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// A send the emulator holds until [`Hold::release`]: a provider taking its time.
+#[derive(Debug, Clone)]
+pub struct Hold(Arc<tokio::sync::Notify>);
+
+impl Hold {
+    /// Lets the held send be answered.
+    pub fn release(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// The emulator. Dropping it stops the server.
@@ -83,8 +95,15 @@ async fn create_message(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    let hold = {
+        let mut state = state.lock().expect("emulator state");
+        state.requests += 1;
+        state.hold_next.take()
+    };
+    if let Some(hold) = hold {
+        hold.notified().await;
+    }
     let mut state = state.lock().expect("emulator state");
-    state.requests += 1;
     // HTTP Basic: AccountSid and AuthToken.
     let authorized = headers
         .get("authorization")
@@ -307,6 +326,13 @@ impl TwilioEmulator {
     pub fn throttle_next(&self, times: usize, retry_after: &str) {
         self.state.lock().expect("emulator state").throttle_next =
             Some((times, retry_after.into()));
+    }
+
+    /// Holds the next send, unanswered, until the returned [`Hold`] is released.
+    pub fn hold_next(&self) -> Hold {
+        let hold = Arc::new(tokio::sync::Notify::new());
+        self.state.lock().expect("emulator state").hold_next = Some(hold.clone());
+        Hold(hold)
     }
 
     /// Send requests received, accepted or not.
