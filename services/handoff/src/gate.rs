@@ -10,11 +10,11 @@
 //! edge), and replicas with skewed clocks agree because only the server's clock counts.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use c2m_storage::RedisHandle;
+use c2m_storage::{RedisHandle, redis::Breaker};
 
 use crate::local_gate::LocalGate;
 
@@ -80,9 +80,6 @@ pub struct Ask<'a> {
     pub limit: u32,
 }
 
-/// After Redis fails, how long the gate decides locally before trying Redis again.
-const BREAKER: Duration = Duration::from_secs(1);
-
 #[derive(Debug, Clone)]
 pub struct Gate {
     redis: RedisHandle,
@@ -92,8 +89,8 @@ pub struct Gate {
     idempotency_ttl: Duration,
     consumer_lease: Duration,
     local: Arc<LocalGate>,
-    /// Until when Redis is skipped: a dead Redis costs one timeout per second, not one per call.
-    skip_redis_until: Arc<Mutex<Option<Instant>>>,
+    /// After Redis fails, the gate decides locally for a second before trying it again.
+    breaker: Breaker,
 }
 
 impl Gate {
@@ -120,41 +117,25 @@ impl Gate {
                 consumer_lease,
                 replicas,
             )),
-            skip_redis_until: Arc::default(),
+            breaker: Breaker::new("handoff"),
         }
     }
 
     /// The decision for one handoff: from Redis (one round trip), or from this replica's memory
     /// while Redis is unreachable.
     pub async fn decide(&self, ask: Ask<'_>) -> Decision {
-        let skipping = self
-            .skip_redis_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|until| Instant::now() < until);
-        if !skipping {
+        if !self.breaker.is_open() {
             match self.pass(ask).await {
                 Ok(decision) => {
-                    let mut skip = self
-                        .skip_redis_until
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    if skip.take().is_some() {
+                    if self.breaker.succeeded() {
                         tracing::info!("redis is back: exact limits again");
-                        c2m_runtime::metrics::redis_degraded("handoff", false);
                     }
                     return decision;
                 }
                 Err(error) => {
-                    let mut skip = self
-                        .skip_redis_until
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    if skip.is_none() {
+                    if self.breaker.failed() {
                         tracing::warn!(%error, "redis unavailable: deciding in this replica (degraded)");
-                        c2m_runtime::metrics::redis_degraded("handoff", true);
                     }
-                    *skip = Some(Instant::now() + BREAKER);
                 }
             }
         }
@@ -169,12 +150,7 @@ impl Gate {
     /// release is logged; the claim and the lease expire on their own.
     pub async fn release(&self, ask: Ask<'_>) {
         self.local.release(ask);
-        let skipping = self
-            .skip_redis_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|until| Instant::now() < until);
-        if skipping {
+        if self.breaker.is_open() {
             return;
         }
         let released = async {

@@ -9,7 +9,6 @@ use c2m_runtime::{
 use c2m_storage::outbox;
 use prost::Message;
 use redis::AsyncCommands;
-use std::time::{Duration, Instant};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -38,17 +37,10 @@ fn required(violations: &mut FieldViolations, field: &str, value: &str) {
 /// fact; the lease only spares Handoff the read. It expires so that one Redis could not delete
 /// (the conversation closed while Redis was away) stops blocking the consumer within this time.
 const LEASE_TTL_SECS: u64 = 15 * 60;
-/// How long lease writes are skipped after Redis failed.
-const BREAKER: Duration = Duration::from_secs(1);
 
 impl Service {
     async fn set_lease(&self, account_id: &str, consumer: &str, conversation_id: Option<&str>) {
-        let skipping = self
-            .skip_redis_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some_and(|until| Instant::now() < until);
-        if skipping {
+        if self.breaker.is_open() {
             return;
         }
         let key = self.lease_key(account_id, consumer);
@@ -59,23 +51,16 @@ impl Service {
             },
             Err(error) => Err(error),
         };
-        let mut skip = self
-            .skip_redis_until
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(()) => {
-                if skip.take().is_some() {
+                if self.breaker.succeeded() {
                     tracing::info!("redis is back: open-conversation leases written again");
-                    c2m_runtime::metrics::redis_degraded("routing", false);
                 }
             }
             Err(error) => {
-                if skip.is_none() {
+                if self.breaker.failed() {
                     tracing::warn!(%error, consumer = %mask_phone(consumer), "redis unavailable: open-conversation leases not written (PostgreSQL still decides)");
-                    c2m_runtime::metrics::redis_degraded("routing", true);
                 }
-                *skip = Some(Instant::now() + BREAKER);
             }
         }
     }

@@ -11,14 +11,9 @@ mod conversations;
 mod deflections;
 mod grpc;
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Instant,
-};
-
 use c2m_proto::v1::routing_service_server::RoutingServiceServer;
 use c2m_runtime::{Component, auth::TokenKey, peers::Peers};
-use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay};
+use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay, redis::Breaker};
 use sqlx::migrate::Migrator;
 
 /// The PostgreSQL schema this service owns; no other service reads it.
@@ -36,9 +31,9 @@ pub struct Service {
     key: TokenKey,
     relay: Relay,
     checks: Batcher<deflections::Checks>,
-    /// Set when Redis failed: lease writes are skipped until then, so a dead Redis costs a
-    /// caller one timeout a second at most rather than one per request.
-    skip_redis_until: Arc<Mutex<Option<Instant>>>,
+    /// After Redis fails, lease writes are skipped for a second, so a dead Redis costs a caller
+    /// one timeout a second at most rather than one per request.
+    breaker: Breaker,
 }
 
 impl Service {
@@ -51,7 +46,7 @@ impl Service {
             peers,
             key,
             relay,
-            skip_redis_until: Arc::default(),
+            breaker: Breaker::new("routing"),
         }
     }
 

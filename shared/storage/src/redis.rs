@@ -1,7 +1,10 @@
 //! One Redis connection per process, multiplexed, reconnecting, with short timeouts so a dead Redis
 //! never makes a caller wait.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use c2m_runtime::{Probe, ProbeFuture};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -91,6 +94,55 @@ impl RedisHandle {
         Arc::new(RedisProbe {
             redis: self.clone(),
         })
+    }
+}
+
+/// Skips Redis for a second after a call to it failed, so that a dead Redis costs one timeout a
+/// second rather than one a call, and keeps `c2m_redis_degraded{service}` to what it saw last.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    service: &'static str,
+    skip_until: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Breaker {
+    const PAUSE: Duration = Duration::from_secs(1);
+
+    pub fn new(service: &'static str) -> Self {
+        Self {
+            service,
+            skip_until: Arc::default(),
+        }
+    }
+
+    /// Whether calls should skip Redis now.
+    pub fn is_open(&self) -> bool {
+        self.skip_until()
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// A call to Redis answered; true when that ends a spell without it.
+    pub fn succeeded(&self) -> bool {
+        let back = self.skip_until().take().is_some();
+        if back {
+            c2m_runtime::metrics::redis_degraded(self.service, false);
+        }
+        back
+    }
+
+    /// A call to Redis failed: skip it for a while; true when that starts a spell without it.
+    pub fn failed(&self) -> bool {
+        let mut skip = self.skip_until();
+        let gone = skip.is_none();
+        if gone {
+            c2m_runtime::metrics::redis_degraded(self.service, true);
+        }
+        *skip = Some(Instant::now() + Self::PAUSE);
+        gone
+    }
+
+    fn skip_until(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.skip_until.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
