@@ -141,6 +141,16 @@ impl LocalGate {
 mod tests {
     use super::*;
 
+    /// A one-second window, one-minute claims, ten-second leases, over `replicas` replicas.
+    fn gate(replicas: u32) -> LocalGate {
+        LocalGate::new(
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            replicas,
+        )
+    }
+
     fn ask<'a>(id: &'a str, consumer: &'a str) -> Ask<'a> {
         Ask {
             account_id: "acme",
@@ -153,12 +163,7 @@ mod tests {
 
     #[test]
     fn each_replica_admits_its_share_per_window() {
-        let gate = LocalGate::new(
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-            Duration::from_secs(10),
-            2,
-        );
+        let gate = gate(2);
         let start = Instant::now();
         let ids: Vec<String> = (0..8).map(|i| format!("h{i}")).collect();
         let admitted = ids
@@ -187,12 +192,7 @@ mod tests {
 
     #[test]
     fn claims_and_leases_hold_until_they_expire() {
-        let gate = LocalGate::new(
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-            Duration::from_secs(10),
-            1,
-        );
+        let gate = gate(1);
         let start = Instant::now();
         assert!(matches!(
             gate.pass(ask("h1", "+1"), start).passage,
@@ -219,12 +219,7 @@ mod tests {
 
     #[test]
     fn a_release_frees_only_what_the_handoff_still_holds() {
-        let gate = LocalGate::new(
-            Duration::from_secs(1),
-            Duration::from_secs(60),
-            Duration::from_secs(10),
-            1,
-        );
+        let gate = gate(1);
         let start = Instant::now();
         assert!(matches!(
             gate.pass(ask("h1", "+1"), start).passage,
