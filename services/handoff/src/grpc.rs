@@ -9,6 +9,7 @@ use c2m_storage::outbox;
 use chrono::Utc;
 use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+use tracing::Instrument;
 
 use std::time::Duration;
 
@@ -238,6 +239,7 @@ impl Service {
             handoff_id: &handoff_id,
             idempotency_key: &idempotency_key,
             consumer: &d.consumer_phone,
+            // The account's, once the gate knows it; a release does not need it.
             limit: 0,
         };
         // PostgreSQL keeps a committed request's record for 24 hours, Redis its claim for a
@@ -527,7 +529,8 @@ impl HandoffService for Service {
             // IVR's retry would hear "in progress" for a minute, or leave a message sent and no
             // handoff, which a later retry would send again. The retry finds it instead.
             let service = self.clone();
-            tokio::spawn(async move { service.create(deflection, key).await })
+            let handoff = async move { service.create(deflection, key).await };
+            tokio::spawn(handoff.instrument(tracing::Span::current()))
                 .await
                 .map_err(|failed| Status::internal(format!("the handoff failed: {failed}")))?
         }

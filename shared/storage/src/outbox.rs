@@ -213,7 +213,7 @@ impl<D: Destination> Relay<D> {
         *covered = covers;
         c2m_runtime::metrics::inc(
             "c2m_outbox_flushes_total",
-            "Flushes of an outbox on demand (Routing asking for deflections a reply found missing), concurrent demands counted once.",
+            "Flushes of an outbox on demand (a reply that found no deflection, a check for a pending Apple Messages invite), concurrent demands counted once.",
             &[("outbox", D::TABLE)],
         );
         Ok(shipped)
