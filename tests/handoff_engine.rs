@@ -626,6 +626,66 @@ async fn an_ivr_that_stops_waiting_mid_send_finds_the_handoff_on_retry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_postgresql_refused_to_save_is_saved_once_it_can() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let mut db = story.db.connect().await;
+
+    // PostgreSQL refuses Handoff's save for a while (a table it writes is gone), after the
+    // message has gone out.
+    sqlx::query("ALTER TABLE handoff.deflection_outbox RENAME TO deflection_outbox_away")
+        .execute(&mut db)
+        .await
+        .expect("rename");
+    let mut handoff = story.handoff().await;
+    let call = tokio::spawn(async move {
+        handoff
+            .create_handoff(authed(
+                handoff_request("acme", "+14155550241", "pg-away-1"),
+                &key,
+            ))
+            .await
+    });
+    eventually(
+        "a refused save is offered again",
+        Duration::from_secs(10),
+        || async {
+            story
+                .metrics()
+                .await
+                .lines()
+                .any(|line| line.starts_with("c2m_handoff_save_retries_total "))
+        },
+    )
+    .await;
+    assert_eq!(story.twilio.sent().len(), 1, "the message went");
+    sqlx::query("ALTER TABLE handoff.deflection_outbox_away RENAME TO deflection_outbox")
+        .execute(&mut db)
+        .await
+        .expect("rename back");
+
+    // The IVR's call ends with the handoff, saved, and nothing sent twice.
+    let answer = tokio::time::timeout(Duration::from_secs(30), call)
+        .await
+        .expect("the call ends")
+        .expect("task")
+        .expect("answered")
+        .into_inner()
+        .handoff
+        .expect("a handoff");
+    assert_eq!(answer.status, HandoffStatus::Sent as i32);
+    let saved: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM handoff.handoffs WHERE handoff_id = $1")
+            .bind(&answer.handoff_id)
+            .fetch_one(&mut db)
+            .await
+            .expect("count");
+    assert_eq!(saved, 1);
+    assert_eq!(story.twilio.sent().len(), 1);
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_landline_check_on_a_landline_is_refused_and_lookups_are_spared() {
     use c2m_proto::v1::{self as pb, IneligibilityReason};
 

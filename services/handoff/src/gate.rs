@@ -42,6 +42,11 @@ redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
 return {1, now, ''}
 ";
 
+/// How long an idempotency claim lasts. PostgreSQL keeps idempotency records for 24 hours;
+/// Redis only has to cover the moments before the first request commits (which includes a save
+/// retried while PostgreSQL was away: see `Service::commit`).
+pub const CLAIM_TTL: Duration = Duration::from_secs(60);
+
 /// Gives back a claim and a lease (KEYS) where they still name the handoff (ARGV[1]).
 const RELEASE: &str = r"
 for _, key in ipairs(KEYS) do
@@ -101,9 +106,7 @@ impl Gate {
         consumer_lease: Duration,
         replicas: u32,
     ) -> Self {
-        // PostgreSQL keeps idempotency records for 24 hours; Redis only has to cover the moments
-        // before the first request commits.
-        let idempotency_ttl = Duration::from_secs(60);
+        let idempotency_ttl = CLAIM_TTL;
         Self {
             redis,
             script: redis::Script::new(SCRIPT),

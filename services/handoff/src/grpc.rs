@@ -11,12 +11,15 @@ use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 use tracing::Instrument;
 
-use std::time::Duration;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use crate::{
     Service,
     decide::Step,
-    gate::{Ask, Passage},
+    gate::{self, Ask, Passage},
     request::Deflection,
     store::{self, Attempt, Fallback, Save, Saved, StoredHandoff},
 };
@@ -453,15 +456,38 @@ impl Service {
         deflection: Option<pb::Deflection>,
     ) -> Result<StoredHandoff, Status> {
         let deflected = deflection.is_some();
-        let save = Save {
+        let save = Arc::new(Save {
             handoff: handoff.clone(),
             idempotency_key: idempotency.0.to_owned(),
             fingerprint: idempotency.1.to_vec(),
             events,
             fallback,
             deflection,
+        });
+        // A handoff that sent a message must be recorded: without its record, the IVR's retry
+        // would send again once the key's claim in Redis has expired. While PostgreSQL refuses
+        // (restarting, failing over), the save is offered again, for as long as the claim
+        // stops retries from sending; the IVR may stop waiting meanwhile, and its retry finds the
+        // handoff once it is saved.
+        let give_up = Instant::now() + gate::CLAIM_TTL;
+        let mut pause = Duration::from_millis(50);
+        let saved = loop {
+            match self.saves.run(save.clone()).await {
+                Ok(saved) => break saved,
+                Err(error) if Instant::now() + pause < give_up => {
+                    tracing::warn!(%error, handoff_id = %handoff.handoff_id, retry_in = ?pause, "handoff not saved; trying again");
+                    metrics::inc(
+                        "c2m_handoff_save_retries_total",
+                        "Handoff saves PostgreSQL refused and that were offered again.",
+                        &[],
+                    );
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => return Err(db_status(error)),
+            }
         };
-        match self.saves.run(save).await.map_err(db_status)? {
+        match saved {
             Saved::Saved => {
                 self.relay.wake();
                 if deflected {

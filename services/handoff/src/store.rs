@@ -1,6 +1,8 @@
 //! Handoffs, their idempotency records, their events and their deflections, written in one
 //! transaction.
 
+use std::sync::Arc;
+
 use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, HandoffStatus};
 use c2m_storage::{batch::Statement, outbox};
 use chrono::{DateTime, Utc};
@@ -244,11 +246,12 @@ pub async fn enqueue_deflection(
 pub struct Saves(pub PgPool);
 
 impl Statement for Saves {
-    type Row = Save;
+    /// Shared, so that a save PostgreSQL refused can be offered again without a copy.
+    type Row = Arc<Save>;
     type Output = Saved;
 
-    async fn run(&self, saves: &[Save]) -> Result<Vec<Saved>, sqlx::Error> {
-        let column = |f: fn(&Save) -> &str| saves.iter().map(f).collect::<Vec<_>>();
+    async fn run(&self, saves: &[Arc<Save>]) -> Result<Vec<Saved>, sqlx::Error> {
+        let column = |f: fn(&Save) -> &str| saves.iter().map(|s| f(s)).collect::<Vec<_>>();
         let mut event_ids = Vec::new();
         let mut payloads = Vec::new();
         let mut event_handoffs = Vec::new();
@@ -376,7 +379,7 @@ mod tests {
     use c2m_proto::v1::FunnelStage;
     use c2m_test_support::TestDatabase;
 
-    fn save(handoff_id: &str, key: &str, fallback: bool) -> Save {
+    fn save(handoff_id: &str, key: &str, fallback: bool) -> Arc<Save> {
         let handoff = StoredHandoff {
             handoff_id: handoff_id.into(),
             account_id: "acme".into(),
@@ -391,7 +394,7 @@ mod tests {
             duplicate_of: None,
             created_at: Utc::now(),
         };
-        Save {
+        Arc::new(Save {
             events: [FunnelStage::Attempted, FunnelStage::Sent]
                 .into_iter()
                 .map(|stage| pb::Event {
@@ -416,7 +419,7 @@ mod tests {
             handoff,
             idempotency_key: key.into(),
             fingerprint: key.as_bytes().to_vec(),
-        }
+        })
     }
 
     async fn count(pool: &PgPool, sql: &'static str) -> i64 {
