@@ -511,26 +511,10 @@ async fn a_reply_that_overtakes_its_deflection_waits_for_it() {
         .await;
     assert_eq!(sent.status, HandoffStatus::Sent as i32);
 
-    // Backends of this database waiting on a lock, running a statement that starts with `sql`.
-    let waiting = |sql: &'static str| {
-        let db = &story.db;
-        async move {
-            let mut conn = db.connect().await;
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock' AND query LIKE $1 || '%'",
-            )
-            .bind(sql)
-            .fetch_one(&mut conn)
-            .await
-            .expect("reads pg_stat_activity")
-                > 0
-        }
-    };
     c2m_test_support::eventually(
         "the relay's batch to wait in Routing",
         Duration::from_secs(10),
-        || waiting("INSERT INTO deflections"),
+        || story.waits_on_a_lock("INSERT INTO deflections"),
     )
     .await;
 
@@ -547,7 +531,7 @@ async fn a_reply_that_overtakes_its_deflection_waits_for_it() {
         c2m_test_support::eventually(
             "the reply to wait for the batch on its way",
             Duration::from_secs(10),
-            || waiting("DELETE FROM deflection_outbox"),
+            || story.waits_on_a_lock("DELETE FROM deflection_outbox"),
         )
         .await;
         sqlx::query("COMMIT")

@@ -354,6 +354,100 @@ async fn a_whatsapp_message_reported_failed_falls_back_to_sms_and_the_reply_find
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_the_fallback_waits_for_its_deflection_rather_than_take_the_first() {
+    use c2m_test_support::eventually;
+
+    let story = Story::start(Topology::Dev).await;
+    let key = whatsapp_first(&story).await;
+    let consumer = "+14155550409";
+    let handoff = story.deflect(request(consumer, "wa-9"), &key).await;
+    assert_eq!(handoff.channel, Channel::Whatsapp as i32);
+    let mut db = story.db.connect().await;
+    eventually(
+        "Routing knows the WhatsApp deflection",
+        Duration::from_secs(10),
+        || {
+            let db = &story.db;
+            let handoff_id = handoff.handoff_id.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT count(*) FROM routing.deflections WHERE handoff_id = $1",
+                )
+                .bind(handoff_id)
+                .fetch_one(&mut db.connect().await)
+                .await
+                .expect("count")
+                    == 1
+            }
+        },
+    )
+    .await;
+
+    // From here Routing's deflections take no writes: the SMS fallback's deflection stays on its
+    // way from Handoff.
+    sqlx::query("BEGIN").execute(&mut db).await.expect("begins");
+    sqlx::query("LOCK TABLE routing.deflections IN SHARE MODE")
+        .execute(&mut db)
+        .await
+        .expect("locks Routing's deflections against writes");
+    let sent = story.meta.sent();
+    let (status, _) = story
+        .meta
+        .send_status(
+            &format!("{}/webhooks/meta/acme", story.webhooks),
+            APP_SECRET,
+            &sent[0],
+            "failed",
+            Some(131026),
+        )
+        .await;
+    assert_eq!(status, 200);
+    eventually("the SMS fallback", Duration::from_secs(10), || async {
+        handoff_of(&story, &key, &handoff.handoff_id).await.channel == Channel::Sms as i32
+    })
+    .await;
+    eventually(
+        "the fallback's deflection to wait in Routing",
+        Duration::from_secs(10),
+        || story.waits_on_a_lock("INSERT INTO deflections"),
+    )
+    .await;
+
+    // The consumer answers the SMS. Routing has only the WhatsApp deflection: it asks Handoff for
+    // the newer one and waits for it, instead of opening the conversation on WhatsApp.
+    let inbound = format!("{}/webhooks/twilio/acme/inbound", story.webhooks);
+    let reply = story.twilio.send_inbound(
+        &inbound,
+        crate::story::TWILIO_SID,
+        consumer,
+        crate::story::BRAND_NUMBER,
+        "ok",
+        None,
+    );
+    let release = async {
+        eventually(
+            "the reply to wait for the deflection on its way",
+            Duration::from_secs(10),
+            || story.waits_on_a_lock("DELETE FROM deflection_outbox"),
+        )
+        .await;
+        sqlx::query("COMMIT")
+            .execute(&mut db)
+            .await
+            .expect("releases the lock");
+    };
+    let ((status, _), ()) = tokio::join!(reply, release);
+    assert_eq!(status, 200);
+    let conversation = story.open_conversation("acme", consumer).await;
+    assert_eq!(conversation.channel, Channel::Sms as i32);
+    assert_eq!(
+        conversation.transcript[0].text,
+        "Hi Ada, text us here about your bill."
+    );
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undelivered_whatsapp_message_falls_back_at_the_configured_deadline() {
     let story = Story::start(Topology::Dev).await;
     let key = whatsapp_first(&story).await;

@@ -18,6 +18,10 @@ pub(crate) struct Routed {
 pub(crate) enum RouteError {
     #[error("no deflection to route a reply from {0} to")]
     NoDeflection(String),
+    /// The consumer's latest deflection is on another channel than the reply: a newer one (a
+    /// fallback to the reply's channel) may be on its way from Handoff.
+    #[error("the latest deflection for {0} is on another channel than the reply")]
+    OtherChannel(String),
     #[error(transparent)]
     Db(#[from] sqlx::Error),
 }
@@ -30,6 +34,9 @@ pub(crate) struct Inbound<'a> {
     pub provider_message_id: &'a str,
     pub received_at: DateTime<Utc>,
     pub lookback_hours: u32,
+    /// Open the conversation from the latest deflection whatever its channel; otherwise a
+    /// deflection on another channel than the reply's is [`RouteError::OtherChannel`].
+    pub any_channel: bool,
 }
 
 /// Routes one inbound message inside `tx`: appended to the open conversation, or opening one from
@@ -97,9 +104,14 @@ pub(crate) async fn route(tx: &mut PgConnection, m: &Inbound<'_>) -> Result<Rout
     .await?
     .ok_or_else(|| RouteError::NoDeflection(c2m_runtime::mask_phone(m.consumer)))?;
 
+    let channel: String = deflection.try_get("channel")?;
+    if !m.any_channel && m.channel != Channel::Unspecified && channel != m.channel.as_str_name() {
+        return Err(RouteError::OtherChannel(c2m_runtime::mask_phone(
+            m.consumer,
+        )));
+    }
     let handoff_id: String = deflection.try_get("handoff_id")?;
     let skill_id: String = deflection.try_get("skill_id")?;
-    let channel: String = deflection.try_get("channel")?;
     let handoff_config_id: String = deflection.try_get("handoff_config_id")?;
     let conversation_id = c2m_runtime::ids::generate("conv");
     sqlx::query(

@@ -249,7 +249,7 @@ impl RoutingService for Service {
         required(&mut violations, "account_id", &r.account_id);
         required(&mut violations, "consumer_address", &r.consumer_address);
         violations.into_result()?;
-        let inbound = Inbound {
+        let mut inbound = Inbound {
             account_id: &r.account_id,
             consumer: &r.consumer_address,
             channel: Channel::try_from(r.channel).unwrap_or_default(),
@@ -261,10 +261,12 @@ impl RoutingService for Service {
                 .and_then(c2m_proto::from_timestamp)
                 .unwrap_or_else(chrono::Utc::now),
             lookback_hours: self.lookback_hours(&r.account_id).await,
+            any_channel: false,
         };
         // Two replies racing to open the conversation: the unique index lets one win; the other
-        // retries and appends to it. A reply that finds no deflection asks Handoff for the ones
-        // still in its outbox, and looks once more.
+        // retries and appends to it. A reply that finds no deflection, or only one on another
+        // channel (its fallback to this channel may not be here yet), asks Handoff for the ones
+        // still in its outbox, and looks once more, then taking the latest on any channel.
         let (mut raced, mut flushed) = (false, false);
         let routed = loop {
             let mut tx = self.db.pool().begin().await.map_err(db_status)?;
@@ -279,12 +281,13 @@ impl RoutingService for Service {
                     raced = true;
                 }
                 Err(RouteError::Db(e)) => return Err(db_status(e)),
-                Err(RouteError::NoDeflection(_)) if !flushed => {
+                Err(RouteError::NoDeflection(_) | RouteError::OtherChannel(_)) if !flushed => {
                     drop(tx);
                     flushed = true;
+                    inbound.any_channel = true;
                     self.flush_deflections().await?;
                 }
-                Err(e @ RouteError::NoDeflection(_)) => {
+                Err(e @ (RouteError::NoDeflection(_) | RouteError::OtherChannel(_))) => {
                     return Err(Status::failed_precondition(e.to_string()));
                 }
             }
