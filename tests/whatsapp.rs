@@ -448,6 +448,63 @@ async fn a_reply_to_the_fallback_waits_for_its_deflection_rather_than_take_the_f
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_but_not_recorded_is_not_sent_again_on_the_next_channel() {
+    use c2m_test_support::eventually;
+
+    let story = Story::start(Topology::Dev).await;
+    let key = whatsapp_first(&story).await;
+    let mut db = story.db.connect().await;
+    // The gateway's PostgreSQL refuses its message records for a while.
+    sqlx::query("ALTER TABLE channel_gateway.outbound_messages RENAME TO outbound_messages_away")
+        .execute(&mut db)
+        .await
+        .expect("rename");
+
+    // Meta takes the WhatsApp message: that is the outcome, and SMS is not tried.
+    let handoff = story.deflect(request("+14155550410", "wa-10"), &key).await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(handoff.channel, Channel::Whatsapp as i32);
+    assert_eq!(story.meta.sent().len(), 1);
+    assert!(story.twilio.sent().is_empty(), "no second message by SMS");
+
+    // The record is written once PostgreSQL takes it.
+    eventually(
+        "the record offered again",
+        Duration::from_secs(10),
+        || async {
+            story
+                .metrics()
+                .await
+                .lines()
+                .any(|line| line.starts_with("c2m_message_record_retries_total "))
+        },
+    )
+    .await;
+    sqlx::query("ALTER TABLE channel_gateway.outbound_messages_away RENAME TO outbound_messages")
+        .execute(&mut db)
+        .await
+        .expect("rename back");
+    let message_id = format!("{}-1", handoff.handoff_id);
+    eventually("the message recorded", Duration::from_secs(10), || {
+        let db = &story.db;
+        let message_id = message_id.clone();
+        async move {
+            let mut conn = db.connect().await;
+            sqlx::query_scalar::<_, String>(
+                "SELECT stage FROM channel_gateway.outbound_messages WHERE message_id = $1",
+            )
+            .bind(message_id)
+            .fetch_optional(&mut conn)
+            .await
+            .expect("reads")
+            .is_some_and(|stage| stage == "FUNNEL_STAGE_SENT")
+        }
+    })
+    .await;
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undelivered_whatsapp_message_falls_back_at_the_configured_deadline() {
     let story = Story::start(Topology::Dev).await;
     let key = whatsapp_first(&story).await;

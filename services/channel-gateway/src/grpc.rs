@@ -9,8 +9,11 @@ use c2m_runtime::{
     is_e164, mask_phone, metrics,
     status::{self, FieldViolations},
 };
+use c2m_storage::batch::Batcher;
 use chrono::Utc;
 use tonic::{Request, Response, Status};
+
+use std::time::{Duration, Instant};
 
 use crate::{
     Service,
@@ -177,27 +180,34 @@ impl ChannelGatewayService for Service {
                 (FunnelStage::Failed, None, Some(code), Some(message))
             }
         };
-        let message = self
-            .records
-            .run(Outbound {
-                message_id: r.message_id,
-                account_id: r.account_id,
-                channel,
-                handoff_id: r.handoff_id,
-                handoff_config_id: r.handoff_config_id,
-                skill_id: r.skill_id,
-                provider_message_id: provider_id,
-                stage,
-                error_code,
-                error_message,
-                sent_at: now,
-                updated_at: now,
-            })
-            .await
-            .map_err(db_status)?
-            .ok_or_else(|| {
+        let outbound = Outbound {
+            message_id: r.message_id,
+            account_id: r.account_id,
+            channel,
+            handoff_id: r.handoff_id,
+            handoff_config_id: r.handoff_config_id,
+            skill_id: r.skill_id,
+            provider_message_id: provider_id,
+            stage,
+            error_code,
+            error_message,
+            sent_at: now,
+            updated_at: now,
+        };
+        let message = match self.records.run(outbound.clone()).await {
+            Ok(recorded) => recorded.ok_or_else(|| {
                 status::invalid_field("message_id", "already used by another account")
-            })?;
+            })?,
+            // The provider took the message: that is the answer, whatever PostgreSQL says now.
+            // An error would have the caller try its next channel, and the consumer would get
+            // two messages. The record follows once PostgreSQL takes it.
+            Err(error) if outbound.stage == FunnelStage::Sent => {
+                tracing::warn!(%error, message_id = %outbound.message_id, "message sent but not recorded; recording it when PostgreSQL takes it");
+                tokio::spawn(record_later(self.records.clone(), outbound.clone()));
+                outbound
+            }
+            Err(error) => return Err(db_status(error)),
+        };
         tracing::info!(
             account_id = %message.account_id,
             message_id = %message.message_id,
@@ -417,5 +427,37 @@ impl ChannelGatewayService for Service {
             )));
         }
         Ok(Response::new(pb::RemoveDeviceResponse {}))
+    }
+}
+
+/// How long a sent message's record is offered to PostgreSQL before it is given up (logged).
+const RECORD_PERSISTENCE: Duration = Duration::from_secs(300);
+
+/// Records a message the provider took while PostgreSQL refused its record: offered again, backing
+/// off to a second, until it is written or [`RECORD_PERSISTENCE`] has passed.
+async fn record_later(records: Batcher<messages::Records>, message: Outbound) {
+    let give_up = Instant::now() + RECORD_PERSISTENCE;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        tokio::time::sleep(pause).await;
+        metrics::inc(
+            "c2m_message_record_retries_total",
+            "Records of sent messages PostgreSQL refused, offered again.",
+            &[],
+        );
+        match records.run(message.clone()).await {
+            Ok(_) => {
+                tracing::info!(message_id = %message.message_id, "sent message recorded after all");
+                return;
+            }
+            Err(error) if Instant::now() < give_up => {
+                tracing::debug!(%error, message_id = %message.message_id, "message record refused again");
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(error) => {
+                tracing::error!(%error, message_id = %message.message_id, "sent message never recorded: its status webhooks will find nothing");
+                return;
+            }
+        }
     }
 }
