@@ -13,7 +13,10 @@ use c2m_storage::batch::Batcher;
 use chrono::Utc;
 use tonic::{Request, Response, Status};
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use crate::{
     Service,
@@ -180,7 +183,7 @@ impl ChannelGatewayService for Service {
                 (FunnelStage::Failed, None, Some(code), Some(message))
             }
         };
-        let outbound = Outbound {
+        let outbound = Arc::new(Outbound {
             message_id: r.message_id,
             account_id: r.account_id,
             channel,
@@ -193,7 +196,7 @@ impl ChannelGatewayService for Service {
             error_message,
             sent_at: now,
             updated_at: now,
-        };
+        });
         let message = match self.records.run(outbound.clone()).await {
             Ok(recorded) => recorded.ok_or_else(|| {
                 status::invalid_field("message_id", "already used by another account")
@@ -204,7 +207,7 @@ impl ChannelGatewayService for Service {
             Err(error) if outbound.stage == FunnelStage::Sent => {
                 tracing::warn!(%error, message_id = %outbound.message_id, "message sent but not recorded; recording it when PostgreSQL takes it");
                 tokio::spawn(record_later(self.records.clone(), outbound.clone()));
-                outbound
+                Arc::unwrap_or_clone(outbound)
             }
             Err(error) => return Err(db_status(error)),
         };
@@ -435,7 +438,7 @@ const RECORD_PERSISTENCE: Duration = Duration::from_secs(300);
 
 /// Records a message the provider took while PostgreSQL refused its record: offered again, backing
 /// off to a second, until it is written or [`RECORD_PERSISTENCE`] has passed.
-async fn record_later(records: Batcher<messages::Records>, message: Outbound) {
+async fn record_later(records: Batcher<messages::Records>, message: Arc<Outbound>) {
     let give_up = Instant::now() + RECORD_PERSISTENCE;
     let mut pause = Duration::from_millis(50);
     loop {

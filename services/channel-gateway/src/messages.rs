@@ -1,6 +1,8 @@
 //! Outbound messages and their delivery stage, which only moves forward: statuses arrive out of
 //! order (read before delivered), and a late one must not undo an earlier one.
 
+use std::sync::Arc;
+
 use c2m_proto::v1::{self as pb, Channel, FunnelStage};
 use c2m_storage::{batch::Statement, outbox};
 use chrono::{DateTime, Utc};
@@ -120,13 +122,14 @@ impl Statement for Lookups {
 pub struct Records(pub PgPool);
 
 impl Statement for Records {
-    type Row = Outbound;
+    /// Shared, so that a record PostgreSQL refused can be offered again without a copy.
+    type Row = Arc<Outbound>;
     type Output = Option<Outbound>;
 
-    async fn run(&self, messages: &[Outbound]) -> Result<Vec<Option<Outbound>>, sqlx::Error> {
-        let text = |f: fn(&Outbound) -> &str| messages.iter().map(f).collect::<Vec<_>>();
+    async fn run(&self, messages: &[Arc<Outbound>]) -> Result<Vec<Option<Outbound>>, sqlx::Error> {
+        let text = |f: fn(&Outbound) -> &str| messages.iter().map(|m| f(m)).collect::<Vec<_>>();
         let optional =
-            |f: fn(&Outbound) -> Option<&str>| messages.iter().map(f).collect::<Vec<_>>();
+            |f: fn(&Outbound) -> Option<&str>| messages.iter().map(|m| f(m)).collect::<Vec<_>>();
         let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO outbound_messages ({COLUMNS}) \
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
@@ -250,9 +253,9 @@ mod tests {
     use super::*;
     use c2m_test_support::TestDatabase;
 
-    fn message(account_id: &str, message_id: &str, stage: FunnelStage) -> Outbound {
+    fn message(account_id: &str, message_id: &str, stage: FunnelStage) -> Arc<Outbound> {
         let now = Utc::now();
-        Outbound {
+        Arc::new(Outbound {
             message_id: message_id.into(),
             account_id: account_id.into(),
             channel: Channel::Sms,
@@ -265,7 +268,7 @@ mod tests {
             error_message: None,
             sent_at: now,
             updated_at: now,
-        }
+        })
     }
 
     /// In one batch: a new message is recorded as sent; a message id recorded before keeps its
