@@ -645,15 +645,10 @@ async fn concurrent_flushes_share_the_work() {
 
     // Each call returned once a flush that started after it had finished; calls that waited
     // for the same flush shared it.
-    let metrics = story.metrics().await;
-    let runs: usize = metrics
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("c2m_outbox_flushes_total{outbox=\"deflection_outbox\"} ")
-        })
-        .expect("flushes counted")
-        .parse()
-        .expect("a count");
+    let runs = story
+        .metric("c2m_outbox_flushes_total{outbox=\"deflection_outbox\"}")
+        .await
+        .expect("flushes counted") as usize;
     assert!(
         (1..=CALLS / 4).contains(&runs),
         "{runs} flushes for {CALLS} concurrent calls"

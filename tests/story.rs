@@ -600,6 +600,14 @@ impl Story {
             > 0
     }
 
+    /// The value of one series (`name` or `name{labels}`, as `/metrics` prints it), if it has one.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics().await.lines().find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            Some(value.parse().expect("a number"))
+        })
+    }
+
     /// `GET /metrics` on the first server (the whole process in the Dev topology).
     pub async fn metrics(&self) -> String {
         let url = format!("{}/metrics", self.servers[0].endpoint());
