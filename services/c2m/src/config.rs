@@ -239,6 +239,19 @@ impl Config {
                 );
             }
         }
+        if self.channel_gateway.provider_timeout_ms == 0
+            || self.channel_gateway.provider_timeout_ms >= self.peers.timeout_ms
+        {
+            return invalid(
+                "channel_gateway.provider_timeout_ms",
+                &format!(
+                    "must be at least 1 and below peers.timeout_ms ({}): a send must have its \
+                     answer before Handoff stops waiting for it, or a late one becomes a second \
+                     message on the next channel",
+                    self.peers.timeout_ms
+                ),
+            );
+        }
         if self.handoff.replicas == 0 {
             return invalid("handoff.replicas", "must be at least 1");
         }

@@ -132,6 +132,12 @@ fn values_are_validated_before_anything_is_bound() {
             "telemetry.log_filter",
         ),
         ("C2M_LISTEN__DEV", "localhost", "listen.dev"),
+        // Not below peers.timeout_ms (5000): Handoff would stop waiting before the send's answer.
+        (
+            "C2M_CHANNEL_GATEWAY__PROVIDER_TIMEOUT_MS",
+            "5000",
+            "channel_gateway.provider_timeout_ms",
+        ),
     ];
     for (var, value, key) in cases {
         let output = run(&["dev"], &[(var, value)]);

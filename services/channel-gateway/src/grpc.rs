@@ -23,6 +23,7 @@ use crate::{
     channels::Capability,
     credentials, devices, lookup,
     messages::{self, Outbound},
+    retry,
     twilio::SendOutcome,
     window,
 };
@@ -144,7 +145,8 @@ impl ChannelGatewayService for Service {
                 message: Some(existing.to_wire()),
             }));
         }
-        let outcome = self.send_on(channel, &r).await?;
+        let budget = Duration::from_millis(self.settings.provider_timeout_ms);
+        let outcome = retry::within(budget, self.send_on(channel, &r)).await?;
         // Twilio 21610: the recipient replied STOP to this sender; do not try them here again.
         if let SendOutcome::Failed { code, .. } = &outcome
             && matches!(channel, Channel::Sms | Channel::AppleMessages)

@@ -67,7 +67,8 @@ pub struct GatewaySettings {
     pub fcm_api_base: String,
     /// APNs, for app messaging on iOS (`https://api.sandbox.push.apple.com` for development apps).
     pub apns_api_base: String,
-    /// Milliseconds a provider call may take.
+    /// Milliseconds a send may spend with its provider, retries included; below `peers.timeout_ms`,
+    /// so that Handoff has the answer before it stops waiting.
     pub provider_timeout_ms: u64,
 }
 
@@ -84,7 +85,7 @@ impl Default for GatewaySettings {
             rbm_api_base: "https://rcsbusinessmessaging.googleapis.com".into(),
             fcm_api_base: "https://fcm.googleapis.com".into(),
             apns_api_base: "https://api.push.apple.com".into(),
-            provider_timeout_ms: 5_000,
+            provider_timeout_ms: 4_000,
         }
     }
 }

@@ -76,10 +76,14 @@ pub async fn send(
         };
         let status = response.status();
         let value: serde_json::Value = response.json().await.unwrap_or_default();
-        if value["error"]["code"].as_i64() != Some(THROUGHPUT_LIMIT) || throttled == 2 {
+        let wait = crate::retry::backoff(throttled);
+        if value["error"]["code"].as_i64() != Some(THROUGHPUT_LIMIT)
+            || throttled == 2
+            || !crate::retry::time_for(wait)
+        {
             break (status, value);
         }
-        tokio::time::sleep(crate::retry::backoff(throttled)).await;
+        tokio::time::sleep(wait).await;
         throttled += 1;
     };
     if let Some(id) = value["messages"][0]["id"]

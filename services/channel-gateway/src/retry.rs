@@ -2,8 +2,34 @@
 //! accepted, so sending it again cannot duplicate a message), a bounded number of times, after the
 //! wait it asks for (`Retry-After`) or an exponential backoff with jitter, and never for longer than
 //! a caller on the line can wait.
+//!
+//! A send's calls to its provider, retries included, share one deadline ([`within`]): past it
+//! no retry starts and no request waits, so the gateway answers before Handoff stops waiting for
+//! it. Handoff taking a late answer for a failure would try the next channel, and a consumer whose
+//! first message went after all would get two.
 
-use std::time::Duration;
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+tokio::task_local! {
+    /// When the send being made must have its answer.
+    static DEADLINE: Instant;
+}
+
+/// Runs `send` with `budget` for every provider call it makes through this module.
+pub async fn within<F: Future>(budget: Duration, send: F) -> F::Output {
+    DEADLINE.scope(Instant::now() + budget, send).await
+}
+
+/// Whether a wait of `wait` still leaves time before the send's deadline (always, outside
+/// [`within`]).
+pub fn time_for(wait: Duration) -> bool {
+    DEADLINE
+        .try_with(|deadline| Instant::now() + wait < *deadline)
+        .unwrap_or(true)
+}
 
 /// Tries after the first.
 const RETRIES: u32 = 2;
@@ -26,20 +52,36 @@ pub async fn send_while(
     build: impl Fn() -> reqwest::RequestBuilder,
     retryable: impl Fn(reqwest::StatusCode) -> bool,
 ) -> reqwest::Result<reqwest::Response> {
+    let deadline = DEADLINE.try_with(|deadline| *deadline).ok();
     let mut attempt = 0;
     loop {
-        let response = build().send().await?;
+        let mut request = build();
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            request = request.timeout(left.max(Duration::from_millis(1)));
+        }
+        let response = request.send().await?;
         if !retryable(response.status()) || attempt == RETRIES {
             return Ok(response);
         }
-        let wait = retry_after(&response).unwrap_or_else(|| backoff(attempt));
+        let wait = retry_after(&response)
+            .unwrap_or_else(|| backoff(attempt))
+            .min(MAX_WAIT);
+        if !time_for(wait) {
+            tracing::info!(
+                attempt,
+                status = response.status().as_u16(),
+                "provider asked for a retry, no time left for one"
+            );
+            return Ok(response);
+        }
         tracing::info!(
             attempt,
             wait_ms = wait.as_millis() as u64,
             status = response.status().as_u16(),
             "provider asked for a retry, retrying"
         );
-        tokio::time::sleep(wait.min(MAX_WAIT)).await;
+        tokio::time::sleep(wait).await;
         attempt += 1;
     }
 }
@@ -66,8 +108,60 @@ pub fn backoff(attempt: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use super::backoff;
-    use std::time::Duration;
+    use super::*;
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    /// A provider that answers every request 429 with `Retry-After: <retry_after>`; its URL and
+    /// how many requests it got.
+    async fn always_busy(retry_after: &'static str) -> (String, Arc<AtomicUsize>) {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        let app = axum::Router::new().route(
+            "/send",
+            axum::routing::post(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    (
+                        axum::http::StatusCode::TOO_MANY_REQUESTS,
+                        [("retry-after", retry_after)],
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let url = format!("http://{}/send", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, requests)
+    }
+
+    #[tokio::test]
+    async fn retries_stop_at_the_sends_deadline() {
+        let http = reqwest::Client::new();
+
+        // Outside a send's deadline: the first request and both retries.
+        let (url, requests) = always_busy("0.1").await;
+        let response = send(|| http.post(&url)).await.expect("answered");
+        assert_eq!(response.status(), reqwest::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(requests.load(Ordering::SeqCst), 3);
+
+        // Within 1.5 s, a provider asking for 1 s: after the first retry (at 1 s at the
+        // earliest) another wait would end past the deadline, so the refusal stands.
+        let (url, requests) = always_busy("1").await;
+        let response = within(Duration::from_millis(1_500), send(|| http.post(&url)))
+            .await
+            .expect("answered");
+        assert_eq!(response.status(), reqwest::StatusCode::TOO_MANY_REQUESTS);
+        assert!(
+            requests.load(Ordering::SeqCst) < 3,
+            "{} requests",
+            requests.load(Ordering::SeqCst)
+        );
+    }
 
     #[test]
     fn backoff_grows_and_stays_jittered_within_half() {
