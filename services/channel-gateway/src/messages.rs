@@ -163,19 +163,25 @@ impl Statement for Records {
                     .cloned()
             })
             .collect();
-        // The ones recorded before: their first outcome (read now, after the insert waited for
-        // any concurrent writer of the same id to commit).
-        let earlier: Vec<(String, String)> = messages
+        // The ones recorded before: their first outcome (read now, in one statement, after the
+        // insert waited for any concurrent writer of the same id to commit), if it is this
+        // account's.
+        let (earlier, accounts): (Vec<String>, Vec<&str>) = messages
             .iter()
             .zip(&recorded)
             .filter(|(_, r)| r.is_none())
-            .map(|(m, _)| (m.account_id.clone(), m.message_id.clone()))
-            .collect();
-        for ((account_id, message_id), slot) in earlier
-            .iter()
-            .zip(recorded.iter_mut().filter(|r| r.is_none()))
-        {
-            *slot = get(&self.0, account_id, message_id).await?;
+            .map(|(m, _)| (m.message_id.clone(), m.account_id.as_str()))
+            .unzip();
+        if !earlier.is_empty() {
+            let found = Lookups(self.0.clone()).run(&earlier).await?;
+            for ((slot, first), account_id) in recorded
+                .iter_mut()
+                .filter(|r| r.is_none())
+                .zip(found)
+                .zip(accounts)
+            {
+                *slot = first.filter(|m| m.account_id == account_id);
+            }
         }
         Ok(recorded)
     }
