@@ -438,31 +438,25 @@ impl ChannelGatewayService for Service {
 /// How long a sent message's record is offered to PostgreSQL before it is given up (logged).
 const RECORD_PERSISTENCE: Duration = Duration::from_secs(300);
 
-/// Records a message the provider took while PostgreSQL refused its record: offered again, backing
-/// off to a second, until it is written or [`RECORD_PERSISTENCE`] has passed.
+/// Records a message the provider took while PostgreSQL refused its record, offering it again
+/// until it is written or [`RECORD_PERSISTENCE`] has passed.
 async fn record_later(records: Batcher<messages::Records>, message: Arc<Outbound>) {
+    let message_id = message.message_id.clone();
     let give_up = Instant::now() + RECORD_PERSISTENCE;
-    let mut pause = Duration::from_millis(50);
-    loop {
-        tokio::time::sleep(pause).await;
-        metrics::inc(
-            "c2m_message_record_retries_total",
-            "Records of sent messages PostgreSQL refused, offered again.",
-            &[],
-        );
-        match records.run(message.clone()).await {
-            Ok(_) => {
-                tracing::info!(message_id = %message.message_id, "sent message recorded after all");
-                return;
-            }
-            Err(error) if Instant::now() < give_up => {
-                tracing::debug!(%error, message_id = %message.message_id, "message record refused again");
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-            Err(error) => {
-                tracing::error!(%error, message_id = %message.message_id, "sent message never recorded: its status webhooks will find nothing");
-                return;
-            }
+    let recorded = records
+        .run_until(message, give_up, |error, _| {
+            tracing::debug!(%error, %message_id, "message record refused again");
+            metrics::inc(
+                "c2m_message_record_retries_total",
+                "Records of sent messages PostgreSQL refused, offered again.",
+                &[],
+            );
+        })
+        .await;
+    match recorded {
+        Ok(_) => tracing::info!(%message_id, "sent message recorded after all"),
+        Err(error) => {
+            tracing::error!(%error, %message_id, "sent message never recorded: its status webhooks will find nothing");
         }
     }
 }

@@ -254,20 +254,11 @@ impl Service {
             self.gate_and_decide(&d, ask),
         );
         let admitted = matches!(gated, Ok((_, Gated::Admitted(_))));
-        match replayed {
-            Ok(None) => {}
-            Ok(Some(done)) => {
-                if admitted {
-                    self.gate.release(ask).await;
-                }
-                return Ok(done);
+        if let Some(answer) = replayed.transpose() {
+            if admitted {
+                self.gate.release(ask).await;
             }
-            Err(refusal) => {
-                if admitted {
-                    self.gate.release(ask).await;
-                }
-                return Err(refusal);
-            }
+            return answer;
         }
         let (limit, gated) = gated?;
         let decision = match gated {
@@ -469,24 +460,18 @@ impl Service {
         // (restarting, failing over), the save is offered again, for as long as the claim
         // stops retries from sending; the IVR may stop waiting meanwhile, and its retry finds the
         // handoff once it is saved.
-        let give_up = Instant::now() + gate::CLAIM_TTL;
-        let mut pause = Duration::from_millis(50);
-        let saved = loop {
-            match self.saves.run(save.clone()).await {
-                Ok(saved) => break saved,
-                Err(error) if Instant::now() + pause < give_up => {
-                    tracing::warn!(%error, handoff_id = %handoff.handoff_id, retry_in = ?pause, "handoff not saved; trying again");
-                    metrics::inc(
-                        "c2m_handoff_save_retries_total",
-                        "Handoff saves PostgreSQL refused and that were offered again.",
-                        &[],
-                    );
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-                Err(error) => return Err(db_status(error)),
-            }
-        };
+        let saved = self
+            .saves
+            .run_until(save, Instant::now() + gate::CLAIM_TTL, |error, pause| {
+                tracing::warn!(%error, handoff_id = %handoff.handoff_id, retry_in = ?pause, "handoff not saved; trying again");
+                metrics::inc(
+                    "c2m_handoff_save_retries_total",
+                    "Handoff saves PostgreSQL refused and that were offered again.",
+                    &[],
+                );
+            })
+            .await
+            .map_err(db_status)?;
         match saved {
             Saved::Saved => {
                 self.relay.wake();

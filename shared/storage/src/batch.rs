@@ -21,6 +21,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use tokio::sync::oneshot;
@@ -111,6 +112,35 @@ impl<S: Statement> Batcher<S> {
             }
         }
         answer.await.map_err(|_| sqlx::Error::PoolClosed)?
+    }
+}
+
+impl<S: Statement> Batcher<S>
+where
+    S::Row: Clone,
+{
+    /// [`run`](Self::run), offered again while the statement fails (PostgreSQL restarting or
+    /// failing over), after a pause that doubles from 50 ms to a second, until `give_up`; the
+    /// last error then. `retrying` hears each error that is followed by another try, and the
+    /// pause before it. For writes that must not be lost once something has been done that
+    /// depends on them (a message sent).
+    pub async fn run_until(
+        &self,
+        row: S::Row,
+        give_up: Instant,
+        mut retrying: impl FnMut(&sqlx::Error, Duration),
+    ) -> Result<S::Output, sqlx::Error> {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.run(row.clone()).await {
+                Err(error) if Instant::now() + pause < give_up => {
+                    retrying(&error, pause);
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                answer => return answer,
+            }
+        }
     }
 }
 
@@ -383,6 +413,37 @@ mod tests {
             .broken_connections
             .store(2, std::sync::atomic::Ordering::SeqCst);
         assert!(matches!(batcher.run(3).await, Err(sqlx::Error::Io(_))));
+    }
+
+    /// A row whose statement keeps failing is offered again until it is written; each retry is
+    /// heard, and past the deadline the error is the caller's.
+    #[tokio::test]
+    async fn run_until_offers_a_row_again_until_it_is_written_or_time_is_up() {
+        let statement = Arc::new(Doubling {
+            // Each run retries a broken connection once itself: three breaks fail one run.
+            broken_connections: 3.into(),
+            ..Default::default()
+        });
+        let batcher = Batcher::new(statement.clone());
+        let mut heard = Vec::new();
+        let far = Instant::now() + Duration::from_secs(30);
+        let written = batcher
+            .run_until(3, far, |error, pause| {
+                heard.push((error.to_string(), pause))
+            })
+            .await;
+        assert_eq!(written.expect("written on the second run"), 6);
+        assert_eq!(heard.len(), 1, "{heard:?}");
+        assert_eq!(heard[0].1, Duration::from_millis(50));
+
+        statement
+            .broken_connections
+            .store(2, std::sync::atomic::Ordering::SeqCst);
+        let past = Instant::now();
+        let failed = batcher
+            .run_until(3, past, |_, _| panic!("no time to retry"))
+            .await;
+        assert!(matches!(failed, Err(sqlx::Error::Io(_))));
     }
 
     async fn until(condition: impl Fn() -> bool) {
