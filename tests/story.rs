@@ -514,7 +514,6 @@ impl Story {
 }
 
 impl Story {
-    /// An admin of `account_id` stores credentials for the provider they are for.
     /// An admin of `account_id` submits the WhatsApp template `followup` ("Hi {{1}}, reply here
     /// about {{2}}."), pending until Meta (or an operator) approves it.
     pub async fn add_followup_template(&self, account_id: &str) {
@@ -538,6 +537,7 @@ impl Story {
             .expect("template");
     }
 
+    /// An admin of `account_id` stores credentials for the provider they are for.
     pub async fn put_credentials(&self, account_id: &str, credentials: Credentials) {
         let provider = match &credentials {
             Credentials::Twilio(_) => pb::Provider::Twilio,
