@@ -7,7 +7,7 @@ use std::time::Duration;
 use c2m_proto::v1::{self as pb, Channel, HandoffStatus};
 use c2m_test_support::eventually;
 
-use crate::story::{Options, Story, Topology, handoff_request, onboard};
+use crate::story::{Options, Story, Topology, authed, handoff_request, onboard};
 
 const PHONE: &str = "+14155550190";
 const BUSINESS_ID: &str = "3f5a1c2e-7b9d-4e6f-8a0b-1c2d3e4f5a6b";
@@ -67,6 +67,28 @@ async fn one_invite_per_pending_deflection() {
              ?biz-intent-id=billing&biz-group-id=tier+1&body=About+your+bill"
         )
     );
+
+    // Twilio reports the invite's SMS delivered: its callback names our message, which is the
+    // invite's (an Apple Messages one, though Twilio speaks of an SMS).
+    let (status, _) = story.twilio.send_status(&sent[0], "delivered", None).await;
+    assert_eq!(status, 200);
+    let progress = story
+        .handoff()
+        .await
+        .get_handoff(authed(
+            pb::GetHandoffRequest {
+                account_id: "acme".into(),
+                handoff_id: first.handoff_id.clone(),
+            },
+            &key,
+        ))
+        .await
+        .expect("handoff")
+        .into_inner()
+        .handoff
+        .and_then(|h| h.progress)
+        .expect("progress");
+    assert_eq!(progress.stage, pb::FunnelStage::Delivered as i32);
 
     // The same caller calls again once the per-consumer lease has lapsed: the invite is still
     // pending (no chat came of it), so it is reused, not sent again.

@@ -12,5 +12,6 @@ mod rcs;
 mod rest;
 mod sandbox;
 mod story;
+mod unanswered;
 mod webhook_fuzz;
 mod whatsapp;

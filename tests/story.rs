@@ -55,6 +55,10 @@ pub struct Options {
     pub consumer_lease_ms: Option<u64>,
     /// `server.health_interval_ms` (tests probe every 50 ms, to see changes quickly).
     pub health_interval_ms: Option<u64>,
+    /// `channel_gateway.provider_timeout_ms`.
+    pub provider_timeout_ms: Option<u64>,
+    /// `handoff.unconfirmed_fallback_ms`.
+    pub unconfirmed_fallback_ms: Option<u64>,
 }
 
 pub struct Story {
@@ -119,6 +123,12 @@ impl Story {
         config.handoff.replicas = options.handoff_replicas.unwrap_or(1);
         if let Some(lease) = options.consumer_lease_ms {
             config.handoff.consumer_lease_ms = lease;
+        }
+        if let Some(timeout) = options.provider_timeout_ms {
+            config.channel_gateway.provider_timeout_ms = timeout;
+        }
+        if let Some(window) = options.unconfirmed_fallback_ms {
+            config.handoff.unconfirmed_fallback_ms = window;
         }
         if let Some(connections) = options.db_max_connections {
             config.database.max_connections = connections;

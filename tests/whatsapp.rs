@@ -14,11 +14,11 @@ use crate::story::{EVERY_STAGE_ONCE, Story, Topology, authed, handoff_request, o
 
 const PHONE_NUMBER_ID: &str = "106540352242922";
 const ACCESS_TOKEN: &str = "EAAG-test-access-token";
-const APP_SECRET: &str = "meta-app-secret-for-tests";
+pub(crate) const APP_SECRET: &str = "meta-app-secret-for-tests";
 const VERIFY_TOKEN: &str = "meta-verify-token";
 
 /// acme with Meta credentials, an approved template and a WhatsApp-then-SMS configuration.
-async fn whatsapp_first(story: &Story) -> String {
+pub(crate) async fn whatsapp_first(story: &Story) -> String {
     let key = onboard(story, "acme").await;
     let admin = token(AuthRole::Admin, Some("acme"));
     story.meta.add_number(PHONE_NUMBER_ID, ACCESS_TOKEN);
@@ -85,7 +85,7 @@ fn whatsapp_then_sms(id: &str, name: &str) -> pb::HandoffConfig {
     }
 }
 
-fn request(phone: &str, idempotency_key: &str) -> pb::CreateHandoffRequest {
+pub(crate) fn request(phone: &str, idempotency_key: &str) -> pb::CreateHandoffRequest {
     let mut request = handoff_request("acme", phone, idempotency_key);
     request.handoff_config_id = "wa-first".into();
     request.template_variables.insert("1".into(), "Ada".into());
@@ -246,7 +246,7 @@ async fn a_refused_whatsapp_send_falls_back_to_sms_in_the_same_call() {
     story.stop().await;
 }
 
-async fn handoff_of(story: &Story, key: &str, handoff_id: &str) -> pb::Handoff {
+pub(crate) async fn handoff_of(story: &Story, key: &str, handoff_id: &str) -> pb::Handoff {
     story
         .handoff()
         .await
@@ -265,7 +265,7 @@ async fn handoff_of(story: &Story, key: &str, handoff_id: &str) -> pb::Handoff {
 }
 
 /// The consumer's conversation opened on SMS, with the SMS fallback's message on top.
-async fn assert_the_conversation_is_on_sms(story: &Story, consumer: &str) {
+pub(crate) async fn assert_the_conversation_is_on_sms(story: &Story, consumer: &str) {
     let conversation = story.open_conversation("acme", consumer).await;
     assert_eq!(conversation.channel, Channel::Sms as i32);
     assert_eq!(
@@ -274,7 +274,7 @@ async fn assert_the_conversation_is_on_sms(story: &Story, consumer: &str) {
     );
 }
 
-fn attempts(handoff: &pb::Handoff) -> Vec<(i32, i32, String)> {
+pub(crate) fn attempts(handoff: &pb::Handoff) -> Vec<(i32, i32, String)> {
     handoff
         .attempts
         .iter()

@@ -258,6 +258,9 @@ impl Config {
         if self.handoff.consumer_lease_ms == 0 {
             return invalid("handoff.consumer_lease_ms", "must be at least 1");
         }
+        if self.handoff.unconfirmed_fallback_ms == 0 {
+            return invalid("handoff.unconfirmed_fallback_ms", "must be at least 1");
+        }
         if let Err(e) = c2m_runtime::telemetry::validate_filter(&self.telemetry.log_filter) {
             return invalid(
                 "telemetry.log_filter",

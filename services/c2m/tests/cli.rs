@@ -138,6 +138,11 @@ fn values_are_validated_before_anything_is_bound() {
             "5000",
             "channel_gateway.provider_timeout_ms",
         ),
+        (
+            "C2M_HANDOFF__UNCONFIRMED_FALLBACK_MS",
+            "0",
+            "handoff.unconfirmed_fallback_ms",
+        ),
     ];
     for (var, value, key) in cases {
         let output = run(&["dev"], &[(var, value)]);

@@ -70,10 +70,14 @@ impl Service {
             Creds::Missing(refusal) => return self.sandbox(r, Player::Twilio, refusal).await,
             Creds::Unusable(refusal) => return Ok(refusal.into()),
         };
+        // Our message id in the callback's URL: Twilio's callbacks find the message even when
+        // Twilio's answer to the send, and with it the SID, was lost.
         let callback = format!(
-            "{}/webhooks/twilio/{}/status",
+            "{}/webhooks/twilio/{}/status?{}",
             self.settings.public_url.trim_end_matches('/'),
-            r.account_id
+            r.account_id,
+            serde_urlencoded::to_string([("message_id", &r.message_id)])
+                .expect("a pair of strings encodes"),
         );
         Ok(twilio::send_sms(
             &self.http,
@@ -144,7 +148,7 @@ impl Service {
             &self.settings.meta_api_base,
             &self.settings.meta_api_version,
             &creds,
-            &r.to,
+            (&r.message_id, &r.to),
             &r.text,
             r.whatsapp_template.as_ref(),
         )

@@ -174,6 +174,7 @@ impl ChannelGatewayService for Service {
                     match &outcome {
                         SendOutcome::Accepted { .. } => "accepted",
                         SendOutcome::Failed { code, .. } => code,
+                        SendOutcome::Unconfirmed { .. } => "unconfirmed",
                     },
                 ),
             ],
@@ -183,6 +184,12 @@ impl ChannelGatewayService for Service {
             SendOutcome::Accepted { sid } => (FunnelStage::Sent, Some(sid), None, None),
             SendOutcome::Failed { code, message } => {
                 (FunnelStage::Failed, None, Some(code), Some(message))
+            }
+            // Sent as far as anyone can tell, without the provider's id: the message stays
+            // unconfirmed until the provider reports on it (`messages::advance`).
+            SendOutcome::Unconfirmed { why } => {
+                tracing::warn!(message_id = %r.message_id, channel = channel.as_str_name(), %why, "provider did not answer the send; it may have the message");
+                (FunnelStage::Sent, None, None, None)
             }
         };
         let outbound = Arc::new(Outbound {

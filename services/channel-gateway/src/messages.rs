@@ -36,6 +36,12 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// Sent without an answer from the provider, and not reported on since: every send the
+    /// provider answered has its id.
+    pub fn unconfirmed(&self) -> bool {
+        self.stage == FunnelStage::Sent && self.provider_message_id.is_none()
+    }
+
     pub fn to_wire(&self) -> pb::OutboundMessage {
         pb::OutboundMessage {
             message_id: self.message_id.clone(),
@@ -47,6 +53,7 @@ impl Outbound {
             error_message: self.error_message.clone().unwrap_or_default(),
             sent_at: Some(c2m_proto::timestamp(self.sent_at)),
             updated_at: Some(c2m_proto::timestamp(self.updated_at)),
+            unconfirmed: self.unconfirmed(),
         }
     }
 }
@@ -187,25 +194,38 @@ impl Statement for Records {
     }
 }
 
-/// Moves the message with this provider id forward to `stage`, writing an event for every stage
-/// it passes (a READ that arrives first counts as DELIVERED too). Returns the events written;
-/// none when the message is unknown or already as far.
+/// A provider's report of how far a message got.
+pub struct StatusReport<'a> {
+    pub account_id: &'a str,
+    pub channel: Channel,
+    pub provider_message_id: &'a str,
+    /// Our message id, where the provider hands it back (Twilio's callback URL, Meta's
+    /// `biz_opaque_callback_data`, RBM's `messageId`): it finds a message whose send went
+    /// unanswered, which has no provider id yet, and one whose provider speaks for another
+    /// channel (Twilio's SMS carries an Apple Messages invite).
+    pub message_id: Option<&'a str>,
+    /// None: a status that says nothing of the way (it still confirms an unconfirmed send).
+    pub stage: Option<FunnelStage>,
+    pub error_code: Option<&'a str>,
+    pub source: &'a str,
+}
+
+/// Moves the reported message forward to its stage, writing an event for every stage it passes (a
+/// READ that arrives first counts as DELIVERED too), and confirms it if its send went unanswered
+/// (it learns its provider id). Returns the events written; none when the message is unknown or
+/// already as far.
 pub async fn advance(
     tx: &mut PgConnection,
-    account_id: &str,
-    channel: Channel,
-    provider_message_id: &str,
-    stage: FunnelStage,
-    error_code: Option<&str>,
-    source: &str,
+    report: &StatusReport<'_>,
 ) -> Result<usize, sqlx::Error> {
     let Some(current) = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM outbound_messages \
-         WHERE account_id = $1 AND channel = $2 AND provider_message_id = $3 FOR UPDATE"
+        "SELECT {COLUMNS} FROM outbound_messages WHERE account_id = $1 \
+         AND (message_id = $4 OR channel = $2 AND provider_message_id = $3) FOR UPDATE"
     )))
-    .bind(account_id)
-    .bind(channel.as_str_name())
-    .bind(provider_message_id)
+    .bind(report.account_id)
+    .bind(report.channel.as_str_name())
+    .bind(report.provider_message_id)
+    .bind(report.message_id)
     .fetch_optional(&mut *tx)
     .await?
     .map(outbound)
@@ -213,25 +233,31 @@ pub async fn advance(
     else {
         return Ok(0);
     };
-    let passed: Vec<FunnelStage> = match (current.stage, stage) {
-        (FunnelStage::Failed, _) => vec![],
-        (_, FunnelStage::Failed) if current.stage == FunnelStage::Sent => vec![FunnelStage::Failed],
-        (_, FunnelStage::Failed) => vec![],
-        (from, to) => [FunnelStage::Delivered, FunnelStage::Read]
+    let confirms = current.provider_message_id.is_none();
+    let passed: Vec<FunnelStage> = match (current.stage, report.stage) {
+        (_, None) | (FunnelStage::Failed, _) => vec![],
+        (_, Some(FunnelStage::Failed)) if current.stage == FunnelStage::Sent => {
+            vec![FunnelStage::Failed]
+        }
+        (_, Some(FunnelStage::Failed)) => vec![],
+        (from, Some(to)) => [FunnelStage::Delivered, FunnelStage::Read]
             .into_iter()
             .filter(|s| rank(*s) > rank(from) && rank(*s) <= rank(to))
             .collect(),
     };
-    let Some(last) = passed.last() else {
+    if passed.is_empty() && !confirms {
         return Ok(0);
-    };
+    }
+    let stage = passed.last().copied().unwrap_or(current.stage);
     sqlx::query(
-        "UPDATE outbound_messages SET stage = $2, error_code = coalesce($3, error_code), updated_at = now() \
+        "UPDATE outbound_messages SET stage = $2, error_code = coalesce($3, error_code), \
+         provider_message_id = coalesce(provider_message_id, $4), updated_at = now() \
          WHERE message_id = $1",
     )
     .bind(&current.message_id)
-    .bind(last.as_str_name())
-    .bind(error_code)
+    .bind(stage.as_str_name())
+    .bind(report.error_code.filter(|_| !passed.is_empty()))
+    .bind(report.provider_message_id)
     .execute(&mut *tx)
     .await?;
     let events: Vec<pb::Event> = passed
@@ -242,12 +268,12 @@ pub async fn advance(
             skill_id: current.skill_id.clone(),
             channel: current.channel as i32,
             error_code: if *s == FunnelStage::Failed {
-                error_code.unwrap_or_default().to_owned()
+                report.error_code.unwrap_or_default().to_owned()
             } else {
                 String::new()
             },
-            source: source.to_owned(),
-            ..outbox::event(account_id, *s)
+            source: report.source.to_owned(),
+            ..outbox::event(report.account_id, *s)
         })
         .collect();
     outbox::enqueue(tx, &events).await?;

@@ -13,16 +13,18 @@ const THROUGHPUT_LIMIT: i64 = 130_429;
 
 /// `POST {base}/{version}/{phone-number-id}/messages` with the access token as a bearer: a
 /// template message (how a business starts a conversation) or, inside the customer-service
-/// window, text.
+/// window, text. Our message id rides as `biz_opaque_callback_data`, which Meta hands back on the
+/// message's status webhooks: they find the message even when Meta's answer to the send was lost.
 pub async fn send(
     http: &reqwest::Client,
     base: &str,
     version: &str,
     credentials: &MetaWhatsAppCredentials,
-    to: &str,
+    message: (&str, &str),
     text: &str,
     template: Option<&WhatsAppTemplateMessage>,
 ) -> SendOutcome {
+    let (message_id, to) = message;
     let url = format!(
         "{}/{version}/{}/messages",
         base.trim_end_matches('/'),
@@ -30,7 +32,7 @@ pub async fn send(
     );
     // Meta takes the number in international format without the plus.
     let to = to.trim_start_matches('+');
-    let body = match template {
+    let mut body = match template {
         Some(template) => json!({
             "messaging_product": "whatsapp",
             "recipient_type": "individual",
@@ -55,6 +57,7 @@ pub async fn send(
             "text": { "body": text },
         }),
     };
+    body["biz_opaque_callback_data"] = message_id.into();
     // Meta reports its throughput limit (130429) in the error body, whatever the HTTP status: a
     // refused message was not sent, so it is tried again like a 429, at most twice.
     let mut throttled = 0;
@@ -67,15 +70,15 @@ pub async fn send(
         .await
         {
             Ok(response) => response,
-            Err(error) => {
-                return SendOutcome::Failed {
-                    code: "unreachable".into(),
-                    message: format!("meta unreachable: {error}"),
-                };
-            }
+            Err(error) => return SendOutcome::unanswered("meta", &error),
         };
         let status = response.status();
-        let value: serde_json::Value = response.json().await.unwrap_or_default();
+        let value: serde_json::Value = match response.bytes().await {
+            Ok(body) => serde_json::from_slice(&body).unwrap_or_default(),
+            // Meta answered, but its answer broke off: a 2xx means it has the message.
+            Err(error) if status.is_success() => return SendOutcome::unanswered("meta", &error),
+            Err(_) => serde_json::Value::Null,
+        };
         let wait = crate::retry::backoff(throttled);
         if value["error"]["code"].as_i64() != Some(THROUGHPUT_LIMIT)
             || throttled == 2
@@ -210,6 +213,9 @@ pub struct Status {
     pub status: String,
     #[serde(default)]
     pub errors: Vec<Error>,
+    /// Our message id, as the send carried it.
+    #[serde(default)]
+    pub biz_opaque_callback_data: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

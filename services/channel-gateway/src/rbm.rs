@@ -68,12 +68,7 @@ pub async fn send(
     .await;
     let response = match response {
         Ok(response) => response,
-        Err(error) => {
-            return SendOutcome::Failed {
-                code: "unreachable".into(),
-                message: format!("rbm unreachable: {error}"),
-            };
-        }
+        Err(error) => return SendOutcome::unanswered("rbm", &error),
     };
     let status = response.status();
     if status.is_success() {

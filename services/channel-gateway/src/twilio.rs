@@ -39,6 +39,28 @@ pub enum SendOutcome {
     Accepted { sid: String },
     /// Refused or unreachable: Twilio's error code (e.g. `21610`) and message.
     Failed { code: String, message: String },
+    /// No answer: the request may have reached the provider, which may have taken the message
+    /// (what went wrong, for the log). Its status callbacks name our message id, and tell.
+    Unconfirmed { why: String },
+}
+
+impl SendOutcome {
+    /// What a send that got no answer from `provider` comes to: refused when the connection was
+    /// never made (nothing reached the provider), unconfirmed otherwise (a timeout, or a connection
+    /// that broke once the request was on its way), since then the provider may have the message,
+    /// and a send on the next channel could reach the consumer twice.
+    pub fn unanswered(provider: &str, error: &reqwest::Error) -> Self {
+        if error.is_connect() || error.is_builder() {
+            SendOutcome::Failed {
+                code: "unreachable".into(),
+                message: format!("{provider} unreachable: {error}"),
+            }
+        } else {
+            SendOutcome::Unconfirmed {
+                why: format!("{provider} did not answer: {error}"),
+            }
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,15 +119,15 @@ pub async fn send_sms(
     .await
     {
         Ok(response) => response,
-        Err(error) => {
-            return SendOutcome::Failed {
-                code: "unreachable".into(),
-                message: format!("twilio unreachable: {error}"),
-            };
-        }
+        Err(error) => return SendOutcome::unanswered("twilio", &error),
     };
     let status = response.status();
-    let text = response.text().await.unwrap_or_default();
+    let text = match response.text().await {
+        Ok(text) => text,
+        // Twilio answered, but its answer broke off: a 2xx means it has the message.
+        Err(error) if status.is_success() => return SendOutcome::unanswered("twilio", &error),
+        Err(_) => String::new(),
+    };
     if status.is_success() {
         match serde_json::from_str::<MessageResource>(&text) {
             Ok(MessageResource {
@@ -182,6 +204,49 @@ pub fn stage(message_status: &str) -> Option<FunnelStage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connection refused reached no provider: a failure, and the next channel may go. A
+    /// provider that took the request and never answered may have the message: unconfirmed.
+    #[tokio::test]
+    async fn a_send_without_an_answer_is_unconfirmed_unless_it_never_connected() {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_millis(200))
+            .build()
+            .expect("client");
+
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let refused_at = format!("http://{}", closed.local_addr().expect("addr"));
+        drop(closed);
+        let refused = http.post(&refused_at).send().await.expect_err("refused");
+        assert!(matches!(
+            SendOutcome::unanswered("twilio", &refused),
+            SendOutcome::Failed { code, .. } if code == "unreachable"
+        ));
+
+        // Accepts the connection, reads the request, never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let silent_at = format!("http://{}", silent.local_addr().expect("addr"));
+        let server = tokio::spawn(async move {
+            let (socket, _) = silent.accept().await.expect("accepts");
+            std::future::pending::<()>().await;
+            drop(socket);
+        });
+        let timed_out = http
+            .post(&silent_at)
+            .body("To=%2B14155550123")
+            .send()
+            .await
+            .expect_err("times out");
+        assert!(matches!(
+            SendOutcome::unanswered("twilio", &timed_out),
+            SendOutcome::Unconfirmed { .. }
+        ));
+        server.abort();
+    }
 
     fn pairs(raw: &[(&str, &str)]) -> Vec<(String, String)> {
         raw.iter()

@@ -85,6 +85,8 @@ fn decode_steps(value: &serde_json::Value) -> Vec<Step> {
         .collect()
 }
 
+/// A fallback that is due: handoff, account, message, remaining steps, delivery deadline, the
+/// deadline's length in seconds, and until when an unanswered send may be confirmed.
 type Due = (
     String,
     String,
@@ -92,6 +94,7 @@ type Due = (
     serde_json::Value,
     Option<DateTime<Utc>>,
     Option<i32>,
+    Option<DateTime<Utc>>,
 );
 
 impl Service {
@@ -113,13 +116,13 @@ impl Service {
     async fn fallback_round(&self) -> Result<(), sqlx::Error> {
         let mut tx = self.db.pool().begin().await?;
         let due: Vec<Due> = sqlx::query_as(
-            "SELECT handoff_id, account_id, message_id, remaining, deadline, window_seconds FROM fallbacks \
-             WHERE next_check <= now() ORDER BY next_check LIMIT 20 FOR UPDATE SKIP LOCKED",
+            "SELECT handoff_id, account_id, message_id, remaining, deadline, window_seconds, confirm_by \
+             FROM fallbacks WHERE next_check <= now() ORDER BY next_check LIMIT 20 FOR UPDATE SKIP LOCKED",
         )
         .fetch_all(&mut *tx)
         .await?;
         let mut wrote_events = false;
-        for (handoff_id, account_id, message_id, remaining, deadline, window) in due {
+        for (handoff_id, account_id, message_id, remaining, deadline, window, confirm_by) in due {
             let message = self
                 .peers
                 .channel_gateway()
@@ -133,6 +136,17 @@ impl Service {
             let stage = message.as_ref().map_or(FunnelStage::Unspecified, |m| {
                 FunnelStage::try_from(m.stage).unwrap_or_default()
             });
+            let unconfirmed = message.as_ref().is_some_and(|m| m.unconfirmed);
+            // The provider has reported on a send it never answered: it has the message, and
+            // the attempt is an ordinary one from now on.
+            if confirm_by.is_some()
+                && !unconfirmed
+                && let Some(m) = message
+                    .as_ref()
+                    .filter(|m| m.stage != FunnelStage::Failed as i32)
+            {
+                confirm(&mut tx, &handoff_id, &message_id, &m.provider_message_id).await?;
+            }
             let reason = match stage {
                 FunnelStage::Delivered | FunnelStage::Read => {
                     sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
@@ -151,6 +165,9 @@ impl Service {
                 }
                 _ if deadline.is_some_and(|d| d <= Utc::now()) => {
                     "not-delivered-by-deadline".to_owned()
+                }
+                _ if unconfirmed && confirm_by.is_some_and(|c| c <= Utc::now()) => {
+                    "unconfirmed".to_owned()
                 }
                 _ => {
                     sqlx::query("UPDATE fallbacks SET next_check = now() + interval '200 milliseconds' WHERE handoff_id = $1")
@@ -271,14 +288,20 @@ impl Service {
         // A push reports neither delivery nor failure: nothing left to watch once one is sent.
         let watchable = matches!(&sent, Some((channel, _)) if *channel != Channel::AppMessaging);
         if watchable && !rest.is_empty() {
+            let confirm_by = handoff
+                .attempts
+                .last()
+                .and_then(|last| self.confirm_by(last, Utc::now()));
             sqlx::query(
                 "UPDATE fallbacks SET message_id = $2, remaining = $3, \
-                 deadline = now() + make_interval(secs => $4), next_check = now() WHERE handoff_id = $1",
+                 deadline = now() + make_interval(secs => $4), confirm_by = $5, next_check = now() \
+                 WHERE handoff_id = $1",
             )
             .bind(handoff_id)
             .bind(&new_message)
             .bind(encode_steps(rest))
             .bind(window.map(f64::from))
+            .bind(confirm_by)
             .execute(&mut *tx)
             .await?;
         } else {
@@ -289,4 +312,28 @@ impl Service {
         }
         Ok(true)
     }
+}
+
+/// Marks the attempt that sent `message_id`, which its provider never answered, as sent: the
+/// provider has since reported on it (`provider_message_id`); the fallback stops waiting for that.
+async fn confirm(
+    tx: &mut sqlx::PgConnection,
+    handoff_id: &str,
+    message_id: &str,
+    provider_message_id: &str,
+) -> Result<(), sqlx::Error> {
+    if let Some(mut handoff) = store::load_for_update(tx, handoff_id).await?
+        && let Some(attempt) = handoff.attempts.iter_mut().find(|a| {
+            a.message_id == message_id && a.outcome == AttemptOutcome::Unconfirmed.as_str_name()
+        })
+    {
+        attempt.outcome = AttemptOutcome::Sent.as_str_name().to_owned();
+        attempt.provider_message_id = provider_message_id.to_owned();
+        store::update_delivery(tx, &handoff).await?;
+    }
+    sqlx::query("UPDATE fallbacks SET confirm_by = NULL WHERE handoff_id = $1")
+        .bind(handoff_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }

@@ -160,7 +160,14 @@ impl Service {
             };
             match result.map(|r| r.into_inner().message.unwrap_or_default()) {
                 Ok(message) if message.stage == FunnelStage::Sent as i32 => {
-                    attempt.outcome = AttemptOutcome::Sent.as_str_name().to_owned();
+                    // An unanswered send may have reached the consumer: the next channel waits
+                    // for the provider to tell (see `fallback`), not to risk a second message.
+                    let outcome = if message.unconfirmed {
+                        AttemptOutcome::Unconfirmed
+                    } else {
+                        AttemptOutcome::Sent
+                    };
+                    attempt.outcome = outcome.as_str_name().to_owned();
                     attempt.provider_message_id = message.provider_message_id;
                     attempts.push(attempt);
                     return (attempts, Some((*channel, text.clone())));
@@ -183,6 +190,19 @@ impl Service {
             attempts.push(attempt);
         }
         (attempts, None)
+    }
+
+    /// Until when the provider has to report on `attempt` before the next channel is tried, if
+    /// its send went unanswered.
+    pub(crate) fn confirm_by(
+        &self,
+        attempt: &Attempt,
+        now: chrono::DateTime<Utc>,
+    ) -> Option<chrono::DateTime<Utc>> {
+        (attempt.outcome == AttemptOutcome::Unconfirmed.as_str_name())
+            .then(|| chrono::Duration::from_std(self.unconfirmed_window).ok())
+            .flatten()
+            .map(|window| now + window)
     }
 
     /// The handoff an earlier request with this idempotency key made, if it has committed; an
@@ -367,6 +387,7 @@ impl Service {
                     .and_then(|d| chrono::Duration::from_std(d).ok())
                     .map(|d| now + d),
                 window_seconds: decision.delivery_deadline.map(|d| d.as_secs() as i32),
+                confirm_by: self.confirm_by(last, now),
             })
         });
         // What Routing must know to open the conversation when the consumer replies: committed

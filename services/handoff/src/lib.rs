@@ -45,6 +45,10 @@ pub struct HandoffSettings {
     /// Milliseconds a handoff holds its consumer: another handoff for the same consumer inside
     /// it sends nothing (`HANDOFF_STATUS_SKIPPED_RECENT_HANDOFF`).
     pub consumer_lease_ms: u64,
+    /// Milliseconds a send its provider never answered (a timeout) waits for the provider's first
+    /// report of it before the next channel is tried: it may have reached the consumer, and
+    /// trying the next channel at once could reach them twice.
+    pub unconfirmed_fallback_ms: u64,
 }
 
 impl Default for HandoffSettings {
@@ -52,6 +56,7 @@ impl Default for HandoffSettings {
         Self {
             replicas: 1,
             consumer_lease_ms: 10_000,
+            unconfirmed_fallback_ms: 60_000,
         }
     }
 }
@@ -76,6 +81,8 @@ pub struct Service {
     accounts: Arc<TtlCache<String, pb::Account>>,
     configs: Arc<TtlCache<(String, String), pb::HandoffConfig>>,
     templates: Arc<TtlCache<(String, String), pb::WhatsAppTemplate>>,
+    /// `unconfirmed_fallback_ms`.
+    unconfirmed_window: Duration,
 }
 
 impl std::fmt::Debug for Service {
@@ -107,6 +114,7 @@ impl Service {
             accounts: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             configs: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             templates: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
+            unconfirmed_window: Duration::from_millis(settings.unconfirmed_fallback_ms),
             db,
             redis,
             peers,

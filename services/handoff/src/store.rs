@@ -48,7 +48,10 @@ impl StoredHandoff {
         self.attempts
             .iter()
             .rev()
-            .find(|a| a.outcome == AttemptOutcome::Sent.as_str_name())
+            .find(|a| {
+                a.outcome == AttemptOutcome::Sent.as_str_name()
+                    || a.outcome == AttemptOutcome::Unconfirmed.as_str_name()
+            })
             .map(|a| a.message_id.as_str())
     }
 
@@ -212,6 +215,8 @@ pub struct Fallback {
     pub remaining: serde_json::Value,
     pub deadline: Option<DateTime<Utc>>,
     pub window_seconds: Option<i32>,
+    /// The send went unanswered: past this, with no report from the provider, the next channel.
+    pub confirm_by: Option<DateTime<Utc>>,
 }
 
 /// A handoff to write with its idempotency record, its events, its pending fallback and, when a
@@ -306,10 +311,11 @@ impl Statement for Saves {
                      AS e(event_id, payload, handoff_id) \
                  WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
              fallback AS ( \
-                 INSERT INTO fallbacks (handoff_id, account_id, message_id, remaining, deadline, window_seconds) \
-                 SELECT f.handoff_id, i.account_id, f.message_id, f.remaining, f.deadline, f.window_seconds \
-                 FROM unnest($18::text[], $19::text[], $20::jsonb[], $21::timestamptz[], $22::int[]) \
-                     AS f(handoff_id, message_id, remaining, deadline, window_seconds) \
+                 INSERT INTO fallbacks (handoff_id, account_id, message_id, remaining, deadline, window_seconds, confirm_by) \
+                 SELECT f.handoff_id, i.account_id, f.message_id, f.remaining, f.deadline, f.window_seconds, f.confirm_by \
+                 FROM unnest($18::text[], $19::text[], $20::jsonb[], $21::timestamptz[], $22::int[], \
+                     $25::timestamptz[]) \
+                     AS f(handoff_id, message_id, remaining, deadline, window_seconds, confirm_by) \
                  JOIN input i USING (handoff_id) \
                  WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
              deflection AS ( \
@@ -358,6 +364,7 @@ impl Statement for Saves {
         .bind(fallbacks.iter().map(|(_, f)| f.window_seconds).collect::<Vec<_>>())
         .bind(&deflected)
         .bind(&deflections)
+        .bind(fallbacks.iter().map(|(_, f)| f.confirm_by).collect::<Vec<_>>())
         .fetch_all(&self.0)
         .await?;
         Ok(saves
@@ -407,6 +414,7 @@ mod tests {
                 remaining: serde_json::json!([]),
                 deadline: None,
                 window_seconds: Some(60),
+                confirm_by: None,
             }),
             deflection: Some(pb::Deflection {
                 account_id: "acme".into(),

@@ -34,6 +34,16 @@ struct Inner {
     throttle_next: usize,
     requests: usize,
     counter: u64,
+    stall_next: Option<Stall>,
+}
+
+/// A send Meta never answers: the connection stays open, no response comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    /// Meta took the message (its status webhooks follow); the answer was lost.
+    AfterTaking,
+    /// The request never got as far as Meta taking it.
+    BeforeTaking,
 }
 
 /// The emulator. Dropping it stops the server.
@@ -68,8 +78,31 @@ async fn messages(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut inner = inner.lock().expect("emulator state");
-    inner.requests += 1;
+    let (response, stall) = {
+        let mut inner = inner.lock().expect("emulator state");
+        inner.requests += 1;
+        match inner.stall_next.take() {
+            Some(Stall::BeforeTaking) => (None, true),
+            stall => {
+                let response = take_message(&mut inner, phone_number_id, &headers, &body);
+                let stall = stall.is_some() && response.status().is_success();
+                (Some(response), stall)
+            }
+        }
+    };
+    if stall {
+        std::future::pending::<()>().await;
+    }
+    response.expect("a send that is not stalled is answered")
+}
+
+/// What Meta makes of a send: the message taken (its `wamid`), or the Graph error.
+fn take_message(
+    inner: &mut Inner,
+    phone_number_id: String,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
     let token = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -77,10 +110,16 @@ async fn messages(
     if token.is_none() || inner.tokens.get(&phone_number_id).map(String::as_str) != token {
         return graph_error(StatusCode::UNAUTHORIZED, 190, "Invalid OAuth access token");
     }
-    let Ok(body) = serde_json::from_slice::<serde_json::Value>(&body) else {
+    let Ok(body) = serde_json::from_slice::<serde_json::Value>(body) else {
         return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
     };
     if body["messaging_product"] != "whatsapp" || !body["to"].is_string() {
+        return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
+    }
+    // An arbitrary string of at most 512 characters, handed back on the status webhooks.
+    if let Some(data) = body.get("biz_opaque_callback_data")
+        && data.as_str().is_none_or(|d| d.chars().count() > 512)
+    {
         return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter");
     }
     match body["type"].as_str() {
@@ -182,6 +221,11 @@ impl MetaEmulator {
         self.inner.lock().expect("emulator state").throttle_next = times;
     }
 
+    /// Leaves the next send unanswered, after taking its message or before.
+    pub fn stall_next(&self, stall: Stall) {
+        self.inner.lock().expect("emulator state").stall_next = Some(stall);
+    }
+
     /// Every send request, accepted or not.
     pub fn requests(&self) -> usize {
         self.inner.lock().expect("emulator state").requests
@@ -239,6 +283,10 @@ impl MetaEmulator {
             "timestamp": "1764158400",
             "recipient_id": sent.body["to"],
         });
+        // Meta hands back whatever the send carried as biz_opaque_callback_data.
+        if let Some(data) = sent.body.get("biz_opaque_callback_data") {
+            entry["biz_opaque_callback_data"] = data.clone();
+        }
         if let Some(code) = error_code {
             entry["errors"] =
                 serde_json::json!([{ "code": code, "title": "Message undeliverable" }]);

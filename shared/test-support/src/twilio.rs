@@ -47,6 +47,7 @@ struct State_ {
     requests: usize,
     throttle_next: Option<(usize, String)>,
     hold_next: Option<Arc<tokio::sync::Notify>>,
+    stall_next: bool,
 }
 
 /// A send the emulator holds until [`Hold::release`]: a provider taking its time.
@@ -103,7 +104,26 @@ async fn create_message(
     if let Some(hold) = hold {
         hold.notified().await;
     }
-    let mut state = state.lock().expect("emulator state");
+    let (response, stall) = {
+        let mut state = state.lock().expect("emulator state");
+        let response = take_message(&mut state, account_sid, &headers, &body);
+        let stall = response.status().is_success() && std::mem::take(&mut state.stall_next);
+        (response, stall)
+    };
+    if stall {
+        // Twilio has the message; its answer never comes.
+        std::future::pending::<()>().await;
+    }
+    response
+}
+
+/// What Twilio makes of a send: the message taken (201 with its resource), or the error.
+fn take_message(
+    state: &mut State_,
+    account_sid: String,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
     // HTTP Basic: AccountSid and AuthToken.
     let authorized = headers
         .get("authorization")
@@ -130,7 +150,7 @@ async fn create_message(
             "expected a form-encoded body",
         );
     }
-    let Ok(form) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
+    let Ok(form) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body) else {
         return twilio_error(StatusCode::BAD_REQUEST, 20001, "malformed form body");
     };
     let form: HashMap<String, String> = form.into_iter().collect();
@@ -329,6 +349,11 @@ impl TwilioEmulator {
     }
 
     /// Holds the next send, unanswered, until the returned [`Hold`] is released.
+    /// Takes the next message but never answers the send: the answer lost on its way back.
+    pub fn stall_next(&self) {
+        self.state.lock().expect("emulator state").stall_next = true;
+    }
+
     pub fn hold_next(&self) -> Hold {
         let hold = Arc::new(tokio::sync::Notify::new());
         self.state.lock().expect("emulator state").hold_next = Some(hold.clone());

@@ -157,6 +157,8 @@ pub(super) async fn events(
             account_id: &account_id,
             channel: Channel::Rcs,
             provider_message_id: &event.message_id,
+            // RBM's messageId is ours; only a report of the message itself confirms it.
+            message_id: stage.map(|_| event.message_id.as_str()),
             stage,
             error_code,
             source: "GOOGLE_RBM",

@@ -148,6 +148,7 @@ pub(super) async fn events(
                     account_id: &account_id,
                     channel: Channel::Whatsapp,
                     provider_message_id: &status.id,
+                    message_id: status.biz_opaque_callback_data.as_deref(),
                     stage: meta::stage(&status.status),
                     error_code: code.as_deref(),
                     source: "META",

@@ -120,6 +120,12 @@ pub(super) async fn status(
     }
     let dedup_key = format!("twilio:status:{sid}:{status}");
     let error_code = Some(param(&params, "ErrorCode")).filter(|c| !c.is_empty());
+    // Our id, from the callback URL the send gave Twilio (signed with the rest of the URL).
+    let query: Vec<(String, String)> = uri
+        .query()
+        .and_then(|q| serde_urlencoded::from_str(q).ok())
+        .unwrap_or_default();
+    let message_id = Some(param(&query, "message_id")).filter(|id| !id.is_empty());
     let result = take_status(
         &service,
         &dedup_key,
@@ -128,6 +134,7 @@ pub(super) async fn status(
             account_id: &account_id,
             channel: Channel::Sms,
             provider_message_id: sid,
+            message_id,
             stage: twilio::stage(status),
             error_code,
             source: "TWILIO",

@@ -13,10 +13,12 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use c2m_proto::v1::Channel;
 use tonic::Code;
 
-use crate::{Service, messages};
+use crate::{
+    Service,
+    messages::{self, StatusReport},
+};
 
 pub fn router(service: Service) -> Router {
     Router::new()
@@ -72,16 +74,6 @@ pub(super) async fn mark_processed(
     Ok(())
 }
 
-/// A provider's report of how far a message got.
-pub(super) struct StatusReport<'a> {
-    pub account_id: &'a str,
-    pub channel: Channel,
-    pub provider_message_id: &'a str,
-    pub stage: Option<c2m_proto::v1::FunnelStage>,
-    pub error_code: Option<&'a str>,
-    pub source: &'a str,
-}
-
 /// Stores a verified status report in the inbox and, the first time it arrives, moves the message
 /// forward; returns how many events that wrote.
 pub(super) async fn take_status(
@@ -93,18 +85,7 @@ pub(super) async fn take_status(
     let mut tx = service.db.pool().begin().await?;
     let mut events = 0;
     if store(&mut tx, dedup_key, body).await? {
-        if let Some(stage) = report.stage {
-            events = messages::advance(
-                &mut tx,
-                report.account_id,
-                report.channel,
-                report.provider_message_id,
-                stage,
-                report.error_code,
-                report.source,
-            )
-            .await?;
-        }
+        events = messages::advance(&mut tx, &report).await?;
         mark_processed(&mut tx, dedup_key).await?;
     }
     tx.commit().await?;

@@ -1,0 +1,263 @@
+//! Sends a provider never answered (a timeout, a connection broken once the request went): the
+//! provider may have the message, so the next channel waits for the provider's report of it
+//! rather than risk a second message, and goes once none comes in time. The providers' reports
+//! find such a message by our id (Twilio's callback URL, Meta's `biz_opaque_callback_data`).
+
+use std::time::Duration;
+
+use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, FunnelStage, HandoffStatus};
+use c2m_runtime::auth::Role as AuthRole;
+use c2m_test_support::{Stall, eventually};
+
+use crate::story::{Options, Story, Topology, authed, handoff_request, onboard, token};
+use crate::whatsapp::{
+    APP_SECRET, assert_the_conversation_is_on_sms, attempts, handoff_of, request, whatsapp_first,
+};
+
+/// The gateway gives a provider 300 ms; an unanswered send waits `window_ms` for a report.
+async fn impatient_gateway(window_ms: Option<u64>) -> Story {
+    Story::start_with(
+        Topology::Dev,
+        Options {
+            provider_timeout_ms: Some(300),
+            unconfirmed_fallback_ms: window_ms,
+            ..Options::default()
+        },
+    )
+    .await
+}
+
+async fn create(story: &Story, key: &str, request: pb::CreateHandoffRequest) -> pb::Handoff {
+    story
+        .handoff()
+        .await
+        .create_handoff(authed(request, key))
+        .await
+        .expect("handoff")
+        .into_inner()
+        .handoff
+        .expect("handoff")
+}
+
+/// The handoff's fallback rows: (message id, whether it still waits for a confirmation).
+async fn fallbacks(story: &Story, handoff_id: &str) -> Vec<(String, bool)> {
+    let db = sqlx::PgPool::connect(story.db.url()).await.expect("pool");
+    sqlx::query_as(
+        "SELECT message_id, confirm_by IS NOT NULL FROM handoff.fallbacks WHERE handoff_id = $1",
+    )
+    .bind(handoff_id)
+    .fetch_all(&db)
+    .await
+    .expect("fallbacks")
+}
+
+/// The gateway's record of one of acme's messages, as a viewer of acme reads it.
+async fn gateway_message(story: &Story, message_id: &str) -> pb::OutboundMessage {
+    story
+        .gateway()
+        .await
+        .get_message(authed(
+            pb::GetMessageRequest {
+                account_id: "acme".into(),
+                message_id: message_id.into(),
+            },
+            &token(AuthRole::Viewer, Some("acme")),
+        ))
+        .await
+        .expect("message")
+        .into_inner()
+        .message
+        .expect("message")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whatsapp_message_meta_took_without_answering_is_not_followed_by_an_sms() {
+    // The default window: a minute for Meta to report on the message.
+    let story = impatient_gateway(None).await;
+    let key = whatsapp_first(&story).await;
+    let webhook = format!("{}/webhooks/meta/acme", story.webhooks);
+
+    // Meta takes the message; its answer is lost.
+    story.meta.stall_next(Stall::AfterTaking);
+    let handoff = create(&story, &key, request("+14155550601", "lost-answer-1")).await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(handoff.channel, Channel::Whatsapp as i32);
+    assert_eq!(
+        attempts(&handoff),
+        [(
+            Channel::Whatsapp as i32,
+            AttemptOutcome::Unconfirmed as i32,
+            String::new()
+        )]
+    );
+    assert!(story.twilio.sent().is_empty(), "no SMS went at once");
+    assert_eq!(
+        fallbacks(&story, &handoff.handoff_id).await,
+        [(format!("{}-1", handoff.handoff_id), true)]
+    );
+
+    // Meta's first status webhook carries our id back: the message is confirmed, the attempt
+    // learns its wamid, and the fallback waits for delivery as after any send.
+    let sent = story.meta.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].body["biz_opaque_callback_data"],
+        format!("{}-1", handoff.handoff_id)
+    );
+    let (status, _) = story
+        .meta
+        .send_status(&webhook, APP_SECRET, &sent[0], "sent", None)
+        .await;
+    assert_eq!(status, 200);
+    eventually("the send confirmed", Duration::from_secs(10), || async {
+        handoff_of(&story, &key, &handoff.handoff_id).await.attempts[0].outcome
+            == AttemptOutcome::Sent as i32
+    })
+    .await;
+    let confirmed = handoff_of(&story, &key, &handoff.handoff_id).await;
+    assert_eq!(confirmed.attempts[0].provider_message_id, sent[0].wamid);
+    assert_eq!(
+        fallbacks(&story, &handoff.handoff_id).await,
+        [(format!("{}-1", handoff.handoff_id), false)]
+    );
+
+    // Delivered: the watch ends, and the consumer got the one message.
+    let (status, _) = story
+        .meta
+        .send_status(&webhook, APP_SECRET, &sent[0], "delivered", None)
+        .await;
+    assert_eq!(status, 200);
+    eventually("the watch to end", Duration::from_secs(10), || async {
+        fallbacks(&story, &handoff.handoff_id).await.is_empty()
+    })
+    .await;
+    assert!(story.twilio.sent().is_empty(), "no SMS after the WhatsApp");
+    assert_eq!(story.meta.requests(), 1, "one send to Meta");
+    let after = handoff_of(&story, &key, &handoff.handoff_id).await;
+    assert_eq!(after.channel, Channel::Whatsapp as i32);
+    assert_eq!(
+        after.progress.map(|p| p.stage),
+        Some(FunnelStage::Delivered as i32)
+    );
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whatsapp_send_meta_never_took_falls_back_to_sms_once_nothing_confirms_it() {
+    // A second for Meta to report on an unanswered send.
+    let story = impatient_gateway(Some(1_000)).await;
+    let key = whatsapp_first(&story).await;
+
+    story.meta.stall_next(Stall::BeforeTaking);
+    let handoff = create(&story, &key, request("+14155550602", "lost-send-1")).await;
+    assert_eq!(handoff.channel, Channel::Whatsapp as i32);
+    assert_eq!(
+        handoff.attempts[0].outcome,
+        AttemptOutcome::Unconfirmed as i32
+    );
+    assert!(story.meta.sent().is_empty(), "Meta never had it");
+
+    // No report comes: past the window the SMS goes, both attempts on the handoff.
+    eventually(
+        "the SMS once nothing confirmed the WhatsApp send",
+        Duration::from_secs(10),
+        || async {
+            handoff_of(&story, &key, &handoff.handoff_id).await.channel == Channel::Sms as i32
+        },
+    )
+    .await;
+    assert_eq!(story.twilio.sent().len(), 1);
+    let after = handoff_of(&story, &key, &handoff.handoff_id).await;
+    assert_eq!(after.status, HandoffStatus::Sent as i32);
+    assert_eq!(
+        attempts(&after),
+        [
+            (
+                Channel::Whatsapp as i32,
+                AttemptOutcome::Undelivered as i32,
+                "unconfirmed".to_owned()
+            ),
+            (
+                Channel::Sms as i32,
+                AttemptOutcome::Sent as i32,
+                String::new()
+            ),
+        ]
+    );
+
+    // The consumer answers the SMS: the conversation opens there.
+    let (status, _) = story
+        .twilio
+        .send_inbound(
+            &format!("{}/webhooks/twilio/acme/inbound", story.webhooks),
+            crate::story::TWILIO_SID,
+            "+14155550602",
+            crate::story::BRAND_NUMBER,
+            "yes",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_the_conversation_is_on_sms(&story, "+14155550602").await;
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sms_twilio_took_without_answering_is_found_by_its_status_callback() {
+    let story = impatient_gateway(None).await;
+    let key = onboard(&story, "acme").await;
+
+    // Twilio takes the SMS; its answer, and with it the SID, is lost.
+    story.twilio.stall_next();
+    let handoff = create(
+        &story,
+        &key,
+        handoff_request("acme", "+14155550603", "lost-sid-1"),
+    )
+    .await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(
+        attempts(&handoff),
+        [(
+            Channel::Sms as i32,
+            AttemptOutcome::Unconfirmed as i32,
+            String::new()
+        )]
+    );
+    let message_id = format!("{}-1", handoff.handoff_id);
+    let before = gateway_message(&story, &message_id).await;
+    assert!(before.unconfirmed);
+    assert_eq!(before.provider_message_id, "");
+    assert_eq!(before.stage, FunnelStage::Sent as i32);
+
+    // The status callback, signed over a URL that names our message id, confirms it with its SID.
+    let sent = story.twilio.sent();
+    assert_eq!(sent.len(), 1);
+    assert!(
+        sent[0]
+            .field("StatusCallback")
+            .ends_with(&format!("/status?message_id={message_id}")),
+        "{}",
+        sent[0].field("StatusCallback")
+    );
+    let (status, _) = story.twilio.send_status(&sent[0], "delivered", None).await;
+    assert_eq!(status, 200);
+    let after = gateway_message(&story, &message_id).await;
+    assert!(!after.unconfirmed);
+    assert_eq!(after.provider_message_id, sent[0].sid);
+    assert_eq!(after.stage, FunnelStage::Delivered as i32);
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[
+                    ("FUNNEL_STAGE_ATTEMPTED", 1),
+                    ("FUNNEL_STAGE_SENT", 1),
+                    ("FUNNEL_STAGE_DELIVERED", 1),
+                ],
+            )],
+        )
+        .await;
+    story.stop().await;
+}
