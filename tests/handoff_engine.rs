@@ -626,6 +626,56 @@ async fn an_ivr_that_stops_waiting_mid_send_finds_the_handoff_on_retry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_lets_a_handoff_its_ivr_gave_up_on_finish_and_record_itself() {
+    let mut story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let mut handoff = story.handoff().await;
+
+    // The IVR gives up while Twilio holds the send...
+    let hold = story.twilio.hold_next();
+    let mut impatient = authed(handoff_request("acme", "+14155550232", "slow-2"), &key);
+    impatient.set_timeout(Duration::from_millis(300));
+    handoff
+        .create_handoff(impatient)
+        .await
+        .expect_err("the IVR stopped waiting");
+    eventually(
+        "the send reaches Twilio",
+        Duration::from_secs(10),
+        || async { story.twilio.requests() == 1 },
+    )
+    .await;
+
+    // ...and the process is told to stop: with no request in flight, it still waits for the
+    // handoff, which would otherwise be cut off with its message sent and nothing recorded.
+    let server = story.servers.pop().expect("the dev server");
+    let mut stopping = tokio::spawn(server.stop());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut stopping)
+            .await
+            .is_err(),
+        "stopped with the handoff still running"
+    );
+    hold.release();
+    stopping.await.expect("joins").expect("drains cleanly");
+    let db = sqlx::PgPool::connect(story.db.url()).await.expect("pool");
+    let recorded: Vec<(String, String)> = sqlx::query_as(
+        "SELECT h.status, h.channel FROM handoff.handoffs h \
+         JOIN handoff.idempotency_keys k USING (handoff_id) WHERE k.idempotency_key = 'slow-2'",
+    )
+    .fetch_all(&db)
+    .await
+    .expect("handoffs");
+    assert_eq!(
+        recorded,
+        [("HANDOFF_STATUS_SENT".to_owned(), "CHANNEL_SMS".to_owned())]
+    );
+    assert_eq!(story.twilio.sent().len(), 1);
+    db.close().await;
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_postgresql_refused_to_save_is_saved_once_it_can() {
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;

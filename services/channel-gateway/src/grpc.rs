@@ -215,7 +215,8 @@ impl ChannelGatewayService for Service {
             // two messages. The record follows once PostgreSQL takes it.
             Err(error) if outbound.stage == FunnelStage::Sent => {
                 tracing::warn!(%error, message_id = %outbound.message_id, "message sent but not recorded; recording it when PostgreSQL takes it");
-                tokio::spawn(record_later(self.records.clone(), outbound.clone()));
+                self.detached
+                    .spawn(record_later(self.records.clone(), outbound.clone()));
                 Arc::unwrap_or_clone(outbound)
             }
             Err(error) => return Err(db_status(error)),

@@ -27,7 +27,7 @@ use std::{sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use c2m_proto::v1::channel_gateway_service_server::ChannelGatewayServiceServer;
-use c2m_runtime::{Component, auth::TokenKey, cache::TtlCache, peers::Peers};
+use c2m_runtime::{Component, TaskTracker, auth::TokenKey, cache::TtlCache, peers::Peers};
 use c2m_storage::{ServiceDb, batch::Batcher, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
@@ -130,6 +130,9 @@ pub struct Service {
     /// Opened credentials per account and provider, briefly. Replaced here at once; other
     /// replicas see a change within the TTL.
     credentials: Arc<TtlCache<(String, i32), Vec<u8>>>,
+    /// Records of sent messages PostgreSQL refused, offered again in the background; a shutdown
+    /// waits for them within its grace period.
+    detached: TaskTracker,
 }
 
 impl std::fmt::Debug for Service {
@@ -180,6 +183,7 @@ impl Service {
         let lookups = Batcher::new(messages::Lookups(db.batch_pool().clone()));
         let records = Batcher::new(messages::Records(db.batch_pool().clone()));
         Ok(Self {
+            detached: TaskTracker::new(),
             db,
             peers,
             key,
@@ -204,6 +208,7 @@ impl Service {
         let router = webhooks::router(self.clone());
         Component::new(ChannelGatewayServiceServer::new(self.clone()))
             .with_probe(self.db.probe())
+            .with_detached(self.detached.clone())
             .with_task(move |shutdown| relay.run(shutdown))
             .with_task(move |shutdown| async move {
                 let addr = webhooks.local_addr().ok();

@@ -562,7 +562,8 @@ impl HandoffService for Service {
             // handoff, which a later retry would send again. The retry finds it instead.
             let service = self.clone();
             let handoff = async move { service.create(deflection, key).await };
-            tokio::spawn(handoff.instrument(tracing::Span::current()))
+            self.detached
+                .spawn(handoff.instrument(tracing::Span::current()))
                 .await
                 .map_err(|failed| Status::internal(format!("the handoff failed: {failed}")))?
         }

@@ -22,7 +22,7 @@ mod store;
 use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::{self as pb, handoff_service_server::HandoffServiceServer};
-use c2m_runtime::{Component, auth::TokenKey, cache::TtlCache, peers::Peers};
+use c2m_runtime::{Component, TaskTracker, auth::TokenKey, cache::TtlCache, peers::Peers};
 use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
@@ -83,6 +83,8 @@ pub struct Service {
     templates: Arc<TtlCache<(String, String), pb::WhatsAppTemplate>>,
     /// `unconfirmed_fallback_ms`.
     unconfirmed_window: Duration,
+    /// Handoffs running on after their IVR stopped waiting; a shutdown lets them finish.
+    detached: TaskTracker,
 }
 
 impl std::fmt::Debug for Service {
@@ -115,6 +117,7 @@ impl Service {
             configs: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             templates: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             unconfirmed_window: Duration::from_millis(settings.unconfirmed_fallback_ms),
+            detached: TaskTracker::new(),
             db,
             redis,
             peers,
@@ -132,6 +135,7 @@ impl Service {
             .with_http(rest::router(self.clone()))
             .with_probe(self.db.probe())
             .with_optional_probe(self.redis.probe())
+            .with_detached(self.detached.clone())
             .with_task(move |shutdown| relay.run(shutdown))
             .with_task(move |shutdown| deflections.run(shutdown))
             .with_task(move |shutdown| follower.follow_config(shutdown))

@@ -22,4 +22,4 @@ pub use health::{Probe, ProbeFuture};
 pub use phone::{is_e164, mask_phone};
 pub use server::{Component, ServeError};
 pub use settings::{LogFormat, ServerSettings, TelemetrySettings};
-pub use tokio_util::sync::CancellationToken;
+pub use tokio_util::{sync::CancellationToken, task::TaskTracker};

@@ -7,7 +7,7 @@ use std::{convert::Infallible, future::Future, sync::Arc};
 use futures::future::BoxFuture;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{
     body::Body,
     server::NamedService,
@@ -41,6 +41,7 @@ pub struct Component {
     add: AddRoutes,
     tasks: Vec<Task>,
     http: Vec<axum::Router>,
+    detached: Vec<TaskTracker>,
 }
 
 impl std::fmt::Debug for Component {
@@ -77,6 +78,7 @@ impl Component {
             }),
             tasks: Vec::new(),
             http: Vec::new(),
+            detached: Vec::new(),
         }
     }
 
@@ -96,6 +98,14 @@ impl Component {
     {
         self.tasks
             .push(Box::new(move |token| Box::pin(task(token))));
+        self
+    }
+
+    /// Work the service spawns on `tracker` that outlives the request that started it (a handoff
+    /// whose IVR stopped waiting, a record PostgreSQL refused): a shutdown lets it finish, as it
+    /// does in-flight requests, within the same grace period.
+    pub fn with_detached(mut self, tracker: TaskTracker) -> Self {
+        self.detached.push(tracker);
         self
     }
 
@@ -147,9 +157,11 @@ pub async fn run(
     let background = CancellationToken::new();
     let mut tasks = Vec::new();
     let mut http = Vec::new();
+    let mut detached = Vec::new();
     for component in components {
         (component.add)(&mut routes);
         http.extend(component.http);
+        detached.extend(component.detached);
         services.push(HealthEntry {
             name: component.name.to_owned(),
             probes: component.probes,
@@ -207,15 +219,37 @@ pub async fn run(
 
     tracing::info!(%addr, services = ?names, "serving");
     let grace = drain_delay + settings.grace_period();
+    let grace_over = CancellationToken::new();
+    let timer = {
+        let (shutdown, grace_over) = (shutdown.clone(), grace_over.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            grace_over.cancel();
+        })
+    };
     let result = tokio::select! {
         result = server => result.map_err(ServeError::from),
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+        _ = grace_over.cancelled() => {
             tracing::warn!(%addr, grace_secs = grace.as_secs_f64(), "grace period over, closing remaining connections");
             Ok(())
         }
     };
     // A server that failed on its own must still stop its probes and tasks.
     shutdown.cancel();
+    // Work that outlived its request ends too, within what is left of the grace period: cut off
+    // by the exit, a handoff that sent its message would go unrecorded.
+    for tracker in &detached {
+        tracker.close();
+    }
+    tokio::select! {
+        _ = async { for tracker in &detached { tracker.wait().await } } => {}
+        _ = grace_over.cancelled() => {
+            let left: usize = detached.iter().map(TaskTracker::len).sum();
+            tracing::warn!(%addr, left, "grace period over, detached work cut short");
+        }
+    }
+    timer.abort();
     background.cancel();
     let _ = probes.await;
     for task in tasks {
@@ -235,4 +269,96 @@ fn reflection(names: &[&'static str]) -> tonic_reflection::server::Builder<'stat
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
         |builder, name| builder.with_service_name(*name),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        task::{Context, Poll},
+        time::Duration,
+    };
+
+    /// A gRPC service with no methods: a server to host.
+    #[derive(Clone)]
+    struct Empty;
+
+    impl NamedService for Empty {
+        const NAME: &'static str = "c2m.test.Empty";
+    }
+
+    impl Service<http::Request<Body>> for Empty {
+        type Response = http::Response<Body>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            std::future::ready(Ok(http::Response::new(Body::empty())))
+        }
+    }
+
+    /// A server hosting `Empty` with `detached` work, and the token that shuts it down.
+    async fn serve(
+        detached: TaskTracker,
+        grace_period_secs: u64,
+    ) -> (
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), ServeError>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binds");
+        let settings = ServerSettings {
+            grace_period_secs,
+            ..ServerSettings::default()
+        };
+        let shutdown = CancellationToken::new();
+        let component = Component::new(Empty).with_detached(detached);
+        let stop = shutdown.clone();
+        let server =
+            tokio::spawn(async move { run(listener, vec![component], &settings, stop).await });
+        (shutdown, server)
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_lets_detached_work_finish() {
+        let detached = TaskTracker::new();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let finished = Arc::new(AtomicBool::new(false));
+        detached.spawn({
+            let (release, finished) = (release.clone(), finished.clone());
+            async move {
+                release.notified().await;
+                finished.store(true, Ordering::SeqCst);
+            }
+        });
+        let (shutdown, mut server) = serve(detached, 20).await;
+        shutdown.cancel();
+        // Nothing is in flight, so the server has drained at once; it still waits for the work.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), &mut server)
+                .await
+                .is_err(),
+            "stopped with detached work running"
+        );
+        release.notify_one();
+        server.await.expect("joins").expect("stops cleanly");
+        assert!(finished.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn detached_work_is_cut_short_when_the_grace_period_ends() {
+        let detached = TaskTracker::new();
+        detached.spawn(std::future::pending::<()>());
+        let (shutdown, server) = serve(detached, 1).await;
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("stops within the grace period")
+            .expect("joins")
+            .expect("stops cleanly");
+    }
 }
