@@ -297,10 +297,14 @@ async fn deflect_and_reply(topology: Topology) {
         .into_inner()
         .handoff
         .expect("handoff");
-    assert_eq!(
-        got.progress.expect("progress").stage,
-        FunnelStage::Delivered as i32
+    let progress = got.progress.expect("progress");
+    assert_eq!(progress.stage, FunnelStage::Delivered as i32);
+    let (sent_at, delivered_at) = (
+        progress.sent_at.expect("sent"),
+        progress.delivered_at.expect("delivered"),
     );
+    assert!((sent_at.seconds, sent_at.nanos) <= (delivered_at.seconds, delivered_at.nanos));
+    assert_eq!(progress.read_at, None);
     story.stop().await;
 }
 

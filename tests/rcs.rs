@@ -219,6 +219,31 @@ async fn rcs_carries_the_deflection_where_the_number_has_it_and_sms_where_not() 
             .stage
     };
     assert_eq!(stage().await, FunnelStage::Read as i32);
+    // GetHandoff shows when each stage was reported, in order.
+    let progress = story
+        .handoff()
+        .await
+        .get_handoff(authed(
+            pb::GetHandoffRequest {
+                account_id: "acme".into(),
+                handoff_id: handoff.handoff_id.clone(),
+            },
+            &key,
+        ))
+        .await
+        .expect("handoff")
+        .into_inner()
+        .handoff
+        .and_then(|h| h.progress)
+        .expect("progress");
+    assert_eq!(progress.stage, FunnelStage::Read as i32);
+    let at = |t: Option<prost_types::Timestamp>| {
+        let t = t.expect("a time");
+        (t.seconds, t.nanos)
+    };
+    assert!(at(progress.sent_at) <= at(progress.delivered_at));
+    assert!(at(progress.delivered_at) <= at(progress.read_at));
+    assert_eq!(progress.failed_at, None);
 
     // The consumer answers in RCS: the conversation opens on the deflection's skill.
     let (status, _) = story

@@ -205,6 +205,8 @@ impl ChannelGatewayService for Service {
             error_message,
             sent_at: now,
             updated_at: now,
+            delivered_at: None,
+            read_at: None,
         });
         let message = match self.records.run(outbound.clone()).await {
             Ok(recorded) => recorded.ok_or_else(|| {

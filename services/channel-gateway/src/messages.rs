@@ -33,6 +33,9 @@ pub struct Outbound {
     pub error_message: Option<String>,
     pub sent_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the provider reported the message delivered, and read.
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub read_at: Option<DateTime<Utc>>,
 }
 
 impl Outbound {
@@ -54,12 +57,18 @@ impl Outbound {
             sent_at: Some(c2m_proto::timestamp(self.sent_at)),
             updated_at: Some(c2m_proto::timestamp(self.updated_at)),
             unconfirmed: self.unconfirmed(),
+            delivered_at: self.delivered_at.map(c2m_proto::timestamp),
+            read_at: self.read_at.map(c2m_proto::timestamp),
         }
     }
 }
 
-const COLUMNS: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
+/// The columns a send's record writes.
+const RECORDED: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
     provider_message_id, stage, error_code, error_message, sent_at, updated_at";
+/// Every column, as read back: the record, and when the provider reported each stage.
+const COLUMNS: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
+    provider_message_id, stage, error_code, error_message, sent_at, updated_at, delivered_at, read_at";
 
 fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
     Ok(Outbound {
@@ -75,6 +84,8 @@ fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
         error_message: row.try_get("error_message")?,
         sent_at: row.try_get("sent_at")?,
         updated_at: row.try_get("updated_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+        read_at: row.try_get("read_at")?,
     })
 }
 
@@ -138,7 +149,7 @@ impl Statement for Records {
         let optional =
             |f: fn(&Outbound) -> Option<&str>| messages.iter().map(|m| f(m)).collect::<Vec<_>>();
         let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO outbound_messages ({COLUMNS}) \
+            "INSERT INTO outbound_messages ({RECORDED}) \
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                  $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], \
                  $12::timestamptz[]) \
@@ -251,13 +262,17 @@ pub async fn advance(
     let stage = passed.last().copied().unwrap_or(current.stage);
     sqlx::query(
         "UPDATE outbound_messages SET stage = $2, error_code = coalesce($3, error_code), \
-         provider_message_id = coalesce(provider_message_id, $4), updated_at = now() \
+         provider_message_id = coalesce(provider_message_id, $4), updated_at = now(), \
+         delivered_at = CASE WHEN $5 THEN now() ELSE delivered_at END, \
+         read_at = CASE WHEN $6 THEN now() ELSE read_at END \
          WHERE message_id = $1",
     )
     .bind(&current.message_id)
     .bind(stage.as_str_name())
     .bind(report.error_code.filter(|_| !passed.is_empty()))
     .bind(report.provider_message_id)
+    .bind(passed.contains(&FunnelStage::Delivered))
+    .bind(passed.contains(&FunnelStage::Read))
     .execute(&mut *tx)
     .await?;
     let events: Vec<pb::Event> = passed
@@ -300,6 +315,8 @@ mod tests {
             error_message: None,
             sent_at: now,
             updated_at: now,
+            delivered_at: None,
+            read_at: None,
         })
     }
 

@@ -534,13 +534,16 @@ impl Service {
             .message?;
         Some(pb::DeliveryProgress {
             sent_at: message.sent_at,
+            delivered_at: message.delivered_at,
+            read_at: message.read_at,
             stage: message.stage,
             failed_at: if message.stage == FunnelStage::Failed as i32 {
                 message.updated_at
             } else {
                 None
             },
-            ..Default::default()
+            // The reply reaches Routing, not the gateway: Reporting's ListTransactions has it.
+            responded_at: None,
         })
     }
 }
