@@ -13,5 +13,6 @@ mod rest;
 mod sandbox;
 mod story;
 mod unanswered;
+mod watch;
 mod webhook_fuzz;
 mod whatsapp;

@@ -4,6 +4,12 @@
 //!
 //! The pending fallbacks are rows in PostgreSQL, so any replica can take them over (SKIP LOCKED),
 //! and a restart loses none.
+//!
+//! A message neither delivered nor failed is looked at again after a pause that grows with the
+//! time it has been watched (a tenth of it, 200 ms to 5 s), so a report soon after the send acts
+//! within a fraction of a second, thousands of pending fallbacks cost the gateway a few lookups a
+//! second each at most, and a deadline still acts on time. With no deadline, watching stops after
+//! a day.
 
 use std::time::Duration;
 
@@ -20,7 +26,7 @@ use crate::{
     store,
 };
 
-/// How often due fallbacks are looked at.
+/// How often the table is looked at for due fallbacks.
 const POLL: Duration = Duration::from_millis(200);
 
 /// Steps as stored in `fallbacks.remaining`.
@@ -85,17 +91,30 @@ fn decode_steps(value: &serde_json::Value) -> Vec<Step> {
         .collect()
 }
 
-/// A fallback that is due: handoff, account, message, remaining steps, delivery deadline, the
-/// deadline's length in seconds, and until when an unanswered send may be confirmed.
-type Due = (
-    String,
-    String,
-    String,
-    serde_json::Value,
-    Option<DateTime<Utc>>,
-    Option<i32>,
-    Option<DateTime<Utc>>,
-);
+/// A pending fallback that is due to be looked at.
+#[derive(sqlx::FromRow)]
+struct Due {
+    handoff_id: String,
+    account_id: String,
+    /// The message on its way.
+    message_id: String,
+    /// The steps still to try (`encode_steps`).
+    remaining: serde_json::Value,
+    /// Past it an undelivered message counts as failed.
+    deadline: Option<DateTime<Utc>>,
+    /// The configuration's delivery deadline, for the next channel's message.
+    window_seconds: Option<i32>,
+    /// The send went unanswered: past this, with no report from the provider, the next channel.
+    confirm_by: Option<DateTime<Utc>>,
+    watched_since: DateTime<Utc>,
+}
+
+/// How many due fallbacks one round takes.
+const ROUND: i64 = 100;
+
+/// How long a message with no deadline, delivered or failed by neither report nor silence, is
+/// watched: a fallback a day after the call is no help to the caller.
+const WATCH_LIMIT: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
 impl Service {
     /// Looks at due fallbacks every 200 ms until `shutdown`.
@@ -116,23 +135,42 @@ impl Service {
     async fn fallback_round(&self) -> Result<(), sqlx::Error> {
         let mut tx = self.db.pool().begin().await?;
         let due: Vec<Due> = sqlx::query_as(
-            "SELECT handoff_id, account_id, message_id, remaining, deadline, window_seconds, confirm_by \
-             FROM fallbacks WHERE next_check <= now() ORDER BY next_check LIMIT 20 FOR UPDATE SKIP LOCKED",
+            "SELECT handoff_id, account_id, message_id, remaining, deadline, window_seconds, \
+                 confirm_by, watched_since \
+             FROM fallbacks WHERE next_check <= now() ORDER BY next_check LIMIT $1 \
+             FOR UPDATE SKIP LOCKED",
         )
+        .bind(ROUND)
         .fetch_all(&mut *tx)
         .await?;
+        // The messages' stages, asked of the gateway together rather than one after another.
+        let messages = futures::future::join_all(due.iter().map(|row| {
+            let mut gateway = self.peers.channel_gateway();
+            let request = pb::GetMessageRequest {
+                account_id: row.account_id.clone(),
+                message_id: row.message_id.clone(),
+            };
+            async move {
+                gateway
+                    .get_message(request)
+                    .await
+                    .ok()
+                    .and_then(|m| m.into_inner().message)
+            }
+        }))
+        .await;
         let mut wrote_events = false;
-        for (handoff_id, account_id, message_id, remaining, deadline, window, confirm_by) in due {
-            let message = self
-                .peers
-                .channel_gateway()
-                .get_message(pb::GetMessageRequest {
-                    account_id: account_id.clone(),
-                    message_id: message_id.clone(),
-                })
-                .await
-                .ok()
-                .and_then(|m| m.into_inner().message);
+        for (row, message) in due.into_iter().zip(messages) {
+            let Due {
+                handoff_id,
+                message_id,
+                remaining,
+                deadline,
+                window_seconds: window,
+                confirm_by,
+                watched_since,
+                ..
+            } = row;
             let stage = message.as_ref().map_or(FunnelStage::Unspecified, |m| {
                 FunnelStage::try_from(m.stage).unwrap_or_default()
             });
@@ -169,11 +207,35 @@ impl Service {
                 _ if unconfirmed && confirm_by.is_some_and(|c| c <= Utc::now()) => {
                     "unconfirmed".to_owned()
                 }
-                _ => {
-                    sqlx::query("UPDATE fallbacks SET next_check = now() + interval '200 milliseconds' WHERE handoff_id = $1")
+                _ if deadline.is_none()
+                    && !unconfirmed
+                    && Utc::now() - watched_since > WATCH_LIMIT =>
+                {
+                    tracing::info!(
+                        handoff_id,
+                        message_id,
+                        "no delivery report in a day, fallback no longer watched"
+                    );
+                    sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
                         .bind(&handoff_id)
                         .execute(&mut *tx)
                         .await?;
+                    continue;
+                }
+                // Undecided: looked at again after a pause that grows with the time watched
+                // (a tenth of it, from 200 ms to 5 s), never past the deadline or the
+                // confirmation's, so those still act on time.
+                _ => {
+                    sqlx::query(
+                        "UPDATE fallbacks SET next_check = least( \
+                             now() + least(greatest((now() - watched_since) / 10, \
+                                 interval '200 milliseconds'), interval '5 seconds'), \
+                             deadline, confirm_by) \
+                         WHERE handoff_id = $1",
+                    )
+                    .bind(&handoff_id)
+                    .execute(&mut *tx)
+                    .await?;
                     continue;
                 }
             };
@@ -294,8 +356,8 @@ impl Service {
                 .and_then(|last| self.confirm_by(last, Utc::now()));
             sqlx::query(
                 "UPDATE fallbacks SET message_id = $2, remaining = $3, \
-                 deadline = now() + make_interval(secs => $4), confirm_by = $5, next_check = now() \
-                 WHERE handoff_id = $1",
+                 deadline = now() + make_interval(secs => $4), confirm_by = $5, next_check = now(), \
+                 watched_since = now() WHERE handoff_id = $1",
             )
             .bind(handoff_id)
             .bind(&new_message)
