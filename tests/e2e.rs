@@ -16,3 +16,4 @@ mod unanswered;
 mod watch;
 mod webhook_fuzz;
 mod whatsapp;
+mod whatsapp_setup;

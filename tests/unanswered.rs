@@ -10,9 +10,8 @@ use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::{Stall, eventually};
 
 use crate::story::{Options, Story, Topology, authed, handoff_request, onboard, token};
-use crate::whatsapp::{
-    APP_SECRET, assert_the_conversation_is_on_sms, attempts, handoff_of, request, whatsapp_first,
-};
+use crate::whatsapp::{assert_the_conversation_is_on_sms, attempts, handoff_of};
+use crate::whatsapp_setup::{APP_SECRET, whatsapp_first, whatsapp_request as request};
 
 /// The gateway gives a provider 300 ms; an unanswered send waits `window_ms` for a report.
 async fn impatient_gateway(window_ms: Option<u64>) -> Story {

@@ -7,7 +7,8 @@ use c2m_proto::v1::Channel;
 use c2m_test_support::eventually;
 
 use crate::story::{Story, Topology, authed};
-use crate::whatsapp::{handoff_of, request, whatsapp_first};
+use crate::whatsapp::handoff_of;
+use crate::whatsapp_setup::{whatsapp_first, whatsapp_request as request};
 
 /// A WhatsApp-first handoff (SMS next, no deadline), sent: its id.
 async fn sent_on_whatsapp(story: &Story, key: &str, phone: &str) -> String {

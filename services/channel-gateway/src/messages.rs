@@ -89,22 +89,6 @@ fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
     })
 }
 
-pub async fn get(
-    pool: &PgPool,
-    account_id: &str,
-    message_id: &str,
-) -> Result<Option<Outbound>, sqlx::Error> {
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM outbound_messages WHERE account_id = $1 AND message_id = $2"
-    )))
-    .bind(account_id)
-    .bind(message_id)
-    .fetch_optional(pool)
-    .await?
-    .map(outbound)
-    .transpose()
-}
-
 /// Messages by id (the primary key, unique across accounts), looked up together. The caller
 /// checks that a message found is its account's.
 pub struct Lookups(pub PgPool);
@@ -357,10 +341,12 @@ mod tests {
                 .and_then(|m| m.provider_message_id.as_deref()),
             Some("SMm-new")
         );
-        let stored = get(db.pool(), "globex", "m-theirs")
+        let stored = Lookups(db.pool().clone())
+            .run(&["m-theirs".to_owned()])
             .await
-            .expect("reads")
-            .expect("still theirs");
+            .expect("reads");
+        let stored = stored[0].as_ref().expect("still there");
+        assert_eq!(stored.account_id, "globex", "still theirs");
         assert_eq!(stored.stage, FunnelStage::Sent);
     }
 }

@@ -23,7 +23,7 @@ use crate::{
     Service,
     decide::Step,
     grpc::{Recipient, event},
-    store,
+    store::{self, Attempt, StoredHandoff},
 };
 
 /// How often the table is looked at for due fallbacks.
@@ -116,14 +116,36 @@ const ROUND: i64 = 100;
 /// watched: a fallback a day after the call is no help to the caller.
 const WATCH_LIMIT: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
+/// What a round does with a due fallback.
+enum Verdict {
+    /// Delivered, or no longer worth watching.
+    Drop,
+    /// Undecided: looked at again later.
+    Wait,
+    /// Failed, or silent too long: the next channel, for this reason.
+    FallBack(String),
+}
+
+/// A fallback going to its next channel: the handoff, locked, with its watched attempt marked
+/// undelivered, and what to send.
+struct Going {
+    handoff: StoredHandoff,
+    steps: Vec<Step>,
+    window: Option<i32>,
+    reason: String,
+}
+
 impl Service {
-    /// Looks at due fallbacks every 200 ms until `shutdown`.
+    /// Looks at due fallbacks every 200 ms until `shutdown`, and at once again after a round
+    /// that found more than it takes.
     pub(crate) async fn run_fallbacks(self, shutdown: CancellationToken) {
         loop {
-            if self.db.is_migrated()
-                && let Err(error) = self.fallback_round().await
-            {
-                tracing::warn!(%error, "fallback round failed, will retry");
+            if self.db.is_migrated() {
+                match self.fallback_round().await {
+                    Ok(taken) if taken == ROUND as usize => continue,
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "fallback round failed, will retry"),
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -132,7 +154,10 @@ impl Service {
         }
     }
 
-    async fn fallback_round(&self) -> Result<(), sqlx::Error> {
+    /// One round: the due fallbacks' messages looked up together, the ones that must go to their
+    /// next channel sent together, and everything recorded in one transaction, which holds the
+    /// rows so that no other replica takes them meanwhile.
+    async fn fallback_round(&self) -> Result<usize, sqlx::Error> {
         let mut tx = self.db.pool().begin().await?;
         let due: Vec<Due> = sqlx::query_as(
             "SELECT handoff_id, account_id, message_id, remaining, deadline, window_seconds, \
@@ -143,7 +168,10 @@ impl Service {
         .bind(ROUND)
         .fetch_all(&mut *tx)
         .await?;
-        // The messages' stages, asked of the gateway together rather than one after another.
+        let taken = due.len();
+        if due.is_empty() {
+            return Ok(0);
+        }
         let messages = futures::future::join_all(due.iter().map(|row| {
             let mut gateway = self.peers.channel_gateway();
             let request = pb::GetMessageRequest {
@@ -159,139 +187,111 @@ impl Service {
             }
         }))
         .await;
-        let mut wrote_events = false;
+        let (mut dropped, mut waiting, mut going) = (Vec::new(), Vec::new(), Vec::new());
         for (row, message) in due.into_iter().zip(messages) {
-            let Due {
-                handoff_id,
-                message_id,
-                remaining,
-                deadline,
-                window_seconds: window,
-                confirm_by,
-                watched_since,
-                ..
-            } = row;
-            let stage = message.as_ref().map_or(FunnelStage::Unspecified, |m| {
-                FunnelStage::try_from(m.stage).unwrap_or_default()
-            });
             let unconfirmed = message.as_ref().is_some_and(|m| m.unconfirmed);
             // The provider has reported on a send it never answered: it has the message, and
             // the attempt is an ordinary one from now on.
-            if confirm_by.is_some()
+            if row.confirm_by.is_some()
                 && !unconfirmed
                 && let Some(m) = message
                     .as_ref()
                     .filter(|m| m.stage != FunnelStage::Failed as i32)
             {
-                confirm(&mut tx, &handoff_id, &message_id, &m.provider_message_id).await?;
-            }
-            let reason = match stage {
-                FunnelStage::Delivered | FunnelStage::Read => {
-                    sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
-                        .bind(&handoff_id)
-                        .execute(&mut *tx)
-                        .await?;
-                    continue;
-                }
-                FunnelStage::Failed => {
-                    let code = message.map(|m| m.error_code).unwrap_or_default();
-                    if code.is_empty() {
-                        "failed".to_owned()
-                    } else {
-                        code
-                    }
-                }
-                _ if deadline.is_some_and(|d| d <= Utc::now()) => {
-                    "not-delivered-by-deadline".to_owned()
-                }
-                _ if unconfirmed && confirm_by.is_some_and(|c| c <= Utc::now()) => {
-                    "unconfirmed".to_owned()
-                }
-                _ if deadline.is_none()
-                    && !unconfirmed
-                    && Utc::now() - watched_since > WATCH_LIMIT =>
-                {
-                    tracing::info!(
-                        handoff_id,
-                        message_id,
-                        "no delivery report in a day, fallback no longer watched"
-                    );
-                    sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
-                        .bind(&handoff_id)
-                        .execute(&mut *tx)
-                        .await?;
-                    continue;
-                }
-                // Undecided: looked at again after a pause that grows with the time watched
-                // (a tenth of it, from 200 ms to 5 s), never past the deadline or the
-                // confirmation's, so those still act on time.
-                _ => {
-                    sqlx::query(
-                        "UPDATE fallbacks SET next_check = least( \
-                             now() + least(greatest((now() - watched_since) / 10, \
-                                 interval '200 milliseconds'), interval '5 seconds'), \
-                             deadline, confirm_by) \
-                         WHERE handoff_id = $1",
-                    )
-                    .bind(&handoff_id)
-                    .execute(&mut *tx)
-                    .await?;
-                    continue;
-                }
-            };
-            wrote_events |= self
-                .fall_back(
+                confirm(
                     &mut tx,
-                    &handoff_id,
-                    &message_id,
-                    &reason,
-                    &decode_steps(&remaining),
-                    window,
+                    &row.handoff_id,
+                    &row.message_id,
+                    &m.provider_message_id,
                 )
                 .await?;
+            }
+            match verdict(&row, message) {
+                Verdict::Drop => dropped.push(row.handoff_id),
+                Verdict::Wait => waiting.push(row.handoff_id),
+                Verdict::FallBack(reason) => {
+                    let Some(mut handoff) =
+                        store::load_for_update(&mut tx, &row.handoff_id).await?
+                    else {
+                        sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
+                            .bind(&row.handoff_id)
+                            .execute(&mut *tx)
+                            .await?;
+                        continue;
+                    };
+                    if let Some(attempt) = handoff
+                        .attempts
+                        .iter_mut()
+                        .find(|a| a.message_id == row.message_id)
+                    {
+                        attempt.outcome = AttemptOutcome::Undelivered.as_str_name().to_owned();
+                        attempt.error_code = reason.clone();
+                    }
+                    going.push(Going {
+                        handoff,
+                        steps: decode_steps(&row.remaining),
+                        window: row.window_seconds,
+                        reason,
+                    });
+                }
+            }
+        }
+        sqlx::query("DELETE FROM fallbacks WHERE handoff_id = ANY($1)")
+            .bind(&dropped)
+            .execute(&mut *tx)
+            .await?;
+        // Looked at again after a pause that grows with the time watched (a tenth of it, from
+        // 200 ms to 5 s), never past the deadline or the confirmation's, so those still act on
+        // time.
+        sqlx::query(
+            "UPDATE fallbacks SET next_check = least( \
+                 now() + least(greatest((now() - watched_since) / 10, \
+                     interval '200 milliseconds'), interval '5 seconds'), \
+                 deadline, confirm_by) \
+             WHERE handoff_id = ANY($1)",
+        )
+        .bind(&waiting)
+        .execute(&mut *tx)
+        .await?;
+        // The next channels' messages go together, as so many handoffs' would.
+        let sends = futures::future::join_all(going.iter().map(|g| {
+            let h = &g.handoff;
+            let to = Recipient {
+                account_id: &h.account_id,
+                handoff_id: &h.handoff_id,
+                phone: &h.consumer_phone,
+                handoff_config_id: &h.handoff_config_id,
+                skill_id: &h.skill_id,
+            };
+            async move { self.send(&to, &g.steps, h.attempts.len(), false).await }
+        }))
+        .await;
+        let wrote_events = !going.is_empty();
+        for (g, sent) in going.into_iter().zip(sends) {
+            self.record_fallback(&mut tx, g, sent).await?;
         }
         tx.commit().await?;
         if wrote_events {
             self.relay.wake();
             self.deflections.wake();
         }
-        Ok(())
+        Ok(taken)
     }
 
-    /// Marks the watched message undelivered and sends along `steps`; keeps watching the new
-    /// message when channels remain after it.
-    async fn fall_back(
+    /// Records what a fallback's send came to; keeps watching the new message when channels
+    /// remain after it.
+    async fn record_fallback(
         &self,
         tx: &mut sqlx::PgConnection,
-        handoff_id: &str,
-        message_id: &str,
-        reason: &str,
-        steps: &[Step],
-        window: Option<i32>,
-    ) -> Result<bool, sqlx::Error> {
-        let Some(mut handoff) = store::load_for_update(tx, handoff_id).await? else {
-            sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
-                .bind(handoff_id)
-                .execute(&mut *tx)
-                .await?;
-            return Ok(false);
-        };
-        if let Some(attempt) = handoff
-            .attempts
-            .iter_mut()
-            .find(|a| a.message_id == message_id)
-        {
-            attempt.outcome = AttemptOutcome::Undelivered.as_str_name().to_owned();
-            attempt.error_code = reason.to_owned();
-        }
-        let to = Recipient {
-            account_id: &handoff.account_id,
-            handoff_id: &handoff.handoff_id,
-            phone: &handoff.consumer_phone,
-            handoff_config_id: &handoff.handoff_config_id,
-            skill_id: &handoff.skill_id,
-        };
-        let (attempts, sent) = self.send(&to, steps, handoff.attempts.len(), false).await;
+        going: Going,
+        (attempts, sent): (Vec<Attempt>, Option<(Channel, String)>),
+    ) -> Result<(), sqlx::Error> {
+        let Going {
+            mut handoff,
+            steps,
+            window,
+            reason,
+        } = going;
         let used = attempts.len();
         let new_message = attempts
             .last()
@@ -299,7 +299,7 @@ impl Service {
             .unwrap_or_default();
         tracing::info!(
             account_id = %handoff.account_id,
-            handoff_id,
+            handoff_id = %handoff.handoff_id,
             reason,
             channel = sent.as_ref().map_or("", |(c, _)| c.as_str_name()),
             "delivery fallback"
@@ -359,7 +359,7 @@ impl Service {
                  deadline = now() + make_interval(secs => $4), confirm_by = $5, next_check = now(), \
                  watched_since = now() WHERE handoff_id = $1",
             )
-            .bind(handoff_id)
+            .bind(&handoff.handoff_id)
             .bind(&new_message)
             .bind(encode_steps(rest))
             .bind(window.map(f64::from))
@@ -368,11 +368,42 @@ impl Service {
             .await?;
         } else {
             sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
-                .bind(handoff_id)
+                .bind(&handoff.handoff_id)
                 .execute(&mut *tx)
                 .await?;
         }
-        Ok(true)
+        Ok(())
+    }
+}
+
+/// What the gateway's record of the watched message (none: it did not answer) says to do.
+fn verdict(row: &Due, message: Option<pb::OutboundMessage>) -> Verdict {
+    let now = Utc::now();
+    let unconfirmed = message.as_ref().is_some_and(|m| m.unconfirmed);
+    let stage = message.as_ref().map_or(FunnelStage::Unspecified, |m| {
+        FunnelStage::try_from(m.stage).unwrap_or_default()
+    });
+    match stage {
+        FunnelStage::Delivered | FunnelStage::Read => Verdict::Drop,
+        FunnelStage::Failed => {
+            let code = message.map(|m| m.error_code).unwrap_or_default();
+            Verdict::FallBack(if code.is_empty() {
+                "failed".to_owned()
+            } else {
+                code
+            })
+        }
+        _ if row.deadline.is_some_and(|d| d <= now) => {
+            Verdict::FallBack("not-delivered-by-deadline".to_owned())
+        }
+        _ if unconfirmed && row.confirm_by.is_some_and(|c| c <= now) => {
+            Verdict::FallBack("unconfirmed".to_owned())
+        }
+        _ if row.deadline.is_none() && !unconfirmed && now - row.watched_since > WATCH_LIMIT => {
+            tracing::info!(handoff_id = %row.handoff_id, message_id = %row.message_id, "no delivery report in a day, fallback no longer watched");
+            Verdict::Drop
+        }
+        _ => Verdict::Wait,
     }
 }
 
