@@ -7,7 +7,7 @@ use std::time::Duration;
 use c2m_proto::v1::{self as pb, Channel, HandoffStatus};
 use c2m_test_support::eventually;
 
-use crate::story::{Options, Story, Topology, authed, handoff_request, onboard};
+use crate::story::{Options, Story, Topology, handoff_request, onboard};
 
 const PHONE: &str = "+14155550190";
 const BUSINESS_ID: &str = "3f5a1c2e-7b9d-4e6f-8a0b-1c2d3e4f5a6b";
@@ -73,20 +73,9 @@ async fn one_invite_per_pending_deflection() {
     let (status, _) = story.twilio.send_status(&sent[0], "delivered", None).await;
     assert_eq!(status, 200);
     let progress = story
-        .handoff()
+        .handoff_of("acme", &key, &first.handoff_id)
         .await
-        .get_handoff(authed(
-            pb::GetHandoffRequest {
-                account_id: "acme".into(),
-                handoff_id: first.handoff_id.clone(),
-            },
-            &key,
-        ))
-        .await
-        .expect("handoff")
-        .into_inner()
-        .handoff
-        .and_then(|h| h.progress)
+        .progress
         .expect("progress");
     assert_eq!(progress.stage, pb::FunnelStage::Delivered as i32);
 

@@ -200,41 +200,15 @@ async fn rcs_carries_the_deflection_where_the_number_has_it_and_sms_where_not() 
             .await;
         assert_eq!(status, 200, "{kind} {id}");
     }
-    let stage = || async {
-        story
-            .gateway()
-            .await
-            .get_message(authed(
-                pb::GetMessageRequest {
-                    account_id: "acme".into(),
-                    message_id: message_id.clone(),
-                },
-                &token(AuthRole::Viewer, Some("acme")),
-            ))
-            .await
-            .expect("message")
-            .into_inner()
-            .message
-            .expect("message")
-            .stage
-    };
-    assert_eq!(stage().await, FunnelStage::Read as i32);
+    assert_eq!(
+        story.message("acme", &message_id).await.stage,
+        FunnelStage::Read as i32
+    );
     // GetHandoff shows when each stage was reported, in order.
     let progress = story
-        .handoff()
+        .handoff_of("acme", &key, &handoff.handoff_id)
         .await
-        .get_handoff(authed(
-            pb::GetHandoffRequest {
-                account_id: "acme".into(),
-                handoff_id: handoff.handoff_id.clone(),
-            },
-            &key,
-        ))
-        .await
-        .expect("handoff")
-        .into_inner()
-        .handoff
-        .and_then(|h| h.progress)
+        .progress
         .expect("progress");
     assert_eq!(progress.stage, FunnelStage::Read as i32);
     let at = |t: Option<prost_types::Timestamp>| {
@@ -318,20 +292,8 @@ async fn a_message_rbm_revokes_undelivered_falls_back_to_sms() {
     ];
     let attempts = || async {
         story
-            .handoff()
+            .handoff_of("acme", &key, &handoff.handoff_id)
             .await
-            .get_handoff(authed(
-                pb::GetHandoffRequest {
-                    account_id: "acme".into(),
-                    handoff_id: handoff.handoff_id.clone(),
-                },
-                &key,
-            ))
-            .await
-            .expect("handoff")
-            .into_inner()
-            .handoff
-            .expect("handoff")
             .attempts
             .iter()
             .map(|a| (a.channel, a.outcome, a.error_code.clone()))

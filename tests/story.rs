@@ -428,6 +428,78 @@ pub async fn funnel(story: &Story, account_id: &str) -> BTreeMap<String, BTreeMa
 }
 
 impl Story {
+    /// `account_id`'s handoff as its IVR reads it (GetHandoff with the account's API key).
+    pub async fn handoff_of(
+        &self,
+        account_id: &str,
+        api_key: &str,
+        handoff_id: &str,
+    ) -> pb::Handoff {
+        self.handoff()
+            .await
+            .get_handoff(authed(
+                pb::GetHandoffRequest {
+                    account_id: account_id.to_owned(),
+                    handoff_id: handoff_id.to_owned(),
+                },
+                api_key,
+            ))
+            .await
+            .expect("get")
+            .into_inner()
+            .handoff
+            .expect("handoff")
+    }
+
+    /// The gateway's record of one of `account_id`'s messages, as a viewer of it reads it.
+    pub async fn message(&self, account_id: &str, message_id: &str) -> pb::OutboundMessage {
+        self.gateway()
+            .await
+            .get_message(authed(
+                pb::GetMessageRequest {
+                    account_id: account_id.to_owned(),
+                    message_id: message_id.to_owned(),
+                },
+                &token(AuthRole::Viewer, Some(account_id)),
+            ))
+            .await
+            .expect("message")
+            .into_inner()
+            .message
+            .expect("message")
+    }
+
+    /// A handoff's pending fallback, if it has one: the message it watches, and whether it waits
+    /// for the provider to confirm an unanswered send.
+    pub async fn fallback_of(&self, handoff_id: &str) -> Option<(String, bool)> {
+        let db = sqlx::PgPool::connect(self.db.url()).await.expect("pool");
+        let row = sqlx::query_as(
+            "SELECT message_id, confirm_by IS NOT NULL FROM handoff.fallbacks WHERE handoff_id = $1",
+        )
+        .bind(handoff_id)
+        .fetch_optional(&db)
+        .await
+        .expect("fallbacks");
+        db.close().await;
+        row
+    }
+
+    /// `consumer` texts acme's number, through Twilio's signed inbound webhook.
+    pub async fn sms_to_acme(&self, consumer: &str, text: &str) {
+        let (status, _) = self
+            .twilio
+            .send_inbound(
+                &format!("{}/webhooks/twilio/acme/inbound", self.webhooks),
+                TWILIO_SID,
+                consumer,
+                BRAND_NUMBER,
+                text,
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "the inbound webhook is taken");
+    }
+
     /// The IVR's call: a handoff the mesh answered (not refused).
     pub async fn deflect(&self, request: pb::CreateHandoffRequest, api_key: &str) -> pb::Handoff {
         self.handoff()

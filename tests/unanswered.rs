@@ -6,11 +6,10 @@
 use std::time::Duration;
 
 use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, FunnelStage, HandoffStatus};
-use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::{Stall, eventually};
 
-use crate::story::{Options, Story, Topology, authed, handoff_request, onboard, token};
-use crate::whatsapp::{assert_the_conversation_is_on_sms, attempts, handoff_of};
+use crate::story::{Options, Story, Topology, authed, handoff_request, onboard};
+use crate::whatsapp::{assert_the_conversation_is_on_sms, attempts};
 use crate::whatsapp_setup::{APP_SECRET, whatsapp_first, whatsapp_request as request};
 
 /// The gateway gives a provider 300 ms; an unanswered send waits `window_ms` for a report.
@@ -38,37 +37,6 @@ async fn create(story: &Story, key: &str, request: pb::CreateHandoffRequest) -> 
         .expect("handoff")
 }
 
-/// The handoff's fallback rows: (message id, whether it still waits for a confirmation).
-async fn fallbacks(story: &Story, handoff_id: &str) -> Vec<(String, bool)> {
-    let db = sqlx::PgPool::connect(story.db.url()).await.expect("pool");
-    sqlx::query_as(
-        "SELECT message_id, confirm_by IS NOT NULL FROM handoff.fallbacks WHERE handoff_id = $1",
-    )
-    .bind(handoff_id)
-    .fetch_all(&db)
-    .await
-    .expect("fallbacks")
-}
-
-/// The gateway's record of one of acme's messages, as a viewer of acme reads it.
-async fn gateway_message(story: &Story, message_id: &str) -> pb::OutboundMessage {
-    story
-        .gateway()
-        .await
-        .get_message(authed(
-            pb::GetMessageRequest {
-                account_id: "acme".into(),
-                message_id: message_id.into(),
-            },
-            &token(AuthRole::Viewer, Some("acme")),
-        ))
-        .await
-        .expect("message")
-        .into_inner()
-        .message
-        .expect("message")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whatsapp_message_meta_took_without_answering_is_not_followed_by_an_sms() {
     // The default window: a minute for Meta to report on the message.
@@ -91,8 +59,8 @@ async fn a_whatsapp_message_meta_took_without_answering_is_not_followed_by_an_sm
     );
     assert!(story.twilio.sent().is_empty(), "no SMS went at once");
     assert_eq!(
-        fallbacks(&story, &handoff.handoff_id).await,
-        [(format!("{}-1", handoff.handoff_id), true)]
+        story.fallback_of(&handoff.handoff_id).await,
+        Some((format!("{}-1", handoff.handoff_id), true))
     );
 
     // Meta's first status webhook carries our id back: the message is confirmed, the attempt
@@ -109,15 +77,19 @@ async fn a_whatsapp_message_meta_took_without_answering_is_not_followed_by_an_sm
         .await;
     assert_eq!(status, 200);
     eventually("the send confirmed", Duration::from_secs(10), || async {
-        handoff_of(&story, &key, &handoff.handoff_id).await.attempts[0].outcome
+        story
+            .handoff_of("acme", &key, &handoff.handoff_id)
+            .await
+            .attempts[0]
+            .outcome
             == AttemptOutcome::Sent as i32
     })
     .await;
-    let confirmed = handoff_of(&story, &key, &handoff.handoff_id).await;
+    let confirmed = story.handoff_of("acme", &key, &handoff.handoff_id).await;
     assert_eq!(confirmed.attempts[0].provider_message_id, sent[0].wamid);
     assert_eq!(
-        fallbacks(&story, &handoff.handoff_id).await,
-        [(format!("{}-1", handoff.handoff_id), false)]
+        story.fallback_of(&handoff.handoff_id).await,
+        Some((format!("{}-1", handoff.handoff_id), false))
     );
 
     // Delivered: the watch ends, and the consumer got the one message.
@@ -127,12 +99,12 @@ async fn a_whatsapp_message_meta_took_without_answering_is_not_followed_by_an_sm
         .await;
     assert_eq!(status, 200);
     eventually("the watch to end", Duration::from_secs(10), || async {
-        fallbacks(&story, &handoff.handoff_id).await.is_empty()
+        story.fallback_of(&handoff.handoff_id).await.is_none()
     })
     .await;
     assert!(story.twilio.sent().is_empty(), "no SMS after the WhatsApp");
     assert_eq!(story.meta.requests(), 1, "one send to Meta");
-    let after = handoff_of(&story, &key, &handoff.handoff_id).await;
+    let after = story.handoff_of("acme", &key, &handoff.handoff_id).await;
     assert_eq!(after.channel, Channel::Whatsapp as i32);
     assert_eq!(
         after.progress.map(|p| p.stage),
@@ -161,12 +133,16 @@ async fn a_whatsapp_send_meta_never_took_falls_back_to_sms_once_nothing_confirms
         "the SMS once nothing confirmed the WhatsApp send",
         Duration::from_secs(10),
         || async {
-            handoff_of(&story, &key, &handoff.handoff_id).await.channel == Channel::Sms as i32
+            story
+                .handoff_of("acme", &key, &handoff.handoff_id)
+                .await
+                .channel
+                == Channel::Sms as i32
         },
     )
     .await;
     assert_eq!(story.twilio.sent().len(), 1);
-    let after = handoff_of(&story, &key, &handoff.handoff_id).await;
+    let after = story.handoff_of("acme", &key, &handoff.handoff_id).await;
     assert_eq!(after.status, HandoffStatus::Sent as i32);
     assert_eq!(
         attempts(&after),
@@ -185,18 +161,7 @@ async fn a_whatsapp_send_meta_never_took_falls_back_to_sms_once_nothing_confirms
     );
 
     // The consumer answers the SMS: the conversation opens there.
-    let (status, _) = story
-        .twilio
-        .send_inbound(
-            &format!("{}/webhooks/twilio/acme/inbound", story.webhooks),
-            crate::story::TWILIO_SID,
-            "+14155550602",
-            crate::story::BRAND_NUMBER,
-            "yes",
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    story.sms_to_acme("+14155550602", "yes").await;
     assert_the_conversation_is_on_sms(&story, "+14155550602").await;
     story.stop().await;
 }
@@ -224,7 +189,7 @@ async fn an_sms_twilio_took_without_answering_is_found_by_its_status_callback() 
         )]
     );
     let message_id = format!("{}-1", handoff.handoff_id);
-    let before = gateway_message(&story, &message_id).await;
+    let before = story.message("acme", &message_id).await;
     assert!(before.unconfirmed);
     assert_eq!(before.provider_message_id, "");
     assert_eq!(before.stage, FunnelStage::Sent as i32);
@@ -241,7 +206,7 @@ async fn an_sms_twilio_took_without_answering_is_found_by_its_status_callback() 
     );
     let (status, _) = story.twilio.send_status(&sent[0], "delivered", None).await;
     assert_eq!(status, 200);
-    let after = gateway_message(&story, &message_id).await;
+    let after = story.message("acme", &message_id).await;
     assert!(!after.unconfirmed);
     assert_eq!(after.provider_message_id, sent[0].sid);
     assert_eq!(after.stage, FunnelStage::Delivered as i32);

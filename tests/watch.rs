@@ -7,7 +7,6 @@ use c2m_proto::v1::Channel;
 use c2m_test_support::eventually;
 
 use crate::story::{Story, Topology, authed};
-use crate::whatsapp::handoff_of;
 use crate::whatsapp_setup::{whatsapp_first, whatsapp_request as request};
 
 /// A WhatsApp-first handoff (SMS next, no deadline), sent: its id.
@@ -86,17 +85,12 @@ async fn a_message_with_no_deadline_is_watched_for_a_day_then_left() {
     .await
     .expect("ages the watch");
     eventually("the watch to end", Duration::from_secs(10), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM handoff.fallbacks WHERE handoff_id = $1")
-            .bind(&handoff_id)
-            .fetch_one(&db)
-            .await
-            .expect("count")
-            == 0
+        story.fallback_of(&handoff_id).await.is_none()
     })
     .await;
     // Left as it was: no SMS, the WhatsApp message the handoff's channel.
     assert!(story.twilio.sent().is_empty());
-    let handoff = handoff_of(&story, &key, &handoff_id).await;
+    let handoff = story.handoff_of("acme", &key, &handoff_id).await;
     assert_eq!(handoff.channel, Channel::Whatsapp as i32);
     assert_eq!(handoff.attempts.len(), 1);
     db.close().await;

@@ -164,24 +164,6 @@ async fn a_refused_whatsapp_send_falls_back_to_sms_in_the_same_call() {
     story.stop().await;
 }
 
-pub(crate) async fn handoff_of(story: &Story, key: &str, handoff_id: &str) -> pb::Handoff {
-    story
-        .handoff()
-        .await
-        .get_handoff(authed(
-            pb::GetHandoffRequest {
-                account_id: "acme".into(),
-                handoff_id: handoff_id.into(),
-            },
-            key,
-        ))
-        .await
-        .expect("get")
-        .into_inner()
-        .handoff
-        .expect("handoff")
-}
-
 /// The consumer's conversation opened on SMS, with the SMS fallback's message on top.
 pub(crate) async fn assert_the_conversation_is_on_sms(story: &Story, consumer: &str) {
     let conversation = story.open_conversation("acme", consumer).await;
@@ -238,11 +220,15 @@ async fn a_whatsapp_message_reported_failed_falls_back_to_sms_and_the_reply_find
     assert_eq!(status, 200);
     // The handoff records it once the SMS is out.
     c2m_test_support::eventually("the SMS fallback", Duration::from_secs(10), || async {
-        handoff_of(&story, &key, &handoff.handoff_id).await.channel == Channel::Sms as i32
+        story
+            .handoff_of("acme", &key, &handoff.handoff_id)
+            .await
+            .channel
+            == Channel::Sms as i32
     })
     .await;
     assert_eq!(story.twilio.sent().len(), 1);
-    let after = handoff_of(&story, &key, &handoff.handoff_id).await;
+    let after = story.handoff_of("acme", &key, &handoff.handoff_id).await;
     assert_eq!(
         attempts(&after),
         [
@@ -260,18 +246,7 @@ async fn a_whatsapp_message_reported_failed_falls_back_to_sms_and_the_reply_find
     );
 
     // The consumer answers the SMS: the conversation is on SMS, with the SMS on top.
-    let (status, _) = story
-        .twilio
-        .send_inbound(
-            &format!("{}/webhooks/twilio/acme/inbound", story.webhooks),
-            crate::story::TWILIO_SID,
-            "+14155550403",
-            crate::story::BRAND_NUMBER,
-            "ok",
-            None,
-        )
-        .await;
-    assert_eq!(status, 200);
+    story.sms_to_acme("+14155550403", "ok").await;
     assert_the_conversation_is_on_sms(&story, "+14155550403").await;
     story.stop().await;
 }
@@ -326,7 +301,11 @@ async fn a_reply_to_the_fallback_waits_for_its_deflection_rather_than_take_the_f
         .await;
     assert_eq!(status, 200);
     eventually("the SMS fallback", Duration::from_secs(10), || async {
-        handoff_of(&story, &key, &handoff.handoff_id).await.channel == Channel::Sms as i32
+        story
+            .handoff_of("acme", &key, &handoff.handoff_id)
+            .await
+            .channel
+            == Channel::Sms as i32
     })
     .await;
     eventually(
@@ -444,12 +423,16 @@ async fn an_undelivered_whatsapp_message_falls_back_at_the_configured_deadline()
         "the SMS fallback after 1 s",
         Duration::from_secs(10),
         || async {
-            handoff_of(&story, &key, &handoff.handoff_id).await.channel == Channel::Sms as i32
+            story
+                .handoff_of("acme", &key, &handoff.handoff_id)
+                .await
+                .channel
+                == Channel::Sms as i32
         },
     )
     .await;
     assert_eq!(story.twilio.sent().len(), 1);
-    let after = handoff_of(&story, &key, &handoff.handoff_id).await;
+    let after = story.handoff_of("acme", &key, &handoff.handoff_id).await;
     assert_eq!(
         attempts(&after),
         [
@@ -495,25 +478,15 @@ async fn a_delivered_message_is_not_followed_by_another() {
         200
     );
     // Handoff stops watching once it sees the delivery...
-    let db = sqlx::PgPool::connect(story.db.url()).await.expect("pool");
     c2m_test_support::eventually(
         "the fallback to be dropped",
         Duration::from_secs(10),
-        || async {
-            sqlx::query_scalar::<_, i64>(
-                "SELECT count(*) FROM handoff.fallbacks WHERE handoff_id = $1",
-            )
-            .bind(&handoff.handoff_id)
-            .fetch_one(&db)
-            .await
-            .expect("count")
-                == 0
-        },
+        || async { story.fallback_of(&handoff.handoff_id).await.is_none() },
     )
     .await;
     // ...and no SMS followed the delivered WhatsApp message.
     assert!(story.twilio.sent().is_empty());
-    let after = handoff_of(&story, &key, &handoff.handoff_id).await;
+    let after = story.handoff_of("acme", &key, &handoff.handoff_id).await;
     assert_eq!(after.channel, Channel::Whatsapp as i32);
     assert_eq!(after.attempts.len(), 1);
     story.stop().await;
