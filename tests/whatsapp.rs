@@ -174,6 +174,22 @@ pub(crate) async fn assert_the_conversation_is_on_sms(story: &Story, consumer: &
     );
 }
 
+/// A handoff's attempts when its WhatsApp message did not arrive (`reason`) and SMS took over.
+pub(crate) fn fell_back_to_sms(reason: &str) -> Vec<(i32, i32, String)> {
+    vec![
+        (
+            Channel::Whatsapp as i32,
+            AttemptOutcome::Undelivered as i32,
+            reason.to_owned(),
+        ),
+        (
+            Channel::Sms as i32,
+            AttemptOutcome::Sent as i32,
+            String::new(),
+        ),
+    ]
+}
+
 pub(crate) fn attempts(handoff: &pb::Handoff) -> Vec<(i32, i32, String)> {
     handoff
         .attempts
@@ -229,21 +245,7 @@ async fn a_whatsapp_message_reported_failed_falls_back_to_sms_and_the_reply_find
     .await;
     assert_eq!(story.twilio.sent().len(), 1);
     let after = story.handoff_of("acme", &key, &handoff.handoff_id).await;
-    assert_eq!(
-        attempts(&after),
-        [
-            (
-                Channel::Whatsapp as i32,
-                AttemptOutcome::Undelivered as i32,
-                "131026".to_owned()
-            ),
-            (
-                Channel::Sms as i32,
-                AttemptOutcome::Sent as i32,
-                String::new()
-            ),
-        ]
-    );
+    assert_eq!(attempts(&after), fell_back_to_sms("131026"));
 
     // The consumer answers the SMS: the conversation is on SMS, with the SMS on top.
     story.sms_to_acme("+14155550403", "ok").await;
@@ -435,18 +437,7 @@ async fn an_undelivered_whatsapp_message_falls_back_at_the_configured_deadline()
     let after = story.handoff_of("acme", &key, &handoff.handoff_id).await;
     assert_eq!(
         attempts(&after),
-        [
-            (
-                Channel::Whatsapp as i32,
-                AttemptOutcome::Undelivered as i32,
-                "not-delivered-by-deadline".to_owned()
-            ),
-            (
-                Channel::Sms as i32,
-                AttemptOutcome::Sent as i32,
-                String::new()
-            ),
-        ]
+        fell_back_to_sms("not-delivered-by-deadline")
     );
     story.stop().await;
 }
