@@ -168,10 +168,10 @@ impl Service {
         .bind(ROUND)
         .fetch_all(&mut *tx)
         .await?;
-        let taken = due.len();
         if due.is_empty() {
             return Ok(0);
         }
+        let taken = due.len();
         let messages = futures::future::join_all(due.iter().map(|row| {
             let mut gateway = self.peers.channel_gateway();
             let request = pb::GetMessageRequest {
@@ -213,10 +213,7 @@ impl Service {
                     let Some(mut handoff) =
                         store::load_for_update(&mut tx, &row.handoff_id).await?
                     else {
-                        sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
-                            .bind(&row.handoff_id)
-                            .execute(&mut *tx)
-                            .await?;
+                        dropped.push(row.handoff_id);
                         continue;
                     };
                     if let Some(attempt) = handoff
@@ -236,23 +233,27 @@ impl Service {
                 }
             }
         }
-        sqlx::query("DELETE FROM fallbacks WHERE handoff_id = ANY($1)")
-            .bind(&dropped)
-            .execute(&mut *tx)
-            .await?;
+        if !dropped.is_empty() {
+            sqlx::query("DELETE FROM fallbacks WHERE handoff_id = ANY($1)")
+                .bind(&dropped)
+                .execute(&mut *tx)
+                .await?;
+        }
         // Looked at again after a pause that grows with the time watched (a tenth of it, from
         // 200 ms to 5 s), never past the deadline or the confirmation's, so those still act on
         // time.
-        sqlx::query(
-            "UPDATE fallbacks SET next_check = least( \
+        if !waiting.is_empty() {
+            sqlx::query(
+                "UPDATE fallbacks SET next_check = least( \
                  now() + least(greatest((now() - watched_since) / 10, \
                      interval '200 milliseconds'), interval '5 seconds'), \
                  deadline, confirm_by) \
              WHERE handoff_id = ANY($1)",
-        )
-        .bind(&waiting)
-        .execute(&mut *tx)
-        .await?;
+            )
+            .bind(&waiting)
+            .execute(&mut *tx)
+            .await?;
+        }
         // The next channels' messages go together, as so many handoffs' would.
         let sends = futures::future::join_all(going.iter().map(|g| {
             let h = &g.handoff;
