@@ -5,11 +5,13 @@
 
 use std::time::Duration;
 
-use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, FunnelStage, HandoffStatus};
+use c2m_proto::v1::{AttemptOutcome, Channel, FunnelStage, HandoffStatus};
 use c2m_test_support::{Stall, eventually};
 
-use crate::story::{Options, Story, Topology, authed, handoff_request, onboard};
-use crate::whatsapp::{assert_the_conversation_is_on_sms, attempts, fell_back_to_sms};
+use crate::story::{Options, Story, Topology, handoff_request, onboard};
+use crate::whatsapp::{
+    assert_the_conversation_is_on_sms, attempts, fell_back_to_sms, sms_fallback_of,
+};
 use crate::whatsapp_setup::{APP_SECRET, whatsapp_first, whatsapp_request as request};
 
 /// The gateway gives a provider 300 ms; an unanswered send waits `window_ms` for a report.
@@ -25,18 +27,6 @@ async fn impatient_gateway(window_ms: Option<u64>) -> Story {
     .await
 }
 
-async fn create(story: &Story, key: &str, request: pb::CreateHandoffRequest) -> pb::Handoff {
-    story
-        .handoff()
-        .await
-        .create_handoff(authed(request, key))
-        .await
-        .expect("handoff")
-        .into_inner()
-        .handoff
-        .expect("handoff")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whatsapp_message_meta_took_without_answering_is_not_followed_by_an_sms() {
     // The default window: a minute for Meta to report on the message.
@@ -46,7 +36,9 @@ async fn a_whatsapp_message_meta_took_without_answering_is_not_followed_by_an_sm
 
     // Meta takes the message; its answer is lost.
     story.meta.stall_next(Stall::AfterTaking);
-    let handoff = create(&story, &key, request("+14155550601", "lost-answer-1")).await;
+    let handoff = story
+        .deflect(request("+14155550601", "lost-answer-1"), &key)
+        .await;
     assert_eq!(handoff.status, HandoffStatus::Sent as i32);
     assert_eq!(handoff.channel, Channel::Whatsapp as i32);
     assert_eq!(
@@ -120,7 +112,9 @@ async fn a_whatsapp_send_meta_never_took_falls_back_to_sms_once_nothing_confirms
     let key = whatsapp_first(&story).await;
 
     story.meta.stall_next(Stall::BeforeTaking);
-    let handoff = create(&story, &key, request("+14155550602", "lost-send-1")).await;
+    let handoff = story
+        .deflect(request("+14155550602", "lost-send-1"), &key)
+        .await;
     assert_eq!(handoff.channel, Channel::Whatsapp as i32);
     assert_eq!(
         handoff.attempts[0].outcome,
@@ -129,20 +123,8 @@ async fn a_whatsapp_send_meta_never_took_falls_back_to_sms_once_nothing_confirms
     assert!(story.meta.sent().is_empty(), "Meta never had it");
 
     // No report comes: past the window the SMS goes, both attempts on the handoff.
-    eventually(
-        "the SMS once nothing confirmed the WhatsApp send",
-        Duration::from_secs(10),
-        || async {
-            story
-                .handoff_of("acme", &key, &handoff.handoff_id)
-                .await
-                .channel
-                == Channel::Sms as i32
-        },
-    )
-    .await;
+    let after = sms_fallback_of(&story, &key, &handoff.handoff_id).await;
     assert_eq!(story.twilio.sent().len(), 1);
-    let after = story.handoff_of("acme", &key, &handoff.handoff_id).await;
     assert_eq!(after.status, HandoffStatus::Sent as i32);
     assert_eq!(attempts(&after), fell_back_to_sms("unconfirmed"));
 
@@ -159,12 +141,9 @@ async fn an_sms_twilio_took_without_answering_is_found_by_its_status_callback() 
 
     // Twilio takes the SMS; its answer, and with it the SID, is lost.
     story.twilio.stall_next();
-    let handoff = create(
-        &story,
-        &key,
-        handoff_request("acme", "+14155550603", "lost-sid-1"),
-    )
-    .await;
+    let handoff = story
+        .deflect(handoff_request("acme", "+14155550603", "lost-sid-1"), &key)
+        .await;
     assert_eq!(handoff.status, HandoffStatus::Sent as i32);
     assert_eq!(
         attempts(&handoff),

@@ -6,20 +6,12 @@ use std::time::Duration;
 use c2m_proto::v1::Channel;
 use c2m_test_support::eventually;
 
-use crate::story::{Story, Topology, authed};
+use crate::story::{Story, Topology};
 use crate::whatsapp_setup::{whatsapp_first, whatsapp_request as request};
 
 /// A WhatsApp-first handoff (SMS next, no deadline), sent: its id.
 async fn sent_on_whatsapp(story: &Story, key: &str, phone: &str) -> String {
-    let handoff = story
-        .handoff()
-        .await
-        .create_handoff(authed(request(phone, phone), key))
-        .await
-        .expect("handoff")
-        .into_inner()
-        .handoff
-        .expect("handoff");
+    let handoff = story.deflect(request(phone, phone), key).await;
     assert_eq!(handoff.channel, Channel::Whatsapp as i32);
     handoff.handoff_id
 }

@@ -174,6 +174,22 @@ pub(crate) async fn assert_the_conversation_is_on_sms(story: &Story, consumer: &
     );
 }
 
+/// acme's handoff once it has gone on to SMS (waiting 10 s at most).
+pub(crate) async fn sms_fallback_of(story: &Story, key: &str, handoff_id: &str) -> pb::Handoff {
+    let found = std::sync::Mutex::new(None);
+    c2m_test_support::eventually("the SMS fallback", Duration::from_secs(10), || async {
+        let handoff = story.handoff_of("acme", key, handoff_id).await;
+        let done = handoff.channel == Channel::Sms as i32;
+        *found.lock().expect("found") = Some(handoff);
+        done
+    })
+    .await;
+    found
+        .into_inner()
+        .expect("found")
+        .expect("looked at least once")
+}
+
 /// A handoff's attempts when its WhatsApp message did not arrive (`reason`) and SMS took over.
 pub(crate) fn fell_back_to_sms(reason: &str) -> Vec<(i32, i32, String)> {
     vec![
@@ -235,16 +251,8 @@ async fn a_whatsapp_message_reported_failed_falls_back_to_sms_and_the_reply_find
         .await;
     assert_eq!(status, 200);
     // The handoff records it once the SMS is out.
-    c2m_test_support::eventually("the SMS fallback", Duration::from_secs(10), || async {
-        story
-            .handoff_of("acme", &key, &handoff.handoff_id)
-            .await
-            .channel
-            == Channel::Sms as i32
-    })
-    .await;
+    let after = sms_fallback_of(&story, &key, &handoff.handoff_id).await;
     assert_eq!(story.twilio.sent().len(), 1);
-    let after = story.handoff_of("acme", &key, &handoff.handoff_id).await;
     assert_eq!(attempts(&after), fell_back_to_sms("131026"));
 
     // The consumer answers the SMS: the conversation is on SMS, with the SMS on top.
@@ -302,14 +310,7 @@ async fn a_reply_to_the_fallback_waits_for_its_deflection_rather_than_take_the_f
         )
         .await;
     assert_eq!(status, 200);
-    eventually("the SMS fallback", Duration::from_secs(10), || async {
-        story
-            .handoff_of("acme", &key, &handoff.handoff_id)
-            .await
-            .channel
-            == Channel::Sms as i32
-    })
-    .await;
+    sms_fallback_of(&story, &key, &handoff.handoff_id).await;
     eventually(
         "the fallback's deflection to wait in Routing",
         Duration::from_secs(10),
@@ -421,20 +422,8 @@ async fn an_undelivered_whatsapp_message_falls_back_at_the_configured_deadline()
     assert_eq!(handoff.channel, Channel::Whatsapp as i32);
     // No delivery receipt comes: past the deadline the SMS goes.
     // The handoff records it once the SMS is out.
-    c2m_test_support::eventually(
-        "the SMS fallback after 1 s",
-        Duration::from_secs(10),
-        || async {
-            story
-                .handoff_of("acme", &key, &handoff.handoff_id)
-                .await
-                .channel
-                == Channel::Sms as i32
-        },
-    )
-    .await;
+    let after = sms_fallback_of(&story, &key, &handoff.handoff_id).await;
     assert_eq!(story.twilio.sent().len(), 1);
-    let after = story.handoff_of("acme", &key, &handoff.handoff_id).await;
     assert_eq!(
         attempts(&after),
         fell_back_to_sms("not-delivered-by-deadline")
