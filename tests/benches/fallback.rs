@@ -10,6 +10,9 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[allow(dead_code)]
+#[path = "cpu.rs"]
+mod cpu;
+#[allow(dead_code)]
 #[path = "../grpc.rs"]
 mod grpc;
 #[allow(dead_code)]
@@ -22,6 +25,7 @@ mod whatsapp_setup;
 use std::time::{Duration, Instant};
 
 use c2m_proto::v1::{self as pb, Channel};
+use cpu::Cpu;
 use story::{Options, Story, Topology, authed};
 use whatsapp_setup::{whatsapp_first, whatsapp_request, whatsapp_then_sms};
 
@@ -30,29 +34,6 @@ fn knob(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// CPU seconds this process and PostgreSQL's have used so far (Linux' /proc; zeros elsewhere).
-fn cpu_seconds() -> (f64, f64) {
-    let ticks = |stat: &str| -> Option<(String, f64)> {
-        let comm = stat.get(stat.find('(')? + 1..stat.rfind(')')?)?.to_owned();
-        let fields: Vec<&str> = stat.get(stat.rfind(')')? + 2..)?.split(' ').collect();
-        let t = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        Some((comm, t / 100.0))
-    };
-    let this = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| ticks(&s))
-        .map_or(0.0, |(_, t)| t);
-    let postgres = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| ticks(&std::fs::read_to_string(e.path().join("stat")).ok()?))
-        .filter(|(comm, _)| comm == "postgres")
-        .map(|(_, t)| t)
-        .sum();
-    (this, postgres)
 }
 
 fn main() {
@@ -129,7 +110,7 @@ fn main() {
 
         // Meta never reports a delivery: each fallback goes at its deadline.
         let db = sqlx::PgPool::connect(story.db.url()).await.expect("pool");
-        let (this_before, postgres_before) = cpu_seconds();
+        let before = Cpu::now();
         let waiting = Instant::now();
         let give_up = waiting + Duration::from_secs(deadline + 600);
         loop {
@@ -144,7 +125,7 @@ fn main() {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (this_after, postgres_after) = cpu_seconds();
+        let after = Cpu::now();
         let waited = waiting.elapsed();
         let mut lags: Vec<f64> = sqlx::query_scalar(
             "SELECT extract(epoch FROM (attempts->1->>'at')::timestamptz \
@@ -176,8 +157,8 @@ fn main() {
         println!(
             "  while they waited and fell back ({:.1} s): {:.2} s cpu in this process, {:.2} s in postgres",
             waited.as_secs_f64(),
-            this_after - this_before,
-            postgres_after - postgres_before
+            after.this - before.this,
+            after.postgres - before.postgres
         );
         db.close().await;
         story.stop().await;
