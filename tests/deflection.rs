@@ -115,7 +115,7 @@ async fn deflect_and_reply(topology: Topology) {
     let lease_key = format!("{}:{{acme}}:conv:{CALLER}", story.redis.prefix());
     let conversation_id: String = redis.get(&lease_key).await.expect("the lease is held");
     let conversation = story
-        .routing()
+        .conversations()
         .await
         .get_conversation(authed(
             pb::GetConversationRequest {

@@ -4,6 +4,7 @@
 mod app_messaging;
 mod apple;
 mod config_plane;
+mod conversations;
 mod deflection;
 mod grpc;
 mod handoff_engine;

@@ -118,8 +118,16 @@ pub async fn reflection_describes(channel: &Channel, symbol: &str) -> bool {
 }
 
 /// `names` plus what every server adds (health, reflection v1 and v1alpha), sorted.
+/// What the routing role hosts besides `c2m.v1.RoutingService`: the agents' API.
+pub const CONVERSATION_SERVICE: &str = "c2m.v1.ConversationService";
+
+/// The services `names` stand for, as reflection lists them beside health and reflection: the
+/// routing role's two, the others' one each.
 pub fn with_standard_services(names: &[&str]) -> Vec<String> {
     let mut all: Vec<String> = names.iter().map(|s| (*s).to_owned()).collect();
+    if names.contains(&"c2m.v1.RoutingService") {
+        all.push(CONVERSATION_SERVICE.to_owned());
+    }
     all.extend(
         [
             "grpc.health.v1.Health",

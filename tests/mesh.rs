@@ -42,6 +42,8 @@ async fn dev_serves_all_five_services_and_reflection_lists_them() {
     let channel = channel(&mesh.endpoint()).await;
 
     wait_for_status(&channel, &ALL_SERVICES, ServingStatus::Serving).await;
+    let conversations = [crate::grpc::CONVERSATION_SERVICE];
+    wait_for_status(&channel, &conversations, ServingStatus::Serving).await;
     assert_eq!(health(&channel, "").await, ServingStatus::Serving);
 
     assert_eq!(

@@ -14,8 +14,9 @@ use std::collections::BTreeMap;
 use c2m_proto::v1::{
     self as pb, FunnelGrouping, FunnelStage,
     channel_gateway_service_client::ChannelGatewayServiceClient,
-    config_service_client::ConfigServiceClient, handoff_service_client::HandoffServiceClient,
-    put_provider_credentials_request::Credentials,
+    config_service_client::ConfigServiceClient,
+    conversation_service_client::ConversationServiceClient,
+    handoff_service_client::HandoffServiceClient, put_provider_credentials_request::Credentials,
     reporting_service_client::ReportingServiceClient, routing_service_client::RoutingServiceClient,
 };
 use c2m_runtime::{
@@ -59,6 +60,8 @@ pub struct Options {
     pub provider_timeout_ms: Option<u64>,
     /// `handoff.unconfirmed_fallback_ms`.
     pub unconfirmed_fallback_ms: Option<u64>,
+    /// `routing.idle_sweep_ms`.
+    pub idle_sweep_ms: Option<u64>,
 }
 
 pub struct Story {
@@ -130,6 +133,9 @@ impl Story {
         if let Some(window) = options.unconfirmed_fallback_ms {
             config.handoff.unconfirmed_fallback_ms = window;
         }
+        if let Some(sweep) = options.idle_sweep_ms {
+            config.routing.idle_sweep_ms = sweep;
+        }
         if let Some(connections) = options.db_max_connections {
             config.database.max_connections = connections;
         }
@@ -200,6 +206,11 @@ impl Story {
         RoutingServiceClient::new(self.channel(1).await)
     }
 
+    /// The agents' and bots' API, served by the routing role.
+    pub async fn conversations(&self) -> ConversationServiceClient<Channel> {
+        ConversationServiceClient::new(self.channel(1).await)
+    }
+
     pub async fn gateway(&self) -> ChannelGatewayServiceClient<Channel> {
         ChannelGatewayServiceClient::new(self.channel(2).await)
     }
@@ -237,6 +248,17 @@ pub fn token(role: AuthRole, account_id: Option<&str>) -> String {
         "tester",
         role,
         account_id,
+        Duration::from_secs(3600),
+    )
+}
+
+/// An agent's token: `name` of `account_id`, limited to `skills` unless there are none.
+pub fn agent(account_id: &str, name: &str, skills: &[&str]) -> String {
+    let skills: Vec<String> = skills.iter().map(|s| (*s).to_owned()).collect();
+    TokenKey::new(SECRET.as_bytes()).agent_token(
+        name,
+        account_id,
+        &skills,
         Duration::from_secs(3600),
     )
 }
@@ -528,7 +550,7 @@ impl Story {
             ))
             .await
             .expect("the open-conversation lease is held");
-        self.routing()
+        self.conversations()
             .await
             .get_conversation(authed(
                 pb::GetConversationRequest {

@@ -59,10 +59,10 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
         let (schema, migrator) = role.schema();
         ServiceDb::connect_lazy(&config.database, schema, migrator)
     };
-    roles
+    let components: Vec<Vec<Component>> = roles
         .iter()
         .map(|&role| {
-            Ok(match role {
+            Ok(vec![match role {
                 Role::Handoff => {
                     let service = c2m_handoff::Service::new(
                         db(role)?,
@@ -80,9 +80,10 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
                         redis.clone(),
                         peers("routing")?,
                         key.clone(),
+                        &config.routing,
                     );
                     local.register(Peer::Routing, RoutingServiceServer::new(service.clone()));
-                    service.into_component()
+                    return Ok(service.into_components().into());
                 }
                 Role::ChannelGateway => {
                     let addr = config.listen.webhooks;
@@ -117,9 +118,10 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
                     );
                     service.into_component()
                 }
-            })
+            }])
         })
-        .collect()
+        .collect::<Result<_, AppError>>()?;
+    Ok(components.into_iter().flatten().collect())
 }
 
 /// Serves `roles` on `listener` until `shutdown` is cancelled and the server has drained. When

@@ -54,12 +54,17 @@ pub enum Command {
     Config,
     /// Print a signed token for the console or an operator (needs `auth.token_secret`).
     Token {
-        /// `operator` acts on every account; `admin`, `editor` and `viewer` on `--account`.
+        /// `operator` acts on every account; `admin`, `editor`, `viewer` and `agent` on
+        /// `--account`.
         #[arg(long, value_enum)]
         role: TokenRole,
-        /// The account an admin, editor or viewer belongs to.
+        /// The account an admin, editor, viewer or agent belongs to.
         #[arg(long, value_name = "ID")]
         account: Option<String>,
+        /// An agent's skill (repeat for several): the conversations it may see and answer.
+        /// None: every skill.
+        #[arg(long = "skill", value_name = "SKILL")]
+        skills: Vec<String>,
         /// Who the token is for, as the audit log will name them.
         #[arg(long, default_value = "cli")]
         subject: String,
@@ -75,6 +80,7 @@ pub enum TokenRole {
     Admin,
     Editor,
     Viewer,
+    Agent,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::Path};
 
 use c2m_channel_gateway::GatewaySettings;
 use c2m_handoff::HandoffSettings;
+use c2m_routing::RoutingSettings;
 use c2m_runtime::{LogFormat, ServerSettings, TelemetrySettings, peers::PeerSettings};
 use c2m_storage::{DatabaseSettings, RedisSettings, mask_password};
 use figment::{
@@ -27,6 +28,7 @@ pub struct Config {
     pub peers: PeerSettings,
     pub channel_gateway: GatewaySettings,
     pub handoff: HandoffSettings,
+    pub routing: RoutingSettings,
 }
 
 /// `[auth]`: the key that signs console, operator and service tokens.
@@ -261,6 +263,9 @@ impl Config {
         if self.handoff.unconfirmed_fallback_ms == 0 {
             return invalid("handoff.unconfirmed_fallback_ms", "must be at least 1");
         }
+        if self.routing.idle_sweep_ms == 0 {
+            return invalid("routing.idle_sweep_ms", "must be at least 1");
+        }
         if let Err(e) = c2m_runtime::telemetry::validate_filter(&self.telemetry.log_filter) {
             return invalid(
                 "telemetry.log_filter",
@@ -319,7 +324,7 @@ fn env_var_name(path: &[String]) -> String {
 }
 
 /// The top-level sections, which environment variables may set.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "listen.",
     "database.",
     "redis.",
@@ -329,4 +334,5 @@ const SECTIONS: [&str; 9] = [
     "peers.",
     "channel_gateway.",
     "handoff.",
+    "routing.",
 ];

@@ -35,11 +35,19 @@ fn main() -> ExitCode {
     if let Command::Token {
         role,
         account,
+        skills,
         subject,
         ttl_hours,
     } = &cli.command
     {
-        return print_token(&config, *role, account.as_deref(), subject, *ttl_hours);
+        return print_token(
+            &config,
+            *role,
+            account.as_deref(),
+            skills,
+            subject,
+            *ttl_hours,
+        );
     }
     if let Command::Serve { role, .. } = &cli.command {
         if config.auth.token_secret.is_empty() {
@@ -130,6 +138,7 @@ fn print_token(
     config: &Config,
     role: TokenRole,
     account: Option<&str>,
+    skills: &[String],
     subject: &str,
     ttl_hours: u64,
 ) -> ExitCode {
@@ -142,7 +151,12 @@ fn print_token(
         TokenRole::Admin => AuthRole::Admin,
         TokenRole::Editor => AuthRole::Editor,
         TokenRole::Viewer => AuthRole::Viewer,
+        TokenRole::Agent => AuthRole::Agent,
     };
+    if !skills.is_empty() && role != AuthRole::Agent {
+        eprintln!("c2m: --skill limits an agent token: drop it, or use --role agent");
+        return ExitCode::from(2);
+    }
     match (role, account) {
         (AuthRole::Operator, Some(_)) => {
             eprintln!("c2m: an operator token is for every account: drop --account");
@@ -150,16 +164,16 @@ fn print_token(
         }
         (AuthRole::Operator, None) | (_, Some(_)) => {}
         (_, None) => {
-            eprintln!("c2m: an admin, editor or viewer token needs --account");
+            eprintln!("c2m: an admin, editor, viewer or agent token needs --account");
             return ExitCode::from(2);
         }
     }
-    let token = TokenKey::new(config.auth.token_secret.as_bytes()).user_token(
-        subject,
-        role,
-        account,
-        Duration::from_secs(ttl_hours * 3600),
-    );
+    let key = TokenKey::new(config.auth.token_secret.as_bytes());
+    let ttl = Duration::from_secs(ttl_hours * 3600);
+    let token = match account {
+        Some(account) if role == AuthRole::Agent => key.agent_token(subject, account, skills, ttl),
+        _ => key.user_token(subject, role, account, ttl),
+    };
     println!("{token}");
     ExitCode::SUCCESS
 }

@@ -120,8 +120,11 @@ impl ChannelGatewayService for Service {
                 "required for CHANNEL_APPLE_MESSAGES",
             );
         }
-        if r.text.trim().is_empty() {
+        if r.text.trim().is_empty() && r.whatsapp_template.is_none() {
             violations.add("text", "required");
+        }
+        if r.conversation_id.len() > 128 {
+            violations.add("conversation_id", "at most 128 characters");
         }
         violations.into_result()?;
 
@@ -199,6 +202,7 @@ impl ChannelGatewayService for Service {
             handoff_id: r.handoff_id,
             handoff_config_id: r.handoff_config_id,
             skill_id: r.skill_id,
+            conversation_id: r.conversation_id,
             provider_message_id: provider_id,
             stage,
             error_code,

@@ -125,6 +125,8 @@ pub struct Service {
     rcs_capability: Arc<TtlCache<(String, String), bool>>,
     settings: Arc<GatewaySettings>,
     relay: Relay,
+    /// Stages of agents' and bots' messages, to Routing.
+    stages: Relay<messages::ToRouting>,
     lookups: Batcher<messages::Lookups>,
     records: Batcher<messages::Records>,
     /// Opened credentials per account and provider, briefly. Replaced here at once; other
@@ -180,6 +182,7 @@ impl Service {
         let http = http_client(timeout, false)?;
         let http2 = http_client(timeout, true)?;
         let relay = Relay::new(db.clone(), peers.clone());
+        let stages = Relay::to(messages::ToRouting, db.clone(), peers.clone());
         let lookups = Batcher::new(messages::Lookups(db.batch_pool().clone()));
         let records = Batcher::new(messages::Records(db.batch_pool().clone()));
         Ok(Self {
@@ -195,6 +198,7 @@ impl Service {
             rcs_capability: Arc::new(TtlCache::new(Duration::from_secs(600), 100_000)),
             settings: Arc::new(settings),
             relay,
+            stages,
             lookups,
             records,
             credentials: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
@@ -204,12 +208,13 @@ impl Service {
     /// The gRPC service, SERVING while its schema answers, with the webhook listener on `webhooks`
     /// and the outbox relay.
     pub fn into_component(self, webhooks: TcpListener) -> Component {
-        let relay = self.relay.clone();
+        let (relay, stages) = (self.relay.clone(), self.stages.clone());
         let router = webhooks::router(self.clone());
         Component::new(ChannelGatewayServiceServer::new(self.clone()))
             .with_probe(self.db.probe())
             .with_detached(self.detached.clone())
             .with_task(move |shutdown| relay.run(shutdown))
+            .with_task(move |shutdown| stages.run(shutdown))
             .with_task(move |shutdown| async move {
                 let addr = webhooks.local_addr().ok();
                 tracing::info!(?addr, "webhooks listening");

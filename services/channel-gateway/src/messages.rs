@@ -4,9 +4,34 @@
 use std::sync::Arc;
 
 use c2m_proto::v1::{self as pb, Channel, FunnelStage};
-use c2m_storage::{batch::Statement, outbox};
+use c2m_runtime::peers::Peers;
+use c2m_storage::{
+    batch::Statement,
+    outbox::{self, Destination, RelayError},
+};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
+
+/// `conversation_outbox`, to Routing's `RecordMessageStages`, which moves the transcript entries
+/// of agents' and bots' messages forward (a repeat changes nothing).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ToRouting;
+
+impl Destination for ToRouting {
+    const TABLE: &'static str = "conversation_outbox";
+
+    async fn deliver(&self, peers: &Peers, payloads: Vec<Vec<u8>>) -> Result<(), RelayError> {
+        let stages = payloads
+            .iter()
+            .map(|payload| <pb::MessageStage as prost::Message>::decode(payload.as_slice()))
+            .collect::<Result<Vec<_>, _>>()?;
+        peers
+            .routing()
+            .record_message_stages(pb::RecordMessageStagesRequest { stages })
+            .await?;
+        Ok(())
+    }
+}
 
 /// Where a stage sits on the way to the consumer; FAILED ends the way.
 fn rank(stage: FunnelStage) -> u8 {
@@ -27,6 +52,8 @@ pub struct Outbound {
     pub handoff_id: String,
     pub handoff_config_id: String,
     pub skill_id: String,
+    /// The conversation an agent's or bot's message answers in; empty for a deflection's.
+    pub conversation_id: String,
     pub provider_message_id: Option<String>,
     pub stage: FunnelStage,
     pub error_code: Option<String>,
@@ -65,10 +92,11 @@ impl Outbound {
 
 /// The columns a send's record writes.
 const RECORDED: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
-    provider_message_id, stage, error_code, error_message, sent_at, updated_at";
+    provider_message_id, stage, error_code, error_message, sent_at, updated_at, conversation_id";
 /// Every column, as read back: the record, and when the provider reported each stage.
 const COLUMNS: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
-    provider_message_id, stage, error_code, error_message, sent_at, updated_at, delivered_at, read_at";
+    provider_message_id, stage, error_code, error_message, sent_at, updated_at, conversation_id, \
+    delivered_at, read_at";
 
 fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
     Ok(Outbound {
@@ -78,6 +106,7 @@ fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
         handoff_id: row.try_get("handoff_id")?,
         handoff_config_id: row.try_get("handoff_config_id")?,
         skill_id: row.try_get("skill_id")?,
+        conversation_id: row.try_get("conversation_id")?,
         provider_message_id: row.try_get("provider_message_id")?,
         stage: FunnelStage::from_str_name(&row.try_get::<String, _>("stage")?).unwrap_or_default(),
         error_code: row.try_get("error_code")?,
@@ -136,7 +165,7 @@ impl Statement for Records {
             "INSERT INTO outbound_messages ({RECORDED}) \
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                  $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], \
-                 $12::timestamptz[]) \
+                 $12::timestamptz[], $13::text[]) \
              ON CONFLICT (message_id) DO NOTHING RETURNING {COLUMNS}"
         )))
         .bind(text(|m| &m.message_id))
@@ -151,6 +180,7 @@ impl Statement for Records {
         .bind(optional(|m| m.error_message.as_deref()))
         .bind(messages.iter().map(|m| m.sent_at).collect::<Vec<_>>())
         .bind(messages.iter().map(|m| m.updated_at).collect::<Vec<_>>())
+        .bind(text(|m| &m.conversation_id))
         .fetch_all(&self.0)
         .await?
         .into_iter()
@@ -259,6 +289,26 @@ pub async fn advance(
     .bind(passed.contains(&FunnelStage::Read))
     .execute(&mut *tx)
     .await?;
+    if !current.conversation_id.is_empty() {
+        // An agent's or bot's message: Routing writes its stages into the transcript.
+        let stages: Vec<Vec<u8>> = passed
+            .iter()
+            .map(|s| {
+                prost::Message::encode_to_vec(&pb::MessageStage {
+                    account_id: current.account_id.clone(),
+                    message_id: current.message_id.clone(),
+                    stage: *s as i32,
+                    error_code: report.error_code.unwrap_or_default().to_owned(),
+                    at: Some(c2m_proto::timestamp(Utc::now())),
+                })
+            })
+            .collect();
+        sqlx::query("INSERT INTO conversation_outbox (payload) SELECT * FROM unnest($1::bytea[])")
+            .bind(&stages)
+            .execute(&mut *tx)
+            .await?;
+        return Ok(stages.len());
+    }
     let events: Vec<pb::Event> = passed
         .iter()
         .map(|s| pb::Event {
@@ -293,6 +343,7 @@ mod tests {
             handoff_id: "ho_1".into(),
             handoff_config_id: "default".into(),
             skill_id: "billing".into(),
+            conversation_id: String::new(),
             provider_message_id: (stage == FunnelStage::Sent).then(|| format!("SM{message_id}")),
             stage,
             error_code: None,

@@ -7,6 +7,8 @@ use chrono::{DateTime, Utc};
 pub const DEFAULT_RATE_LIMIT: u32 = 30;
 pub const DEFAULT_LOOKBACK_HOURS: u32 = 24;
 pub const MAX_LOOKBACK_HOURS: u32 = 30 * 24;
+pub const MAX_IDLE_CLOSE_MINUTES: u32 = 7 * 24 * 60;
+pub const MAX_HELP_TEXT: usize = 320;
 pub const ALL_CHANNELS: [Channel; 5] = [
     Channel::Sms,
     Channel::Whatsapp,
@@ -40,6 +42,9 @@ pub struct Settings {
     pub rate_limit_per_second: u32,
     pub enabled_channels: Vec<Channel>,
     pub reply_lookback_hours: u32,
+    /// Minutes without a message after which a conversation is closed; 0: never.
+    pub idle_close_minutes: u32,
+    pub help_text: String,
 }
 
 impl Default for Settings {
@@ -50,6 +55,8 @@ impl Default for Settings {
             rate_limit_per_second: DEFAULT_RATE_LIMIT,
             enabled_channels: ALL_CHANNELS.to_vec(),
             reply_lookback_hours: DEFAULT_LOOKBACK_HOURS,
+            idle_close_minutes: 0,
+            help_text: String::new(),
         }
     }
 }
@@ -92,6 +99,18 @@ impl Settings {
         if wire.rate_limit_per_second > 100_000 {
             violations.add(format!("{field}.rate_limit_per_second"), "at most 100000");
         }
+        if wire.idle_close_minutes > MAX_IDLE_CLOSE_MINUTES {
+            violations.add(
+                format!("{field}.idle_close_minutes"),
+                format!("at most {MAX_IDLE_CLOSE_MINUTES} (a week)"),
+            );
+        }
+        if wire.help_text.chars().count() > MAX_HELP_TEXT {
+            violations.add(
+                format!("{field}.help_text"),
+                format!("at most {MAX_HELP_TEXT} characters"),
+            );
+        }
         Self {
             deflection_enabled: wire.deflection_enabled,
             landline_check_enabled: wire.landline_check_enabled,
@@ -101,6 +120,8 @@ impl Settings {
             },
             enabled_channels: channels,
             reply_lookback_hours: lookback,
+            idle_close_minutes: wire.idle_close_minutes,
+            help_text: wire.help_text.trim().to_owned(),
         }
     }
 
@@ -111,6 +132,8 @@ impl Settings {
             rate_limit_per_second: self.rate_limit_per_second,
             enabled_channels: self.enabled_channels.iter().map(|c| *c as i32).collect(),
             reply_lookback_hours: self.reply_lookback_hours,
+            idle_close_minutes: self.idle_close_minutes,
+            help_text: self.help_text.clone(),
         }
     }
 }

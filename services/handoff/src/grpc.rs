@@ -147,6 +147,7 @@ impl Service {
                     skill_id: to.skill_id.to_owned(),
                     whatsapp_template: step.whatsapp_template(),
                     fresh_message_id: fresh,
+                    conversation_id: String::new(),
                 })
                 .await;
             let mut attempt = Attempt {

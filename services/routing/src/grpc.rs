@@ -2,7 +2,6 @@
 
 use c2m_proto::v1::{self as pb, Channel, FunnelStage, routing_service_server::RoutingService};
 use c2m_runtime::{
-    auth::Role,
     mask_phone,
     status::{FieldViolations, invalid_field},
 };
@@ -39,7 +38,12 @@ fn required(violations: &mut FieldViolations, field: &str, value: &str) {
 const LEASE_TTL_SECS: u64 = 15 * 60;
 
 impl Service {
-    async fn set_lease(&self, account_id: &str, consumer: &str, conversation_id: Option<&str>) {
+    pub(crate) async fn set_lease(
+        &self,
+        account_id: &str,
+        consumer: &str,
+        conversation_id: Option<&str>,
+    ) {
         if self.breaker.is_open() {
             return;
         }
@@ -315,79 +319,46 @@ impl RoutingService for Service {
         }))
     }
 
-    async fn get_conversation(
+    async fn record_message_stages(
         &self,
-        request: Request<pb::GetConversationRequest>,
-    ) -> Result<Response<pb::GetConversationResponse>, Status> {
-        let caller = self.key.caller(request.metadata())?;
-        let r = request.into_inner();
-        caller.authorize(&r.account_id, Role::Viewer)?;
-        let mut conn = self.db.pool().acquire().await.map_err(db_status)?;
-        let conversation = conversations::load(&mut conn, &r.account_id, &r.conversation_id)
-            .await
-            .map_err(db_status)?
-            .ok_or_else(|| {
-                Status::not_found(format!("conversation {} not found", r.conversation_id))
-            })?;
-        Ok(Response::new(pb::GetConversationResponse {
-            conversation: Some(conversation),
-        }))
-    }
-
-    async fn close_conversation(
-        &self,
-        request: Request<pb::CloseConversationRequest>,
-    ) -> Result<Response<pb::CloseConversationResponse>, Status> {
-        let caller = self.key.caller(request.metadata())?;
-        let r = request.into_inner();
-        caller.authorize(&r.account_id, Role::Editor)?;
-        let mut tx = self.db.pool().begin().await.map_err(db_status)?;
-        let closed: Option<(String, String, String, Option<String>)> = sqlx::query_as(
-            "UPDATE conversations SET closed_at = now() \
-             WHERE account_id = $1 AND conversation_id = $2 AND closed_at IS NULL \
-             RETURNING consumer_address, channel, skill_id, handoff_id",
-        )
-        .bind(&r.account_id)
-        .bind(&r.conversation_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db_status)?;
-        if let Some((consumer, channel, skill_id, handoff_id)) = &closed {
-            let event = pb::Event {
-                conversation_id: r.conversation_id.clone(),
-                channel: Channel::from_str_name(channel).unwrap_or_default() as i32,
-                skill_id: skill_id.clone(),
-                handoff_id: handoff_id.clone().unwrap_or_default(),
-                ..outbox::event(&r.account_id, FunnelStage::ConversationClosed)
-            };
-            outbox::enqueue(&mut tx, &[event])
-                .await
-                .map_err(db_status)?;
-            let conversation = conversations::load(&mut tx, &r.account_id, &r.conversation_id)
-                .await
-                .map_err(db_status)?;
-            tx.commit().await.map_err(db_status)?;
-            self.set_lease(&r.account_id, consumer, None).await;
-            self.relay.wake();
-            return Ok(Response::new(pb::CloseConversationResponse {
-                conversation,
-            }));
+        request: Request<pb::RecordMessageStagesRequest>,
+    ) -> Result<Response<pb::RecordMessageStagesResponse>, Status> {
+        self.key.caller(request.metadata())?.require_internal()?;
+        let stages = request.into_inner().stages;
+        let mut violations = FieldViolations::new();
+        if stages.len() > MAX_DEFLECTIONS {
+            violations.add("stages", format!("at most {MAX_DEFLECTIONS} in one call"));
         }
-        drop(tx);
-        let mut conn = self.db.pool().acquire().await.map_err(db_status)?;
-        match conversations::load(&mut conn, &r.account_id, &r.conversation_id)
-            .await
-            .map_err(db_status)?
-        {
-            // Closing a closed conversation is a no-op.
-            Some(conversation) => Ok(Response::new(pb::CloseConversationResponse {
-                conversation: Some(conversation),
-            })),
-            None => Err(Status::not_found(format!(
-                "conversation {} not found",
-                r.conversation_id
-            ))),
+        for (i, s) in stages.iter().enumerate() {
+            required(
+                &mut violations,
+                &format!("stages[{i}].account_id"),
+                &s.account_id,
+            );
+            required(
+                &mut violations,
+                &format!("stages[{i}].message_id"),
+                &s.message_id,
+            );
+            if !matches!(
+                FunnelStage::try_from(s.stage),
+                Ok(FunnelStage::Sent
+                    | FunnelStage::Delivered
+                    | FunnelStage::Read
+                    | FunnelStage::Failed)
+            ) {
+                violations.add(
+                    format!("stages[{i}].stage"),
+                    "SENT, DELIVERED, READ or FAILED",
+                );
+            }
         }
+        violations.into_result()?;
+        // In the order reported: a later report of one message finds the earlier one written.
+        for stage in &stages {
+            self.record_stage(stage).await.map_err(db_status)?;
+        }
+        Ok(Response::new(pb::RecordMessageStagesResponse {}))
     }
 
     async fn record_opt_out(

@@ -3,18 +3,45 @@
 //! Owns the `routing` PostgreSQL schema: deflections, conversations, transcripts, opt-outs and its
 //! event outbox. The open-conversation fact lives here (one open conversation per account and
 //! consumer, a unique index); the Redis lease `<prefix>:{<account>}:conv:<consumer>` is the fast
-//! path in front of it.
+//! path in front of it. Serves `c2m.v1.RoutingService` to c2m's other services and
+//! `c2m.v1.ConversationService` to agents and bots, whose streams follow the conversation log.
 
 #![forbid(unsafe_code)]
 
 mod conversations;
 mod deflections;
+mod desk;
 mod grpc;
+mod idle;
+mod log;
 
-use c2m_proto::v1::routing_service_server::RoutingServiceServer;
-use c2m_runtime::{Component, auth::TokenKey, peers::Peers};
+use std::time::Duration;
+
+use c2m_proto::v1::{
+    conversation_service_server::ConversationServiceServer,
+    routing_service_server::RoutingServiceServer,
+};
+use c2m_runtime::{CancellationToken, Component, auth::TokenKey, peers::Peers};
 use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay, redis::Breaker};
+use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
+
+/// `[routing]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingSettings {
+    /// Milliseconds between two looks for conversations idle past their account's
+    /// `idle_close_minutes`.
+    pub idle_sweep_ms: u64,
+}
+
+impl Default for RoutingSettings {
+    fn default() -> Self {
+        Self {
+            idle_sweep_ms: 30_000,
+        }
+    }
+}
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "routing";
@@ -34,12 +61,27 @@ pub struct Service {
     /// After Redis fails, lease writes are skipped for a second, so a dead Redis costs a caller
     /// one timeout a second at most rather than one per request.
     breaker: Breaker,
+    /// The conversation log fanned out to this replica's watch streams.
+    feed: log::Feed,
+    /// Cancelled when the server stops taking requests: watch streams end then.
+    closing: CancellationToken,
+    idle_sweep: Duration,
 }
 
 impl Service {
-    pub fn new(db: ServiceDb, redis: RedisHandle, peers: Peers, key: TokenKey) -> Self {
+    pub fn new(
+        db: ServiceDb,
+        redis: RedisHandle,
+        peers: Peers,
+        key: TokenKey,
+        settings: &RoutingSettings,
+    ) -> Self {
         let relay = Relay::new(db.clone(), peers.clone());
+        let closing = CancellationToken::new();
         Self {
+            feed: log::Feed::new(db.pool().clone(), closing.clone()),
+            closing,
+            idle_sweep: Duration::from_millis(settings.idle_sweep_ms),
             checks: Batcher::new(deflections::Checks(db.batch_pool().clone())),
             db,
             redis,
@@ -50,13 +92,22 @@ impl Service {
         }
     }
 
-    /// The gRPC service, SERVING while its schema and Redis answer, with its outbox relay.
-    pub fn into_component(self) -> Component {
-        let relay = self.relay.clone();
-        Component::new(RoutingServiceServer::new(self.clone()))
-            .with_probe(self.db.probe())
-            .with_optional_probe(self.redis.probe())
-            .with_task(move |shutdown| relay.run(shutdown))
+    /// The gRPC services, SERVING while the schema answers (Redis is reported on its own): the
+    /// routing service with its outbox relay, and the conversation service with the feed of its
+    /// streams.
+    pub fn into_components(self) -> [Component; 2] {
+        let (relay, feed, idle) = (self.relay.clone(), self.feed.clone(), self.clone());
+        [
+            Component::new(RoutingServiceServer::new(self.clone()))
+                .with_probe(self.db.probe())
+                .with_optional_probe(self.redis.probe())
+                .with_task(move |shutdown| relay.run(shutdown))
+                .with_task(move |shutdown| idle.close_idle(shutdown)),
+            Component::new(ConversationServiceServer::new(self.clone()))
+                .with_probe(self.db.probe())
+                .with_task(move |shutdown| feed.run(shutdown))
+                .with_draining(self.closing.clone()),
+        ]
     }
 
     fn lease_key(&self, account_id: &str, consumer: &str) -> String {

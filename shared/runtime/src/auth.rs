@@ -1,9 +1,10 @@
 //! Who is calling: signed tokens (HS256 JWTs) for console users, operators and c2m's own services,
 //! and the role checks every RPC makes.
 //!
-//! Roles: `viewer` < `editor` < `admin` act within their own account; `operator` acts on every
-//! account (account managers acting for brands); `service` is c2m calling itself. IVR API keys are
-//! not tokens: Handoff resolves them through Config.
+//! Roles: `viewer` < `editor` < `admin` act within their own account; `agent` answers the
+//! account's conversations (optionally only some skills') and nothing else; `operator` acts on
+//! every account (account managers acting for brands); `service` is c2m calling itself. IVR API
+//! keys are not tokens: Handoff resolves them through Config.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,8 @@ use tonic::{Status, metadata::MetadataMap};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Answers conversations; ranks below a viewer, so it reads no configuration or report.
+    Agent,
     Viewer,
     Editor,
     Admin,
@@ -34,6 +37,31 @@ pub struct Claims {
     pub account_id: Option<String>,
     /// Expiry, Unix seconds.
     pub exp: u64,
+    /// An agent's skills: the conversations it may see and answer. Empty: every skill.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skills: Vec<String>,
+}
+
+/// What a caller may do with an account's conversations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationAccess {
+    /// Who acts, as transcripts and assignments name them (the token's subject).
+    pub actor: String,
+    /// The skills whose conversations it may see; `None`: every skill.
+    pub skills: Option<Vec<String>>,
+    /// It may answer, claim, transfer and close, not only read.
+    pub act: bool,
+    /// It may act for others (assign to someone else, release another's conversation).
+    pub supervise: bool,
+}
+
+impl ConversationAccess {
+    /// Whether a conversation of `skill_id` is within the caller's skills.
+    pub fn sees(&self, skill_id: &str) -> bool {
+        self.skills
+            .as_ref()
+            .is_none_or(|skills| skills.iter().any(|s| s == skill_id))
+    }
 }
 
 impl Claims {
@@ -57,6 +85,32 @@ impl Claims {
                 format!("this needs the {min:?} role; the caller is a {role:?}").to_lowercase(),
             )),
             _ => Ok(()),
+        }
+    }
+
+    /// What the bearer may do with `account_id`'s conversations: agents of the account act on
+    /// their skills', editors and admins on all and for others, viewers and c2m's services read,
+    /// operators do anything. Anyone else is PERMISSION_DENIED.
+    pub fn conversations(&self, account_id: &str) -> Result<ConversationAccess, Status> {
+        let access = |act, supervise, skills| ConversationAccess {
+            actor: self.sub.clone(),
+            skills,
+            act,
+            supervise,
+        };
+        match self.role {
+            Role::Operator => Ok(access(true, true, None)),
+            Role::Service => Ok(access(false, false, None)),
+            role if self.account_id.as_deref() != Some(account_id) => {
+                Err(Status::permission_denied(
+                    format!("a {role:?} of another account cannot act on account {account_id}")
+                        .to_lowercase(),
+                ))
+            }
+            Role::Agent if self.skills.is_empty() => Ok(access(true, false, None)),
+            Role::Agent => Ok(access(true, false, Some(self.skills.clone()))),
+            Role::Viewer => Ok(access(false, false, None)),
+            Role::Editor | Role::Admin => Ok(access(true, true, None)),
         }
     }
 
@@ -172,6 +226,7 @@ impl TokenKey {
             role: Role::Service,
             account_id: None,
             exp: unix(SystemTime::now()) + 300,
+            skills: Vec::new(),
         })
     }
 
@@ -188,6 +243,25 @@ impl TokenKey {
             role,
             account_id: account_id.map(str::to_owned),
             exp: unix(SystemTime::now()) + ttl.as_secs(),
+            skills: Vec::new(),
+        })
+    }
+
+    /// A token for an agent (a person or a bot) of `account_id`, limited to `skills` unless
+    /// that is empty, valid for `ttl`.
+    pub fn agent_token(
+        &self,
+        sub: &str,
+        account_id: &str,
+        skills: &[String],
+        ttl: Duration,
+    ) -> String {
+        self.sign(&Claims {
+            sub: sub.to_owned(),
+            role: Role::Agent,
+            account_id: Some(account_id.to_owned()),
+            exp: unix(SystemTime::now()) + ttl.as_secs(),
+            skills: skills.to_vec(),
         })
     }
 
@@ -230,6 +304,7 @@ mod tests {
             role,
             account_id: account.map(Into::into),
             exp: unix(SystemTime::now()) + 60,
+            skills: Vec::new(),
         }
     }
 
@@ -292,6 +367,44 @@ mod tests {
             claims(Role::Service, None)
                 .authorize("acme", Role::Editor)
                 .is_err()
+        );
+        // An agent answers conversations and reads nothing else.
+        let agent = claims(Role::Agent, Some("acme"));
+        assert!(agent.authorize("acme", Role::Viewer).is_err());
+    }
+
+    #[test]
+    fn conversation_access_follows_role_account_and_skills() {
+        let agent = Claims {
+            skills: vec!["billing".into()],
+            ..claims(Role::Agent, Some("acme"))
+        };
+        let access = agent.conversations("acme").expect("its own account");
+        assert!(access.act && !access.supervise);
+        assert!(access.sees("billing") && !access.sees("sales"));
+        assert!(agent.conversations("globex").is_err());
+        let unlimited = claims(Role::Agent, Some("acme")).conversations("acme");
+        assert!(unlimited.expect("own account").sees("sales"));
+        let viewer = claims(Role::Viewer, Some("acme")).conversations("acme");
+        assert!(!viewer.expect("reads").act);
+        let editor = claims(Role::Editor, Some("acme")).conversations("acme");
+        assert!(editor.expect("acts").supervise);
+        assert!(
+            claims(Role::Admin, Some("acme"))
+                .conversations("globex")
+                .is_err()
+        );
+        assert!(
+            claims(Role::Operator, None)
+                .conversations("globex")
+                .expect("all")
+                .act
+        );
+        assert!(
+            !claims(Role::Service, None)
+                .conversations("acme")
+                .expect("reads")
+                .act
         );
     }
 }

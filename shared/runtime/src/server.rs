@@ -42,6 +42,7 @@ pub struct Component {
     tasks: Vec<Task>,
     http: Vec<axum::Router>,
     detached: Vec<TaskTracker>,
+    draining: Vec<CancellationToken>,
 }
 
 impl std::fmt::Debug for Component {
@@ -79,7 +80,16 @@ impl Component {
             tasks: Vec::new(),
             http: Vec::new(),
             detached: Vec::new(),
+            draining: Vec::new(),
         }
+    }
+
+    /// `token` is cancelled when the server stops taking requests, after health has said
+    /// NOT_SERVING for the drain delay: long-lived streams end on it, so that their clients
+    /// reconnect elsewhere instead of being cut off at the end of the grace period.
+    pub fn with_draining(mut self, token: CancellationToken) -> Self {
+        self.draining.push(token);
+        self
     }
 
     /// Plain HTTP routes (REST, documents) served on the same port as gRPC, for clients that
@@ -158,10 +168,12 @@ pub async fn run(
     let mut tasks = Vec::new();
     let mut http = Vec::new();
     let mut detached = Vec::new();
+    let mut draining = Vec::new();
     for component in components {
         (component.add)(&mut routes);
         http.extend(component.http);
         detached.extend(component.detached);
+        draining.extend(component.draining);
         services.push(HealthEntry {
             name: component.name.to_owned(),
             probes: component.probes,
@@ -200,6 +212,9 @@ pub async fn run(
             supervisor.stop().await;
             tokio::time::sleep(drain_delay).await;
             tracing::info!(%addr, "draining in-flight requests");
+            for token in &draining {
+                token.cancel();
+            }
         }
     };
     let mut router = routes

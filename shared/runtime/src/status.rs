@@ -69,3 +69,24 @@ pub fn aborted_retry(message: impl Into<String>, retry_after: Duration) -> Statu
     details.set_retry_info(Some(retry_after));
     Status::with_error_details(Code::Aborted, message, details)
 }
+
+/// `code` with a `google.rpc.ErrorInfo`: a machine-readable `reason` (UPPER_SNAKE_CASE) in the
+/// `c2m.dev` domain and the values it concerns, for clients that act on errors without parsing
+/// messages.
+pub fn with_reason<'a>(
+    code: Code,
+    message: impl Into<String>,
+    reason: &str,
+    metadata: impl IntoIterator<Item = (&'a str, String)>,
+) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        reason,
+        "c2m.dev",
+        metadata
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect::<std::collections::HashMap<_, _>>(),
+    );
+    Status::with_error_details(code, message, details)
+}

@@ -75,7 +75,8 @@ pub(super) async fn mark_processed(
 }
 
 /// Stores a verified status report in the inbox and, the first time it arrives, moves the message
-/// forward; returns how many events that wrote.
+/// forward; returns how many events (funnel events, or a conversation message's stages for
+/// Routing) that wrote, and has them shipped.
 pub(super) async fn take_status(
     service: &Service,
     dedup_key: &str,
@@ -89,6 +90,10 @@ pub(super) async fn take_status(
         mark_processed(&mut tx, dedup_key).await?;
     }
     tx.commit().await?;
+    if events > 0 {
+        service.relay.wake();
+        service.stages.wake();
+    }
     Ok(events)
 }
 

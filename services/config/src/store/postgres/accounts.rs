@@ -10,8 +10,9 @@ pub(super) async fn create_account(
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO accounts (account_id, display_name, deflection_enabled, landline_check_enabled, \
-         rate_limit_per_second, enabled_channels, reply_lookback_hours, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+         rate_limit_per_second, enabled_channels, reply_lookback_hours, created_at, \
+         idle_close_minutes, help_text) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&a.id)
     .bind(&a.display_name)
@@ -21,6 +22,8 @@ pub(super) async fn create_account(
     .bind(names(&a.settings.enabled_channels))
     .bind(a.settings.reply_lookback_hours as i32)
     .bind(a.created_at)
+    .bind(a.settings.idle_close_minutes as i32)
+    .bind(&a.settings.help_text)
     .execute(&mut *tx)
     .await
     .map_err(conflict("account"))?;
@@ -68,7 +71,8 @@ pub(super) async fn update_settings(
     };
     let after = sqlx::query(sql(format!(
         "UPDATE accounts SET deflection_enabled = $2, landline_check_enabled = $3, \
-         rate_limit_per_second = $4, enabled_channels = $5, reply_lookback_hours = $6 \
+         rate_limit_per_second = $4, enabled_channels = $5, reply_lookback_hours = $6, \
+         idle_close_minutes = $7, help_text = $8 \
          WHERE account_id = $1 RETURNING {ACCOUNT_COLUMNS}"
     )))
     .bind(id)
@@ -77,6 +81,8 @@ pub(super) async fn update_settings(
     .bind(s.rate_limit_per_second as i32)
     .bind(names(&s.enabled_channels))
     .bind(s.reply_lookback_hours as i32)
+    .bind(s.idle_close_minutes as i32)
+    .bind(&s.help_text)
     .fetch_one(&mut *tx)
     .await
     .and_then(account_row)?;

@@ -1,0 +1,46 @@
+-- Conversations for agents and bots: who holds one, why it closed and when its last message came;
+-- who wrote each transcript entry and how far an outbound one got; and the durable event log that
+-- WatchConversations streams resume from.
+
+ALTER TABLE conversations
+    ADD COLUMN assignee        text,
+    ADD COLUMN close_reason    text,
+    ADD COLUMN last_message_at timestamptz;
+UPDATE conversations SET last_message_at = opened_at;
+ALTER TABLE conversations ALTER COLUMN last_message_at SET NOT NULL,
+    ALTER COLUMN last_message_at SET DEFAULT now();
+-- Listings: an account's conversations, newest first.
+CREATE INDEX conversations_newest ON conversations (account_id, opened_at DESC, conversation_id DESC);
+
+ALTER TABLE transcript_entries
+    -- `consumer`, `deflection`, or the agent's or bot's token subject.
+    ADD COLUMN author            text NOT NULL DEFAULT '',
+    -- Outbound entries: the gateway's message id, the caller's id for it, and its stage (NULL
+    -- while the send is under way).
+    ADD COLUMN message_id        text,
+    ADD COLUMN client_message_id text,
+    ADD COLUMN stage             text,
+    ADD COLUMN error_code        text;
+UPDATE transcript_entries SET author = CASE direction WHEN 'INBOUND' THEN 'consumer' ELSE 'deflection' END;
+CREATE UNIQUE INDEX transcript_entries_message_id
+    ON transcript_entries (message_id) WHERE message_id IS NOT NULL;
+CREATE UNIQUE INDEX transcript_entries_client_message_id
+    ON transcript_entries (conversation_id, client_message_id) WHERE client_message_id IS NOT NULL;
+
+-- Per account, the position of its latest conversation event. Taking the next position locks the
+-- account's row until the transaction ends, so an account's events commit in position order and
+-- positions have no gaps: a reader that has seen position n has seen everything before it.
+CREATE TABLE conversation_log_heads (
+    account_id text PRIMARY KEY,
+    position   bigint NOT NULL
+);
+
+CREATE TABLE conversation_events (
+    account_id      text NOT NULL,
+    position        bigint NOT NULL,
+    conversation_id text NOT NULL,
+    -- An encoded c2m.v1.ConversationEvent, without its cursor (the position makes it).
+    payload         bytea NOT NULL,
+    at              timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (account_id, position)
+);

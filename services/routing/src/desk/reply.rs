@@ -1,0 +1,397 @@
+//! An agent's or bot's message to the consumer. The transcript entry is written first (no stage:
+//! under way) with the gateway message id it will be sent under, then the gateway sends it, then
+//! its outcome is written. A crash or a lost answer in between leaves the entry under way; the
+//! client's retry with the same `client_message_id` sends under the same message id, which the
+//! gateway answers from its records: the consumer gets the message once.
+
+use c2m_proto::v1::{self as pb, Channel, FunnelStage, conversation_event::Kind};
+use c2m_runtime::{auth::ConversationAccess, ids, status::FieldViolations};
+use c2m_storage::outbox;
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row};
+use tonic::Status;
+
+use super::{DeskError, store};
+use crate::{
+    Service,
+    conversations::{self, ENTRY_COLUMNS, NewEntry},
+    log,
+};
+
+/// The longest client message id.
+const MAX_CLIENT_ID: usize = 64;
+/// The most body parameters of a WhatsApp template, and the longest one.
+const MAX_TEMPLATE_PARAMETERS: usize = 10;
+const MAX_TEMPLATE_PARAMETER: usize = 1024;
+/// WhatsApp's customer-service window after the consumer's last message.
+const WINDOW_HOURS: i64 = 24;
+
+/// The most characters a channel carries in one message.
+fn text_limit(channel: Channel) -> usize {
+    match channel {
+        Channel::Sms | Channel::AppleMessages => 1600,
+        Channel::Whatsapp => 4096,
+        Channel::Rcs => 3072,
+        Channel::AppMessaging | Channel::Unspecified => 1024,
+    }
+}
+
+fn validate(r: &pb::SendConversationMessageRequest, channel: Channel) -> Result<(), Status> {
+    let mut violations = FieldViolations::new();
+    let id = &r.client_message_id;
+    if id.is_empty() || id.len() > MAX_CLIENT_ID {
+        violations.add(
+            "client_message_id",
+            format!("required, at most {MAX_CLIENT_ID} characters"),
+        );
+    } else if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+    {
+        violations.add("client_message_id", "letters, digits and -_.: only");
+    }
+    let limit = text_limit(channel);
+    if r.text.chars().count() > limit {
+        violations.add(
+            "text",
+            format!("at most {limit} characters on {}", channel.as_str_name()),
+        );
+    }
+    match &r.whatsapp_template {
+        Some(_) if channel != Channel::Whatsapp => violations.add(
+            "whatsapp_template",
+            format!(
+                "only for CHANNEL_WHATSAPP; this conversation is on {}",
+                channel.as_str_name()
+            ),
+        ),
+        Some(t) => {
+            if t.name.is_empty() || t.name.len() > 512 {
+                violations.add("whatsapp_template.name", "required, at most 512 characters");
+            }
+            if t.language.is_empty() || t.language.len() > 16 {
+                violations.add(
+                    "whatsapp_template.language",
+                    "required (e.g. en_US), at most 16 characters",
+                );
+            }
+            if t.body_parameters.len() > MAX_TEMPLATE_PARAMETERS {
+                violations.add(
+                    "whatsapp_template.body_parameters",
+                    format!("at most {MAX_TEMPLATE_PARAMETERS}"),
+                );
+            }
+            for (i, p) in t.body_parameters.iter().enumerate() {
+                if p.chars().count() > MAX_TEMPLATE_PARAMETER {
+                    violations.add(
+                        format!("whatsapp_template.body_parameters[{i}]"),
+                        format!("at most {MAX_TEMPLATE_PARAMETER} characters"),
+                    );
+                }
+            }
+        }
+        None if r.text.trim().is_empty() => violations.add("text", "required"),
+        None => {}
+    }
+    if matches!(channel, Channel::AppleMessages | Channel::AppMessaging) {
+        violations.add(
+            "conversation_id",
+            format!("replies on {} are not supported yet", channel.as_str_name()),
+        );
+    }
+    violations.into_result()
+}
+
+/// What the transcript shows of a template message.
+fn shown_text(r: &pb::SendConversationMessageRequest) -> String {
+    match &r.whatsapp_template {
+        Some(t) if r.text.is_empty() => format!("[template {} ({})]", t.name, t.language),
+        _ => r.text.clone(),
+    }
+}
+
+/// Sends `r` as `access`'s message; the transcript entry as it stands after the send.
+pub(crate) async fn send(
+    service: &Service,
+    access: &ConversationAccess,
+    r: &pb::SendConversationMessageRequest,
+) -> Result<pb::TranscriptEntry, DeskError> {
+    let mut tx = service.db.pool().begin().await?;
+    let conversation = store::locked(
+        &mut tx,
+        &r.account_id,
+        &r.conversation_id,
+        access.skills.as_deref(),
+    )
+    .await?;
+    let channel = Channel::try_from(conversation.channel).unwrap_or_default();
+    validate(r, channel)?;
+    let text = shown_text(r);
+    let entry = match earlier(&mut tx, &r.conversation_id, &r.client_message_id).await? {
+        // Sent before: the same message, answered as it stands.
+        Some(entry) if entry.text != text => {
+            return Err(Status::already_exists(format!(
+                "client_message_id {} was used for another message in this conversation",
+                r.client_message_id
+            ))
+            .into());
+        }
+        Some(entry) if entry.stage != FunnelStage::Unspecified as i32 => return Ok(entry),
+        // Under way since a send whose outcome was never written: send it again under its id.
+        Some(entry) => entry,
+        None => {
+            if conversation.state == pb::ConversationState::Closed as i32 {
+                return Err(DeskError::Closed(r.conversation_id.clone()));
+            }
+            if channel == Channel::Whatsapp && r.whatsapp_template.is_none() {
+                window_open(service, &mut tx, &conversation).await?;
+            }
+            let message_id = ids::generate("msg");
+            let entry = conversations::append(
+                &mut tx,
+                &r.conversation_id,
+                &NewEntry {
+                    direction: "OUTBOUND",
+                    author: &access.actor,
+                    text: &text,
+                    message_id: Some(&message_id),
+                    client_message_id: Some(&r.client_message_id),
+                    at: Utc::now(),
+                    ..NewEntry::default()
+                },
+            )
+            .await?;
+            let event = conversations::event(
+                &r.account_id,
+                &r.conversation_id,
+                &conversation.skill_id,
+                Kind::Message(entry.clone()),
+            );
+            log::append(&mut tx, &r.account_id, &[event]).await?;
+            entry
+        }
+    };
+    tx.commit().await?;
+
+    let sent = service
+        .peers
+        .channel_gateway()
+        .send_message(pb::SendMessageRequest {
+            account_id: r.account_id.clone(),
+            message_id: entry.message_id.clone(),
+            channel: channel as i32,
+            to: conversation.consumer_address.clone(),
+            text: r.text.clone(),
+            whatsapp_template: r.whatsapp_template.clone(),
+            skill_id: conversation.skill_id.clone(),
+            conversation_id: r.conversation_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|status| {
+            tracing::warn!(%status, conversation_id = %r.conversation_id, message_id = %entry.message_id, "reply not sent: the gateway did not answer");
+            Status::unavailable(format!(
+                "the message could not be handed to the gateway ({}); retry with the same client_message_id",
+                status.message()
+            ))
+        })?
+        .into_inner()
+        .message
+        .ok_or_else(|| Status::internal("the gateway answered without its message"))?;
+    let stage = FunnelStage::try_from(sent.stage).unwrap_or(FunnelStage::Sent);
+    let entry = service
+        .record_stage(&pb::MessageStage {
+            account_id: r.account_id.clone(),
+            message_id: entry.message_id.clone(),
+            stage: stage as i32,
+            error_code: sent.error_code,
+            at: sent.updated_at,
+        })
+        .await?
+        .unwrap_or(entry);
+    Ok(entry)
+}
+
+/// The entry a client message id was used for before in the conversation.
+async fn earlier(
+    tx: &mut PgConnection,
+    conversation_id: &str,
+    client_message_id: &str,
+) -> Result<Option<pb::TranscriptEntry>, sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ENTRY_COLUMNS} FROM transcript_entries \
+         WHERE conversation_id = $1 AND client_message_id = $2"
+    )))
+    .bind(conversation_id)
+    .bind(client_message_id)
+    .fetch_optional(&mut *tx)
+    .await?
+    .as_ref()
+    .map(conversations::transcript_entry)
+    .transpose()
+}
+
+/// WhatsApp free text goes only inside the customer-service window: 24 hours from the consumer's
+/// last message, as the gateway tracks it from Meta's webhooks.
+async fn window_open(
+    service: &Service,
+    tx: &mut PgConnection,
+    conversation: &pb::Conversation,
+) -> Result<(), DeskError> {
+    let window = service
+        .peers
+        .channel_gateway()
+        .check_reachability(pb::CheckReachabilityRequest {
+            account_id: conversation.account_id.clone(),
+            channel: Channel::Whatsapp as i32,
+            phone: conversation.consumer_address.clone(),
+            consumer_id: String::new(),
+        })
+        .await
+        .map_err(|status| {
+            Status::unavailable(format!(
+                "cannot learn whether the WhatsApp window is open ({}); retry",
+                status.message()
+            ))
+        })?
+        .into_inner();
+    if window.reachable {
+        return Ok(());
+    }
+    let last: Option<DateTime<Utc>> = sqlx::query(
+        "SELECT max(at) AS last FROM transcript_entries \
+         WHERE conversation_id = $1 AND direction = 'INBOUND'",
+    )
+    .bind(&conversation.conversation_id)
+    .fetch_one(&mut *tx)
+    .await?
+    .try_get("last")?;
+    let closed = match last {
+        Some(last) => format!(
+            "it closed at {} ({WINDOW_HOURS} hours after the consumer's last message)",
+            (last + chrono::Duration::hours(WINDOW_HOURS)).to_rfc3339()
+        ),
+        None => "the consumer has not written in the last 24 hours".to_owned(),
+    };
+    Err(c2m_runtime::status::with_reason(
+        tonic::Code::FailedPrecondition,
+        format!(
+            "the WhatsApp customer-service window is closed: {closed}; send an approved template (whatsapp_template) instead"
+        ),
+        "WHATSAPP_WINDOW_CLOSED",
+        last.map(|l| (
+            "closed_at",
+            (l + chrono::Duration::hours(WINDOW_HOURS)).to_rfc3339(),
+        )),
+    )
+    .into())
+}
+
+impl Service {
+    /// Moves an outbound entry to the reported stage if that is further than it got (stages only
+    /// move forward; FAILED ends the way), logging the change; the first agent or bot message
+    /// that goes out counts the conversation ANSWERED. The entry as it stands after; `None` for
+    /// a message no conversation of the account sent.
+    pub(crate) async fn record_stage(
+        &self,
+        s: &pb::MessageStage,
+    ) -> Result<Option<pb::TranscriptEntry>, sqlx::Error> {
+        let stage = FunnelStage::try_from(s.stage).unwrap_or_default();
+        let mut tx = self.db.pool().begin().await?;
+        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT c.skill_id, c.channel, c.handoff_id, c.opened_at, {columns} \
+             FROM transcript_entries t JOIN conversations c USING (conversation_id) \
+             WHERE t.message_id = $1 AND c.account_id = $2 FOR UPDATE OF t, c",
+            columns = ENTRY_COLUMNS
+                .split(", ")
+                .map(|c| format!("t.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+                + ", t.conversation_id",
+        )))
+        .bind(&s.message_id)
+        .bind(&s.account_id)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let current = conversations::transcript_entry(&row)?;
+        let was = FunnelStage::try_from(current.stage).unwrap_or_default();
+        if rank(stage) <= rank(was) || was == FunnelStage::Failed {
+            return Ok(Some(current));
+        }
+        let conversation_id: String = row.try_get("conversation_id")?;
+        let entry = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE transcript_entries SET stage = $2, error_code = nullif($3, '') \
+             WHERE message_id = $1 RETURNING {ENTRY_COLUMNS}"
+        )))
+        .bind(&s.message_id)
+        .bind(stage.as_str_name())
+        .bind(&s.error_code)
+        .fetch_one(&mut *tx)
+        .await?;
+        let entry = conversations::transcript_entry(&entry)?;
+        let skill_id: String = row.try_get("skill_id")?;
+        let answered = was == FunnelStage::Unspecified
+            && stage != FunnelStage::Failed
+            && first_answer(&mut tx, &conversation_id, entry.seq).await?;
+        if answered {
+            let opened_at: DateTime<Utc> = row.try_get("opened_at")?;
+            let delay = (Utc::now() - opened_at).num_milliseconds().max(0);
+            let funnel = pb::Event {
+                conversation_id: conversation_id.clone(),
+                handoff_id: row
+                    .try_get::<Option<String>, _>("handoff_id")?
+                    .unwrap_or_default(),
+                skill_id: skill_id.clone(),
+                channel: Channel::from_str_name(&row.try_get::<String, _>("channel")?)
+                    .unwrap_or_default() as i32,
+                response_delay_ms: u64::try_from(delay).unwrap_or_default(),
+                ..outbox::event(&s.account_id, FunnelStage::Answered)
+            };
+            outbox::enqueue(&mut tx, &[funnel]).await?;
+        }
+        let event = conversations::event(
+            &s.account_id,
+            &conversation_id,
+            &skill_id,
+            Kind::MessageStage(entry.clone()),
+        );
+        log::append(&mut tx, &s.account_id, &[event]).await?;
+        tx.commit().await?;
+        if answered {
+            self.relay.wake();
+        }
+        Ok(Some(entry))
+    }
+}
+
+/// Where a stage sits on the way to the consumer; FAILED ends the way.
+fn rank(stage: FunnelStage) -> u8 {
+    match stage {
+        FunnelStage::Sent => 1,
+        FunnelStage::Delivered => 2,
+        FunnelStage::Read => 3,
+        FunnelStage::Failed => 4,
+        _ => 0,
+    }
+}
+
+/// Whether entry `seq` is the first agent or bot message of the conversation to have gone out.
+async fn first_answer(
+    tx: &mut PgConnection,
+    conversation_id: &str,
+    seq: i64,
+) -> Result<bool, sqlx::Error> {
+    let earlier: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM transcript_entries WHERE conversation_id = $1 AND seq <> $2 \
+         AND direction = 'OUTBOUND' AND author <> 'deflection' \
+         AND stage IN ('FUNNEL_STAGE_SENT', 'FUNNEL_STAGE_DELIVERED', 'FUNNEL_STAGE_READ')",
+    )
+    .bind(conversation_id)
+    .bind(i32::try_from(seq).unwrap_or(i32::MAX))
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(earlier == 0)
+}

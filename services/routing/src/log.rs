@@ -1,0 +1,416 @@
+//! The conversation event log: every change to a conversation is written, in the transaction that
+//! makes it, at the account's next position (no gaps, committed in order: see the migration), and
+//! a PostgreSQL `NOTIFY` wakes every routing replica. Each replica's [`Feed`] reads what is new
+//! once per account and fans it out to its `WatchConversations` streams; a stream that falls
+//! behind, or reconnects with a cursor, reads the log itself. So a client gets every event after
+//! its cursor exactly once, from any replica, across restarts.
+
+use std::{
+    collections::{HashMap, HashSet},
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use c2m_proto::v1 as pb;
+use futures::Stream;
+use prost::Message;
+use sqlx::{PgConnection, PgPool, Row, postgres::PgListener};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// The PostgreSQL notification channel; the payload is the account id.
+const CHANNEL: &str = "c2m_conversations";
+/// Events read from the log in one statement.
+const PAGE: i64 = 500;
+/// Events a replica holds for its streams; a stream further behind reads the log.
+const BUFFER: usize = 4096;
+/// How often a feed reads the log without being told to: notices sent while the listener was
+/// reconnecting are lost, the log is not.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// One event at its place in an account's log.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Logged {
+    pub position: i64,
+    /// With its cursor set.
+    pub event: pb::ConversationEvent,
+}
+
+/// Writes `events` at the account's next positions, inside the caller's transaction, and has
+/// every replica's feed woken when it commits. Call it last before the commit: it holds the
+/// account's log head until then.
+pub(crate) async fn append(
+    tx: &mut PgConnection,
+    account_id: &str,
+    events: &[pb::ConversationEvent],
+) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
+    let conversations: Vec<&str> = events.iter().map(|e| e.conversation_id.as_str()).collect();
+    let payloads: Vec<Vec<u8>> = events.iter().map(Message::encode_to_vec).collect();
+    sqlx::query(
+        "WITH head AS ( \
+             INSERT INTO conversation_log_heads AS h (account_id, position) VALUES ($1, $2) \
+             ON CONFLICT (account_id) DO UPDATE SET position = h.position + $2 \
+             RETURNING position) \
+         INSERT INTO conversation_events (account_id, position, conversation_id, payload) \
+         SELECT $1, head.position - $2 + e.n, e.conversation_id, e.payload \
+         FROM head, unnest($3::text[], $4::bytea[]) WITH ORDINALITY AS e(conversation_id, payload, n)",
+    )
+    .bind(account_id)
+    .bind(count)
+    .bind(&conversations)
+    .bind(&payloads)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(account_id)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// The position of the account's latest event (0: none yet).
+async fn head(pool: &PgPool, account_id: &str) -> Result<i64, sqlx::Error> {
+    Ok(
+        sqlx::query_scalar("SELECT position FROM conversation_log_heads WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or(0),
+    )
+}
+
+/// The account's events after `position`, at most [`PAGE`], in order.
+async fn read_after(
+    pool: &PgPool,
+    account_id: &str,
+    position: i64,
+) -> Result<Vec<Logged>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT position, payload FROM conversation_events \
+         WHERE account_id = $1 AND position > $2 ORDER BY position LIMIT $3",
+    )
+    .bind(account_id)
+    .bind(position)
+    .bind(PAGE)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let position: i64 = row.try_get("position")?;
+            let payload: Vec<u8> = row.try_get("payload")?;
+            let mut event = pb::ConversationEvent::decode(payload.as_slice())
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            event.cursor = cursor(account_id, position);
+            Ok(Logged { position, event })
+        })
+        .collect()
+}
+
+/// Cursors name the account and the position, opaque to clients.
+pub(crate) fn cursor(account_id: &str, position: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{position}:{account_id}"))
+}
+
+/// The position a cursor of `account_id` stands for.
+pub(crate) fn position(cursor: &str, account_id: &str) -> Option<i64> {
+    let text = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()?;
+    let (position, account) = text.split_once(':')?;
+    let position: i64 = position.parse().ok()?;
+    (account == account_id && position >= 0).then_some(position)
+}
+
+/// Which events a stream shows.
+pub(crate) type Filter = Box<dyn Fn(&pb::ConversationEvent) -> bool + Send + Sync>;
+
+pub(crate) type EventStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchConversationsResponse, Status>> + Send>>;
+
+/// One account's events as this replica has read them.
+#[derive(Debug)]
+struct AccountFeed {
+    sender: broadcast::Sender<Arc<Logged>>,
+    /// The last position read and sent; held while reading, so reads do not overlap.
+    read: tokio::sync::Mutex<i64>,
+}
+
+/// This replica's fan-out of the log to its streams.
+#[derive(Debug, Clone)]
+pub(crate) struct Feed {
+    pool: PgPool,
+    accounts: Arc<Mutex<HashMap<String, Arc<AccountFeed>>>>,
+    /// Cancelled when the server stops accepting requests: streams end, clients reconnect.
+    closing: CancellationToken,
+}
+
+impl Feed {
+    pub fn new(pool: PgPool, closing: CancellationToken) -> Self {
+        Self {
+            pool,
+            accounts: Arc::default(),
+            closing,
+        }
+    }
+
+    /// Listens for new events until `shutdown`, reading each notified account's once however
+    /// many notices came together, and every account's each [`SWEEP`].
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut sweep = tokio::time::interval(SWEEP);
+        loop {
+            let mut listener = match PgListener::connect_with(&self.pool).await {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::debug!(%error, "conversation feed: cannot listen yet");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            if let Err(error) = listener.listen(CHANNEL).await {
+                tracing::warn!(%error, "conversation feed: LISTEN failed");
+                continue;
+            }
+            loop {
+                let notified = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = sweep.tick() => None,
+                    notice = listener.recv() => match notice {
+                        Ok(notice) => Some(notice),
+                        Err(error) => {
+                            tracing::warn!(%error, "conversation feed: listener lost, reconnecting");
+                            break;
+                        }
+                    },
+                };
+                let accounts: HashSet<String> = match notified {
+                    Some(first) => std::iter::once(first)
+                        .chain(std::iter::from_fn(|| listener.next_buffered()))
+                        .map(|n| n.payload().to_owned())
+                        .collect(),
+                    None => self.watched(),
+                };
+                for account_id in accounts {
+                    self.read(&account_id).await;
+                }
+            }
+        }
+    }
+
+    /// The accounts with streams on this replica, forgetting those without.
+    fn watched(&self) -> HashSet<String> {
+        let mut accounts = self.accounts.lock().expect("feed accounts");
+        accounts.retain(|_, feed| feed.sender.receiver_count() > 0);
+        accounts.keys().cloned().collect()
+    }
+
+    /// Reads the account's new events and sends them to its streams.
+    async fn read(&self, account_id: &str) {
+        let Some(feed) = self
+            .accounts
+            .lock()
+            .expect("feed accounts")
+            .get(account_id)
+            .cloned()
+        else {
+            return;
+        };
+        let mut read = feed.read.lock().await;
+        loop {
+            match read_after(&self.pool, account_id, *read).await {
+                Ok(events) => {
+                    let full = events.len() as i64 == PAGE;
+                    for logged in events {
+                        *read = logged.position;
+                        // No receivers: the last stream just left.
+                        let _ = feed.sender.send(Arc::new(logged));
+                    }
+                    if !full {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    // The next notice or sweep reads again; streams wait meanwhile.
+                    tracing::warn!(%error, account_id, "conversation feed: cannot read the log");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// This replica's feed of `account_id`, made on first use, reading from the log's head.
+    async fn feed(&self, account_id: &str) -> Result<Arc<AccountFeed>, sqlx::Error> {
+        if let Some(feed) = self.accounts.lock().expect("feed accounts").get(account_id) {
+            return Ok(feed.clone());
+        }
+        let at = head(&self.pool, account_id).await?;
+        let mut accounts = self.accounts.lock().expect("feed accounts");
+        let feed = accounts.entry(account_id.to_owned()).or_insert_with(|| {
+            Arc::new(AccountFeed {
+                sender: broadcast::channel(BUFFER).0,
+                read: tokio::sync::Mutex::new(at),
+            })
+        });
+        Ok(feed.clone())
+    }
+
+    /// The account's events after `after` (`None`: after the latest), those `show` lets through.
+    pub async fn watch(
+        &self,
+        account_id: String,
+        after: Option<i64>,
+        show: Filter,
+    ) -> Result<EventStream, sqlx::Error> {
+        // Subscribed before the log is read, so nothing falls between the two.
+        let mut live = self.feed(&account_id).await?.sender.subscribe();
+        let seen = match after {
+            Some(position) => position,
+            None => head(&self.pool, &account_id).await?,
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let stream = Subscriber {
+            pool: self.pool.clone(),
+            account_id,
+            tx,
+            show,
+        };
+        let closing = self.closing.clone();
+        tokio::spawn(async move {
+            let ended = match stream.follow(&mut live, seen, &closing).await {
+                Ok(()) => return,
+                Err(status) => status,
+            };
+            let _ = stream.tx.send(Err(ended)).await;
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+/// One stream's task: the log from its position, then the feed, back to the log for what the
+/// feed did not bring.
+struct Subscriber {
+    pool: PgPool,
+    account_id: String,
+    tx: mpsc::Sender<Result<pb::WatchConversationsResponse, Status>>,
+    show: Filter,
+}
+
+/// The client hung up: nothing more to do.
+struct Gone;
+
+impl Subscriber {
+    /// Follows the log from `seen` until the client hangs up (`Ok`) or the stream must end with
+    /// a status for the client to reconnect on.
+    async fn follow(
+        &self,
+        live: &mut broadcast::Receiver<Arc<Logged>>,
+        mut seen: i64,
+        closing: &CancellationToken,
+    ) -> Result<(), Status> {
+        seen = match self.catch_up(seen, None).await? {
+            Ok(at) => at,
+            Err(Gone) => return Ok(()),
+        };
+        loop {
+            let next = tokio::select! {
+                _ = closing.cancelled() => {
+                    return Err(Status::unavailable(
+                        "the server is shutting down: reconnect with your last cursor",
+                    ));
+                }
+                _ = self.tx.closed() => return Ok(()),
+                next = live.recv() => next,
+            };
+            let logged = match next {
+                Ok(logged) if logged.position <= seen => continue,
+                Ok(logged) if logged.position == seen + 1 => logged,
+                // A gap (this stream subscribed while the feed was mid-read): the log has what
+                // came before this event.
+                Ok(logged) => match self.catch_up(seen, Some(logged.position - 1)).await? {
+                    Ok(at) if at + 1 == logged.position => logged,
+                    Ok(at) => {
+                        seen = at;
+                        continue;
+                    }
+                    Err(Gone) => return Ok(()),
+                },
+                // Further behind than the feed's buffer: the log has it all.
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    seen = match self.catch_up(seen, None).await? {
+                        Ok(at) => at,
+                        Err(Gone) => return Ok(()),
+                    };
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            };
+            if self.send(&logged).await.is_err() {
+                return Ok(());
+            }
+            seen = logged.position;
+        }
+    }
+
+    /// Sends the events after `seen` up to `until` (or the log's end) from the log; the last
+    /// position sent.
+    async fn catch_up(
+        &self,
+        mut seen: i64,
+        until: Option<i64>,
+    ) -> Result<Result<i64, Gone>, Status> {
+        loop {
+            let events = read_after(&self.pool, &self.account_id, seen)
+                .await
+                .map_err(log_unavailable)?;
+            let full = events.len() as i64 == PAGE;
+            for logged in &events {
+                if until.is_some_and(|until| logged.position > until) {
+                    return Ok(Ok(seen));
+                }
+                if let Err(gone) = self.send(logged).await {
+                    return Ok(Err(gone));
+                }
+                seen = logged.position;
+            }
+            if !full {
+                return Ok(Ok(seen));
+            }
+        }
+    }
+
+    async fn send(&self, logged: &Logged) -> Result<(), Gone> {
+        if !(self.show)(&logged.event) {
+            return Ok(());
+        }
+        let item = Ok(pb::WatchConversationsResponse {
+            event: Some(logged.event.clone()),
+        });
+        self.tx.send(item).await.map_err(|_| Gone)
+    }
+}
+
+fn log_unavailable(error: sqlx::Error) -> Status {
+    tracing::warn!(%error, "conversation stream: cannot read the log");
+    Status::unavailable("cannot read the conversation log: reconnect with your last cursor")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_is_its_accounts_only() {
+        let c = cursor("acme", 42);
+        assert_eq!(position(&c, "acme"), Some(42));
+        assert_eq!(position(&c, "globex"), None);
+        assert_eq!(position("not a cursor", "acme"), None);
+        assert_eq!(position(&cursor("acme", -1), "acme"), None);
+    }
+}
