@@ -962,3 +962,99 @@ async fn whatsapp_free_text_needs_the_window_and_a_template_goes_without_it() {
     assert_eq!(last.body["template"]["name"], "billing_followup");
     story.stop().await;
 }
+
+/// The standard keywords on SMS: HELP is answered with the brand's help text, STOP keeps the
+/// consumer from being deflected, START gives them back, and the account's consent record lists
+/// both changes in order.
+#[tokio::test]
+async fn keywords_answer_help_and_opt_a_consumer_out_and_back_in_on_the_record() {
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            consumer_lease_ms: Some(1),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    let help = "Acme billing: call 0800 123 456. Reply STOP to stop.";
+    story
+        .set_settings(
+            "acme",
+            pb::AccountSettings {
+                deflection_enabled: true,
+                help_text: help.into(),
+                ..Default::default()
+            },
+        )
+        .await;
+
+    story.sms_to_acme(CONSUMER, "help").await;
+    let answered: Vec<_> = story
+        .twilio
+        .sent()
+        .into_iter()
+        .filter(|sms| sms.field("Body") == help)
+        .collect();
+    assert_eq!(
+        answered.len(),
+        1,
+        "HELP is answered once, before the webhook's answer"
+    );
+    assert_eq!(answered[0].field("To"), CONSUMER);
+    assert_eq!(answered[0].field("From"), BRAND_NUMBER);
+
+    story.sms_to_acme(CONSUMER, "STOP").await;
+    let refused = story
+        .deflect(handoff_request("acme", CONSUMER, "call-1"), &key)
+        .await;
+    assert_eq!(refused.status, pb::HandoffStatus::RejectedOptedOut as i32);
+    story.sms_to_acme(CONSUMER, "Start").await;
+    let sent = story
+        .deflect(handoff_request("acme", CONSUMER, "call-2"), &key)
+        .await;
+    assert_eq!(sent.status, pb::HandoffStatus::Sent as i32);
+
+    let changes = story
+        .conversations()
+        .await
+        .list_consent_changes(authed(
+            pb::ListConsentChangesRequest {
+                account_id: "acme".into(),
+                consumer_phone: CONSUMER.into(),
+                ..Default::default()
+            },
+            &token(AuthRole::Viewer, Some("acme")),
+        ))
+        .await
+        .expect("consent record")
+        .into_inner()
+        .changes;
+    let record: Vec<(bool, &str, i32)> = changes
+        .iter()
+        .map(|c| (c.opted_in, c.source.as_str(), c.channel))
+        .collect();
+    assert_eq!(
+        record,
+        [
+            (false, "keyword:STOP", Channel::Sms as i32),
+            (true, "keyword:START", Channel::Sms as i32),
+        ]
+    );
+    let count = |stage: &'static str| {
+        let story = &story;
+        async move {
+            funnel(story, "acme")
+                .await
+                .get("CHANNEL_SMS")
+                .and_then(|stages| stages.get(stage).copied())
+                .unwrap_or(0)
+        }
+    };
+    eventually_eq("the opt-in counted", Duration::from_secs(10), &1, || {
+        count("FUNNEL_STAGE_OPTED_IN")
+    })
+    .await;
+    assert_eq!(count("FUNNEL_STAGE_OPTED_OUT").await, 1);
+    story.stop().await;
+}

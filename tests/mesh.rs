@@ -206,6 +206,9 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
         in_schema("routing"),
         [
             "_sqlx_migrations",
+            "consent_changes",
+            "conversation_events",
+            "conversation_log_heads",
             "conversations",
             "deflections",
             "opt_outs",
@@ -217,6 +220,7 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
         in_schema("channel_gateway"),
         [
             "_sqlx_migrations",
+            "conversation_outbox",
             "devices",
             "number_lookups",
             "outbound_messages",

@@ -309,6 +309,10 @@ pub async fn advance(
             .await?;
         return Ok(stages.len());
     }
+    if current.handoff_id.is_empty() {
+        // Neither a deflection's nor a conversation's (a HELP answer): nobody counts it.
+        return Ok(0);
+    }
     let events: Vec<pb::Event> = passed
         .iter()
         .map(|s| pb::Event {

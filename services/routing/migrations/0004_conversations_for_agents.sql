@@ -44,3 +44,21 @@ CREATE TABLE conversation_events (
     at              timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (account_id, position)
 );
+
+-- Every opt-out and opt-in, in order: the record a brand keeps of consent (revoked by a STOP on
+-- this date, given back by a START on that one) and exports. `opt_outs` stays the current state
+-- that every handoff reads.
+CREATE TABLE consent_changes (
+    id             bigserial PRIMARY KEY,
+    account_id     text NOT NULL,
+    consumer_phone text NOT NULL,
+    channel        text NOT NULL,
+    opted_in       boolean NOT NULL,
+    -- The keyword (`keyword:STOP`) or the provider error (`twilio:21610`).
+    source         text NOT NULL,
+    at             timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX consent_changes_by_account ON consent_changes (account_id, id);
+INSERT INTO consent_changes (account_id, consumer_phone, channel, opted_in, source, at)
+    SELECT account_id, consumer_phone, channel, false, source, opted_out_at
+    FROM opt_outs ORDER BY opted_out_at;

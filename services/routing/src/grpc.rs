@@ -5,13 +5,12 @@ use c2m_runtime::{
     mask_phone,
     status::{FieldViolations, invalid_field},
 };
-use c2m_storage::outbox;
 use prost::Message;
 use redis::AsyncCommands;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    Service,
+    Service, consent,
     conversations::{self, Inbound, RouteError},
     deflections::{self, Consumer, Deflection},
 };
@@ -38,6 +37,46 @@ fn required(violations: &mut FieldViolations, field: &str, value: &str) {
 const LEASE_TTL_SECS: u64 = 15 * 60;
 
 impl Service {
+    /// Validates and records an opt-out or opt-in.
+    async fn record_consent(
+        &self,
+        account_id: &str,
+        consumer_phone: &str,
+        channel: i32,
+        source: &str,
+        opted_in: bool,
+    ) -> Result<(), Status> {
+        let mut violations = FieldViolations::new();
+        required(&mut violations, "account_id", account_id);
+        required(&mut violations, "consumer_phone", consumer_phone);
+        if source.len() > 128 {
+            violations.add("source", "at most 128 characters");
+        }
+        let channel = match Channel::try_from(channel) {
+            Ok(Channel::Unspecified) | Err(_) => {
+                violations.add("channel", "a channel is required");
+                Channel::Unspecified
+            }
+            Ok(channel) => channel,
+        };
+        violations.into_result()?;
+        let change = consent::Change {
+            account_id,
+            consumer_phone,
+            channel,
+            source,
+            opted_in,
+        };
+        if consent::record(self.db.pool(), &change)
+            .await
+            .map_err(db_status)?
+        {
+            self.relay.wake();
+            tracing::info!(account_id, consumer = %mask_phone(consumer_phone), channel = channel.as_str_name(), source, opted_in, "consent changed");
+        }
+        Ok(())
+    }
+
     pub(crate) async fn set_lease(
         &self,
         account_id: &str,
@@ -367,46 +406,25 @@ impl RoutingService for Service {
     ) -> Result<Response<pb::RecordOptOutResponse>, Status> {
         self.key.caller(request.metadata())?.require_internal()?;
         let r = request.into_inner();
-        let mut violations = FieldViolations::new();
-        required(&mut violations, "account_id", &r.account_id);
-        required(&mut violations, "consumer_phone", &r.consumer_phone);
-        let channel = match Channel::try_from(r.channel) {
-            Ok(Channel::Unspecified) | Err(_) => {
-                violations.add("channel", "a channel is required");
-                Channel::Unspecified
-            }
-            Ok(channel) => channel,
-        };
-        violations.into_result()?;
-        let mut tx = self.db.pool().begin().await.map_err(db_status)?;
-        let inserted = sqlx::query(
-            "INSERT INTO opt_outs (account_id, consumer_phone, channel, source) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (account_id, consumer_phone, channel) DO NOTHING",
+        self.record_consent(
+            &r.account_id,
+            &r.consumer_phone,
+            r.channel,
+            &r.source,
+            false,
         )
-        .bind(&r.account_id)
-        .bind(&r.consumer_phone)
-        .bind(channel.as_str_name())
-        .bind(&r.source)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_status)?
-        .rows_affected();
-        // Counted once per consumer and channel, however often they say STOP.
-        if inserted == 1 {
-            let event = pb::Event {
-                channel: channel as i32,
-                source: r.source.clone(),
-                ..outbox::event(&r.account_id, FunnelStage::OptedOut)
-            };
-            outbox::enqueue(&mut tx, &[event])
-                .await
-                .map_err(db_status)?;
-        }
-        tx.commit().await.map_err(db_status)?;
-        if inserted == 1 {
-            self.relay.wake();
-            tracing::info!(account_id = %r.account_id, consumer = %mask_phone(&r.consumer_phone), channel = channel.as_str_name(), source = %r.source, "opted out");
-        }
+        .await?;
         Ok(Response::new(pb::RecordOptOutResponse {}))
+    }
+
+    async fn record_opt_in(
+        &self,
+        request: Request<pb::RecordOptInRequest>,
+    ) -> Result<Response<pb::RecordOptInResponse>, Status> {
+        self.key.caller(request.metadata())?.require_internal()?;
+        let r = request.into_inner();
+        self.record_consent(&r.account_id, &r.consumer_phone, r.channel, &r.source, true)
+            .await?;
+        Ok(Response::new(pb::RecordOptInResponse {}))
     }
 }

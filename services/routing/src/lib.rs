@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod consent;
 mod conversations;
 mod deflections;
 mod desk;

@@ -404,6 +404,97 @@ fn log_unavailable(error: sqlx::Error) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use c2m_test_support::TestDatabase;
+    use futures::StreamExt;
+
+    /// Eight writers append 400 events to one account while three streams follow it: one from
+    /// the start (a cursor at 0), one from now, one that joins halfway. Each sees every position
+    /// after its start exactly once, in order, though writers commit concurrently and the feed
+    /// reads in bursts.
+    #[tokio::test]
+    async fn streams_see_every_event_once_in_order_while_writers_race() {
+        let database = TestDatabase::create().await;
+        let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
+        let pool = db.pool().clone();
+        let shutdown = CancellationToken::new();
+        let feed = Feed::new(pool.clone(), CancellationToken::new());
+        let listening = tokio::spawn(feed.clone().run(shutdown.clone()));
+        let everything = || -> Filter { Box::new(|_| true) };
+        let from_start = feed
+            .watch("acme".into(), Some(0), everything())
+            .await
+            .expect("watch");
+        let from_now = feed
+            .watch("acme".into(), None, everything())
+            .await
+            .expect("watch");
+        // Another account's events are not acme's.
+        let mut other = pool.begin().await.expect("tx");
+        append(&mut other, "globex", &[event("globex", 0)])
+            .await
+            .expect("append");
+        other.commit().await.expect("commit");
+
+        let write = |writer: usize| {
+            let pool = pool.clone();
+            async move {
+                for i in 0..50 {
+                    let mut tx = pool.begin().await.expect("tx");
+                    append(&mut tx, "acme", &[event("acme", writer * 100 + i)])
+                        .await
+                        .expect("append");
+                    tx.commit().await.expect("commit");
+                }
+            }
+        };
+        let first_half = futures::future::join_all((0..4).map(write));
+        first_half.await;
+        let halfway = feed
+            .watch("acme".into(), Some(100), everything())
+            .await
+            .expect("watch");
+        futures::future::join_all((4..8).map(write)).await;
+
+        let positions = |stream: EventStream, count: usize| async move {
+            let events: Vec<_> = tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                stream.take(count).collect::<Vec<_>>(),
+            )
+            .await
+            .expect("every event within 30 s");
+            events
+                .into_iter()
+                .map(|e| {
+                    let event = e.expect("healthy").event.expect("event");
+                    assert_eq!(event.account_id, "acme");
+                    position(&event.cursor, "acme").expect("a cursor of acme")
+                })
+                .collect::<Vec<i64>>()
+        };
+        assert_eq!(
+            positions(from_start, 400).await,
+            (1..=400).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            positions(from_now, 400).await,
+            (1..=400).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            positions(halfway, 300).await,
+            (101..=400).collect::<Vec<_>>()
+        );
+        shutdown.cancel();
+        listening.await.expect("the feed stops");
+    }
+
+    fn event(account_id: &str, n: usize) -> pb::ConversationEvent {
+        pb::ConversationEvent {
+            conversation_id: format!("conv-{n}"),
+            account_id: account_id.into(),
+            skill_id: "billing".into(),
+            ..Default::default()
+        }
+    }
 
     #[test]
     fn a_cursor_is_its_accounts_only() {

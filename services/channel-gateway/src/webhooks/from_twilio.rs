@@ -14,23 +14,31 @@ use crate::{Service, credentials, twilio};
 /// Twilio wants TwiML back from an inbound-message webhook; an empty response sends no reply.
 const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>";
 
-/// The standard opt-out keywords (Twilio's defaults), in any case, alone in the message.
-pub(crate) fn is_opt_out(body: &str) -> bool {
-    const KEYWORDS: [&str; 8] = [
-        "STOP",
-        "STOPALL",
-        "UNSUBSCRIBE",
-        "CANCEL",
-        "END",
-        "QUIT",
-        "REVOKE",
-        "OPTOUT",
-    ];
+/// The carriers' and Twilio's standard keywords, which count only as the whole message (in any
+/// case, a trailing `.` or `!` allowed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Keyword {
+    /// STOP and its kin: no more messages on this channel.
+    OptOut,
+    /// START, UNSTOP, YES: messages again.
+    OptIn,
+    /// HELP, INFO: the brand's help text.
+    Help,
+}
+
+pub(crate) fn keyword(body: &str) -> Option<Keyword> {
     let word = body
         .trim()
         .trim_end_matches(['.', '!'])
         .to_ascii_uppercase();
-    KEYWORDS.contains(&word.as_str())
+    match word.as_str() {
+        "STOP" | "STOPALL" | "UNSUBSCRIBE" | "CANCEL" | "END" | "QUIT" | "REVOKE" | "OPTOUT" => {
+            Some(Keyword::OptOut)
+        }
+        "START" | "UNSTOP" | "YES" => Some(Keyword::OptIn),
+        "HELP" | "INFO" => Some(Keyword::Help),
+        _ => None,
+    }
 }
 
 fn twiml() -> Response {
@@ -181,19 +189,29 @@ pub(super) async fn inbound(
     let text = param(&params, "Body");
     let delivered = deliver_once(&service, &dedup_key, &body, || async {
         let mut routing = service.peers.routing();
-        if is_opt_out(text) {
-            // STOP and its kin: the consumer is not to be messaged here again.
-            routing
+        let source = format!("keyword:{}", text.trim().to_ascii_uppercase());
+        match keyword(text) {
+            // The consumer is not to be messaged here again.
+            Some(Keyword::OptOut) => routing
                 .record_opt_out(pb::RecordOptOutRequest {
                     account_id: account_id.clone(),
                     consumer_phone: from.to_owned(),
                     channel: Channel::Sms as i32,
-                    source: format!("keyword:{}", text.trim().to_ascii_uppercase()),
+                    source,
                 })
                 .await
-                .map(|_| ())
-        } else {
-            routing
+                .map(|_| ()),
+            Some(Keyword::OptIn) => routing
+                .record_opt_in(pb::RecordOptInRequest {
+                    account_id: account_id.clone(),
+                    consumer_phone: from.to_owned(),
+                    channel: Channel::Sms as i32,
+                    source,
+                })
+                .await
+                .map(|_| ()),
+            Some(Keyword::Help) => answer_help(&service, &account_id, from, sid).await,
+            None => routing
                 .route_inbound_message(pb::RouteInboundMessageRequest {
                     account_id: account_id.clone(),
                     consumer_address: from.to_owned(),
@@ -203,7 +221,7 @@ pub(super) async fn inbound(
                     received_at: Some(c2m_proto::timestamp(chrono::Utc::now())),
                 })
                 .await
-                .map(|_| ())
+                .map(|_| ()),
         }
     })
     .await;
@@ -213,12 +231,56 @@ pub(super) async fn inbound(
     twiml()
 }
 
+/// Answers HELP with the account's help text (or its name and how to stop), by SMS from the
+/// brand's number. Sent under an id made from the inbound message's, so a webhook Twilio
+/// delivers again answers once.
+async fn answer_help(
+    service: &Service,
+    account_id: &str,
+    to: &str,
+    inbound_sid: &str,
+) -> Result<(), tonic::Status> {
+    let account = service
+        .peers
+        .config()
+        .get_account(pb::GetAccountRequest {
+            account_id: account_id.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .account
+        .unwrap_or_default();
+    let help = account
+        .settings
+        .map(|s| s.help_text)
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| {
+            format!(
+                "{}: reply STOP to stop receiving messages.",
+                account.display_name
+            )
+        });
+    service
+        .peers
+        .channel_gateway()
+        .send_message(pb::SendMessageRequest {
+            account_id: account_id.to_owned(),
+            message_id: format!("help-{inbound_sid}"),
+            channel: Channel::Sms as i32,
+            to: to.to_owned(),
+            text: help,
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_opt_out;
+    use super::{Keyword, keyword};
 
     #[test]
-    fn opt_out_keywords_in_any_case() {
+    fn keywords_count_alone_in_any_case() {
         for body in [
             "STOP",
             "stop",
@@ -228,10 +290,22 @@ mod tests {
             "quit!",
             "End.",
         ] {
-            assert!(is_opt_out(body), "{body}");
+            assert_eq!(keyword(body), Some(Keyword::OptOut), "{body}");
         }
-        for body in ["stop sending me bills", "please stop", "help", "start", ""] {
-            assert!(!is_opt_out(body), "{body}");
+        for body in ["start", "UNSTOP", "Yes!"] {
+            assert_eq!(keyword(body), Some(Keyword::OptIn), "{body}");
+        }
+        for body in ["help", "Info."] {
+            assert_eq!(keyword(body), Some(Keyword::Help), "{body}");
+        }
+        for body in [
+            "stop sending me bills",
+            "please stop",
+            "yes please",
+            "help me",
+            "",
+        ] {
+            assert_eq!(keyword(body), None, "{body}");
         }
     }
 }

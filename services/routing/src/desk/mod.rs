@@ -326,6 +326,59 @@ impl ConversationService for Service {
         }))
     }
 
+    async fn list_consent_changes(
+        &self,
+        request: Request<pb::ListConsentChangesRequest>,
+    ) -> Result<Response<pb::ListConsentChangesResponse>, Status> {
+        let r = request.get_ref();
+        self.key
+            .caller(request.metadata())?
+            .conversations(&r.account_id)?;
+        let mut violations = FieldViolations::new();
+        if !r.consumer_phone.is_empty() && !c2m_runtime::is_e164(&r.consumer_phone) {
+            violations.add("consumer_phone", "an E.164 number");
+        }
+        let channel = match pb::Channel::try_from(r.channel) {
+            Ok(pb::Channel::Unspecified) => None,
+            Ok(channel) => Some(channel),
+            Err(_) => {
+                violations.add("channel", format!("{} is not a channel", r.channel));
+                None
+            }
+        };
+        let after = match r.page_token.as_str() {
+            "" => 0,
+            token => token.parse::<i64>().unwrap_or_else(|_| {
+                violations.add("page_token", "not a token this service gave out");
+                0
+            }),
+        };
+        violations.into_result()?;
+        let limit = match r.page_size {
+            n if n <= 0 => 100,
+            n => i64::from(n.min(1000)),
+        };
+        let consumer = Some(r.consumer_phone.as_str()).filter(|p| !p.is_empty());
+        let page = crate::consent::list(
+            self.db.pool(),
+            &r.account_id,
+            consumer,
+            channel,
+            after,
+            limit,
+        )
+        .await
+        .map_err(DeskError::from)?;
+        let next_page_token = match page.last() {
+            Some((id, _)) if page.len() as i64 == limit => id.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListConsentChangesResponse {
+            changes: page.into_iter().map(|(_, change)| change).collect(),
+            next_page_token,
+        }))
+    }
+
     async fn send_conversation_message(
         &self,
         request: Request<pb::SendConversationMessageRequest>,
