@@ -17,11 +17,13 @@ use crate::story::{
     BRAND_NUMBER, Options, Story, Topology, agent, authed, funnel, handoff_request, onboard, token,
 };
 
-const CONSUMER: &str = "+14155550301";
+pub(crate) const CONSUMER: &str = "+14155550301";
 const SKILL: &str = "billing-agents";
 
 /// The next event on `stream`, within ten seconds.
-async fn next(stream: &mut Streaming<pb::WatchConversationsResponse>) -> pb::ConversationEvent {
+pub(crate) async fn next(
+    stream: &mut Streaming<pb::WatchConversationsResponse>,
+) -> pb::ConversationEvent {
     tokio::time::timeout(Duration::from_secs(10), stream.message())
         .await
         .expect("an event within 10 s")
@@ -32,7 +34,7 @@ async fn next(stream: &mut Streaming<pb::WatchConversationsResponse>) -> pb::Con
 }
 
 /// An event, in a few words: what happened, and to which message.
-fn describe(event: &pb::ConversationEvent) -> String {
+pub(crate) fn describe(event: &pb::ConversationEvent) -> String {
     let entry = |e: &pb::TranscriptEntry| {
         let stage = FunnelStage::try_from(e.stage).unwrap_or_default();
         format!(
@@ -58,7 +60,7 @@ fn describe(event: &pb::ConversationEvent) -> String {
     }
 }
 
-async fn watch(
+pub(crate) async fn watch(
     story: &Story,
     credential: &str,
     cursor: &str,
@@ -71,6 +73,7 @@ async fn watch(
                 account_id: "acme".into(),
                 skill_ids: Vec::new(),
                 cursor: cursor.into(),
+                since: None,
             },
             credential,
         ))
@@ -80,7 +83,12 @@ async fn watch(
 }
 
 /// The IVR deflects `phone` and the consumer answers the SMS: the conversation opens.
-async fn deflect_and_reply(story: &Story, key: &str, phone: &str, idempotency_key: &str) {
+pub(crate) async fn deflect_and_reply(
+    story: &Story,
+    key: &str,
+    phone: &str,
+    idempotency_key: &str,
+) {
     let handoff = story
         .deflect(handoff_request("acme", phone, idempotency_key), key)
         .await;
@@ -88,7 +96,7 @@ async fn deflect_and_reply(story: &Story, key: &str, phone: &str, idempotency_ke
     story.sms_to_acme(phone, "I have a question").await;
 }
 
-fn reply(
+pub(crate) fn reply(
     conversation_id: &str,
     client_message_id: &str,
     text: &str,
@@ -102,7 +110,7 @@ fn reply(
     }
 }
 
-async fn send(
+pub(crate) async fn send(
     story: &Story,
     credential: &str,
     request: pb::SendConversationMessageRequest,
@@ -115,7 +123,7 @@ async fn send(
         .map(|r| r.into_inner().entry.expect("entry"))
 }
 
-async fn assign(
+pub(crate) async fn assign(
     story: &Story,
     credential: &str,
     conversation_id: &str,
@@ -135,7 +143,7 @@ async fn assign(
         .map(|r| r.into_inner().conversation.expect("conversation"))
 }
 
-async fn conversation(
+pub(crate) async fn conversation(
     story: &Story,
     credential: &str,
     conversation_id: &str,
@@ -154,7 +162,7 @@ async fn conversation(
         .map(|r| r.into_inner().conversation.expect("conversation"))
 }
 
-async fn close(
+pub(crate) async fn close(
     story: &Story,
     credential: &str,
     conversation_id: &str,
@@ -442,6 +450,7 @@ async fn a_stream_resumes_from_its_cursor_on_any_replica_without_gaps_or_repeats
                 account_id: "acme".into(),
                 skill_ids: Vec::new(),
                 cursor: opened.cursor.clone(),
+                since: None,
             },
             &ada,
         ))
@@ -486,6 +495,7 @@ async fn a_stream_resumes_from_its_cursor_on_any_replica_without_gaps_or_repeats
                 account_id: "acme".into(),
                 skill_ids: Vec::new(),
                 cursor: live.cursor.clone(),
+                since: None,
             },
             &ada,
         ))
@@ -638,6 +648,7 @@ async fn agents_see_only_their_accounts_and_skills_and_viewers_only_read() {
                 account_id: "acme".into(),
                 skill_ids: vec![SKILL.into()],
                 cursor: String::new(),
+                since: None,
             },
             &sales,
         ))

@@ -16,5 +16,6 @@ mod story;
 mod unanswered;
 mod watch;
 mod webhook_fuzz;
+mod webhooks;
 mod whatsapp;
 mod whatsapp_setup;

@@ -62,6 +62,8 @@ pub struct Options {
     pub unconfirmed_fallback_ms: Option<u64>,
     /// `routing.idle_sweep_ms`.
     pub idle_sweep_ms: Option<u64>,
+    /// `[webhooks]`.
+    pub webhooks: Option<c2m_config::webhooks::WebhookSettings>,
 }
 
 pub struct Story {
@@ -132,6 +134,9 @@ impl Story {
         }
         if let Some(window) = options.unconfirmed_fallback_ms {
             config.handoff.unconfirmed_fallback_ms = window;
+        }
+        if let Some(webhooks) = options.webhooks {
+            config.webhooks = webhooks;
         }
         if let Some(sweep) = options.idle_sweep_ms {
             config.routing.idle_sweep_ms = sweep;

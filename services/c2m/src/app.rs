@@ -3,8 +3,10 @@
 
 use c2m_proto::v1::{
     channel_gateway_service_server::ChannelGatewayServiceServer,
-    config_service_server::ConfigServiceServer, handoff_service_server::HandoffServiceServer,
-    reporting_service_server::ReportingServiceServer, routing_service_server::RoutingServiceServer,
+    config_service_server::ConfigServiceServer,
+    conversation_service_server::ConversationServiceServer,
+    handoff_service_server::HandoffServiceServer, reporting_service_server::ReportingServiceServer,
+    routing_service_server::RoutingServiceServer,
 };
 use c2m_runtime::{
     CancellationToken, Component, ServeError,
@@ -35,6 +37,8 @@ pub enum AppError {
     NoTokenSecret,
     #[error(transparent)]
     Gateway(#[from] c2m_channel_gateway::GatewayError),
+    #[error("cannot build the http client for webhooks: {0}")]
+    Http(reqwest::Error),
     #[error("cannot listen for webhooks on {addr}: {source}")]
     Webhooks {
         addr: SocketAddr,
@@ -82,7 +86,12 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
                         key.clone(),
                         &config.routing,
                     );
-                    local.register(Peer::Routing, RoutingServiceServer::new(service.clone()));
+                    // Both of the role's services, as a network peer would answer them.
+                    local.register(
+                        Peer::Routing,
+                        tonic::service::Routes::new(RoutingServiceServer::new(service.clone()))
+                            .add_service(ConversationServiceServer::new(service.clone())),
+                    );
                     return Ok(service.into_components().into());
                 }
                 Role::ChannelGateway => {
@@ -106,7 +115,13 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
                     service.into_component(webhooks)
                 }
                 Role::Config => {
-                    let service = c2m_config::Service::new(db(role)?, key.clone());
+                    let service = c2m_config::Service::new(
+                        db(role)?,
+                        key.clone(),
+                        peers("config")?,
+                        &config.webhooks,
+                    )
+                    .map_err(AppError::Http)?;
                     local.register(Peer::Config, ConfigServiceServer::new(service.clone()));
                     service.into_component()
                 }

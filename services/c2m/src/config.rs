@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, path::Path};
 
 use c2m_channel_gateway::GatewaySettings;
+use c2m_config::webhooks::WebhookSettings;
 use c2m_handoff::HandoffSettings;
 use c2m_routing::RoutingSettings;
 use c2m_runtime::{LogFormat, ServerSettings, TelemetrySettings, peers::PeerSettings};
@@ -29,6 +30,7 @@ pub struct Config {
     pub channel_gateway: GatewaySettings,
     pub handoff: HandoffSettings,
     pub routing: RoutingSettings,
+    pub webhooks: WebhookSettings,
 }
 
 /// `[auth]`: the key that signs console, operator and service tokens.
@@ -266,6 +268,24 @@ impl Config {
         if self.routing.idle_sweep_ms == 0 {
             return invalid("routing.idle_sweep_ms", "must be at least 1");
         }
+        for (key, value) in [
+            ("webhooks.timeout_ms", self.webhooks.timeout_ms),
+            ("webhooks.retry_base_ms", self.webhooks.retry_base_ms),
+            (
+                "webhooks.disable_after_hours",
+                self.webhooks.disable_after_hours,
+            ),
+        ] {
+            if value == 0 {
+                return invalid(key, "must be at least 1");
+            }
+        }
+        if self.webhooks.retry_max_ms < self.webhooks.retry_base_ms {
+            return invalid(
+                "webhooks.retry_max_ms",
+                "must be at least webhooks.retry_base_ms",
+            );
+        }
         if let Err(e) = c2m_runtime::telemetry::validate_filter(&self.telemetry.log_filter) {
             return invalid(
                 "telemetry.log_filter",
@@ -324,7 +344,7 @@ fn env_var_name(path: &[String]) -> String {
 }
 
 /// The top-level sections, which environment variables may set.
-const SECTIONS: [&str; 10] = [
+const SECTIONS: [&str; 11] = [
     "listen.",
     "database.",
     "redis.",
@@ -335,4 +355,5 @@ const SECTIONS: [&str; 10] = [
     "channel_gateway.",
     "handoff.",
     "routing.",
+    "webhooks.",
 ];

@@ -144,32 +144,6 @@ impl std::fmt::Debug for Service {
     }
 }
 
-/// An HTTPS client with rustls on ring and the Mozilla roots (no system OpenSSL, no aws-lc);
-/// `http2_only` for APNs, which speaks nothing else (ALPN `h2`, or prior knowledge in clear).
-fn http_client(timeout: Duration, http2_only: bool) -> Result<reqwest::Client, reqwest::Error> {
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut builder = reqwest::Client::builder();
-    if http2_only {
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        builder = builder.http2_prior_knowledge();
-    }
-    builder
-        .use_preconfigured_tls(tls)
-        .timeout(timeout)
-        .connect_timeout(timeout)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build()
-}
-
 impl Service {
     pub fn new(
         db: ServiceDb,
@@ -179,8 +153,8 @@ impl Service {
     ) -> Result<Self, GatewayError> {
         let sealer = Sealer::new(&settings.sealing_key().ok_or(GatewayError::Key)?);
         let timeout = Duration::from_millis(settings.provider_timeout_ms);
-        let http = http_client(timeout, false)?;
-        let http2 = http_client(timeout, true)?;
+        let http = c2m_runtime::http::client(timeout, false)?;
+        let http2 = c2m_runtime::http::client(timeout, true)?;
         let relay = Relay::new(db.clone(), peers.clone());
         let stages = Relay::to(messages::ToRouting, db.clone(), peers.clone());
         let lookups = Batcher::new(messages::Lookups(db.batch_pool().clone()));

@@ -1,7 +1,8 @@
 //! The Config service: the brand's control plane.
 //!
 //! Owns the `config` PostgreSQL schema: accounts and settings, handoff configurations, WhatsApp
-//! templates, API keys and the audit log.
+//! templates, API keys, webhook endpoints and the audit log; posts conversation events to the
+//! webhook endpoints (`webhooks`).
 
 #![forbid(unsafe_code)]
 
@@ -9,17 +10,19 @@ mod grpc;
 pub mod model;
 pub mod store;
 pub mod watch;
+pub mod webhooks;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::config_service_server::ConfigServiceServer;
-use c2m_runtime::{Component, auth::TokenKey};
+use c2m_runtime::{Component, auth::TokenKey, peers::Peers};
 use c2m_storage::ServiceDb;
 use sqlx::migrate::Migrator;
 
 use crate::{
     store::{ConfigStore, PgConfigStore},
     watch::Watch,
+    webhooks::{Dispatcher, WebhookSettings},
 };
 
 /// The PostgreSQL schema this service owns; no other service reads it.
@@ -35,6 +38,7 @@ pub struct Service {
     store: Arc<dyn ConfigStore>,
     key: TokenKey,
     watch: Watch,
+    webhooks: Dispatcher,
 }
 
 impl std::fmt::Debug for Service {
@@ -44,20 +48,31 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
-    pub fn new(db: ServiceDb, key: TokenKey) -> Self {
-        Self {
-            store: Arc::new(PgConfigStore::new(db.pool().clone())),
+    /// Fails only when the HTTP client for webhooks cannot be built.
+    pub fn new(
+        db: ServiceDb,
+        key: TokenKey,
+        peers: Peers,
+        webhooks: &WebhookSettings,
+    ) -> Result<Self, reqwest::Error> {
+        let store: Arc<dyn ConfigStore> = Arc::new(PgConfigStore::new(db.pool().clone()));
+        let http = c2m_runtime::http::client(Duration::from_millis(webhooks.timeout_ms), false)?;
+        Ok(Self {
+            webhooks: Dispatcher::new(store.clone(), peers, http, webhooks.clone()),
+            store,
             db,
             key,
             watch: Watch::new(),
-        }
+        })
     }
 
-    /// The gRPC service, SERVING while its schema answers.
+    /// The gRPC service, SERVING while its schema answers, with the webhook dispatcher.
     pub fn into_component(self) -> Component {
         let (watch, pool) = (self.watch.clone(), self.db.pool().clone());
+        let webhooks = self.webhooks.clone();
         Component::new(ConfigServiceServer::new(self.clone()))
             .with_probe(self.db.probe())
             .with_task(move |shutdown| watch.listen(pool, shutdown))
+            .with_task(move |shutdown| webhooks.run(shutdown))
     }
 }

@@ -426,3 +426,185 @@ impl Template {
         }
     }
 }
+
+/// The conversation events an endpoint can subscribe to, as the `type` of their payloads.
+pub const WEBHOOK_EVENT_TYPES: [&str; 7] = [
+    "conversation.opened",
+    "conversation.message",
+    "conversation.message_stage",
+    "conversation.assigned",
+    "conversation.released",
+    "conversation.transferred",
+    "conversation.closed",
+];
+const MAX_WEBHOOK_URL: usize = 2048;
+const MAX_WEBHOOK_DESCRIPTION: usize = 256;
+const MAX_WEBHOOK_EVENT_TYPES: usize = 20;
+
+/// Where an account's events are posted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookEndpoint {
+    pub id: String,
+    pub account_id: String,
+    pub url: String,
+    pub description: String,
+    /// Empty: every type.
+    pub event_types: Vec<String>,
+    pub enabled: bool,
+    pub disabled_reason: String,
+    pub failing_since: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl WebhookEndpoint {
+    /// Validates what an admin may set (URL, description, event types, state); `field` is where
+    /// the endpoint sits in the request.
+    pub fn from_wire(
+        wire: &pb::WebhookEndpoint,
+        account_id: &str,
+        field: &str,
+        violations: &mut FieldViolations,
+    ) -> Self {
+        let url = wire.url.trim();
+        if url.is_empty() || url.len() > MAX_WEBHOOK_URL {
+            violations.add(
+                format!("{field}.url"),
+                format!("required, at most {MAX_WEBHOOK_URL} characters"),
+            );
+        } else if let Err(why) = webhook_url(url) {
+            violations.add(format!("{field}.url"), why);
+        }
+        if wire.description.chars().count() > MAX_WEBHOOK_DESCRIPTION {
+            violations.add(
+                format!("{field}.description"),
+                format!("at most {MAX_WEBHOOK_DESCRIPTION} characters"),
+            );
+        }
+        if wire.event_types.len() > MAX_WEBHOOK_EVENT_TYPES {
+            violations.add(
+                format!("{field}.event_types"),
+                format!("at most {MAX_WEBHOOK_EVENT_TYPES}"),
+            );
+        }
+        let mut event_types: Vec<String> = Vec::new();
+        for (i, t) in wire.event_types.iter().enumerate() {
+            if !WEBHOOK_EVENT_TYPES.contains(&t.as_str()) {
+                violations.add(
+                    format!("{field}.event_types[{i}]"),
+                    format!(
+                        "{t:?} is not an event type: {}",
+                        WEBHOOK_EVENT_TYPES.join(", ")
+                    ),
+                );
+            } else if !event_types.contains(t) {
+                event_types.push(t.clone());
+            }
+        }
+        let enabled = match pb::WebhookEndpointState::try_from(wire.state) {
+            Ok(pb::WebhookEndpointState::Disabled) => false,
+            Ok(_) => true,
+            Err(_) => {
+                violations.add(
+                    format!("{field}.state"),
+                    format!("{} is not a state", wire.state),
+                );
+                true
+            }
+        };
+        let now = Utc::now();
+        Self {
+            id: if wire.webhook_endpoint_id.is_empty() {
+                ids::generate("whep")
+            } else {
+                wire.webhook_endpoint_id.clone()
+            },
+            account_id: account_id.to_owned(),
+            url: url.to_owned(),
+            description: wire.description.clone(),
+            event_types,
+            enabled,
+            disabled_reason: if enabled {
+                String::new()
+            } else {
+                "disabled by an admin".to_owned()
+            },
+            failing_since: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Whether events of `event_type` go to this endpoint.
+    pub fn wants(&self, event_type: &str) -> bool {
+        self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type)
+    }
+
+    pub fn to_wire(&self) -> pb::WebhookEndpoint {
+        pb::WebhookEndpoint {
+            webhook_endpoint_id: self.id.clone(),
+            account_id: self.account_id.clone(),
+            url: self.url.clone(),
+            description: self.description.clone(),
+            event_types: self.event_types.clone(),
+            state: if self.enabled {
+                pb::WebhookEndpointState::Enabled
+            } else {
+                pb::WebhookEndpointState::Disabled
+            } as i32,
+            disabled_reason: self.disabled_reason.clone(),
+            created_at: Some(c2m_proto::timestamp(self.created_at)),
+            updated_at: Some(c2m_proto::timestamp(self.updated_at)),
+            failing_since: self.failing_since.map(c2m_proto::timestamp),
+        }
+    }
+}
+
+/// An https URL, or http to a loopback address (for trying it out on one machine).
+fn webhook_url(raw: &str) -> Result<(), &'static str> {
+    let url = url::Url::parse(raw).map_err(|_| "not a URL")?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials do not belong in the URL: the signature authenticates c2m");
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => name == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err("a URL with a host"),
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err("https (http only to a loopback address)"),
+    }
+}
+
+/// One attempt to post one event to an endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookDelivery {
+    pub endpoint_id: String,
+    pub webhook_id: String,
+    pub event_type: String,
+    pub attempt: u32,
+    /// 0 when no answer came.
+    pub http_status: u16,
+    pub error: String,
+    pub duration_ms: u32,
+    pub succeeded: bool,
+    pub at: DateTime<Utc>,
+}
+
+impl WebhookDelivery {
+    pub fn to_wire(&self) -> pb::WebhookDelivery {
+        pb::WebhookDelivery {
+            webhook_id: self.webhook_id.clone(),
+            event_type: self.event_type.clone(),
+            attempt: self.attempt,
+            http_status: u32::from(self.http_status),
+            error: self.error.clone(),
+            duration_ms: self.duration_ms,
+            at: Some(c2m_proto::timestamp(self.at)),
+            succeeded: self.succeeded,
+        }
+    }
+}

@@ -87,6 +87,22 @@ async fn head(pool: &PgPool, account_id: &str) -> Result<i64, sqlx::Error> {
     )
 }
 
+/// The position of the account's last event logged before `since` (0: none).
+pub(crate) async fn before(
+    pool: &PgPool,
+    account_id: &str,
+    since: chrono::DateTime<chrono::Utc>,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce(max(position), 0) FROM conversation_events \
+         WHERE account_id = $1 AND at < $2",
+    )
+    .bind(account_id)
+    .bind(since)
+    .fetch_one(pool)
+    .await
+}
+
 /// The account's events after `position`, at most [`PAGE`], in order.
 async fn read_after(
     pool: &PgPool,

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod cache;
 pub mod health;
+pub mod http;
 pub mod ids;
 pub mod metrics;
 pub mod peers;

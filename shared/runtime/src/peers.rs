@@ -7,8 +7,10 @@ use std::{
 
 use c2m_proto::v1::{
     channel_gateway_service_client::ChannelGatewayServiceClient,
-    config_service_client::ConfigServiceClient, handoff_service_client::HandoffServiceClient,
-    reporting_service_client::ReportingServiceClient, routing_service_client::RoutingServiceClient,
+    config_service_client::ConfigServiceClient,
+    conversation_service_client::ConversationServiceClient,
+    handoff_service_client::HandoffServiceClient, reporting_service_client::ReportingServiceClient,
+    routing_service_client::RoutingServiceClient,
 };
 use serde::{Deserialize, Serialize};
 use tonic::{
@@ -247,6 +249,11 @@ impl Peers {
 
     pub fn routing(&self) -> RoutingServiceClient<Authed> {
         RoutingServiceClient::with_interceptor(self.service(Peer::Routing), self.auth.clone())
+    }
+
+    /// The agents' API, which the routing role serves beside `RoutingService`.
+    pub fn conversations(&self) -> ConversationServiceClient<Authed> {
+        ConversationServiceClient::with_interceptor(self.service(Peer::Routing), self.auth.clone())
     }
 
     pub fn channel_gateway(&self) -> ChannelGatewayServiceClient<Authed> {

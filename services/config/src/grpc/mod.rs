@@ -5,6 +5,7 @@ mod audit;
 mod configs;
 mod keys;
 mod templates;
+mod webhooks;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use c2m_proto::v1::{self as pb, config_service_server::ConfigService};
@@ -240,5 +241,61 @@ impl ConfigService for Service {
         request: Request<pb::GetWhatsAppTemplateRequest>,
     ) -> Result<Response<pb::GetWhatsAppTemplateResponse>, Status> {
         templates::get_whats_app_template(self, request).await
+    }
+
+    async fn create_webhook_endpoint(
+        &self,
+        request: Request<pb::CreateWebhookEndpointRequest>,
+    ) -> Result<Response<pb::CreateWebhookEndpointResponse>, Status> {
+        webhooks::create_webhook_endpoint(self, request).await
+    }
+
+    async fn get_webhook_endpoint(
+        &self,
+        request: Request<pb::GetWebhookEndpointRequest>,
+    ) -> Result<Response<pb::GetWebhookEndpointResponse>, Status> {
+        webhooks::get_webhook_endpoint(self, request).await
+    }
+
+    async fn list_webhook_endpoints(
+        &self,
+        request: Request<pb::ListWebhookEndpointsRequest>,
+    ) -> Result<Response<pb::ListWebhookEndpointsResponse>, Status> {
+        webhooks::list_webhook_endpoints(self, request).await
+    }
+
+    async fn update_webhook_endpoint(
+        &self,
+        request: Request<pb::UpdateWebhookEndpointRequest>,
+    ) -> Result<Response<pb::UpdateWebhookEndpointResponse>, Status> {
+        webhooks::update_webhook_endpoint(self, request).await
+    }
+
+    async fn delete_webhook_endpoint(
+        &self,
+        request: Request<pb::DeleteWebhookEndpointRequest>,
+    ) -> Result<Response<pb::DeleteWebhookEndpointResponse>, Status> {
+        webhooks::delete_webhook_endpoint(self, request).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        request: Request<pb::RotateWebhookSecretRequest>,
+    ) -> Result<Response<pb::RotateWebhookSecretResponse>, Status> {
+        webhooks::rotate_webhook_secret(self, request).await
+    }
+
+    async fn send_test_webhook(
+        &self,
+        request: Request<pb::SendTestWebhookRequest>,
+    ) -> Result<Response<pb::SendTestWebhookResponse>, Status> {
+        webhooks::send_test_webhook(self, request).await
+    }
+
+    async fn list_webhook_deliveries(
+        &self,
+        request: Request<pb::ListWebhookDeliveriesRequest>,
+    ) -> Result<Response<pb::ListWebhookDeliveriesResponse>, Status> {
+        webhooks::list_webhook_deliveries(self, request).await
     }
 }

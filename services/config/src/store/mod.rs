@@ -8,7 +8,9 @@ use async_trait::async_trait;
 use c2m_proto::v1::{Channel, WhatsAppTemplateStatus};
 use chrono::{DateTime, Utc};
 
-use crate::model::{Account, ApiKey, HandoffConfig, Settings, Template};
+use crate::model::{
+    Account, ApiKey, HandoffConfig, Settings, Template, WebhookDelivery, WebhookEndpoint,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -39,6 +41,19 @@ pub enum TemplateDeleted {
     Missing,
     /// Configurations that still send it.
     InUse(Vec<String>),
+}
+
+/// An endpoint a Config replica delivers for, with what delivering needs.
+#[derive(Debug, Clone)]
+pub struct LeasedWebhook {
+    pub endpoint: WebhookEndpoint,
+    /// The signing secret, and the one before a rotation while it is still signed with.
+    pub secret: Vec<u8>,
+    pub previous_secret: Option<Vec<u8>>,
+    /// The last conversation event posted or passed over; empty: none yet.
+    pub cursor: String,
+    /// Changes with every admin change of the endpoint.
+    pub version: i64,
 }
 
 /// One audit record.
@@ -144,6 +159,75 @@ pub trait ConfigStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
     /// The live key with this hash, marking it used.
     async fn use_api_key(&self, hash: &[u8]) -> Result<Option<ApiKey>, StoreError>;
+    async fn create_webhook_endpoint(
+        &self,
+        endpoint: &WebhookEndpoint,
+        secret: &[u8],
+        actor: Actor<'_>,
+    ) -> Result<(), StoreError>;
+    async fn webhook_endpoint(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> Result<Option<WebhookEndpoint>, StoreError>;
+    async fn webhook_endpoints(&self, account_id: &str)
+    -> Result<Vec<WebhookEndpoint>, StoreError>;
+    /// Replaces what an admin sets; a re-enabled endpoint stops failing.
+    async fn update_webhook_endpoint(
+        &self,
+        endpoint: &WebhookEndpoint,
+        actor: Actor<'_>,
+    ) -> Result<Option<WebhookEndpoint>, StoreError>;
+    async fn delete_webhook_endpoint(
+        &self,
+        account_id: &str,
+        id: &str,
+        actor: Actor<'_>,
+    ) -> Result<bool, StoreError>;
+    /// The endpoint's secret and its signatures' still-valid predecessor (for `keep_previous`).
+    async fn rotate_webhook_secret(
+        &self,
+        account_id: &str,
+        id: &str,
+        secret: &[u8],
+        keep_previous: std::time::Duration,
+        actor: Actor<'_>,
+    ) -> Result<bool, StoreError>;
+    /// The endpoint with its secrets, for a test delivery.
+    async fn webhook_for_test(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> Result<Option<LeasedWebhook>, StoreError>;
+    /// Takes or renews `owner`'s lease, for `ttl`, on every enabled endpoint no other replica
+    /// holds; the endpoints it holds now.
+    async fn lease_webhooks(
+        &self,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Vec<LeasedWebhook>, StoreError>;
+    /// An event was posted or passed over: the endpoint's position moves past it and it is not
+    /// failing. `false` when `owner` no longer holds the endpoint.
+    async fn webhook_passed(&self, id: &str, owner: &str, cursor: &str)
+    -> Result<bool, StoreError>;
+    /// A delivery failed: the endpoint fails since now unless it already did, and is disabled
+    /// once it has failed for `disable_after`. Whether it is still enabled.
+    async fn webhook_failed(
+        &self,
+        id: &str,
+        owner: &str,
+        disable_after: std::time::Duration,
+    ) -> Result<bool, StoreError>;
+    async fn record_webhook_delivery(&self, delivery: &WebhookDelivery) -> Result<(), StoreError>;
+    /// The endpoint's deliveries before `before` (0: the newest), newest first, with their ids.
+    async fn webhook_deliveries(
+        &self,
+        id: &str,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, WebhookDelivery)>, StoreError>;
+    /// Forgets deliveries older than `age`.
+    async fn prune_webhook_deliveries(&self, age: std::time::Duration) -> Result<u64, StoreError>;
     /// Audit records of an account in `[start, end)`, after record `after`, oldest first.
     async fn audit(
         &self,

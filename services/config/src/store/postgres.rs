@@ -4,14 +4,17 @@ mod accounts;
 mod audit;
 mod configs;
 mod templates;
+mod webhooks;
 
 use async_trait::async_trait;
 use c2m_proto::v1::{Channel, WhatsAppTemplateCategory, WhatsAppTemplateStatus};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
 
-use super::{Actor, AuditRecord, ConfigStore, StoreError, TemplateDeleted, Updated};
-use crate::model::{Account, ApiKey, HandoffConfig, Settings, Template};
+use super::{Actor, AuditRecord, ConfigStore, LeasedWebhook, StoreError, TemplateDeleted, Updated};
+use crate::model::{
+    Account, ApiKey, HandoffConfig, Settings, Template, WebhookDelivery, WebhookEndpoint,
+};
 
 #[derive(Debug, Clone)]
 pub struct PgConfigStore {
@@ -305,6 +308,109 @@ impl ConfigStore for PgConfigStore {
 
     async fn use_api_key(&self, hash: &[u8]) -> Result<Option<ApiKey>, StoreError> {
         accounts::use_api_key(&self.pool, hash).await
+    }
+
+    async fn create_webhook_endpoint(
+        &self,
+        endpoint: &WebhookEndpoint,
+        secret: &[u8],
+        actor: Actor<'_>,
+    ) -> Result<(), StoreError> {
+        webhooks::create(&self.pool, endpoint, secret, actor).await
+    }
+
+    async fn webhook_endpoint(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> Result<Option<WebhookEndpoint>, StoreError> {
+        webhooks::get(&self.pool, account_id, id).await
+    }
+
+    async fn webhook_endpoints(
+        &self,
+        account_id: &str,
+    ) -> Result<Vec<WebhookEndpoint>, StoreError> {
+        webhooks::list(&self.pool, account_id).await
+    }
+
+    async fn update_webhook_endpoint(
+        &self,
+        endpoint: &WebhookEndpoint,
+        actor: Actor<'_>,
+    ) -> Result<Option<WebhookEndpoint>, StoreError> {
+        webhooks::update(&self.pool, endpoint, actor).await
+    }
+
+    async fn delete_webhook_endpoint(
+        &self,
+        account_id: &str,
+        id: &str,
+        actor: Actor<'_>,
+    ) -> Result<bool, StoreError> {
+        webhooks::delete(&self.pool, account_id, id, actor).await
+    }
+
+    async fn rotate_webhook_secret(
+        &self,
+        account_id: &str,
+        id: &str,
+        secret: &[u8],
+        keep_previous: std::time::Duration,
+        actor: Actor<'_>,
+    ) -> Result<bool, StoreError> {
+        webhooks::rotate(&self.pool, account_id, id, secret, keep_previous, actor).await
+    }
+
+    async fn webhook_for_test(
+        &self,
+        account_id: &str,
+        id: &str,
+    ) -> Result<Option<LeasedWebhook>, StoreError> {
+        webhooks::for_test(&self.pool, account_id, id).await
+    }
+
+    async fn lease_webhooks(
+        &self,
+        owner: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Vec<LeasedWebhook>, StoreError> {
+        webhooks::lease(&self.pool, owner, ttl).await
+    }
+
+    async fn webhook_passed(
+        &self,
+        id: &str,
+        owner: &str,
+        cursor: &str,
+    ) -> Result<bool, StoreError> {
+        webhooks::passed(&self.pool, id, owner, cursor).await
+    }
+
+    async fn webhook_failed(
+        &self,
+        id: &str,
+        owner: &str,
+        disable_after: std::time::Duration,
+    ) -> Result<bool, StoreError> {
+        webhooks::failed(&self.pool, id, owner, disable_after).await
+    }
+
+    async fn record_webhook_delivery(&self, delivery: &WebhookDelivery) -> Result<(), StoreError> {
+        webhooks::record(&self.pool, delivery).await
+    }
+
+    async fn webhook_deliveries(
+        &self,
+        id: &str,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, WebhookDelivery)>, StoreError> {
+        webhooks::deliveries(&self.pool, id, before, limit).await
+    }
+
+    async fn prune_webhook_deliveries(&self, age: std::time::Duration) -> Result<u64, StoreError> {
+        webhooks::prune(&self.pool, age).await
     }
 
     async fn audit(

@@ -167,6 +167,10 @@ impl ConversationService for Service {
                 );
             }
         }
+        let since = r.since.as_ref().map(c2m_proto::from_timestamp);
+        if since == Some(None) {
+            violations.add("since", "not a valid timestamp");
+        }
         let after = match r.cursor.as_str() {
             "" => None,
             cursor => {
@@ -178,6 +182,14 @@ impl ConversationService for Service {
             }
         };
         violations.into_result()?;
+        let after = match (after, since.flatten()) {
+            (None, Some(since)) => Some(
+                log::before(self.db.pool(), &r.account_id, since)
+                    .await
+                    .map_err(DeskError::from)?,
+            ),
+            (after, _) => after,
+        };
         // The skills shown: those asked for, else all the caller may see.
         let skills = if r.skill_ids.is_empty() {
             access.skills.clone()
