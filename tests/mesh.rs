@@ -238,6 +238,8 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
             "api_keys",
             "audit_events",
             "handoff_configs",
+            "webhook_deliveries",
+            "webhook_endpoints",
             "whatsapp_templates"
         ]
     );

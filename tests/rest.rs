@@ -125,7 +125,7 @@ async fn an_ivr_can_deflect_over_rest_with_the_same_rules() {
         .expect("text");
     let committed = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../services/handoff/openapi.json"
+        "/../proto/openapi.json"
     ))
     .expect("committed document");
     assert_eq!(
@@ -170,5 +170,116 @@ async fn over_the_limit_rest_answers_429_with_retry_after() {
         error["details"][0]["@type"],
         "type.googleapis.com/google.rpc.RetryInfo"
     );
+    story.stop().await;
+}
+
+/// A desk that speaks HTTP only answers through the conversation routes: it lists what is open,
+/// claims, reads the transcript, answers the consumer (once, however often it retries), and
+/// closes; its mistakes come back as JSON errors naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desk_answers_a_conversation_over_rest() {
+    use crate::story::agent;
+
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let consumer = "+14155550191";
+    story
+        .deflect(
+            crate::story::handoff_request("acme", consumer, "rest-desk"),
+            &key,
+        )
+        .await;
+    story.sms_to_acme(consumer, "Hello?").await;
+    let base = format!("{}/v1/accounts/acme", story.servers[0].endpoint());
+    let desk = agent("acme", "desk-bot", &[]);
+    let get = |url: String| {
+        let desk = desk.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(desk)
+                .send()
+                .await
+                .expect("http");
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.expect("json"),
+            )
+        }
+    };
+
+    let (status, open) = get(format!(
+        "{base}/conversations?state=CONVERSATION_STATE_OPEN&consumerPhone=%2B14155550191&pageSize=10"
+    ))
+    .await;
+    assert_eq!(status, 200, "{open}");
+    let id = open["conversations"][0]["conversationId"]
+        .as_str()
+        .expect("one open conversation")
+        .to_owned();
+    let conversation = format!("{base}/conversations/{id}");
+
+    let (status, claimed, _) =
+        post(&format!("{conversation}/assign"), Some(&desk), json!({})).await;
+    assert_eq!(status, 200, "{claimed}");
+    assert_eq!(claimed["conversation"]["assignee"], "desk-bot");
+    let other = agent("acme", "agent-bob", &[]);
+    let (status, taken, _) = post(&format!("{conversation}/assign"), Some(&other), json!({})).await;
+    assert_eq!((status, taken["status"].as_str()), (409, Some("ABORTED")));
+
+    let answer = json!({ "clientMessageId": "desk-1", "text": "Hi, how can we help?" });
+    for _ in 0..2 {
+        let (status, sent, _) = post(
+            &format!("{conversation}/messages"),
+            Some(&desk),
+            answer.clone(),
+        )
+        .await;
+        assert_eq!(status, 200, "{sent}");
+        assert_eq!(sent["entry"]["stage"], "FUNNEL_STAGE_SENT");
+    }
+    let answers = story
+        .twilio
+        .sent()
+        .into_iter()
+        .filter(|sms| sms.field("Body") == "Hi, how can we help?")
+        .count();
+    assert_eq!(answers, 1, "one SMS however often the desk retries");
+    let (status, read) = get(conversation.clone()).await;
+    assert_eq!(status, 200);
+    let authors: Vec<&str> = read["conversation"]["transcript"]
+        .as_array()
+        .expect("transcript")
+        .iter()
+        .map(|e| e["author"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(authors, ["deflection", "consumer", "desk-bot"]);
+
+    let (status, error, _) = post(
+        &format!("{conversation}/messages"),
+        Some(&desk),
+        json!({ "clientMessageId": "desk-2", "text": "x".repeat(1601) }),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(error["details"][0]["fieldViolations"][0]["field"], "text");
+    let (status, error, _) = post(
+        &format!("{conversation}/close"),
+        Some(&desk),
+        json!({ "conversationId": "conv_someone_else" }),
+    )
+    .await;
+    assert_eq!(status, 400, "the path's id wins over the body's: {error}");
+
+    let (status, closed, _) = post(
+        &format!("{conversation}/close"),
+        Some(&desk),
+        json!({ "reason": "answered" }),
+    )
+    .await;
+    assert_eq!(status, 200, "{closed}");
+    assert_eq!(closed["conversation"]["state"], "CONVERSATION_STATE_CLOSED");
+    let (status, _) = get(format!("{base}/consent-changes")).await;
+    assert_eq!(status, 200);
     story.stop().await;
 }

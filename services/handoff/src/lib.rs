@@ -13,7 +13,6 @@ mod follow;
 pub mod gate;
 mod grpc;
 mod local_gate;
-mod openapi;
 pub mod render;
 mod request;
 pub mod rest;

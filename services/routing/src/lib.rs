@@ -15,6 +15,7 @@ mod desk;
 mod grpc;
 mod idle;
 mod log;
+mod rest;
 
 use std::time::Duration;
 
@@ -106,6 +107,7 @@ impl Service {
                 .with_task(move |shutdown| idle.close_idle(shutdown)),
             Component::new(ConversationServiceServer::new(self.clone()))
                 .with_probe(self.db.probe())
+                .with_http(rest::router(self.clone()))
                 .with_task(move |shutdown| feed.run(shutdown))
                 .with_draining(self.closing.clone()),
         ]

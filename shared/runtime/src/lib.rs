@@ -12,6 +12,7 @@ pub mod ids;
 pub mod metrics;
 pub mod peers;
 pub mod phone;
+pub mod rest;
 pub mod server;
 pub mod settings;
 pub mod shutdown;

@@ -192,37 +192,40 @@ pub(super) async fn inbound(
         let source = format!("keyword:{}", text.trim().to_ascii_uppercase());
         match keyword(text) {
             // The consumer is not to be messaged here again.
-            Some(Keyword::OptOut) => routing
-                .record_opt_out(pb::RecordOptOutRequest {
+            Some(Keyword::OptOut) => {
+                let opt_out = pb::RecordOptOutRequest {
                     account_id: account_id.clone(),
                     consumer_phone: from.to_owned(),
                     channel: Channel::Sms as i32,
                     source,
-                })
-                .await
-                .map(|_| ()),
-            Some(Keyword::OptIn) => routing
-                .record_opt_in(pb::RecordOptInRequest {
+                };
+                return routing.record_opt_out(opt_out).await.map(|_| ());
+            }
+            Some(Keyword::Help) => return answer_help(&service, &account_id, from, sid).await,
+            // Messages again; and the word is still an answer ("yes" to a deflection opens the
+            // conversation), so it is routed too.
+            Some(Keyword::OptIn) => {
+                let opt_in = pb::RecordOptInRequest {
                     account_id: account_id.clone(),
                     consumer_phone: from.to_owned(),
                     channel: Channel::Sms as i32,
                     source,
-                })
-                .await
-                .map(|_| ()),
-            Some(Keyword::Help) => answer_help(&service, &account_id, from, sid).await,
-            None => routing
-                .route_inbound_message(pb::RouteInboundMessageRequest {
-                    account_id: account_id.clone(),
-                    consumer_address: from.to_owned(),
-                    channel: Channel::Sms as i32,
-                    text: text.to_owned(),
-                    provider_message_id: sid.to_owned(),
-                    received_at: Some(c2m_proto::timestamp(chrono::Utc::now())),
-                })
-                .await
-                .map(|_| ()),
+                };
+                routing.record_opt_in(opt_in).await?;
+            }
+            None => {}
         }
+        routing
+            .route_inbound_message(pb::RouteInboundMessageRequest {
+                account_id: account_id.clone(),
+                consumer_address: from.to_owned(),
+                channel: Channel::Sms as i32,
+                text: text.to_owned(),
+                provider_message_id: sid.to_owned(),
+                received_at: Some(c2m_proto::timestamp(chrono::Utc::now())),
+            })
+            .await
+            .map(|_| ())
     })
     .await;
     if let Err(retry) = delivered {

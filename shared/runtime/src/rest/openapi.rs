@@ -1,11 +1,12 @@
-//! The OpenAPI document of the REST API, generated from the protobuf descriptors, so it cannot
-//! drift from the contract; `openapi.json` beside this crate is the committed copy, checked
-//! against the generated one by a test.
+//! The OpenAPI document of the REST API (the handoff role's calls for IVRs, the routing role's
+//! for desks and bots), generated from the protobuf descriptors, so it cannot drift from the
+//! contract; `proto/openapi.json` is the committed copy, checked against the generated one by a
+//! test.
 
 use prost_reflect::{Cardinality, FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value, json};
 
-use crate::rest::POOL;
+use super::POOL;
 
 const TIMESTAMP: &str = "google.protobuf.Timestamp";
 
@@ -83,10 +84,17 @@ fn add_message(message: &MessageDescriptor, schemas: &mut Map<String, Value>) {
     );
 }
 
+/// How an operation takes its request: none beyond the path, a JSON body, or the query string.
+enum Input<'a> {
+    Path,
+    Body(&'a str),
+    Query(&'a str),
+}
+
 fn operation(
     id: &str,
     summary: &str,
-    request: Option<&str>,
+    input: Input<'_>,
     response: &str,
     schemas: &mut Map<String, Value>,
 ) -> Value {
@@ -98,7 +106,7 @@ fn operation(
     let mut op = json!({
         "operationId": id,
         "summary": summary,
-        "security": [{ "apiKey": [] }],
+        "security": [{ "bearer": [] }],
         "responses": {
             "200": {
                 "description": "OK",
@@ -110,12 +118,30 @@ fn operation(
             },
         },
     });
-    if let Some(request) = request {
-        add_message(&message(request), schemas);
-        op["requestBody"] = json!({
-            "required": true,
-            "content": { "application/json": { "schema": reference(request) } },
-        });
+    match input {
+        Input::Path => {}
+        Input::Body(request) => {
+            add_message(&message(request), schemas);
+            op["requestBody"] = json!({
+                "required": true,
+                "content": { "application/json": { "schema": reference(request) } },
+            });
+        }
+        Input::Query(request) => {
+            let parameters: Vec<Value> = message(request)
+                .fields()
+                .filter(|f| f.name() != "account_id")
+                .map(|f| {
+                    json!({
+                        "name": f.json_name(),
+                        "in": "query",
+                        "required": false,
+                        "schema": scalar(&f, schemas),
+                    })
+                })
+                .collect();
+            op["parameters"] = Value::Array(parameters);
+        }
     }
     op
 }
@@ -127,26 +153,74 @@ fn path_parameter(name: &str) -> Value {
 /// The OpenAPI 3.1 document, as pretty JSON (keys sorted, so it is stable).
 pub fn document() -> String {
     let mut schemas = Map::new();
-    let create = operation(
+    let mut op = |id: &str, summary: &str, input: Input<'_>, response: &str| {
+        operation(id, summary, input, response, &mut schemas)
+    };
+    let create = op(
         "CreateHandoff",
         "Deflect a caller: send the first message on the first eligible channel",
-        Some("c2m.v1.CreateHandoffRequest"),
+        Input::Body("c2m.v1.CreateHandoffRequest"),
         "c2m.v1.CreateHandoffResponse",
-        &mut schemas,
     );
-    let check = operation(
+    let check = op(
         "CheckEligibility",
         "What CreateHandoff would do, without side effects",
-        Some("c2m.v1.CheckEligibilityRequest"),
+        Input::Body("c2m.v1.CheckEligibilityRequest"),
         "c2m.v1.CheckEligibilityResponse",
-        &mut schemas,
     );
-    let get = operation(
+    let get = op(
         "GetHandoff",
         "A handoff with its delivery progress",
-        None,
+        Input::Path,
         "c2m.v1.GetHandoffResponse",
-        &mut schemas,
+    );
+    let list_conversations = op(
+        "ListConversations",
+        "Conversations, newest first, filtered and paged (without transcripts)",
+        Input::Query("c2m.v1.ListConversationsRequest"),
+        "c2m.v1.ListConversationsResponse",
+    );
+    let get_conversation = op(
+        "GetConversation",
+        "A conversation with its whole transcript",
+        Input::Path,
+        "c2m.v1.GetConversationResponse",
+    );
+    let send = op(
+        "SendConversationMessage",
+        "Answer the consumer on the conversation's channel (idempotent on clientMessageId)",
+        Input::Body("c2m.v1.SendConversationMessageRequest"),
+        "c2m.v1.SendConversationMessageResponse",
+    );
+    let assign = op(
+        "AssignConversation",
+        "Claim a conversation (409 ABORTED naming the holder when someone else has it)",
+        Input::Body("c2m.v1.AssignConversationRequest"),
+        "c2m.v1.AssignConversationResponse",
+    );
+    let release = op(
+        "ReleaseConversation",
+        "Give a conversation back to its skill's queue",
+        Input::Body("c2m.v1.ReleaseConversationRequest"),
+        "c2m.v1.ReleaseConversationResponse",
+    );
+    let transfer = op(
+        "TransferConversation",
+        "Move a conversation to another skill",
+        Input::Body("c2m.v1.TransferConversationRequest"),
+        "c2m.v1.TransferConversationResponse",
+    );
+    let close = op(
+        "CloseConversation",
+        "Close a conversation; the consumer can be deflected again at once",
+        Input::Body("c2m.v1.CloseConversationRequest"),
+        "c2m.v1.CloseConversationResponse",
+    );
+    let consent = op(
+        "ListConsentChanges",
+        "Consumers' opt-outs and opt-ins, oldest first",
+        Input::Query("c2m.v1.ListConsentChangesRequest"),
+        "c2m.v1.ListConsentChangesResponse",
     );
     schemas.insert(
         "Error".into(),
@@ -164,12 +238,14 @@ pub fn document() -> String {
         }),
     );
     let account = path_parameter("account_id");
+    let conversation = [account.clone(), path_parameter("conversation_id")];
+    let conversations = "/v1/accounts/{account_id}/conversations/{conversation_id}";
     let doc = json!({
         "openapi": "3.1.0",
         "info": {
-            "title": "c2m Handoff REST API",
+            "title": "c2m REST API",
             "version": "v1",
-            "description": "The HandoffService RPCs for IVRs that cannot speak gRPC. Bodies are the proto3 JSON mapping of c2m.v1 (lowerCamelCase names; snake_case is accepted too). Authenticate with the account's API key: `Authorization: Bearer c2m_…`. The account in the path wins over any in the body.",
+            "description": "The gRPC calls for clients that can only make HTTP calls: HandoffService for IVRs (served by the handoff role; authenticate with the account's API key, `Authorization: Bearer c2m_…`) and ConversationService for desks and bots (served by the routing role; a token with the agent, editor or admin role; a live stream is gRPC's WatchConversations, or the account's signed webhooks). Bodies are the proto3 JSON mapping of c2m.v1 (lowerCamelCase names; snake_case is accepted too); query parameters likewise. The ids in the path win over any in the body.",
         },
         "paths": {
             "/v1/accounts/{account_id}/handoffs": {
@@ -181,13 +257,27 @@ pub fn document() -> String {
                 "post": check,
             },
             "/v1/accounts/{account_id}/handoffs/{handoff_id}": {
-                "parameters": [account, path_parameter("handoff_id")],
+                "parameters": [account.clone(), path_parameter("handoff_id")],
                 "get": get,
+            },
+            "/v1/accounts/{account_id}/conversations": {
+                "parameters": [account.clone()],
+                "get": list_conversations,
+            },
+            conversations: { "parameters": conversation.clone(), "get": get_conversation },
+            format!("{conversations}/messages"): { "parameters": conversation.clone(), "post": send },
+            format!("{conversations}/assign"): { "parameters": conversation.clone(), "post": assign },
+            format!("{conversations}/release"): { "parameters": conversation.clone(), "post": release },
+            format!("{conversations}/transfer"): { "parameters": conversation.clone(), "post": transfer },
+            format!("{conversations}/close"): { "parameters": conversation, "post": close },
+            "/v1/accounts/{account_id}/consent-changes": {
+                "parameters": [account],
+                "get": consent,
             },
         },
         "components": {
             "securitySchemes": {
-                "apiKey": { "type": "http", "scheme": "bearer", "description": "The account's API key" },
+                "bearer": { "type": "http", "scheme": "bearer", "description": "The account's API key (handoffs) or a signed token (conversations)" },
             },
             "schemas": schemas,
         },
@@ -201,10 +291,10 @@ pub fn document() -> String {
 mod tests {
     use super::document;
 
-    const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");
+    const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../proto/openapi.json");
 
     /// The committed document is the one the contract generates. After changing the proto, run
-    /// `C2M_UPDATE_OPENAPI=1 cargo test -p c2m-handoff openapi` and commit the file.
+    /// `C2M_UPDATE_OPENAPI=1 cargo test -p c2m-runtime openapi` and commit the file.
     #[test]
     fn the_committed_openapi_document_matches_the_contract() {
         let generated = document();
@@ -214,7 +304,7 @@ mod tests {
         let committed = std::fs::read_to_string(COMMITTED).unwrap_or_default();
         assert!(
             committed == generated,
-            "services/handoff/openapi.json is stale: run `C2M_UPDATE_OPENAPI=1 cargo test -p c2m-handoff openapi` and commit it"
+            "proto/openapi.json is stale: run `C2M_UPDATE_OPENAPI=1 cargo test -p c2m-runtime openapi` and commit it"
         );
     }
 
