@@ -94,6 +94,8 @@ fn validate(i: usize, event: &pb::Event, violations: &mut FieldViolations) -> Op
         ivr_number: event.ivr_number.clone(),
         error_code: event.error_code.clone(),
         source: event.source.clone(),
+        response_delay_ms: (stage == Some(FunnelStage::Answered))
+            .then(|| i64::try_from(event.response_delay_ms).unwrap_or(i64::MAX)),
     })
 }
 
@@ -148,21 +150,33 @@ impl ReportingService for Service {
             .funnel(&request.account_id, start, end, grouping)
             .await
             .map_err(db_status)?;
-        let mut rows: BTreeMap<String, Vec<pb::StageCount>> = BTreeMap::new();
+        let responses = self
+            .store
+            .first_responses(&request.account_id, start, end, grouping)
+            .await
+            .map_err(db_status)?;
+        let mut rows: BTreeMap<String, pb::FunnelRow> = BTreeMap::new();
         for (group, stage, count) in counts {
             let Some(stage) = FunnelStage::from_str_name(&stage) else {
                 continue;
             };
-            rows.entry(group).or_default().push(pb::StageCount {
+            let row = rows.entry(group.clone()).or_insert_with(|| pb::FunnelRow {
+                group,
+                ..Default::default()
+            });
+            row.counts.push(pb::StageCount {
                 stage: stage as i32,
                 count: count as u64,
             });
         }
+        for (group, p50, p90) in responses {
+            if let Some(row) = rows.get_mut(&group) {
+                row.first_response_p50_ms = u64::try_from(p50).unwrap_or_default();
+                row.first_response_p90_ms = u64::try_from(p90).unwrap_or_default();
+            }
+        }
         Ok(Response::new(pb::GetFunnelResponse {
-            rows: rows
-                .into_iter()
-                .map(|(group, counts)| pb::FunnelRow { group, counts })
-                .collect(),
+            rows: rows.into_values().collect(),
         }))
     }
 

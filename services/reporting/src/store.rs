@@ -19,6 +19,8 @@ pub struct StoredEvent {
     pub ivr_number: String,
     pub error_code: String,
     pub source: String,
+    /// ANSWERED events: milliseconds from the conversation's opening to the answer.
+    pub response_delay_ms: Option<i64>,
 }
 
 /// What funnel rows are grouped by.
@@ -29,6 +31,19 @@ pub enum Grouping {
     HandoffConfig,
     Skill,
     IvrNumber,
+}
+
+impl Grouping {
+    /// The column rows are grouped by.
+    fn column(self) -> &'static str {
+        match self {
+            Grouping::None => "''",
+            Grouping::Channel => "channel",
+            Grouping::HandoffConfig => "handoff_config_id",
+            Grouping::Skill => "skill_id",
+            Grouping::IvrNumber => "ivr_number",
+        }
+    }
 }
 
 #[async_trait]
@@ -45,6 +60,15 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<Vec<StoredEvent>, sqlx::Error>;
     /// Appends the events not seen before; returns how many were new.
     async fn append(&self, events: &[StoredEvent]) -> Result<u64, sqlx::Error>;
+    /// (group, median, 90th percentile) of the times to first response of the conversations
+    /// answered in `[start, end)`, in milliseconds.
+    async fn first_responses(
+        &self,
+        account_id: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        grouping: Grouping,
+    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error>;
     /// (group, stage name, count) for an account's events in `[start, end)`.
     async fn funnel(
         &self,
@@ -134,6 +158,7 @@ impl EventStore for PgEventStore {
                         ivr_number: String::new(),
                         error_code,
                         source,
+                        response_delay_ms: None,
                     }
                 },
             )
@@ -144,9 +169,11 @@ impl EventStore for PgEventStore {
         let column = |f: fn(&StoredEvent) -> String| events.iter().map(f).collect::<Vec<_>>();
         let done = sqlx::query(
             "INSERT INTO events (event_id, account_id, stage, occurred_at, handoff_id, \
-             handoff_config_id, channel, skill_id, conversation_id, ivr_number, error_code, source) \
+             handoff_config_id, channel, skill_id, conversation_id, ivr_number, error_code, source, \
+             response_delay_ms) \
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], \
-             $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[]) \
+             $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], \
+             $13::bigint[]) \
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(column(|e| e.event_id.clone()))
@@ -161,9 +188,33 @@ impl EventStore for PgEventStore {
         .bind(column(|e| e.ivr_number.clone()))
         .bind(column(|e| e.error_code.clone()))
         .bind(column(|e| e.source.clone()))
+        .bind(events.iter().map(|e| e.response_delay_ms).collect::<Vec<_>>())
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn first_responses(
+        &self,
+        account_id: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        grouping: Grouping,
+    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {group}::text, \
+                 percentile_disc(0.5) WITHIN GROUP (ORDER BY response_delay_ms), \
+                 percentile_disc(0.9) WITHIN GROUP (ORDER BY response_delay_ms) \
+             FROM events WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3 \
+                 AND stage = 'FUNNEL_STAGE_ANSWERED' AND response_delay_ms IS NOT NULL \
+             GROUP BY 1 ORDER BY 1",
+            group = grouping.column()
+        )))
+        .bind(account_id)
+        .bind(start)
+        .bind(end)
+        .fetch_all(&self.pool)
+        .await
     }
 
     async fn funnel(
@@ -173,13 +224,7 @@ impl EventStore for PgEventStore {
         end: DateTime<Utc>,
         grouping: Grouping,
     ) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
-        let group = match grouping {
-            Grouping::None => "''",
-            Grouping::Channel => "channel",
-            Grouping::HandoffConfig => "handoff_config_id",
-            Grouping::Skill => "skill_id",
-            Grouping::IvrNumber => "ivr_number",
-        };
+        let group = grouping.column();
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {group}::text, stage, count(*) FROM events \
              WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3 \
