@@ -202,6 +202,7 @@ async fn call(client: &mut ConfigServiceClient<GrpcChannel>, rpc: &str, caller: 
                 pb::CreateApiKeyRequest {
                     account_id: acme(),
                     name: String::new(),
+                    scopes: Vec::new(),
                 },
                 caller,
             ))

@@ -1069,3 +1069,67 @@ async fn keywords_answer_help_and_opt_a_consumer_out_and_back_in_on_the_record()
     assert_eq!(count("FUNNEL_STAGE_OPTED_OUT").await, 1);
     story.stop().await;
 }
+
+/// A bot or desk integration authenticates with an API key that has the conversations scope; an
+/// IVR's key (handoffs) cannot read conversations, and a conversations key cannot deflect.
+#[tokio::test]
+async fn an_api_key_with_the_conversations_scope_answers_and_an_ivr_key_cannot() {
+    let story = Story::start(Topology::Dev).await;
+    let ivr_key = onboard(&story, "acme").await;
+    deflect_and_reply(&story, &ivr_key, CONSUMER, "call-1").await;
+    let id = story
+        .open_conversation("acme", CONSUMER)
+        .await
+        .conversation_id;
+    let bot_key = story
+        .config()
+        .await
+        .create_api_key(authed(
+            pb::CreateApiKeyRequest {
+                account_id: "acme".into(),
+                name: "faq-bot".into(),
+                scopes: vec![pb::ApiKeyScope::Conversations as i32],
+            },
+            &token(AuthRole::Admin, Some("acme")),
+        ))
+        .await
+        .expect("a conversations key")
+        .into_inner();
+    assert_eq!(
+        bot_key.api_key.expect("key").scopes,
+        [pb::ApiKeyScope::Conversations as i32]
+    );
+    let bot = bot_key.plaintext;
+
+    let entry = send(&story, &bot, reply(&id, "b-1", "I am the FAQ bot"))
+        .await
+        .expect("sent");
+    assert_eq!(entry.author, "key:faq-bot");
+    assert_eq!(entry.stage, FunnelStage::Sent as i32);
+    let claimed = assign(&story, &bot, &id).await.expect("claimed");
+    assert_eq!(claimed.assignee, "key:faq-bot");
+
+    let refused = conversation(&story, &ivr_key, &id)
+        .await
+        .expect_err("an IVR's key");
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let deflecting = story
+        .handoff()
+        .await
+        .create_handoff(authed(
+            handoff_request("acme", "+14155550399", "bot-call"),
+            &bot,
+        ))
+        .await
+        .expect_err("a conversations key deflects no one");
+    assert_eq!(deflecting.code(), Code::PermissionDenied);
+    let other = conversation(&story, &bot, "conv_unknown")
+        .await
+        .expect_err("none");
+    assert_eq!(other.code(), Code::NotFound);
+    let unknown = conversation(&story, "c2m_not_a_key", &id)
+        .await
+        .expect_err("unknown key");
+    assert_eq!(unknown.code(), Code::Unauthenticated);
+    story.stop().await;
+}

@@ -326,6 +326,7 @@ pub async fn onboard(story: &Story, account_id: &str) -> String {
             pb::CreateApiKeyRequest {
                 account_id: account_id.to_owned(),
                 name: "ivr".to_owned(),
+                scopes: Vec::new(),
             },
             &admin,
         ))

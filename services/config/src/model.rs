@@ -316,6 +316,7 @@ pub struct ApiKey {
     pub account_id: String,
     pub name: String,
     pub prefix: String,
+    pub scopes: Vec<pb::ApiKeyScope>,
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -331,7 +332,32 @@ impl ApiKey {
             created_at: Some(c2m_proto::timestamp(self.created_at)),
             last_used_at: self.last_used_at.map(c2m_proto::timestamp),
             revoked_at: self.revoked_at.map(c2m_proto::timestamp),
+            scopes: self.scopes.iter().map(|s| *s as i32).collect(),
         }
+    }
+
+    /// Validates requested scopes: known, each once; none means handoffs (an IVR's key).
+    pub fn scopes_from_wire(
+        wire: &[i32],
+        violations: &mut FieldViolations,
+    ) -> Vec<pb::ApiKeyScope> {
+        let mut scopes = Vec::new();
+        for (i, raw) in wire.iter().enumerate() {
+            match pb::ApiKeyScope::try_from(*raw) {
+                Ok(pb::ApiKeyScope::Unspecified) | Err(_) => violations.add(
+                    format!("scopes[{i}]"),
+                    format!("{raw} is not a scope: API_KEY_SCOPE_HANDOFFS or API_KEY_SCOPE_CONVERSATIONS"),
+                ),
+                Ok(scope) if scopes.contains(&scope) => {
+                    violations.add(format!("scopes[{i}]"), "listed twice")
+                }
+                Ok(scope) => scopes.push(scope),
+            }
+        }
+        if scopes.is_empty() {
+            scopes.push(pb::ApiKeyScope::Handoffs);
+        }
+        scopes
     }
 }
 

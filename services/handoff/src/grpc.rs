@@ -85,10 +85,10 @@ impl Service {
     async fn authenticate(&self, metadata: &MetadataMap, account_id: &str) -> Result<(), Status> {
         let presented = auth::bearer(metadata)?;
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let owner = match self.api_keys.get(&digest) {
+        let (owner, for_handoffs) = match self.api_keys.get(&digest) {
             Some(owner) => owner,
             None => {
-                let owner = self
+                let key = self
                     .peers
                     .config()
                     .authenticate_api_key(pb::AuthenticateApiKeyRequest {
@@ -102,12 +102,20 @@ impl Service {
                             Status::unavailable("cannot check the api key now, retry")
                         }
                     })?
-                    .into_inner()
-                    .account_id;
+                    .into_inner();
+                let owner = (
+                    key.account_id,
+                    key.scopes.contains(&(pb::ApiKeyScope::Handoffs as i32)),
+                );
                 self.api_keys.insert(digest, owner.clone());
                 owner
             }
         };
+        if !for_handoffs {
+            return Err(Status::permission_denied(
+                "this api key is not for handoffs (its scopes lack API_KEY_SCOPE_HANDOFFS)",
+            ));
+        }
         if owner != account_id {
             return Err(Status::permission_denied(format!(
                 "this api key belongs to another account than {account_id}"

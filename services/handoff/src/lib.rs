@@ -76,7 +76,8 @@ pub struct Service {
     gate: Gate,
     saves: Batcher<store::Saves>,
     replays: Batcher<store::Replays>,
-    api_keys: Arc<TtlCache<[u8; 32], String>>,
+    /// API keys by their SHA-256: the account, and whether the key is for handoffs.
+    api_keys: Arc<TtlCache<[u8; 32], (String, bool)>>,
     accounts: Arc<TtlCache<String, pb::Account>>,
     configs: Arc<TtlCache<(String, String), pb::HandoffConfig>>,
     templates: Arc<TtlCache<(String, String), pb::WhatsAppTemplate>>,

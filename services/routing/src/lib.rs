@@ -17,7 +17,9 @@ mod idle;
 mod log;
 mod rest;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
+
+use c2m_runtime::cache::TtlCache;
 
 use c2m_proto::v1::{
     conversation_service_server::ConversationServiceServer,
@@ -68,7 +70,12 @@ pub struct Service {
     /// Cancelled when the server stops taking requests: watch streams end then.
     closing: CancellationToken,
     idle_sweep: Duration,
+    /// API keys by their SHA-256, as Config answered for them.
+    api_keys: Arc<TtlCache<[u8; 32], c2m_proto::v1::AuthenticateApiKeyResponse>>,
 }
+
+/// How long an API key Config vouched for is trusted without asking again.
+pub(crate) const API_KEY_TTL: Duration = Duration::from_secs(30);
 
 impl Service {
     pub fn new(
@@ -84,6 +91,7 @@ impl Service {
             feed: log::Feed::new(db.pool().clone(), closing.clone()),
             closing,
             idle_sweep: Duration::from_millis(settings.idle_sweep_ms),
+            api_keys: Arc::new(TtlCache::new(API_KEY_TTL, 100_000)),
             checks: Batcher::new(deflections::Checks(db.batch_pool().clone())),
             db,
             redis,

@@ -13,12 +13,12 @@ pub(super) async fn create_api_key(
     let request = request.into_inner();
     caller.authorize(&request.account_id, Role::Admin)?;
     let name = request.name.trim().to_owned();
+    let mut violations = FieldViolations::new();
     if name.is_empty() || name.chars().count() > 100 {
-        return Err(status::invalid_field(
-            "name",
-            "required, at most 100 characters",
-        ));
+        violations.add("name", "required, at most 100 characters");
     }
+    let scopes = ApiKey::scopes_from_wire(&request.scopes, &mut violations);
+    violations.into_result()?;
     service.existing_account(&request.account_id).await?;
     let plaintext = new_api_key()?;
     let key = ApiKey {
@@ -26,6 +26,7 @@ pub(super) async fn create_api_key(
         account_id: request.account_id,
         name,
         prefix: plaintext.chars().take(12).collect(),
+        scopes,
         created_at: Utc::now(),
         last_used_at: None,
         revoked_at: None,
@@ -95,5 +96,7 @@ pub(super) async fn authenticate_api_key(
     Ok(Response::new(pb::AuthenticateApiKeyResponse {
         account_id: key.account_id,
         api_key_id: key.id,
+        scopes: key.scopes.iter().map(|s| *s as i32).collect(),
+        name: key.name,
     }))
 }

@@ -99,7 +99,7 @@ fn config_row(row: PgRow) -> Result<HandoffConfig, sqlx::Error> {
 }
 
 const KEY_COLUMNS: &str =
-    "api_key_id, account_id, name, prefix, created_at, last_used_at, revoked_at";
+    "api_key_id, account_id, name, prefix, created_at, last_used_at, revoked_at, scopes";
 
 fn api_key_row(row: PgRow) -> Result<ApiKey, sqlx::Error> {
     Ok(ApiKey {
@@ -110,6 +110,11 @@ fn api_key_row(row: PgRow) -> Result<ApiKey, sqlx::Error> {
         created_at: row.try_get("created_at")?,
         last_used_at: row.try_get::<Option<DateTime<Utc>>, _>("last_used_at")?,
         revoked_at: row.try_get::<Option<DateTime<Utc>>, _>("revoked_at")?,
+        scopes: row
+            .try_get::<Vec<String>, _>("scopes")?
+            .iter()
+            .filter_map(|s| c2m_proto::v1::ApiKeyScope::from_str_name(s))
+            .collect(),
     })
 }
 

@@ -11,6 +11,7 @@ use c2m_runtime::{
     auth::ConversationAccess,
     status::{self, FieldViolations},
 };
+use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
@@ -77,14 +78,76 @@ pub(crate) fn id(violations: &mut FieldViolations, field: &str, value: &str) {
     }
 }
 
+/// API keys start so; anything else presented is a token.
+const API_KEY_PREFIX: &str = "c2m_";
+
+impl Service {
+    /// What the caller may do with `account_id`'s conversations: from its token's role, or from
+    /// an API key with the conversations scope (a bot or desk integration: an agent of every
+    /// skill, acting as `key:<name>`). Keys are checked with Config and remembered briefly, so a
+    /// revoked key stops working within [`crate::API_KEY_TTL`].
+    pub(crate) async fn access(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        account_id: &str,
+    ) -> Result<ConversationAccess, Status> {
+        let presented = c2m_runtime::auth::bearer(metadata)?;
+        if !presented.starts_with(API_KEY_PREFIX) {
+            return self.key.caller(metadata)?.conversations(account_id);
+        }
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let key = match self.api_keys.get(&digest) {
+            Some(key) => key,
+            None => {
+                let key = self
+                    .peers
+                    .config()
+                    .authenticate_api_key(pb::AuthenticateApiKeyRequest {
+                        plaintext: presented.to_owned(),
+                    })
+                    .await
+                    .map_err(|s| match s.code() {
+                        Code::NotFound => Status::unauthenticated("unknown or revoked api key"),
+                        _ => {
+                            tracing::warn!(status = %s, "config unavailable for an api key check");
+                            Status::unavailable("cannot check the api key now, retry")
+                        }
+                    })?
+                    .into_inner();
+                self.api_keys.insert(digest, key.clone());
+                key
+            }
+        };
+        if key.account_id != account_id {
+            return Err(Status::permission_denied(format!(
+                "this api key belongs to another account than {account_id}"
+            )));
+        }
+        if !key
+            .scopes
+            .contains(&(pb::ApiKeyScope::Conversations as i32))
+        {
+            return Err(Status::permission_denied(
+                "this api key is not for conversations (its scopes lack API_KEY_SCOPE_CONVERSATIONS)",
+            ));
+        }
+        Ok(ConversationAccess {
+            actor: format!("key:{}", key.name),
+            skills: None,
+            act: true,
+            supervise: false,
+        })
+    }
+}
+
 /// The caller's access to the account's conversations, and the id of the one it names.
-fn caller(
+async fn caller(
     service: &Service,
     metadata: &tonic::metadata::MetadataMap,
     account_id: &str,
     conversation_id: &str,
 ) -> Result<ConversationAccess, Status> {
-    let access = service.key.caller(metadata)?.conversations(account_id)?;
+    let access = service.access(metadata, account_id).await?;
     let mut violations = FieldViolations::new();
     id(&mut violations, "conversation_id", conversation_id);
     violations.into_result()?;
@@ -129,7 +192,7 @@ impl ConversationService for Service {
         request: Request<pb::GetConversationRequest>,
     ) -> Result<Response<pb::GetConversationResponse>, Status> {
         let r = request.get_ref();
-        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id)?;
+        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id).await?;
         let mut conn = self.db.pool().acquire().await.map_err(DeskError::from)?;
         let conversation = crate::conversations::load(&mut conn, &r.account_id, &r.conversation_id)
             .await
@@ -146,9 +209,8 @@ impl ConversationService for Service {
         request: Request<pb::WatchConversationsRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let access = self
-            .key
-            .caller(request.metadata())?
-            .conversations(&request.get_ref().account_id)?;
+            .access(request.metadata(), &request.get_ref().account_id)
+            .await?;
         let r = request.into_inner();
         let mut violations = FieldViolations::new();
         if r.skill_ids.len() > MAX_SKILLS {
@@ -217,7 +279,7 @@ impl ConversationService for Service {
         request: Request<pb::AssignConversationRequest>,
     ) -> Result<Response<pb::AssignConversationResponse>, Status> {
         let r = request.get_ref();
-        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id)?;
+        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id).await?;
         acting(&access)?;
         let assignee = if r.assignee.is_empty() {
             access.actor.clone()
@@ -266,7 +328,7 @@ impl ConversationService for Service {
         request: Request<pb::ReleaseConversationRequest>,
     ) -> Result<Response<pb::ReleaseConversationResponse>, Status> {
         let r = request.get_ref();
-        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id)?;
+        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id).await?;
         acting(&access)?;
         let conversation = store::change(
             &self.db,
@@ -286,7 +348,7 @@ impl ConversationService for Service {
         request: Request<pb::TransferConversationRequest>,
     ) -> Result<Response<pb::TransferConversationResponse>, Status> {
         let r = request.get_ref();
-        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id)?;
+        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id).await?;
         acting(&access)?;
         let mut violations = FieldViolations::new();
         id(&mut violations, "skill_id", &r.skill_id);
@@ -309,7 +371,7 @@ impl ConversationService for Service {
         request: Request<pb::CloseConversationRequest>,
     ) -> Result<Response<pb::CloseConversationResponse>, Status> {
         let r = request.get_ref();
-        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id)?;
+        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id).await?;
         acting(&access)?;
         if r.reason.len() > MAX_REASON {
             return Err(status::invalid_field(
@@ -396,7 +458,7 @@ impl ConversationService for Service {
         request: Request<pb::SendConversationMessageRequest>,
     ) -> Result<Response<pb::SendConversationMessageResponse>, Status> {
         let r = request.get_ref();
-        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id)?;
+        let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id).await?;
         acting(&access)?;
         let entry = reply::send(self, &access, r).await?;
         Ok(Response::new(pb::SendConversationMessageResponse {

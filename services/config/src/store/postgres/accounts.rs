@@ -108,8 +108,8 @@ pub(super) async fn create_api_key(
 ) -> Result<(), StoreError> {
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "INSERT INTO api_keys (api_key_id, account_id, name, prefix, key_hash, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO api_keys (api_key_id, account_id, name, prefix, key_hash, created_at, scopes) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(&k.id)
     .bind(&k.account_id)
@@ -117,6 +117,7 @@ pub(super) async fn create_api_key(
     .bind(&k.prefix)
     .bind(hash)
     .bind(k.created_at)
+    .bind(k.scopes.iter().map(|s| s.as_str_name()).collect::<Vec<_>>())
     .execute(&mut *tx)
     .await
     .map_err(conflict("api key"))?;
