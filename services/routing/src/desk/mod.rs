@@ -172,10 +172,7 @@ impl ConversationService for Service {
         request: Request<pb::ListConversationsRequest>,
     ) -> Result<Response<pb::ListConversationsResponse>, Status> {
         let r = request.get_ref();
-        let access = self
-            .key
-            .caller(request.metadata())?
-            .conversations(&r.account_id)?;
+        let access = self.access(request.metadata(), &r.account_id).await?;
         let listing = Listing::from_wire(r, &access)?;
         let mut conn = self.db.pool().acquire().await.map_err(DeskError::from)?;
         let (conversations, next_page_token) = store::list(&mut conn, &listing)
@@ -405,9 +402,7 @@ impl ConversationService for Service {
         request: Request<pb::ListConsentChangesRequest>,
     ) -> Result<Response<pb::ListConsentChangesResponse>, Status> {
         let r = request.get_ref();
-        self.key
-            .caller(request.metadata())?
-            .conversations(&r.account_id)?;
+        self.access(request.metadata(), &r.account_id).await?;
         let mut violations = FieldViolations::new();
         if !r.consumer_phone.is_empty() && !c2m_runtime::is_e164(&r.consumer_phone) {
             violations.add("consumer_phone", "an E.164 number");
