@@ -33,17 +33,6 @@ impl Destination for ToRouting {
     }
 }
 
-/// Where a stage sits on the way to the consumer; FAILED ends the way.
-fn rank(stage: FunnelStage) -> u8 {
-    match stage {
-        FunnelStage::Sent => 1,
-        FunnelStage::Delivered => 2,
-        FunnelStage::Read => 3,
-        FunnelStage::Failed => 4,
-        _ => 0,
-    }
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outbound {
     pub message_id: String,
@@ -267,7 +256,9 @@ pub async fn advance(
         (_, Some(FunnelStage::Failed)) => vec![],
         (from, Some(to)) => [FunnelStage::Delivered, FunnelStage::Read]
             .into_iter()
-            .filter(|s| rank(*s) > rank(from) && rank(*s) <= rank(to))
+            .filter(|s| {
+                s.delivery_rank() > from.delivery_rank() && s.delivery_rank() <= to.delivery_rank()
+            })
             .collect(),
     };
     if passed.is_empty() && !confirms {

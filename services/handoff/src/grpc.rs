@@ -7,8 +7,7 @@ use c2m_proto::v1::{
 use c2m_runtime::{auth, ids, mask_phone, metrics, status};
 use c2m_storage::outbox;
 use chrono::Utc;
-use sha2::{Digest, Sha256};
-use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
+use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tracing::Instrument;
 
 use std::{
@@ -81,46 +80,18 @@ fn outcome_stage(status: HandoffStatus) -> FunnelStage {
 }
 
 impl Service {
-    /// The account an IVR's API key belongs to; the request must be for that account.
+    /// The account an IVR's API key belongs to; the request must be for that account, and the
+    /// key for handoffs.
     async fn authenticate(&self, metadata: &MetadataMap, account_id: &str) -> Result<(), Status> {
         let presented = auth::bearer(metadata)?;
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let (owner, for_handoffs) = match self.api_keys.get(&digest) {
-            Some(owner) => owner,
-            None => {
-                let key = self
-                    .peers
-                    .config()
-                    .authenticate_api_key(pb::AuthenticateApiKeyRequest {
-                        plaintext: presented.to_owned(),
-                    })
-                    .await
-                    .map_err(|s| match s.code() {
-                        Code::NotFound => Status::unauthenticated("unknown or revoked api key"),
-                        _ => {
-                            tracing::warn!(status = %s, "config unavailable for api key check");
-                            Status::unavailable("cannot check the api key now, retry")
-                        }
-                    })?
-                    .into_inner();
-                let owner = (
-                    key.account_id,
-                    key.scopes.contains(&(pb::ApiKeyScope::Handoffs as i32)),
-                );
-                self.api_keys.insert(digest, owner.clone());
-                owner
-            }
-        };
-        if !for_handoffs {
-            return Err(Status::permission_denied(
-                "this api key is not for handoffs (its scopes lack API_KEY_SCOPE_HANDOFFS)",
-            ));
-        }
-        if owner != account_id {
-            return Err(Status::permission_denied(format!(
-                "this api key belongs to another account than {account_id}"
-            )));
-        }
+        self.api_keys
+            .authorize(
+                &self.peers,
+                presented,
+                account_id,
+                pb::ApiKeyScope::Handoffs,
+            )
+            .await?;
         Ok(())
     }
 

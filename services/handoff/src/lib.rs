@@ -21,7 +21,9 @@ mod store;
 use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::{self as pb, handoff_service_server::HandoffServiceServer};
-use c2m_runtime::{Component, TaskTracker, auth::TokenKey, cache::TtlCache, peers::Peers};
+use c2m_runtime::{
+    Component, TaskTracker, api_keys::ApiKeys, auth::TokenKey, cache::TtlCache, peers::Peers,
+};
 use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
@@ -76,8 +78,7 @@ pub struct Service {
     gate: Gate,
     saves: Batcher<store::Saves>,
     replays: Batcher<store::Replays>,
-    /// API keys by their SHA-256: the account, and whether the key is for handoffs.
-    api_keys: Arc<TtlCache<[u8; 32], (String, bool)>>,
+    api_keys: Arc<ApiKeys>,
     accounts: Arc<TtlCache<String, pb::Account>>,
     configs: Arc<TtlCache<(String, String), pb::HandoffConfig>>,
     templates: Arc<TtlCache<(String, String), pb::WhatsAppTemplate>>,
@@ -112,7 +113,7 @@ impl Service {
             ),
             saves: Batcher::new(store::Saves(db.batch_pool().clone())),
             replays: Batcher::new(store::Replays(db.batch_pool().clone())),
-            api_keys: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
+            api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
             accounts: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             configs: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             templates: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),

@@ -19,7 +19,7 @@ mod rest;
 
 use std::{sync::Arc, time::Duration};
 
-use c2m_runtime::cache::TtlCache;
+use c2m_runtime::api_keys::ApiKeys;
 
 use c2m_proto::v1::{
     conversation_service_server::ConversationServiceServer,
@@ -70,12 +70,9 @@ pub struct Service {
     /// Cancelled when the server stops taking requests: watch streams end then.
     closing: CancellationToken,
     idle_sweep: Duration,
-    /// API keys by their SHA-256, as Config answered for them.
-    api_keys: Arc<TtlCache<[u8; 32], c2m_proto::v1::AuthenticateApiKeyResponse>>,
+    /// Bots' and desks' API keys, as Config vouched for them (30 s).
+    api_keys: Arc<ApiKeys>,
 }
-
-/// How long an API key Config vouched for is trusted without asking again.
-pub(crate) const API_KEY_TTL: Duration = Duration::from_secs(30);
 
 impl Service {
     pub fn new(
@@ -91,7 +88,7 @@ impl Service {
             feed: log::Feed::new(db.pool().clone(), closing.clone()),
             closing,
             idle_sweep: Duration::from_millis(settings.idle_sweep_ms),
-            api_keys: Arc::new(TtlCache::new(API_KEY_TTL, 100_000)),
+            api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
             checks: Batcher::new(deflections::Checks(db.batch_pool().clone())),
             db,
             redis,

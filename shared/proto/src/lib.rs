@@ -7,6 +7,21 @@ pub mod v1 {
     tonic::include_proto!("c2m.v1");
 }
 
+impl v1::FunnelStage {
+    /// Where a message's delivery stage sits on the way to the consumer (SENT 1, DELIVERED 2,
+    /// READ 3; FAILED 4 ends the way; 0 for stages that are not a message's): stages only move to
+    /// a higher rank.
+    pub fn delivery_rank(self) -> u8 {
+        match self {
+            Self::Sent => 1,
+            Self::Delivered => 2,
+            Self::Read => 3,
+            Self::Failed => 4,
+            _ => 0,
+        }
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every c2m proto file, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/c2m_descriptor.bin"));

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api_keys;
 pub mod auth;
 pub mod cache;
 pub mod health;

@@ -8,10 +8,10 @@ mod store;
 
 use c2m_proto::v1::{self as pb, conversation_service_server::ConversationService};
 use c2m_runtime::{
+    api_keys,
     auth::ConversationAccess,
     status::{self, FieldViolations},
 };
-use sha2::{Digest, Sha256};
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
@@ -78,59 +78,28 @@ pub(crate) fn id(violations: &mut FieldViolations, field: &str, value: &str) {
     }
 }
 
-/// API keys start so; anything else presented is a token.
-const API_KEY_PREFIX: &str = "c2m_";
-
 impl Service {
     /// What the caller may do with `account_id`'s conversations: from its token's role, or from
     /// an API key with the conversations scope (a bot or desk integration: an agent of every
-    /// skill, acting as `key:<name>`). Keys are checked with Config and remembered briefly, so a
-    /// revoked key stops working within [`crate::API_KEY_TTL`].
+    /// skill, acting as `key:<name>`).
     pub(crate) async fn access(
         &self,
         metadata: &tonic::metadata::MetadataMap,
         account_id: &str,
     ) -> Result<ConversationAccess, Status> {
         let presented = c2m_runtime::auth::bearer(metadata)?;
-        if !presented.starts_with(API_KEY_PREFIX) {
+        if !presented.starts_with(api_keys::PREFIX) {
             return self.key.caller(metadata)?.conversations(account_id);
         }
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let key = match self.api_keys.get(&digest) {
-            Some(key) => key,
-            None => {
-                let key = self
-                    .peers
-                    .config()
-                    .authenticate_api_key(pb::AuthenticateApiKeyRequest {
-                        plaintext: presented.to_owned(),
-                    })
-                    .await
-                    .map_err(|s| match s.code() {
-                        Code::NotFound => Status::unauthenticated("unknown or revoked api key"),
-                        _ => {
-                            tracing::warn!(status = %s, "config unavailable for an api key check");
-                            Status::unavailable("cannot check the api key now, retry")
-                        }
-                    })?
-                    .into_inner();
-                self.api_keys.insert(digest, key.clone());
-                key
-            }
-        };
-        if key.account_id != account_id {
-            return Err(Status::permission_denied(format!(
-                "this api key belongs to another account than {account_id}"
-            )));
-        }
-        if !key
-            .scopes
-            .contains(&(pb::ApiKeyScope::Conversations as i32))
-        {
-            return Err(Status::permission_denied(
-                "this api key is not for conversations (its scopes lack API_KEY_SCOPE_CONVERSATIONS)",
-            ));
-        }
+        let key = self
+            .api_keys
+            .authorize(
+                &self.peers,
+                presented,
+                account_id,
+                pb::ApiKeyScope::Conversations,
+            )
+            .await?;
         Ok(ConversationAccess {
             actor: format!("key:{}", key.name),
             skills: None,

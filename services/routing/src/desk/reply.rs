@@ -318,7 +318,7 @@ impl Service {
         };
         let current = conversations::transcript_entry(&row)?;
         let was = FunnelStage::try_from(current.stage).unwrap_or_default();
-        if rank(stage) <= rank(was) || was == FunnelStage::Failed {
+        if stage.delivery_rank() <= was.delivery_rank() || was == FunnelStage::Failed {
             return Ok(Some(current));
         }
         let conversation_id: String = row.try_get("conversation_id")?;
@@ -364,17 +364,6 @@ impl Service {
             self.relay.wake();
         }
         Ok(Some(entry))
-    }
-}
-
-/// Where a stage sits on the way to the consumer; FAILED ends the way.
-fn rank(stage: FunnelStage) -> u8 {
-    match stage {
-        FunnelStage::Sent => 1,
-        FunnelStage::Delivered => 2,
-        FunnelStage::Read => 3,
-        FunnelStage::Failed => 4,
-        _ => 0,
     }
 }
 

@@ -1,0 +1,80 @@
+//! API keys as the services that take them see them: Config vouches for a key (it keeps only
+//! their hashes), and each service remembers the answer briefly, so a key costs a call to Config
+//! once per TTL rather than once per request, and a revoked key stops working within the TTL.
+
+use std::time::Duration;
+
+use c2m_proto::v1::{self as pb, ApiKeyScope};
+use sha2::{Digest, Sha256};
+use tonic::{Code, Status};
+
+use crate::{cache::TtlCache, peers::Peers};
+
+/// API keys start so; anything else presented as a bearer credential is a token.
+pub const PREFIX: &str = "c2m_";
+
+/// Keys Config vouched for, by their SHA-256.
+#[derive(Debug)]
+pub struct ApiKeys {
+    known: TtlCache<[u8; 32], pb::AuthenticateApiKeyResponse>,
+}
+
+impl ApiKeys {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            known: TtlCache::new(ttl, 100_000),
+        }
+    }
+
+    /// Forgets every key, for a service told that keys changed (one was revoked): the next
+    /// request asks Config again.
+    pub fn clear(&self) {
+        self.known.clear();
+    }
+
+    /// The key `presented` if it is live, of `account_id` and has `scope`: UNAUTHENTICATED for
+    /// an unknown or revoked key, PERMISSION_DENIED for another account's or a scope it lacks,
+    /// UNAVAILABLE while Config cannot be asked.
+    pub async fn authorize(
+        &self,
+        peers: &Peers,
+        presented: &str,
+        account_id: &str,
+        scope: ApiKeyScope,
+    ) -> Result<pb::AuthenticateApiKeyResponse, Status> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let key = match self.known.get(&digest) {
+            Some(key) => key,
+            None => {
+                let key = peers
+                    .config()
+                    .authenticate_api_key(pb::AuthenticateApiKeyRequest {
+                        plaintext: presented.to_owned(),
+                    })
+                    .await
+                    .map_err(|s| match s.code() {
+                        Code::NotFound => Status::unauthenticated("unknown or revoked api key"),
+                        _ => {
+                            tracing::warn!(status = %s, "config unavailable for an api key check");
+                            Status::unavailable("cannot check the api key now, retry")
+                        }
+                    })?
+                    .into_inner();
+                self.known.insert(digest, key.clone());
+                key
+            }
+        };
+        if key.account_id != account_id {
+            return Err(Status::permission_denied(format!(
+                "this api key belongs to another account than {account_id}"
+            )));
+        }
+        if !key.scopes.contains(&(scope as i32)) {
+            return Err(Status::permission_denied(format!(
+                "this api key lacks the scope {}",
+                scope.as_str_name()
+            )));
+        }
+        Ok(key)
+    }
+}
