@@ -435,6 +435,18 @@ async fn a_stream_resumes_from_its_cursor_on_any_replica_without_gaps_or_repeats
         describe(everything.last().expect("events")),
         "transferred billing-agents -> sales"
     );
+    eventually_eq(
+        "the transfer counted",
+        Duration::from_secs(10),
+        &Some(1),
+        || async {
+            funnel(&story, "acme")
+                .await
+                .get("CHANNEL_SMS")
+                .and_then(|stages| stages.get("FUNNEL_STAGE_CONVERSATION_TRANSFERRED").copied())
+        },
+    )
+    .await;
 
     let second = replica(&story).await;
     let routing_b = crate::grpc::channel(&second.endpoint()).await;

@@ -274,7 +274,7 @@ impl ConversationService for Service {
             .into());
         }
         let conversation = store::change(
-            &self.db,
+            self,
             &r.account_id,
             &r.conversation_id,
             &access,
@@ -297,7 +297,7 @@ impl ConversationService for Service {
         let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id).await?;
         acting(&access)?;
         let conversation = store::change(
-            &self.db,
+            self,
             &r.account_id,
             &r.conversation_id,
             &access,
@@ -320,7 +320,7 @@ impl ConversationService for Service {
         id(&mut violations, "skill_id", &r.skill_id);
         violations.into_result()?;
         let conversation = store::change(
-            &self.db,
+            self,
             &r.account_id,
             &r.conversation_id,
             &access,

@@ -4,7 +4,7 @@
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use c2m_proto::v1::{self as pb, Channel, FunnelStage, conversation_event::Kind};
 use c2m_runtime::{auth::ConversationAccess, is_e164, status::FieldViolations};
-use c2m_storage::{ServiceDb, outbox};
+use c2m_storage::outbox;
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
 use tonic::Status;
@@ -194,13 +194,13 @@ pub(crate) enum Assignment<'a> {
 /// Changes who holds a conversation or which skill it is on. Concurrent changes of one
 /// conversation wait for each other on its row, so of two claims exactly one finds it free.
 pub(crate) async fn change(
-    db: &ServiceDb,
+    service: &Service,
     account_id: &str,
     conversation_id: &str,
     access: &ConversationAccess,
     assignment: Assignment<'_>,
 ) -> Result<pb::Conversation, DeskError> {
-    let mut tx = db.pool().begin().await?;
+    let mut tx = service.db.pool().begin().await?;
     let current = locked(
         &mut tx,
         account_id,
@@ -256,6 +256,18 @@ pub(crate) async fn change(
             (None, to, kind)
         }
     };
+    let transferred = matches!(kind, Kind::Transferred(_));
+    if transferred {
+        let funnel = pb::Event {
+            conversation_id: conversation_id.to_owned(),
+            handoff_id: current.handoff_id.clone(),
+            channel: current.channel,
+            skill_id: skill_id.to_owned(),
+            source: access.actor.clone(),
+            ..outbox::event(account_id, FunnelStage::ConversationTransferred)
+        };
+        outbox::enqueue(&mut tx, &[funnel]).await?;
+    }
     sqlx::query("UPDATE conversations SET assignee = $2, skill_id = $3 WHERE conversation_id = $1")
         .bind(conversation_id)
         .bind(assignee)
@@ -268,6 +280,9 @@ pub(crate) async fn change(
         .await?
         .ok_or_else(|| DeskError::NotFound(conversation_id.to_owned()))?;
     tx.commit().await?;
+    if transferred {
+        service.relay.wake();
+    }
     Ok(changed)
 }
 
