@@ -106,7 +106,7 @@ pub(crate) fn reply(
         conversation_id: conversation_id.into(),
         client_message_id: client_message_id.into(),
         text: text.into(),
-        whatsapp_template: None,
+        ..Default::default()
     }
 }
 
@@ -281,6 +281,27 @@ async fn an_agent_sees_answers_and_closes_a_deflected_conversation() {
         describe(&next(&mut stream).await),
         format!("stage out {answer:?} by agent-ada (FUNNEL_STAGE_DELIVERED)")
     );
+    // A picture goes with the text as an MMS.
+    let bill = "https://acme.example.com/bills/C-1001.png";
+    let with_picture = pb::SendConversationMessageRequest {
+        media_urls: vec![bill.into()],
+        ..reply(&id, "m-pic", "Your bill:")
+    };
+    let pictured = send(&story, &ada, with_picture).await.expect("sent");
+    assert_eq!(pictured.media_urls, [bill]);
+    let mms = story.twilio.sent().pop().expect("sent to Twilio");
+    assert_eq!(
+        (mms.field("Body"), mms.media_urls.as_slice()),
+        ("Your bill:", [bill.to_owned()].as_slice())
+    );
+    assert_eq!(
+        describe(&next(&mut stream).await),
+        "message out \"Your bill:\" by agent-ada (FUNNEL_STAGE_UNSPECIFIED)"
+    );
+    assert_eq!(
+        describe(&next(&mut stream).await),
+        "stage out \"Your bill:\" by agent-ada (FUNNEL_STAGE_SENT)"
+    );
     story.sms_to_acme(CONSUMER, "It is too high").await;
     assert_eq!(
         describe(&next(&mut stream).await),
@@ -299,7 +320,8 @@ async fn an_agent_sees_answers_and_closes_a_deflected_conversation() {
             (1, "deflection", "Hi Ada, text us here about your bill.", 0),
             (2, "consumer", "I have a question", 0),
             (3, "agent-ada", answer, FunnelStage::Delivered as i32),
-            (4, "consumer", "It is too high", 0),
+            (4, "agent-ada", "Your bill:", FunnelStage::Sent as i32),
+            (5, "consumer", "It is too high", 0),
         ]
     );
 
@@ -755,6 +777,21 @@ async fn agents_see_only_their_accounts_and_skills_and_viewers_only_read() {
             .field_violations[0]
             .field,
         "client_message_id"
+    );
+    let plain_link = pb::SendConversationMessageRequest {
+        media_urls: vec!["http://acme.example.com/a.png".into()],
+        ..reply(&id, "pic", "")
+    };
+    let insecure = send(&story, &ada, plain_link)
+        .await
+        .expect_err("https only");
+    assert_eq!(
+        insecure
+            .get_details_bad_request()
+            .expect("field")
+            .field_violations[0]
+            .field,
+        "media_urls[0]"
     );
     let huge = send(&story, &ada, reply(&id, "big", &"x".repeat(1601)))
         .await

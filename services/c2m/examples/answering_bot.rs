@@ -42,7 +42,7 @@ impl Bot {
             conversation_id: conversation_id.to_owned(),
             client_message_id: format!("bot-{}", &cursor[..cursor.len().min(60)]),
             text: text.to_owned(),
-            whatsapp_template: None,
+            ..Default::default()
         });
         let entry = self
             .client

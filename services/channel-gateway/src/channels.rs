@@ -85,6 +85,7 @@ impl Service {
             &creds,
             &r.to,
             text,
+            &r.media_urls,
             &callback,
         )
         .await)

@@ -120,9 +120,13 @@ impl ChannelGatewayService for Service {
                 "required for CHANNEL_APPLE_MESSAGES",
             );
         }
-        if r.text.trim().is_empty() && r.whatsapp_template.is_none() {
+        if r.text.trim().is_empty() && r.whatsapp_template.is_none() && r.media_urls.is_empty() {
             violations.add("text", "required");
         }
+        if !r.media_urls.is_empty() && channel != Channel::Sms {
+            violations.add("media_urls", "only CHANNEL_SMS carries media (as an MMS)");
+        }
+        status::media_urls(&mut violations, "media_urls", &r.media_urls);
         if r.conversation_id.len() > 128 {
             violations.add("conversation_id", "at most 128 characters");
         }

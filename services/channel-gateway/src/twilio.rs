@@ -91,6 +91,7 @@ pub async fn send_sms(
     credentials: &TwilioCredentials,
     to: &str,
     body: &str,
+    media_urls: &[String],
     status_callback: &str,
 ) -> SendOutcome {
     let url = format!(
@@ -103,6 +104,9 @@ pub async fn send_sms(
         ("Body", body),
         ("StatusCallback", status_callback),
     ];
+    for url in media_urls {
+        form.push(("MediaUrl", url));
+    }
     if credentials.messaging_service_sid.is_empty() {
         form.push(("From", credentials.from_number.as_str()));
     } else {

@@ -127,6 +127,7 @@ impl Service {
                     whatsapp_template: step.whatsapp_template(),
                     fresh_message_id: fresh,
                     conversation_id: String::new(),
+                    media_urls: Vec::new(),
                 })
                 .await;
             let mut attempt = Attempt {

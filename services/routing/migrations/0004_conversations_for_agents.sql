@@ -20,7 +20,8 @@ ALTER TABLE transcript_entries
     ADD COLUMN message_id        text,
     ADD COLUMN client_message_id text,
     ADD COLUMN stage             text,
-    ADD COLUMN error_code        text;
+    ADD COLUMN error_code        text,
+    ADD COLUMN media_urls        text[] NOT NULL DEFAULT '{}';
 UPDATE transcript_entries SET author = CASE direction WHEN 'INBOUND' THEN 'consumer' ELSE 'deflection' END;
 CREATE UNIQUE INDEX transcript_entries_message_id
     ON transcript_entries (message_id) WHERE message_id IS NOT NULL;

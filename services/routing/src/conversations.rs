@@ -198,6 +198,7 @@ pub(crate) struct NewEntry<'a> {
     pub provider_message_id: &'a str,
     pub message_id: Option<&'a str>,
     pub client_message_id: Option<&'a str>,
+    pub media_urls: &'a [String],
     pub at: DateTime<Utc>,
 }
 
@@ -215,8 +216,8 @@ impl<'a> NewEntry<'a> {
 }
 
 /// The columns a transcript entry is read from.
-pub(crate) const ENTRY_COLUMNS: &str =
-    "seq, direction, text, at, author, message_id, client_message_id, stage, error_code";
+pub(crate) const ENTRY_COLUMNS: &str = "seq, direction, text, at, author, message_id, \
+    client_message_id, stage, error_code, media_urls";
 
 /// Adds an entry at the end of the transcript and marks the conversation's last message.
 pub(crate) async fn append(
@@ -226,8 +227,8 @@ pub(crate) async fn append(
 ) -> Result<pb::TranscriptEntry, sqlx::Error> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO transcript_entries (conversation_id, seq, direction, text, \
-             provider_message_id, at, author, message_id, client_message_id) \
-         SELECT $1, coalesce(max(seq), 0) + 1, $2, $3, nullif($4, ''), $5, $6, $7, $8 \
+             provider_message_id, at, author, message_id, client_message_id, media_urls) \
+         SELECT $1, coalesce(max(seq), 0) + 1, $2, $3, nullif($4, ''), $5, $6, $7, $8, $9 \
          FROM transcript_entries WHERE conversation_id = $1 \
          RETURNING {ENTRY_COLUMNS}"
     )))
@@ -239,6 +240,7 @@ pub(crate) async fn append(
     .bind(entry.author)
     .bind(entry.message_id)
     .bind(entry.client_message_id)
+    .bind(entry.media_urls)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query(
@@ -277,6 +279,7 @@ pub(crate) fn transcript_entry(row: &PgRow) -> Result<pb::TranscriptEntry, sqlx:
         error_code: row
             .try_get::<Option<String>, _>("error_code")?
             .unwrap_or_default(),
+        media_urls: row.try_get("media_urls")?,
     })
 }
 

@@ -47,6 +47,29 @@ impl FieldViolations {
     }
 }
 
+/// The most media URLs one message carries, and the longest one.
+pub const MAX_MEDIA_URLS: usize = 10;
+pub const MAX_MEDIA_URL: usize = 2048;
+
+/// Checks a message's media URLs (`field`): at most [`MAX_MEDIA_URLS`], each an https URL of at
+/// most [`MAX_MEDIA_URL`] characters, which the provider fetches.
+pub fn media_urls(violations: &mut FieldViolations, field: &str, urls: &[String]) {
+    if urls.len() > MAX_MEDIA_URLS {
+        violations.add(field, format!("at most {MAX_MEDIA_URLS}"));
+    }
+    for (i, url) in urls.iter().enumerate() {
+        let https = url
+            .strip_prefix("https://")
+            .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace));
+        if !https || url.len() > MAX_MEDIA_URL {
+            violations.add(
+                format!("{field}[{i}]"),
+                format!("an https URL of at most {MAX_MEDIA_URL} characters"),
+            );
+        }
+    }
+}
+
 /// INVALID_ARGUMENT for one field.
 pub fn invalid_field(field: impl Into<String>, description: impl Into<String>) -> Status {
     let mut violations = FieldViolations::new();

@@ -26,8 +26,10 @@ use sha1::Sha1;
 pub struct SentSms {
     pub sid: String,
     pub account_sid: String,
-    /// Every form field as sent.
+    /// Every form field as sent (the last, for a repeated one).
     pub form: HashMap<String, String>,
+    /// The `MediaUrl` fields, in order (an MMS).
+    pub media_urls: Vec<String>,
 }
 
 impl SentSms {
@@ -153,6 +155,11 @@ fn take_message(
     let Ok(form) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(body) else {
         return twilio_error(StatusCode::BAD_REQUEST, 20001, "malformed form body");
     };
+    let media_urls: Vec<String> = form
+        .iter()
+        .filter(|(k, _)| k == "MediaUrl")
+        .map(|(_, v)| v.clone())
+        .collect();
     let form: HashMap<String, String> = form.into_iter().collect();
     if form.get("To").is_none_or(|t| !t.starts_with('+')) {
         return twilio_error(
@@ -161,7 +168,7 @@ fn take_message(
             "A 'To' phone number is required.",
         );
     }
-    if form.get("Body").is_none_or(String::is_empty) {
+    if form.get("Body").is_none_or(String::is_empty) && media_urls.is_empty() {
         return twilio_error(StatusCode::BAD_REQUEST, 21602, "Message body is required.");
     }
     if !form.contains_key("From") && !form.contains_key("MessagingServiceSid") {
@@ -196,7 +203,8 @@ fn take_message(
         "to": form["To"],
         "from": form.get("From"),
         "messaging_service_sid": form.get("MessagingServiceSid"),
-        "body": form["Body"],
+        "body": form.get("Body").cloned().unwrap_or_default(),
+        "num_media": media_urls.len().to_string(),
         "status": if form.contains_key("MessagingServiceSid") { "accepted" } else { "queued" },
         "num_segments": "1",
         "direction": "outbound-api",
@@ -209,6 +217,7 @@ fn take_message(
         sid,
         account_sid,
         form,
+        media_urls,
     });
     (StatusCode::CREATED, Json(reply)).into_response()
 }

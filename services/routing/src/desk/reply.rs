@@ -90,9 +90,21 @@ fn validate(r: &pb::SendConversationMessageRequest, channel: Channel) -> Result<
                 }
             }
         }
-        None if r.text.trim().is_empty() => violations.add("text", "required"),
+        None if r.text.trim().is_empty() && r.media_urls.is_empty() => {
+            violations.add("text", "required")
+        }
         None => {}
     }
+    if !r.media_urls.is_empty() && channel != Channel::Sms {
+        violations.add(
+            "media_urls",
+            format!(
+                "only CHANNEL_SMS carries media (as an MMS); this conversation is on {}",
+                channel.as_str_name()
+            ),
+        );
+    }
+    c2m_runtime::status::media_urls(&mut violations, "media_urls", &r.media_urls);
     if matches!(channel, Channel::AppleMessages | Channel::AppMessaging) {
         violations.add(
             "conversation_id",
@@ -129,7 +141,7 @@ pub(crate) async fn send(
     let text = shown_text(r);
     let entry = match earlier(&mut tx, &r.conversation_id, &r.client_message_id).await? {
         // Sent before: the same message, answered as it stands.
-        Some(entry) if entry.text != text => {
+        Some(entry) if entry.text != text || entry.media_urls != r.media_urls => {
             return Err(Status::already_exists(format!(
                 "client_message_id {} was used for another message in this conversation",
                 r.client_message_id
@@ -156,6 +168,7 @@ pub(crate) async fn send(
                     text: &text,
                     message_id: Some(&message_id),
                     client_message_id: Some(&r.client_message_id),
+                    media_urls: &r.media_urls,
                     at: Utc::now(),
                     ..NewEntry::default()
                 },
@@ -183,6 +196,7 @@ pub(crate) async fn send(
             to: conversation.consumer_address.clone(),
             text: r.text.clone(),
             whatsapp_template: r.whatsapp_template.clone(),
+            media_urls: r.media_urls.clone(),
             skill_id: conversation.skill_id.clone(),
             conversation_id: r.conversation_id.clone(),
             ..Default::default()
