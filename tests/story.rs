@@ -25,7 +25,7 @@ use c2m_runtime::{
     peers::PeerSettings,
 };
 use c2m_test_support::{
-    ApnsEmulator, GoogleEmulator, MetaEmulator, TestDatabase, TestRedis, TwilioEmulator, free_port,
+    ApnsEmulator, GoogleEmulator, MetaEmulator, TestDatabase, TestRedis, TwilioEmulator,
 };
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
@@ -58,6 +58,8 @@ pub struct Options {
     pub health_interval_ms: Option<u64>,
     /// `channel_gateway.provider_timeout_ms`.
     pub provider_timeout_ms: Option<u64>,
+    /// `peers.timeout_ms`.
+    pub peer_timeout_ms: Option<u64>,
     /// `handoff.unconfirmed_fallback_ms`.
     pub unconfirmed_fallback_ms: Option<u64>,
     /// `routing.idle_sweep_ms`.
@@ -97,8 +99,12 @@ impl Story {
             GoogleEmulator::start().await,
             ApnsEmulator::start().await,
         );
-        let webhooks_port = free_port();
-        let webhooks = format!("http://127.0.0.1:{webhooks_port}");
+        // Bound here and handed to the gateway, so no other test can take the port meanwhile.
+        let webhooks_listener =
+            std::net::TcpListener::bind(any_port()).expect("binds the webhook listener");
+        let webhooks_addr = webhooks_listener.local_addr().expect("addr");
+        let mut webhooks_listener = Some(webhooks_listener);
+        let webhooks = format!("http://{webhooks_addr}");
         let mut config = Config {
             database: db.settings(),
             redis: redis.settings(),
@@ -132,6 +138,9 @@ impl Story {
         if let Some(timeout) = options.provider_timeout_ms {
             config.channel_gateway.provider_timeout_ms = timeout;
         }
+        if let Some(timeout) = options.peer_timeout_ms {
+            config.peers.timeout_ms = timeout;
+        }
         if let Some(window) = options.unconfirmed_fallback_ms {
             config.handoff.unconfirmed_fallback_ms = window;
         }
@@ -144,13 +153,18 @@ impl Story {
         if let Some(connections) = options.db_max_connections {
             config.database.max_connections = connections;
         }
-        config.listen.webhooks = SocketAddr::from(([127, 0, 0, 1], webhooks_port));
+        config.listen.webhooks = webhooks_addr;
 
         let (servers, endpoints) = match topology {
             Topology::Dev => {
-                let server = app::spawn(any_port(), &Role::ALL, config.clone())
-                    .await
-                    .expect("binds");
+                let listener = TcpListener::bind(any_port()).await.expect("binds");
+                let server = app::spawn_with(
+                    listener,
+                    webhooks_listener.take(),
+                    &Role::ALL,
+                    config.clone(),
+                )
+                .expect("serves");
                 let endpoint = server.endpoint();
                 (vec![server], std::array::from_fn(|_| endpoint.clone()))
             }
@@ -169,13 +183,17 @@ impl Story {
                     channel_gateway: urls[2].clone(),
                     config: urls[3].clone(),
                     reporting: urls[4].clone(),
-                    ..PeerSettings::default()
+                    timeout_ms: config.peers.timeout_ms,
                 };
                 let servers = listeners
                     .into_iter()
                     .zip(Role::ALL)
                     .map(|(listener, role)| {
-                        app::spawn_on(listener, &[role], config.clone()).expect("serves")
+                        let webhooks = (role == Role::ChannelGateway)
+                            .then(|| webhooks_listener.take())
+                            .flatten();
+                        app::spawn_with(listener, webhooks, &[role], config.clone())
+                            .expect("serves")
                     })
                     .collect();
                 (servers, std::array::from_fn(|i| urls[i].clone()))

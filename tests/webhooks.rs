@@ -442,3 +442,42 @@ async fn a_rotated_secret_signs_new_deliveries_and_only_admins_manage_endpoints(
     );
     story.stop().await;
 }
+
+/// On separate servers Config follows Routing's stream over the network, where a call to a peer
+/// may take `peers.timeout_ms`: the stream outlives that timeout, and later events still reach the
+/// desk.
+#[tokio::test]
+async fn the_webhook_stream_outlives_the_peer_timeout_on_separate_servers() {
+    let story = Story::start_with(
+        Topology::Separate,
+        Options {
+            peer_timeout_ms: Some(1_000),
+            provider_timeout_ms: Some(500),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    let desk = Receiver::start().await;
+    create_endpoint(&story, &desk, "desk").await;
+    let kinds = || -> Vec<String> { desk.taken().into_iter().map(|r| r.kind).collect() };
+    deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
+    eventually("the opening posted", Duration::from_secs(10), || async {
+        kinds().contains(&"conversation.opened".to_owned())
+    })
+    .await;
+    // Time passes with the stream open, beyond the peers' timeout: that is what is tested.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let id = story
+        .open_conversation("acme", CONSUMER)
+        .await
+        .conversation_id;
+    assign(&story, &agent("acme", "agent-ada", &[]), &id)
+        .await
+        .expect("claimed");
+    eventually("the claim posted", Duration::from_secs(10), || async {
+        kinds().contains(&"conversation.assigned".to_owned())
+    })
+    .await;
+    story.stop().await;
+}

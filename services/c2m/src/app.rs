@@ -47,8 +47,13 @@ pub enum AppError {
 }
 
 /// The gRPC services for `roles`, each with its own schema pool; roles that use Redis share one
-/// connection (made on first use, so roles without Redis never open one).
-pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, AppError> {
+/// connection (made on first use, so roles without Redis never open one). The channel gateway's
+/// webhook listener is `webhooks` when given (bound beforehand), else `listen.webhooks`.
+pub fn components(
+    roles: &[Role],
+    config: &Config,
+    mut webhooks: Option<std::net::TcpListener>,
+) -> Result<Vec<Component>, AppError> {
     if config.auth.token_secret.is_empty() {
         return Err(AppError::NoTokenSecret);
     }
@@ -96,7 +101,9 @@ pub fn components(roles: &[Role], config: &Config) -> Result<Vec<Component>, App
                 }
                 Role::ChannelGateway => {
                     let addr = config.listen.webhooks;
-                    let webhooks = std::net::TcpListener::bind(addr)
+                    let webhooks = webhooks
+                        .take()
+                        .map_or_else(|| std::net::TcpListener::bind(addr), Ok)
                         .and_then(|l| {
                             l.set_nonblocking(true)?;
                             TcpListener::from_std(l)
@@ -148,6 +155,17 @@ pub async fn serve(
     config: &Config,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    serve_with(listener, None, roles, config, shutdown).await
+}
+
+/// [`serve`], with the channel gateway's webhook listener bound beforehand.
+pub async fn serve_with(
+    listener: TcpListener,
+    webhooks: Option<std::net::TcpListener>,
+    roles: &[Role],
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
     let mut config = config.clone();
     if Role::ALL.iter().all(|r| roles.contains(r)) {
         let here = listener.local_addr().map_err(ServeError::from)?;
@@ -157,7 +175,7 @@ pub async fn serve(
             ..PeerSettings::all_at(&format!("http://{here}"))
         };
     }
-    let components = components(roles, &config)?;
+    let components = components(roles, &config, webhooks)?;
     server::run(listener, components, &config.server, shutdown).await?;
     Ok(())
 }
@@ -217,12 +235,23 @@ pub async fn spawn(addr: SocketAddr, roles: &[Role], config: Config) -> std::io:
 /// [`spawn`] on a listener bound beforehand (to know every server's address before configuring
 /// their peers).
 pub fn spawn_on(listener: TcpListener, roles: &[Role], config: Config) -> std::io::Result<Running> {
+    spawn_with(listener, None, roles, config)
+}
+
+/// [`spawn_on`], with the channel gateway's webhook listener bound beforehand too (so a test
+/// knows its address without picking a port that something else may take meanwhile).
+pub fn spawn_with(
+    listener: TcpListener,
+    webhooks: Option<std::net::TcpListener>,
+    roles: &[Role],
+    config: Config,
+) -> std::io::Result<Running> {
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     let roles = roles.to_vec();
     let task = tokio::spawn({
         let shutdown = shutdown.clone();
-        async move { serve(listener, &roles, &config, shutdown).await }
+        async move { serve_with(listener, webhooks, &roles, &config, shutdown).await }
     });
     Ok(Running {
         addr,
