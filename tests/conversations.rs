@@ -1182,3 +1182,104 @@ async fn an_api_key_with_the_conversations_scope_answers_and_an_ivr_key_cannot()
     assert_eq!(unknown.code(), Code::Unauthenticated);
     story.stop().await;
 }
+
+/// The log forgets events past `routing.log_retention_days`: a cursor from before them is told
+/// so (OUT_OF_RANGE, CURSOR_EXPIRED) instead of getting a stream with a hole, and one just ahead
+/// of the oldest kept event still resumes.
+#[tokio::test]
+async fn a_cursor_older_than_the_log_keeps_is_refused_naming_the_oldest_kept() {
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            idle_sweep_ms: Some(100),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    let ada = agent("acme", "agent-ada", &[]);
+    let mut stream = watch(&story, &ada, "").await;
+    deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
+    let opened = next(&mut stream).await;
+    assign(&story, &ada, &opened.conversation_id)
+        .await
+        .expect("claimed");
+    let assigned = next(&mut stream).await;
+    story.sms_to_acme(CONSUMER, "still there?").await;
+    let message = next(&mut stream).await;
+
+    // The first two events are 31 days old now; the sweep forgets them.
+    let mut db = story.db.connect().await;
+    sqlx::query(
+        "UPDATE routing.conversation_events SET at = now() - interval '31 days' \
+         WHERE account_id = 'acme' AND position <= 2",
+    )
+    .execute(&mut db)
+    .await
+    .expect("time passes");
+    eventually(
+        "the old events forgotten",
+        Duration::from_secs(10),
+        || async {
+            let mut db = story.db.connect().await;
+            let left: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM routing.conversation_events WHERE account_id = 'acme'",
+            )
+            .fetch_one(&mut db)
+            .await
+            .expect("count");
+            left == 1
+        },
+    )
+    .await;
+
+    let resume = |cursor: String| {
+        let request = authed(
+            pb::WatchConversationsRequest {
+                account_id: "acme".into(),
+                cursor,
+                ..Default::default()
+            },
+            &ada,
+        );
+        let story = &story;
+        async move {
+            story
+                .conversations()
+                .await
+                .watch_conversations(request)
+                .await
+        }
+    };
+    let expired = resume(opened.cursor.clone())
+        .await
+        .expect_err("its next event is gone");
+    assert_eq!(expired.code(), Code::OutOfRange);
+    let info = expired.get_details_error_info().expect("error info");
+    assert_eq!(info.reason, "CURSOR_EXPIRED");
+    assert_eq!(info.metadata["oldest_kept"], "3");
+    let mut resumed = resume(assigned.cursor.clone())
+        .await
+        .expect("nothing after it is gone")
+        .into_inner();
+    assert_eq!(next(&mut resumed).await, message);
+    // A start `since` a time before what the log keeps begins at the oldest event kept.
+    let mut from_long_ago = story
+        .conversations()
+        .await
+        .watch_conversations(authed(
+            pb::WatchConversationsRequest {
+                account_id: "acme".into(),
+                since: Some(c2m_proto::timestamp(
+                    chrono::Utc::now() - chrono::Duration::days(60),
+                )),
+                ..Default::default()
+            },
+            &ada,
+        ))
+        .await
+        .expect("since a time long gone")
+        .into_inner();
+    assert_eq!(next(&mut from_long_ago).await, message);
+    story.stop().await;
+}

@@ -268,6 +268,9 @@ impl Config {
         if self.routing.idle_sweep_ms == 0 {
             return invalid("routing.idle_sweep_ms", "must be at least 1");
         }
+        if self.routing.log_retention_days == 0 || self.routing.log_retention_days > 3650 {
+            return invalid("routing.log_retention_days", "must be 1 to 3650");
+        }
         for (key, value) in [
             ("webhooks.timeout_ms", self.webhooks.timeout_ms),
             ("webhooks.retry_base_ms", self.webhooks.retry_base_ms),

@@ -45,6 +45,8 @@ CREATE TABLE conversation_events (
     at              timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (account_id, position)
 );
+-- Streams that start `since` a time, and the retention sweep.
+CREATE INDEX conversation_events_by_time ON conversation_events (account_id, at);
 
 -- Every opt-out and opt-in, in order: the record a brand keeps of consent (revoked by a STOP on
 -- this date, given back by a START on that one) and exports. `opt_outs` stays the current state

@@ -1,7 +1,9 @@
-//! Closes conversations in which nothing has been said for the account's `idle_close_minutes`
+//! Keeps conversations and their log tidy. Closes conversations in which nothing has been said
+//! for the account's `idle_close_minutes`
 //! (Config's account settings; 0: never), with reason `idle`, so that the consumer's lease is
 //! released and their next call can be deflected again. Every replica sweeps; closing is
-//! idempotent and skips a conversation that moved since it was picked.
+//! idempotent and skips a conversation that moved since it was picked. Forgets log events older
+//! than `routing.log_retention_days`.
 
 use c2m_proto::v1 as pb;
 use chrono::Utc;
@@ -23,6 +25,15 @@ impl Service {
             }
             if let Err(error) = self.sweep().await {
                 tracing::warn!(%error, "idle conversations: sweep failed, trying again later");
+            }
+            let cutoff = Utc::now()
+                - chrono::Duration::from_std(self.log_retention).unwrap_or(chrono::Duration::MAX);
+            match crate::log::prune(self.db.pool(), cutoff).await {
+                Ok(0) => {}
+                Ok(forgotten) => {
+                    tracing::info!(forgotten, "conversation log: old events forgotten")
+                }
+                Err(error) => tracing::warn!(%error, "conversation log: old events not pruned"),
             }
         }
     }

@@ -35,14 +35,18 @@ use sqlx::migrate::Migrator;
 #[serde(default, deny_unknown_fields)]
 pub struct RoutingSettings {
     /// Milliseconds between two looks for conversations idle past their account's
-    /// `idle_close_minutes`.
+    /// `idle_close_minutes` (and for log events past their retention).
     pub idle_sweep_ms: u64,
+    /// Days the conversation log keeps its events: what a stream can resume through, and how long
+    /// a disabled webhook endpoint can catch up after.
+    pub log_retention_days: u64,
 }
 
 impl Default for RoutingSettings {
     fn default() -> Self {
         Self {
             idle_sweep_ms: 30_000,
+            log_retention_days: 30,
         }
     }
 }
@@ -70,6 +74,7 @@ pub struct Service {
     /// Cancelled when the server stops taking requests: watch streams end then.
     closing: CancellationToken,
     idle_sweep: Duration,
+    log_retention: Duration,
     /// Bots' and desks' API keys, as Config vouched for them (30 s).
     api_keys: Arc<ApiKeys>,
 }
@@ -88,6 +93,7 @@ impl Service {
             feed: log::Feed::new(db.pool().clone(), closing.clone()),
             closing,
             idle_sweep: Duration::from_millis(settings.idle_sweep_ms),
+            log_retention: Duration::from_secs(settings.log_retention_days * 86_400),
             api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
             checks: Batcher::new(deflections::Checks(db.batch_pool().clone())),
             db,

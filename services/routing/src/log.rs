@@ -87,6 +87,40 @@ async fn head(pool: &PgPool, account_id: &str) -> Result<i64, sqlx::Error> {
     )
 }
 
+/// Forgets every account's events logged before `cutoff`; how many.
+pub(crate) async fn prune(
+    pool: &PgPool,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, sqlx::Error> {
+    let accounts: Vec<String> = sqlx::query_scalar("SELECT account_id FROM conversation_log_heads")
+        .fetch_all(pool)
+        .await?;
+    let mut forgotten = 0;
+    for account_id in accounts {
+        forgotten +=
+            sqlx::query("DELETE FROM conversation_events WHERE account_id = $1 AND at < $2")
+                .bind(&account_id)
+                .bind(cutoff)
+                .execute(pool)
+                .await?
+                .rows_affected();
+    }
+    Ok(forgotten)
+}
+
+/// The position of the account's oldest event the log still keeps (the next one when it keeps
+/// none): a cursor before the one just ahead of it has lost events.
+pub(crate) async fn oldest_kept(pool: &PgPool, account_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT coalesce( \
+             (SELECT min(position) FROM conversation_events WHERE account_id = $1), \
+             (SELECT position + 1 FROM conversation_log_heads WHERE account_id = $1), 1)",
+    )
+    .bind(account_id)
+    .fetch_one(pool)
+    .await
+}
+
 /// The position of the account's last event logged before `since` (0: none).
 pub(crate) async fn before(
     pool: &PgPool,

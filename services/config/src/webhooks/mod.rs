@@ -184,6 +184,13 @@ impl Dispatcher {
                 .await
             {
                 Ok(stream) => stream.into_inner(),
+                // Disabled longer than the log keeps events: what it missed is gone. It goes
+                // on from the oldest event kept, and says so.
+                Err(status) if status.code() == tonic::Code::OutOfRange => {
+                    tracing::warn!(endpoint_id = %endpoint.id, account_id = %endpoint.account_id, %status, "webhooks: events older than the conversation log keeps were never posted");
+                    cursor.clear();
+                    continue;
+                }
                 Err(status) => {
                     tracing::debug!(%status, endpoint_id = %endpoint.id, "webhooks: stream unavailable");
                     if sleep_or_stop(Duration::from_secs(1), &stop).await {

@@ -210,6 +210,25 @@ impl ConversationService for Service {
             }
         };
         violations.into_result()?;
+        // A cursor whose next events the log has forgotten would leave a hole: refused. A
+        // `since` older than the log starts at the oldest event kept.
+        if let Some(position) = after {
+            let oldest = log::oldest_kept(self.db.pool(), &r.account_id)
+                .await
+                .map_err(DeskError::from)?;
+            if position + 1 < oldest {
+                return Err(status::with_reason(
+                    Code::OutOfRange,
+                    format!(
+                        "the cursor is older than the log keeps ({} days): the events after it are \
+                         gone; start again with `since`",
+                        self.log_retention.as_secs() / 86_400
+                    ),
+                    "CURSOR_EXPIRED",
+                    [("oldest_kept", oldest.to_string())],
+                ));
+            }
+        }
         let after = match (after, since.flatten()) {
             (None, Some(since)) => Some(
                 log::before(self.db.pool(), &r.account_id, since)
