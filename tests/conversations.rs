@@ -1283,3 +1283,58 @@ async fn a_cursor_older_than_the_log_keeps_is_refused_naming_the_oldest_kept() {
     assert_eq!(next(&mut from_long_ago).await, message);
     story.stop().await;
 }
+
+/// A client that retries while its first send is still at the provider (Twilio holding it) does
+/// not reach the consumer twice: the retry is told to wait, and a retry after the first send's
+/// answer gets that message.
+#[tokio::test]
+async fn a_retry_while_the_first_send_is_at_the_provider_sends_nothing() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
+    let id = story
+        .open_conversation("acme", CONSUMER)
+        .await
+        .conversation_id;
+    let ada = agent("acme", "agent-ada", &[]);
+    let hold = story.twilio.hold_next();
+    let before = story.twilio.requests();
+    let first = send(&story, &ada, reply(&id, "m-1", "Hello"));
+    let retry = async {
+        eventually(
+            "the first send at Twilio",
+            Duration::from_secs(10),
+            || async { story.twilio.requests() > before },
+        )
+        .await;
+        let retried = send(&story, &ada, reply(&id, "m-1", "Hello")).await;
+        hold.release();
+        retried
+    };
+    let (first, retried) = tokio::join!(first, retry);
+    let first = first.expect("the first send goes");
+    assert_eq!(first.stage, FunnelStage::Sent as i32);
+    let retried = retried.expect_err("told to wait");
+    assert_eq!(retried.code(), Code::Aborted);
+    assert!(
+        retried.get_details_retry_info().is_some(),
+        "with when to retry"
+    );
+    assert_eq!(
+        story.twilio.requests(),
+        before + 1,
+        "one request reached Twilio"
+    );
+    let again = send(&story, &ada, reply(&id, "m-1", "Hello"))
+        .await
+        .expect("after the answer");
+    assert_eq!(again.message_id, first.message_id);
+    let hellos = story
+        .twilio
+        .sent()
+        .iter()
+        .filter(|sms| sms.field("Body") == "Hello")
+        .count();
+    assert_eq!(hellos, 1);
+    story.stop().await;
+}

@@ -90,6 +90,7 @@ pub fn components(
                         peers("routing")?,
                         key.clone(),
                         &config.routing,
+                        std::time::Duration::from_millis(config.peers.timeout_ms),
                     );
                     // Both of the role's services, as a network peer would answer them.
                     local.register(

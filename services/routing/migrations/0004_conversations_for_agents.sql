@@ -21,7 +21,10 @@ ALTER TABLE transcript_entries
     ADD COLUMN client_message_id text,
     ADD COLUMN stage             text,
     ADD COLUMN error_code        text,
-    ADD COLUMN media_urls        text[] NOT NULL DEFAULT '{}';
+    ADD COLUMN media_urls        text[] NOT NULL DEFAULT '{}',
+    -- Outbound entries under way: until when the send that wrote it may still be at the
+    -- provider, so a retry does not send a second copy meanwhile.
+    ADD COLUMN sending_until     timestamptz;
 UPDATE transcript_entries SET author = CASE direction WHEN 'INBOUND' THEN 'consumer' ELSE 'deflection' END;
 CREATE UNIQUE INDEX transcript_entries_message_id
     ON transcript_entries (message_id) WHERE message_id IS NOT NULL;

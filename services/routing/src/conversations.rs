@@ -200,6 +200,8 @@ pub(crate) struct NewEntry<'a> {
     pub client_message_id: Option<&'a str>,
     pub media_urls: &'a [String],
     pub at: DateTime<Utc>,
+    /// Outbound entries about to be sent: until when the send may still be at the provider.
+    pub sending_until: Option<DateTime<Utc>>,
 }
 
 impl<'a> NewEntry<'a> {
@@ -227,8 +229,9 @@ pub(crate) async fn append(
 ) -> Result<pb::TranscriptEntry, sqlx::Error> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO transcript_entries (conversation_id, seq, direction, text, \
-             provider_message_id, at, author, message_id, client_message_id, media_urls) \
-         SELECT $1, coalesce(max(seq), 0) + 1, $2, $3, nullif($4, ''), $5, $6, $7, $8, $9 \
+             provider_message_id, at, author, message_id, client_message_id, media_urls, \
+             sending_until) \
+         SELECT $1, coalesce(max(seq), 0) + 1, $2, $3, nullif($4, ''), $5, $6, $7, $8, $9, $10 \
          FROM transcript_entries WHERE conversation_id = $1 \
          RETURNING {ENTRY_COLUMNS}"
     )))
@@ -241,6 +244,7 @@ pub(crate) async fn append(
     .bind(entry.message_id)
     .bind(entry.client_message_id)
     .bind(entry.media_urls)
+    .bind(entry.sending_until)
     .fetch_one(&mut *tx)
     .await?;
     sqlx::query(

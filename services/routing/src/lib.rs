@@ -75,6 +75,8 @@ pub struct Service {
     closing: CancellationToken,
     idle_sweep: Duration,
     log_retention: Duration,
+    /// How long an answer's send may be at the provider: the peers' timeout, twice over.
+    send_lease: chrono::Duration,
     /// Bots' and desks' API keys, as Config vouched for them (30 s).
     api_keys: Arc<ApiKeys>,
 }
@@ -86,6 +88,7 @@ impl Service {
         peers: Peers,
         key: TokenKey,
         settings: &RoutingSettings,
+        peer_timeout: Duration,
     ) -> Self {
         let relay = Relay::new(db.clone(), peers.clone());
         let closing = CancellationToken::new();
@@ -94,6 +97,8 @@ impl Service {
             closing,
             idle_sweep: Duration::from_millis(settings.idle_sweep_ms),
             log_retention: Duration::from_secs(settings.log_retention_days * 86_400),
+            send_lease: chrono::Duration::from_std(peer_timeout * 2)
+                .unwrap_or(chrono::Duration::MAX),
             api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
             checks: Batcher::new(deflections::Checks(db.batch_pool().clone())),
             db,

@@ -141,16 +141,41 @@ pub(crate) async fn send(
     let text = shown_text(r);
     let entry = match earlier(&mut tx, &r.conversation_id, &r.client_message_id).await? {
         // Sent before: the same message, answered as it stands.
-        Some(entry) if entry.text != text || entry.media_urls != r.media_urls => {
+        Some((entry, _)) if entry.text != text || entry.media_urls != r.media_urls => {
             return Err(Status::already_exists(format!(
                 "client_message_id {} was used for another message in this conversation",
                 r.client_message_id
             ))
             .into());
         }
-        Some(entry) if entry.stage != FunnelStage::Unspecified as i32 => return Ok(entry),
-        // Under way since a send whose outcome was never written: send it again under its id.
-        Some(entry) => entry,
+        Some((entry, _)) if entry.stage != FunnelStage::Unspecified as i32 => return Ok(entry),
+        // Under way, and its send may still be at the provider: sending again now could reach
+        // the consumer twice (the gateway knows the id only once the provider has answered).
+        Some((_, Some(until))) if until > Utc::now() => {
+            let wait = (until - Utc::now()).to_std().unwrap_or_default();
+            return Err(c2m_runtime::status::aborted_retry(
+                format!(
+                    "message {} is being sent; retry after its send has had its answer",
+                    r.client_message_id
+                ),
+                wait,
+            )
+            .into());
+        }
+        // Under way since a send whose outcome was never written (a crash): send it again under
+        // its id, which the gateway answers from its record if the provider had taken it.
+        Some((entry, _)) => {
+            sqlx::query(
+                "UPDATE transcript_entries SET sending_until = $2 \
+                 WHERE conversation_id = $1 AND seq = $3",
+            )
+            .bind(&r.conversation_id)
+            .bind(Utc::now() + service.send_lease)
+            .bind(i32::try_from(entry.seq).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await?;
+            entry
+        }
         None => {
             if conversation.state == pb::ConversationState::Closed as i32 {
                 return Err(DeskError::Closed(r.conversation_id.clone()));
@@ -170,6 +195,7 @@ pub(crate) async fn send(
                     client_message_id: Some(&r.client_message_id),
                     media_urls: &r.media_urls,
                     at: Utc::now(),
+                    sending_until: Some(Utc::now() + service.send_lease),
                     ..NewEntry::default()
                 },
             )
@@ -226,14 +252,15 @@ pub(crate) async fn send(
     Ok(entry)
 }
 
-/// The entry a client message id was used for before in the conversation.
+/// The entry a client message id was used for before in the conversation, and until when its
+/// send may still be under way.
 async fn earlier(
     tx: &mut PgConnection,
     conversation_id: &str,
     client_message_id: &str,
-) -> Result<Option<pb::TranscriptEntry>, sqlx::Error> {
+) -> Result<Option<(pb::TranscriptEntry, Option<DateTime<Utc>>)>, sqlx::Error> {
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {ENTRY_COLUMNS} FROM transcript_entries \
+        "SELECT {ENTRY_COLUMNS}, sending_until FROM transcript_entries \
          WHERE conversation_id = $1 AND client_message_id = $2"
     )))
     .bind(conversation_id)
@@ -241,7 +268,12 @@ async fn earlier(
     .fetch_optional(&mut *tx)
     .await?
     .as_ref()
-    .map(conversations::transcript_entry)
+    .map(|row| {
+        Ok((
+            conversations::transcript_entry(row)?,
+            row.try_get("sending_until")?,
+        ))
+    })
     .transpose()
 }
 
