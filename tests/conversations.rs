@@ -1144,6 +1144,7 @@ async fn an_api_key_with_the_conversations_scope_answers_and_an_ivr_key_cannot()
         .await
         .expect("a conversations key")
         .into_inner();
+    let bot_key_id = bot_key.api_key.as_ref().expect("key").api_key_id.clone();
     assert_eq!(
         bot_key.api_key.expect("key").scopes,
         [pb::ApiKeyScope::Conversations as i32]
@@ -1180,6 +1181,31 @@ async fn an_api_key_with_the_conversations_scope_answers_and_an_ivr_key_cannot()
         .await
         .expect_err("unknown key");
     assert_eq!(unknown.code(), Code::Unauthenticated);
+
+    // Revoked, the key stops working at once (Config's notice), not when its cache entry ages
+    // out (30 s).
+    story
+        .config()
+        .await
+        .revoke_api_key(authed(
+            pb::RevokeApiKeyRequest {
+                account_id: "acme".into(),
+                api_key_id: bot_key_id,
+            },
+            &token(AuthRole::Admin, Some("acme")),
+        ))
+        .await
+        .expect("revoked");
+    eventually(
+        "the revoked key refused",
+        Duration::from_secs(5),
+        || async {
+            conversation(&story, &bot, &id)
+                .await
+                .is_err_and(|status| status.code() == Code::Unauthenticated)
+        },
+    )
+    .await;
     story.stop().await;
 }
 

@@ -3,10 +3,11 @@
 //! staleness instead, and everything cached is dropped whenever the stream (re)starts, since
 //! changes may have been missed.
 
-use std::time::Duration;
-
 use c2m_proto::v1::{self as pb, ConfigResource};
-use c2m_runtime::CancellationToken;
+use c2m_runtime::{
+    CancellationToken,
+    config_changes::{self, Notice},
+};
 
 use crate::Service;
 
@@ -33,46 +34,13 @@ impl Service {
         }
     }
 
-    /// Follows WatchConfig until `shutdown`, resubscribing after a second when the stream ends.
+    /// Follows WatchConfig until `shutdown`, dropping what each notice names.
     pub(crate) async fn follow_config(self, shutdown: CancellationToken) {
-        let mut healthy = false;
-        loop {
-            let mut config = self.peers.config();
-            let subscribed = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                subscribed = config.watch_config(pb::WatchConfigRequest::default()) => subscribed,
-            };
-            match subscribed {
-                Ok(response) => {
-                    if !healthy {
-                        tracing::info!("following configuration changes");
-                        healthy = true;
-                    }
-                    self.drop_cached_config();
-                    let mut changes = response.into_inner();
-                    loop {
-                        let change = tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            change = changes.message() => change,
-                        };
-                        match change {
-                            Ok(Some(change)) => self.forget(&change),
-                            Ok(None) | Err(_) => break,
-                        }
-                    }
-                    self.drop_cached_config();
-                }
-                Err(status) => {
-                    if healthy {
-                        tracing::warn!(%status, "configuration changes unavailable: caches fall back to their ttl");
-                        healthy = false;
-                    }
-                }
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
+        let peers = self.peers.clone();
+        config_changes::follow(peers, shutdown, "handoff", |notice| match notice {
+            Notice::Everything => self.drop_cached_config(),
+            Notice::Changed(change) => self.forget(change),
+        })
+        .await;
     }
 }

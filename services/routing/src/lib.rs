@@ -19,7 +19,10 @@ mod rest;
 
 use std::{sync::Arc, time::Duration};
 
-use c2m_runtime::api_keys::ApiKeys;
+use c2m_runtime::{
+    api_keys::ApiKeys,
+    config_changes::{self, Notice},
+};
 
 use c2m_proto::v1::{
     conversation_service_server::ConversationServiceServer,
@@ -115,6 +118,16 @@ impl Service {
     /// streams.
     pub fn into_components(self) -> [Component; 2] {
         let (relay, feed, idle) = (self.relay.clone(), self.feed.clone(), self.clone());
+        let (peers, api_keys) = (self.peers.clone(), self.api_keys.clone());
+        // A revoked key stops at once, not at the end of its cache entry's life.
+        let follow = move |shutdown| async move {
+            config_changes::follow(peers, shutdown, "routing", |notice| match notice {
+                Notice::Changed(change)
+                    if change.resource != c2m_proto::v1::ConfigResource::ApiKey as i32 => {}
+                _ => api_keys.clear(),
+            })
+            .await;
+        };
         [
             Component::new(RoutingServiceServer::new(self.clone()))
                 .with_probe(self.db.probe())
@@ -125,6 +138,7 @@ impl Service {
                 .with_probe(self.db.probe())
                 .with_http(rest::router(self.clone()))
                 .with_task(move |shutdown| feed.run(shutdown))
+                .with_task(follow)
                 .with_draining(self.closing.clone()),
         ]
     }

@@ -7,6 +7,7 @@
 pub mod api_keys;
 pub mod auth;
 pub mod cache;
+pub mod config_changes;
 pub mod health;
 pub mod http;
 pub mod ids;
