@@ -1111,6 +1111,31 @@ async fn keywords_answer_help_and_opt_a_consumer_out_and_back_in_on_the_record()
                 .unwrap_or(0)
         }
     };
+    // The same record as a file, for the brand's records.
+    let csv = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/accounts/acme/consent-changes.csv?consumerPhone=%2B14155550301",
+            story.servers[0].endpoint()
+        ))
+        .bearer_auth(token(AuthRole::Viewer, Some("acme")))
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(csv.status(), 200);
+    assert_eq!(csv.headers()["content-type"], "text/csv; charset=utf-8");
+    let csv = csv.text().await.expect("text");
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .map(|line| line.split(',').take(4).collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec!["consumer_phone", "channel", "opted_in", "source"],
+            vec![CONSUMER, "CHANNEL_SMS", "false", "keyword:STOP"],
+            vec![CONSUMER, "CHANNEL_SMS", "true", "keyword:START"],
+        ]
+    );
     eventually_eq("the opt-in counted", Duration::from_secs(10), &1, || {
         count("FUNNEL_STAGE_OPTED_IN")
     })

@@ -8,16 +8,18 @@
 //! - `POST …/conversations/{conversation_id}/messages` — SendConversationMessage
 //! - `POST …/conversations/{conversation_id}/assign`, `/release`, `/transfer`, `/close`
 //! - `GET /v1/accounts/{account_id}/consent-changes` — ListConsentChanges
+//! - `GET /v1/accounts/{account_id}/consent-changes.csv` — all of them as one CSV file (the same
+//!   filters), oldest first, for the brand's records
 
 use axum::{
     Router,
     body::Bytes,
     extract::{Path, RawQuery, State},
-    http::HeaderMap,
-    response::Response,
+    http::{HeaderMap, header},
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
-use c2m_proto::v1::conversation_service_server::ConversationService;
+use c2m_proto::v1::{self as pb, conversation_service_server::ConversationService};
 use c2m_runtime::rest::{answer, error_response, grpc_request, parse_with, query_body};
 use prost::Message;
 use tonic::Status;
@@ -36,6 +38,10 @@ pub fn router(service: Service) -> Router {
         .route(&format!("{CONVERSATION}/transfer"), post(transfer))
         .route(&format!("{CONVERSATION}/close"), post(close))
         .route("/v1/accounts/{account_id}/consent-changes", get(consent))
+        .route(
+            "/v1/accounts/{account_id}/consent-changes.csv",
+            get(consent_csv),
+        )
         .with_state(service)
 }
 
@@ -112,6 +118,102 @@ async fn consent(
     );
     let path = [("account_id", account_id.as_str())];
     call(names, &path, &headers, &body, |r| s.list_consent_changes(r)).await
+}
+
+/// Rows read from the log per statement while exporting.
+const EXPORT_PAGE: i64 = 1000;
+
+/// One CSV field, quoted when it must be (RFC 4180).
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_owned()
+    }
+}
+
+async fn consent_csv(
+    State(s): State<Service>,
+    Path(account_id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let filters = query_body(query.as_deref()).and_then(|body| {
+        parse_with::<pb::ListConsentChangesRequest>(
+            "c2m.v1.ListConsentChangesRequest",
+            &[("account_id", account_id.as_str())],
+            &body,
+        )
+    });
+    let filters = match filters {
+        Ok(filters) if filters.page_size != 0 || !filters.page_token.is_empty() => {
+            return error_response(&c2m_runtime::status::invalid_field(
+                "page_size",
+                "the export has every change: no paging",
+            ));
+        }
+        Ok(filters) => filters,
+        Err(status) => return error_response(&status),
+    };
+    let request = grpc_request((), &headers);
+    if let Err(status) = s.access(request.metadata(), &account_id).await {
+        return error_response(&status);
+    }
+    let consumer = Some(filters.consumer_phone.as_str()).filter(|p| !p.is_empty());
+    let channel = pb::Channel::try_from(filters.channel)
+        .ok()
+        .filter(|c| *c != pb::Channel::Unspecified);
+    let mut csv = String::from("consumer_phone,channel,opted_in,source,at\n");
+    let mut after = 0;
+    loop {
+        let page = match crate::consent::list(
+            s.db.pool(),
+            &account_id,
+            consumer,
+            channel,
+            after,
+            EXPORT_PAGE,
+        )
+        .await
+        {
+            Ok(page) => page,
+            Err(error) => {
+                return error_response(&c2m_storage::postgres::db_status("routing", error));
+            }
+        };
+        for (id, change) in &page {
+            after = *id;
+            let at = change
+                .at
+                .as_ref()
+                .and_then(c2m_proto::from_timestamp)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                .unwrap_or_default();
+            let channel = pb::Channel::try_from(change.channel).unwrap_or_default();
+            csv.push_str(&format!(
+                "{},{},{},{},{}\n",
+                csv_field(&change.consumer_phone),
+                channel.as_str_name(),
+                change.opted_in,
+                csv_field(&change.source),
+                at
+            ));
+        }
+        if (page.len() as i64) < EXPORT_PAGE {
+            break;
+        }
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"consent-changes.csv\"",
+            ),
+        ],
+        csv,
+    )
+        .into_response()
 }
 
 /// A POST on one conversation: `rpc`'s request from the body, with the path's ids.
