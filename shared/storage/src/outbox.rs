@@ -285,9 +285,19 @@ impl<D: Destination> Relay<D> {
         }
         rows.sort_unstable_by_key(|(seq, _)| *seq);
         let n = rows.len();
-        self.destination
+        let delivered = self
+            .destination
             .deliver(&self.peers, rows.into_iter().map(|(_, p)| p).collect())
-            .await?;
+            .await;
+        if let Err(error) = delivered {
+            // Put the batch back now: a dropped transaction is rolled back only when the pool
+            // next hands its connection out, and until then the rows stay locked, so another
+            // replica (or the next round, on another connection) would skip them.
+            if let Err(rollback) = tx.rollback().await {
+                tracing::debug!(%rollback, "outbox batch not rolled back at once");
+            }
+            return Err(error);
+        }
         tx.commit().await?;
         Ok(n)
     }
