@@ -295,10 +295,15 @@ impl Feed {
         }
     }
 
-    /// This replica's feed of `account_id`, made on first use, reading from the log's head.
-    async fn feed(&self, account_id: &str) -> Result<Arc<AccountFeed>, sqlx::Error> {
+    /// A subscription to this replica's feed of `account_id`, made on first use, reading from
+    /// the log's head. Subscribed under the lock that [`Feed::watched`] forgets feeds under, so a
+    /// feed is never forgotten between being found and being subscribed to.
+    async fn subscribe(
+        &self,
+        account_id: &str,
+    ) -> Result<broadcast::Receiver<Arc<Logged>>, sqlx::Error> {
         if let Some(feed) = self.accounts.lock().expect("feed accounts").get(account_id) {
-            return Ok(feed.clone());
+            return Ok(feed.sender.subscribe());
         }
         let at = head(&self.pool, account_id).await?;
         let mut accounts = self.accounts.lock().expect("feed accounts");
@@ -308,7 +313,7 @@ impl Feed {
                 read: tokio::sync::Mutex::new(at),
             })
         });
-        Ok(feed.clone())
+        Ok(feed.sender.subscribe())
     }
 
     /// The account's events after `after` (`None`: after the latest), those `show` lets through.
@@ -319,7 +324,7 @@ impl Feed {
         show: Filter,
     ) -> Result<EventStream, sqlx::Error> {
         // Subscribed before the log is read, so nothing falls between the two.
-        let mut live = self.feed(&account_id).await?.sender.subscribe();
+        let mut live = self.subscribe(&account_id).await?;
         let seen = match after {
             Some(position) => position,
             None => head(&self.pool, &account_id).await?,
@@ -399,7 +404,12 @@ impl Subscriber {
                     };
                     continue;
                 }
-                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                // The feed went away under it: the client reconnects from what it saw.
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Err(Status::unavailable(
+                        "the stream's feed closed: reconnect with your last cursor",
+                    ));
+                }
             };
             if self.send(&logged).await.is_err() {
                 return Ok(());
