@@ -15,8 +15,7 @@ use crate::{
         CONSUMER, SKILL, assign, conversation, deflect_and_reply, next, reply, send, watch,
     },
     story::{
-        BRAND_NUMBER, Options, Story, Topology, agent, authed, funnel, handoff_request, onboard,
-        token,
+        BRAND_NUMBER, Options, Story, Topology, agent, authed, handoff_request, onboard, token,
     },
 };
 
@@ -26,11 +25,7 @@ use crate::{
 async fn agents_see_only_their_accounts_and_skills_and_viewers_only_read() {
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
-    deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
-    let id = story
-        .open_conversation("acme", CONSUMER)
-        .await
-        .conversation_id;
+    let id = deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
     let list = |credential: &str| {
         let request = authed(
             pb::ListConversationsRequest {
@@ -300,16 +295,7 @@ async fn keywords_answer_help_and_opt_a_consumer_out_and_back_in_on_the_record()
             (true, "keyword:START", Channel::Sms as i32),
         ]
     );
-    let count = |stage: &'static str| {
-        let story = &story;
-        async move {
-            funnel(story, "acme")
-                .await
-                .get("CHANNEL_SMS")
-                .and_then(|stages| stages.get(stage).copied())
-                .unwrap_or(0)
-        }
-    };
+    let count = |stage: &'static str| story.sms_stage("acme", stage);
     // The same record as a file, for the brand's records.
     let csv = reqwest::Client::new()
         .get(format!(
@@ -349,11 +335,7 @@ async fn keywords_answer_help_and_opt_a_consumer_out_and_back_in_on_the_record()
 async fn an_api_key_with_the_conversations_scope_answers_and_an_ivr_key_cannot() {
     let story = Story::start(Topology::Dev).await;
     let ivr_key = onboard(&story, "acme").await;
-    deflect_and_reply(&story, &ivr_key, CONSUMER, "call-1").await;
-    let id = story
-        .open_conversation("acme", CONSUMER)
-        .await
-        .conversation_id;
+    let id = deflect_and_reply(&story, &ivr_key, CONSUMER, "call-1").await;
     let bot_key = story
         .config()
         .await

@@ -82,18 +82,19 @@ pub(crate) async fn watch(
         .into_inner()
 }
 
-/// The IVR deflects `phone` and the consumer answers the SMS: the conversation opens.
+/// The IVR deflects `phone` and the consumer answers the SMS: the conversation opens; its id.
 pub(crate) async fn deflect_and_reply(
     story: &Story,
     key: &str,
     phone: &str,
     idempotency_key: &str,
-) {
+) -> String {
     let handoff = story
         .deflect(handoff_request("acme", phone, idempotency_key), key)
         .await;
     assert_eq!(handoff.status, pb::HandoffStatus::Sent as i32);
     story.sms_to_acme(phone, "I have a question").await;
+    story.open_conversation("acme", phone).await.conversation_id
 }
 
 pub(crate) fn reply(
@@ -337,16 +338,7 @@ async fn an_agent_sees_answers_and_closes_a_deflected_conversation() {
         .twilio
         .send_status(&deflection_sms, "delivered", None)
         .await;
-    let count = |stage: &'static str| {
-        let story = &story;
-        async move {
-            funnel(story, "acme")
-                .await
-                .get("CHANNEL_SMS")
-                .and_then(|stages| stages.get(stage).copied())
-                .unwrap_or(0)
-        }
-    };
+    let count = |stage: &'static str| story.sms_stage("acme", stage);
     eventually_eq(
         "the deflection delivered",
         Duration::from_secs(10),
@@ -554,8 +546,7 @@ async fn of_two_agents_claiming_a_conversation_at_once_exactly_one_wins() {
         .into_iter()
         .enumerate()
     {
-        deflect_and_reply(&story, &key, phone, &format!("call-{i}")).await;
-        let id = story.open_conversation("acme", phone).await.conversation_id;
+        let id = deflect_and_reply(&story, &key, phone, &format!("call-{i}")).await;
         let (a, b) = tokio::join!(assign(&story, &ada, &id), assign(&story, &bob, &id));
         let (winner, refused) = match (a, b) {
             (Ok(won), Err(refused)) | (Err(refused), Ok(won)) => (won.assignee, refused),
@@ -610,14 +601,11 @@ async fn conversations_are_listed_newest_first_filtered_and_paged() {
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
     let phones = ["+14155550321", "+14155550322", "+14155550323"];
+    let mut newest = String::new();
     for (i, phone) in phones.iter().enumerate() {
-        deflect_and_reply(&story, &key, phone, &format!("call-{i}")).await;
+        newest = deflect_and_reply(&story, &key, phone, &format!("call-{i}")).await;
     }
     let ada = agent("acme", "agent-ada", &[]);
-    let newest = story
-        .open_conversation("acme", phones[2])
-        .await
-        .conversation_id;
     close(&story, &ada, &newest, "done").await;
     let page = |page_token: String, state: pb::ConversationState| {
         let request = authed(
@@ -693,13 +681,9 @@ async fn an_idle_conversation_is_closed_and_the_consumer_can_be_deflected_again(
             },
         )
         .await;
-    deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
+    let id = deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
     let ada = agent("acme", "agent-ada", &[]);
     let mut stream = watch(&story, &ada, "").await;
-    let id = story
-        .open_conversation("acme", CONSUMER)
-        .await
-        .conversation_id;
     // A recent conversation stays open through several sweeps.
     let mut db = story.db.connect().await;
     let idle_for = |minutes: i32| {
@@ -828,11 +812,7 @@ async fn whatsapp_free_text_needs_the_window_and_a_template_goes_without_it() {
 async fn a_retry_while_the_first_send_is_at_the_provider_sends_nothing() {
     let story = Story::start(Topology::Dev).await;
     let key = onboard(&story, "acme").await;
-    deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
-    let id = story
-        .open_conversation("acme", CONSUMER)
-        .await
-        .conversation_id;
+    let id = deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
     let ada = agent("acme", "agent-ada", &[]);
     let hold = story.twilio.hold_next();
     let before = story.twilio.requests();

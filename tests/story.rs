@@ -750,6 +750,17 @@ impl Story {
 }
 
 impl Story {
+    /// How many events of `stage` (e.g. `FUNNEL_STAGE_ANSWERED`) `account_id`'s SMS funnel counts.
+    pub async fn sms_stage(&self, account_id: &str, stage: &str) -> u64 {
+        funnel(self, account_id)
+            .await
+            .get("CHANNEL_SMS")
+            .and_then(|stages| stages.get(stage).copied())
+            .unwrap_or(0)
+    }
+}
+
+impl Story {
     /// Waits (10 s at most) until `account_id`'s funnel by channel is exactly `expected`:
     /// each channel with each stage's count.
     pub async fn await_funnel(&self, account_id: &str, expected: &[(&str, &[(&str, u64)])]) {

@@ -461,17 +461,13 @@ async fn the_webhook_stream_outlives_the_peer_timeout_on_separate_servers() {
     let desk = Receiver::start().await;
     create_endpoint(&story, &desk, "desk").await;
     let kinds = || -> Vec<String> { desk.taken().into_iter().map(|r| r.kind).collect() };
-    deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
+    let id = deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
     eventually("the opening posted", Duration::from_secs(10), || async {
         kinds().contains(&"conversation.opened".to_owned())
     })
     .await;
     // Time passes with the stream open, beyond the peers' timeout: that is what is tested.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let id = story
-        .open_conversation("acme", CONSUMER)
-        .await
-        .conversation_id;
     assign(&story, &agent("acme", "agent-ada", &[]), &id)
         .await
         .expect("claimed");

@@ -65,22 +65,39 @@ where
     }
 }
 
+/// A GET whose request is the query string, on `account_id`.
+async fn on_query<Req, Resp, Fut>(
+    names: (&str, &str),
+    account_id: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    rpc: impl FnOnce(tonic::Request<Req>) -> Fut,
+) -> Response
+where
+    Req: Message + Default,
+    Resp: Message,
+    Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+{
+    match query_body(query) {
+        Ok(body) => call(names, &[("account_id", account_id)], headers, &body, rpc).await,
+        Err(status) => error_response(&status),
+    }
+}
+
 async fn list(
     State(s): State<Service>,
     Path(account_id): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let body = match query_body(query.as_deref()) {
-        Ok(body) => body,
-        Err(status) => return error_response(&status),
-    };
     let names = (
         "c2m.v1.ListConversationsRequest",
         "c2m.v1.ListConversationsResponse",
     );
-    let path = [("account_id", account_id.as_str())];
-    call(names, &path, &headers, &body, |r| s.list_conversations(r)).await
+    on_query(names, &account_id, query.as_deref(), &headers, |r| {
+        s.list_conversations(r)
+    })
+    .await
 }
 
 async fn get_one(
@@ -108,16 +125,14 @@ async fn consent(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let body = match query_body(query.as_deref()) {
-        Ok(body) => body,
-        Err(status) => return error_response(&status),
-    };
     let names = (
         "c2m.v1.ListConsentChangesRequest",
         "c2m.v1.ListConsentChangesResponse",
     );
-    let path = [("account_id", account_id.as_str())];
-    call(names, &path, &headers, &body, |r| s.list_consent_changes(r)).await
+    on_query(names, &account_id, query.as_deref(), &headers, |r| {
+        s.list_consent_changes(r)
+    })
+    .await
 }
 
 /// Rows read from the log per statement while exporting.
