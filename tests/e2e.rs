@@ -10,6 +10,7 @@ mod deflection;
 mod grpc;
 mod handoff_engine;
 mod mesh;
+mod one_message;
 mod rcs;
 mod rest;
 mod sandbox;

@@ -195,6 +195,7 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
         in_schema("handoff"),
         [
             "_sqlx_migrations",
+            "consumer_leases",
             "deflection_outbox",
             "fallbacks",
             "handoffs",

@@ -558,6 +558,41 @@ impl Story {
             .expect("a handoff")
     }
 
+    /// The IVR's call, retried as an IVR does while the answer says "retry" (ABORTED: under way;
+    /// UNAVAILABLE: a service away), after the delay it carries, for up to 20 s: the handoff
+    /// the mesh finally answered.
+    pub async fn deflect_retrying(
+        &self,
+        request: pb::CreateHandoffRequest,
+        api_key: &str,
+    ) -> pb::Handoff {
+        use tonic_types::StatusExt;
+
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        let mut client = self.handoff().await;
+        loop {
+            match client
+                .create_handoff(authed(request.clone(), api_key))
+                .await
+            {
+                Ok(answer) => return answer.into_inner().handoff.expect("a handoff"),
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Aborted | tonic::Code::Unavailable
+                    ) && std::time::Instant::now() < until =>
+                {
+                    let wait = status
+                        .get_details_retry_info()
+                        .and_then(|r| r.retry_delay)
+                        .unwrap_or(Duration::from_millis(200));
+                    tokio::time::sleep(wait).await;
+                }
+                Err(status) => panic!("handoff refused: {status:?}"),
+            }
+        }
+    }
+
     /// The consumer's open conversation, as the Redis lease names it and Routing returns it.
     pub async fn open_conversation(&self, account_id: &str, phone: &str) -> pb::Conversation {
         use redis::AsyncCommands;

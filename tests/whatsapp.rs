@@ -354,11 +354,17 @@ async fn a_message_sent_but_not_recorded_is_not_sent_again_on_the_next_channel()
     let story = Story::start(Topology::Dev).await;
     let key = whatsapp_first(&story).await;
     let mut db = story.db.connect().await;
-    // The gateway's PostgreSQL refuses its message records for a while.
-    sqlx::query("ALTER TABLE channel_gateway.outbound_messages RENAME TO outbound_messages_away")
-        .execute(&mut db)
-        .await
-        .expect("rename");
+    // The gateway's PostgreSQL takes its claims on message ids, but refuses to record outcomes
+    // for a while.
+    sqlx::raw_sql(
+        "CREATE FUNCTION channel_gateway.refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused for the test'; END $$; \
+         CREATE TRIGGER refuse BEFORE UPDATE ON channel_gateway.outbound_messages \
+             FOR EACH ROW EXECUTE FUNCTION channel_gateway.refuse();",
+    )
+    .execute(&mut db)
+    .await
+    .expect("trigger");
 
     // Meta takes the WhatsApp message: that is the outcome, and SMS is not tried.
     let handoff = story.deflect(request("+14155550410", "wa-10"), &key).await;
@@ -379,27 +385,74 @@ async fn a_message_sent_but_not_recorded_is_not_sent_again_on_the_next_channel()
         },
     )
     .await;
-    sqlx::query("ALTER TABLE channel_gateway.outbound_messages_away RENAME TO outbound_messages")
+    sqlx::raw_sql("DROP TRIGGER refuse ON channel_gateway.outbound_messages")
         .execute(&mut db)
         .await
-        .expect("rename back");
+        .expect("drops the trigger");
     let message_id = format!("{}-1", handoff.handoff_id);
     eventually("the message recorded", Duration::from_secs(10), || {
         let db = &story.db;
         let message_id = message_id.clone();
         async move {
             let mut conn = db.connect().await;
-            sqlx::query_scalar::<_, String>(
-                "SELECT stage FROM channel_gateway.outbound_messages WHERE message_id = $1",
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT provider_message_id FROM channel_gateway.outbound_messages \
+                 WHERE message_id = $1",
             )
             .bind(message_id)
             .fetch_optional(&mut conn)
             .await
             .expect("reads")
-            .is_some_and(|stage| stage == "FUNNEL_STAGE_SENT")
+            .flatten()
+            .is_some_and(|id| id.starts_with("wamid."))
         }
     })
     .await;
+    story.stop().await;
+}
+
+/// A gateway whose PostgreSQL is away cannot claim a message id, so it sends nothing: the IVR
+/// hears UNAVAILABLE (retryable), not FAILED, nothing is recorded as final, and its retry with
+/// the same key, once PostgreSQL is back, sends the one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_cannot_store_sends_nothing_and_the_retry_sends_once() {
+    use tonic_types::StatusExt;
+
+    let story = Story::start(Topology::Dev).await;
+    let key = whatsapp_first(&story).await;
+    let mut db = story.db.connect().await;
+    sqlx::query("ALTER TABLE channel_gateway.outbound_messages RENAME TO outbound_messages_away")
+        .execute(&mut db)
+        .await
+        .expect("rename");
+
+    let refused = story
+        .handoff()
+        .await
+        .create_handoff(crate::story::authed(request("+14155550411", "wa-11"), &key))
+        .await
+        .expect_err("not finished");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let info = refused.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "HANDOFF_UNFINISHED");
+    assert!(refused.get_details_retry_info().is_some(), "says when");
+    assert!(story.meta.sent().is_empty() && story.twilio.sent().is_empty());
+
+    sqlx::query("ALTER TABLE channel_gateway.outbound_messages_away RENAME TO outbound_messages")
+        .execute(&mut db)
+        .await
+        .expect("rename back");
+    let handoff = story
+        .deflect_retrying(request("+14155550411", "wa-11"), &key)
+        .await;
+    assert_eq!(
+        handoff.handoff_id, info.metadata["handoff_id"],
+        "the same handoff, finished"
+    );
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(handoff.channel, Channel::Whatsapp as i32);
+    assert_eq!(story.meta.sent().len(), 1);
+    assert!(story.twilio.sent().is_empty());
     story.stop().await;
 }
 

@@ -3,28 +3,19 @@
 
 mod support;
 
-use support::otlp;
+use support::{dev::Dev, otlp};
 
-use std::{
-    net::SocketAddr,
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::{process::Output, time::Duration};
 
 use c2m_runtime::auth::{Role as AuthRole, TokenKey};
 use c2m_test_support::{TestDatabase, TestRedis, eventually};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::mpsc,
-};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-const C2M: &str = env!("CARGO_BIN_EXE_c2m");
+use support::dev::C2M;
 
 /// Runs `c2m args…` to completion with `envs` added to a clean `C2M_*` environment.
 fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
@@ -218,101 +209,6 @@ log_filter = "debug"
         Some(10_000)
     );
     assert_eq!(get("listen", "dev").as_str(), Some("127.0.0.1:50051"));
-}
-
-/// A `c2m dev` process on an ephemeral port, logging JSON to a channel.
-struct Dev {
-    child: Child,
-    logs: mpsc::UnboundedReceiver<serde_json::Value>,
-    addr: SocketAddr,
-}
-
-impl Dev {
-    async fn start(db: &TestDatabase, redis: &TestRedis, extra: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(C2M);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("C2M_") || key.starts_with("OTEL_") || key == "RUST_LOG" {
-                command.env_remove(key);
-            }
-        }
-        let mut child = command
-            .args(["dev", "--listen", "127.0.0.1:0", "--log-format", "json"])
-            .env("C2M_DATABASE__URL", db.url())
-            .env("C2M_REDIS__URL", redis.url())
-            .env("C2M_REDIS__KEY_PREFIX", redis.prefix())
-            .env("C2M_SERVER__HEALTH_INTERVAL_MS", "50")
-            .env("C2M_SERVER__GRACE_PERIOD_SECS", "2")
-            .env("C2M_LISTEN__WEBHOOKS", "127.0.0.1:0")
-            .envs(extra.iter().copied())
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("c2m starts");
-        let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
-        let (tx, mut logs) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let value = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({ "fields": { "message": line } }));
-                if tx.send(value).is_err() {
-                    return;
-                }
-            }
-        });
-        let addr = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                let line = logs.recv().await.expect("c2m exited before serving");
-                if line["fields"]["message"] == "serving" {
-                    let addr = line["fields"]["addr"].as_str().expect("addr field");
-                    return addr.parse::<SocketAddr>().expect("an address");
-                }
-            }
-        })
-        .await
-        .expect("c2m logs `serving` within 20 s");
-        Self { child, logs, addr }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .expect("endpoint")
-            .connect()
-            .await
-            .expect("connects")
-    }
-
-    fn sigterm(&self) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    }
-
-    /// Waits up to `deadline` for the process to exit; its exit code.
-    async fn exit_code(&mut self, deadline: Duration) -> Option<i32> {
-        tokio::time::timeout(deadline, self.child.wait())
-            .await
-            .expect("c2m exits in time")
-            .expect("wait works")
-            .code()
-    }
-
-    /// Every log message seen so far.
-    fn messages(&mut self) -> Vec<String> {
-        let mut seen = Vec::new();
-        while let Ok(line) = self.logs.try_recv() {
-            seen.push(
-                line["fields"]["message"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            );
-        }
-        seen
-    }
 }
 
 async fn serving(channel: &Channel, service: &str) -> bool {

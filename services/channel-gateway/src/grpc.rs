@@ -12,6 +12,7 @@ use c2m_runtime::{
 use c2m_storage::batch::Batcher;
 use chrono::Utc;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use std::{
     sync::Arc,
@@ -22,7 +23,7 @@ use crate::{
     Service,
     channels::Capability,
     credentials, devices, lookup,
-    messages::{self, Outbound},
+    messages::{self, Claim, Outbound},
     retry,
     twilio::SendOutcome,
     window,
@@ -132,117 +133,15 @@ impl ChannelGatewayService for Service {
         }
         violations.into_result()?;
 
-        // A repeated id returns its first send; an id the caller has just made up has none.
-        let earlier = if r.fresh_message_id {
-            None
-        } else {
-            self.lookups
-                .run(r.message_id.clone())
-                .await
-                .map_err(db_status)?
-        };
-        if let Some(existing) = earlier {
-            if existing.account_id != r.account_id {
-                return Err(status::invalid_field(
-                    "message_id",
-                    "already used by another account",
-                ));
-            }
-            return Ok(Response::new(pb::SendMessageResponse {
-                message: Some(existing.to_wire()),
-            }));
-        }
-        let budget = Duration::from_millis(self.settings.provider_timeout_ms);
-        let outcome = retry::within(budget, self.send_on(channel, &r)).await?;
-        // Twilio 21610: the recipient replied STOP to this sender; do not try them here again.
-        if let SendOutcome::Failed { code, .. } = &outcome
-            && matches!(channel, Channel::Sms | Channel::AppleMessages)
-            && code == "21610"
-            && let Err(status) = self
-                .peers
-                .routing()
-                .record_opt_out(pb::RecordOptOutRequest {
-                    account_id: r.account_id.clone(),
-                    consumer_phone: r.to.clone(),
-                    channel: Channel::Sms as i32,
-                    source: "twilio:21610".into(),
-                })
-                .await
-        {
-            tracing::warn!(%status, "opt-out from twilio 21610 not recorded");
-        }
-        metrics::inc(
-            "c2m_provider_sends_total",
-            "Messages handed to a provider, by channel and outcome (accepted, or the error code).",
-            &[
-                ("channel", channel.as_str_name()),
-                (
-                    "outcome",
-                    match &outcome {
-                        SendOutcome::Accepted { .. } => "accepted",
-                        SendOutcome::Failed { code, .. } => code,
-                        SendOutcome::Unconfirmed { .. } => "unconfirmed",
-                    },
-                ),
-            ],
-        );
-        let now = Utc::now();
-        let (stage, provider_id, error_code, error_message) = match outcome {
-            SendOutcome::Accepted { sid } => (FunnelStage::Sent, Some(sid), None, None),
-            SendOutcome::Failed { code, message } => {
-                (FunnelStage::Failed, None, Some(code), Some(message))
-            }
-            // Sent as far as anyone can tell, without the provider's id: the message stays
-            // unconfirmed until the provider reports on it (`messages::advance`).
-            SendOutcome::Unconfirmed { why } => {
-                tracing::warn!(message_id = %r.message_id, channel = channel.as_str_name(), %why, "provider did not answer the send; it may have the message");
-                (FunnelStage::Sent, None, None, None)
-            }
-        };
-        let outbound = Arc::new(Outbound {
-            message_id: r.message_id,
-            account_id: r.account_id,
-            channel,
-            handoff_id: r.handoff_id,
-            handoff_config_id: r.handoff_config_id,
-            skill_id: r.skill_id,
-            conversation_id: r.conversation_id,
-            provider_message_id: provider_id,
-            stage,
-            error_code,
-            error_message,
-            sent_at: now,
-            updated_at: now,
-            delivered_at: None,
-            read_at: None,
-        });
-        let message = match self.records.run(outbound.clone()).await {
-            Ok(recorded) => recorded.ok_or_else(|| {
-                status::invalid_field("message_id", "already used by another account")
-            })?,
-            // The provider took the message: that is the answer, whatever PostgreSQL says now.
-            // An error would have the caller try its next channel, and the consumer would get
-            // two messages. The record follows once PostgreSQL takes it.
-            Err(error) if outbound.stage == FunnelStage::Sent => {
-                tracing::warn!(%error, message_id = %outbound.message_id, "message sent but not recorded; recording it when PostgreSQL takes it");
-                self.detached
-                    .spawn(record_later(self.records.clone(), outbound.clone()));
-                Arc::unwrap_or_clone(outbound)
-            }
-            Err(error) => return Err(db_status(error)),
-        };
-        tracing::info!(
-            account_id = %message.account_id,
-            message_id = %message.message_id,
-            channel = channel.as_str_name(),
-            to = %mask_phone(&r.to),
-            stage = message.stage.as_str_name(),
-            error_code = message.error_code.as_deref().unwrap_or(""),
-            "message sent"
-        );
-        Ok(Response::new(pb::SendMessageResponse {
-            message: Some(message.to_wire()),
-        }))
+        // Sent to its end even if the caller stops waiting: cut off at the provider, the send
+        // would leave a claim with no outcome, and the message (if the provider took it)
+        // unconfirmed until its reports came.
+        let service = self.clone();
+        let send = async move { service.deliver(r, channel).await };
+        self.detached
+            .spawn(send.instrument(tracing::Span::current()))
+            .await
+            .map_err(|failed| Status::internal(format!("the send failed: {failed}")))?
     }
 
     async fn get_message(
@@ -271,7 +170,11 @@ impl ChannelGatewayService for Service {
     ) -> Result<Response<pb::LookupNumberResponse>, Status> {
         let caller = self.key.caller(request.metadata())?;
         let r = request.into_inner();
-        caller.authorize(&r.account_id, Role::Viewer)?;
+        // A lookup the cache cannot answer is a paid Twilio Lookup: for those who configure the
+        // account (and for Handoff), not for everyone who may read it.
+        if caller.role != Role::Service {
+            caller.authorize(&r.account_id, Role::Editor)?;
+        }
         if !is_e164(&r.phone) {
             return Err(c2m_runtime::status::invalid_field(
                 "phone",
@@ -456,6 +359,145 @@ impl ChannelGatewayService for Service {
         Ok(Response::new(pb::RemoveDeviceResponse {}))
     }
 }
+
+impl Service {
+    /// Claims the message id, sends the message on `channel` and records the outcome.
+    async fn deliver(
+        &self,
+        r: pb::SendMessageRequest,
+        channel: Channel,
+    ) -> Result<Response<pb::SendMessageResponse>, Status> {
+        // The id is claimed before the provider is called: a repeated id gets its first send
+        // (or is told to wait while that is at the provider), whatever became of the sender.
+        let budget = Duration::from_millis(self.settings.provider_timeout_ms);
+        let now = Utc::now();
+        let claim = Arc::new(Outbound {
+            message_id: r.message_id.clone(),
+            account_id: r.account_id.clone(),
+            channel,
+            handoff_id: r.handoff_id.clone(),
+            handoff_config_id: r.handoff_config_id.clone(),
+            skill_id: r.skill_id.clone(),
+            conversation_id: r.conversation_id.clone(),
+            provider_message_id: None,
+            stage: FunnelStage::Sent,
+            error_code: None,
+            error_message: None,
+            sent_at: now,
+            updated_at: now,
+            delivered_at: None,
+            read_at: None,
+            sending_until: chrono::Duration::from_std(budget + CLAIM_MARGIN)
+                .ok()
+                .map(|d| now + d),
+        });
+        match self.claims.run(claim.clone()).await.map_err(db_status)? {
+            Claim::Mine => {}
+            Claim::Earlier(first) if first.in_flight(Utc::now()) => {
+                return Err(status::aborted_retry(
+                    format!("message {} is at its provider now", first.message_id),
+                    budget,
+                ));
+            }
+            // Sent before, failed before, or claimed by a sender that died at the provider
+            // (unconfirmed: its reports settle it).
+            Claim::Earlier(first) => {
+                return Ok(Response::new(pb::SendMessageResponse {
+                    message: Some(first.to_wire()),
+                }));
+            }
+            Claim::Foreign => {
+                return Err(status::invalid_field(
+                    "message_id",
+                    "already used by another account",
+                ));
+            }
+        }
+        let outcome = retry::within(budget, self.send_on(channel, &r)).await?;
+        // Twilio 21610: the recipient replied STOP to this sender; do not try them here again.
+        if let SendOutcome::Failed { code, .. } = &outcome
+            && matches!(channel, Channel::Sms | Channel::AppleMessages)
+            && code == "21610"
+            && let Err(status) = self
+                .peers
+                .routing()
+                .record_opt_out(pb::RecordOptOutRequest {
+                    account_id: r.account_id.clone(),
+                    consumer_phone: r.to.clone(),
+                    channel: Channel::Sms as i32,
+                    source: "twilio:21610".into(),
+                })
+                .await
+        {
+            tracing::warn!(%status, "opt-out from twilio 21610 not recorded");
+        }
+        metrics::inc(
+            "c2m_provider_sends_total",
+            "Messages handed to a provider, by channel and outcome (accepted, or the error code).",
+            &[
+                ("channel", channel.as_str_name()),
+                (
+                    "outcome",
+                    match &outcome {
+                        SendOutcome::Accepted { .. } => "accepted",
+                        SendOutcome::Failed { code, .. } => code,
+                        SendOutcome::Unconfirmed { .. } => "unconfirmed",
+                    },
+                ),
+            ],
+        );
+        let (stage, provider_id, error_code, error_message) = match outcome {
+            SendOutcome::Accepted { sid } => (FunnelStage::Sent, Some(sid), None, None),
+            SendOutcome::Failed { code, message } => {
+                (FunnelStage::Failed, None, Some(code), Some(message))
+            }
+            // Sent as far as anyone can tell, without the provider's id: the message stays
+            // unconfirmed until the provider reports on it (`messages::advance`).
+            SendOutcome::Unconfirmed { why } => {
+                tracing::warn!(message_id = %r.message_id, channel = channel.as_str_name(), %why, "provider did not answer the send; it may have the message");
+                (FunnelStage::Sent, None, None, None)
+            }
+        };
+        let outbound = Arc::new(Outbound {
+            provider_message_id: provider_id,
+            stage,
+            error_code,
+            error_message,
+            updated_at: Utc::now(),
+            sending_until: None,
+            ..Arc::unwrap_or_clone(claim)
+        });
+        let message = match self.records.run(outbound.clone()).await {
+            Ok(recorded) => recorded.unwrap_or_else(|| Arc::unwrap_or_clone(outbound)),
+            // The provider has answered: that is the answer, whatever PostgreSQL says now. An
+            // error would have the caller try its next channel, and the consumer could get two
+            // messages. The claim stands meanwhile (a retry of the id is not sent again), and the
+            // outcome follows once PostgreSQL takes it.
+            Err(error) => {
+                tracing::warn!(%error, message_id = %outbound.message_id, "send's outcome not recorded; recording it when PostgreSQL takes it");
+                self.detached
+                    .spawn(record_later(self.records.clone(), outbound.clone()));
+                Arc::unwrap_or_clone(outbound)
+            }
+        };
+        tracing::info!(
+            account_id = %message.account_id,
+            message_id = %message.message_id,
+            channel = channel.as_str_name(),
+            to = %mask_phone(&r.to),
+            stage = message.stage.as_str_name(),
+            error_code = message.error_code.as_deref().unwrap_or(""),
+            "message sent"
+        );
+        Ok(Response::new(pb::SendMessageResponse {
+            message: Some(message.to_wire()),
+        }))
+    }
+}
+
+/// How long past the provider's budget a claim is held before a retry of its id may take it for
+/// abandoned: the sender's own record of the outcome takes a moment after the provider answers.
+const CLAIM_MARGIN: Duration = Duration::from_secs(2);
 
 /// How long a sent message's record is offered to PostgreSQL before it is given up (logged).
 const RECORD_PERSISTENCE: Duration = Duration::from_secs(300);

@@ -128,6 +128,7 @@ pub struct Service {
     /// Stages of agents' and bots' messages, to Routing.
     stages: Relay<messages::ToRouting>,
     lookups: Batcher<messages::Lookups>,
+    claims: Batcher<messages::Claims>,
     records: Batcher<messages::Records>,
     /// Opened credentials per account and provider, briefly. Replaced here at once; other
     /// replicas see a change within the TTL.
@@ -158,6 +159,7 @@ impl Service {
         let relay = Relay::new(db.clone(), peers.clone());
         let stages = Relay::to(messages::ToRouting, db.clone(), peers.clone());
         let lookups = Batcher::new(messages::Lookups(db.batch_pool().clone()));
+        let claims = Batcher::new(messages::Claims(db.batch_pool().clone()));
         let records = Batcher::new(messages::Records(db.batch_pool().clone()));
         Ok(Self {
             detached: TaskTracker::new(),
@@ -174,6 +176,7 @@ impl Service {
             relay,
             stages,
             lookups,
+            claims,
             records,
             credentials: Arc::new(TtlCache::new(Duration::from_secs(30), 100_000)),
         })

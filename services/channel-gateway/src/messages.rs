@@ -52,6 +52,9 @@ pub struct Outbound {
     /// When the provider reported the message delivered, and read.
     pub delivered_at: Option<DateTime<Utc>>,
     pub read_at: Option<DateTime<Utc>>,
+    /// While its sender is at the provider: until when it may take. A claim past it with no
+    /// outcome was left by a sender that died.
+    pub sending_until: Option<DateTime<Utc>>,
 }
 
 impl Outbound {
@@ -59,6 +62,11 @@ impl Outbound {
     /// provider answered has its id.
     pub fn unconfirmed(&self) -> bool {
         self.stage == FunnelStage::Sent && self.provider_message_id.is_none()
+    }
+
+    /// Its sender is at the provider now: the outcome is coming.
+    pub fn in_flight(&self, now: DateTime<Utc>) -> bool {
+        self.sending_until.is_some_and(|until| until > now)
     }
 
     pub fn to_wire(&self) -> pb::OutboundMessage {
@@ -79,13 +87,10 @@ impl Outbound {
     }
 }
 
-/// The columns a send's record writes.
-const RECORDED: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
-    provider_message_id, stage, error_code, error_message, sent_at, updated_at, conversation_id";
 /// Every column, as read back: the record, and when the provider reported each stage.
 const COLUMNS: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
     provider_message_id, stage, error_code, error_message, sent_at, updated_at, conversation_id, \
-    delivered_at, read_at";
+    delivered_at, read_at, sending_until";
 
 fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
     Ok(Outbound {
@@ -104,6 +109,7 @@ fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
         updated_at: row.try_get("updated_at")?,
         delivered_at: row.try_get("delivered_at")?,
         read_at: row.try_get("read_at")?,
+        sending_until: row.try_get("sending_until")?,
     })
 }
 
@@ -137,8 +143,84 @@ impl Statement for Lookups {
     }
 }
 
-/// Records sends' outcomes, together. A message id already recorded keeps its first outcome,
-/// which is returned (none if that id belongs to another account).
+/// What claiming a message id before its send found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// The id is this send's: the provider may be called.
+    Mine,
+    /// The id was claimed before, by this account: its record (sent, failed, or still at the
+    /// provider: see [`Outbound::in_flight`]). It is not sent again.
+    Earlier(Box<Outbound>),
+    /// The id belongs to another account.
+    Foreign,
+}
+
+/// Claims message ids before their sends, together: each row is written as sent and unconfirmed,
+/// with `sending_until`, so that whatever happens to the sender afterwards, the id is never sent
+/// again; an id claimed before is returned as it stands.
+pub struct Claims(pub PgPool);
+
+impl Statement for Claims {
+    type Row = Arc<Outbound>;
+    type Output = Claim;
+
+    async fn run(&self, messages: &[Arc<Outbound>]) -> Result<Vec<Claim>, sqlx::Error> {
+        let text = |f: fn(&Outbound) -> &str| messages.iter().map(|m| f(m)).collect::<Vec<_>>();
+        let claimed: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO outbound_messages (message_id, account_id, channel, handoff_id, \
+                 handoff_config_id, skill_id, stage, sent_at, updated_at, conversation_id, \
+                 sending_until) \
+             SELECT message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
+                 'FUNNEL_STAGE_SENT', sent_at, sent_at, conversation_id, sending_until \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                 $7::timestamptz[], $8::text[], $9::timestamptz[]) \
+                 AS m(message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
+                     sent_at, conversation_id, sending_until) \
+             ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+        )
+        .bind(text(|m| &m.message_id))
+        .bind(text(|m| &m.account_id))
+        .bind(text(|m| m.channel.as_str_name()))
+        .bind(text(|m| &m.handoff_id))
+        .bind(text(|m| &m.handoff_config_id))
+        .bind(text(|m| &m.skill_id))
+        .bind(messages.iter().map(|m| m.sent_at).collect::<Vec<_>>())
+        .bind(text(|m| &m.conversation_id))
+        .bind(messages.iter().map(|m| m.sending_until).collect::<Vec<_>>())
+        .fetch_all(&self.0)
+        .await?;
+        // The ones claimed before: as they stand (read now, after the insert waited for any
+        // concurrent claimer of the same id to commit).
+        let earlier: Vec<String> = messages
+            .iter()
+            .filter(|m| !claimed.contains(&m.message_id))
+            .map(|m| m.message_id.clone())
+            .collect();
+        let mut found = if earlier.is_empty() {
+            Vec::new()
+        } else {
+            Lookups(self.0.clone()).run(&earlier).await?
+        }
+        .into_iter();
+        Ok(messages
+            .iter()
+            .map(|m| {
+                if claimed.contains(&m.message_id) {
+                    return Claim::Mine;
+                }
+                match found.next().flatten() {
+                    Some(first) if first.account_id == m.account_id => {
+                        Claim::Earlier(Box::new(first))
+                    }
+                    _ => Claim::Foreign,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Records sends' outcomes on their claims, together. A report the provider sent meanwhile
+/// (its id, a later stage) is kept: the outcome only fills in what is still missing.
 pub struct Records(pub PgPool);
 
 impl Statement for Records {
@@ -150,61 +232,43 @@ impl Statement for Records {
         let text = |f: fn(&Outbound) -> &str| messages.iter().map(|m| f(m)).collect::<Vec<_>>();
         let optional =
             |f: fn(&Outbound) -> Option<&str>| messages.iter().map(|m| f(m)).collect::<Vec<_>>();
-        let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO outbound_messages ({RECORDED}) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-                 $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::timestamptz[], \
-                 $12::timestamptz[], $13::text[]) \
-             ON CONFLICT (message_id) DO NOTHING RETURNING {COLUMNS}"
+        let updated = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE outbound_messages m SET \
+                 stage = CASE WHEN m.stage = 'FUNNEL_STAGE_SENT' AND m.provider_message_id IS NULL \
+                     THEN u.stage ELSE m.stage END, \
+                 provider_message_id = coalesce(m.provider_message_id, u.provider_message_id), \
+                 error_code = coalesce(m.error_code, u.error_code), \
+                 error_message = coalesce(m.error_message, u.error_message), \
+                 updated_at = now(), sending_until = NULL \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+                 AS u(message_id, provider_message_id, stage, error_code, error_message) \
+             WHERE m.message_id = u.message_id \
+             RETURNING {}",
+            COLUMNS
+                .split(", ")
+                .map(|c| format!("m.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )))
         .bind(text(|m| &m.message_id))
-        .bind(text(|m| &m.account_id))
-        .bind(text(|m| m.channel.as_str_name()))
-        .bind(text(|m| &m.handoff_id))
-        .bind(text(|m| &m.handoff_config_id))
-        .bind(text(|m| &m.skill_id))
         .bind(optional(|m| m.provider_message_id.as_deref()))
         .bind(text(|m| m.stage.as_str_name()))
         .bind(optional(|m| m.error_code.as_deref()))
         .bind(optional(|m| m.error_message.as_deref()))
-        .bind(messages.iter().map(|m| m.sent_at).collect::<Vec<_>>())
-        .bind(messages.iter().map(|m| m.updated_at).collect::<Vec<_>>())
-        .bind(text(|m| &m.conversation_id))
         .fetch_all(&self.0)
         .await?
         .into_iter()
         .map(outbound)
         .collect::<Result<Vec<_>, _>>()?;
-        let mut recorded: Vec<Option<Outbound>> = messages
+        Ok(messages
             .iter()
             .map(|m| {
-                inserted
+                updated
                     .iter()
-                    .find(|i| i.message_id == m.message_id)
+                    .find(|u| u.message_id == m.message_id)
                     .cloned()
             })
-            .collect();
-        // The ones recorded before: their first outcome (read now, in one statement, after the
-        // insert waited for any concurrent writer of the same id to commit), if it is this
-        // account's.
-        let (earlier, accounts): (Vec<String>, Vec<&str>) = messages
-            .iter()
-            .zip(&recorded)
-            .filter(|(_, r)| r.is_none())
-            .map(|(m, _)| (m.message_id.clone(), m.account_id.as_str()))
-            .unzip();
-        if !earlier.is_empty() {
-            let found = Lookups(self.0.clone()).run(&earlier).await?;
-            for ((slot, first), account_id) in recorded
-                .iter_mut()
-                .filter(|r| r.is_none())
-                .zip(found)
-                .zip(accounts)
-            {
-                *slot = first.filter(|m| m.account_id == account_id);
-            }
-        }
-        Ok(recorded)
+            .collect())
     }
 }
 
@@ -329,7 +393,8 @@ mod tests {
     use super::*;
     use c2m_test_support::TestDatabase;
 
-    fn message(account_id: &str, message_id: &str, stage: FunnelStage) -> Arc<Outbound> {
+    /// A claim of `message_id` by `account_id`, its sender at the provider for `secs` more.
+    fn claim(account_id: &str, message_id: &str, secs: i64) -> Arc<Outbound> {
         let now = Utc::now();
         Arc::new(Outbound {
             message_id: message_id.into(),
@@ -339,60 +404,121 @@ mod tests {
             handoff_config_id: "default".into(),
             skill_id: "billing".into(),
             conversation_id: String::new(),
-            provider_message_id: (stage == FunnelStage::Sent).then(|| format!("SM{message_id}")),
-            stage,
+            provider_message_id: None,
+            stage: FunnelStage::Sent,
             error_code: None,
             error_message: None,
             sent_at: now,
             updated_at: now,
             delivered_at: None,
             read_at: None,
+            sending_until: Some(now + chrono::Duration::seconds(secs)),
         })
     }
 
-    /// In one batch: a new message is recorded as sent; a message id recorded before keeps its
-    /// first outcome; an id another account holds is not this account's (none).
+    /// The outcome `stage` of the send `claim` made.
+    fn outcome(claim: &Arc<Outbound>, stage: FunnelStage) -> Arc<Outbound> {
+        Arc::new(Outbound {
+            provider_message_id: (stage == FunnelStage::Sent)
+                .then(|| format!("SM{}", claim.message_id)),
+            stage,
+            error_code: (stage == FunnelStage::Failed).then(|| "30003".to_owned()),
+            sending_until: None,
+            ..Outbound::clone(claim)
+        })
+    }
+
+    /// In one batch: a new id is claimed; an id claimed before is returned as it stands (in
+    /// flight while its sender is at the provider, unconfirmed once that sender's time is past,
+    /// its outcome once recorded); an id another account holds is not this account's.
     #[tokio::test]
-    async fn a_batch_records_new_messages_and_keeps_first_outcomes() {
+    async fn an_id_is_claimed_once_and_a_repeat_gets_the_first_send_as_it_stands() {
         let database = TestDatabase::create().await;
         let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
-        let records = Records(db.batch_pool().clone());
-        records
-            .run(&[
-                message("acme", "m-earlier", FunnelStage::Failed),
-                message("globex", "m-theirs", FunnelStage::Sent),
-            ])
-            .await
-            .expect("records");
-
+        let (claims, records) = (
+            Claims(db.batch_pool().clone()),
+            Records(db.batch_pool().clone()),
+        );
+        let first = [
+            claim("acme", "m-failed", 10),
+            claim("acme", "m-flying", 10),
+            claim("acme", "m-abandoned", -1),
+            claim("globex", "m-theirs", 10),
+        ];
+        let claimed = claims.run(&first).await.expect("claims");
+        assert!(claimed.iter().all(|c| *c == Claim::Mine), "{claimed:?}");
         let recorded = records
-            .run(&[
-                message("acme", "m-new", FunnelStage::Sent),
-                message("acme", "m-earlier", FunnelStage::Sent),
-                message("acme", "m-theirs", FunnelStage::Sent),
-            ])
+            .run(&[outcome(&first[0], FunnelStage::Failed)])
             .await
             .expect("records");
-        let stages: Vec<Option<FunnelStage>> = recorded
+        assert_eq!(
+            recorded[0].as_ref().map(|m| (m.stage, m.sending_until)),
+            Some((FunnelStage::Failed, None))
+        );
+
+        let again = claims
+            .run(&[
+                claim("acme", "m-new", 10),
+                claim("acme", "m-failed", 10),
+                claim("acme", "m-flying", 10),
+                claim("acme", "m-abandoned", 10),
+                claim("acme", "m-theirs", 10),
+            ])
+            .await
+            .expect("claims");
+        let now = Utc::now();
+        let seen: Vec<_> = again
             .iter()
-            .map(|m| m.as_ref().map(|m| m.stage))
+            .map(|c| match c {
+                Claim::Mine => "mine",
+                Claim::Foreign => "foreign",
+                Claim::Earlier(m) if m.stage == FunnelStage::Failed => "failed",
+                Claim::Earlier(m) if m.in_flight(now) => "in flight",
+                Claim::Earlier(m) if m.unconfirmed() => "unconfirmed",
+                Claim::Earlier(_) => "other",
+            })
             .collect();
         assert_eq!(
-            stages,
-            [Some(FunnelStage::Sent), Some(FunnelStage::Failed), None]
+            seen,
+            ["mine", "failed", "in flight", "unconfirmed", "foreign"]
         );
-        assert_eq!(
-            recorded[0]
-                .as_ref()
-                .and_then(|m| m.provider_message_id.as_deref()),
-            Some("SMm-new")
-        );
-        let stored = Lookups(db.pool().clone())
-            .run(&["m-theirs".to_owned()])
+    }
+
+    /// A provider's report that arrives before the sender records the send's outcome is kept:
+    /// the outcome fills in only what is missing.
+    #[tokio::test]
+    async fn an_outcome_recorded_after_the_providers_report_keeps_the_report() {
+        let database = TestDatabase::create().await;
+        let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
+        let claimed = claim("acme", "m-raced", 10);
+        Claims(db.batch_pool().clone())
+            .run(std::slice::from_ref(&claimed))
             .await
-            .expect("reads");
-        let stored = stored[0].as_ref().expect("still there");
-        assert_eq!(stored.account_id, "globex", "still theirs");
-        assert_eq!(stored.stage, FunnelStage::Sent);
+            .expect("claims");
+        let mut tx = db.pool().begin().await.expect("begins");
+        let events = advance(
+            &mut tx,
+            &StatusReport {
+                account_id: "acme",
+                channel: Channel::Sms,
+                provider_message_id: "SMm-raced",
+                message_id: Some("m-raced"),
+                stage: Some(FunnelStage::Delivered),
+                error_code: None,
+                source: "test",
+            },
+        )
+        .await
+        .expect("advances");
+        tx.commit().await.expect("commits");
+        assert_eq!(events, 1);
+        let recorded = Records(db.batch_pool().clone())
+            .run(&[outcome(&claimed, FunnelStage::Sent)])
+            .await
+            .expect("records");
+        let recorded = recorded[0].as_ref().expect("recorded");
+        assert_eq!(recorded.stage, FunnelStage::Delivered);
+        assert_eq!(recorded.provider_message_id.as_deref(), Some("SMm-raced"));
+        assert!(!recorded.in_flight(Utc::now()));
     }
 }

@@ -95,6 +95,13 @@ pub async fn send(
     {
         return SendOutcome::Accepted { sid: id.to_owned() };
     }
+    // A 5xx may come after Meta took the message, and Meta has no idempotency key to ask again
+    // with: the message may be on its way, and its status webhooks (which carry our id) tell.
+    if status.is_server_error() {
+        return SendOutcome::Unconfirmed {
+            why: format!("meta answered {status}: {}", value["error"]["message"]),
+        };
+    }
     SendOutcome::Failed {
         code: value["error"]["code"]
             .as_i64()

@@ -150,6 +150,16 @@ pub async fn send_sms(
                 message: format!("twilio answered {status} without a message sid"),
             },
         }
+    } else if status.is_server_error() {
+        // A 5xx may come after Twilio took the message, and its Messages API has no idempotency
+        // key to ask again with: the message may be on its way, and its status callbacks (whose
+        // URL carries our id) tell.
+        SendOutcome::Unconfirmed {
+            why: format!(
+                "twilio answered {status}: {}",
+                text.chars().take(200).collect::<String>()
+            ),
+        }
     } else {
         let error: Option<ErrorResource> = serde_json::from_str(&text).ok();
         SendOutcome::Failed {

@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::{
     Service,
     decide::Step,
-    grpc::{Recipient, event},
+    grpc::{Recipient, Sending, event},
     store::{self, Attempt, StoredHandoff},
 };
 
@@ -139,7 +139,14 @@ impl Service {
     /// Looks at due fallbacks every 200 ms until `shutdown`, and at once again after a round
     /// that found more than it takes.
     pub(crate) async fn run_fallbacks(self, shutdown: CancellationToken) {
+        let mut pruned = std::time::Instant::now();
         loop {
+            if self.db.is_migrated() && pruned.elapsed() >= LEASE_PRUNE {
+                pruned = std::time::Instant::now();
+                if let Err(error) = prune_leases(self.db.pool()).await {
+                    tracing::warn!(%error, "expired consumer leases not pruned, will retry");
+                }
+            }
             if self.db.is_migrated() {
                 match self.fallback_round().await {
                     Ok(taken) if taken == ROUND as usize => continue,
@@ -264,11 +271,34 @@ impl Service {
                 handoff_config_id: &h.handoff_config_id,
                 skill_id: &h.skill_id,
             };
-            async move { self.send(&to, &g.steps, h.attempts.len(), false).await }
+            async move { self.send(&to, &g.steps, h.attempts.len()).await }
         }))
         .await;
-        let wrote_events = !going.is_empty();
-        for (g, sent) in going.into_iter().zip(sends) {
+        let mut wrote_events = false;
+        for (g, sending) in going.into_iter().zip(sends) {
+            let sent = match sending {
+                Sending::Sent {
+                    attempts,
+                    channel,
+                    text,
+                } => (attempts, Some((channel, text))),
+                Sending::Failed { attempts } => (attempts, None),
+                // Nothing is known of the next channel's message: the fallback stays as it was,
+                // and the next look sends the same message ids again (the gateway sends each
+                // once), after a pause.
+                Sending::Interrupted { status } => {
+                    tracing::warn!(handoff_id = %g.handoff.handoff_id, %status, "fallback send unanswered; looking again");
+                    sqlx::query(
+                        "UPDATE fallbacks SET next_check = now() + interval '1 second' \
+                         WHERE handoff_id = $1",
+                    )
+                    .bind(&g.handoff.handoff_id)
+                    .execute(&mut *tx)
+                    .await?;
+                    continue;
+                }
+            };
+            wrote_events = true;
             self.record_fallback(&mut tx, g, sent).await?;
         }
         tx.commit().await?;
@@ -375,6 +405,20 @@ impl Service {
         }
         Ok(())
     }
+}
+
+/// How often expired consumer leases are deleted.
+const LEASE_PRUNE: Duration = Duration::from_secs(60);
+
+/// Deletes consumer leases that expired a minute ago or more: a row per consumer deflected, kept
+/// only while it holds them.
+async fn prune_leases(pool: &sqlx::PgPool) -> Result<u64, sqlx::Error> {
+    Ok(
+        sqlx::query("DELETE FROM consumer_leases WHERE until < now() - interval '1 minute'")
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    )
 }
 
 /// What the gateway's record of the watched message (none: it did not answer) says to do.

@@ -170,6 +170,29 @@ impl Gate {
         }
     }
 
+    /// Gives back the consumer's lease where it still names `handoff_id`: a handoff that sent
+    /// nothing does not hold its consumer. A failed release is logged; the lease expires.
+    pub async fn release_lease(&self, account_id: &str, consumer: &str, handoff_id: &str) {
+        self.local.release_lease(account_id, consumer, handoff_id);
+        if self.breaker.is_open() {
+            return;
+        }
+        let released = async {
+            let mut connection = self.redis.connection().await?;
+            self.release
+                .key(
+                    self.redis
+                        .account_key(account_id, &format!("lease:{consumer}")),
+                )
+                .arg(handoff_id)
+                .invoke_async::<()>(&mut connection)
+                .await
+        };
+        if let Err(error) = released.await {
+            tracing::warn!(%error, handoff_id, "consumer lease not released; it expires on its own");
+        }
+    }
+
     fn claim_key(&self, ask: Ask<'_>) -> String {
         self.redis
             .account_key(ask.account_id, &format!("idem:{}", ask.idempotency_key))

@@ -20,7 +20,7 @@ use crate::{
     decide::Step,
     gate::{self, Ask, Passage},
     request::Deflection,
-    store::{self, Attempt, Fallback, Save, Saved, StoredHandoff},
+    store::{self, Attempt, Fallback, Intended, Intent, Save, Saved, StoredHandoff},
 };
 
 pub(crate) fn db_status(error: sqlx::Error) -> Status {
@@ -55,6 +55,73 @@ pub(crate) fn event(
     }
 }
 
+/// What sending along a handoff's channels came to.
+#[derive(Debug)]
+pub(crate) enum Sending {
+    /// A channel took the message (or may have: its attempt says unconfirmed), after the
+    /// attempts before it failed.
+    Sent {
+        attempts: Vec<Attempt>,
+        channel: Channel,
+        text: String,
+    },
+    /// Every channel refused the message.
+    Failed { attempts: Vec<Attempt> },
+    /// The channel gateway could not say what became of a message: nothing is final.
+    Interrupted { status: Status },
+}
+
+/// Whether a gateway's refusal leaves a message's fate unknown: it did not answer, its answer was
+/// lost, or the message is still at its provider. Its other refusals (a bad request, a missing
+/// credential) are answers: the message was not sent.
+fn interrupts(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Aborted
+            | tonic::Code::Internal
+    )
+}
+
+/// UNAVAILABLE for a handoff left in progress because the gateway could not say whether its
+/// message went (ABORTED while the message is at its provider): retryable, and a retry with the
+/// same key finishes this handoff.
+fn unfinished(handoff_id: &str, cause: &Status) -> Status {
+    use tonic_types::StatusExt;
+    let mut details = tonic_types::ErrorDetails::new();
+    details.set_retry_info(Some(Duration::from_secs(1)));
+    details.set_error_info(
+        "HANDOFF_UNFINISHED",
+        "c2m.dev",
+        std::collections::HashMap::from([("handoff_id".to_owned(), handoff_id.to_owned())]),
+    );
+    // A message at its provider is a sender at work, not a service away.
+    let (code, why) = if cause.code() == tonic::Code::Aborted {
+        (tonic::Code::Aborted, "its message is at the provider now")
+    } else {
+        (
+            tonic::Code::Unavailable,
+            "the channel gateway did not answer",
+        )
+    };
+    Status::with_error_details(
+        code,
+        format!(
+            "handoff {handoff_id} is not finished: {why} ({}); retry with the same idempotency \
+             key to finish it (nothing is sent twice)",
+            cause.message()
+        ),
+        details,
+    )
+}
+
+/// How long past the peer timeout a handoff in progress is left to its sender before a retry
+/// finishes it.
+const TAKEOVER_MARGIN: Duration = Duration::from_secs(1);
+
 /// What the gate let a new handoff do.
 enum Gated {
     /// Admitted: the decision pipeline's answer.
@@ -75,7 +142,9 @@ fn outcome_stage(status: HandoffStatus) -> FunnelStage {
         HandoffStatus::RejectedOptedOut => FunnelStage::RejectedOptedOut,
         HandoffStatus::NoEligibleChannel => FunnelStage::NoEligibleChannel,
         HandoffStatus::SkippedRecentHandoff => FunnelStage::SkippedRecentHandoff,
-        HandoffStatus::Failed | HandoffStatus::Unspecified => FunnelStage::Failed,
+        HandoffStatus::Failed | HandoffStatus::InProgress | HandoffStatus::Unspecified => {
+            FunnelStage::Failed
+        }
     }
 }
 
@@ -96,15 +165,10 @@ impl Service {
     }
 
     /// Sends along `steps` until a channel takes the message; attempts are numbered on from
-    /// `earlier` (the attempts the handoff already made). `fresh`: the handoff is new, so none of
-    /// its message ids has been sent before (a fallback's may have, by a replica that crashed).
-    pub(crate) async fn send(
-        &self,
-        to: &Recipient<'_>,
-        steps: &[Step],
-        earlier: usize,
-        fresh: bool,
-    ) -> (Vec<Attempt>, Option<(Channel, String)>) {
+    /// `earlier` (the attempts the handoff already made). Message ids are the handoff's own
+    /// (`<handoff>-<n>`), and the gateway never sends an id twice: a retry that sends the same
+    /// steps again gets the first sends' outcomes back, not new messages.
+    pub(crate) async fn send(&self, to: &Recipient<'_>, steps: &[Step], earlier: usize) -> Sending {
         let mut attempts = Vec::new();
         for (i, step) in steps.iter().enumerate() {
             let (channel, text) = (&step.channel, &step.text);
@@ -125,7 +189,7 @@ impl Service {
                     handoff_config_id: to.handoff_config_id.to_owned(),
                     skill_id: to.skill_id.to_owned(),
                     whatsapp_template: step.whatsapp_template(),
-                    fresh_message_id: fresh,
+                    fresh_message_id: false,
                     conversation_id: String::new(),
                     media_urls: Vec::new(),
                 })
@@ -140,7 +204,7 @@ impl Service {
                 at: Utc::now(),
             };
             match result.map(|r| r.into_inner().message.unwrap_or_default()) {
-                Ok(message) if message.stage == FunnelStage::Sent as i32 => {
+                Ok(message) if message.stage != FunnelStage::Failed as i32 => {
                     // An unanswered send may have reached the consumer: the next channel waits
                     // for the provider to tell (see `fallback`), not to risk a second message.
                     let outcome = if message.unconfirmed {
@@ -151,11 +215,27 @@ impl Service {
                     attempt.outcome = outcome.as_str_name().to_owned();
                     attempt.provider_message_id = message.provider_message_id;
                     attempts.push(attempt);
-                    return (attempts, Some((*channel, text.clone())));
+                    return Sending::Sent {
+                        attempts,
+                        channel: *channel,
+                        text: text.clone(),
+                    };
                 }
                 Ok(message) => {
                     attempt.error_code = message.error_code;
                     attempt.error_message = message.error_message;
+                }
+                // The gateway may have sent the message (its answer was lost, it is still at
+                // the provider) or not: nothing is final, and the next channel could message
+                // the consumer twice. Whoever sends these steps again learns which.
+                Err(status) if interrupts(&status) => {
+                    tracing::warn!(
+                        handoff_id = to.handoff_id,
+                        channel = channel.as_str_name(),
+                        %status,
+                        "channel gateway did not answer; the handoff is not finished"
+                    );
+                    return Sending::Interrupted { status };
                 }
                 Err(status) => {
                     attempt.error_code = format!("grpc:{:?}", status.code());
@@ -170,7 +250,7 @@ impl Service {
             );
             attempts.push(attempt);
         }
-        (attempts, None)
+        Sending::Failed { attempts }
     }
 
     /// Until when the provider has to report on `attempt` before the next channel is tried, if
@@ -201,13 +281,39 @@ impl Service {
             .map_err(db_status)?
         {
             Some((hash, existing)) if hash == fingerprint => Ok(Some(existing)),
-            Some((_, existing)) => Err(status::invalid_field(
-                "idempotency_key",
-                format!(
-                    "already used in the last 24 hours by handoff {} with other parameters",
-                    existing.handoff_id
-                ),
-            )),
+            Some((_, existing)) => {
+                // Which parameters differ, where the first request's are on its record; the
+                // others (template variables, overrides) are known only by their hash.
+                let differing: Vec<&str> = [
+                    (
+                        "consumer_phone",
+                        existing.consumer_phone == d.consumer_phone,
+                    ),
+                    (
+                        "handoff_config_id",
+                        existing.handoff_config_id == d.handoff_config_id,
+                    ),
+                ]
+                .into_iter()
+                .filter(|(_, same)| !same)
+                .map(|(field, _)| field)
+                .collect();
+                let which = if differing.is_empty() {
+                    "template_variables, override_channel, override_message, override_skill_id \
+                     or consumer_id differ"
+                        .to_owned()
+                } else {
+                    format!("{} differs", differing.join(" and "))
+                };
+                Err(status::invalid_field(
+                    "idempotency_key",
+                    format!(
+                        "already used in the last 24 hours by handoff {}: {which} from the first \
+                         request",
+                        existing.handoff_id
+                    ),
+                ))
+            }
             None => Ok(None),
         }
     }
@@ -237,6 +343,7 @@ impl Service {
         idempotency_key: String,
     ) -> Result<StoredHandoff, Status> {
         let fingerprint = d.fingerprint();
+        let key = (idempotency_key.as_str(), fingerprint.as_slice());
         let handoff_id = ids::generate("ho");
         let ask = Ask {
             account_id: &d.account_id,
@@ -246,20 +353,20 @@ impl Service {
             // The account's, once the gate knows it; a release does not need it.
             limit: 0,
         };
-        // PostgreSQL keeps a committed request's record for 24 hours, Redis its claim for a
-        // minute: the record is looked up while the gate decides and, once it admits, while the
-        // consumer is checked, so the lookup adds no wait. An earlier request's record wins over
-        // whatever the gate said, and an admission that ends here gives back what it took.
+        // PostgreSQL keeps a request's record for 24 hours, Redis its claim for a minute: the
+        // record is looked up while the gate decides and, once it admits, while the consumer is
+        // checked, so the lookup adds no wait. An earlier request's record wins over whatever
+        // the gate said, and an admission that ends here gives back what it took.
         let (replayed, gated) = tokio::join!(
             self.replay(&d, &idempotency_key, &fingerprint),
             self.gate_and_decide(&d, ask),
         );
         let admitted = matches!(gated, Ok((_, Gated::Admitted(_))));
-        if let Some(answer) = replayed.transpose() {
+        if let Some(earlier) = replayed.transpose() {
             if admitted {
                 self.gate.release(ask).await;
             }
-            return answer;
+            return self.resume(&d, earlier?, key).await;
         }
         let (limit, gated) = gated?;
         let decision = match gated {
@@ -269,19 +376,20 @@ impl Service {
                 return Err(refusal);
             }
             Gated::Duplicate(first) => {
-                // The first request with this key is in flight, or has just committed.
+                // The first request with this key has finished, is under way, or stopped (a
+                // crash) before it wrote anything. In the last case this request carries on as
+                // that handoff: were the first still alive, the two would write one row, and
+                // the gateway sends each of its message ids once.
                 return match self.replay(&d, &idempotency_key, &fingerprint).await? {
-                    Some(done) => Ok(done),
-                    None => Err(status::aborted_retry(
-                        format!("handoff {first} with this idempotency key is still in progress"),
-                        Duration::from_millis(200),
-                    )),
+                    Some(earlier) => self.resume(&d, earlier, key).await,
+                    None => {
+                        let decision = self.decide(&d, None).await?;
+                        self.carry_out(&d, first, decision, key, None).await
+                    }
                 };
             }
             Gated::ConsumerBusy(holder) => {
-                return self
-                    .skip_recent(&d, handoff_id, holder, (&idempotency_key, &fingerprint))
-                    .await;
+                return self.skip_recent(&d, handoff_id, holder, key, None).await;
             }
             Gated::Limited(retry_after) => {
                 return Err(status::rate_limited(
@@ -293,45 +401,135 @@ impl Service {
                 ));
             }
         };
+        self.carry_out(&d, handoff_id, decision, key, None).await
+    }
+
+    /// An earlier request's handoff under the same key: as it is once finished; finished now if
+    /// it was left in progress (its sender crashed, or the gateway did not answer it). Its
+    /// messages keep their ids, so what went before is not sent again.
+    async fn resume(
+        &self,
+        d: &Deflection,
+        earlier: StoredHandoff,
+        key: (&str, &[u8]),
+    ) -> Result<StoredHandoff, Status> {
+        if earlier.status != HandoffStatus::InProgress {
+            return Ok(earlier);
+        }
+        // Its sender may still be at work: it has a peer timeout for each call it makes. Taking
+        // over meanwhile would be safe (the gateway sends each message id once, and only one
+        // outcome is written) but would only find the same message at the provider.
+        let age = (Utc::now() - earlier.created_at)
+            .to_std()
+            .unwrap_or_default();
+        let grace = self.peers.timeout() + TAKEOVER_MARGIN;
+        if age < grace {
+            return Err(status::aborted_retry(
+                format!(
+                    "handoff {} with this idempotency key is still in progress",
+                    earlier.handoff_id
+                ),
+                (grace - age).min(Duration::from_millis(500)),
+            ));
+        }
+        tracing::info!(handoff_id = %earlier.handoff_id, "finishing a handoff an earlier request left in progress");
+        let decision = self.decide(d, None).await?;
+        self.carry_out(
+            d,
+            earlier.handoff_id,
+            decision,
+            key,
+            Some(earlier.created_at),
+        )
+        .await
+    }
+
+    /// Carries out what was decided for a handoff: one that will send is written first (in
+    /// progress, with its key and its consumer's lease), then sends, then its outcome is written
+    /// over it. `existing`: when the handoff was first written, if an earlier request did.
+    async fn carry_out(
+        &self,
+        d: &Deflection,
+        handoff_id: String,
+        decision: crate::decide::Decision,
+        key: (&str, &[u8]),
+        existing: Option<chrono::DateTime<Utc>>,
+    ) -> Result<StoredHandoff, Status> {
         if let Some(pending) = decision.pending_invite.clone() {
             // One Apple Messages invite per pending deflection: a second would start a second
             // chat for the same call.
             return self
-                .skip_recent(&d, handoff_id, pending, (&idempotency_key, &fingerprint))
+                .skip_recent(d, handoff_id, pending, key, existing)
                 .await;
         }
-        let (attempts, sent) = if decision.blocked.is_some() {
-            (Vec::new(), None)
-        } else {
-            let to = Recipient {
-                account_id: &d.account_id,
-                handoff_id: &handoff_id,
-                phone: &d.consumer_phone,
-                handoff_config_id: &d.handoff_config_id,
-                skill_id: &decision.skill_id,
-            };
-            self.send(&to, &decision.plan, 0, true).await
-        };
-        let status = match (decision.blocked, &sent) {
-            (Some(blocked), _) => blocked,
-            (None, Some(_)) => HandoffStatus::Sent,
-            (None, None) => HandoffStatus::Failed,
-        };
         let now = Utc::now();
-        let handoff = StoredHandoff {
-            handoff_id: handoff_id.clone(),
+        let mut handoff = StoredHandoff {
+            handoff_id,
             account_id: d.account_id.clone(),
             handoff_config_id: d.handoff_config_id.clone(),
             consumer_phone: d.consumer_phone.clone(),
-            status,
-            channel: sent.as_ref().map(|(c, _)| *c),
+            status: HandoffStatus::InProgress,
+            channel: None,
             skill_id: decision.skill_id.clone(),
             ivr_call_id: d.ivr_call_id.clone(),
             ivr_number: d.ivr_number.clone(),
-            attempts,
+            attempts: Vec::new(),
             duplicate_of: None,
-            created_at: now,
+            created_at: existing.unwrap_or(now),
         };
+        let mut intended = existing.is_some();
+        let sent = match decision.blocked {
+            Some(blocked) => {
+                handoff.status = blocked;
+                None
+            }
+            None => {
+                let intent = Arc::new(Intent {
+                    handoff: handoff.clone(),
+                    idempotency_key: key.0.to_owned(),
+                    fingerprint: key.1.to_vec(),
+                    lease: self.consumer_lease,
+                });
+                match self.intents.run(intent).await.map_err(db_status)? {
+                    Intended::Holding => {}
+                    Intended::KeyTaken => return self.raced(&handoff.account_id, key.0).await,
+                    Intended::ConsumerHeld(holder) => {
+                        return self
+                            .skip_recent(d, handoff.handoff_id, holder, key, Some(now))
+                            .await;
+                    }
+                }
+                intended = true;
+                let to = Recipient {
+                    account_id: &d.account_id,
+                    handoff_id: &handoff.handoff_id,
+                    phone: &d.consumer_phone,
+                    handoff_config_id: &d.handoff_config_id,
+                    skill_id: &decision.skill_id,
+                };
+                match self.send(&to, &decision.plan, 0).await {
+                    Sending::Interrupted { status } => {
+                        return Err(unfinished(&handoff.handoff_id, &status));
+                    }
+                    Sending::Sent {
+                        attempts,
+                        channel,
+                        text,
+                    } => {
+                        handoff.attempts = attempts;
+                        handoff.status = HandoffStatus::Sent;
+                        handoff.channel = Some(channel);
+                        Some((channel, text))
+                    }
+                    Sending::Failed { attempts } => {
+                        handoff.attempts = attempts;
+                        handoff.status = HandoffStatus::Failed;
+                        None
+                    }
+                }
+            }
+        };
+        let status = handoff.status;
         let error_code = handoff
             .attempts
             .last()
@@ -375,7 +573,7 @@ impl Service {
         // with the handoff, shipped by the deflection relay.
         let deflection = sent.as_ref().map(|(channel, text)| pb::Deflection {
             account_id: d.account_id.clone(),
-            handoff_id: handoff_id.clone(),
+            handoff_id: handoff.handoff_id.clone(),
             consumer_phone: d.consumer_phone.clone(),
             channel: *channel as i32,
             skill_id: decision.skill_id.clone(),
@@ -385,23 +583,19 @@ impl Service {
             handoff_config_id: d.handoff_config_id.clone(),
             ivr_number: d.ivr_number.clone(),
         });
-        self.commit(
-            handoff,
-            (&idempotency_key, &fingerprint),
-            events.into(),
-            fallback,
-            deflection,
-        )
-        .await
+        self.commit(handoff, key, events.into(), fallback, deflection, intended)
+            .await
     }
 
     /// Another handoff holds the consumer's lease: record this one as skipped, pointing at it.
+    /// `existing`: when this handoff was first written, if it was (in progress).
     async fn skip_recent(
         &self,
         d: &Deflection,
         handoff_id: String,
         holder: String,
         idempotency: (&str, &[u8]),
+        existing: Option<chrono::DateTime<Utc>>,
     ) -> Result<StoredHandoff, Status> {
         let config = self
             .handoff_config(&d.account_id, &d.handoff_config_id)
@@ -423,7 +617,7 @@ impl Service {
             ivr_number: d.ivr_number.clone(),
             attempts: Vec::new(),
             duplicate_of: Some(holder),
-            created_at: Utc::now(),
+            created_at: existing.unwrap_or_else(Utc::now),
         };
         let events = [
             event(&handoff, FunnelStage::Attempted, channel, String::new()),
@@ -434,12 +628,44 @@ impl Service {
                 String::new(),
             ),
         ];
-        self.commit(handoff, idempotency, events.into(), None, None)
+        self.commit(
+            handoff,
+            idempotency,
+            events.into(),
+            None,
+            None,
+            existing.is_some(),
+        )
+        .await
+    }
+
+    /// The handoff that holds this idempotency key, after this request lost it to another: as
+    /// it is once finished, or "retry" while it is still under way.
+    async fn raced(&self, account_id: &str, key: &str) -> Result<StoredHandoff, Status> {
+        match self
+            .replays
+            .run((account_id.to_owned(), key.to_owned()))
             .await
+            .map_err(db_status)?
+        {
+            Some((_, winner)) if winner.status != HandoffStatus::InProgress => Ok(winner),
+            Some((_, winner)) => Err(status::aborted_retry(
+                format!(
+                    "handoff {} with this idempotency key is still in progress",
+                    winner.handoff_id
+                ),
+                Duration::from_millis(200),
+            )),
+            None => Err(status::aborted_retry(
+                "a concurrent request with this idempotency key is in flight, retry",
+                Duration::from_millis(200),
+            )),
+        }
     }
 
     /// Writes the handoff with its idempotency record, events, fallback and deflection; a twin
-    /// that committed first wins.
+    /// that committed (or finished it) first wins. `intended`: its row was written before it
+    /// sent. A handoff that sent nothing gives its consumer back.
     async fn commit(
         &self,
         handoff: StoredHandoff,
@@ -447,8 +673,10 @@ impl Service {
         events: Vec<pb::Event>,
         fallback: Option<Fallback>,
         deflection: Option<pb::Deflection>,
+        intended: bool,
     ) -> Result<StoredHandoff, Status> {
         let deflected = deflection.is_some();
+        let messaged = handoff.status == HandoffStatus::Sent;
         let save = Arc::new(Save {
             handoff: handoff.clone(),
             idempotency_key: idempotency.0.to_owned(),
@@ -456,12 +684,13 @@ impl Service {
             events,
             fallback,
             deflection,
+            intended,
+            release_consumer: !messaged,
         });
         // A handoff that sent a message must be recorded: without its record, the IVR's retry
-        // would send again once the key's claim in Redis has expired. While PostgreSQL refuses
-        // (restarting, failing over), the save is offered again, for as long as the claim
-        // stops retries from sending; the IVR may stop waiting meanwhile, and its retry finds the
-        // handoff once it is saved.
+        // would not know what was sent. While PostgreSQL refuses (restarting, failing over), the
+        // save is offered again for a while; the IVR may stop waiting meanwhile, and its retry
+        // finds the handoff once it is saved (or, if it was written before it sent, finishes it).
         let saved = self
             .saves
             .run_until(save, Instant::now() + gate::CLAIM_TTL, |error, pause| {
@@ -480,6 +709,16 @@ impl Service {
                 if deflected {
                     self.deflections.wake();
                 }
+                if !messaged {
+                    // Only a message holds the consumer: the next call for them may deflect.
+                    self.gate
+                        .release_lease(
+                            &handoff.account_id,
+                            &handoff.consumer_phone,
+                            &handoff.handoff_id,
+                        )
+                        .await;
+                }
                 tracing::info!(
                     account_id = %handoff.account_id,
                     handoff_id = %handoff.handoff_id,
@@ -490,13 +729,7 @@ impl Service {
                 );
                 Ok(handoff)
             }
-            Saved::Raced => self
-                .replays
-                .run((handoff.account_id.clone(), idempotency.0.to_owned()))
-                .await
-                .map_err(db_status)?
-                .map(|(_, winner)| winner)
-                .ok_or_else(|| Status::aborted("a concurrent retry is in flight, retry")),
+            Saved::Raced => self.raced(&handoff.account_id, idempotency.0).await,
         }
     }
 

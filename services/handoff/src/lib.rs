@@ -77,6 +77,7 @@ pub struct Service {
     deflections: Relay<ToRouting>,
     gate: Gate,
     saves: Batcher<store::Saves>,
+    intents: Batcher<store::Intents>,
     replays: Batcher<store::Replays>,
     api_keys: Arc<ApiKeys>,
     accounts: Arc<TtlCache<String, pb::Account>>,
@@ -84,6 +85,8 @@ pub struct Service {
     templates: Arc<TtlCache<(String, String), pb::WhatsAppTemplate>>,
     /// `unconfirmed_fallback_ms`.
     unconfirmed_window: Duration,
+    /// `consumer_lease_ms`.
+    consumer_lease: Duration,
     /// Handoffs running on after their IVR stopped waiting; a shutdown lets them finish.
     detached: TaskTracker,
 }
@@ -112,12 +115,14 @@ impl Service {
                 settings.replicas,
             ),
             saves: Batcher::new(store::Saves(db.batch_pool().clone())),
+            intents: Batcher::new(store::Intents(db.batch_pool().clone())),
             replays: Batcher::new(store::Replays(db.batch_pool().clone())),
             api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
             accounts: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             configs: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             templates: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
             unconfirmed_window: Duration::from_millis(settings.unconfirmed_fallback_ms),
+            consumer_lease: Duration::from_millis(settings.consumer_lease_ms),
             detached: TaskTracker::new(),
             db,
             redis,

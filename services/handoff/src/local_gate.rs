@@ -2,8 +2,9 @@
 //!
 //! Documented bounds: each replica admits `limit / replicas` per window (rounded up), so the
 //! account's total stays within its limit when `handoff.replicas` is right; the consumer lease and
-//! idempotency claims hold within one replica (PostgreSQL's unique idempotency record still stops
-//! a second commit across replicas); open conversations come from Routing's database.
+//! idempotency claims here hold within one replica, and PostgreSQL's (the idempotency record and
+//! the consumer lease a handoff writes before it sends) across replicas; open conversations come
+//! from Routing's database.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -126,11 +127,18 @@ impl LocalGate {
         {
             state.claims.remove(&claim);
         }
-        let lease = (ask.account_id.to_owned(), ask.consumer.to_owned());
+        drop(state);
+        self.release_lease(ask.account_id, ask.consumer, ask.handoff_id);
+    }
+
+    /// Forgets the consumer's lease where it still names `handoff_id`.
+    pub fn release_lease(&self, account_id: &str, consumer: &str, handoff_id: &str) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let lease = (account_id.to_owned(), consumer.to_owned());
         if state
             .leases
             .get(&lease)
-            .is_some_and(|(_, holder)| holder == ask.handoff_id)
+            .is_some_and(|(_, holder)| holder == handoff_id)
         {
             state.leases.remove(&lease);
         }

@@ -229,6 +229,143 @@ pub struct Save {
     pub events: Vec<pb::Event>,
     pub fallback: Option<Fallback>,
     pub deflection: Option<pb::Deflection>,
+    /// The handoff was written before it sent ([`Intents`]): its outcome is written over that
+    /// row, if it is still in progress (a retry may have finished it first).
+    pub intended: bool,
+    /// It sent nothing: the consumer's lease, if it holds it, is given back.
+    pub release_consumer: bool,
+}
+
+/// A handoff about to send: written first, with its idempotency record and the consumer's lease.
+#[derive(Debug)]
+pub struct Intent {
+    /// In progress, no attempts yet.
+    pub handoff: StoredHandoff,
+    pub idempotency_key: String,
+    pub fingerprint: Vec<u8>,
+    /// How long the consumer's lease lasts from now.
+    pub lease: std::time::Duration,
+}
+
+/// What writing an intent found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intended {
+    /// Written (or already there, for a retry finishing it): the handoff holds its key and its
+    /// consumer, and may send.
+    Holding,
+    /// Written, holding its key; another handoff (named) holds the consumer, so this one is to
+    /// send nothing.
+    ConsumerHeld(String),
+    /// Another handoff holds the idempotency key: nothing was written.
+    KeyTaken,
+}
+
+/// Writes handoffs about to send, together: each claims its idempotency key (free, expired, or
+/// already its own: a retry finishing it), is written in progress, and takes its consumer's
+/// lease unless another live handoff holds it. Two intents for one consumer in one batch fail the
+/// statement, which makes the batcher run them one by one.
+pub struct Intents(pub PgPool);
+
+impl Statement for Intents {
+    type Row = Arc<Intent>;
+    type Output = Intended;
+
+    async fn run(&self, intents: &[Arc<Intent>]) -> Result<Vec<Intended>, sqlx::Error> {
+        let column = |f: fn(&Intent) -> &str| intents.iter().map(|i| f(i)).collect::<Vec<_>>();
+        let rows: Vec<(String, bool, bool)> = sqlx::query_as(
+            "WITH input AS ( \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                     $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::bytea[], \
+                     $11::float8[]) \
+                 AS t(handoff_id, account_id, handoff_config_id, consumer_phone, skill_id, \
+                     ivr_call_id, ivr_number, created_at, idempotency_key, request_hash, \
+                     lease_secs)), \
+             claim AS ( \
+                 INSERT INTO idempotency_keys (account_id, idempotency_key, request_hash, handoff_id, expires_at) \
+                 SELECT account_id, idempotency_key, request_hash, handoff_id, now() + interval '24 hours' \
+                 FROM input \
+                 ON CONFLICT (account_id, idempotency_key) DO UPDATE \
+                 SET request_hash = EXCLUDED.request_hash, handoff_id = EXCLUDED.handoff_id, \
+                     expires_at = EXCLUDED.expires_at \
+                 WHERE idempotency_keys.expires_at <= now() \
+                     OR idempotency_keys.handoff_id = EXCLUDED.handoff_id \
+                 RETURNING handoff_id), \
+             handoff AS ( \
+                 INSERT INTO handoffs (handoff_id, account_id, handoff_config_id, consumer_phone, \
+                     status, skill_id, ivr_call_id, ivr_number, created_at) \
+                 SELECT handoff_id, account_id, handoff_config_id, consumer_phone, \
+                     'HANDOFF_STATUS_IN_PROGRESS', skill_id, ivr_call_id, ivr_number, created_at \
+                 FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim) \
+                 ON CONFLICT (handoff_id) DO NOTHING), \
+             lease AS ( \
+                 INSERT INTO consumer_leases (account_id, consumer_phone, handoff_id, until) \
+                 SELECT account_id, consumer_phone, handoff_id, now() + make_interval(secs => lease_secs) \
+                 FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim) \
+                 ON CONFLICT (account_id, consumer_phone) DO UPDATE \
+                 SET handoff_id = EXCLUDED.handoff_id, until = EXCLUDED.until \
+                 WHERE consumer_leases.until <= now() \
+                     OR consumer_leases.handoff_id = EXCLUDED.handoff_id \
+                 RETURNING handoff_id) \
+             SELECT handoff_id, handoff_id IN (SELECT handoff_id FROM claim), \
+                 handoff_id IN (SELECT handoff_id FROM lease) \
+             FROM input",
+        )
+        .bind(column(|i| &i.handoff.handoff_id))
+        .bind(column(|i| &i.handoff.account_id))
+        .bind(column(|i| &i.handoff.handoff_config_id))
+        .bind(column(|i| &i.handoff.consumer_phone))
+        .bind(column(|i| &i.handoff.skill_id))
+        .bind(column(|i| &i.handoff.ivr_call_id))
+        .bind(column(|i| &i.handoff.ivr_number))
+        .bind(intents.iter().map(|i| i.handoff.created_at).collect::<Vec<_>>())
+        .bind(column(|i| &i.idempotency_key))
+        .bind(intents.iter().map(|i| i.fingerprint.as_slice()).collect::<Vec<_>>())
+        .bind(intents.iter().map(|i| i.lease.as_secs_f64()).collect::<Vec<_>>())
+        .fetch_all(&self.0)
+        .await?;
+        // Who holds the consumers this batch could not lease: read after the statement, which
+        // waited for any concurrent holder to commit.
+        let (accounts, phones): (Vec<&str>, Vec<&str>) = intents
+            .iter()
+            .zip(&rows)
+            .filter(|(_, (_, claimed, leased))| *claimed && !leased)
+            .map(|(i, _)| {
+                (
+                    i.handoff.account_id.as_str(),
+                    i.handoff.consumer_phone.as_str(),
+                )
+            })
+            .unzip();
+        let holders: Vec<(String, String, String)> = if accounts.is_empty() {
+            Vec::new()
+        } else {
+            sqlx::query_as(
+                "SELECT account_id, consumer_phone, handoff_id FROM consumer_leases \
+                 WHERE (account_id, consumer_phone) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+            )
+            .bind(&accounts)
+            .bind(&phones)
+            .fetch_all(&self.0)
+            .await?
+        };
+        Ok(intents
+            .iter()
+            .zip(rows)
+            .map(|(intent, (_, claimed, leased))| match (claimed, leased) {
+                (false, _) => Intended::KeyTaken,
+                (true, true) => Intended::Holding,
+                (true, false) => Intended::ConsumerHeld(
+                    holders
+                        .iter()
+                        .find(|(a, p, _)| {
+                            *a == intent.handoff.account_id && *p == intent.handoff.consumer_phone
+                        })
+                        .map(|(_, _, holder)| holder.clone())
+                        .unwrap_or_default(),
+                ),
+            })
+            .collect())
+    }
 }
 
 /// Puts a deflection in the outbox that ships them to Routing, inside the caller's transaction.
@@ -245,9 +382,10 @@ pub async fn enqueue_deflection(
 
 /// Writes handoffs, each with its idempotency record, its events, its pending fallback and its
 /// deflection, in one statement for the whole batch (one round trip, one commit: this is the hot
-/// path). Each
-/// handoff claims its idempotency key first; an expired record of the same key is replaced, and a
-/// live one means a concurrent twin won, in which case nothing of that handoff is written.
+/// path). A handoff written before it sent ([`Intents`]) has its outcome written over its row
+/// while that is still in progress; any other claims its idempotency key first: an expired record
+/// of the same key is replaced, and a live one means a concurrent twin won. Either way, a handoff
+/// that loses writes nothing at all. One that sent nothing gives back its consumer's lease.
 pub struct Saves(pub PgPool);
 
 impl Statement for Saves {
@@ -286,14 +424,14 @@ impl Statement for Saves {
             "WITH input AS ( \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                      $6::text[], $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::text[], \
-                     $12::timestamptz[], $13::text[], $14::bytea[]) \
+                     $12::timestamptz[], $13::text[], $14::bytea[], $26::bool[], $27::bool[]) \
                  AS t(handoff_id, account_id, handoff_config_id, consumer_phone, status, channel, \
                      skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at, \
-                     idempotency_key, request_hash)), \
+                     idempotency_key, request_hash, intended, release_consumer)), \
              claim AS ( \
                  INSERT INTO idempotency_keys (account_id, idempotency_key, request_hash, handoff_id, expires_at) \
                  SELECT account_id, idempotency_key, request_hash, handoff_id, now() + interval '24 hours' \
-                 FROM input \
+                 FROM input WHERE NOT intended \
                  ON CONFLICT (account_id, idempotency_key) DO UPDATE \
                  SET request_hash = EXCLUDED.request_hash, handoff_id = EXCLUDED.handoff_id, \
                      expires_at = EXCLUDED.expires_at \
@@ -305,11 +443,24 @@ impl Statement for Saves {
                  SELECT handoff_id, account_id, handoff_config_id, consumer_phone, status, channel, \
                      skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at \
                  FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
+             finish AS ( \
+                 UPDATE handoffs h SET status = i.status, channel = i.channel, skill_id = i.skill_id, \
+                     attempts = i.attempts, duplicate_of = i.duplicate_of \
+                 FROM input i \
+                 WHERE i.intended AND h.handoff_id = i.handoff_id \
+                     AND h.status = 'HANDOFF_STATUS_IN_PROGRESS' \
+                 RETURNING h.handoff_id), \
+             done AS (SELECT handoff_id FROM claim UNION ALL SELECT handoff_id FROM finish), \
+             released AS ( \
+                 DELETE FROM consumer_leases c USING input i \
+                 WHERE i.release_consumer AND c.account_id = i.account_id \
+                     AND c.consumer_phone = i.consumer_phone AND c.handoff_id = i.handoff_id \
+                     AND i.handoff_id IN (SELECT handoff_id FROM done)), \
              events AS ( \
                  INSERT INTO outbox (event_id, payload) \
                  SELECT event_id, payload FROM unnest($15::uuid[], $16::bytea[], $17::text[]) \
                      AS e(event_id, payload, handoff_id) \
-                 WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
+                 WHERE handoff_id IN (SELECT handoff_id FROM done)), \
              fallback AS ( \
                  INSERT INTO fallbacks (handoff_id, account_id, message_id, remaining, deadline, window_seconds, confirm_by) \
                  SELECT f.handoff_id, i.account_id, f.message_id, f.remaining, f.deadline, f.window_seconds, f.confirm_by \
@@ -317,13 +468,13 @@ impl Statement for Saves {
                      $25::timestamptz[]) \
                      AS f(handoff_id, message_id, remaining, deadline, window_seconds, confirm_by) \
                  JOIN input i USING (handoff_id) \
-                 WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
+                 WHERE handoff_id IN (SELECT handoff_id FROM done)), \
              deflection AS ( \
                  INSERT INTO deflection_outbox (payload) \
                  SELECT payload FROM unnest($23::text[], $24::bytea[]) WITH ORDINALITY \
                      AS d(handoff_id, payload, n) \
-                 WHERE handoff_id IN (SELECT handoff_id FROM claim) ORDER BY n) \
-             SELECT handoff_id FROM claim",
+                 WHERE handoff_id IN (SELECT handoff_id FROM done) ORDER BY n) \
+             SELECT handoff_id FROM done",
         )
         .bind(column(|s| &s.handoff.handoff_id))
         .bind(column(|s| &s.handoff.account_id))
@@ -365,6 +516,8 @@ impl Statement for Saves {
         .bind(&deflected)
         .bind(&deflections)
         .bind(fallbacks.iter().map(|(_, f)| f.confirm_by).collect::<Vec<_>>())
+        .bind(saves.iter().map(|s| s.intended).collect::<Vec<_>>())
+        .bind(saves.iter().map(|s| s.release_consumer).collect::<Vec<_>>())
         .fetch_all(&self.0)
         .await?;
         Ok(saves
@@ -427,6 +580,8 @@ mod tests {
             handoff,
             idempotency_key: key.into(),
             fingerprint: key.as_bytes().to_vec(),
+            intended: false,
+            release_consumer: false,
         })
     }
 
@@ -519,5 +674,119 @@ mod tests {
             count(pool, "SELECT count(*) FROM deflection_outbox").await,
             4
         );
+    }
+
+    fn intent(handoff_id: &str, key: &str, phone: &str) -> Arc<Intent> {
+        Arc::new(Intent {
+            handoff: StoredHandoff {
+                handoff_id: handoff_id.into(),
+                account_id: "acme".into(),
+                handoff_config_id: "default".into(),
+                consumer_phone: phone.into(),
+                status: HandoffStatus::InProgress,
+                channel: None,
+                skill_id: "billing".into(),
+                ivr_call_id: String::new(),
+                ivr_number: String::new(),
+                attempts: Vec::new(),
+                duplicate_of: None,
+                created_at: Utc::now(),
+            },
+            idempotency_key: key.into(),
+            fingerprint: key.as_bytes().to_vec(),
+            lease: std::time::Duration::from_secs(10),
+        })
+    }
+
+    /// A handoff about to send is written first: it holds its key and its consumer. Another key
+    /// for that consumer is written but told who holds them; a twin of the key writes nothing;
+    /// the handoff's own retry (the same id) holds both again. Once it has sent nothing, its
+    /// outcome gives the consumer back.
+    #[tokio::test]
+    async fn an_intent_holds_its_key_and_its_consumer_until_it_sends_nothing() {
+        let database = TestDatabase::create().await;
+        let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
+        let intents = Intents(db.batch_pool().clone());
+        let phone = "+447700900123";
+
+        let first = intents
+            .run(&[intent("ho_first", "k-first", phone)])
+            .await
+            .expect("writes");
+        assert_eq!(first, [Intended::Holding]);
+        let next = intents
+            .run(&[
+                intent("ho_second", "k-second", phone),
+                intent("ho_twin", "k-first", "+447700900999"),
+                intent("ho_other", "k-other", "+447700900456"),
+            ])
+            .await
+            .expect("writes");
+        assert_eq!(
+            next,
+            [
+                Intended::ConsumerHeld("ho_first".into()),
+                Intended::KeyTaken,
+                Intended::Holding
+            ]
+        );
+        let again = intents
+            .run(&[intent("ho_first", "k-first", phone)])
+            .await
+            .expect("writes");
+        assert_eq!(again, [Intended::Holding], "its own retry");
+        let pool = db.pool();
+        assert_eq!(
+            count(
+                pool,
+                "SELECT count(*) FROM handoffs WHERE status = 'HANDOFF_STATUS_IN_PROGRESS'"
+            )
+            .await,
+            3,
+            "ho_first, ho_second (to be skipped) and ho_other; not the twin"
+        );
+
+        // ho_first's every channel failed: written over its row, the consumer given back.
+        let failed = Save {
+            handoff: StoredHandoff {
+                status: HandoffStatus::Failed,
+                ..intent("ho_first", "k-first", phone).handoff.clone()
+            },
+            idempotency_key: "k-first".into(),
+            fingerprint: b"k-first".to_vec(),
+            events: Vec::new(),
+            fallback: None,
+            deflection: None,
+            intended: true,
+            release_consumer: true,
+        };
+        let saves = Saves(db.batch_pool().clone());
+        let saved = saves.run(&[Arc::new(failed)]).await.expect("saves");
+        assert!(matches!(saved.as_slice(), [Saved::Saved]));
+        let saved = saves
+            .run(&[Arc::new(Save {
+                handoff: StoredHandoff {
+                    status: HandoffStatus::Sent,
+                    ..intent("ho_first", "k-first", phone).handoff.clone()
+                },
+                idempotency_key: "k-first".into(),
+                fingerprint: b"k-first".to_vec(),
+                events: Vec::new(),
+                fallback: None,
+                deflection: None,
+                intended: true,
+                release_consumer: false,
+            })])
+            .await
+            .expect("saves");
+        assert!(
+            matches!(saved.as_slice(), [Saved::Raced]),
+            "a finished handoff is not finished twice"
+        );
+        let later = intents
+            .run(&[intent("ho_third", "k-third", phone)])
+            .await
+            .expect("writes");
+        assert_eq!(later, [Intended::Holding], "the consumer is free again");
     }
 }

@@ -195,6 +195,8 @@ pub struct Peers {
     remote: [PeerService; 5],
     local: LocalPeers,
     auth: ServiceAuth,
+    /// `peers.timeout_ms`: how long a call to a peer may take.
+    timeout: Duration,
 }
 
 impl Peers {
@@ -227,7 +229,13 @@ impl Peers {
                 name,
                 minted: Arc::default(),
             },
+            timeout,
         })
+    }
+
+    /// How long a call to a peer may take (`peers.timeout_ms`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Calls the peers registered in `local` in process; the others over the network.

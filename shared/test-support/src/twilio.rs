@@ -50,6 +50,7 @@ struct State_ {
     throttle_next: Option<(usize, String)>,
     hold_next: Option<Arc<tokio::sync::Notify>>,
     stall_next: bool,
+    error_after_taking_next: bool,
 }
 
 /// A send the emulator holds until [`Hold::release`]: a provider taking its time.
@@ -108,8 +109,16 @@ async fn create_message(
     }
     let (response, stall) = {
         let mut state = state.lock().expect("emulator state");
-        let response = take_message(&mut state, account_sid, &headers, &body);
+        let mut response = take_message(&mut state, account_sid, &headers, &body);
         let stall = response.status().is_success() && std::mem::take(&mut state.stall_next);
+        if response.status().is_success() && std::mem::take(&mut state.error_after_taking_next) {
+            // Twilio has the message, and answers as if it had failed.
+            response = twilio_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                20500,
+                "Internal Server Error",
+            );
+        }
         (response, stall)
     };
     if stall {
@@ -357,12 +366,21 @@ impl TwilioEmulator {
             Some((times, retry_after.into()));
     }
 
-    /// Holds the next send, unanswered, until the returned [`Hold`] is released.
     /// Takes the next message but never answers the send: the answer lost on its way back.
     pub fn stall_next(&self) {
         self.state.lock().expect("emulator state").stall_next = true;
     }
 
+    /// Takes the next message, then answers 500 as if it had not.
+    pub fn error_after_taking_next(&self) {
+        self.state
+            .lock()
+            .expect("emulator state")
+            .error_after_taking_next = true;
+    }
+
+    /// Holds the next send, before taking it and unanswered, until the returned [`Hold`] is
+    /// released.
     pub fn hold_next(&self) -> Hold {
         let hold = Arc::new(tokio::sync::Notify::new());
         self.state.lock().expect("emulator state").hold_next = Some(hold.clone());

@@ -1,3 +1,6 @@
 //! Helpers for the binary tests.
 
+#![allow(dead_code)]
+
+pub mod dev;
 pub mod otlp;

@@ -1,0 +1,6 @@
+-- A send is recorded before its provider is called: the row is the message id's claim, so a
+-- retry of the id (after a crash of the sender, or its caller's) never reaches the provider a
+-- second time. While the sender is at the provider the row says until when it may take; a claim
+-- past that time with no outcome was left by a sender that died, and reads as unconfirmed (the
+-- provider's reports settle it, as for a send it never answered).
+ALTER TABLE outbound_messages ADD COLUMN sending_until timestamptz;

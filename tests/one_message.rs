@@ -1,0 +1,225 @@
+//! One message per deflection, whatever fails: a Redis that lost its data, a gateway that stops
+//! answering while the provider has the message, a provider that fails after taking it. Sends
+//! are counted at the provider emulator, not in c2m's records.
+
+use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, HandoffStatus};
+use c2m_runtime::auth::Role as AuthRole;
+use c2m_test_support::RedisServer;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::story::{Options, Story, Topology, authed, handoff_request, onboard, token};
+
+/// Messages the Twilio emulator took for `phone`.
+fn sms_to(story: &Story, phone: &str) -> usize {
+    story
+        .twilio
+        .sent()
+        .iter()
+        .filter(|m| m.field("To") == phone)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_does_not_let_a_second_handoff_message_the_consumer() {
+    let redis = RedisServer::start();
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            redis_url: Some(redis.url()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    let consumer = "+14155550700";
+    let first = story
+        .deflect(handoff_request("acme", consumer, "lost-1"), &key)
+        .await;
+    assert_eq!(first.status, HandoffStatus::Sent as i32);
+
+    // Redis forgets everything: the lease it held for the consumer is gone.
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connects");
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut connection)
+        .await
+        .expect("flushes");
+
+    // Another call for the same consumer, moments later: the lease PostgreSQL holds answers.
+    let second = story
+        .deflect(handoff_request("acme", consumer, "lost-2"), &key)
+        .await;
+    assert_eq!(second.status, HandoffStatus::SkippedRecentHandoff as i32);
+    assert_eq!(second.duplicate_of, first.handoff_id);
+    assert_eq!(sms_to(&story, consumer), 1, "one message");
+    story.stop().await;
+    drop(redis);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_that_sent_nothing_gives_the_consumer_back() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let consumer = "+14155550701";
+    // Twilio refuses the number: the handoff failed, nobody was messaged.
+    story
+        .twilio
+        .refuse_next(400, 21211, "Invalid 'To' Phone Number");
+    let failed = story
+        .deflect(handoff_request("acme", consumer, "nothing-1"), &key)
+        .await;
+    assert_eq!(failed.status, HandoffStatus::Failed as i32);
+
+    // The next call for that consumer, inside the lease, is not turned away in its favour.
+    let next = story
+        .deflect(handoff_request("acme", consumer, "nothing-2"), &key)
+        .await;
+    assert_eq!(next.status, HandoffStatus::Sent as i32, "{next:?}");
+    assert_eq!(sms_to(&story, consumer), 1);
+    story.stop().await;
+}
+
+/// Separate servers; Handoff gives the gateway 500 ms, the gateway gives Twilio 5 s, and Twilio
+/// takes its time. The IVR hears "retry", not FAILED, and its retries under the same key end in
+/// the one message Twilio took, under the same handoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_does_not_answer_in_time_leaves_a_handoff_a_retry_finishes_without_a_second_message()
+ {
+    let story = Story::start_with(
+        Topology::Separate,
+        Options {
+            peer_timeout_ms: Some(500),
+            provider_timeout_ms: Some(5_000),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    let consumer = "+14155550702";
+    let hold = story.twilio.hold_next();
+    let request = handoff_request("acme", consumer, "slow-1");
+    let refused = story
+        .handoff()
+        .await
+        .create_handoff(authed(request.clone(), &key))
+        .await
+        .expect_err("not finished in time");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let info = refused.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "HANDOFF_UNFINISHED");
+    let handoff_id = info.metadata["handoff_id"].clone();
+
+    // While Twilio still holds the send, a retry is told to wait: the message is at the provider.
+    let waiting = story
+        .handoff()
+        .await
+        .create_handoff(authed(request.clone(), &key))
+        .await
+        .expect_err("still under way");
+    assert_eq!(waiting.code(), Code::Aborted, "{waiting:?}");
+    assert!(waiting.message().contains(&handoff_id), "{waiting:?}");
+
+    hold.release();
+    let finished = story.deflect_retrying(request, &key).await;
+    assert_eq!(finished.handoff_id, handoff_id);
+    assert_eq!(finished.status, HandoffStatus::Sent as i32);
+    assert_eq!(finished.channel, Channel::Sms as i32);
+    assert_eq!(
+        finished
+            .attempts
+            .iter()
+            .map(|a| a.outcome)
+            .collect::<Vec<_>>(),
+        [AttemptOutcome::Sent as i32],
+        "the gateway saw its send through after Handoff stopped waiting"
+    );
+    assert_eq!(sms_to(&story, consumer), 1, "one message");
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twilio_error_after_it_took_the_message_is_unconfirmed_not_failed() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let consumer = "+14155550703";
+    story.twilio.error_after_taking_next();
+    let handoff = story
+        .deflect(handoff_request("acme", consumer, "500-1"), &key)
+        .await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(
+        handoff
+            .attempts
+            .iter()
+            .map(|a| a.outcome)
+            .collect::<Vec<_>>(),
+        [AttemptOutcome::Unconfirmed as i32]
+    );
+    // It holds the consumer as any message does.
+    let again = story
+        .deflect(handoff_request("acme", consumer, "500-2"), &key)
+        .await;
+    assert_eq!(again.status, HandoffStatus::SkippedRecentHandoff as i32);
+    assert_eq!(sms_to(&story, consumer), 1);
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reused_with_another_number_names_the_number() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    story
+        .deflect(handoff_request("acme", "+14155550704", "reused-1"), &key)
+        .await;
+    let refused = story
+        .handoff()
+        .await
+        .create_handoff(authed(
+            handoff_request("acme", "+14155550705", "reused-1"),
+            &key,
+        ))
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let bad = refused.get_details_bad_request().expect("field violations");
+    assert_eq!(bad.field_violations[0].field, "idempotency_key");
+    assert!(
+        bad.field_violations[0]
+            .description
+            .contains("consumer_phone differs from the first request"),
+        "{bad:?}"
+    );
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_number_lookup_is_for_editors_not_viewers() {
+    let story = Story::start(Topology::Dev).await;
+    onboard(&story, "acme").await;
+    let lookup = |role| {
+        let story = &story;
+        async move {
+            story
+                .gateway()
+                .await
+                .lookup_number(authed(
+                    pb::LookupNumberRequest {
+                        account_id: "acme".into(),
+                        phone: "+14155550706".into(),
+                    },
+                    &token(role, Some("acme")),
+                ))
+                .await
+        }
+    };
+    let viewer = lookup(AuthRole::Viewer).await.expect_err("refused");
+    assert_eq!(viewer.code(), Code::PermissionDenied);
+    assert!(story.twilio.lookups().is_empty(), "nothing paid for");
+    lookup(AuthRole::Editor).await.expect("an editor may");
+    assert_eq!(story.twilio.lookups().len(), 1);
+    story.stop().await;
+}
