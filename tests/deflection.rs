@@ -481,7 +481,10 @@ async fn events_reporting_did_not_take_stay_in_the_outbox_until_it_does() {
         .expect_err("reporting is not there");
     assert_eq!(waiting().await, 2);
 
-    assert_eq!(relay(story.peers()).ship_batch().await.expect("ships"), 2);
+    assert_eq!(
+        relay(story.peers()).ship_batch().await.expect("ships").rows,
+        2
+    );
     assert_eq!(waiting().await, 0);
     story
         .await_funnel(

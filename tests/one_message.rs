@@ -223,3 +223,95 @@ async fn a_paid_number_lookup_is_for_editors_not_viewers() {
     assert_eq!(story.twilio.lookups().len(), 1);
     story.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_megabyte_field_is_refused_naming_it_and_nothing_is_written() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let mut huge = handoff_request("acme", "+14155550710", "huge-1");
+    huge.override_skill_id = "s".repeat(1024 * 1024);
+    huge.engagement_attributes = Some(pb::EngagementAttributes {
+        custom: [("note".to_owned(), "n".repeat(2000))].into(),
+        ..Default::default()
+    });
+    let refused = story
+        .handoff()
+        .await
+        .create_handoff(authed(huge, &key))
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let fields: Vec<String> = refused
+        .get_details_bad_request()
+        .expect("field violations")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(
+        fields,
+        ["engagement_attributes.custom[note]", "override_skill_id"]
+    );
+    let mut db = story.db.connect().await;
+    let written: i64 = sqlx::query_scalar("SELECT count(*) FROM handoff.handoffs")
+        .fetch_one(&mut db)
+        .await
+        .expect("counts");
+    assert_eq!(written, 0);
+    assert!(story.twilio.sent().is_empty());
+    story.stop().await;
+}
+
+/// Two rows no destination will ever take are planted in Handoff's outbox ahead of a real
+/// handoff's events: one that is not an event at all, one too large for any gRPC peer. They are
+/// set aside, counted and kept, and the funnel behind them arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_can_never_be_delivered_does_not_hold_back_the_rows_behind_it() {
+    use prost::Message;
+
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let too_large = pb::Event {
+        skill_id: "s".repeat(5 * 1024 * 1024),
+        ..c2m_storage::outbox::event("acme", pb::FunnelStage::Attempted)
+    };
+    let mut db = story.db.connect().await;
+    sqlx::query(
+        "INSERT INTO handoff.outbox (event_id, payload) VALUES (gen_random_uuid(), $1), \
+             (gen_random_uuid(), $2)",
+    )
+    .bind(b"\xff\xff\xff not an event".to_vec())
+    .bind(too_large.encode_to_vec())
+    .execute(&mut db)
+    .await
+    .expect("plants");
+
+    let handoff = story
+        .deflect(handoff_request("acme", "+14155550711", "behind-1"), &key)
+        .await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[("FUNNEL_STAGE_ATTEMPTED", 1), ("FUNNEL_STAGE_SENT", 1)],
+            )],
+        )
+        .await;
+    let dead: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT outbox, octet_length(payload) FROM handoff.outbox_dead_letters ORDER BY seq",
+    )
+    .fetch_all(&mut db)
+    .await
+    .expect("reads");
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead.iter().all(|(outbox, _)| outbox == "outbox"));
+    assert_eq!(
+        story
+            .metric("c2m_outbox_dead_letters_total{outbox=\"outbox\"}")
+            .await,
+        Some(2.0)
+    );
+    story.stop().await;
+}

@@ -749,12 +749,12 @@ impl Story {
 
 impl Story {
     /// Whether a backend of this story's database waits on a lock while running a statement
-    /// that starts with `sql`.
+    /// that contains `sql`.
     pub async fn waits_on_a_lock(&self, sql: &str) -> bool {
         let mut conn = self.db.connect().await;
         sqlx::query_scalar::<_, i64>(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock' AND query LIKE $1 || '%'",
+             AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'",
         )
         .bind(sql)
         .fetch_one(&mut conn)

@@ -26,6 +26,118 @@ pub struct Deflection {
     pub consumer_id: String,
 }
 
+/// The longest account and configuration ids (Config's own limit).
+pub const MAX_ID: usize = 64;
+/// The longest skill id an IVR may route replies to.
+pub const MAX_SKILL: usize = 128;
+/// The longest brand consumer id.
+pub const MAX_CONSUMER_ID: usize = 256;
+/// The longest value of any `customer_info` or `personal_info` field.
+pub const MAX_ATTRIBUTE: usize = 256;
+/// The most contacts in `personal_info`.
+pub const MAX_CONTACTS: usize = 10;
+/// The most `custom` engagement attributes, and the longest value of one.
+pub const MAX_CUSTOM: usize = 50;
+pub const MAX_CUSTOM_VALUE: usize = 1024;
+/// The largest engagement attributes, encoded: they travel with the handoff to Routing, the
+/// conversation and every agent's view of it.
+pub const MAX_ATTRIBUTES_BYTES: usize = 16 * 1024;
+
+/// Adds a violation when `value` has more than `max` characters.
+fn at_most(violations: &mut FieldViolations, field: &str, value: &str, max: usize) {
+    // Bytes first: a value of fewer bytes than `max` has fewer characters too.
+    if value.len() > max && value.chars().count() > max {
+        violations.add(field, format!("at most {max} characters"));
+    }
+}
+
+fn attribute_limits(violations: &mut FieldViolations, attributes: &pb::EngagementAttributes) {
+    use prost::Message;
+
+    if let Some(c) = &attributes.customer_info {
+        for (name, value) in [
+            ("customer_id", &c.customer_id),
+            ("customer_status", &c.customer_status),
+            ("customer_type", &c.customer_type),
+            ("balance", &c.balance),
+            ("currency", &c.currency),
+            ("social_id", &c.social_id),
+            ("imei", &c.imei),
+            ("user_name", &c.user_name),
+            ("account_name", &c.account_name),
+            ("role", &c.role),
+            ("company_branch", &c.company_branch),
+        ] {
+            at_most(
+                violations,
+                &format!("engagement_attributes.customer_info.{name}"),
+                value,
+                MAX_ATTRIBUTE,
+            );
+        }
+    }
+    if let Some(p) = &attributes.personal_info {
+        for (name, value) in [
+            ("first_name", &p.first_name),
+            ("last_name", &p.last_name),
+            ("gender", &p.gender),
+            ("company", &p.company),
+            ("language", &p.language),
+        ] {
+            at_most(
+                violations,
+                &format!("engagement_attributes.personal_info.{name}"),
+                value,
+                MAX_ATTRIBUTE,
+            );
+        }
+        if p.contacts.len() > MAX_CONTACTS {
+            violations.add(
+                "engagement_attributes.personal_info.contacts",
+                format!("at most {MAX_CONTACTS} contacts"),
+            );
+        }
+        for (i, contact) in p.contacts.iter().take(MAX_CONTACTS).enumerate() {
+            for (name, value) in [
+                ("email", &contact.email),
+                ("phone", &contact.phone),
+                ("country", &contact.country),
+                ("region", &contact.region),
+            ] {
+                at_most(
+                    violations,
+                    &format!("engagement_attributes.personal_info.contacts[{i}].{name}"),
+                    value,
+                    MAX_ATTRIBUTE,
+                );
+            }
+        }
+    }
+    if attributes.custom.len() > MAX_CUSTOM {
+        violations.add(
+            "engagement_attributes.custom",
+            format!("at most {MAX_CUSTOM} attributes"),
+        );
+    }
+    for (name, value) in &attributes.custom {
+        let field = format!(
+            "engagement_attributes.custom[{}]",
+            name.chars().take(64).collect::<String>()
+        );
+        if name.is_empty() || name.len() > 64 {
+            violations.add(field.clone(), "names are 1 to 64 characters");
+        }
+        at_most(violations, &field, value, MAX_CUSTOM_VALUE);
+    }
+    let size = attributes.encoded_len();
+    if size > MAX_ATTRIBUTES_BYTES {
+        violations.add(
+            "engagement_attributes",
+            format!("{size} bytes encoded; at most {MAX_ATTRIBUTES_BYTES}"),
+        );
+    }
+}
+
 fn nonempty(s: &str) -> Option<String> {
     Some(s.trim().to_owned()).filter(|s| !s.is_empty())
 }
@@ -64,27 +176,27 @@ fn validate(
         violations.add("template_variables", "at most 50 variables");
     }
     for (name, value) in template_variables {
+        // A name too long to be one is not repeated whole in the answer.
+        let field = format!(
+            "template_variables[{}]",
+            name.chars().take(64).collect::<String>()
+        );
         if name.is_empty() || name.len() > 64 {
-            violations.add(
-                format!("template_variables[{name}]"),
-                "names are 1 to 64 characters",
-            );
+            violations.add(field.clone(), "names are 1 to 64 characters");
         }
-        if value.chars().count() > 1024 {
-            violations.add(
-                format!("template_variables[{name}]"),
-                "values are at most 1024 characters",
-            );
+        if value.len() > 1024 && value.chars().count() > 1024 {
+            violations.add(field, "values are at most 1024 characters");
         }
     }
     let attributes = engagement_attributes.cloned().unwrap_or_default();
-    for name in attributes.custom.keys() {
-        if name.is_empty() || name.len() > 64 {
-            violations.add(
-                format!("engagement_attributes.custom[{name}]"),
-                "names are 1 to 64 characters",
-            );
-        }
+    attribute_limits(violations, &attributes);
+    for (field, value, max) in [
+        ("account_id", account_id, MAX_ID),
+        ("handoff_config_id", handoff_config_id, MAX_ID),
+        ("override_skill_id", override_skill_id, MAX_SKILL),
+        ("consumer_id", consumer_id, MAX_CONSUMER_ID),
+    ] {
+        at_most(violations, field, value, max);
     }
     let channel = match Channel::try_from(override_channel) {
         Ok(Channel::Unspecified) => None,

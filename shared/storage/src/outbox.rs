@@ -27,8 +27,13 @@ use crate::postgres::ServiceDb;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// Rows shipped per call to the destination.
+/// Rows shipped per call to the destination, at most.
 const BATCH: i64 = 500;
+/// Payload bytes shipped per call, at most (a single larger row goes alone): well under the
+/// 4 MiB a gRPC peer takes, so a batch is never refused for its size.
+const BATCH_BYTES: i64 = 1024 * 1024;
+/// The longest pause between tries while the destination (or PostgreSQL) keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the relay looks for rows nobody told it about (other replicas' writes).
 const POLL: Duration = Duration::from_millis(100);
 /// The least time between two batches that are not full: under load, the rows of many commits
@@ -153,6 +158,9 @@ impl<D: Destination> Relay<D> {
     /// retried; the rows stay in the outbox meanwhile.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failing = false;
+        // Consecutive failed rounds: the pause before the next grows with them (POLL, doubled
+        // each time, at most MAX_BACKOFF), so a destination that is down costs little.
+        let mut failures: u32 = 0;
         let mut last: Option<tokio::time::Instant> = None;
         loop {
             if let Some(wait) = last.map(|at| LINGER.saturating_sub(at.elapsed()))
@@ -164,34 +172,44 @@ impl<D: Destination> Relay<D> {
                 }
             }
             last = Some(tokio::time::Instant::now());
-            match self.ship_batch().await {
-                Ok(n) if n as i64 == BATCH => {
+            let shipped = self.ship_batch().await;
+            if shipped.is_ok() {
+                failures = 0;
+                if failing {
+                    tracing::info!(outbox = D::TABLE, "outbox relay recovered");
+                    failing = false;
+                }
+            }
+            match shipped {
+                // A full batch (by rows or by bytes): more are waiting.
+                Ok(Shipped { full: true, .. }) => {
                     last = None;
                     continue;
                 }
-                Ok(_) => {
-                    if failing {
-                        tracing::info!(outbox = D::TABLE, "outbox relay recovered");
-                        failing = false;
-                    }
-                }
+                Ok(_) => {}
                 Err(error) => {
+                    failures = failures.saturating_add(1);
                     if !failing {
                         tracing::warn!(outbox = D::TABLE, %error, "outbox relay failing, will retry");
                         failing = true;
                     }
                 }
             }
+            let pause = if failures == 0 {
+                POLL
+            } else {
+                POLL.saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF)
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(POLL) => {}
+                _ = self.wake.notified(), if failures == 0 => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }
 
-    /// Ships one batch; returns how many rows left the outbox.
-    pub async fn ship_batch(&self) -> Result<usize, RelayError> {
+    /// Ships one batch; returns how many rows left the outbox (delivered or set aside).
+    pub async fn ship_batch(&self) -> Result<Shipped, RelayError> {
         self.ship(Taken::Skip, i64::MAX).await
     }
 
@@ -234,7 +252,7 @@ impl<D: Destination> Relay<D> {
         };
         let mut shipped = 0;
         loop {
-            let n = self.ship(Taken::Wait, newest).await?;
+            let n = self.ship(Taken::Wait, newest).await?.rows;
             shipped += n;
             if n > 0 {
                 continue;
@@ -254,53 +272,146 @@ impl<D: Destination> Relay<D> {
         }
     }
 
-    /// Ships one batch of rows up to `newest`.
-    async fn ship(&self, taken: Taken, newest: i64) -> Result<usize, RelayError> {
+    /// Ships one batch of rows up to `newest`: at most [`BATCH`] rows and [`BATCH_BYTES`] of
+    /// payload (one row, however large). A batch the destination refuses for what it holds is
+    /// tried row by row, and a row refused on its own is set aside in `outbox_dead_letters`, so
+    /// that one bad row does not hold back every row behind it.
+    async fn ship(&self, taken: Taken, newest: i64) -> Result<Shipped, RelayError> {
         // Until the health probe has migrated the schema there is no outbox to read.
         if !self.db.is_migrated() {
-            return Ok(0);
+            return Ok(Shipped::default());
         }
         let mut tx = self.db.pool().begin().await?;
         // Taken out in the transaction, put back by its rollback if the destination does not
         // take them. SKIP LOCKED: replicas share the outbox without shipping the same batch twice
         // at once. `= ANY(ARRAY(…))` finds the rows by the primary key: `IN (…)` was planned as a
         // hash join over a scan of the whole table, dead rows included, which cost 2 ms a batch
-        // once a run had put a hundred thousand events through.
+        // once a run had put a hundred thousand events through. The window over the locked rows
+        // keeps the batch within its bytes.
         let lock = match taken {
             Taken::Skip => "FOR UPDATE SKIP LOCKED",
             Taken::Wait => "FOR UPDATE",
         };
         let mut rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM {table} WHERE seq = ANY(ARRAY( \
-                 SELECT seq FROM {table} WHERE seq <= $2 ORDER BY seq LIMIT $1 {lock})) \
+            "WITH locked AS ( \
+                 SELECT seq, octet_length(payload) AS size FROM {table} \
+                 WHERE seq <= $2 ORDER BY seq LIMIT $1 {lock}), \
+             running AS ( \
+                 SELECT seq, sum(size) OVER (ORDER BY seq) AS bytes, \
+                     row_number() OVER (ORDER BY seq) AS n \
+                 FROM locked) \
+             DELETE FROM {table} WHERE seq = ANY(ARRAY( \
+                 SELECT seq FROM running WHERE bytes <= $3 OR n = 1)) \
              RETURNING seq, payload",
             table = D::TABLE
         )))
         .bind(BATCH)
         .bind(newest)
+        .bind(BATCH_BYTES)
         .fetch_all(&mut *tx)
         .await?;
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(Shipped::default());
         }
         rows.sort_unstable_by_key(|(seq, _)| *seq);
         let n = rows.len();
+        let full = n as i64 == BATCH
+            || rows.iter().map(|(_, p)| p.len() as i64).sum::<i64>() * 2 > BATCH_BYTES;
         let delivered = self
             .destination
-            .deliver(&self.peers, rows.into_iter().map(|(_, p)| p).collect())
+            .deliver(&self.peers, rows.iter().map(|(_, p)| p.clone()).collect())
             .await;
-        if let Err(error) = delivered {
-            // Put the batch back now: a dropped transaction is rolled back only when the pool
-            // next hands its connection out, and until then the rows stay locked, so another
-            // replica (or the next round, on another connection) would skip them.
-            if let Err(rollback) = tx.rollback().await {
-                tracing::debug!(%rollback, "outbox batch not rolled back at once");
-            }
-            return Err(error);
+        let dead = match delivered {
+            Ok(()) => Vec::new(),
+            Err(error) if error.is_about_the_rows() => match self.isolate(rows).await {
+                Ok(dead) => dead,
+                Err(error) => return Err(put_back(tx, error).await),
+            },
+            Err(error) => return Err(put_back(tx, error).await),
+        };
+        if !dead.is_empty() {
+            let (seqs, payloads, errors): (Vec<i64>, Vec<Vec<u8>>, Vec<String>) =
+                dead.iter().cloned().fold(
+                    (Vec::new(), Vec::new(), Vec::new()),
+                    |(mut s, mut p, mut e), (seq, payload, error)| {
+                        s.push(seq);
+                        p.push(payload);
+                        e.push(error);
+                        (s, p, e)
+                    },
+                );
+            sqlx::query(
+                "INSERT INTO outbox_dead_letters (outbox, seq, payload, error) \
+                 SELECT $1, * FROM unnest($2::bigint[], $3::bytea[], $4::text[]) \
+                 ON CONFLICT (outbox, seq) DO NOTHING",
+            )
+            .bind(D::TABLE)
+            .bind(&seqs)
+            .bind(&payloads)
+            .bind(&errors)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
-        Ok(n)
+        for (seq, payload, error) in &dead {
+            tracing::error!(
+                outbox = D::TABLE,
+                seq,
+                bytes = payload.len(),
+                %error,
+                "outbox row can never be delivered: set aside in outbox_dead_letters"
+            );
+            c2m_runtime::metrics::inc(
+                "c2m_outbox_dead_letters_total",
+                "Outbox rows set aside because they can never be delivered (see outbox_dead_letters).",
+                &[("outbox", D::TABLE)],
+            );
+        }
+        Ok(Shipped { rows: n, full })
     }
+
+    /// Delivers a refused batch's rows one by one; returns the rows refused on their own, with
+    /// why. A failure that is not about a row (the destination away) stops it: the whole batch
+    /// is then put back and tried again later (a destination takes a repeat as a no-op).
+    async fn isolate(
+        &self,
+        rows: Vec<(i64, Vec<u8>)>,
+    ) -> Result<Vec<(i64, Vec<u8>, String)>, RelayError> {
+        let mut dead = Vec::new();
+        for (seq, payload) in rows {
+            match self
+                .destination
+                .deliver(&self.peers, vec![payload.clone()])
+                .await
+            {
+                Ok(()) => {}
+                Err(error) if error.is_about_the_rows() => {
+                    dead.push((seq, payload, error.to_string()));
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(dead)
+    }
+}
+
+/// Puts a batch back now: a dropped transaction is rolled back only when the pool next hands its
+/// connection out, and until then the rows stay locked, so another replica (or the next round,
+/// on another connection) would skip them. Returns `error`.
+async fn put_back(tx: sqlx::Transaction<'_, sqlx::Postgres>, error: RelayError) -> RelayError {
+    if let Err(rollback) = tx.rollback().await {
+        tracing::debug!(%rollback, "outbox batch not rolled back at once");
+    }
+    error
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Shipped {
+    /// Rows that left the outbox: delivered, or set aside as undeliverable.
+    pub rows: usize,
+    /// The batch was as large as batches get (in rows, or near it in bytes): more may wait.
+    pub full: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -311,6 +422,22 @@ pub enum RelayError {
     Decode(#[from] prost::DecodeError),
     #[error("the destination refused the batch: {0}")]
     Refused(#[from] tonic::Status),
+}
+
+impl RelayError {
+    /// Whether the failure is about what the rows hold (a row that cannot be decoded, a batch
+    /// the destination finds invalid or too large), which trying again cannot fix, rather than
+    /// about the destination or PostgreSQL being away.
+    pub fn is_about_the_rows(&self) -> bool {
+        match self {
+            RelayError::Decode(_) => true,
+            RelayError::Refused(status) => matches!(
+                status.code(),
+                tonic::Code::InvalidArgument | tonic::Code::OutOfRange
+            ),
+            RelayError::Db(_) => false,
+        }
+    }
 }
 
 /// A new event for `account_id` at `stage`, with a fresh id and the current time; set the other
