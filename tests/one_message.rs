@@ -315,3 +315,73 @@ async fn a_row_that_can_never_be_delivered_does_not_hold_back_the_rows_behind_it
     );
     story.stop().await;
 }
+
+/// 40 handoffs at once for different consumers of acme; how many were admitted (the rest were
+/// over the limit).
+async fn burst(story: &Story, key: &str, tag: &str) -> usize {
+    let client = story.handoff().await;
+    let calls = (0..40).map(|i| {
+        let mut client = client.clone();
+        let request = handoff_request("acme", &format!("+1415777{i:04}"), &format!("{tag}-{i}"));
+        let key = key.to_owned();
+        async move { client.create_handoff(authed(request, &key)).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    for result in &results {
+        if let Err(status) = result {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        }
+    }
+    results.iter().filter(|r| r.is_ok()).count()
+}
+
+/// acme's limit is 30 handoffs a second. Redis forgets everything between two bursts a moment
+/// apart: the window is filled in from PostgreSQL, so no second holds more than 30 handoffs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_keeps_the_rate_limit() {
+    let redis = RedisServer::start();
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            redis_url: Some(redis.url()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    let before = burst(&story, &key, "before").await;
+    assert_eq!(before, 30);
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connects");
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut connection)
+        .await
+        .expect("flushes");
+    burst(&story, &key, "after").await;
+
+    // Every window of 950 ms (a little less than the limit's second, for the moments between
+    // admission and the handoff's timestamp) holds at most 30 handoffs.
+    let mut db = story.db.connect().await;
+    let times: Vec<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+        "SELECT created_at FROM handoff.handoffs WHERE account_id = 'acme' ORDER BY created_at",
+    )
+    .fetch_all(&mut db)
+    .await
+    .expect("reads");
+    let busiest = times
+        .iter()
+        .map(|start| {
+            times
+                .iter()
+                .filter(|t| **t >= *start && **t < *start + chrono::Duration::milliseconds(950))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(busiest <= 30, "{busiest} handoffs in one window");
+    story.stop().await;
+    drop(redis);
+}

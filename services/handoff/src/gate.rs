@@ -8,19 +8,30 @@
 //! window and admits only while fewer than `limit` remain. No window of that length, wherever it
 //! starts, holds more than `limit` admissions (a fixed window admits twice the limit across its
 //! edge), and replicas with skewed clocks agree because only the server's clock counts.
+//!
+//! Redis may lose what it holds (a restart, a flush, a failover to a replica that lagged). Each
+//! account's window therefore has a marker (`<prefix>:{<account>}:rl:known`, kept a day past the
+//! account's last admission): without it the script admits nothing and says so, and the window
+//! is first filled in from PostgreSQL's handoffs of the last window. The same is done for an
+//! account this replica admitted from memory while Redis was unreachable, once Redis answers
+//! again. The limit then holds across the loss, except for handoffs admitted in the moment
+//! before it that had not yet been written (at most the account's handoffs in flight then). The
+//! consumer's lease and the idempotency key have their own record in PostgreSQL (see `store`).
 
 use std::{
-    sync::Arc,
+    collections::HashMap,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use c2m_storage::{RedisHandle, redis::Breaker};
+use c2m_storage::{RedisHandle, ServiceDb, redis::Breaker};
 
 use crate::local_gate::LocalGate;
 
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if redis.call('EXISTS', KEYS[5]) == 0 then return {4, now, ''} end
 local seen = redis.call('GET', KEYS[2])
 if seen then return {2, now, seen} end
 local conversation = redis.call('GET', KEYS[4])
@@ -36,11 +47,30 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
 end
 redis.call('ZADD', KEYS[1], now, ARGV[3])
 redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
+redis.call('PEXPIRE', KEYS[5], ARGV[6])
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
 if conversation then return {1, now, conversation} end
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
 return {1, now, ''}
 ";
+
+/// Fills an account's window in (KEYS[1]) with admissions PostgreSQL knows of: ARGV[3..] are
+/// pairs of handoff id and age in microseconds, scored by the server's clock less their age
+/// (members already there keep their score); then marks the window known (KEYS[2], for ARGV[2]
+/// milliseconds).
+const SEED: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 3, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], 'NX', now - tonumber(ARGV[i + 1]), ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) / 1000))
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return 0
+";
+
+/// How long an account's window stays known after its last admission.
+const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
 
 /// How long an idempotency claim lasts. PostgreSQL keeps idempotency records for 24 hours;
 /// Redis only has to cover the moments before the first request commits (which includes a save
@@ -88,8 +118,14 @@ pub struct Ask<'a> {
 #[derive(Debug, Clone)]
 pub struct Gate {
     redis: RedisHandle,
+    /// Where the handoffs of the last window are read from when Redis has lost them.
+    db: ServiceDb,
     script: redis::Script,
     release: redis::Script,
+    seed: redis::Script,
+    /// Accounts this replica admitted from memory, and when it last did: Redis does not know of
+    /// those admissions, so their windows are filled in from PostgreSQL once it answers again.
+    decided_here: Arc<Mutex<HashMap<String, Instant>>>,
     window: Duration,
     idempotency_ttl: Duration,
     consumer_lease: Duration,
@@ -102,6 +138,7 @@ impl Gate {
     /// `replicas`: how many Handoff replicas share the account limits, for the local fallback.
     pub fn new(
         redis: RedisHandle,
+        db: ServiceDb,
         window: Duration,
         consumer_lease: Duration,
         replicas: u32,
@@ -109,8 +146,11 @@ impl Gate {
         let idempotency_ttl = CLAIM_TTL;
         Self {
             redis,
+            db,
             script: redis::Script::new(SCRIPT),
             release: redis::Script::new(RELEASE),
+            seed: redis::Script::new(SEED),
+            decided_here: Arc::default(),
             window,
             idempotency_ttl,
             consumer_lease,
@@ -128,7 +168,7 @@ impl Gate {
     /// while Redis is unreachable.
     pub async fn decide(&self, ask: Ask<'_>) -> Decision {
         if !self.breaker.is_open() {
-            match self.pass(ask).await {
+            match self.decide_exactly(ask).await {
                 Ok(decision) => {
                     if self.breaker.succeeded() {
                         tracing::info!("redis is back: exact limits again");
@@ -142,7 +182,60 @@ impl Gate {
                 }
             }
         }
+        self.decided_here
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ask.account_id.to_owned(), Instant::now());
         self.local.pass(ask, Instant::now())
+    }
+
+    /// The decision from Redis, the account's window filled in first where Redis lacks
+    /// admissions: ones this replica made from memory lately, or all of them (Redis lost them).
+    /// An error when Redis (or PostgreSQL, to fill a window in) cannot be reached.
+    pub async fn decide_exactly(&self, ask: Ask<'_>) -> Result<Decision, GateError> {
+        let here_lately = {
+            let mut here = self.decided_here.lock().unwrap_or_else(|p| p.into_inner());
+            here.remove(ask.account_id)
+                .is_some_and(|at| at.elapsed() < self.window)
+        };
+        if here_lately {
+            self.fill_in(ask.account_id).await?;
+        }
+        if let Some(decision) = self.pass(ask).await? {
+            return Ok(decision);
+        }
+        self.fill_in(ask.account_id).await?;
+        Ok(self.pass(ask).await?.unwrap_or(Decision {
+            // Lost again at once (a flush in between): a moment's wait, not a guess.
+            passage: Passage::Limited {
+                retry_after: Duration::from_millis(10),
+            },
+            at_us: 0,
+        }))
+    }
+
+    /// Fills the account's window in from the handoffs PostgreSQL has of the last window.
+    async fn fill_in(&self, account_id: &str) -> Result<(), GateError> {
+        let recent = crate::store::recent(self.db.pool(), account_id, self.window).await?;
+        tracing::info!(
+            account_id,
+            admissions = recent.len(),
+            "rate-limit window filled in from postgresql"
+        );
+        let mut connection = self.redis.connection().await?;
+        let mut seed = self.seed.key(self.redis.account_key(account_id, "rl"));
+        seed.key(self.known_key(account_id))
+            .arg(self.window.as_micros() as u64)
+            .arg(KNOWN_FOR.as_millis() as u64);
+        for (handoff_id, age) in &recent {
+            seed.arg(handoff_id).arg(age.as_micros() as u64);
+        }
+        seed.invoke_async::<()>(&mut connection).await?;
+        Ok(())
+    }
+
+    fn known_key(&self, account_id: &str) -> String {
+        self.redis.account_key(account_id, "rl:known")
     }
 
     /// Gives back what admitting `ask` took, for a handoff that ends before anything is sent (a
@@ -209,8 +302,9 @@ impl Gate {
             .account_key(account_id, &format!("conv:{consumer}"))
     }
 
-    /// One round trip: `EVALSHA`, or `EVAL` once after the script cache was emptied.
-    pub async fn pass(&self, ask: Ask<'_>) -> redis::RedisResult<Decision> {
+    /// One round trip: `EVALSHA`, or `EVAL` once after the script cache was emptied. None when
+    /// Redis does not know the account's window (it lost it): nothing was decided.
+    async fn pass(&self, ask: Ask<'_>) -> redis::RedisResult<Option<Decision>> {
         let mut connection = self.redis.connection().await?;
         let (code, at_us, value): (i64, i64, String) = self
             .script
@@ -218,14 +312,17 @@ impl Gate {
             .key(self.claim_key(ask))
             .key(self.lease_key(ask))
             .key(self.conversation_key(ask.account_id, ask.consumer))
+            .key(self.known_key(ask.account_id))
             .arg(ask.limit)
             .arg(self.window.as_micros() as u64)
             .arg(ask.handoff_id)
             .arg(self.idempotency_ttl.as_millis() as u64)
             .arg(self.consumer_lease.as_millis() as u64)
+            .arg(KNOWN_FOR.as_millis() as u64)
             .invoke_async(&mut connection)
             .await?;
         let passage = match code {
+            4 => return Ok(None),
             1 => Passage::Admitted {
                 open_conversation: Some(value).filter(|v| !v.is_empty()),
             },
@@ -235,6 +332,15 @@ impl Gate {
                 retry_after: Duration::from_micros(value.parse::<u64>().unwrap_or(1).max(1)),
             },
         };
-        Ok(Decision { passage, at_us })
+        Ok(Some(Decision { passage, at_us }))
     }
+}
+
+/// Why the gate could not decide in Redis (it then decides in this replica).
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("reading the last window's handoffs: {0}")]
+    Db(#[from] sqlx::Error),
 }

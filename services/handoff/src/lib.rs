@@ -110,6 +110,7 @@ impl Service {
             deflections: Relay::to(ToRouting, db.clone(), peers.clone()),
             gate: Gate::new(
                 redis.clone(),
+                db.clone(),
                 Duration::from_secs(1),
                 Duration::from_millis(settings.consumer_lease_ms),
                 settings.replicas,

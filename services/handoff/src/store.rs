@@ -140,6 +140,27 @@ pub async fn update_delivery(
     Ok(())
 }
 
+/// The account's handoffs of the last `window`, with their ages: what its rate-limit window
+/// held.
+pub async fn recent(
+    pool: &PgPool,
+    account_id: &str,
+    window: std::time::Duration,
+) -> Result<Vec<(String, std::time::Duration)>, sqlx::Error> {
+    let rows: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT handoff_id, greatest(extract(epoch FROM now() - created_at), 0)::float8 \
+         FROM handoffs WHERE account_id = $1 AND created_at > now() - make_interval(secs => $2)",
+    )
+    .bind(account_id)
+    .bind(window.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, age)| (id, std::time::Duration::from_secs_f64(age)))
+        .collect())
+}
+
 pub async fn load(
     pool: &PgPool,
     account_id: &str,

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use c2m_handoff::gate::{Ask, Decision, Gate, Passage};
-use c2m_storage::{RedisHandle, RedisSettings};
-use c2m_test_support::{RedisServer, TestRedis};
+use c2m_storage::{RedisHandle, RedisSettings, ServiceDb};
+use c2m_test_support::{RedisServer, TestDatabase, TestRedis};
 
 const WINDOW: Duration = Duration::from_millis(200);
 const LIMIT: u32 = 7;
@@ -27,9 +27,11 @@ impl Rng {
     }
 }
 
-fn gate(settings: &RedisSettings) -> Gate {
+/// A gate on `settings`, filling lost windows in from `db` (Handoff's schema).
+fn gate(settings: &RedisSettings, db: &ServiceDb) -> Gate {
     Gate::new(
         RedisHandle::new(settings).expect("redis url"),
+        db.clone(),
         WINDOW,
         Duration::from_secs(10),
         1,
@@ -54,7 +56,7 @@ async fn run_schedule(gates: &[Gate; 2], seed: u64, account: &str) -> Vec<Decisi
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep(offset).await;
             let id = format!("h{i}");
-            gate.pass(Ask {
+            gate.decide_exactly(Ask {
                 account_id: &account,
                 handoff_id: &id,
                 idempotency_key: &id,
@@ -74,8 +76,12 @@ async fn run_schedule(gates: &[Gate; 2], seed: u64, account: &str) -> Vec<Decisi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_window_admits_more_than_the_limit_and_none_refuses_with_room_left() {
+    let database = TestDatabase::create().await;
+    let db = database
+        .migrated(c2m_handoff::SCHEMA, &c2m_handoff::MIGRATOR)
+        .await;
     let redis = TestRedis::new().await;
-    let gates = [gate(&redis.settings()), gate(&redis.settings())];
+    let gates = [gate(&redis.settings(), &db), gate(&redis.settings(), &db)];
     for seed in [1, 2, 3, 42, 1234] {
         let account = format!("acct-{seed}");
         let decisions = run_schedule(&gates, seed, &account).await;
@@ -129,8 +135,12 @@ async fn no_window_admits_more_than_the_limit_and_none_refuses_with_room_left() 
 
 #[tokio::test]
 async fn an_idempotency_key_and_a_consumer_pass_once() {
+    let database = TestDatabase::create().await;
+    let db = database
+        .migrated(c2m_handoff::SCHEMA, &c2m_handoff::MIGRATOR)
+        .await;
     let redis = TestRedis::new().await;
-    let gate = gate(&redis.settings());
+    let gate = gate(&redis.settings(), &db);
     let ask = |handoff_id: &'static str, key: &'static str, consumer: &'static str| Ask {
         account_id: "acme",
         handoff_id,
@@ -139,7 +149,7 @@ async fn an_idempotency_key_and_a_consumer_pass_once() {
         limit: 100,
     };
     let first = gate
-        .pass(ask("h1", "k1", "+14155550001"))
+        .decide_exactly(ask("h1", "k1", "+14155550001"))
         .await
         .expect("redis");
     assert_eq!(
@@ -149,7 +159,7 @@ async fn an_idempotency_key_and_a_consumer_pass_once() {
         }
     );
     let again = gate
-        .pass(ask("h2", "k1", "+14155550001"))
+        .decide_exactly(ask("h2", "k1", "+14155550001"))
         .await
         .expect("redis");
     assert_eq!(
@@ -159,7 +169,7 @@ async fn an_idempotency_key_and_a_consumer_pass_once() {
         }
     );
     let same_consumer = gate
-        .pass(ask("h3", "k3", "+14155550001"))
+        .decide_exactly(ask("h3", "k3", "+14155550001"))
         .await
         .expect("redis");
     assert_eq!(
@@ -169,7 +179,7 @@ async fn an_idempotency_key_and_a_consumer_pass_once() {
         }
     );
     let other_consumer = gate
-        .pass(ask("h4", "k4", "+14155550002"))
+        .decide_exactly(ask("h4", "k4", "+14155550002"))
         .await
         .expect("redis");
     assert_eq!(
@@ -182,12 +192,16 @@ async fn an_idempotency_key_and_a_consumer_pass_once() {
 
 #[tokio::test]
 async fn the_script_is_reloaded_after_the_cache_is_emptied() {
+    let database = TestDatabase::create().await;
+    let db = database
+        .migrated(c2m_handoff::SCHEMA, &c2m_handoff::MIGRATOR)
+        .await;
     let server = RedisServer::start();
     let settings = RedisSettings {
         url: server.url(),
         ..RedisSettings::default()
     };
-    let gate = gate(&settings);
+    let gate = gate(&settings, &db);
     let ask = |id: &'static str| Ask {
         account_id: "acme",
         handoff_id: id,
@@ -196,7 +210,7 @@ async fn the_script_is_reloaded_after_the_cache_is_emptied() {
         limit: 100,
     };
     assert!(matches!(
-        gate.pass(ask("a")).await.expect("redis").passage,
+        gate.decide_exactly(ask("a")).await.expect("redis").passage,
         Passage::Admitted { .. }
     ));
     let client = redis::Client::open(server.url()).expect("url");
@@ -210,7 +224,7 @@ async fn the_script_is_reloaded_after_the_cache_is_emptied() {
         .await
         .expect("flushed");
     assert!(matches!(
-        gate.pass(ask("b"))
+        gate.decide_exactly(ask("b"))
             .await
             .expect("redis after NOSCRIPT")
             .passage,
