@@ -174,3 +174,68 @@ async fn rcs_and_whatsapp_play_in_the_sandbox_too() {
     assert!(story.meta.sent().is_empty() && story.google.rcs_sent().is_empty());
     story.stop().await;
 }
+
+/// The gateway's PostgreSQL refuses the sandbox's webhooks for a while (503): the sandbox posts
+/// them again, as providers do, and the funnel still has every stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_webhooks_c2m_could_not_take_are_posted_again() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    story
+        .gateway()
+        .await
+        .delete_provider_credentials(authed(
+            pb::DeleteProviderCredentialsRequest {
+                account_id: "acme".into(),
+                provider: pb::Provider::Twilio as i32,
+            },
+            &token(AuthRole::Admin, Some("acme")),
+        ))
+        .await
+        .expect("twilio removed");
+    story.put_credentials("acme", answering_sandbox()).await;
+    let mut db = story.db.connect().await;
+    sqlx::query("ALTER TABLE channel_gateway.webhook_inbox RENAME TO webhook_inbox_away")
+        .execute(&mut db)
+        .await
+        .expect("rename");
+
+    let handoff = story
+        .deflect(handoff_request("acme", "+14155550902", "sb-retry"), &key)
+        .await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    // Three refusals: as many as the sandbox has webhooks for this message (sent, delivered,
+    // the reply), so a sandbox that posted each once would have lost them all.
+    eventually(
+        "sandbox webhooks refused",
+        Duration::from_secs(10),
+        || async {
+            story
+                .metric("c2m_webhooks_unavailable_total")
+                .await
+                .is_some_and(|n| n >= 3.0)
+        },
+    )
+    .await;
+    sqlx::query("ALTER TABLE channel_gateway.webhook_inbox_away RENAME TO webhook_inbox")
+        .execute(&mut db)
+        .await
+        .expect("rename back");
+
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[
+                    ("FUNNEL_STAGE_ATTEMPTED", 1),
+                    ("FUNNEL_STAGE_SENT", 1),
+                    ("FUNNEL_STAGE_DELIVERED", 1),
+                    ("FUNNEL_STAGE_RESPONDED", 1),
+                    ("FUNNEL_STAGE_CONVERSATION_OPENED", 1),
+                ],
+            )],
+        )
+        .await;
+    story.stop().await;
+}

@@ -189,19 +189,39 @@ async fn post_json(
 ) {
     let raw = serde_json::to_vec(body).expect("json");
     let (header, signature) = sign(&raw);
-    let result = http
-        .post(url)
-        .header(header, signature)
-        .header("content-type", "application/json")
-        .body(raw)
-        .send()
-        .await;
-    match result {
-        Ok(response) if response.status().is_success() => {}
-        Ok(response) => tracing::warn!(url, status = %response.status(), "sandbox webhook refused"),
-        Err(error) => {
-            tracing::warn!(url, %error, "sandbox webhook not delivered (is channel_gateway.public_url reachable?)")
+    deliver(url, || {
+        http.post(url)
+            .header(header, signature.clone())
+            .header("content-type", "application/json")
+            .body(raw.clone())
+    })
+    .await;
+}
+
+/// How many times a sandbox webhook is posted before it is given up, and the longest pause
+/// between two tries: about two minutes in all.
+const ATTEMPTS: u32 = 10;
+const MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// Posts a webhook until it is answered 2xx, as providers do: a refusal or no answer is tried
+/// again after a pause that doubles from half a second (with jitter), up to [`ATTEMPTS`] times.
+/// So a webhook c2m could not take (PostgreSQL restarting: 503) still arrives, and the sandbox's
+/// funnel matches what a real provider's would be.
+async fn deliver(url: &str, request: impl Fn() -> reqwest::RequestBuilder) {
+    let mut pause = Duration::from_millis(500);
+    for attempt in 1..=ATTEMPTS {
+        let why = match request().send().await {
+            Ok(response) if response.status().is_success() => return,
+            Ok(response) => format!("answered {}", response.status()),
+            Err(error) => error.to_string(),
+        };
+        if attempt == ATTEMPTS {
+            tracing::warn!(url, attempts = attempt, %why, "sandbox webhook given up (is channel_gateway.public_url reachable?)");
+            return;
         }
+        tracing::info!(url, attempt, %why, retry_in = ?pause, "sandbox webhook not taken; posting it again");
+        tokio::time::sleep(crate::retry::jittered(pause)).await;
+        pause = (pause * 2).min(MAX_PAUSE);
     }
 }
 
@@ -275,17 +295,10 @@ async fn post(http: &reqwest::Client, url: &str, auth_token: &str, params: &[(&s
         .map(|(k, v)| ((*k).to_owned(), v.clone()))
         .collect();
     let signature = twilio::signature(auth_token, url, &owned);
-    let result = http
-        .post(url)
-        .header("X-Twilio-Signature", signature)
-        .form(&owned)
-        .send()
-        .await;
-    match result {
-        Ok(response) if response.status().is_success() => {}
-        Ok(response) => tracing::warn!(url, status = %response.status(), "sandbox webhook refused"),
-        Err(error) => {
-            tracing::warn!(url, %error, "sandbox webhook not delivered (is channel_gateway.public_url reachable?)")
-        }
-    }
+    deliver(url, || {
+        http.post(url)
+            .header("X-Twilio-Signature", signature.clone())
+            .form(&owned)
+    })
+    .await;
 }

@@ -132,6 +132,7 @@ where
         }
         Err(status) => {
             tracing::warn!(dedup_key, %status, "inbound message: routing unavailable, the provider will retry");
+            count_unavailable();
             return Err(StatusCode::SERVICE_UNAVAILABLE.into_response());
         }
     }
@@ -150,5 +151,15 @@ where
 
 pub(super) fn unavailable(error: sqlx::Error) -> Response {
     tracing::warn!(%error, "webhook: storage unavailable");
+    count_unavailable();
     StatusCode::SERVICE_UNAVAILABLE.into_response()
+}
+
+/// A webhook answered 503: the provider (or the sandbox) posts it again.
+fn count_unavailable() {
+    c2m_runtime::metrics::inc(
+        "c2m_webhooks_unavailable_total",
+        "Provider webhooks answered 503 (storage or Routing away); providers post them again.",
+        &[],
+    );
 }
