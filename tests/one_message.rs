@@ -385,3 +385,60 @@ async fn a_redis_that_lost_its_data_keeps_the_rate_limit() {
     story.stop().await;
     drop(redis);
 }
+
+/// The gateway's report of delivery reaches Reporting before Handoff's events of the same handoff
+/// (three services, three outboxes): the funnel does not show it delivered before it shows it
+/// attempted and sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_funnel_never_shows_a_later_stage_of_a_handoff_without_its_earlier_ones() {
+    let story = Story::start(Topology::Dev).await;
+    onboard(&story, "acme").await;
+    let service = c2m_runtime::auth::TokenKey::new(crate::story::SECRET.as_bytes())
+        .service_token("channel-gateway");
+    let event = |stage: pb::FunnelStage| pb::Event {
+        handoff_id: "ho_early".into(),
+        channel: Channel::Sms as i32,
+        ..c2m_storage::outbox::event("acme", stage)
+    };
+    let mut reporting = story.reporting().await;
+    reporting
+        .record_events(authed(
+            pb::RecordEventsRequest {
+                events: vec![event(pb::FunnelStage::Delivered)],
+            },
+            &service,
+        ))
+        .await
+        .expect("recorded");
+    assert_eq!(
+        crate::story::funnel(&story, "acme").await,
+        Default::default()
+    );
+
+    reporting
+        .record_events(authed(
+            pb::RecordEventsRequest {
+                events: vec![
+                    event(pb::FunnelStage::Attempted),
+                    event(pb::FunnelStage::Sent),
+                ],
+            },
+            &service,
+        ))
+        .await
+        .expect("recorded");
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[
+                    ("FUNNEL_STAGE_ATTEMPTED", 1),
+                    ("FUNNEL_STAGE_SENT", 1),
+                    ("FUNNEL_STAGE_DELIVERED", 1),
+                ],
+            )],
+        )
+        .await;
+    story.stop().await;
+}

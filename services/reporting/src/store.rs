@@ -225,9 +225,16 @@ impl EventStore for PgEventStore {
         grouping: Grouping,
     ) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
         let group = grouping.column();
+        // A handoff's events come from three services through three outboxes, so the gateway's
+        // DELIVERED can arrive before Handoff's SENT. An event about a handoff is counted once
+        // Handoff's own events for it (its ATTEMPTED, written with its SENT or its refusal) are
+        // here: no funnel shows a later stage of a handoff without its earlier ones.
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT {group}::text, stage, count(*) FROM events \
+            "SELECT {group}::text, stage, count(*) FROM events e \
              WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3 \
+                 AND (handoff_id = '' OR stage = 'FUNNEL_STAGE_ATTEMPTED' OR EXISTS ( \
+                     SELECT 1 FROM events a WHERE a.handoff_id <> '' AND a.handoff_id = e.handoff_id \
+                         AND a.stage = 'FUNNEL_STAGE_ATTEMPTED')) \
              GROUP BY 1, 2 ORDER BY 1, 2"
         )))
         .bind(account_id)
