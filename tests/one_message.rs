@@ -2,6 +2,8 @@
 //! answering while the provider has the message, a provider that fails after taking it. Sends
 //! are counted at the provider emulator, not in c2m's records.
 
+use std::time::Duration;
+
 use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, HandoffStatus};
 use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::RedisServer;
@@ -440,5 +442,71 @@ async fn a_funnel_never_shows_a_later_stage_of_a_handoff_without_its_earlier_one
             )],
         )
         .await;
+    story.stop().await;
+}
+
+/// The gateway does not answer in time and the IVR never calls back (the call is over): c2m
+/// finishes the handoff itself, from the request it kept, with the message Twilio took, and the
+/// funnel has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_its_ivr_never_retries_is_finished_by_c2m() {
+    let story = Story::start_with(
+        Topology::Separate,
+        Options {
+            peer_timeout_ms: Some(500),
+            provider_timeout_ms: Some(5_000),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    let consumer = "+14155550720";
+    let hold = story.twilio.hold_next();
+    let refused = story
+        .handoff()
+        .await
+        .create_handoff(authed(handoff_request("acme", consumer, "left-1"), &key))
+        .await
+        .expect_err("not finished in time");
+    let handoff_id = refused
+        .get_details_error_info()
+        .expect("ErrorInfo")
+        .metadata["handoff_id"]
+        .clone();
+    hold.release();
+
+    c2m_test_support::eventually(
+        "c2m to finish the handoff",
+        Duration::from_secs(20),
+        || async {
+            story
+                .handoff()
+                .await
+                .get_handoff(authed(
+                    pb::GetHandoffRequest {
+                        account_id: "acme".into(),
+                        handoff_id: handoff_id.clone(),
+                    },
+                    &key,
+                ))
+                .await
+                .is_ok_and(|h| {
+                    h.into_inner()
+                        .handoff
+                        .is_some_and(|h| h.status == HandoffStatus::Sent as i32)
+                })
+        },
+    )
+    .await;
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[("FUNNEL_STAGE_ATTEMPTED", 1), ("FUNNEL_STAGE_SENT", 1)],
+            )],
+        )
+        .await;
+    assert_eq!(sms_to(&story, consumer), 1);
     story.stop().await;
 }

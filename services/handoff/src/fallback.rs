@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::{
     Service,
     decide::Step,
-    grpc::{Recipient, Sending, event},
+    grpc::{Recipient, Sending, Sends, event},
     store::{self, Attempt, StoredHandoff},
 };
 
@@ -271,7 +271,10 @@ impl Service {
                 handoff_config_id: &h.handoff_config_id,
                 skill_id: &h.skill_id,
             };
-            async move { self.send(&to, &g.steps, h.attempts.len()).await }
+            async move {
+                self.send(&to, &g.steps, h.attempts.len(), Sends::Allowed)
+                    .await
+            }
         }))
         .await;
         let mut wrote_events = false;

@@ -55,6 +55,16 @@ pub(crate) fn event(
     }
 }
 
+/// Whether finishing a handoff may send messages it has not sent yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sends {
+    /// Yes: the caller still waits for the text, or just did.
+    Allowed,
+    /// No: only messages already sent count (their ids are looked up, not sent); the call is
+    /// long over and a first text now would come out of nowhere.
+    KnownOnly,
+}
+
 /// What sending along a handoff's channels came to.
 #[derive(Debug)]
 pub(crate) enum Sending {
@@ -120,7 +130,7 @@ fn unfinished(handoff_id: &str, cause: &Status) -> Status {
 
 /// How long past the peer timeout a handoff in progress is left to its sender before a retry
 /// finishes it.
-const TAKEOVER_MARGIN: Duration = Duration::from_secs(1);
+pub(crate) const TAKEOVER_MARGIN: Duration = Duration::from_secs(1);
 
 /// What the gate let a new handoff do.
 enum Gated {
@@ -168,32 +178,22 @@ impl Service {
     /// `earlier` (the attempts the handoff already made). Message ids are the handoff's own
     /// (`<handoff>-<n>`), and the gateway never sends an id twice: a retry that sends the same
     /// steps again gets the first sends' outcomes back, not new messages.
-    pub(crate) async fn send(&self, to: &Recipient<'_>, steps: &[Step], earlier: usize) -> Sending {
+    pub(crate) async fn send(
+        &self,
+        to: &Recipient<'_>,
+        steps: &[Step],
+        earlier: usize,
+        sends: Sends,
+    ) -> Sending {
         let mut attempts = Vec::new();
         for (i, step) in steps.iter().enumerate() {
             let (channel, text) = (&step.channel, &step.text);
             let message_id = format!("{}-{}", to.handoff_id, earlier + i + 1);
-            let result = self
-                .peers
-                .channel_gateway()
-                .send_message(pb::SendMessageRequest {
-                    account_id: to.account_id.to_owned(),
-                    message_id: message_id.clone(),
-                    channel: *channel as i32,
-                    to: to.phone.to_owned(),
-                    consumer_id: step.push.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
-                    push_title: step.push.as_ref().map(|p| p.1.clone()).unwrap_or_default(),
-                    apple_messages_invite: step.apple.clone(),
-                    text: text.clone(),
-                    handoff_id: to.handoff_id.to_owned(),
-                    handoff_config_id: to.handoff_config_id.to_owned(),
-                    skill_id: to.skill_id.to_owned(),
-                    whatsapp_template: step.whatsapp_template(),
-                    fresh_message_id: false,
-                    conversation_id: String::new(),
-                    media_urls: Vec::new(),
-                })
-                .await;
+            let result = if sends == Sends::KnownOnly {
+                self.sent_before(to.account_id, &message_id).await
+            } else {
+                self.send_one(to, step, &message_id).await
+            };
             let mut attempt = Attempt {
                 channel: channel.as_str_name().to_owned(),
                 outcome: AttemptOutcome::Failed.as_str_name().to_owned(),
@@ -203,7 +203,7 @@ impl Service {
                 error_message: String::new(),
                 at: Utc::now(),
             };
-            match result.map(|r| r.into_inner().message.unwrap_or_default()) {
+            match result {
                 Ok(message) if message.stage != FunnelStage::Failed as i32 => {
                     // An unanswered send may have reached the consumer: the next channel waits
                     // for the provider to tell (see `fallback`), not to risk a second message.
@@ -251,6 +251,63 @@ impl Service {
             attempts.push(attempt);
         }
         Sending::Failed { attempts }
+    }
+
+    /// Sends one step's message under `message_id` (a repeat returns the first send).
+    async fn send_one(
+        &self,
+        to: &Recipient<'_>,
+        step: &Step,
+        message_id: &str,
+    ) -> Result<pb::OutboundMessage, Status> {
+        self.peers
+            .channel_gateway()
+            .send_message(pb::SendMessageRequest {
+                account_id: to.account_id.to_owned(),
+                message_id: message_id.to_owned(),
+                channel: step.channel as i32,
+                to: to.phone.to_owned(),
+                consumer_id: step.push.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+                push_title: step.push.as_ref().map(|p| p.1.clone()).unwrap_or_default(),
+                apple_messages_invite: step.apple.clone(),
+                text: step.text.clone(),
+                handoff_id: to.handoff_id.to_owned(),
+                handoff_config_id: to.handoff_config_id.to_owned(),
+                skill_id: to.skill_id.to_owned(),
+                whatsapp_template: step.whatsapp_template(),
+                fresh_message_id: false,
+                conversation_id: String::new(),
+                media_urls: Vec::new(),
+            })
+            .await
+            .map(|r| r.into_inner().message.unwrap_or_default())
+    }
+
+    /// The message sent before under `message_id`, as the gateway has it; a failed one (with
+    /// `abandoned` for its code) when there is none: it was never sent.
+    async fn sent_before(
+        &self,
+        account_id: &str,
+        message_id: &str,
+    ) -> Result<pb::OutboundMessage, Status> {
+        match self
+            .peers
+            .channel_gateway()
+            .get_message(pb::GetMessageRequest {
+                account_id: account_id.to_owned(),
+                message_id: message_id.to_owned(),
+            })
+            .await
+        {
+            Ok(found) => Ok(found.into_inner().message.unwrap_or_default()),
+            Err(status) if status.code() == tonic::Code::NotFound => Ok(pb::OutboundMessage {
+                stage: FunnelStage::Failed as i32,
+                error_code: "abandoned".into(),
+                error_message: "never sent: the handoff was left unfinished too long".into(),
+                ..Default::default()
+            }),
+            Err(status) => Err(status),
+        }
     }
 
     /// Until when the provider has to report on `attempt` before the next channel is tried, if
@@ -366,7 +423,7 @@ impl Service {
             if admitted {
                 self.gate.release(ask).await;
             }
-            return self.resume(&d, earlier?, key).await;
+            return self.resume(&d, earlier?, key, Sends::Allowed).await;
         }
         let (limit, gated) = gated?;
         let decision = match gated {
@@ -381,10 +438,11 @@ impl Service {
                 // that handoff: were the first still alive, the two would write one row, and
                 // the gateway sends each of its message ids once.
                 return match self.replay(&d, &idempotency_key, &fingerprint).await? {
-                    Some(earlier) => self.resume(&d, earlier, key).await,
+                    Some(earlier) => self.resume(&d, earlier, key, Sends::Allowed).await,
                     None => {
                         let decision = self.decide(&d, None).await?;
-                        self.carry_out(&d, first, decision, key, None).await
+                        self.carry_out(&d, first, decision, key, None, Sends::Allowed)
+                            .await
                     }
                 };
             }
@@ -401,17 +459,19 @@ impl Service {
                 ));
             }
         };
-        self.carry_out(&d, handoff_id, decision, key, None).await
+        self.carry_out(&d, handoff_id, decision, key, None, Sends::Allowed)
+            .await
     }
 
     /// An earlier request's handoff under the same key: as it is once finished; finished now if
     /// it was left in progress (its sender crashed, or the gateway did not answer it). Its
     /// messages keep their ids, so what went before is not sent again.
-    async fn resume(
+    pub(crate) async fn resume(
         &self,
         d: &Deflection,
         earlier: StoredHandoff,
         key: (&str, &[u8]),
+        sends: Sends,
     ) -> Result<StoredHandoff, Status> {
         if earlier.status != HandoffStatus::InProgress {
             return Ok(earlier);
@@ -440,6 +500,7 @@ impl Service {
             decision,
             key,
             Some(earlier.created_at),
+            sends,
         )
         .await
     }
@@ -454,6 +515,7 @@ impl Service {
         decision: crate::decide::Decision,
         key: (&str, &[u8]),
         existing: Option<chrono::DateTime<Utc>>,
+        sends: Sends,
     ) -> Result<StoredHandoff, Status> {
         if let Some(pending) = decision.pending_invite.clone() {
             // One Apple Messages invite per pending deflection: a second would start a second
@@ -489,6 +551,7 @@ impl Service {
                     idempotency_key: key.0.to_owned(),
                     fingerprint: key.1.to_vec(),
                     lease: self.consumer_lease,
+                    request: d.request.clone(),
                 });
                 match self.intents.run(intent).await.map_err(db_status)? {
                     Intended::Holding => {}
@@ -507,7 +570,7 @@ impl Service {
                     handoff_config_id: &d.handoff_config_id,
                     skill_id: &decision.skill_id,
                 };
-                match self.send(&to, &decision.plan, 0).await {
+                match self.send(&to, &decision.plan, 0, sends).await {
                     Sending::Interrupted { status } => {
                         return Err(unfinished(&handoff.handoff_id, &status));
                     }

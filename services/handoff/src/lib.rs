@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod abandoned;
 mod decide;
 mod deflections;
 mod fallback;
@@ -138,6 +139,7 @@ impl Service {
         let deflections = self.deflections.clone();
         let follower = self.clone();
         let watcher = self.clone();
+        let sweeper = self.clone();
         Component::new(HandoffServiceServer::new(self.clone()))
             .with_http(rest::router(self.clone()))
             .with_probe(self.db.probe())
@@ -147,5 +149,6 @@ impl Service {
             .with_task(move |shutdown| deflections.run(shutdown))
             .with_task(move |shutdown| follower.follow_config(shutdown))
             .with_task(move |shutdown| watcher.run_fallbacks(shutdown))
+            .with_task(move |shutdown| sweeper.run_abandoned(shutdown))
     }
 }

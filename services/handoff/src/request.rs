@@ -24,6 +24,9 @@ pub struct Deflection {
     pub ivr_call_id: String,
     pub ivr_number: String,
     pub consumer_id: String,
+    /// The `CreateHandoffRequest` as it came, encoded (empty for `CheckEligibility`): kept with a
+    /// handoff in progress, so that c2m can finish it if its IVR never retries.
+    pub request: Vec<u8>,
 }
 
 /// The longest account and configuration ids (Config's own limit).
@@ -240,6 +243,7 @@ fn validate(
         ivr_call_id: ivr_call_id.to_owned(),
         ivr_number: ivr_number.to_owned(),
         consumer_id: consumer_id.to_owned(),
+        request: Vec::new(),
     }
 }
 
@@ -265,6 +269,10 @@ impl Deflection {
             &r.consumer_id,
         );
         violations.into_result()?;
+        let deflection = Deflection {
+            request: prost::Message::encode_to_vec(r),
+            ..deflection
+        };
         Ok((deflection, r.idempotency_key.clone()))
     }
 

@@ -140,6 +140,26 @@ pub async fn update_delivery(
     Ok(())
 }
 
+/// Handoffs left in progress for longer than `after` (and less than a day): their ids, when
+/// they were written, and their requests, oldest first.
+pub async fn abandoned(
+    pool: &PgPool,
+    after: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<(String, DateTime<Utc>, Vec<u8>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT handoff_id, created_at, request FROM handoffs \
+         WHERE status = 'HANDOFF_STATUS_IN_PROGRESS' AND request IS NOT NULL \
+             AND created_at < now() - make_interval(secs => $1) \
+             AND created_at > now() - interval '1 day' \
+         ORDER BY created_at LIMIT $2",
+    )
+    .bind(after.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
 /// The account's handoffs of the last `window`, with their ages: what its rate-limit window
 /// held.
 pub async fn recent(
@@ -266,6 +286,8 @@ pub struct Intent {
     pub fingerprint: Vec<u8>,
     /// How long the consumer's lease lasts from now.
     pub lease: std::time::Duration,
+    /// The request, encoded: what c2m finishes the handoff from if its IVR never retries.
+    pub request: Vec<u8>,
 }
 
 /// What writing an intent found.
@@ -297,10 +319,10 @@ impl Statement for Intents {
             "WITH input AS ( \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                      $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::bytea[], \
-                     $11::float8[]) \
+                     $11::float8[], $12::bytea[]) \
                  AS t(handoff_id, account_id, handoff_config_id, consumer_phone, skill_id, \
                      ivr_call_id, ivr_number, created_at, idempotency_key, request_hash, \
-                     lease_secs)), \
+                     lease_secs, request)), \
              claim AS ( \
                  INSERT INTO idempotency_keys (account_id, idempotency_key, request_hash, handoff_id, expires_at) \
                  SELECT account_id, idempotency_key, request_hash, handoff_id, now() + interval '24 hours' \
@@ -313,9 +335,10 @@ impl Statement for Intents {
                  RETURNING handoff_id), \
              handoff AS ( \
                  INSERT INTO handoffs (handoff_id, account_id, handoff_config_id, consumer_phone, \
-                     status, skill_id, ivr_call_id, ivr_number, created_at) \
+                     status, skill_id, ivr_call_id, ivr_number, created_at, request) \
                  SELECT handoff_id, account_id, handoff_config_id, consumer_phone, \
-                     'HANDOFF_STATUS_IN_PROGRESS', skill_id, ivr_call_id, ivr_number, created_at \
+                     'HANDOFF_STATUS_IN_PROGRESS', skill_id, ivr_call_id, ivr_number, created_at, \
+                     request \
                  FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim) \
                  ON CONFLICT (handoff_id) DO NOTHING), \
              lease AS ( \
@@ -342,6 +365,7 @@ impl Statement for Intents {
         .bind(column(|i| &i.idempotency_key))
         .bind(intents.iter().map(|i| i.fingerprint.as_slice()).collect::<Vec<_>>())
         .bind(intents.iter().map(|i| i.lease.as_secs_f64()).collect::<Vec<_>>())
+        .bind(intents.iter().map(|i| i.request.as_slice()).collect::<Vec<_>>())
         .fetch_all(&self.0)
         .await?;
         // Who holds the consumers this batch could not lease: read after the statement, which
@@ -466,7 +490,7 @@ impl Statement for Saves {
                  FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
              finish AS ( \
                  UPDATE handoffs h SET status = i.status, channel = i.channel, skill_id = i.skill_id, \
-                     attempts = i.attempts, duplicate_of = i.duplicate_of \
+                     attempts = i.attempts, duplicate_of = i.duplicate_of, request = NULL \
                  FROM input i \
                  WHERE i.intended AND h.handoff_id = i.handoff_id \
                      AND h.status = 'HANDOFF_STATUS_IN_PROGRESS' \
@@ -716,6 +740,7 @@ mod tests {
             idempotency_key: key.into(),
             fingerprint: key.as_bytes().to_vec(),
             lease: std::time::Duration::from_secs(10),
+            request: Vec::new(),
         })
     }
 
