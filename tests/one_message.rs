@@ -510,3 +510,78 @@ async fn a_handoff_its_ivr_never_retries_is_finished_by_c2m() {
     assert_eq!(sms_to(&story, consumer), 1);
     story.stop().await;
 }
+
+/// 60 handoffs for 60 consumers at about 100 a second on separate servers, while PostgreSQL cuts
+/// every connection of c2m's database every 150 ms (as a restart or a failover does). Each IVR
+/// retries under its key while it hears "retry" (and must hear nothing else): in the end every
+/// handoff is SENT, every consumer has exactly one message at the emulator, and the funnel counts
+/// each handoff once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_cutting_every_connection_under_load_costs_no_message_twice_and_loses_none() {
+    let story = Story::start(Topology::Separate).await;
+    let key = onboard(&story, "acme").await;
+    story
+        .set_settings(
+            "acme",
+            pb::AccountSettings {
+                deflection_enabled: true,
+                rate_limit_per_second: 200,
+                ..Default::default()
+            },
+        )
+        .await;
+    let phones: Vec<String> = (0..60).map(|i| format!("+1415888{i:04}")).collect();
+    let stop = c2m_runtime::CancellationToken::new();
+    let cutter = {
+        let stop = stop.clone();
+        let db = &story.db;
+        async move {
+            let mut cuts = 0;
+            let mut pace = tokio::time::interval(Duration::from_millis(150));
+            while !stop.is_cancelled() {
+                pace.tick().await;
+                let mut admin = db.connect().await;
+                let cut: Vec<bool> = sqlx::query_scalar(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                )
+                .fetch_all(&mut admin)
+                .await
+                .expect("terminates");
+                cuts += cut.iter().filter(|c| **c).count();
+            }
+            cuts
+        }
+    };
+    let load = async {
+        let mut pace = tokio::time::interval(Duration::from_millis(10));
+        let mut calls = Vec::new();
+        for (i, phone) in phones.iter().enumerate() {
+            pace.tick().await;
+            let request = handoff_request("acme", phone, &format!("cut-{i}"));
+            let story = &story;
+            let key = &key;
+            calls.push(async move { story.deflect_retrying(request, key).await });
+        }
+        let answers = futures::future::join_all(calls).await;
+        stop.cancel();
+        answers
+    };
+    let (answers, cuts) = tokio::join!(load, cutter);
+    assert!(cuts > 0, "connections were cut");
+    for (phone, handoff) in phones.iter().zip(&answers) {
+        assert_eq!(handoff.status, HandoffStatus::Sent as i32, "{handoff:?}");
+        assert_eq!(sms_to(&story, phone), 1, "{phone}: {handoff:?}");
+    }
+    assert_eq!(story.twilio.sent().len(), 60);
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[("FUNNEL_STAGE_ATTEMPTED", 60), ("FUNNEL_STAGE_SENT", 60)],
+            )],
+        )
+        .await;
+    story.stop().await;
+}

@@ -434,25 +434,36 @@ pub fn handoff_request(
     }
 }
 
-/// stage name → count, for one group of a funnel.
+/// stage name → count, for one group of a funnel. Asked again (for up to 5 s) while Reporting
+/// answers UNAVAILABLE, as a console would.
 pub async fn funnel(story: &Story, account_id: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
-    let now = chrono::Utc::now();
-    let rows = story
-        .reporting()
-        .await
-        .get_funnel(authed(
-            pb::GetFunnelRequest {
-                account_id: account_id.to_owned(),
-                start_time: Some(c2m_proto::timestamp(now - chrono::Duration::hours(1))),
-                end_time: Some(c2m_proto::timestamp(now + chrono::Duration::hours(1))),
-                group_by: FunnelGrouping::Channel as i32,
-            },
-            &token(AuthRole::Viewer, Some(account_id)),
-        ))
-        .await
-        .expect("funnel")
-        .into_inner()
-        .rows;
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    let rows = loop {
+        let now = chrono::Utc::now();
+        let answer = story
+            .reporting()
+            .await
+            .get_funnel(authed(
+                pb::GetFunnelRequest {
+                    account_id: account_id.to_owned(),
+                    start_time: Some(c2m_proto::timestamp(now - chrono::Duration::hours(1))),
+                    end_time: Some(c2m_proto::timestamp(now + chrono::Duration::hours(1))),
+                    group_by: FunnelGrouping::Channel as i32,
+                },
+                &token(AuthRole::Viewer, Some(account_id)),
+            ))
+            .await;
+        match answer {
+            Ok(answer) => break answer.into_inner().rows,
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && std::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("funnel: {status:?}"),
+        }
+    };
     rows.into_iter()
         .map(|row| {
             let counts = row

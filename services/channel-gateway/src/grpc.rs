@@ -390,8 +390,27 @@ impl Service {
             sending_until: chrono::Duration::from_std(budget + CLAIM_MARGIN)
                 .ok()
                 .map(|d| now + d),
+            claimed_by: Some(uuid::Uuid::new_v4().to_string()),
         });
-        match self.claims.run(claim.clone()).await.map_err(db_status)? {
+        // A claim whose answer was lost may have been made: asked again (its token finds it)
+        // for as long as the send could take, so that the id's fate is known before the provider
+        // is called. A claim left behind by a send that then gives up would later read as sent
+        // at the provider and lost: it is taken back as soon as PostgreSQL allows.
+        let claimed = self
+            .claims
+            .run_until(claim.clone(), Instant::now() + budget, |error, _| {
+                tracing::debug!(%error, message_id = %claim.message_id, "message id claim asked again");
+            })
+            .await;
+        let claimed = match claimed {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                self.detached
+                    .spawn(take_back(self.db.pool().clone(), claim.clone()));
+                return Err(db_status(error));
+            }
+        };
+        match claimed {
             Claim::Mine => {}
             Claim::Earlier(first) if first.in_flight(Utc::now()) => {
                 return Err(status::aborted_retry(
@@ -413,7 +432,22 @@ impl Service {
                 ));
             }
         }
-        let outcome = retry::within(budget, self.send_on(channel, &r)).await?;
+        let outcome = match retry::within(budget, self.send_on(channel, &r)).await {
+            (Ok(outcome), _) => outcome,
+            // Refused before any message left (no credentials, storage away): the claim is taken
+            // back, so that a retry of the id sends it.
+            (Err(status), false) => {
+                self.detached
+                    .spawn(take_back(self.db.pool().clone(), claim.clone()));
+                return Err(status);
+            }
+            // A message may be at a provider: the claim stays, and reads as unconfirmed once
+            // its time is past, for the provider's reports to settle.
+            (Err(status), true) => {
+                tracing::warn!(message_id = %r.message_id, %status, "send failed after its message was handed to a provider; it may have it");
+                return Err(status);
+            }
+        };
         // Twilio 21610: the recipient replied STOP to this sender; do not try them here again.
         if let SendOutcome::Failed { code, .. } = &outcome
             && matches!(channel, Channel::Sms | Channel::AppleMessages)
@@ -498,6 +532,35 @@ impl Service {
 /// How long past the provider's budget a claim is held before a retry of its id may take it for
 /// abandoned: the sender's own record of the outcome takes a moment after the provider answers.
 const CLAIM_MARGIN: Duration = Duration::from_secs(2);
+
+/// Deletes a claim its send gave up before calling the provider (PostgreSQL did not answer
+/// whether it was made), trying for as long as the claim would otherwise hold.
+async fn take_back(pool: sqlx::PgPool, claim: Arc<Outbound>) {
+    let until = Instant::now() + RECORD_PERSISTENCE;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let deleted = sqlx::query(
+            "DELETE FROM outbound_messages WHERE message_id = $1 AND claimed_by = $2 \
+             AND provider_message_id IS NULL",
+        )
+        .bind(&claim.message_id)
+        .bind(&claim.claimed_by)
+        .execute(&pool)
+        .await;
+        match deleted {
+            Ok(_) => return,
+            Err(error) if Instant::now() + pause < until => {
+                tracing::debug!(%error, message_id = %claim.message_id, "unused claim not taken back yet");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            Err(error) => {
+                tracing::error!(%error, message_id = %claim.message_id, "unused claim never taken back: it will read as unconfirmed");
+                return;
+            }
+        }
+    }
+}
 
 /// How long a sent message's record is offered to PostgreSQL before it is given up (logged).
 const RECORD_PERSISTENCE: Duration = Duration::from_secs(300);

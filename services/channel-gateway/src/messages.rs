@@ -55,6 +55,9 @@ pub struct Outbound {
     /// While its sender is at the provider: until when it may take. A claim past it with no
     /// outcome was left by a sender that died.
     pub sending_until: Option<DateTime<Utc>>,
+    /// The send that claimed the id (a fresh token per send): a claim's statement run again
+    /// after its acknowledgement was lost finds its own claim, not another's.
+    pub claimed_by: Option<String>,
 }
 
 impl Outbound {
@@ -90,7 +93,7 @@ impl Outbound {
 /// Every column, as read back: the record, and when the provider reported each stage.
 const COLUMNS: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
     provider_message_id, stage, error_code, error_message, sent_at, updated_at, conversation_id, \
-    delivered_at, read_at, sending_until";
+    delivered_at, read_at, sending_until, claimed_by";
 
 fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
     Ok(Outbound {
@@ -110,6 +113,7 @@ fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
         delivered_at: row.try_get("delivered_at")?,
         read_at: row.try_get("read_at")?,
         sending_until: row.try_get("sending_until")?,
+        claimed_by: row.try_get("claimed_by")?,
     })
 }
 
@@ -169,13 +173,13 @@ impl Statement for Claims {
         let claimed: Vec<String> = sqlx::query_scalar(
             "INSERT INTO outbound_messages (message_id, account_id, channel, handoff_id, \
                  handoff_config_id, skill_id, stage, sent_at, updated_at, conversation_id, \
-                 sending_until) \
+                 sending_until, claimed_by) \
              SELECT message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
-                 'FUNNEL_STAGE_SENT', sent_at, sent_at, conversation_id, sending_until \
+                 'FUNNEL_STAGE_SENT', sent_at, sent_at, conversation_id, sending_until, claimed_by \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                 $7::timestamptz[], $8::text[], $9::timestamptz[]) \
+                 $7::timestamptz[], $8::text[], $9::timestamptz[], $10::text[]) \
                  AS m(message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
-                     sent_at, conversation_id, sending_until) \
+                     sent_at, conversation_id, sending_until, claimed_by) \
              ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
         )
         .bind(text(|m| &m.message_id))
@@ -187,6 +191,12 @@ impl Statement for Claims {
         .bind(messages.iter().map(|m| m.sent_at).collect::<Vec<_>>())
         .bind(text(|m| &m.conversation_id))
         .bind(messages.iter().map(|m| m.sending_until).collect::<Vec<_>>())
+        .bind(
+            messages
+                .iter()
+                .map(|m| m.claimed_by.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&self.0)
         .await?;
         // The ones claimed before: as they stand (read now, after the insert waited for any
@@ -209,6 +219,15 @@ impl Statement for Claims {
                     return Claim::Mine;
                 }
                 match found.next().flatten() {
+                    // This send's own claim, committed by a run of the statement whose
+                    // acknowledgement was lost: still this send's to make.
+                    Some(first)
+                        if first.claimed_by.is_some()
+                            && first.claimed_by == m.claimed_by
+                            && first.in_flight(Utc::now()) =>
+                    {
+                        Claim::Mine
+                    }
                     Some(first) if first.account_id == m.account_id => {
                         Claim::Earlier(Box::new(first))
                     }
@@ -413,6 +432,7 @@ mod tests {
             delivered_at: None,
             read_at: None,
             sending_until: Some(now + chrono::Duration::seconds(secs)),
+            claimed_by: Some(uuid::Uuid::new_v4().to_string()),
         })
     }
 
@@ -482,6 +502,12 @@ mod tests {
             seen,
             ["mine", "failed", "in flight", "unconfirmed", "foreign"]
         );
+        // The claim's own statement run again (its acknowledgement lost): still this send's.
+        let rerun = claims
+            .run(std::slice::from_ref(&first[1]))
+            .await
+            .expect("claims");
+        assert_eq!(rerun, [Claim::Mine]);
     }
 
     /// A provider's report that arrives before the sender records the send's outcome is kept:

@@ -62,6 +62,7 @@ pub async fn send(
     // refused message was not sent, so it is tried again like a 429, at most twice.
     let mut throttled = 0;
     let (status, value) = loop {
+        crate::retry::handing_over();
         let response = match crate::retry::send(|| {
             http.post(&url)
                 .bearer_auth(&credentials.access_token)

@@ -68,6 +68,7 @@ pub async fn fcm(
         "notification": notification,
         "data": { "c2m_message_id": n.message_id, "c2m_handoff_id": n.handoff_id },
     }});
+    crate::retry::handing_over();
     let response = crate::retry::send_while(
         || http.post(&url).bearer_auth(access_token).json(&body),
         |s| matches!(s.as_u16(), 429 | 500 | 503),
@@ -153,6 +154,7 @@ pub async fn apns(
         "c2m_message_id": n.message_id,
         "c2m_handoff_id": n.handoff_id,
     });
+    crate::retry::handing_over();
     let response = crate::retry::send_while(
         || {
             client

@@ -56,6 +56,7 @@ pub async fn send(
         base.trim_end_matches('/')
     );
     let body = json!({ "contentMessage": { "text": text } });
+    crate::retry::handing_over();
     let response = crate::retry::send_while(
         || {
             http.post(&url)

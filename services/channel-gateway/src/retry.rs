@@ -16,11 +16,25 @@ use std::{
 tokio::task_local! {
     /// When the send being made must have its answer.
     static DEADLINE: Instant;
+    /// Whether the send has put a message on its way to a provider (see [`handing_over`]).
+    static HANDED_OVER: std::cell::Cell<bool>;
 }
 
-/// Runs `send` with `budget` for every provider call it makes through this module.
-pub async fn within<F: Future>(budget: Duration, send: F) -> F::Output {
-    DEADLINE.scope(Instant::now() + budget, send).await
+/// Runs `send` with `budget` for every provider call it makes through this module; with whether
+/// it handed a message to a provider (whatever came of it).
+pub async fn within<F: Future>(budget: Duration, send: F) -> (F::Output, bool) {
+    HANDED_OVER
+        .scope(std::cell::Cell::new(false), async {
+            let output = DEADLINE.scope(Instant::now() + budget, send).await;
+            (output, HANDED_OVER.with(std::cell::Cell::get))
+        })
+        .await
+}
+
+/// Says that the send is about to hand its message to a provider: from here on, whatever goes
+/// wrong, the provider may have it. Called just before a message's request leaves.
+pub fn handing_over() {
+    let _ = HANDED_OVER.try_with(|handed| handed.set(true));
 }
 
 /// Whether a wait of `wait` still leaves time before the send's deadline (always, outside
@@ -156,9 +170,10 @@ mod tests {
         // Within 1.5 s, a provider asking for 1 s: after the first retry (at 1 s at the
         // earliest) another wait would end past the deadline, so the refusal stands.
         let (url, requests) = always_busy("1").await;
-        let response = within(Duration::from_millis(1_500), send(|| http.post(&url)))
-            .await
-            .expect("answered");
+        let (response, handed_over) =
+            within(Duration::from_millis(1_500), send(|| http.post(&url))).await;
+        let response = response.expect("answered");
+        assert!(!handed_over, "a bare request is not a message handed over");
         assert_eq!(response.status(), reqwest::StatusCode::TOO_MANY_REQUESTS);
         assert!(
             requests.load(Ordering::SeqCst) < 3,

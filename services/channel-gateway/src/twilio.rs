@@ -115,6 +115,7 @@ pub async fn send_sms(
             credentials.messaging_service_sid.as_str(),
         ));
     }
+    crate::retry::handing_over();
     let response = match crate::retry::send(|| {
         http.post(&url)
             .basic_auth(&credentials.account_sid, Some(&credentials.auth_token))

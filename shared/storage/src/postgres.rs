@@ -297,7 +297,18 @@ impl Probe for DbProbe {
 /// cannot be reached, INTERNAL otherwise. Logged here, with the detail the caller does not get.
 pub fn db_status(service: &'static str, error: sqlx::Error) -> tonic::Status {
     match error {
-        e @ (sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed) => {
+        // A connection that broke mid-conversation (PostgreSQL ended the session between two
+        // messages: sqlx reports it as a protocol error) is as gone as one that never opened.
+        e @ (sqlx::Error::PoolTimedOut
+        | sqlx::Error::Io(_)
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed) => {
+            tracing::warn!(service, error = %e, "storage unavailable");
+            tonic::Status::unavailable(format!("{service} storage unavailable, retry"))
+        }
+        // PostgreSQL going away or not there yet: a restart, a failover, a connection cut.
+        sqlx::Error::Database(e) if e.code().as_deref().is_some_and(transient) => {
             tracing::warn!(service, error = %e, "storage unavailable");
             tonic::Status::unavailable(format!("{service} storage unavailable, retry"))
         }
@@ -306,4 +317,11 @@ pub fn db_status(service: &'static str, error: sqlx::Error) -> tonic::Status {
             tonic::Status::internal(format!("{service} storage failed"))
         }
     }
+}
+
+/// SQLSTATEs that say PostgreSQL is (for now) not there, rather than that the statement is wrong:
+/// connection exceptions (class 08), a shutdown or a crash ending the session, a server still
+/// starting (57P01–57P03), and a lack of resources (class 53).
+fn transient(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("53") || matches!(code, "57P01" | "57P02" | "57P03")
 }
