@@ -318,11 +318,11 @@ async fn a_row_that_can_never_be_delivered_does_not_hold_back_the_rows_behind_it
     story.stop().await;
 }
 
-/// 40 handoffs at once for different consumers of acme; how many were admitted (the rest were
-/// over the limit).
-async fn burst(story: &Story, key: &str, tag: &str) -> usize {
+/// 40 handoffs at once for 40 consumers of acme (numbered from `first`); how many were admitted
+/// (the rest were over the limit).
+async fn burst(story: &Story, key: &str, tag: &str, first: usize) -> usize {
     let client = story.handoff().await;
-    let calls = (0..40).map(|i| {
+    let calls = (first..first + 40).map(|i| {
         let mut client = client.clone();
         let request = handoff_request("acme", &format!("+1415777{i:04}"), &format!("{tag}-{i}"));
         let key = key.to_owned();
@@ -351,7 +351,7 @@ async fn a_redis_that_lost_its_data_keeps_the_rate_limit() {
     )
     .await;
     let key = onboard(&story, "acme").await;
-    let before = burst(&story, &key, "before").await;
+    let before = burst(&story, &key, "before", 0).await;
     assert_eq!(before, 30);
     let client = redis::Client::open(redis.url()).expect("url");
     let mut connection = client
@@ -362,7 +362,7 @@ async fn a_redis_that_lost_its_data_keeps_the_rate_limit() {
         .query_async(&mut connection)
         .await
         .expect("flushes");
-    burst(&story, &key, "after").await;
+    burst(&story, &key, "after", 100).await;
 
     // Every window of 950 ms (a little less than the limit's second, for the moments between
     // admission and the handoff's timestamp) holds at most 30 handoffs.

@@ -3,12 +3,20 @@
 -- that does not answer, leaves a row that a retry with the same key finishes (its message ids
 -- are the handoff's, and the gateway never sends an id twice) instead of a new handoff that
 -- would message the consumer again.
-CREATE INDEX handoffs_in_progress ON handoffs (created_at)
-    WHERE status = 'HANDOFF_STATUS_IN_PROGRESS';
 
--- The consumer's lease (`handoff.consumer_lease_ms`), held here as well as in Redis: a Redis
--- that lost its data, or cannot be reached, does not let a second handoff message the consumer.
--- Taken only by a handoff that will send, and given back by one that sent nothing.
+-- Handoffs not yet finished, with their CreateHandoffRequest (encoded): if the IVR never retries
+-- (the call ended with the crash), c2m finishes them from this itself. A row lives from the
+-- handoff's first write to its outcome, so the table holds only what is in flight.
+CREATE TABLE unfinished (
+    handoff_id text PRIMARY KEY,
+    created_at timestamptz NOT NULL,
+    request    bytea NOT NULL
+);
+
+-- The consumer's lease (`handoff.consumer_lease_ms`) while Redis cannot be reached: handoffs the
+-- replicas admit from memory take it here, so a consumer is not messaged twice through two
+-- replicas. Given back by a handoff that sent nothing. (A Redis that lost its data has its leases
+-- filled in from the handoffs themselves.)
 CREATE TABLE consumer_leases (
     account_id     text NOT NULL,
     consumer_phone text NOT NULL,

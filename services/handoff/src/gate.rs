@@ -54,17 +54,24 @@ redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
 return {1, now, ''}
 ";
 
-/// Fills an account's window in (KEYS[1]) with admissions PostgreSQL knows of: ARGV[3..] are
-/// pairs of handoff id and age in microseconds, scored by the server's clock less their age
-/// (members already there keep their score); then marks the window known (KEYS[2], for ARGV[2]
-/// milliseconds).
+/// Fills an account's window in (KEYS[1]) with the ARGV[3] admissions PostgreSQL knows of, pairs
+/// of handoff id and age in microseconds after it, scored by the server's clock less their age
+/// (members already there keep their score); sets the consumer leases KEYS[3..] that are not set,
+/// from the pairs of handoff id and milliseconds left after the admissions; then marks the window
+/// known (KEYS[2], for ARGV[2] milliseconds).
 const SEED: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-for i = 3, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], 'NX', now - tonumber(ARGV[i + 1]), ARGV[i])
+local n = tonumber(ARGV[3])
+for i = 0, n - 1 do
+  redis.call('ZADD', KEYS[1], 'NX', now - tonumber(ARGV[5 + 2 * i]), ARGV[4 + 2 * i])
 end
 redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) / 1000))
+local first = 4 + 2 * n
+for k = 3, #KEYS do
+  local at = first + 2 * (k - 3)
+  redis.call('SET', KEYS[k], ARGV[at], 'PX', ARGV[at + 1], 'NX')
+end
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return 0
 ";
@@ -103,6 +110,8 @@ pub enum Passage {
 pub struct Decision {
     pub passage: Passage,
     pub at_us: i64,
+    /// Made in this replica's memory (Redis away): its consumer lease holds in this replica only.
+    pub local: bool,
 }
 
 /// What one handoff asks the gate.
@@ -211,24 +220,59 @@ impl Gate {
                 retry_after: Duration::from_millis(10),
             },
             at_us: 0,
+            local: false,
         }))
     }
 
-    /// Fills the account's window in from the handoffs PostgreSQL has of the last window.
+    /// Fills the account's window and its consumers' leases in from the handoffs PostgreSQL has
+    /// of the last window and lease.
     async fn fill_in(&self, account_id: &str) -> Result<(), GateError> {
-        let recent = crate::store::recent(self.db.pool(), account_id, self.window).await?;
+        let recent = crate::store::recent(
+            self.db.pool(),
+            account_id,
+            self.window.max(self.consumer_lease),
+        )
+        .await?;
+        let admissions: Vec<_> = recent.iter().filter(|r| r.age < self.window).collect();
+        // The latest handoff that holds each consumer, for what is left of its lease.
+        let mut leases: HashMap<&str, &crate::store::Recent> = HashMap::new();
+        for held in recent
+            .iter()
+            .filter(|r| r.holds_consumer && r.age < self.consumer_lease)
+        {
+            let latest = leases.entry(held.consumer_phone.as_str()).or_insert(held);
+            if held.age < latest.age {
+                *latest = held;
+            }
+        }
         tracing::info!(
             account_id,
-            admissions = recent.len(),
-            "rate-limit window filled in from postgresql"
+            admissions = admissions.len(),
+            leases = leases.len(),
+            "rate-limit window and consumer leases filled in from postgresql"
         );
         let mut connection = self.redis.connection().await?;
         let mut seed = self.seed.key(self.redis.account_key(account_id, "rl"));
         seed.key(self.known_key(account_id))
             .arg(self.window.as_micros() as u64)
-            .arg(KNOWN_FOR.as_millis() as u64);
-        for (handoff_id, age) in &recent {
-            seed.arg(handoff_id).arg(age.as_micros() as u64);
+            .arg(KNOWN_FOR.as_millis() as u64)
+            .arg(admissions.len());
+        for admitted in &admissions {
+            seed.arg(&admitted.handoff_id)
+                .arg(admitted.age.as_micros() as u64);
+        }
+        for (consumer, held) in &leases {
+            let left = self
+                .consumer_lease
+                .saturating_sub(held.age)
+                .as_millis()
+                .max(1);
+            seed.key(
+                self.redis
+                    .account_key(account_id, &format!("lease:{consumer}")),
+            )
+            .arg(&held.handoff_id)
+            .arg(left as u64);
         }
         seed.invoke_async::<()>(&mut connection).await?;
         Ok(())
@@ -332,7 +376,11 @@ impl Gate {
                 retry_after: Duration::from_micros(value.parse::<u64>().unwrap_or(1).max(1)),
             },
         };
-        Ok(Some(Decision { passage, at_us }))
+        Ok(Some(Decision {
+            passage,
+            at_us,
+            local: false,
+        }))
     }
 }
 

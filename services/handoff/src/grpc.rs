@@ -55,6 +55,28 @@ pub(crate) fn event(
     }
 }
 
+/// How a decided handoff is carried out.
+#[derive(Debug, Clone, Copy)]
+struct Carry {
+    /// When it was first written, if an earlier request did (it is in progress).
+    existing: Option<chrono::DateTime<Utc>>,
+    sends: Sends,
+    /// The gate decided from memory: the consumer's lease is taken in PostgreSQL, where every
+    /// replica sees it.
+    lease_here: bool,
+}
+
+impl Carry {
+    /// A new handoff, which may send, its lease in Redis.
+    fn new() -> Self {
+        Self {
+            existing: None,
+            sends: Sends::Allowed,
+            lease_here: false,
+        }
+    }
+}
+
 /// Whether finishing a handoff may send messages it has not sent yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Sends {
@@ -377,13 +399,18 @@ impl Service {
 
     /// The gate's answer for a new handoff and, when it is admitted, what the decision pipeline
     /// makes of the request; with the account's limit, for the refusal that names it.
-    async fn gate_and_decide(&self, d: &Deflection, ask: Ask<'_>) -> Result<(u32, Gated), Status> {
+    async fn gate_and_decide(
+        &self,
+        d: &Deflection,
+        ask: Ask<'_>,
+    ) -> Result<(u32, Gated, bool), Status> {
         let account = self.decide_account(&d.account_id).await?;
         let limit = account
             .settings
             .as_ref()
             .map_or(30, |s| s.rate_limit_per_second.max(1));
-        let gated = match self.gate.decide(Ask { limit, ..ask }).await.passage {
+        let decided = self.gate.decide(Ask { limit, ..ask }).await;
+        let gated = match decided.passage {
             Passage::Admitted { open_conversation } => {
                 Gated::Admitted(self.decide(d, open_conversation).await)
             }
@@ -391,7 +418,7 @@ impl Service {
             Passage::ConsumerBusy { handoff_id } => Gated::ConsumerBusy(handoff_id),
             Passage::Limited { retry_after } => Gated::Limited(retry_after),
         };
-        Ok((limit, gated))
+        Ok((limit, gated, decided.local))
     }
 
     async fn create(
@@ -418,14 +445,14 @@ impl Service {
             self.replay(&d, &idempotency_key, &fingerprint),
             self.gate_and_decide(&d, ask),
         );
-        let admitted = matches!(gated, Ok((_, Gated::Admitted(_))));
+        let admitted = matches!(gated, Ok((_, Gated::Admitted(_), _)));
         if let Some(earlier) = replayed.transpose() {
             if admitted {
                 self.gate.release(ask).await;
             }
             return self.resume(&d, earlier?, key, Sends::Allowed).await;
         }
-        let (limit, gated) = gated?;
+        let (limit, gated, local) = gated?;
         let decision = match gated {
             Gated::Admitted(Ok(decision)) => decision,
             Gated::Admitted(Err(refusal)) => {
@@ -441,8 +468,7 @@ impl Service {
                     Some(earlier) => self.resume(&d, earlier, key, Sends::Allowed).await,
                     None => {
                         let decision = self.decide(&d, None).await?;
-                        self.carry_out(&d, first, decision, key, None, Sends::Allowed)
-                            .await
+                        self.carry_out(&d, first, decision, key, Carry::new()).await
                     }
                 };
             }
@@ -459,8 +485,11 @@ impl Service {
                 ));
             }
         };
-        self.carry_out(&d, handoff_id, decision, key, None, Sends::Allowed)
-            .await
+        let carry = Carry {
+            lease_here: local,
+            ..Carry::new()
+        };
+        self.carry_out(&d, handoff_id, decision, key, carry).await
     }
 
     /// An earlier request's handoff under the same key: as it is once finished; finished now if
@@ -494,15 +523,13 @@ impl Service {
         }
         tracing::info!(handoff_id = %earlier.handoff_id, "finishing a handoff an earlier request left in progress");
         let decision = self.decide(d, None).await?;
-        self.carry_out(
-            d,
-            earlier.handoff_id,
-            decision,
-            key,
-            Some(earlier.created_at),
+        let carry = Carry {
+            existing: Some(earlier.created_at),
             sends,
-        )
-        .await
+            lease_here: false,
+        };
+        self.carry_out(d, earlier.handoff_id, decision, key, carry)
+            .await
     }
 
     /// Carries out what was decided for a handoff: one that will send is written first (in
@@ -514,9 +541,13 @@ impl Service {
         handoff_id: String,
         decision: crate::decide::Decision,
         key: (&str, &[u8]),
-        existing: Option<chrono::DateTime<Utc>>,
-        sends: Sends,
+        carry: Carry,
     ) -> Result<StoredHandoff, Status> {
+        let Carry {
+            existing,
+            sends,
+            lease_here,
+        } = carry;
         if let Some(pending) = decision.pending_invite.clone() {
             // One Apple Messages invite per pending deflection: a second would start a second
             // chat for the same call.
@@ -552,6 +583,7 @@ impl Service {
                     fingerprint: key.1.to_vec(),
                     lease: self.consumer_lease,
                     request: d.request.clone(),
+                    take_lease: lease_here,
                 });
                 match self.intents.run(intent).await.map_err(db_status)? {
                     Intended::Holding => {}

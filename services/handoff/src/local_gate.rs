@@ -63,6 +63,7 @@ impl LocalGate {
             return Decision {
                 passage: Passage::Duplicate { handoff_id },
                 at_us,
+                local: true,
             };
         }
         if let Some((until, holder)) = state.leases.get(&lease)
@@ -72,6 +73,7 @@ impl LocalGate {
             return Decision {
                 passage: Passage::ConsumerBusy { handoff_id },
                 at_us,
+                local: true,
             };
         }
         let share = self.share(ask.limit) as usize;
@@ -92,6 +94,7 @@ impl LocalGate {
                         .max(Duration::from_micros(1)),
                 },
                 at_us,
+                local: true,
             };
         }
         log.push_back(now);
@@ -113,6 +116,7 @@ impl LocalGate {
                 open_conversation: None,
             },
             at_us,
+            local: true,
         }
     }
 

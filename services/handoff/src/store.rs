@@ -148,9 +148,8 @@ pub async fn abandoned(
     limit: i64,
 ) -> Result<Vec<(String, DateTime<Utc>, Vec<u8>)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT handoff_id, created_at, request FROM handoffs \
-         WHERE status = 'HANDOFF_STATUS_IN_PROGRESS' AND request IS NOT NULL \
-             AND created_at < now() - make_interval(secs => $1) \
+        "SELECT handoff_id, created_at, request FROM unfinished \
+         WHERE created_at < now() - make_interval(secs => $1) \
              AND created_at > now() - interval '1 day' \
          ORDER BY created_at LIMIT $2",
     )
@@ -160,24 +159,41 @@ pub async fn abandoned(
     .await
 }
 
-/// The account's handoffs of the last `window`, with their ages: what its rate-limit window
-/// held.
+/// One of an account's recent handoffs, as the gate's state is rebuilt from it.
+#[derive(Debug, Clone)]
+pub struct Recent {
+    pub handoff_id: String,
+    pub consumer_phone: String,
+    pub age: std::time::Duration,
+    /// It sent (or is sending) a message, so it holds its consumer.
+    pub holds_consumer: bool,
+}
+
+/// The account's handoffs of the last `span`, with their ages: what its rate-limit window and
+/// its consumers' leases held.
 pub async fn recent(
     pool: &PgPool,
     account_id: &str,
-    window: std::time::Duration,
-) -> Result<Vec<(String, std::time::Duration)>, sqlx::Error> {
-    let rows: Vec<(String, f64)> = sqlx::query_as(
-        "SELECT handoff_id, greatest(extract(epoch FROM now() - created_at), 0)::float8 \
+    span: std::time::Duration,
+) -> Result<Vec<Recent>, sqlx::Error> {
+    let rows: Vec<(String, String, f64, bool)> = sqlx::query_as(
+        "SELECT handoff_id, consumer_phone, \
+             greatest(extract(epoch FROM now() - created_at), 0)::float8, \
+             status IN ('HANDOFF_STATUS_SENT', 'HANDOFF_STATUS_IN_PROGRESS') \
          FROM handoffs WHERE account_id = $1 AND created_at > now() - make_interval(secs => $2)",
     )
     .bind(account_id)
-    .bind(window.as_secs_f64())
+    .bind(span.as_secs_f64())
     .fetch_all(pool)
     .await?;
     Ok(rows
         .into_iter()
-        .map(|(id, age)| (id, std::time::Duration::from_secs_f64(age)))
+        .map(|(handoff_id, consumer_phone, age, holds_consumer)| Recent {
+            handoff_id,
+            consumer_phone,
+            age: std::time::Duration::from_secs_f64(age),
+            holds_consumer,
+        })
         .collect())
 }
 
@@ -288,6 +304,9 @@ pub struct Intent {
     pub lease: std::time::Duration,
     /// The request, encoded: what c2m finishes the handoff from if its IVR never retries.
     pub request: Vec<u8>,
+    /// Take the consumer's lease here: the gate decided from memory (Redis away), so no Redis
+    /// lease holds the consumer across replicas.
+    pub take_lease: bool,
 }
 
 /// What writing an intent found.
@@ -304,8 +323,9 @@ pub enum Intended {
 }
 
 /// Writes handoffs about to send, together: each claims its idempotency key (free, expired, or
-/// already its own: a retry finishing it), is written in progress, and takes its consumer's
-/// lease unless another live handoff holds it. Two intents for one consumer in one batch fail the
+/// already its own: a retry finishing it), is written in progress with its request kept in
+/// `unfinished`, and, when the gate decided from memory, takes its consumer's lease unless
+/// another live handoff holds it. Two intents for one consumer in one batch fail the
 /// statement, which makes the batcher run them one by one.
 pub struct Intents(pub PgPool);
 
@@ -319,10 +339,10 @@ impl Statement for Intents {
             "WITH input AS ( \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
                      $6::text[], $7::text[], $8::timestamptz[], $9::text[], $10::bytea[], \
-                     $11::float8[], $12::bytea[]) \
+                     $11::float8[], $12::bytea[], $13::bool[]) \
                  AS t(handoff_id, account_id, handoff_config_id, consumer_phone, skill_id, \
                      ivr_call_id, ivr_number, created_at, idempotency_key, request_hash, \
-                     lease_secs, request)), \
+                     lease_secs, request, take_lease)), \
              claim AS ( \
                  INSERT INTO idempotency_keys (account_id, idempotency_key, request_hash, handoff_id, expires_at) \
                  SELECT account_id, idempotency_key, request_hash, handoff_id, now() + interval '24 hours' \
@@ -335,23 +355,27 @@ impl Statement for Intents {
                  RETURNING handoff_id), \
              handoff AS ( \
                  INSERT INTO handoffs (handoff_id, account_id, handoff_config_id, consumer_phone, \
-                     status, skill_id, ivr_call_id, ivr_number, created_at, request) \
+                     status, skill_id, ivr_call_id, ivr_number, created_at) \
                  SELECT handoff_id, account_id, handoff_config_id, consumer_phone, \
-                     'HANDOFF_STATUS_IN_PROGRESS', skill_id, ivr_call_id, ivr_number, created_at, \
-                     request \
+                     'HANDOFF_STATUS_IN_PROGRESS', skill_id, ivr_call_id, ivr_number, created_at \
+                 FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim) \
+                 ON CONFLICT (handoff_id) DO NOTHING), \
+             unfinished AS ( \
+                 INSERT INTO unfinished (handoff_id, created_at, request) \
+                 SELECT handoff_id, created_at, request \
                  FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim) \
                  ON CONFLICT (handoff_id) DO NOTHING), \
              lease AS ( \
                  INSERT INTO consumer_leases (account_id, consumer_phone, handoff_id, until) \
                  SELECT account_id, consumer_phone, handoff_id, now() + make_interval(secs => lease_secs) \
-                 FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim) \
+                 FROM input WHERE take_lease AND handoff_id IN (SELECT handoff_id FROM claim) \
                  ON CONFLICT (account_id, consumer_phone) DO UPDATE \
                  SET handoff_id = EXCLUDED.handoff_id, until = EXCLUDED.until \
                  WHERE consumer_leases.until <= now() \
                      OR consumer_leases.handoff_id = EXCLUDED.handoff_id \
                  RETURNING handoff_id) \
              SELECT handoff_id, handoff_id IN (SELECT handoff_id FROM claim), \
-                 handoff_id IN (SELECT handoff_id FROM lease) \
+                 NOT take_lease OR handoff_id IN (SELECT handoff_id FROM lease) \
              FROM input",
         )
         .bind(column(|i| &i.handoff.handoff_id))
@@ -366,6 +390,7 @@ impl Statement for Intents {
         .bind(intents.iter().map(|i| i.fingerprint.as_slice()).collect::<Vec<_>>())
         .bind(intents.iter().map(|i| i.lease.as_secs_f64()).collect::<Vec<_>>())
         .bind(intents.iter().map(|i| i.request.as_slice()).collect::<Vec<_>>())
+        .bind(intents.iter().map(|i| i.take_lease).collect::<Vec<_>>())
         .fetch_all(&self.0)
         .await?;
         // Who holds the consumers this batch could not lease: read after the statement, which
@@ -490,12 +515,14 @@ impl Statement for Saves {
                  FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
              finish AS ( \
                  UPDATE handoffs h SET status = i.status, channel = i.channel, skill_id = i.skill_id, \
-                     attempts = i.attempts, duplicate_of = i.duplicate_of, request = NULL \
+                     attempts = i.attempts, duplicate_of = i.duplicate_of \
                  FROM input i \
                  WHERE i.intended AND h.handoff_id = i.handoff_id \
                      AND h.status = 'HANDOFF_STATUS_IN_PROGRESS' \
                  RETURNING h.handoff_id), \
              done AS (SELECT handoff_id FROM claim UNION ALL SELECT handoff_id FROM finish), \
+             finished AS ( \
+                 DELETE FROM unfinished WHERE handoff_id IN (SELECT handoff_id FROM finish)), \
              released AS ( \
                  DELETE FROM consumer_leases c USING input i \
                  WHERE i.release_consumer AND c.account_id = i.account_id \
@@ -740,7 +767,8 @@ mod tests {
             idempotency_key: key.into(),
             fingerprint: key.as_bytes().to_vec(),
             lease: std::time::Duration::from_secs(10),
-            request: Vec::new(),
+            request: b"request".to_vec(),
+            take_lease: true,
         })
     }
 
@@ -828,6 +856,11 @@ mod tests {
         assert!(
             matches!(saved.as_slice(), [Saved::Raced]),
             "a finished handoff is not finished twice"
+        );
+        assert_eq!(
+            count(pool, "SELECT count(*) FROM unfinished").await,
+            2,
+            "ho_second and ho_other are still to finish; ho_first is done"
         );
         let later = intents
             .run(&[intent("ho_third", "k-third", phone)])
