@@ -239,7 +239,9 @@ impl Statement for Claims {
 }
 
 /// Records sends' outcomes on their claims, together. A report the provider sent meanwhile
-/// (its id, a later stage) is kept: the outcome only fills in what is still missing.
+/// (its id, a later stage) is kept: the outcome only fills in what is still missing. The rows
+/// are found by `= ANY` on the primary key: a join with the arrays alone was planned, once and
+/// for good, as a scan of the whole table.
 pub struct Records(pub PgPool);
 
 impl Statement for Records {
@@ -261,7 +263,7 @@ impl Statement for Records {
                  updated_at = now(), sending_until = NULL \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
                  AS u(message_id, provider_message_id, stage, error_code, error_message) \
-             WHERE m.message_id = u.message_id \
+             WHERE m.message_id = ANY($1::text[]) AND m.message_id = u.message_id \
              RETURNING {}",
             COLUMNS
                 .split(", ")

@@ -517,12 +517,13 @@ impl Statement for Saves {
                  UPDATE handoffs h SET status = i.status, channel = i.channel, skill_id = i.skill_id, \
                      attempts = i.attempts, duplicate_of = i.duplicate_of \
                  FROM input i \
-                 WHERE i.intended AND h.handoff_id = i.handoff_id \
+                 WHERE h.handoff_id = ANY(ARRAY(SELECT handoff_id FROM input WHERE intended)) \
+                     AND i.intended AND h.handoff_id = i.handoff_id \
                      AND h.status = 'HANDOFF_STATUS_IN_PROGRESS' \
                  RETURNING h.handoff_id), \
              done AS (SELECT handoff_id FROM claim UNION ALL SELECT handoff_id FROM finish), \
              finished AS ( \
-                 DELETE FROM unfinished WHERE handoff_id IN (SELECT handoff_id FROM finish)), \
+                 DELETE FROM unfinished WHERE handoff_id = ANY(ARRAY(SELECT handoff_id FROM finish))), \
              released AS ( \
                  DELETE FROM consumer_leases c USING input i \
                  WHERE i.release_consumer AND c.account_id = i.account_id \
