@@ -200,7 +200,9 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
             "fallbacks",
             "handoffs",
             "idempotency_keys",
-            "outbox"
+            "outbox",
+            "outbox_dead_letters",
+            "unfinished"
         ]
     );
     assert_eq!(
@@ -214,6 +216,7 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
             "deflections",
             "opt_outs",
             "outbox",
+            "outbox_dead_letters",
             "transcript_entries"
         ]
     );
@@ -226,6 +229,7 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
             "number_lookups",
             "outbound_messages",
             "outbox",
+            "outbox_dead_letters",
             "provider_credentials",
             "webhook_inbox",
             "whatsapp_windows"
