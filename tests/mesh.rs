@@ -201,8 +201,7 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
             "handoffs",
             "idempotency_keys",
             "outbox",
-            "outbox_dead_letters",
-            "unfinished"
+            "outbox_dead_letters"
         ]
     );
     assert_eq!(

@@ -4,14 +4,13 @@
 -- are the handoff's, and the gateway never sends an id twice) instead of a new handoff that
 -- would message the consumer again.
 
--- Handoffs not yet finished, with their CreateHandoffRequest (encoded): if the IVR never retries
--- (the call ended with the crash), c2m finishes them from this itself. A row lives from the
--- handoff's first write to its outcome, so the table holds only what is in flight.
-CREATE TABLE unfinished (
-    handoff_id text PRIMARY KEY,
-    created_at timestamptz NOT NULL,
-    request    bytea NOT NULL
-);
+-- Found by the sweep that finishes handoffs no retry came for (rows leave the index as their
+-- outcome is written).
+CREATE INDEX handoffs_in_progress ON handoffs (created_at)
+    WHERE status = 'HANDOFF_STATUS_IN_PROGRESS';
+-- The handoff's CreateHandoffRequest (encoded) while it is in progress: if the IVR never retries
+-- (the call ended with the crash), c2m finishes it from this itself. Cleared with the outcome.
+ALTER TABLE handoffs ADD COLUMN request bytea;
 
 -- The consumer's lease (`handoff.consumer_lease_ms`) while Redis cannot be reached: handoffs the
 -- replicas admit from memory take it here, so a consumer is not messaged twice through two

@@ -148,8 +148,9 @@ pub async fn abandoned(
     limit: i64,
 ) -> Result<Vec<(String, DateTime<Utc>, Vec<u8>)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT handoff_id, created_at, request FROM unfinished \
-         WHERE created_at < now() - make_interval(secs => $1) \
+        "SELECT handoff_id, created_at, request FROM handoffs \
+         WHERE status = 'HANDOFF_STATUS_IN_PROGRESS' AND request IS NOT NULL \
+             AND created_at < now() - make_interval(secs => $1) \
              AND created_at > now() - interval '1 day' \
          ORDER BY created_at LIMIT $2",
     )
@@ -323,9 +324,9 @@ pub enum Intended {
 }
 
 /// Writes handoffs about to send, together: each claims its idempotency key (free, expired, or
-/// already its own: a retry finishing it), is written in progress with its request kept in
-/// `unfinished`, and, when the gate decided from memory, takes its consumer's lease unless
-/// another live handoff holds it. Two intents for one consumer in one batch fail the
+/// already its own: a retry finishing it), is written in progress with its request, and, when
+/// the gate decided from memory, takes its consumer's lease unless another live handoff holds
+/// it. Two intents for one consumer in one batch fail the
 /// statement, which makes the batcher run them one by one.
 pub struct Intents(pub PgPool);
 
@@ -355,14 +356,10 @@ impl Statement for Intents {
                  RETURNING handoff_id), \
              handoff AS ( \
                  INSERT INTO handoffs (handoff_id, account_id, handoff_config_id, consumer_phone, \
-                     status, skill_id, ivr_call_id, ivr_number, created_at) \
+                     status, skill_id, ivr_call_id, ivr_number, created_at, request) \
                  SELECT handoff_id, account_id, handoff_config_id, consumer_phone, \
-                     'HANDOFF_STATUS_IN_PROGRESS', skill_id, ivr_call_id, ivr_number, created_at \
-                 FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim) \
-                 ON CONFLICT (handoff_id) DO NOTHING), \
-             unfinished AS ( \
-                 INSERT INTO unfinished (handoff_id, created_at, request) \
-                 SELECT handoff_id, created_at, request \
+                     'HANDOFF_STATUS_IN_PROGRESS', skill_id, ivr_call_id, ivr_number, created_at, \
+                     request \
                  FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim) \
                  ON CONFLICT (handoff_id) DO NOTHING), \
              lease AS ( \
@@ -515,15 +512,13 @@ impl Statement for Saves {
                  FROM input WHERE handoff_id IN (SELECT handoff_id FROM claim)), \
              finish AS ( \
                  UPDATE handoffs h SET status = i.status, channel = i.channel, skill_id = i.skill_id, \
-                     attempts = i.attempts, duplicate_of = i.duplicate_of \
+                     attempts = i.attempts, duplicate_of = i.duplicate_of, request = NULL \
                  FROM input i \
                  WHERE h.handoff_id = ANY(ARRAY(SELECT handoff_id FROM input WHERE intended)) \
                      AND i.intended AND h.handoff_id = i.handoff_id \
                      AND h.status = 'HANDOFF_STATUS_IN_PROGRESS' \
                  RETURNING h.handoff_id), \
              done AS (SELECT handoff_id FROM claim UNION ALL SELECT handoff_id FROM finish), \
-             finished AS ( \
-                 DELETE FROM unfinished WHERE handoff_id = ANY(ARRAY(SELECT handoff_id FROM finish))), \
              released AS ( \
                  DELETE FROM consumer_leases c USING input i \
                  WHERE i.release_consumer AND c.account_id = i.account_id \
@@ -859,7 +854,11 @@ mod tests {
             "a finished handoff is not finished twice"
         );
         assert_eq!(
-            count(pool, "SELECT count(*) FROM unfinished").await,
+            count(
+                pool,
+                "SELECT count(*) FROM handoffs WHERE request IS NOT NULL"
+            )
+            .await,
             2,
             "ho_second and ho_other are still to finish; ho_first is done"
         );
