@@ -22,8 +22,8 @@ fn sms_to(story: &Story, phone: &str) -> usize {
         .count()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_that_lost_its_data_does_not_let_a_second_handoff_message_the_consumer() {
+/// A story on a Redis of the test's own (so that it can be flushed), and acme's API key.
+async fn on_own_redis() -> (RedisServer, Story, String) {
     let redis = RedisServer::start();
     let story = Story::start_with(
         Topology::Dev,
@@ -34,13 +34,11 @@ async fn a_redis_that_lost_its_data_does_not_let_a_second_handoff_message_the_co
     )
     .await;
     let key = onboard(&story, "acme").await;
-    let consumer = "+14155550700";
-    let first = story
-        .deflect(handoff_request("acme", consumer, "lost-1"), &key)
-        .await;
-    assert_eq!(first.status, HandoffStatus::Sent as i32);
+    (redis, story, key)
+}
 
-    // Redis forgets everything: the lease it held for the consumer is gone.
+/// Redis forgets everything.
+async fn flush_all(redis: &RedisServer) {
     let client = redis::Client::open(redis.url()).expect("url");
     let mut connection = client
         .get_multiplexed_async_connection()
@@ -50,6 +48,35 @@ async fn a_redis_that_lost_its_data_does_not_let_a_second_handoff_message_the_co
         .query_async(&mut connection)
         .await
         .expect("flushes");
+}
+
+/// Separate servers where Handoff gives the gateway 500 ms and the gateway gives Twilio 5 s; and
+/// acme's API key.
+async fn impatient_handoff() -> (Story, String) {
+    let story = Story::start_with(
+        Topology::Separate,
+        Options {
+            peer_timeout_ms: Some(500),
+            provider_timeout_ms: Some(5_000),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    (story, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_does_not_let_a_second_handoff_message_the_consumer() {
+    let (redis, story, key) = on_own_redis().await;
+    let consumer = "+14155550700";
+    let first = story
+        .deflect(handoff_request("acme", consumer, "lost-1"), &key)
+        .await;
+    assert_eq!(first.status, HandoffStatus::Sent as i32);
+
+    // Redis forgets everything: the lease it held for the consumer is gone.
+    flush_all(&redis).await;
 
     // Another call for the same consumer, moments later: the lease PostgreSQL holds answers.
     let second = story
@@ -91,16 +118,7 @@ async fn a_handoff_that_sent_nothing_gives_the_consumer_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_does_not_answer_in_time_leaves_a_handoff_a_retry_finishes_without_a_second_message()
  {
-    let story = Story::start_with(
-        Topology::Separate,
-        Options {
-            peer_timeout_ms: Some(500),
-            provider_timeout_ms: Some(5_000),
-            ..Options::default()
-        },
-    )
-    .await;
-    let key = onboard(&story, "acme").await;
+    let (story, key) = impatient_handoff().await;
     let consumer = "+14155550702";
     let hold = story.twilio.hold_next();
     let request = handoff_request("acme", consumer, "slow-1");
@@ -341,27 +359,10 @@ async fn burst(story: &Story, key: &str, tag: &str, first: usize) -> usize {
 /// apart: the window is filled in from PostgreSQL, so no second holds more than 30 handoffs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_lost_its_data_keeps_the_rate_limit() {
-    let redis = RedisServer::start();
-    let story = Story::start_with(
-        Topology::Dev,
-        Options {
-            redis_url: Some(redis.url()),
-            ..Options::default()
-        },
-    )
-    .await;
-    let key = onboard(&story, "acme").await;
+    let (redis, story, key) = on_own_redis().await;
     let before = burst(&story, &key, "before", 0).await;
     assert_eq!(before, 30);
-    let client = redis::Client::open(redis.url()).expect("url");
-    let mut connection = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connects");
-    let _: () = redis::cmd("FLUSHALL")
-        .query_async(&mut connection)
-        .await
-        .expect("flushes");
+    flush_all(&redis).await;
     burst(&story, &key, "after", 100).await;
 
     // Every window of 950 ms (a little less than the limit's second, for the moments between
@@ -450,16 +451,7 @@ async fn a_funnel_never_shows_a_later_stage_of_a_handoff_without_its_earlier_one
 /// funnel has it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_its_ivr_never_retries_is_finished_by_c2m() {
-    let story = Story::start_with(
-        Topology::Separate,
-        Options {
-            peer_timeout_ms: Some(500),
-            provider_timeout_ms: Some(5_000),
-            ..Options::default()
-        },
-    )
-    .await;
-    let key = onboard(&story, "acme").await;
+    let (story, key) = impatient_handoff().await;
     let consumer = "+14155550720";
     let hold = story.twilio.hold_next();
     let refused = story
