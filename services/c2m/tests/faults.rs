@@ -71,6 +71,11 @@ async fn start(db: &TestDatabase, redis: &TestRedis, env: &[(&'static str, Strin
 
 /// acme with deflection on, an SMS configuration `billing` and Twilio credentials; its API key.
 async fn onboard(channel: &Channel, twilio: &TwilioEmulator) -> String {
+    onboard_on(channel, channel, twilio).await
+}
+
+/// [`onboard`], with Config and the gateway on their own servers.
+async fn onboard_on(channel: &Channel, gateway: &Channel, twilio: &TwilioEmulator) -> String {
     let (operator, admin) = (
         token(Role::Operator, None),
         token(Role::Admin, Some("acme")),
@@ -124,7 +129,7 @@ async fn onboard(channel: &Channel, twilio: &TwilioEmulator) -> String {
         .await
         .expect("configuration");
     twilio.add_account(TWILIO_SID, TWILIO_TOKEN);
-    ChannelGatewayServiceClient::new(channel.clone())
+    ChannelGatewayServiceClient::new(gateway.clone())
         .put_provider_credentials(authed(
             pb::PutProviderCredentialsRequest {
                 account_id: "acme".into(),
@@ -253,4 +258,105 @@ async fn a_crash_while_the_provider_holds_the_message_does_not_send_it_twice() {
         .expect("handoff");
     assert_eq!(fetched.status, HandoffStatus::Sent as i32);
     assert_eq!(twilio.sent().len(), 1, "still one message");
+}
+
+/// A port nothing listens on now, for a server that must keep its address across a restart.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The five roles as separate processes; the gateway, killed with SIGKILL while Twilio holds a
+/// message it took, is started again on its address. The IVR hears UNAVAILABLE (the handoff is
+/// not finished), not FAILED, and its retry under the same key answers that handoff,
+/// unconfirmed, with one message: the gateway's claim on the message id outlived it. Before,
+/// the IVR heard FAILED, and its next step (a new key) sent a second SMS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_after_the_provider_took_the_message_does_not_send_it_twice() {
+    let (db, redis, twilio) = (
+        TestDatabase::create().await,
+        TestRedis::new().await,
+        TwilioEmulator::start().await,
+    );
+    let roles = [
+        "handoff",
+        "routing",
+        "channel-gateway",
+        "config",
+        "reporting",
+    ];
+    let addrs: Vec<String> = roles
+        .iter()
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let mut env = environment(&twilio);
+    for (key, addr) in [
+        "C2M_PEERS__HANDOFF",
+        "C2M_PEERS__ROUTING",
+        "C2M_PEERS__CHANNEL_GATEWAY",
+        "C2M_PEERS__CONFIG",
+        "C2M_PEERS__REPORTING",
+    ]
+    .into_iter()
+    .zip(&addrs)
+    {
+        env.push((key, format!("http://{addr}")));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let services = [
+        "c2m.v1.HandoffService",
+        "c2m.v1.RoutingService",
+        "c2m.v1.ChannelGatewayService",
+        "c2m.v1.ConfigService",
+        "c2m.v1.ReportingService",
+    ];
+    let mut servers = Vec::new();
+    let mut channels = Vec::new();
+    for ((role, addr), service) in roles.iter().zip(&addrs).zip(services) {
+        let server = Dev::serve(role, addr, &db, &redis, &env).await;
+        channels.push(server.until_serving_only(&[service]).await);
+        servers.push(Some(server));
+    }
+    let (handoff, gateway, config) = (&channels[0], &channels[2], &channels[3]);
+    let api_key = onboard_on(config, gateway, &twilio).await;
+    let consumer = "+14155550810";
+
+    twilio.stall_next();
+    let call = {
+        let mut client = HandoffServiceClient::new(handoff.clone());
+        let request = authed(request(consumer, "gw-crash-1"), &api_key);
+        tokio::spawn(async move { client.create_handoff(request).await })
+    };
+    eventually(
+        "twilio has the message",
+        Duration::from_secs(10),
+        || async { twilio.sent().len() == 1 },
+    )
+    .await;
+    servers[2].take().expect("the gateway").kill9().await;
+    let refused = call.await.expect("joins").expect_err("not finished");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(
+        refused.get_details_error_info().expect("ErrorInfo").reason,
+        "HANDOFF_UNFINISHED"
+    );
+
+    let gateway = Dev::serve("channel-gateway", &addrs[2], &db, &redis, &env).await;
+    gateway
+        .until_serving_only(&["c2m.v1.ChannelGatewayService"])
+        .await;
+    let handoff = retry_until_answered(handoff, &api_key, request(consumer, "gw-crash-1")).await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32, "{handoff:?}");
+    assert_eq!(
+        handoff
+            .attempts
+            .iter()
+            .map(|a| a.outcome)
+            .collect::<Vec<_>>(),
+        [AttemptOutcome::Unconfirmed as i32],
+        "Twilio never answered: unconfirmed until its reports come"
+    );
+    assert_eq!(twilio.sent().len(), 1, "one message");
 }

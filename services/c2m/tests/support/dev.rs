@@ -23,7 +23,28 @@ pub struct Dev {
 }
 
 impl Dev {
+    /// `c2m dev` on an ephemeral port.
     pub async fn start(db: &TestDatabase, redis: &TestRedis, extra: &[(&str, &str)]) -> Self {
+        Self::launch(&["dev", "--listen", "127.0.0.1:0"], db, redis, extra).await
+    }
+
+    /// `c2m serve <role>` on `listen` (its peers named in `extra`).
+    pub async fn serve(
+        role: &str,
+        listen: &str,
+        db: &TestDatabase,
+        redis: &TestRedis,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        Self::launch(&["serve", role, "--listen", listen], db, redis, extra).await
+    }
+
+    async fn launch(
+        args: &[&str],
+        db: &TestDatabase,
+        redis: &TestRedis,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let mut command = Command::new(C2M);
         for (key, _) in std::env::vars() {
             if key.starts_with("C2M_") || key.starts_with("OTEL_") || key == "RUST_LOG" {
@@ -31,7 +52,8 @@ impl Dev {
             }
         }
         let mut child = command
-            .args(["dev", "--listen", "127.0.0.1:0", "--log-format", "json"])
+            .args(args)
+            .args(["--log-format", "json"])
             .env("C2M_DATABASE__URL", db.url())
             .env("C2M_REDIS__URL", redis.url())
             .env("C2M_REDIS__KEY_PREFIX", redis.prefix())
@@ -79,16 +101,23 @@ impl Dev {
 
     /// Waits until every c2m service reports SERVING (its schema migrated, its backends up).
     pub async fn until_serving(&self) -> Channel {
-        let channel = self.channel().await;
-        let services = [
+        self.until_serving_only(&[
             "c2m.v1.HandoffService",
             "c2m.v1.RoutingService",
             "c2m.v1.ChannelGatewayService",
             "c2m.v1.ConfigService",
             "c2m.v1.ReportingService",
-        ];
+        ])
+        .await
+    }
+
+    /// Waits until `services` report SERVING.
+    pub async fn until_serving_only(&self, services: &[&'static str]) -> Channel {
+        let channel = self.channel().await;
+        let services = services.to_vec();
         c2m_test_support::eventually("every service serving", Duration::from_secs(20), || {
             let channel = channel.clone();
+            let services = services.clone();
             async move {
                 for service in services {
                     let status = HealthClient::new(channel.clone())
