@@ -239,14 +239,15 @@ async fn a_handoff_costs_exactly_one_redis_round_trip() {
     drop(redis);
 }
 
-/// 40 simultaneous handoffs for different consumers of one account; (admitted, limited).
-async fn burst(
+/// 40 simultaneous handoffs for 40 consumers of one account (numbered from `first`); (admitted,
+/// limited).
+pub(crate) async fn burst(
     client: &c2m_proto::v1::handoff_service_client::HandoffServiceClient<tonic::transport::Channel>,
     account_id: &str,
     key: &str,
-    tag: &str,
+    (tag, first): (&str, usize),
 ) -> (usize, usize) {
-    let calls = (0..40).map(|i| {
+    let calls = (first..first + 40).map(|i| {
         let mut client = client.clone();
         let request = handoff_request(
             account_id,
@@ -303,7 +304,7 @@ async fn without_redis_handoffs_go_on_within_the_replica_share_and_exact_limits_
 
     redis.stop();
     // Served on, from this replica's memory: half of acme's 30 per second, as one of two replicas.
-    assert_eq!(burst(&handoff, "acme", &acme, "down").await, (15, 25));
+    assert_eq!(burst(&handoff, "acme", &acme, ("down", 0)).await, (15, 25));
     crate::grpc::wait_for_status(
         &channel,
         &["c2m.v1.HandoffService/redis"],
@@ -364,7 +365,10 @@ async fn without_redis_handoffs_go_on_within_the_replica_share_and_exact_limits_
     )
     .await;
     // ...the limit is the account's whole limit again, exact across replicas.
-    assert_eq!(burst(&handoff, "globex", &globex, "back").await, (30, 10));
+    assert_eq!(
+        burst(&handoff, "globex", &globex, ("back", 0)).await,
+        (30, 10)
+    );
     let text = metrics().await;
     assert!(
         text.contains("c2m_redis_degraded{service=\"handoff\"} 0\n"),

@@ -10,6 +10,7 @@ use c2m_test_support::RedisServer;
 use tonic::Code;
 use tonic_types::StatusExt;
 
+use crate::handoff_engine::burst;
 use crate::story::{Options, Story, Topology, authed, handoff_request, onboard, token};
 
 /// Messages the Twilio emulator took for `phone`.
@@ -336,34 +337,16 @@ async fn a_row_that_can_never_be_delivered_does_not_hold_back_the_rows_behind_it
     story.stop().await;
 }
 
-/// 40 handoffs at once for 40 consumers of acme (numbered from `first`); how many were admitted
-/// (the rest were over the limit).
-async fn burst(story: &Story, key: &str, tag: &str, first: usize) -> usize {
-    let client = story.handoff().await;
-    let calls = (first..first + 40).map(|i| {
-        let mut client = client.clone();
-        let request = handoff_request("acme", &format!("+1415777{i:04}"), &format!("{tag}-{i}"));
-        let key = key.to_owned();
-        async move { client.create_handoff(authed(request, &key)).await }
-    });
-    let results = futures::future::join_all(calls).await;
-    for result in &results {
-        if let Err(status) = result {
-            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-        }
-    }
-    results.iter().filter(|r| r.is_ok()).count()
-}
-
 /// acme's limit is 30 handoffs a second. Redis forgets everything between two bursts a moment
 /// apart: the window is filled in from PostgreSQL, so no second holds more than 30 handoffs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_lost_its_data_keeps_the_rate_limit() {
     let (redis, story, key) = on_own_redis().await;
-    let before = burst(&story, &key, "before", 0).await;
-    assert_eq!(before, 30);
+    let handoff = story.handoff().await;
+    let before = burst(&handoff, "acme", &key, ("before", 0)).await;
+    assert_eq!(before, (30, 10));
     flush_all(&redis).await;
-    burst(&story, &key, "after", 100).await;
+    burst(&handoff, "acme", &key, ("after", 100)).await;
 
     // Every window of 950 ms (a little less than the limit's second, for the moments between
     // admission and the handoff's timestamp) holds at most 30 handoffs.

@@ -14,12 +14,7 @@ use c2m_runtime::CancellationToken;
 use chrono::Utc;
 use prost::Message;
 
-use crate::{
-    Service,
-    grpc::{Sends, TAKEOVER_MARGIN},
-    request::Deflection,
-    store,
-};
+use crate::{Service, grpc::TAKEOVER_MARGIN, request::Deflection, send::Sends, store};
 
 /// How often handoffs left in progress are looked for.
 const SWEEP: Duration = Duration::from_secs(5);

@@ -31,7 +31,7 @@ impl Destination for ToRouting {
 /// A relay's failure as the status of the call that waited for it.
 pub(crate) fn relay_status(error: RelayError) -> tonic::Status {
     match error {
-        RelayError::Db(error) => crate::grpc::db_status(error),
+        RelayError::Db(error) => crate::store::db_status(error),
         RelayError::Decode(error) => {
             tracing::error!(%error, "deflection outbox holds an undecodable row");
             tonic::Status::internal("a deflection waiting for Routing cannot be read")

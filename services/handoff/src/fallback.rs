@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::{
     Service,
     decide::Step,
-    grpc::{Recipient, Sending, Sends, event},
+    send::{Recipient, Sending, Sends, event},
     store::{self, Attempt, StoredHandoff},
 };
 

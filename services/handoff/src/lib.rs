@@ -14,9 +14,11 @@ mod follow;
 pub mod gate;
 mod grpc;
 mod local_gate;
+mod passage;
 pub mod render;
 mod request;
 pub mod rest;
+mod send;
 mod store;
 
 use std::{sync::Arc, time::Duration};

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::gate::{Ask, Decision, Passage};
+use crate::passage::{Ask, Decision, Passage};
 
 /// Entries kept before expired ones are swept.
 const SWEEP_AT: usize = 10_000;

@@ -10,6 +10,11 @@ use prost::Message;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row, postgres::PgRow};
 
+/// A PostgreSQL error as the gRPC status an RPC answers with.
+pub(crate) fn db_status(error: sqlx::Error) -> tonic::Status {
+    c2m_storage::postgres::db_status("handoff", error)
+}
+
 /// One channel tried.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Attempt {
