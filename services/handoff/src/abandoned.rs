@@ -7,14 +7,19 @@
 //! for a text moments ago, and gets it). One left longer (c2m was down a while) sends nothing new:
 //! what its messages came to is looked up, and it is recorded as sent or failed accordingly.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::CreateHandoffRequest;
 use c2m_runtime::CancellationToken;
 use chrono::Utc;
 use prost::Message;
 
-use crate::{Service, grpc::TAKEOVER_MARGIN, request::Deflection, send::Sends, store};
+use crate::{
+    engine::{Engine, TAKEOVER_MARGIN},
+    request::Deflection,
+    send::Sends,
+    store,
+};
 
 /// How often handoffs left in progress are looked for.
 const SWEEP: Duration = Duration::from_secs(5);
@@ -23,9 +28,9 @@ const PER_SWEEP: i64 = 20;
 /// Until how long after it was written an unfinished handoff may still send its first message.
 pub const SEND_WITHIN: Duration = Duration::from_secs(600);
 
-impl Service {
+impl Engine {
     /// Finishes handoffs left in progress every [`SWEEP`] until `shutdown`.
-    pub(crate) async fn run_abandoned(self, shutdown: CancellationToken) {
+    pub(crate) async fn run_abandoned(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             if self.db.is_migrated()
                 && let Err(error) = self.finish_abandoned().await

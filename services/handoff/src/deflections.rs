@@ -27,18 +27,3 @@ impl Destination for ToRouting {
         Ok(())
     }
 }
-
-/// A relay's failure as the status of the call that waited for it.
-pub(crate) fn relay_status(error: RelayError) -> tonic::Status {
-    match error {
-        RelayError::Db(error) => crate::store::db_status(error),
-        RelayError::Decode(error) => {
-            tracing::error!(%error, "deflection outbox holds an undecodable row");
-            tonic::Status::internal("a deflection waiting for Routing cannot be read")
-        }
-        RelayError::Refused(status) => tonic::Status::unavailable(format!(
-            "Routing did not take the deflections waiting for it: {}",
-            status.message()
-        )),
-    }
-}

@@ -11,17 +11,16 @@
 //! second each at most, and a deadline still acts on time. With no deadline, watching stops after
 //! a day.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, FunnelStage, HandoffStatus};
 use c2m_runtime::CancellationToken;
 use c2m_storage::outbox;
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
 use crate::{
-    Service,
-    decide::Step,
+    engine::Engine,
+    model::Step,
     send::{Recipient, Sending, Sends, event},
     store::{self, Attempt, StoredHandoff},
 };
@@ -31,64 +30,15 @@ const POLL: Duration = Duration::from_millis(200);
 
 /// Steps as stored in `fallbacks.remaining`.
 pub fn encode_steps(steps: &[Step]) -> serde_json::Value {
-    steps
-        .iter()
-        .map(|s| {
-            json!({
-                "channel": s.channel.as_str_name(),
-                "text": s.text,
-                "template": s.template.as_ref().map(|(name, language, parameters)| json!({
-                    "name": name, "language": language, "parameters": parameters,
-                })),
-                "apple": s.apple.as_ref().map(|a| json!({
-                    "business_id": a.business_id, "intent_id": a.intent_id, "group_id": a.group_id,
-                    "body": a.body,
-                })),
-                "push": s.push.as_ref().map(|(consumer_id, title)| json!({
-                    "consumer_id": consumer_id, "title": title,
-                })),
-            })
-        })
-        .collect()
+    serde_json::to_value(steps).unwrap_or_default()
 }
 
-fn text(value: &serde_json::Value) -> String {
-    value.as_str().unwrap_or_default().to_owned()
-}
-
+/// The steps `encode_steps` stored; none when they cannot be read.
 fn decode_steps(value: &serde_json::Value) -> Vec<Step> {
-    value
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|s| {
-            Some(Step {
-                channel: Channel::from_str_name(s["channel"].as_str()?)?,
-                text: s["text"].as_str()?.to_owned(),
-                template: s["template"].as_object().map(|t| {
-                    (
-                        t["name"].as_str().unwrap_or_default().to_owned(),
-                        t["language"].as_str().unwrap_or_default().to_owned(),
-                        t["parameters"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|p| p.as_str().map(str::to_owned))
-                            .collect(),
-                    )
-                }),
-                apple: s["apple"].as_object().map(|a| pb::AppleMessagesInvite {
-                    business_id: text(&a["business_id"]),
-                    intent_id: text(&a["intent_id"]),
-                    group_id: text(&a["group_id"]),
-                    body: text(&a["body"]),
-                }),
-                push: s["push"]
-                    .as_object()
-                    .map(|p| (text(&p["consumer_id"]), text(&p["title"]))),
-            })
-        })
-        .collect()
+    serde_json::from_value(value.clone()).unwrap_or_else(|error| {
+        tracing::error!(%error, "a pending fallback's steps cannot be read");
+        Vec::new()
+    })
 }
 
 /// A pending fallback that is due to be looked at.
@@ -135,10 +85,10 @@ struct Going {
     reason: String,
 }
 
-impl Service {
+impl Engine {
     /// Looks at due fallbacks every 200 ms until `shutdown`, and at once again after a round
     /// that found more than it takes.
-    pub(crate) async fn run_fallbacks(self, shutdown: CancellationToken) {
+    pub(crate) async fn run_fallbacks(self: Arc<Self>, shutdown: CancellationToken) {
         let mut pruned = std::time::Instant::now();
         loop {
             if self.db.is_migrated() && pruned.elapsed() >= LEASE_PRUNE {
@@ -203,7 +153,7 @@ impl Service {
                 && !unconfirmed
                 && let Some(m) = message
                     .as_ref()
-                    .filter(|m| m.stage != FunnelStage::Failed as i32)
+                    .filter(|m| m.stage() != FunnelStage::Failed)
             {
                 confirm(
                     &mut tx,
@@ -228,7 +178,7 @@ impl Service {
                         .iter_mut()
                         .find(|a| a.message_id == row.message_id)
                     {
-                        attempt.outcome = AttemptOutcome::Undelivered.as_str_name().to_owned();
+                        attempt.outcome = AttemptOutcome::Undelivered;
                         attempt.error_code = reason.clone();
                     }
                     going.push(Going {
@@ -351,7 +301,7 @@ impl Service {
                         account_id: handoff.account_id.clone(),
                         handoff_id: handoff.handoff_id.clone(),
                         consumer_phone: handoff.consumer_phone.clone(),
-                        channel: *channel as i32,
+                        channel: (*channel).into(),
                         skill_id: handoff.skill_id.clone(),
                         first_message: text.clone(),
                         sent_at: Some(c2m_proto::timestamp(Utc::now())),
@@ -373,8 +323,7 @@ impl Service {
                 let channel = handoff
                     .attempts
                     .last()
-                    .and_then(|a| Channel::from_str_name(&a.channel))
-                    .unwrap_or_default();
+                    .map_or(Channel::Unspecified, |a| a.channel);
                 vec![event(&handoff, FunnelStage::Failed, channel, last)]
             }
         };
@@ -428,9 +377,9 @@ async fn prune_leases(pool: &sqlx::PgPool) -> Result<u64, sqlx::Error> {
 fn verdict(row: &Due, message: Option<pb::OutboundMessage>) -> Verdict {
     let now = Utc::now();
     let unconfirmed = message.as_ref().is_some_and(|m| m.unconfirmed);
-    let stage = message.as_ref().map_or(FunnelStage::Unspecified, |m| {
-        FunnelStage::try_from(m.stage).unwrap_or_default()
-    });
+    let stage = message
+        .as_ref()
+        .map_or(FunnelStage::Unspecified, |m| m.stage());
     match stage {
         FunnelStage::Delivered | FunnelStage::Read => Verdict::Drop,
         FunnelStage::Failed => {
@@ -464,11 +413,12 @@ async fn confirm(
     provider_message_id: &str,
 ) -> Result<(), sqlx::Error> {
     if let Some(mut handoff) = store::load_for_update(tx, handoff_id).await?
-        && let Some(attempt) = handoff.attempts.iter_mut().find(|a| {
-            a.message_id == message_id && a.outcome == AttemptOutcome::Unconfirmed.as_str_name()
-        })
+        && let Some(attempt) = handoff
+            .attempts
+            .iter_mut()
+            .find(|a| a.message_id == message_id && a.outcome == AttemptOutcome::Unconfirmed)
     {
-        attempt.outcome = AttemptOutcome::Sent.as_str_name().to_owned();
+        attempt.outcome = AttemptOutcome::Sent;
         attempt.provider_message_id = provider_message_id.to_owned();
         store::update_delivery(tx, &handoff).await?;
     }

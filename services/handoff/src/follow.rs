@@ -3,44 +3,46 @@
 //! staleness instead, and everything cached is dropped whenever the stream (re)starts, since
 //! changes may have been missed.
 
-use c2m_proto::v1::{self as pb, ConfigResource};
+use std::sync::Arc;
+
+use c2m_proto::v1::ConfigResource;
 use c2m_runtime::{
     CancellationToken,
+    api_keys::ApiKeys,
     config_changes::{self, Notice},
+    peers::Peers,
 };
 
-use crate::Service;
+use crate::upstream::Upstream;
 
-impl Service {
-    fn drop_cached_config(&self) {
-        self.accounts.clear();
-        self.configs.clear();
-        self.api_keys.clear();
-        self.templates.clear();
-    }
-
-    fn forget(&self, change: &pb::WatchConfigResponse) {
-        match ConfigResource::try_from(change.resource).unwrap_or_default() {
-            ConfigResource::Account => self.accounts.remove(&change.account_id),
-            ConfigResource::HandoffConfig => self
-                .configs
-                .remove(&(change.account_id.clone(), change.resource_id.clone())),
+/// Follows WatchConfig until `shutdown`, dropping what each notice names from `upstream`'s
+/// caches and the API keys'.
+pub(crate) async fn follow_config(
+    peers: Peers,
+    upstream: Arc<dyn Upstream>,
+    api_keys: Arc<ApiKeys>,
+    shutdown: CancellationToken,
+) {
+    // Notices arrive one at a time; forgetting is quick, and done in order.
+    let (forget, mut forgotten) = tokio::sync::mpsc::unbounded_channel();
+    let follower = config_changes::follow(peers, shutdown, "handoff", move |notice| {
+        match &notice {
+            Notice::Everything => api_keys.clear(),
             // Keys are cached by the digest of the key, which a notice does not carry.
-            ConfigResource::ApiKey => self.api_keys.clear(),
-            ConfigResource::WhatsappTemplate => self
-                .templates
-                .remove(&(change.account_id.clone(), change.resource_id.clone())),
-            ConfigResource::Unspecified => {}
+            Notice::Changed(change) if change.resource() == ConfigResource::ApiKey => {
+                api_keys.clear()
+            }
+            Notice::Changed(_) => {}
         }
-    }
-
-    /// Follows WatchConfig until `shutdown`, dropping what each notice names.
-    pub(crate) async fn follow_config(self, shutdown: CancellationToken) {
-        let peers = self.peers.clone();
-        config_changes::follow(peers, shutdown, "handoff", |notice| match notice {
-            Notice::Everything => self.drop_cached_config(),
-            Notice::Changed(change) => self.forget(change),
-        })
-        .await;
-    }
+        let _ = forget.send(match notice {
+            Notice::Everything => None,
+            Notice::Changed(change) => Some(change.clone()),
+        });
+    });
+    let forgetting = async {
+        while let Some(change) = forgotten.recv().await {
+            upstream.forget(change.as_ref()).await;
+        }
+    };
+    tokio::join!(follower, forgetting);
 }

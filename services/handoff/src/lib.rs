@@ -7,31 +7,34 @@
 #![forbid(unsafe_code)]
 
 mod abandoned;
-mod decide;
+mod context;
 mod deflections;
+mod engine;
+pub mod error;
 mod fallback;
 mod follow;
 pub mod gate;
 mod grpc;
 mod local_gate;
+pub mod model;
 mod passage;
+pub mod plan;
 pub mod render;
-mod request;
+pub mod request;
 pub mod rest;
 mod send;
 mod store;
+pub mod upstream;
 
 use std::{sync::Arc, time::Duration};
 
-use c2m_proto::v1::{self as pb, handoff_service_server::HandoffServiceServer};
-use c2m_runtime::{
-    Component, TaskTracker, api_keys::ApiKeys, auth::TokenKey, cache::TtlCache, peers::Peers,
-};
+use c2m_proto::v1::handoff_service_server::HandoffServiceServer;
+use c2m_runtime::{Component, TaskTracker, api_keys::ApiKeys, auth::TokenKey, peers::Peers};
 use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 
-use crate::{deflections::ToRouting, gate::Gate};
+use crate::{deflections::ToRouting, engine::Engine, gate::Gate, upstream::Peered};
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "handoff";
@@ -65,33 +68,13 @@ impl Default for HandoffSettings {
     }
 }
 
-/// How long configuration read from Config is trusted on the hot path when no change notice
-/// arrives (while the WatchConfig stream is down); with it, changes show within milliseconds.
-const CONFIG_TTL: Duration = Duration::from_secs(5);
-
-/// The `c2m.v1.HandoffService` implementation.
+/// The `c2m.v1.HandoffService` implementation: the RPCs (`grpc.rs`, `rest.rs`) over the engine.
 #[derive(Clone)]
 pub struct Service {
-    db: ServiceDb,
-    redis: RedisHandle,
-    peers: Peers,
+    engine: Arc<Engine>,
     key: TokenKey,
-    relay: Relay,
-    deflections: Relay<ToRouting>,
-    gate: Gate,
-    saves: Batcher<store::Saves>,
-    intents: Batcher<store::Intents>,
-    replays: Batcher<store::Replays>,
+    redis: RedisHandle,
     api_keys: Arc<ApiKeys>,
-    accounts: Arc<TtlCache<String, pb::Account>>,
-    configs: Arc<TtlCache<(String, String), pb::HandoffConfig>>,
-    templates: Arc<TtlCache<(String, String), pb::WhatsAppTemplate>>,
-    /// `unconfirmed_fallback_ms`.
-    unconfirmed_window: Duration,
-    /// `consumer_lease_ms`.
-    consumer_lease: Duration,
-    /// Handoffs running on after their IVR stopped waiting; a shutdown lets them finish.
-    detached: TaskTracker,
 }
 
 impl std::fmt::Debug for Service {
@@ -108,7 +91,7 @@ impl Service {
         key: TokenKey,
         settings: &HandoffSettings,
     ) -> Self {
-        Self {
+        let engine = Engine {
             relay: Relay::new(db.clone(), peers.clone()),
             deflections: Relay::to(ToRouting, db.clone(), peers.clone()),
             gate: Gate::new(
@@ -121,36 +104,41 @@ impl Service {
             saves: Batcher::new(store::Saves(db.batch_pool().clone())),
             intents: Batcher::new(store::Intents(db.batch_pool().clone())),
             replays: Batcher::new(store::Replays(db.batch_pool().clone())),
-            api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
-            accounts: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
-            configs: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
-            templates: Arc::new(TtlCache::new(CONFIG_TTL, 100_000)),
+            upstream: Arc::new(Peered::new(peers.clone())),
             unconfirmed_window: Duration::from_millis(settings.unconfirmed_fallback_ms),
             consumer_lease: Duration::from_millis(settings.consumer_lease_ms),
             detached: TaskTracker::new(),
             db,
-            redis,
             peers,
+        };
+        Self {
+            engine: Arc::new(engine),
             key,
+            redis,
+            api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
         }
     }
 
     /// The gRPC service, SERVING while its schema and Redis answer, with its outbox relays.
     pub fn into_component(self) -> Component {
-        let relay = self.relay.clone();
-        let deflections = self.deflections.clone();
-        let follower = self.clone();
-        let watcher = self.clone();
-        let sweeper = self.clone();
+        let engine = self.engine.clone();
+        let relay = engine.relay.clone();
+        let deflections = engine.deflections.clone();
+        let (peers, upstream, api_keys) = (
+            engine.peers.clone(),
+            engine.upstream.clone(),
+            self.api_keys.clone(),
+        );
+        let (fallbacks, sweeper) = (engine.clone(), engine.clone());
         Component::new(HandoffServiceServer::new(self.clone()))
             .with_http(rest::router(self.clone()))
-            .with_probe(self.db.probe())
+            .with_probe(engine.db.probe())
             .with_optional_probe(self.redis.probe())
-            .with_detached(self.detached.clone())
+            .with_detached(engine.detached.clone())
             .with_task(move |shutdown| relay.run(shutdown))
             .with_task(move |shutdown| deflections.run(shutdown))
-            .with_task(move |shutdown| follower.follow_config(shutdown))
-            .with_task(move |shutdown| watcher.run_fallbacks(shutdown))
+            .with_task(move |shutdown| follow::follow_config(peers, upstream, api_keys, shutdown))
+            .with_task(move |shutdown| fallbacks.run_fallbacks(shutdown))
             .with_task(move |shutdown| sweeper.run_abandoned(shutdown))
     }
 }

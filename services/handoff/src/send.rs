@@ -7,8 +7,8 @@ use chrono::Utc;
 use tonic::Status;
 
 use crate::{
-    Service,
-    decide::Step,
+    engine::Engine,
+    model::Step,
     store::{Attempt, StoredHandoff},
 };
 
@@ -32,7 +32,7 @@ pub(crate) fn event(
     pb::Event {
         handoff_id: h.handoff_id.clone(),
         handoff_config_id: h.handoff_config_id.clone(),
-        channel: channel as i32,
+        channel: channel.into(),
         skill_id: h.skill_id.clone(),
         ivr_number: h.ivr_number.clone(),
         error_code,
@@ -81,7 +81,7 @@ fn interrupts(status: &Status) -> bool {
     )
 }
 
-impl Service {
+impl Engine {
     /// Sends along `steps` until a channel takes the message; attempts are numbered on from
     /// `earlier` (the attempts the handoff already made). Message ids are the handoff's own
     /// (`<handoff>-<n>`), and the gateway never sends an id twice: a retry that sends the same
@@ -103,8 +103,8 @@ impl Service {
                 self.send_one(to, step, &message_id).await
             };
             let mut attempt = Attempt {
-                channel: channel.as_str_name().to_owned(),
-                outcome: AttemptOutcome::Failed.as_str_name().to_owned(),
+                channel: *channel,
+                outcome: AttemptOutcome::Failed,
                 message_id,
                 provider_message_id: String::new(),
                 error_code: String::new(),
@@ -112,7 +112,7 @@ impl Service {
                 at: Utc::now(),
             };
             match result {
-                Ok(message) if message.stage != FunnelStage::Failed as i32 => {
+                Ok(message) if message.stage() != FunnelStage::Failed => {
                     // An unanswered send may have reached the consumer: the next channel waits
                     // for the provider to tell (see `fallback`), not to risk a second message.
                     let outcome = if message.unconfirmed {
@@ -120,7 +120,7 @@ impl Service {
                     } else {
                         AttemptOutcome::Sent
                     };
-                    attempt.outcome = outcome.as_str_name().to_owned();
+                    attempt.outcome = outcome;
                     attempt.provider_message_id = message.provider_message_id;
                     attempts.push(attempt);
                     return Sending::Sent {
@@ -173,16 +173,33 @@ impl Service {
             .send_message(pb::SendMessageRequest {
                 account_id: to.account_id.to_owned(),
                 message_id: message_id.to_owned(),
-                channel: step.channel as i32,
+                channel: step.channel.into(),
                 to: to.phone.to_owned(),
-                consumer_id: step.push.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
-                push_title: step.push.as_ref().map(|p| p.1.clone()).unwrap_or_default(),
-                apple_messages_invite: step.apple.clone(),
+                consumer_id: step
+                    .push
+                    .as_ref()
+                    .map(|p| p.consumer_id.clone())
+                    .unwrap_or_default(),
+                push_title: step
+                    .push
+                    .as_ref()
+                    .map(|p| p.title.clone())
+                    .unwrap_or_default(),
+                apple_messages_invite: step.apple.as_ref().map(|a| pb::AppleMessagesInvite {
+                    business_id: a.business_id.clone(),
+                    intent_id: a.intent_id.clone(),
+                    group_id: a.group_id.clone(),
+                    body: a.body.clone(),
+                }),
                 text: step.text.clone(),
                 handoff_id: to.handoff_id.to_owned(),
                 handoff_config_id: to.handoff_config_id.to_owned(),
                 skill_id: to.skill_id.to_owned(),
-                whatsapp_template: step.whatsapp_template(),
+                whatsapp_template: step.template.as_ref().map(|t| pb::WhatsAppTemplateMessage {
+                    name: t.name.clone(),
+                    language: t.language.clone(),
+                    body_parameters: t.parameters.clone(),
+                }),
                 fresh_message_id: false,
                 conversation_id: String::new(),
                 media_urls: Vec::new(),
@@ -209,7 +226,7 @@ impl Service {
         {
             Ok(found) => Ok(found.into_inner().message.unwrap_or_default()),
             Err(status) if status.code() == tonic::Code::NotFound => Ok(pb::OutboundMessage {
-                stage: FunnelStage::Failed as i32,
+                stage: FunnelStage::Failed.into(),
                 error_code: "abandoned".into(),
                 error_message: "never sent: the handoff was left unfinished too long".into(),
                 ..Default::default()
@@ -225,7 +242,7 @@ impl Service {
         attempt: &Attempt,
         now: chrono::DateTime<Utc>,
     ) -> Option<chrono::DateTime<Utc>> {
-        (attempt.outcome == AttemptOutcome::Unconfirmed.as_str_name())
+        (attempt.outcome == AttemptOutcome::Unconfirmed)
             .then(|| chrono::Duration::from_std(self.unconfirmed_window).ok())
             .flatten()
             .map(|window| now + window)

@@ -3,34 +3,15 @@
 
 use std::sync::Arc;
 
-use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, HandoffStatus};
+use c2m_proto::v1::{self as pb, Channel, HandoffStatus};
 use c2m_storage::{batch::Statement, outbox};
+
+pub use crate::model::Attempt;
 use chrono::{DateTime, Utc};
 use prost::Message;
-use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row, postgres::PgRow};
 
-/// A PostgreSQL error as the gRPC status an RPC answers with.
-pub(crate) fn db_status(error: sqlx::Error) -> tonic::Status {
-    c2m_storage::postgres::db_status("handoff", error)
-}
-
 /// One channel tried.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Attempt {
-    pub channel: String,
-    pub outcome: String,
-    #[serde(default)]
-    pub message_id: String,
-    #[serde(default)]
-    pub provider_message_id: String,
-    #[serde(default)]
-    pub error_code: String,
-    #[serde(default)]
-    pub error_message: String,
-    pub at: DateTime<Utc>,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredHandoff {
     pub handoff_id: String,
@@ -53,10 +34,7 @@ impl StoredHandoff {
         self.attempts
             .iter()
             .rev()
-            .find(|a| {
-                a.outcome == AttemptOutcome::Sent.as_str_name()
-                    || a.outcome == AttemptOutcome::Unconfirmed.as_str_name()
-            })
+            .find(|a| a.went())
             .map(|a| a.message_id.as_str())
     }
 
@@ -65,14 +43,14 @@ impl StoredHandoff {
             handoff_id: self.handoff_id.clone(),
             account_id: self.account_id.clone(),
             handoff_config_id: self.handoff_config_id.clone(),
-            status: self.status as i32,
-            channel: self.channel.unwrap_or_default() as i32,
+            status: self.status.into(),
+            channel: self.channel.unwrap_or_default().into(),
             attempts: self
                 .attempts
                 .iter()
                 .map(|a| pb::ChannelAttempt {
-                    channel: Channel::from_str_name(&a.channel).unwrap_or_default() as i32,
-                    outcome: AttemptOutcome::from_str_name(&a.outcome).unwrap_or_default() as i32,
+                    channel: a.channel.into(),
+                    outcome: a.outcome.into(),
                     provider_message_id: a.provider_message_id.clone(),
                     error_code: a.error_code.clone(),
                     error_message: a.error_message.clone(),

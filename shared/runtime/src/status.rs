@@ -25,6 +25,11 @@ impl FieldViolations {
         self.violations.is_empty()
     }
 
+    /// Each field and why, for a service's own error type.
+    pub fn into_pairs(self) -> Vec<(String, String)> {
+        self.violations
+    }
+
     pub fn into_result(self) -> Result<(), Status> {
         if self.violations.is_empty() {
             return Ok(());

@@ -1,0 +1,618 @@
+//! The handoff pipeline, in the order it runs: the gate (idempotency, the consumer's lease, the
+//! account's rate limit) → the context and the plan (`context.rs`, `plan.rs`) → the handoff
+//! written in progress → the send (`send.rs`) → its outcome written over it, with its events, its
+//! pending fallback and its deflection for Routing. Everything a retry, a crash or a second
+//! replica can do to it ends in one outcome and one message.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use c2m_proto::v1::{self as pb, Channel, FunnelStage, HandoffStatus};
+use c2m_runtime::{TaskTracker, ids, mask_phone, metrics, peers::Peers};
+use c2m_storage::{ServiceDb, batch::Batcher, outbox::Relay};
+use chrono::Utc;
+
+use crate::{
+    deflections::ToRouting,
+    error::Error,
+    gate::{self, Ask, Gate, Passage},
+    model::Decision,
+    request::Deflection,
+    send::{Recipient, Sending, Sends, event},
+    store::{self, Fallback, Intended, Intent, Save, Saved, StoredHandoff},
+    upstream::Upstream,
+};
+
+/// What runs handoffs: its peers, its storage, its gate. Shared by the RPCs and the background
+/// work (fallbacks, unfinished handoffs, cache invalidation).
+pub struct Engine {
+    pub(crate) db: ServiceDb,
+    /// The channel gateway, for sends and message lookups.
+    pub(crate) peers: Peers,
+    pub(crate) upstream: Arc<dyn Upstream>,
+    pub(crate) relay: Relay,
+    pub(crate) deflections: Relay<ToRouting>,
+    pub(crate) gate: Gate,
+    pub(crate) saves: Batcher<store::Saves>,
+    pub(crate) intents: Batcher<store::Intents>,
+    pub(crate) replays: Batcher<store::Replays>,
+    /// `unconfirmed_fallback_ms`.
+    pub(crate) unconfirmed_window: Duration,
+    /// `consumer_lease_ms`.
+    pub(crate) consumer_lease: Duration,
+    /// Handoffs running on after their IVR stopped waiting; a shutdown lets them finish.
+    pub(crate) detached: TaskTracker,
+}
+
+/// How a decided handoff is carried out.
+#[derive(Debug, Clone, Copy)]
+struct Carry {
+    /// When it was first written, if an earlier request did (it is in progress).
+    existing: Option<chrono::DateTime<Utc>>,
+    sends: Sends,
+    /// The gate decided from memory: the consumer's lease is taken in PostgreSQL, where every
+    /// replica sees it.
+    lease_here: bool,
+}
+
+impl Carry {
+    /// A new handoff, which may send, its lease in Redis.
+    fn new() -> Self {
+        Self {
+            existing: None,
+            sends: Sends::Allowed,
+            lease_here: false,
+        }
+    }
+}
+
+/// How long past the peer timeout a handoff in progress is left to its sender before a retry
+/// finishes it.
+pub(crate) const TAKEOVER_MARGIN: Duration = Duration::from_secs(1);
+
+/// What the gate let a new handoff do.
+enum Gated {
+    /// Admitted: the decision pipeline's answer.
+    Admitted(Result<Decision, Error>),
+    /// The idempotency key's first request (in flight, or just committed).
+    Duplicate(String),
+    /// The handoff that holds the consumer's lease.
+    ConsumerBusy(String),
+    /// Over the limit until a slot frees.
+    Limited(Duration),
+}
+
+fn outcome_stage(status: HandoffStatus) -> FunnelStage {
+    match status {
+        HandoffStatus::Sent => FunnelStage::Sent,
+        HandoffStatus::SkippedOpenConversation => FunnelStage::SkippedOpenConversation,
+        HandoffStatus::RejectedLandline => FunnelStage::RejectedLandline,
+        HandoffStatus::RejectedOptedOut => FunnelStage::RejectedOptedOut,
+        HandoffStatus::NoEligibleChannel => FunnelStage::NoEligibleChannel,
+        HandoffStatus::SkippedRecentHandoff => FunnelStage::SkippedRecentHandoff,
+        HandoffStatus::Failed | HandoffStatus::InProgress | HandoffStatus::Unspecified => {
+            FunnelStage::Failed
+        }
+    }
+}
+
+impl Engine {
+    /// The handoff an earlier request with this idempotency key made, if it has committed; an
+    /// error if that request had other parameters.
+    async fn replay(
+        &self,
+        d: &Deflection,
+        key: &str,
+        fingerprint: &[u8],
+    ) -> Result<Option<StoredHandoff>, Error> {
+        match self
+            .replays
+            .run((d.account_id.clone(), key.to_owned()))
+            .await?
+        {
+            Some((hash, existing)) if hash == fingerprint => Ok(Some(existing)),
+            Some((_, existing)) => {
+                // Which parameters differ, where the first request's are on its record; the
+                // others (template variables, overrides) are known only by their hash.
+                let differing: Vec<&str> = [
+                    (
+                        "consumer_phone",
+                        existing.consumer_phone == d.consumer_phone,
+                    ),
+                    (
+                        "handoff_config_id",
+                        existing.handoff_config_id == d.handoff_config_id,
+                    ),
+                ]
+                .into_iter()
+                .filter(|(_, same)| !same)
+                .map(|(field, _)| field)
+                .collect();
+                let which = if differing.is_empty() {
+                    "template_variables, override_channel, override_message, override_skill_id \
+                     or consumer_id differ"
+                        .to_owned()
+                } else {
+                    format!("{} differs", differing.join(" and "))
+                };
+                Err(Error::KeyReused {
+                    handoff_id: existing.handoff_id,
+                    differing: which,
+                })
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The gate's answer for a new handoff and, when it is admitted, what the decision pipeline
+    /// makes of the request; with the account's limit, for the refusal that names it.
+    async fn gate_and_decide(
+        &self,
+        d: &Deflection,
+        ask: Ask<'_>,
+    ) -> Result<(u32, Gated, bool), Error> {
+        let limit = self.upstream.account(&d.account_id).await?.rate_limit;
+        let decided = self.gate.decide(Ask { limit, ..ask }).await;
+        let gated = match decided.passage {
+            Passage::Admitted { open_conversation } => {
+                Gated::Admitted(self.decide(d, open_conversation).await)
+            }
+            Passage::Duplicate { handoff_id } => Gated::Duplicate(handoff_id),
+            Passage::ConsumerBusy { handoff_id } => Gated::ConsumerBusy(handoff_id),
+            Passage::Limited { retry_after } => Gated::Limited(retry_after),
+        };
+        Ok((limit, gated, decided.local))
+    }
+
+    pub(crate) async fn create(
+        &self,
+        d: Deflection,
+        idempotency_key: String,
+    ) -> Result<StoredHandoff, Error> {
+        let fingerprint = d.fingerprint();
+        let key = (idempotency_key.as_str(), fingerprint.as_slice());
+        let handoff_id = ids::generate("ho");
+        let ask = Ask {
+            account_id: &d.account_id,
+            handoff_id: &handoff_id,
+            idempotency_key: &idempotency_key,
+            consumer: &d.consumer_phone,
+            // The account's, once the gate knows it; a release does not need it.
+            limit: 0,
+        };
+        // PostgreSQL keeps a request's record for 24 hours, Redis its claim for a minute: the
+        // record is looked up while the gate decides and, once it admits, while the consumer is
+        // checked, so the lookup adds no wait. An earlier request's record wins over whatever
+        // the gate said, and an admission that ends here gives back what it took.
+        let (replayed, gated) = tokio::join!(
+            self.replay(&d, &idempotency_key, &fingerprint),
+            self.gate_and_decide(&d, ask),
+        );
+        let admitted = matches!(gated, Ok((_, Gated::Admitted(_), _)));
+        if let Some(earlier) = replayed.transpose() {
+            if admitted {
+                self.gate.release(ask).await;
+            }
+            return self.resume(&d, earlier?, key, Sends::Allowed).await;
+        }
+        let (limit, gated, local) = gated?;
+        let decision = match gated {
+            Gated::Admitted(Ok(decision)) => decision,
+            Gated::Admitted(Err(refusal)) => {
+                self.gate.release(ask).await;
+                return Err(refusal);
+            }
+            Gated::Duplicate(first) => {
+                // The first request with this key has finished, is under way, or stopped (a
+                // crash) before it wrote anything. In the last case this request carries on as
+                // that handoff: were the first still alive, the two would write one row, and
+                // the gateway sends each of its message ids once.
+                return match self.replay(&d, &idempotency_key, &fingerprint).await? {
+                    Some(earlier) => self.resume(&d, earlier, key, Sends::Allowed).await,
+                    None => {
+                        let decision = self.decide(&d, None).await?;
+                        self.carry_out(&d, first, decision, key, Carry::new()).await
+                    }
+                };
+            }
+            Gated::ConsumerBusy(holder) => {
+                return self.skip_recent(&d, handoff_id, holder, key, None).await;
+            }
+            Gated::Limited(retry_after) => {
+                return Err(Error::RateLimited {
+                    account_id: d.account_id.clone(),
+                    limit,
+                    retry_after,
+                });
+            }
+        };
+        let carry = Carry {
+            lease_here: local,
+            ..Carry::new()
+        };
+        self.carry_out(&d, handoff_id, decision, key, carry).await
+    }
+
+    /// An earlier request's handoff under the same key: as it is once finished; finished now if
+    /// it was left in progress (its sender crashed, or the gateway did not answer it). Its
+    /// messages keep their ids, so what went before is not sent again.
+    pub(crate) async fn resume(
+        &self,
+        d: &Deflection,
+        earlier: StoredHandoff,
+        key: (&str, &[u8]),
+        sends: Sends,
+    ) -> Result<StoredHandoff, Error> {
+        if earlier.status != HandoffStatus::InProgress {
+            return Ok(earlier);
+        }
+        // Its sender may still be at work: it has a peer timeout for each call it makes. Taking
+        // over meanwhile would be safe (the gateway sends each message id once, and only one
+        // outcome is written) but would only find the same message at the provider.
+        let age = (Utc::now() - earlier.created_at)
+            .to_std()
+            .unwrap_or_default();
+        let grace = self.peers.timeout() + TAKEOVER_MARGIN;
+        if age < grace {
+            return Err(Error::InProgress {
+                handoff_id: Some(earlier.handoff_id),
+                retry_after: (grace - age).min(Duration::from_millis(500)),
+            });
+        }
+        tracing::info!(handoff_id = %earlier.handoff_id, "finishing a handoff an earlier request left in progress");
+        let decision = self.decide(d, None).await?;
+        let carry = Carry {
+            existing: Some(earlier.created_at),
+            sends,
+            lease_here: false,
+        };
+        self.carry_out(d, earlier.handoff_id, decision, key, carry)
+            .await
+    }
+
+    /// Carries out what was decided for a handoff: one that will send is written first (in
+    /// progress, with its key and its consumer's lease), then sends, then its outcome is written
+    /// over it. `existing`: when the handoff was first written, if an earlier request did.
+    async fn carry_out(
+        &self,
+        d: &Deflection,
+        handoff_id: String,
+        decision: Decision,
+        key: (&str, &[u8]),
+        carry: Carry,
+    ) -> Result<StoredHandoff, Error> {
+        let Carry {
+            existing,
+            sends,
+            lease_here,
+        } = carry;
+        if let Some(pending) = decision.pending_invite.clone() {
+            // One Apple Messages invite per pending deflection: a second would start a second
+            // chat for the same call.
+            return self
+                .skip_recent(d, handoff_id, pending, key, existing)
+                .await;
+        }
+        let now = Utc::now();
+        let mut handoff = StoredHandoff {
+            handoff_id,
+            account_id: d.account_id.clone(),
+            handoff_config_id: d.handoff_config_id.clone(),
+            consumer_phone: d.consumer_phone.clone(),
+            status: HandoffStatus::InProgress,
+            channel: None,
+            skill_id: decision.skill_id.clone(),
+            ivr_call_id: d.ivr_call_id.clone(),
+            ivr_number: d.ivr_number.clone(),
+            attempts: Vec::new(),
+            duplicate_of: None,
+            created_at: existing.unwrap_or(now),
+        };
+        let mut intended = existing.is_some();
+        let sent = match decision.blocked {
+            Some(blocked) => {
+                handoff.status = blocked.status();
+                None
+            }
+            None => {
+                let intent = Arc::new(Intent {
+                    handoff: handoff.clone(),
+                    idempotency_key: key.0.to_owned(),
+                    fingerprint: key.1.to_vec(),
+                    lease: self.consumer_lease,
+                    request: d.request.clone(),
+                    take_lease: lease_here,
+                });
+                match self.intents.run(intent).await? {
+                    Intended::Holding => {}
+                    Intended::KeyTaken => {
+                        // Another handoff has the key (and will message the consumer, or has):
+                        // this one sends nothing, so the lease the gate gave it goes back.
+                        self.gate
+                            .release_lease(&d.account_id, &d.consumer_phone, &handoff.handoff_id)
+                            .await;
+                        return self.raced(&handoff.account_id, key.0).await;
+                    }
+                    Intended::ConsumerHeld(holder) => {
+                        return self
+                            .skip_recent(d, handoff.handoff_id, holder, key, Some(now))
+                            .await;
+                    }
+                }
+                intended = true;
+                let to = Recipient {
+                    account_id: &d.account_id,
+                    handoff_id: &handoff.handoff_id,
+                    phone: &d.consumer_phone,
+                    handoff_config_id: &d.handoff_config_id,
+                    skill_id: &decision.skill_id,
+                };
+                match self.send(&to, &decision.plan, 0, sends).await {
+                    Sending::Interrupted { status } => {
+                        return Err(Error::Unfinished {
+                            handoff_id: handoff.handoff_id,
+                            at_provider: status.code() == tonic::Code::Aborted,
+                            cause: status.message().to_owned(),
+                        });
+                    }
+                    Sending::Sent {
+                        attempts,
+                        channel,
+                        text,
+                    } => {
+                        handoff.attempts = attempts;
+                        handoff.status = HandoffStatus::Sent;
+                        handoff.channel = Some(channel);
+                        Some((channel, text))
+                    }
+                    Sending::Failed { attempts } => {
+                        handoff.attempts = attempts;
+                        handoff.status = HandoffStatus::Failed;
+                        None
+                    }
+                }
+            }
+        };
+        let status = handoff.status;
+        let error_code = handoff
+            .attempts
+            .last()
+            .filter(|_| status == HandoffStatus::Failed)
+            .map(|a| a.error_code.clone())
+            .unwrap_or_default();
+        let events = [
+            event(
+                &handoff,
+                FunnelStage::Attempted,
+                decision.funnel_channel(),
+                String::new(),
+            ),
+            event(
+                &handoff,
+                outcome_stage(status),
+                handoff.channel.unwrap_or_else(|| decision.funnel_channel()),
+                error_code,
+            ),
+        ];
+        // Channels left after the one that took the message: tried if it does not arrive.
+        // A push reports neither delivery nor failure: there is nothing to watch after one.
+        let fallback = sent.as_ref().and_then(|(channel, _)| {
+            if *channel == Channel::AppMessaging {
+                return None;
+            }
+            let deadline = decision.delivery_deadline;
+            let rest = &decision.plan[handoff.attempts.len()..];
+            let last = handoff.attempts.last()?;
+            (!rest.is_empty()).then(|| Fallback {
+                message_id: last.message_id.clone(),
+                remaining: crate::fallback::encode_steps(rest),
+                deadline: deadline
+                    .and_then(|d| chrono::Duration::from_std(d).ok())
+                    .map(|d| now + d),
+                window_seconds: decision.delivery_deadline.map(|d| d.as_secs() as i32),
+                confirm_by: self.confirm_by(last, now),
+            })
+        });
+        // What Routing must know to open the conversation when the consumer replies: committed
+        // with the handoff, shipped by the deflection relay.
+        let deflection = sent.as_ref().map(|(channel, text)| pb::Deflection {
+            account_id: d.account_id.clone(),
+            handoff_id: handoff.handoff_id.clone(),
+            consumer_phone: d.consumer_phone.clone(),
+            channel: (*channel).into(),
+            skill_id: decision.skill_id.clone(),
+            first_message: text.clone(),
+            engagement_attributes: Some(d.engagement_attributes.clone()),
+            sent_at: Some(c2m_proto::timestamp(now)),
+            handoff_config_id: d.handoff_config_id.clone(),
+            ivr_number: d.ivr_number.clone(),
+        });
+        self.commit(handoff, key, events.into(), fallback, deflection, intended)
+            .await
+    }
+
+    /// Another handoff holds the consumer's lease: record this one as skipped, pointing at it.
+    /// `existing`: when this handoff was first written, if it was (in progress).
+    async fn skip_recent(
+        &self,
+        d: &Deflection,
+        handoff_id: String,
+        holder: String,
+        idempotency: (&str, &[u8]),
+        existing: Option<chrono::DateTime<Utc>>,
+    ) -> Result<StoredHandoff, Error> {
+        let config = self
+            .upstream
+            .handoff_config(&d.account_id, &d.handoff_config_id)
+            .await?;
+        let channel = config.channel_priority.first().copied().unwrap_or_default();
+        let handoff = StoredHandoff {
+            handoff_id,
+            account_id: d.account_id.clone(),
+            handoff_config_id: d.handoff_config_id.clone(),
+            consumer_phone: d.consumer_phone.clone(),
+            status: HandoffStatus::SkippedRecentHandoff,
+            channel: None,
+            skill_id: d
+                .override_skill_id
+                .clone()
+                .unwrap_or_else(|| config.skill_id.clone()),
+            ivr_call_id: d.ivr_call_id.clone(),
+            ivr_number: d.ivr_number.clone(),
+            attempts: Vec::new(),
+            duplicate_of: Some(holder),
+            created_at: existing.unwrap_or_else(Utc::now),
+        };
+        let events = [
+            event(&handoff, FunnelStage::Attempted, channel, String::new()),
+            event(
+                &handoff,
+                FunnelStage::SkippedRecentHandoff,
+                channel,
+                String::new(),
+            ),
+        ];
+        self.commit(
+            handoff,
+            idempotency,
+            events.into(),
+            None,
+            None,
+            existing.is_some(),
+        )
+        .await
+    }
+
+    /// The handoff that holds this idempotency key, after this request lost it to another: as
+    /// it is once finished, or "retry" while it is still under way.
+    async fn raced(&self, account_id: &str, key: &str) -> Result<StoredHandoff, Error> {
+        match self
+            .replays
+            .run((account_id.to_owned(), key.to_owned()))
+            .await?
+        {
+            Some((_, winner)) if winner.status != HandoffStatus::InProgress => Ok(winner),
+            Some((_, winner)) => Err(Error::InProgress {
+                handoff_id: Some(winner.handoff_id),
+                retry_after: Duration::from_millis(200),
+            }),
+            None => Err(Error::InProgress {
+                handoff_id: None,
+                retry_after: Duration::from_millis(200),
+            }),
+        }
+    }
+
+    /// Writes the handoff with its idempotency record, events, fallback and deflection; a twin
+    /// that committed (or finished it) first wins. `intended`: its row was written before it
+    /// sent. A handoff that sent nothing gives its consumer back.
+    async fn commit(
+        &self,
+        handoff: StoredHandoff,
+        idempotency: (&str, &[u8]),
+        events: Vec<pb::Event>,
+        fallback: Option<Fallback>,
+        deflection: Option<pb::Deflection>,
+        intended: bool,
+    ) -> Result<StoredHandoff, Error> {
+        let deflected = deflection.is_some();
+        let messaged = handoff.status == HandoffStatus::Sent;
+        let save = Arc::new(Save {
+            handoff: handoff.clone(),
+            idempotency_key: idempotency.0.to_owned(),
+            fingerprint: idempotency.1.to_vec(),
+            events,
+            fallback,
+            deflection,
+            intended,
+            release_consumer: !messaged,
+        });
+        // A handoff that sent a message must be recorded: without its record, the IVR's retry
+        // would not know what was sent. While PostgreSQL refuses (restarting, failing over), the
+        // save is offered again for a while; the IVR may stop waiting meanwhile, and its retry
+        // finds the handoff once it is saved (or, if it was written before it sent, finishes it).
+        let saved = self
+            .saves
+            .run_until(save, Instant::now() + gate::CLAIM_TTL, |error, pause| {
+                tracing::warn!(%error, handoff_id = %handoff.handoff_id, retry_in = ?pause, "handoff not saved; trying again");
+                metrics::inc(
+                    "c2m_handoff_save_retries_total",
+                    "Handoff saves PostgreSQL refused and that were offered again.",
+                    &[],
+                );
+            })
+            .await
+            ?;
+        match saved {
+            Saved::Saved => {
+                self.relay.wake();
+                if deflected {
+                    self.deflections.wake();
+                }
+                if !messaged {
+                    // Only a message holds the consumer: the next call for them may deflect.
+                    self.gate
+                        .release_lease(
+                            &handoff.account_id,
+                            &handoff.consumer_phone,
+                            &handoff.handoff_id,
+                        )
+                        .await;
+                }
+                tracing::info!(
+                    account_id = %handoff.account_id,
+                    handoff_id = %handoff.handoff_id,
+                    consumer = %mask_phone(&handoff.consumer_phone),
+                    status = handoff.status.as_str_name(),
+                    channel = handoff.channel.map_or("", |c| c.as_str_name()),
+                    "handoff"
+                );
+                Ok(handoff)
+            }
+            Saved::Raced => self.raced(&handoff.account_id, idempotency.0).await,
+        }
+    }
+
+    /// A handoff as GetHandoff answers it, with its message's delivery so far.
+    pub(crate) async fn get(
+        &self,
+        account_id: &str,
+        handoff_id: &str,
+    ) -> Result<pb::Handoff, Error> {
+        let handoff = store::load(self.db.pool(), account_id, handoff_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(handoff_id.to_owned()))?;
+        let progress = self.progress(&handoff).await;
+        Ok(handoff.to_wire(progress))
+    }
+
+    async fn progress(&self, handoff: &StoredHandoff) -> Option<pb::DeliveryProgress> {
+        let message_id = handoff.sent_message_id()?;
+        let message = self
+            .peers
+            .channel_gateway()
+            .get_message(pb::GetMessageRequest {
+                account_id: handoff.account_id.clone(),
+                message_id: message_id.to_owned(),
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .message?;
+        Some(pb::DeliveryProgress {
+            sent_at: message.sent_at,
+            delivered_at: message.delivered_at,
+            read_at: message.read_at,
+            stage: message.stage,
+            failed_at: if message.stage() == FunnelStage::Failed {
+                message.updated_at
+            } else {
+                None
+            },
+            // The reply reaches Routing, not the gateway: Reporting's ListTransactions has it.
+            responded_at: None,
+        })
+    }
+}
