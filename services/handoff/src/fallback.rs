@@ -15,14 +15,16 @@ use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, FunnelStage, HandoffStatus};
 use c2m_runtime::CancellationToken;
-use c2m_storage::outbox;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 
 use crate::{
-    engine::Engine,
-    model::Step,
+    engine::{Engine, TAKEOVER_MARGIN},
+    model::{Attempt, Step},
     send::{Recipient, Sending, Sends, event},
-    store::{self, Attempt, StoredHandoff},
+    store::{
+        self, StoredHandoff,
+        fallbacks::{self, Due, Fell, Next},
+    },
 };
 
 /// How often the table is looked at for due fallbacks.
@@ -39,24 +41,6 @@ fn decode_steps(value: &serde_json::Value) -> Vec<Step> {
         tracing::error!(%error, "a pending fallback's steps cannot be read");
         Vec::new()
     })
-}
-
-/// A pending fallback that is due to be looked at.
-#[derive(sqlx::FromRow)]
-struct Due {
-    handoff_id: String,
-    account_id: String,
-    /// The message on its way.
-    message_id: String,
-    /// The steps still to try (`encode_steps`).
-    remaining: serde_json::Value,
-    /// Past it an undelivered message counts as failed.
-    deadline: Option<DateTime<Utc>>,
-    /// The configuration's delivery deadline, for the next channel's message.
-    window_seconds: Option<i32>,
-    /// The send went unanswered: past this, with no report from the provider, the next channel.
-    confirm_by: Option<DateTime<Utc>>,
-    watched_since: DateTime<Utc>,
 }
 
 /// How many due fallbacks one round takes.
@@ -76,15 +60,6 @@ enum Verdict {
     FallBack(String),
 }
 
-/// A fallback going to its next channel: the handoff, locked, with its watched attempt marked
-/// undelivered, and what to send.
-struct Going {
-    handoff: StoredHandoff,
-    steps: Vec<Step>,
-    window: Option<i32>,
-    reason: String,
-}
-
 impl Engine {
     /// Looks at due fallbacks every 200 ms until `shutdown`, and at once again after a round
     /// that found more than it takes.
@@ -93,7 +68,7 @@ impl Engine {
         loop {
             if self.db.is_migrated() && pruned.elapsed() >= LEASE_PRUNE {
                 pruned = std::time::Instant::now();
-                if let Err(error) = prune_leases(self.db.pool()).await {
+                if let Err(error) = fallbacks::prune_leases(self.db.pool()).await {
                     tracing::warn!(%error, "expired consumer leases not pruned, will retry");
                 }
             }
@@ -111,20 +86,14 @@ impl Engine {
         }
     }
 
-    /// One round: the due fallbacks' messages looked up together, the ones that must go to their
-    /// next channel sent together, and everything recorded in one transaction, which holds the
-    /// rows so that no other replica takes them meanwhile.
+    /// One round: the due fallbacks claimed for a lease, their messages looked up together, the
+    /// ones that must go to their next channel sent together, and each recorded on its own. No
+    /// transaction or lock is held across a call to the gateway.
     async fn fallback_round(&self) -> Result<usize, sqlx::Error> {
-        let mut tx = self.db.pool().begin().await?;
-        let due: Vec<Due> = sqlx::query_as(
-            "SELECT handoff_id, account_id, message_id, remaining, deadline, window_seconds, \
-                 confirm_by, watched_since \
-             FROM fallbacks WHERE next_check <= now() ORDER BY next_check LIMIT $1 \
-             FOR UPDATE SKIP LOCKED",
-        )
-        .bind(ROUND)
-        .fetch_all(&mut *tx)
-        .await?;
+        let pool = self.db.pool();
+        // Long enough for the sends of every channel left, each of which may take a peer timeout.
+        let lease = self.peers.timeout() * 3 + TAKEOVER_MARGIN;
+        let due = fallbacks::claim(pool, ROUND, lease).await?;
         if due.is_empty() {
             return Ok(0);
         }
@@ -155,8 +124,8 @@ impl Engine {
                     .as_ref()
                     .filter(|m| m.stage() != FunnelStage::Failed)
             {
-                confirm(
-                    &mut tx,
+                fallbacks::confirm(
+                    pool,
                     &row.handoff_id,
                     &row.message_id,
                     &m.provider_message_id,
@@ -166,54 +135,20 @@ impl Engine {
             match verdict(&row, message) {
                 Verdict::Drop => dropped.push(row.handoff_id),
                 Verdict::Wait => waiting.push(row.handoff_id),
-                Verdict::FallBack(reason) => {
-                    let Some(mut handoff) =
-                        store::load_for_update(&mut tx, &row.handoff_id).await?
-                    else {
-                        dropped.push(row.handoff_id);
-                        continue;
-                    };
-                    if let Some(attempt) = handoff
-                        .attempts
-                        .iter_mut()
-                        .find(|a| a.message_id == row.message_id)
-                    {
-                        attempt.outcome = AttemptOutcome::Undelivered;
-                        attempt.error_code = reason.clone();
-                    }
-                    going.push(Going {
-                        handoff,
-                        steps: decode_steps(&row.remaining),
-                        window: row.window_seconds,
-                        reason,
-                    });
-                }
+                Verdict::FallBack(reason) => going.push((row, reason)),
             }
         }
-        if !dropped.is_empty() {
-            sqlx::query("DELETE FROM fallbacks WHERE handoff_id = ANY($1)")
-                .bind(&dropped)
-                .execute(&mut *tx)
-                .await?;
-        }
-        // Looked at again after a pause that grows with the time watched (a tenth of it, from
-        // 200 ms to 5 s), never past the deadline or the confirmation's, so those still act on
-        // time.
-        if !waiting.is_empty() {
-            sqlx::query(
-                "UPDATE fallbacks SET next_check = least( \
-                 now() + least(greatest((now() - watched_since) / 10, \
-                     interval '200 milliseconds'), interval '5 seconds'), \
-                 deadline, confirm_by) \
-             WHERE handoff_id = ANY($1)",
-            )
-            .bind(&waiting)
-            .execute(&mut *tx)
-            .await?;
+        fallbacks::drop(pool, &dropped).await?;
+        fallbacks::wait(pool, &waiting).await?;
+        let mut handoffs = Vec::with_capacity(going.len());
+        for (row, reason) in going {
+            match store::load(pool, &row.account_id, &row.handoff_id).await? {
+                Some(handoff) => handoffs.push((row, reason, handoff)),
+                None => fallbacks::drop(pool, std::slice::from_ref(&row.handoff_id)).await?,
+            }
         }
         // The next channels' messages go together, as so many handoffs' would.
-        let sends = futures::future::join_all(going.iter().map(|g| {
-            let h = &g.handoff;
+        let sends = futures::future::join_all(handoffs.iter().map(|(row, _, h)| {
             let to = Recipient {
                 account_id: &h.account_id,
                 handoff_id: &h.handoff_id,
@@ -221,14 +156,15 @@ impl Engine {
                 handoff_config_id: &h.handoff_config_id,
                 skill_id: &h.skill_id,
             };
+            let steps = decode_steps(&row.remaining);
             async move {
-                self.send(&to, &g.steps, h.attempts.len(), Sends::Allowed)
+                self.send(&to, &steps, h.attempts.len(), Sends::Allowed)
                     .await
             }
         }))
         .await;
-        let mut wrote_events = false;
-        for (g, sending) in going.into_iter().zip(sends) {
+        let mut wrote = false;
+        for ((row, reason, handoff), sending) in handoffs.into_iter().zip(sends) {
             let sent = match sending {
                 Sending::Sent {
                     attempts,
@@ -240,47 +176,44 @@ impl Engine {
                 // and the next look sends the same message ids again (the gateway sends each
                 // once), after a pause.
                 Sending::Interrupted { status } => {
-                    tracing::warn!(handoff_id = %g.handoff.handoff_id, %status, "fallback send unanswered; looking again");
-                    sqlx::query(
-                        "UPDATE fallbacks SET next_check = now() + interval '1 second' \
-                         WHERE handoff_id = $1",
-                    )
-                    .bind(&g.handoff.handoff_id)
-                    .execute(&mut *tx)
-                    .await?;
+                    tracing::warn!(handoff_id = %handoff.handoff_id, %status, "fallback send unanswered; looking again");
+                    fallbacks::retry_in(pool, &row.handoff_id, Duration::from_secs(1)).await?;
                     continue;
                 }
             };
-            wrote_events = true;
-            self.record_fallback(&mut tx, g, sent).await?;
+            let fell = self.fell(row, reason, handoff, sent);
+            if fallbacks::record(pool, &fell).await? {
+                wrote = true;
+            } else {
+                tracing::info!(handoff_id = %fell.handoff.handoff_id, "fallback recorded by another round");
+            }
         }
-        tx.commit().await?;
-        if wrote_events {
+        if wrote {
             self.relay.wake();
             self.deflections.wake();
         }
         Ok(taken)
     }
 
-    /// Records what a fallback's send came to; keeps watching the new message when channels
-    /// remain after it.
-    async fn record_fallback(
+    /// What a fallback's send comes to: the watched attempt undelivered, the new ones added, the
+    /// handoff sent or failed, its events and deflection, and what to watch next.
+    fn fell(
         &self,
-        tx: &mut sqlx::PgConnection,
-        going: Going,
+        due: Due,
+        reason: String,
+        mut handoff: StoredHandoff,
         (attempts, sent): (Vec<Attempt>, Option<(Channel, String)>),
-    ) -> Result<(), sqlx::Error> {
-        let Going {
-            mut handoff,
-            steps,
-            window,
-            reason,
-        } = going;
+    ) -> Fell {
+        let attempts_before = handoff.attempts.len();
+        if let Some(attempt) = handoff
+            .attempts
+            .iter_mut()
+            .find(|a| a.message_id == due.message_id)
+        {
+            attempt.outcome = AttemptOutcome::Undelivered;
+            attempt.error_code = reason.clone();
+        }
         let used = attempts.len();
-        let new_message = attempts
-            .last()
-            .map(|a| a.message_id.clone())
-            .unwrap_or_default();
         tracing::info!(
             account_id = %handoff.account_id,
             handoff_id = %handoff.handoff_id,
@@ -289,89 +222,60 @@ impl Engine {
             "delivery fallback"
         );
         handoff.attempts.extend(attempts);
+        let mut deflection = None;
         let events = match &sent {
             Some((channel, text)) => {
                 handoff.channel = Some(*channel);
                 handoff.status = HandoffStatus::Sent;
                 // Routing keeps the handoff's deflection and takes this send's channel, message
                 // and time for it (engagement attributes came with the first).
-                store::enqueue_deflection(
-                    tx,
-                    &pb::Deflection {
-                        account_id: handoff.account_id.clone(),
-                        handoff_id: handoff.handoff_id.clone(),
-                        consumer_phone: handoff.consumer_phone.clone(),
-                        channel: (*channel).into(),
-                        skill_id: handoff.skill_id.clone(),
-                        first_message: text.clone(),
-                        sent_at: Some(c2m_proto::timestamp(Utc::now())),
-                        handoff_config_id: handoff.handoff_config_id.clone(),
-                        ivr_number: handoff.ivr_number.clone(),
-                        engagement_attributes: None,
-                    },
-                )
-                .await?;
+                deflection = Some(pb::Deflection {
+                    account_id: handoff.account_id.clone(),
+                    handoff_id: handoff.handoff_id.clone(),
+                    consumer_phone: handoff.consumer_phone.clone(),
+                    channel: (*channel).into(),
+                    skill_id: handoff.skill_id.clone(),
+                    first_message: text.clone(),
+                    sent_at: Some(c2m_proto::timestamp(Utc::now())),
+                    handoff_config_id: handoff.handoff_config_id.clone(),
+                    ivr_number: handoff.ivr_number.clone(),
+                    engagement_attributes: None,
+                });
                 vec![event(&handoff, FunnelStage::Sent, *channel, String::new())]
             }
             None => {
                 handoff.status = HandoffStatus::Failed;
-                let last = handoff
-                    .attempts
-                    .last()
-                    .map(|a| a.error_code.clone())
-                    .unwrap_or_default();
-                let channel = handoff
-                    .attempts
-                    .last()
-                    .map_or(Channel::Unspecified, |a| a.channel);
-                vec![event(&handoff, FunnelStage::Failed, channel, last)]
+                let last = handoff.attempts.last();
+                let code = last.map(|a| a.error_code.clone()).unwrap_or_default();
+                let channel = last.map_or(Channel::Unspecified, |a| a.channel);
+                vec![event(&handoff, FunnelStage::Failed, channel, code)]
             }
         };
-        store::update_delivery(tx, &handoff).await?;
-        outbox::enqueue(tx, &events).await?;
+        let steps = decode_steps(&due.remaining);
         let rest = &steps[used.min(steps.len())..];
         // A push reports neither delivery nor failure: nothing left to watch once one is sent.
         let watchable = matches!(&sent, Some((channel, _)) if *channel != Channel::AppMessaging);
-        if watchable && !rest.is_empty() {
-            let confirm_by = handoff
-                .attempts
-                .last()
-                .and_then(|last| self.confirm_by(last, Utc::now()));
-            sqlx::query(
-                "UPDATE fallbacks SET message_id = $2, remaining = $3, \
-                 deadline = now() + make_interval(secs => $4), confirm_by = $5, next_check = now(), \
-                 watched_since = now() WHERE handoff_id = $1",
-            )
-            .bind(&handoff.handoff_id)
-            .bind(&new_message)
-            .bind(encode_steps(rest))
-            .bind(window.map(f64::from))
-            .bind(confirm_by)
-            .execute(&mut *tx)
-            .await?;
-        } else {
-            sqlx::query("DELETE FROM fallbacks WHERE handoff_id = $1")
-                .bind(&handoff.handoff_id)
-                .execute(&mut *tx)
-                .await?;
+        let next = (watchable && !rest.is_empty())
+            .then(|| handoff.attempts.last())
+            .flatten()
+            .map(|last| Next {
+                message_id: last.message_id.clone(),
+                remaining: encode_steps(rest),
+                confirm_by: self.confirm_by(last, Utc::now()),
+            });
+        Fell {
+            due,
+            attempts_before,
+            handoff,
+            events,
+            deflection,
+            next,
         }
-        Ok(())
     }
 }
 
 /// How often expired consumer leases are deleted.
 const LEASE_PRUNE: Duration = Duration::from_secs(60);
-
-/// Deletes consumer leases that expired a minute ago or more: a row per consumer deflected, kept
-/// only while it holds them.
-async fn prune_leases(pool: &sqlx::PgPool) -> Result<u64, sqlx::Error> {
-    Ok(
-        sqlx::query("DELETE FROM consumer_leases WHERE until < now() - interval '1 minute'")
-            .execute(pool)
-            .await?
-            .rows_affected(),
-    )
-}
 
 /// What the gateway's record of the watched message (none: it did not answer) says to do.
 fn verdict(row: &Due, message: Option<pb::OutboundMessage>) -> Verdict {
@@ -402,29 +306,4 @@ fn verdict(row: &Due, message: Option<pb::OutboundMessage>) -> Verdict {
         }
         _ => Verdict::Wait,
     }
-}
-
-/// Marks the attempt that sent `message_id`, which its provider never answered, as sent: the
-/// provider has since reported on it (`provider_message_id`); the fallback stops waiting for that.
-async fn confirm(
-    tx: &mut sqlx::PgConnection,
-    handoff_id: &str,
-    message_id: &str,
-    provider_message_id: &str,
-) -> Result<(), sqlx::Error> {
-    if let Some(mut handoff) = store::load_for_update(tx, handoff_id).await?
-        && let Some(attempt) = handoff
-            .attempts
-            .iter_mut()
-            .find(|a| a.message_id == message_id && a.outcome == AttemptOutcome::Unconfirmed)
-    {
-        attempt.outcome = AttemptOutcome::Sent;
-        attempt.provider_message_id = provider_message_id.to_owned();
-        store::update_delivery(tx, &handoff).await?;
-    }
-    sqlx::query("UPDATE fallbacks SET confirm_by = NULL WHERE handoff_id = $1")
-        .bind(handoff_id)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
 }

@@ -1,6 +1,8 @@
 //! Handoffs, their idempotency records, their events and their deflections, written in one
 //! transaction.
 
+pub mod fallbacks;
+
 use std::sync::Arc;
 
 use c2m_proto::v1::{self as pb, Channel, HandoffStatus};
@@ -419,7 +421,7 @@ impl Statement for Intents {
 }
 
 /// Puts a deflection in the outbox that ships them to Routing, inside the caller's transaction.
-pub async fn enqueue_deflection(
+pub(crate) async fn enqueue_deflection(
     tx: &mut sqlx::PgConnection,
     deflection: &pb::Deflection,
 ) -> Result<(), sqlx::Error> {
@@ -590,7 +592,7 @@ mod tests {
     use c2m_proto::v1::FunnelStage;
     use c2m_test_support::TestDatabase;
 
-    fn save(handoff_id: &str, key: &str, fallback: bool) -> Arc<Save> {
+    pub(super) fn save(handoff_id: &str, key: &str, fallback: bool) -> Arc<Save> {
         let handoff = StoredHandoff {
             handoff_id: handoff_id.into(),
             account_id: "acme".into(),
