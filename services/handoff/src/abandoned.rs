@@ -18,7 +18,6 @@ use crate::{
     engine::{Engine, TAKEOVER_MARGIN},
     request::Deflection,
     send::Sends,
-    store,
 };
 
 /// How often handoffs left in progress are looked for.
@@ -32,7 +31,7 @@ impl Engine {
     /// Finishes handoffs left in progress every [`SWEEP`] until `shutdown`.
     pub(crate) async fn run_abandoned(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
-            if self.db.is_migrated()
+            if self.store.is_ready()
                 && let Err(error) = self.finish_abandoned().await
             {
                 tracing::warn!(%error, "unfinished handoffs not looked at; will retry");
@@ -49,7 +48,7 @@ impl Engine {
     /// written, and the gateway sends each message id once.
     async fn finish_abandoned(&self) -> Result<usize, sqlx::Error> {
         let grace = self.peers.timeout() + TAKEOVER_MARGIN;
-        let left = store::abandoned(self.db.pool(), grace, PER_SWEEP).await?;
+        let left = self.store.abandoned(grace, PER_SWEEP).await?;
         let found = left.len();
         for (handoff_id, created_at, request) in left {
             let request = match CreateHandoffRequest::decode(request.as_slice()) {
@@ -63,9 +62,7 @@ impl Engine {
                 tracing::error!(%handoff_id, "unfinished handoff's request no longer validates");
                 continue;
             };
-            let Some(earlier) =
-                store::load(self.db.pool(), &deflection.account_id, &handoff_id).await?
-            else {
+            let Some(earlier) = self.store.load(&deflection.account_id, &handoff_id).await? else {
                 continue;
             };
             let age = (Utc::now() - created_at).to_std().unwrap_or_default();

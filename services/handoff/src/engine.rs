@@ -10,8 +10,8 @@ use std::{
 };
 
 use c2m_proto::v1::{self as pb, Channel, FunnelStage, HandoffStatus};
-use c2m_runtime::{TaskTracker, ids, mask_phone, metrics, peers::Peers};
-use c2m_storage::{ServiceDb, batch::Batcher, outbox::Relay};
+use c2m_runtime::{TaskTracker, ids, mask_phone, peers::Peers};
+use c2m_storage::outbox::Relay;
 use chrono::Utc;
 
 use crate::{
@@ -21,23 +21,20 @@ use crate::{
     model::Decision,
     request::Deflection,
     send::{Recipient, Sending, Sends, event},
-    store::{self, Fallback, Intended, Intent, Save, Saved, StoredHandoff},
+    store::{Fallback, HandoffStore, Intended, Intent, Save, Saved, StoredHandoff},
     upstream::Upstream,
 };
 
 /// What runs handoffs: its peers, its storage, its gate. Shared by the RPCs and the background
 /// work (fallbacks, unfinished handoffs, cache invalidation).
 pub struct Engine {
-    pub(crate) db: ServiceDb,
+    pub(crate) store: Arc<dyn HandoffStore>,
     /// The channel gateway, for sends and message lookups.
     pub(crate) peers: Peers,
     pub(crate) upstream: Arc<dyn Upstream>,
     pub(crate) relay: Relay,
     pub(crate) deflections: Relay<ToRouting>,
     pub(crate) gate: Gate,
-    pub(crate) saves: Batcher<store::Saves>,
-    pub(crate) intents: Batcher<store::Intents>,
-    pub(crate) replays: Batcher<store::Replays>,
     /// `unconfirmed_fallback_ms`.
     pub(crate) unconfirmed_window: Duration,
     /// `consumer_lease_ms`.
@@ -107,11 +104,7 @@ impl Engine {
         key: &str,
         fingerprint: &[u8],
     ) -> Result<Option<StoredHandoff>, Error> {
-        match self
-            .replays
-            .run((d.account_id.clone(), key.to_owned()))
-            .await?
-        {
+        match self.store.replay(&d.account_id, key).await? {
             Some((hash, existing)) if hash == fingerprint => Ok(Some(existing)),
             Some((_, existing)) => {
                 // Which parameters differ, where the first request's are on its record; the
@@ -325,7 +318,7 @@ impl Engine {
                     request: d.request.clone(),
                     take_lease: lease_here,
                 });
-                match self.intents.run(intent).await? {
+                match self.store.intend(intent).await? {
                     Intended::Holding => {}
                     Intended::KeyTaken => {
                         // Another handoff has the key (and will message the consumer, or has):
@@ -488,11 +481,7 @@ impl Engine {
     /// The handoff that holds this idempotency key, after this request lost it to another: as
     /// it is once finished, or "retry" while it is still under way.
     async fn raced(&self, account_id: &str, key: &str) -> Result<StoredHandoff, Error> {
-        match self
-            .replays
-            .run((account_id.to_owned(), key.to_owned()))
-            .await?
-        {
+        match self.store.replay(account_id, key).await? {
             Some((_, winner)) if winner.status != HandoffStatus::InProgress => Ok(winner),
             Some((_, winner)) => Err(Error::InProgress {
                 handoff_id: Some(winner.handoff_id),
@@ -534,17 +523,9 @@ impl Engine {
         // save is offered again for a while; the IVR may stop waiting meanwhile, and its retry
         // finds the handoff once it is saved (or, if it was written before it sent, finishes it).
         let saved = self
-            .saves
-            .run_until(save, Instant::now() + gate::CLAIM_TTL, |error, pause| {
-                tracing::warn!(%error, handoff_id = %handoff.handoff_id, retry_in = ?pause, "handoff not saved; trying again");
-                metrics::inc(
-                    "c2m_handoff_save_retries_total",
-                    "Handoff saves PostgreSQL refused and that were offered again.",
-                    &[],
-                );
-            })
-            .await
-            ?;
+            .store
+            .save(save, Instant::now() + gate::CLAIM_TTL)
+            .await?;
         match saved {
             Saved::Saved => {
                 self.relay.wake();
@@ -581,7 +562,9 @@ impl Engine {
         account_id: &str,
         handoff_id: &str,
     ) -> Result<pb::Handoff, Error> {
-        let handoff = store::load(self.db.pool(), account_id, handoff_id)
+        let handoff = self
+            .store
+            .load(account_id, handoff_id)
             .await?
             .ok_or_else(|| Error::NotFound(handoff_id.to_owned()))?;
         let progress = self.progress(&handoff).await;

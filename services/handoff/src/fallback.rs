@@ -21,10 +21,7 @@ use crate::{
     engine::{Engine, TAKEOVER_MARGIN},
     model::{Attempt, Step},
     send::{Recipient, Sending, Sends, event},
-    store::{
-        self, StoredHandoff,
-        fallbacks::{self, Due, Fell, Next},
-    },
+    store::{Due, Fell, Next, StoredHandoff},
 };
 
 /// How often the table is looked at for due fallbacks.
@@ -66,13 +63,13 @@ impl Engine {
     pub(crate) async fn run_fallbacks(self: Arc<Self>, shutdown: CancellationToken) {
         let mut pruned = std::time::Instant::now();
         loop {
-            if self.db.is_migrated() && pruned.elapsed() >= LEASE_PRUNE {
+            if self.store.is_ready() && pruned.elapsed() >= LEASE_PRUNE {
                 pruned = std::time::Instant::now();
-                if let Err(error) = fallbacks::prune_leases(self.db.pool()).await {
+                if let Err(error) = self.store.prune_leases().await {
                     tracing::warn!(%error, "expired consumer leases not pruned, will retry");
                 }
             }
-            if self.db.is_migrated() {
+            if self.store.is_ready() {
                 match self.fallback_round().await {
                     Ok(taken) if taken == ROUND as usize => continue,
                     Ok(_) => {}
@@ -90,10 +87,10 @@ impl Engine {
     /// ones that must go to their next channel sent together, and each recorded on its own. No
     /// transaction or lock is held across a call to the gateway.
     async fn fallback_round(&self) -> Result<usize, sqlx::Error> {
-        let pool = self.db.pool();
+        let store = &self.store;
         // Long enough for the sends of every channel left, each of which may take a peer timeout.
         let lease = self.peers.timeout() * 3 + TAKEOVER_MARGIN;
-        let due = fallbacks::claim(pool, ROUND, lease).await?;
+        let due = store.claim_fallbacks(ROUND, lease).await?;
         if due.is_empty() {
             return Ok(0);
         }
@@ -124,13 +121,9 @@ impl Engine {
                     .as_ref()
                     .filter(|m| m.stage() != FunnelStage::Failed)
             {
-                fallbacks::confirm(
-                    pool,
-                    &row.handoff_id,
-                    &row.message_id,
-                    &m.provider_message_id,
-                )
-                .await?;
+                store
+                    .confirm_send(&row.handoff_id, &row.message_id, &m.provider_message_id)
+                    .await?;
             }
             match verdict(&row, message) {
                 Verdict::Drop => dropped.push(row.handoff_id),
@@ -138,13 +131,17 @@ impl Engine {
                 Verdict::FallBack(reason) => going.push((row, reason)),
             }
         }
-        fallbacks::drop(pool, &dropped).await?;
-        fallbacks::wait(pool, &waiting).await?;
+        store.drop_fallbacks(&dropped).await?;
+        store.wait_fallbacks(&waiting).await?;
         let mut handoffs = Vec::with_capacity(going.len());
         for (row, reason) in going {
-            match store::load(pool, &row.account_id, &row.handoff_id).await? {
+            match store.load(&row.account_id, &row.handoff_id).await? {
                 Some(handoff) => handoffs.push((row, reason, handoff)),
-                None => fallbacks::drop(pool, std::slice::from_ref(&row.handoff_id)).await?,
+                None => {
+                    store
+                        .drop_fallbacks(std::slice::from_ref(&row.handoff_id))
+                        .await?
+                }
             }
         }
         // The next channels' messages go together, as so many handoffs' would.
@@ -177,12 +174,14 @@ impl Engine {
                 // once), after a pause.
                 Sending::Interrupted { status } => {
                     tracing::warn!(handoff_id = %handoff.handoff_id, %status, "fallback send unanswered; looking again");
-                    fallbacks::retry_in(pool, &row.handoff_id, Duration::from_secs(1)).await?;
+                    store
+                        .retry_fallback_in(&row.handoff_id, Duration::from_secs(1))
+                        .await?;
                     continue;
                 }
             };
             let fell = self.fell(row, reason, handoff, sent);
-            if fallbacks::record(pool, &fell).await? {
+            if store.record_fallback(&fell).await? {
                 wrote = true;
             } else {
                 tracing::info!(handoff_id = %fell.handoff.handoff_id, "fallback recorded by another round");

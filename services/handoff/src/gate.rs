@@ -24,10 +24,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use c2m_storage::{RedisHandle, ServiceDb, redis::Breaker};
+use c2m_storage::{RedisHandle, redis::Breaker};
 
-use crate::local_gate::LocalGate;
 pub use crate::passage::{Ask, Decision, Passage};
+use crate::{local_gate::LocalGate, store::HandoffStore};
 
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -93,11 +93,11 @@ end
 return 0
 ";
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Gate {
     redis: RedisHandle,
     /// Where the handoffs of the last window are read from when Redis has lost them.
-    db: ServiceDb,
+    store: Arc<dyn HandoffStore>,
     script: redis::Script,
     release: redis::Script,
     seed: redis::Script,
@@ -116,7 +116,7 @@ impl Gate {
     /// `replicas`: how many Handoff replicas share the account limits, for the local fallback.
     pub fn new(
         redis: RedisHandle,
-        db: ServiceDb,
+        store: Arc<dyn HandoffStore>,
         window: Duration,
         consumer_lease: Duration,
         replicas: u32,
@@ -124,7 +124,7 @@ impl Gate {
         let idempotency_ttl = CLAIM_TTL;
         Self {
             redis,
-            db,
+            store,
             script: redis::Script::new(SCRIPT),
             release: redis::Script::new(RELEASE),
             seed: redis::Script::new(SEED),
@@ -196,12 +196,10 @@ impl Gate {
     /// Fills the account's window and its consumers' leases in from the handoffs PostgreSQL has
     /// of the last window and lease.
     async fn fill_in(&self, account_id: &str) -> Result<(), GateError> {
-        let recent = crate::store::recent(
-            self.db.pool(),
-            account_id,
-            self.window.max(self.consumer_lease),
-        )
-        .await?;
+        let recent = self
+            .store
+            .recent(account_id, self.window.max(self.consumer_lease))
+            .await?;
         let admissions: Vec<_> = recent.iter().filter(|r| r.age < self.window).collect();
         // The latest handoff that holds each consumer, for what is left of its lease.
         let mut leases: HashMap<&str, &crate::store::Recent> = HashMap::new();

@@ -23,18 +23,24 @@ pub mod render;
 pub mod request;
 pub mod rest;
 mod send;
-mod store;
+pub mod store;
 pub mod upstream;
 
 use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::handoff_service_server::HandoffServiceServer;
 use c2m_runtime::{Component, TaskTracker, api_keys::ApiKeys, auth::TokenKey, peers::Peers};
-use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay};
+use c2m_storage::{RedisHandle, ServiceDb, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 
-use crate::{deflections::ToRouting, engine::Engine, gate::Gate, upstream::Peered};
+use crate::{
+    deflections::ToRouting,
+    engine::Engine,
+    gate::Gate,
+    store::{HandoffStore, PgHandoffStore},
+    upstream::Peered,
+};
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "handoff";
@@ -72,6 +78,7 @@ impl Default for HandoffSettings {
 #[derive(Clone)]
 pub struct Service {
     engine: Arc<Engine>,
+    db: ServiceDb,
     key: TokenKey,
     redis: RedisHandle,
     api_keys: Arc<ApiKeys>,
@@ -91,28 +98,27 @@ impl Service {
         key: TokenKey,
         settings: &HandoffSettings,
     ) -> Self {
+        let store: Arc<dyn HandoffStore> = Arc::new(PgHandoffStore::new(db.clone()));
         let engine = Engine {
             relay: Relay::new(db.clone(), peers.clone()),
             deflections: Relay::to(ToRouting, db.clone(), peers.clone()),
             gate: Gate::new(
                 redis.clone(),
-                db.clone(),
+                store.clone(),
                 Duration::from_secs(1),
                 Duration::from_millis(settings.consumer_lease_ms),
                 settings.replicas,
             ),
-            saves: Batcher::new(store::Saves(db.batch_pool().clone())),
-            intents: Batcher::new(store::Intents(db.batch_pool().clone())),
-            replays: Batcher::new(store::Replays(db.batch_pool().clone())),
+            store,
             upstream: Arc::new(Peered::new(peers.clone())),
             unconfirmed_window: Duration::from_millis(settings.unconfirmed_fallback_ms),
             consumer_lease: Duration::from_millis(settings.consumer_lease_ms),
             detached: TaskTracker::new(),
-            db,
             peers,
         };
         Self {
             engine: Arc::new(engine),
+            db,
             key,
             redis,
             api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
@@ -132,7 +138,7 @@ impl Service {
         let (fallbacks, sweeper) = (engine.clone(), engine.clone());
         Component::new(HandoffServiceServer::new(self.clone()))
             .with_http(rest::router(self.clone()))
-            .with_probe(engine.db.probe())
+            .with_probe(self.db.probe())
             .with_optional_probe(self.redis.probe())
             .with_detached(engine.detached.clone())
             .with_task(move |shutdown| relay.run(shutdown))

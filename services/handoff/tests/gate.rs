@@ -3,7 +3,10 @@
 
 use std::time::Duration;
 
-use c2m_handoff::gate::{Ask, Decision, Gate, Passage};
+use c2m_handoff::{
+    gate::{Ask, Decision, Gate, Passage},
+    store::PgHandoffStore,
+};
 use c2m_storage::{RedisHandle, RedisSettings, ServiceDb};
 use c2m_test_support::{RedisServer, TestDatabase, TestRedis};
 
@@ -31,7 +34,7 @@ impl Rng {
 fn gate(settings: &RedisSettings, db: &ServiceDb) -> Gate {
     Gate::new(
         RedisHandle::new(settings).expect("redis url"),
-        db.clone(),
+        std::sync::Arc::new(PgHandoffStore::new(db.clone())),
         WINDOW,
         Duration::from_secs(10),
         1,

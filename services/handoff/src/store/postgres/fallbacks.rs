@@ -1,5 +1,5 @@
-//! The pending fallbacks' statements. A round claims due rows by moving their next look past a
-//! lease (no transaction or lock is held while it calls the gateway), then records what each
+//! The pending fallbacks' statements. A round claims due rows for a lease (`claimed_until`; no
+//! transaction or lock is held while it calls the gateway), then records what each
 //! came to in a short transaction of its own, which checks that the row is still the one it
 //! claimed: a replica that took it over after the lease ran out, or a crash between the send and
 //! the record, leaves one outcome, and the next channel's message ids stay the same
@@ -7,37 +7,22 @@
 
 use std::time::Duration;
 
-use c2m_proto::v1::{self as pb};
 use c2m_storage::outbox;
-use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool};
 
-use super::{StoredHandoff, enqueue_deflection, load_for_update, update_delivery};
-
-/// A pending fallback that is due to be looked at.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct Due {
-    pub handoff_id: String,
-    pub account_id: String,
-    /// The message on its way.
-    pub message_id: String,
-    /// The steps still to try (`encode_steps`).
-    pub remaining: serde_json::Value,
-    /// Past it an undelivered message counts as failed.
-    pub deadline: Option<DateTime<Utc>>,
-    /// The configuration's delivery deadline, for the next channel's message.
-    pub window_seconds: Option<i32>,
-    /// The send went unanswered: past this, with no report from the provider, the next channel.
-    pub confirm_by: Option<DateTime<Utc>>,
-    pub watched_since: DateTime<Utc>,
-}
+use super::{Due, Fell, enqueue_deflection, load_for_update, update_delivery};
 
 /// Takes up to `limit` due fallbacks for `lease`: no other round looks at them until it ends
 /// (or this one reschedules them).
-pub async fn claim(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<Due>, sqlx::Error> {
+pub(super) async fn claim(
+    pool: &PgPool,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<Due>, sqlx::Error> {
     sqlx::query_as(
-        "UPDATE fallbacks f SET next_check = now() + make_interval(secs => $2) \
+        "UPDATE fallbacks f SET claimed_until = now() + make_interval(secs => $2) \
          FROM (SELECT handoff_id FROM fallbacks WHERE next_check <= now() \
+                   AND (claimed_until IS NULL OR claimed_until <= now()) \
                ORDER BY next_check LIMIT $1 FOR UPDATE SKIP LOCKED) due \
          WHERE f.handoff_id = due.handoff_id \
          RETURNING f.handoff_id, f.account_id, f.message_id, f.remaining, f.deadline, \
@@ -50,7 +35,7 @@ pub async fn claim(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<Due
 }
 
 /// Stops watching these handoffs' messages.
-pub async fn drop(pool: &PgPool, handoff_ids: &[String]) -> Result<(), sqlx::Error> {
+pub(super) async fn drop(pool: &PgPool, handoff_ids: &[String]) -> Result<(), sqlx::Error> {
     if !handoff_ids.is_empty() {
         sqlx::query("DELETE FROM fallbacks WHERE handoff_id = ANY($1)")
             .bind(handoff_ids)
@@ -62,10 +47,10 @@ pub async fn drop(pool: &PgPool, handoff_ids: &[String]) -> Result<(), sqlx::Err
 
 /// Looks at these again after a pause that grows with the time watched (a tenth of it, from
 /// 200 ms to 5 s), never past the deadline or the confirmation's, so those still act on time.
-pub async fn wait(pool: &PgPool, handoff_ids: &[String]) -> Result<(), sqlx::Error> {
+pub(super) async fn wait(pool: &PgPool, handoff_ids: &[String]) -> Result<(), sqlx::Error> {
     if !handoff_ids.is_empty() {
         sqlx::query(
-            "UPDATE fallbacks SET next_check = least( \
+            "UPDATE fallbacks SET claimed_until = NULL, next_check = least( \
              now() + least(greatest((now() - watched_since) / 10, \
                  interval '200 milliseconds'), interval '5 seconds'), \
              deadline, confirm_by) \
@@ -79,9 +64,14 @@ pub async fn wait(pool: &PgPool, handoff_ids: &[String]) -> Result<(), sqlx::Err
 }
 
 /// Looks at one again in `after`.
-pub async fn retry_in(pool: &PgPool, handoff_id: &str, after: Duration) -> Result<(), sqlx::Error> {
+pub(super) async fn retry_in(
+    pool: &PgPool,
+    handoff_id: &str,
+    after: Duration,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE fallbacks SET next_check = now() + make_interval(secs => $2) WHERE handoff_id = $1",
+        "UPDATE fallbacks SET claimed_until = NULL, next_check = now() + make_interval(secs => $2) \
+         WHERE handoff_id = $1",
     )
     .bind(handoff_id)
     .bind(after.as_secs_f64())
@@ -92,7 +82,7 @@ pub async fn retry_in(pool: &PgPool, handoff_id: &str, after: Duration) -> Resul
 
 /// Marks the attempt that sent `message_id`, which its provider never answered, as sent: the
 /// provider has since reported on it (`provider_message_id`); the fallback stops waiting for that.
-pub async fn confirm(
+pub(super) async fn confirm(
     pool: &PgPool,
     handoff_id: &str,
     message_id: &str,
@@ -117,35 +107,10 @@ pub async fn confirm(
     tx.commit().await
 }
 
-/// What a fallback's send came to, to be recorded.
-#[derive(Debug)]
-pub struct Fell {
-    /// The fallback as it was claimed.
-    pub due: Due,
-    /// How many attempts the handoff had when the send began (the next channel's message ids
-    /// follow on from them).
-    pub attempts_before: usize,
-    /// The handoff as it is to be written, given that nothing changed it meanwhile.
-    pub handoff: StoredHandoff,
-    pub events: Vec<pb::Event>,
-    pub deflection: Option<pb::Deflection>,
-    /// What to watch next, when channels remain: the message, the steps left, when to give up
-    /// on it, and until when its provider has to confirm it.
-    pub next: Option<Next>,
-}
-
-/// The next message a fallback watches.
-#[derive(Debug)]
-pub struct Next {
-    pub message_id: String,
-    pub remaining: serde_json::Value,
-    pub confirm_by: Option<DateTime<Utc>>,
-}
-
 /// Records a fallback's send in one transaction, unless another round recorded it first (the row
 /// watches another message now, or is gone, or the handoff has other attempts): then nothing is
 /// written, and `false` says so.
-pub async fn record(pool: &PgPool, fell: &Fell) -> Result<bool, sqlx::Error> {
+pub(super) async fn record(pool: &PgPool, fell: &Fell) -> Result<bool, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let watching: Option<String> =
         sqlx::query_scalar("SELECT message_id FROM fallbacks WHERE handoff_id = $1 FOR UPDATE")
@@ -172,7 +137,7 @@ async fn write(tx: &mut PgConnection, fell: &Fell) -> Result<(), sqlx::Error> {
     match &fell.next {
         Some(next) => {
             sqlx::query(
-                "UPDATE fallbacks SET message_id = $2, remaining = $3, \
+                "UPDATE fallbacks SET claimed_until = NULL, message_id = $2, remaining = $3, \
                  deadline = now() + make_interval(secs => $4), confirm_by = $5, \
                  next_check = now(), watched_since = now() WHERE handoff_id = $1",
             )
@@ -196,7 +161,7 @@ async fn write(tx: &mut PgConnection, fell: &Fell) -> Result<(), sqlx::Error> {
 
 /// Deletes consumer leases that expired a minute ago or more: a row per consumer deflected, kept
 /// only while it holds them.
-pub async fn prune_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
+pub(super) async fn prune_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
     Ok(
         sqlx::query("DELETE FROM consumer_leases WHERE until < now() - interval '1 minute'")
             .execute(pool)
@@ -207,7 +172,7 @@ pub async fn prune_leases(pool: &PgPool) -> Result<u64, sqlx::Error> {
 
 #[cfg(test)]
 mod tests {
-    use c2m_proto::v1::{FunnelStage, HandoffStatus};
+    use c2m_proto::v1::{self as pb, FunnelStage, HandoffStatus};
     use c2m_storage::batch::Statement;
     use c2m_test_support::TestDatabase;
 
