@@ -27,19 +27,6 @@ use crate::{
 /// How often the table is looked at for due fallbacks.
 const POLL: Duration = Duration::from_millis(200);
 
-/// Steps as stored in `fallbacks.remaining`.
-pub fn encode_steps(steps: &[Step]) -> serde_json::Value {
-    serde_json::to_value(steps).unwrap_or_default()
-}
-
-/// The steps `encode_steps` stored; none when they cannot be read.
-fn decode_steps(value: &serde_json::Value) -> Vec<Step> {
-    serde_json::from_value(value.clone()).unwrap_or_else(|error| {
-        tracing::error!(%error, "a pending fallback's steps cannot be read");
-        Vec::new()
-    })
-}
-
 /// How many due fallbacks one round takes.
 const ROUND: i64 = 100;
 
@@ -153,9 +140,10 @@ impl Engine {
                 handoff_config_id: &h.handoff_config_id,
                 skill_id: &h.skill_id,
             };
-            let steps = decode_steps(&row.remaining);
+            let steps = Step::decode_all(&row.remaining);
             async move {
-                self.send(&to, &steps, h.attempts.len(), Sends::Allowed)
+                self.sender
+                    .send(&to, &steps, h.attempts.len(), Sends::Allowed)
                     .await
             }
         }))
@@ -250,7 +238,7 @@ impl Engine {
                 vec![event(&handoff, FunnelStage::Failed, channel, code)]
             }
         };
-        let steps = decode_steps(&due.remaining);
+        let steps = Step::decode_all(&due.remaining);
         let rest = &steps[used.min(steps.len())..];
         // A push reports neither delivery nor failure: nothing left to watch once one is sent.
         let watchable = matches!(&sent, Some((channel, _)) if *channel != Channel::AppMessaging);
@@ -259,8 +247,8 @@ impl Engine {
             .flatten()
             .map(|last| Next {
                 message_id: last.message_id.clone(),
-                remaining: encode_steps(rest),
-                confirm_by: self.confirm_by(last, Utc::now()),
+                remaining: Step::encode_all(rest),
+                confirm_by: self.sender.confirm_by(last, Utc::now()),
             });
         Fell {
             due,

@@ -38,6 +38,7 @@ use crate::{
     deflections::ToRouting,
     engine::Engine,
     gate::Gate,
+    send::Sender,
     store::{HandoffStore, PgHandoffStore},
     upstream::Peered,
 };
@@ -111,7 +112,10 @@ impl Service {
             ),
             store,
             upstream: Arc::new(Peered::new(peers.clone())),
-            unconfirmed_window: Duration::from_millis(settings.unconfirmed_fallback_ms),
+            sender: Sender {
+                peers: peers.clone(),
+                unconfirmed_window: Duration::from_millis(settings.unconfirmed_fallback_ms),
+            },
             consumer_lease: Duration::from_millis(settings.consumer_lease_ms),
             detached: TaskTracker::new(),
             peers,

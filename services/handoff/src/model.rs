@@ -82,6 +82,19 @@ pub struct Step {
 }
 
 impl Step {
+    /// Steps as stored with a pending fallback (`fallbacks.remaining`).
+    pub fn encode_all(steps: &[Step]) -> serde_json::Value {
+        serde_json::to_value(steps).unwrap_or_default()
+    }
+
+    /// The steps `encode_all` stored; none when they cannot be read.
+    pub fn decode_all(value: &serde_json::Value) -> Vec<Step> {
+        serde_json::from_value(value.clone()).unwrap_or_else(|error| {
+            tracing::error!(%error, "a pending fallback's steps cannot be read");
+            Vec::new()
+        })
+    }
+
     /// Text alone on `channel`.
     pub fn text(channel: Channel, text: String) -> Self {
         Self {

@@ -6,11 +6,22 @@ use c2m_storage::outbox;
 use chrono::Utc;
 use tonic::Status;
 
+use std::time::Duration;
+
+use c2m_runtime::peers::Peers;
+
 use crate::{
-    engine::Engine,
     model::Step,
     store::{Attempt, StoredHandoff},
 };
+
+/// Sends a handoff's messages through the channel gateway.
+pub(crate) struct Sender {
+    pub peers: Peers,
+    /// `unconfirmed_fallback_ms`: how long a send its provider never answered waits for the
+    /// provider's first report before the next channel is tried.
+    pub unconfirmed_window: Duration,
+}
 
 /// Who a handoff's messages go to, and what they belong to.
 #[derive(Debug, Clone, Copy)]
@@ -81,7 +92,7 @@ fn interrupts(status: &Status) -> bool {
     )
 }
 
-impl Engine {
+impl Sender {
     /// Sends along `steps` until a channel takes the message; attempts are numbered on from
     /// `earlier` (the attempts the handoff already made). Message ids are the handoff's own
     /// (`<handoff>-<n>`), and the gateway never sends an id twice: a retry that sends the same

@@ -616,7 +616,7 @@ pub(crate) mod tests {
                 account_id: "acme".into(),
                 handoff_id: handoff_id.into(),
                 consumer_phone: handoff.consumer_phone.clone(),
-                channel: Channel::Sms as i32,
+                channel: Channel::Sms.into(),
                 skill_id: handoff.skill_id.clone(),
                 ..Default::default()
             }),

@@ -1,27 +1,29 @@
 //! The handoff pipeline, in the order it runs: the gate (idempotency, the consumer's lease, the
 //! account's rate limit) → the context and the plan (`context.rs`, `plan.rs`) → the handoff
-//! written in progress → the send (`send.rs`) → its outcome written over it, with its events, its
-//! pending fallback and its deflection for Routing. Everything a retry, a crash or a second
-//! replica can do to it ends in one outcome and one message.
+//! written in progress → the send (`send.rs`) → its outcome written over it (`record.rs`), with
+//! its events, its pending fallback and its deflection for Routing. Everything a retry, a crash
+//! or a second replica can do to it ends in one outcome and one message.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+mod lookup;
+mod record;
+
+use record::outcome_stage;
+
+use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::{self as pb, Channel, FunnelStage, HandoffStatus};
-use c2m_runtime::{TaskTracker, ids, mask_phone, peers::Peers};
+use c2m_runtime::{TaskTracker, ids, peers::Peers};
 use c2m_storage::outbox::Relay;
 use chrono::Utc;
 
 use crate::{
     deflections::ToRouting,
     error::Error,
-    gate::{self, Ask, Gate, Passage},
-    model::Decision,
+    gate::{Ask, Gate, Passage},
+    model::{Decision, Step},
     request::Deflection,
-    send::{Recipient, Sending, Sends, event},
-    store::{Fallback, HandoffStore, Intended, Intent, Save, Saved, StoredHandoff},
+    send::{Recipient, Sender, Sending, Sends, event},
+    store::{Fallback, HandoffStore, Intended, Intent, StoredHandoff},
     upstream::Upstream,
 };
 
@@ -35,8 +37,7 @@ pub struct Engine {
     pub(crate) relay: Relay,
     pub(crate) deflections: Relay<ToRouting>,
     pub(crate) gate: Gate,
-    /// `unconfirmed_fallback_ms`.
-    pub(crate) unconfirmed_window: Duration,
+    pub(crate) sender: Sender,
     /// `consumer_lease_ms`.
     pub(crate) consumer_lease: Duration,
     /// Handoffs running on after their IVR stopped waiting; a shutdown lets them finish.
@@ -79,20 +80,6 @@ enum Gated {
     ConsumerBusy(String),
     /// Over the limit until a slot frees.
     Limited(Duration),
-}
-
-fn outcome_stage(status: HandoffStatus) -> FunnelStage {
-    match status {
-        HandoffStatus::Sent => FunnelStage::Sent,
-        HandoffStatus::SkippedOpenConversation => FunnelStage::SkippedOpenConversation,
-        HandoffStatus::RejectedLandline => FunnelStage::RejectedLandline,
-        HandoffStatus::RejectedOptedOut => FunnelStage::RejectedOptedOut,
-        HandoffStatus::NoEligibleChannel => FunnelStage::NoEligibleChannel,
-        HandoffStatus::SkippedRecentHandoff => FunnelStage::SkippedRecentHandoff,
-        HandoffStatus::Failed | HandoffStatus::InProgress | HandoffStatus::Unspecified => {
-            FunnelStage::Failed
-        }
-    }
 }
 
 impl Engine {
@@ -342,7 +329,7 @@ impl Engine {
                     handoff_config_id: &d.handoff_config_id,
                     skill_id: &decision.skill_id,
                 };
-                match self.send(&to, &decision.plan, 0, sends).await {
+                match self.sender.send(&to, &decision.plan, 0, sends).await {
                     Sending::Interrupted { status } => {
                         return Err(Error::Unfinished {
                             handoff_id: handoff.handoff_id,
@@ -400,12 +387,14 @@ impl Engine {
             let last = handoff.attempts.last()?;
             (!rest.is_empty()).then(|| Fallback {
                 message_id: last.message_id.clone(),
-                remaining: crate::fallback::encode_steps(rest),
+                remaining: Step::encode_all(rest),
                 deadline: deadline
                     .and_then(|d| chrono::Duration::from_std(d).ok())
                     .map(|d| now + d),
-                window_seconds: decision.delivery_deadline.map(|d| d.as_secs() as i32),
-                confirm_by: self.confirm_by(last, now),
+                window_seconds: decision
+                    .delivery_deadline
+                    .map(|d| i32::try_from(d.as_secs()).unwrap_or(i32::MAX)),
+                confirm_by: self.sender.confirm_by(last, now),
             })
         });
         // What Routing must know to open the conversation when the consumer replies: committed
@@ -424,178 +413,5 @@ impl Engine {
         });
         self.commit(handoff, key, events.into(), fallback, deflection, intended)
             .await
-    }
-
-    /// Another handoff holds the consumer's lease: record this one as skipped, pointing at it.
-    /// `existing`: when this handoff was first written, if it was (in progress).
-    async fn skip_recent(
-        &self,
-        d: &Deflection,
-        handoff_id: String,
-        holder: String,
-        idempotency: (&str, &[u8]),
-        existing: Option<chrono::DateTime<Utc>>,
-    ) -> Result<StoredHandoff, Error> {
-        let config = self
-            .upstream
-            .handoff_config(&d.account_id, &d.handoff_config_id)
-            .await?;
-        let channel = config.channel_priority.first().copied().unwrap_or_default();
-        let handoff = StoredHandoff {
-            handoff_id,
-            account_id: d.account_id.clone(),
-            handoff_config_id: d.handoff_config_id.clone(),
-            consumer_phone: d.consumer_phone.clone(),
-            status: HandoffStatus::SkippedRecentHandoff,
-            channel: None,
-            skill_id: d
-                .override_skill_id
-                .clone()
-                .unwrap_or_else(|| config.skill_id.clone()),
-            ivr_call_id: d.ivr_call_id.clone(),
-            ivr_number: d.ivr_number.clone(),
-            attempts: Vec::new(),
-            duplicate_of: Some(holder),
-            created_at: existing.unwrap_or_else(Utc::now),
-        };
-        let events = [
-            event(&handoff, FunnelStage::Attempted, channel, String::new()),
-            event(
-                &handoff,
-                FunnelStage::SkippedRecentHandoff,
-                channel,
-                String::new(),
-            ),
-        ];
-        self.commit(
-            handoff,
-            idempotency,
-            events.into(),
-            None,
-            None,
-            existing.is_some(),
-        )
-        .await
-    }
-
-    /// The handoff that holds this idempotency key, after this request lost it to another: as
-    /// it is once finished, or "retry" while it is still under way.
-    async fn raced(&self, account_id: &str, key: &str) -> Result<StoredHandoff, Error> {
-        match self.store.replay(account_id, key).await? {
-            Some((_, winner)) if winner.status != HandoffStatus::InProgress => Ok(winner),
-            Some((_, winner)) => Err(Error::InProgress {
-                handoff_id: Some(winner.handoff_id),
-                retry_after: Duration::from_millis(200),
-            }),
-            None => Err(Error::InProgress {
-                handoff_id: None,
-                retry_after: Duration::from_millis(200),
-            }),
-        }
-    }
-
-    /// Writes the handoff with its idempotency record, events, fallback and deflection; a twin
-    /// that committed (or finished it) first wins. `intended`: its row was written before it
-    /// sent. A handoff that sent nothing gives its consumer back.
-    async fn commit(
-        &self,
-        handoff: StoredHandoff,
-        idempotency: (&str, &[u8]),
-        events: Vec<pb::Event>,
-        fallback: Option<Fallback>,
-        deflection: Option<pb::Deflection>,
-        intended: bool,
-    ) -> Result<StoredHandoff, Error> {
-        let deflected = deflection.is_some();
-        let messaged = handoff.status == HandoffStatus::Sent;
-        let save = Arc::new(Save {
-            handoff: handoff.clone(),
-            idempotency_key: idempotency.0.to_owned(),
-            fingerprint: idempotency.1.to_vec(),
-            events,
-            fallback,
-            deflection,
-            intended,
-            release_consumer: !messaged,
-        });
-        // A handoff that sent a message must be recorded: without its record, the IVR's retry
-        // would not know what was sent. While PostgreSQL refuses (restarting, failing over), the
-        // save is offered again for a while; the IVR may stop waiting meanwhile, and its retry
-        // finds the handoff once it is saved (or, if it was written before it sent, finishes it).
-        let saved = self
-            .store
-            .save(save, Instant::now() + gate::CLAIM_TTL)
-            .await?;
-        match saved {
-            Saved::Saved => {
-                self.relay.wake();
-                if deflected {
-                    self.deflections.wake();
-                }
-                if !messaged {
-                    // Only a message holds the consumer: the next call for them may deflect.
-                    self.gate
-                        .release_lease(
-                            &handoff.account_id,
-                            &handoff.consumer_phone,
-                            &handoff.handoff_id,
-                        )
-                        .await;
-                }
-                tracing::info!(
-                    account_id = %handoff.account_id,
-                    handoff_id = %handoff.handoff_id,
-                    consumer = %mask_phone(&handoff.consumer_phone),
-                    status = handoff.status.as_str_name(),
-                    channel = handoff.channel.map_or("", |c| c.as_str_name()),
-                    "handoff"
-                );
-                Ok(handoff)
-            }
-            Saved::Raced => self.raced(&handoff.account_id, idempotency.0).await,
-        }
-    }
-
-    /// A handoff as GetHandoff answers it, with its message's delivery so far.
-    pub(crate) async fn get(
-        &self,
-        account_id: &str,
-        handoff_id: &str,
-    ) -> Result<pb::Handoff, Error> {
-        let handoff = self
-            .store
-            .load(account_id, handoff_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(handoff_id.to_owned()))?;
-        let progress = self.progress(&handoff).await;
-        Ok(handoff.to_wire(progress))
-    }
-
-    async fn progress(&self, handoff: &StoredHandoff) -> Option<pb::DeliveryProgress> {
-        let message_id = handoff.sent_message_id()?;
-        let message = self
-            .peers
-            .channel_gateway()
-            .get_message(pb::GetMessageRequest {
-                account_id: handoff.account_id.clone(),
-                message_id: message_id.to_owned(),
-            })
-            .await
-            .ok()?
-            .into_inner()
-            .message?;
-        Some(pb::DeliveryProgress {
-            sent_at: message.sent_at,
-            delivered_at: message.delivered_at,
-            read_at: message.read_at,
-            stage: message.stage,
-            failed_at: if message.stage() == FunnelStage::Failed {
-                message.updated_at
-            } else {
-                None
-            },
-            // The reply reaches Routing, not the gateway: Reporting's ListTransactions has it.
-            responded_at: None,
-        })
     }
 }
