@@ -4,9 +4,10 @@
 use std::collections::BTreeMap;
 
 use c2m_proto::v1::{self as pb, Channel};
-use c2m_runtime::{is_e164, status::FieldViolations};
+use c2m_runtime::{E164, is_e164, status::FieldViolations};
 use sha2::{Digest, Sha256};
-use tonic::Status;
+
+use crate::error::Error;
 
 /// The most characters an override message may have (SMS only).
 pub const MAX_OVERRIDE: usize = 1600;
@@ -15,7 +16,7 @@ pub const MAX_OVERRIDE: usize = 1600;
 pub struct Deflection {
     pub account_id: String,
     pub handoff_config_id: String,
-    pub consumer_phone: String,
+    pub consumer_phone: E164,
     pub engagement_attributes: pb::EngagementAttributes,
     pub template_variables: BTreeMap<String, String>,
     pub override_channel: Option<Channel>,
@@ -147,7 +148,7 @@ fn nonempty(s: &str) -> Option<String> {
 
 #[allow(clippy::too_many_arguments)]
 fn validate(
-    violations: &mut FieldViolations,
+    mut violations: FieldViolations,
     account_id: &str,
     handoff_config_id: &str,
     consumer_phone: &str,
@@ -159,19 +160,17 @@ fn validate(
     ivr_call_id: &str,
     ivr_number: &str,
     consumer_id: &str,
-) -> Deflection {
+) -> Result<Deflection, FieldViolations> {
+    let violations = &mut violations;
     if account_id.is_empty() {
         violations.add("account_id", "required");
     }
     if handoff_config_id.is_empty() {
         violations.add("handoff_config_id", "required");
     }
-    if !is_e164(consumer_phone) {
-        violations.add(
-            "consumer_phone",
-            "an E.164 number: +, country code and number, 8 to 15 digits (e.g. +14155550123)",
-        );
-    }
+    let phone = E164::parse(consumer_phone)
+        .map_err(|expected| violations.add("consumer_phone", expected))
+        .ok();
     if !ivr_number.is_empty() && !is_e164(ivr_number) {
         violations.add("ivr_number", "an E.164 number when given");
     }
@@ -228,10 +227,14 @@ fn validate(
     if ivr_call_id.len() > 128 {
         violations.add("ivr_call_id", "at most 128 characters");
     }
-    Deflection {
+    let phone = match phone {
+        Some(phone) if violations.is_empty() => phone,
+        _ => return Err(std::mem::take(violations)),
+    };
+    Ok(Deflection {
         account_id: account_id.to_owned(),
         handoff_config_id: handoff_config_id.to_owned(),
-        consumer_phone: consumer_phone.to_owned(),
+        consumer_phone: phone,
         engagement_attributes: attributes,
         template_variables: template_variables
             .iter()
@@ -244,18 +247,18 @@ fn validate(
         ivr_number: ivr_number.to_owned(),
         consumer_id: consumer_id.to_owned(),
         request: Vec::new(),
-    }
+    })
 }
 
 impl Deflection {
     /// The request and its idempotency key.
-    pub fn from_create(r: &pb::CreateHandoffRequest) -> Result<(Self, String), Status> {
+    pub fn from_create(r: &pb::CreateHandoffRequest) -> Result<(Self, String), Error> {
         let mut violations = FieldViolations::new();
         if r.idempotency_key.is_empty() || r.idempotency_key.len() > 128 {
             violations.add("idempotency_key", "required, at most 128 characters");
         }
         let deflection = validate(
-            &mut violations,
+            violations,
             &r.account_id,
             &r.handoff_config_id,
             &r.consumer_phone,
@@ -267,8 +270,7 @@ impl Deflection {
             &r.ivr_call_id,
             &r.ivr_number,
             &r.consumer_id,
-        );
-        violations.into_result()?;
+        )?;
         let deflection = Deflection {
             request: prost::Message::encode_to_vec(r),
             ..deflection
@@ -276,10 +278,10 @@ impl Deflection {
         Ok((deflection, r.idempotency_key.clone()))
     }
 
-    pub fn from_check(r: &pb::CheckEligibilityRequest) -> Result<Self, Status> {
-        let mut violations = FieldViolations::new();
+    pub fn from_check(r: &pb::CheckEligibilityRequest) -> Result<Self, Error> {
+        let violations = FieldViolations::new();
         let deflection = validate(
-            &mut violations,
+            violations,
             &r.account_id,
             &r.handoff_config_id,
             &r.consumer_phone,
@@ -291,8 +293,7 @@ impl Deflection {
             "",
             &r.ivr_number,
             &r.consumer_id,
-        );
-        violations.into_result()?;
+        )?;
         Ok(deflection)
     }
 

@@ -23,7 +23,7 @@ pub mod telemetry;
 mod trace_layer;
 
 pub use health::{Probe, ProbeFuture};
-pub use phone::{is_e164, mask_phone};
+pub use phone::{E164, is_e164, mask_phone};
 pub use server::{Component, ServeError};
 pub use settings::{LogFormat, ServerSettings, TelemetrySettings};
 pub use tokio_util::{sync::CancellationToken, task::TaskTracker};

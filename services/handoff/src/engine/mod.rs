@@ -99,7 +99,7 @@ impl Engine {
                 let differing: Vec<&str> = [
                     (
                         "consumer_phone",
-                        existing.consumer_phone == d.consumer_phone,
+                        d.consumer_phone == existing.consumer_phone,
                     ),
                     (
                         "handoff_config_id",
@@ -280,7 +280,7 @@ impl Engine {
             handoff_id,
             account_id: d.account_id.clone(),
             handoff_config_id: d.handoff_config_id.clone(),
-            consumer_phone: d.consumer_phone.clone(),
+            consumer_phone: d.consumer_phone.to_string(),
             status: HandoffStatus::InProgress,
             channel: None,
             skill_id: decision.skill_id.clone(),
@@ -402,7 +402,7 @@ impl Engine {
         let deflection = sent.as_ref().map(|(channel, text)| pb::Deflection {
             account_id: d.account_id.clone(),
             handoff_id: handoff.handoff_id.clone(),
-            consumer_phone: d.consumer_phone.clone(),
+            consumer_phone: d.consumer_phone.to_string(),
             channel: (*channel).into(),
             skill_id: decision.skill_id.clone(),
             first_message: text.clone(),

@@ -53,7 +53,7 @@ impl Engine {
             handoff_id,
             account_id: d.account_id.clone(),
             handoff_config_id: d.handoff_config_id.clone(),
-            consumer_phone: d.consumer_phone.clone(),
+            consumer_phone: d.consumer_phone.to_string(),
             status: HandoffStatus::SkippedRecentHandoff,
             channel: None,
             skill_id: d

@@ -17,7 +17,7 @@ fn deflection() -> Deflection {
     Deflection {
         account_id: "acme".into(),
         handoff_config_id: "billing".into(),
-        consumer_phone: "+14155550123".into(),
+        consumer_phone: c2m_runtime::E164::parse("+14155550123").unwrap(),
         engagement_attributes: Default::default(),
         template_variables: BTreeMap::from([("first_name".to_owned(), "Ada".to_owned())]),
         override_channel: None,
