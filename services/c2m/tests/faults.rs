@@ -5,158 +5,16 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use base64::{Engine, engine::general_purpose::STANDARD};
 use c2m_proto::v1::{
-    self as pb, AttemptOutcome, HandoffStatus,
-    channel_gateway_service_client::ChannelGatewayServiceClient,
-    config_service_client::ConfigServiceClient, handoff_service_client::HandoffServiceClient,
-    put_provider_credentials_request::Credentials,
+    self as pb, AttemptOutcome, HandoffStatus, handoff_service_client::HandoffServiceClient,
 };
-use c2m_runtime::auth::{Role, TokenKey};
 use c2m_test_support::{TestDatabase, TestRedis, TwilioEmulator, eventually};
-use support::dev::Dev;
+use support::{
+    acme::{authed, environment, onboard, onboard_on, request, start},
+    dev::Mesh,
+};
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
-
-const SECRET: &str = "fault-secret-fault-secret-fault-secret-01";
-const TWILIO_SID: &str = "AC0123456789abcdef0123456789abcdef";
-const TWILIO_TOKEN: &str = "twilio-auth-token-for-faults";
-
-fn authed<T>(message: T, credential: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {credential}").parse().expect("ascii"),
-    );
-    request
-}
-
-fn token(role: Role, account_id: Option<&str>) -> String {
-    TokenKey::new(SECRET.as_bytes()).user_token(
-        "tester",
-        role,
-        account_id,
-        Duration::from_secs(3600),
-    )
-}
-
-/// The environment every `c2m dev` of a test shares: its secrets and its provider.
-fn environment(twilio: &TwilioEmulator) -> Vec<(&'static str, String)> {
-    vec![
-        ("C2M_AUTH__TOKEN_SECRET", SECRET.to_owned()),
-        (
-            "C2M_CHANNEL_GATEWAY__CREDENTIALS_KEY",
-            STANDARD.encode([7u8; 32]),
-        ),
-        (
-            "C2M_CHANNEL_GATEWAY__TWILIO_API_BASE",
-            twilio.base_url().to_owned(),
-        ),
-        (
-            "C2M_CHANNEL_GATEWAY__TWILIO_LOOKUP_BASE",
-            twilio.base_url().to_owned(),
-        ),
-        // A send unanswered for a second is given up by the gateway (its claim soon after).
-        (
-            "C2M_CHANNEL_GATEWAY__PROVIDER_TIMEOUT_MS",
-            "1000".to_owned(),
-        ),
-    ]
-}
-
-async fn start(db: &TestDatabase, redis: &TestRedis, env: &[(&'static str, String)]) -> Dev {
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    Dev::start(db, redis, &env).await
-}
-
-/// acme with deflection on, an SMS configuration `billing` and Twilio credentials; its API key.
-async fn onboard(channel: &Channel, twilio: &TwilioEmulator) -> String {
-    onboard_on(channel, channel, twilio).await
-}
-
-/// [`onboard`], with Config and the gateway on their own servers.
-async fn onboard_on(channel: &Channel, gateway: &Channel, twilio: &TwilioEmulator) -> String {
-    let (operator, admin) = (
-        token(Role::Operator, None),
-        token(Role::Admin, Some("acme")),
-    );
-    let mut config = ConfigServiceClient::new(channel.clone());
-    config
-        .create_account(authed(
-            pb::CreateAccountRequest {
-                account_id: "acme".into(),
-                display_name: "Acme".into(),
-                settings: Some(pb::AccountSettings {
-                    deflection_enabled: true,
-                    ..Default::default()
-                }),
-            },
-            &operator,
-        ))
-        .await
-        .expect("account");
-    let key = config
-        .create_api_key(authed(
-            pb::CreateApiKeyRequest {
-                account_id: "acme".into(),
-                name: "ivr".into(),
-                scopes: Vec::new(),
-            },
-            &admin,
-        ))
-        .await
-        .expect("api key")
-        .into_inner()
-        .plaintext;
-    config
-        .create_handoff_config(authed(
-            pb::CreateHandoffConfigRequest {
-                account_id: "acme".into(),
-                config: Some(pb::HandoffConfig {
-                    handoff_config_id: "billing".into(),
-                    name: "Billing".into(),
-                    skill_id: "billing-agents".into(),
-                    channel_priority: vec![pb::Channel::Sms as i32],
-                    messages: vec![pb::ChannelMessage {
-                        channel: pb::Channel::Sms as i32,
-                        text: "Text us here about your bill.".into(),
-                    }],
-                    ..Default::default()
-                }),
-            },
-            &admin,
-        ))
-        .await
-        .expect("configuration");
-    twilio.add_account(TWILIO_SID, TWILIO_TOKEN);
-    ChannelGatewayServiceClient::new(gateway.clone())
-        .put_provider_credentials(authed(
-            pb::PutProviderCredentialsRequest {
-                account_id: "acme".into(),
-                provider: pb::Provider::Twilio as i32,
-                credentials: Some(Credentials::Twilio(pb::TwilioCredentials {
-                    account_sid: TWILIO_SID.into(),
-                    auth_token: TWILIO_TOKEN.into(),
-                    from_number: "+14155550100".into(),
-                    messaging_service_sid: String::new(),
-                })),
-            },
-            &admin,
-        ))
-        .await
-        .expect("credentials");
-    key
-}
-
-fn request(phone: &str, key: &str) -> pb::CreateHandoffRequest {
-    pb::CreateHandoffRequest {
-        account_id: "acme".into(),
-        handoff_config_id: "billing".into(),
-        consumer_phone: phone.into(),
-        idempotency_key: key.into(),
-        ..Default::default()
-    }
-}
 
 /// The IVR's retries under one key while the answer says "retry", after the delay it carries,
 /// for up to 30 s.
@@ -260,14 +118,6 @@ async fn a_crash_while_the_provider_holds_the_message_does_not_send_it_twice() {
     assert_eq!(twilio.sent().len(), 1, "still one message");
 }
 
-/// A port nothing listens on now, for a server that must keep its address across a restart.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
 /// The five roles as separate processes; the gateway, killed with SIGKILL while Twilio holds a
 /// message it took, is started again on its address. The IVR hears UNAVAILABLE (the handoff is
 /// not finished), not FAILED, and its retry under the same key answers that handoff,
@@ -280,45 +130,8 @@ async fn a_gateway_killed_after_the_provider_took_the_message_does_not_send_it_t
         TestRedis::new().await,
         TwilioEmulator::start().await,
     );
-    let roles = [
-        "handoff",
-        "routing",
-        "channel-gateway",
-        "config",
-        "reporting",
-    ];
-    let addrs: Vec<String> = roles
-        .iter()
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let mut env = environment(&twilio);
-    for (key, addr) in [
-        "C2M_PEERS__HANDOFF",
-        "C2M_PEERS__ROUTING",
-        "C2M_PEERS__CHANNEL_GATEWAY",
-        "C2M_PEERS__CONFIG",
-        "C2M_PEERS__REPORTING",
-    ]
-    .into_iter()
-    .zip(&addrs)
-    {
-        env.push((key, format!("http://{addr}")));
-    }
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let services = [
-        "c2m.v1.HandoffService",
-        "c2m.v1.RoutingService",
-        "c2m.v1.ChannelGatewayService",
-        "c2m.v1.ConfigService",
-        "c2m.v1.ReportingService",
-    ];
-    let mut servers = Vec::new();
-    let mut channels = Vec::new();
-    for ((role, addr), service) in roles.iter().zip(&addrs).zip(services) {
-        let server = Dev::serve(role, addr, &db, &redis, &env).await;
-        channels.push(server.until_serving_only(&[service]).await);
-        servers.push(Some(server));
-    }
+    let mut mesh = Mesh::start(&db, &redis, environment(&twilio)).await;
+    let channels = mesh.channels.clone();
     let (handoff, gateway, config) = (&channels[0], &channels[2], &channels[3]);
     let api_key = onboard_on(config, gateway, &twilio).await;
     let consumer = "+14155550810";
@@ -335,7 +148,7 @@ async fn a_gateway_killed_after_the_provider_took_the_message_does_not_send_it_t
         || async { twilio.sent().len() == 1 },
     )
     .await;
-    servers[2].take().expect("the gateway").kill9().await;
+    mesh.servers[2].take().expect("the gateway").kill9().await;
     let refused = call.await.expect("joins").expect_err("not finished");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert_eq!(
@@ -343,7 +156,7 @@ async fn a_gateway_killed_after_the_provider_took_the_message_does_not_send_it_t
         "HANDOFF_UNFINISHED"
     );
 
-    let gateway = Dev::serve("channel-gateway", &addrs[2], &db, &redis, &env).await;
+    let gateway = mesh.restart(2, &db, &redis).await;
     gateway
         .until_serving_only(&["c2m.v1.ChannelGatewayService"])
         .await;

@@ -107,15 +107,12 @@ impl Tokens {
                 "exp": now + 3600,
             }),
         );
-        let response = http
-            .post(&self.token_url)
-            .form(&[
-                ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
-                ("assertion", assertion.as_str()),
-            ])
-            .send()
-            .await
-            .map_err(|e| failed("unreachable", format!("google oauth unreachable: {e}")))?;
+        let response = crate::retry::call(http.post(&self.token_url).form(&[
+            ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+            ("assertion", assertion.as_str()),
+        ]))
+        .await
+        .map_err(|e| failed("unreachable", format!("google oauth unreachable: {e}")))?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
         if !status.is_success() {

@@ -45,13 +45,13 @@ pub async fn twilio(
         base.trim_end_matches('/'),
         phone.replace('+', "%2B")
     );
-    let response = http
-        .get(&url)
-        .query(&[("Fields", "line_type_intelligence")])
-        .basic_auth(&credentials.account_sid, Some(&credentials.auth_token))
-        .send()
-        .await
-        .map_err(|e| format!("twilio lookup unreachable: {e}"))?;
+    let response = crate::retry::call(
+        http.get(&url)
+            .query(&[("Fields", "line_type_intelligence")])
+            .basic_auth(&credentials.account_sid, Some(&credentials.auth_token)),
+    )
+    .await
+    .map_err(|e| format!("twilio lookup unreachable: {e}"))?;
     let status = response.status();
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     if !status.is_success() {

@@ -60,6 +60,27 @@ pub async fn send(
     .await
 }
 
+/// Sends one request to a provider in a client span of its own, which the request carries
+/// (`traceparent`): the provider call is part of the handoff's trace.
+pub async fn call(request: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+    use tracing::Instrument;
+    let (client, request) = request.build_split();
+    let mut request = request?;
+    let host = request.url().host_str().unwrap_or_default().to_owned();
+    let span = tracing::info_span!(
+        "provider",
+        otel.name = %format!("{} {host}", request.method()),
+        otel.kind = "client",
+        http.request.method = %request.method(),
+        server.address = %host,
+        http.response.status_code = tracing::field::Empty,
+    );
+    c2m_runtime::trace_layer::inject(&span, request.headers_mut());
+    let response = client.execute(request).instrument(span.clone()).await?;
+    span.record("http.response.status_code", response.status().as_u16());
+    Ok(response)
+}
+
 /// Like [`send`], for a provider that also says when another status is safe to retry (FCM's
 /// 500 and 503; RBM's 5xx, where the `messageId` makes a repeat harmless).
 pub async fn send_while(
@@ -74,7 +95,7 @@ pub async fn send_while(
             let left = deadline.saturating_duration_since(Instant::now());
             request = request.timeout(left.max(Duration::from_millis(1)));
         }
-        let response = request.send().await?;
+        let response = call(request).await?;
         if !retryable(response.status()) || attempt == RETRIES {
             return Ok(response);
         }

@@ -20,7 +20,7 @@ pub mod settings;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
-mod trace_layer;
+pub mod trace_layer;
 
 pub use health::{Probe, ProbeFuture};
 pub use phone::{E164, is_e164, mask_phone};

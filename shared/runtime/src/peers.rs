@@ -69,7 +69,8 @@ const TOKEN_REUSE: Duration = Duration::from_secs(60);
 /// An `authorization` header and when it was minted.
 type Minted = Option<(MetadataValue<Ascii>, Instant)>;
 
-/// Adds this service's token to every outgoing call, minting one a minute rather than one a call.
+/// Adds this service's token to every outgoing call, minting one a minute rather than one a call,
+/// and the caller's trace context, so the callee's span continues its trace.
 #[derive(Debug, Clone)]
 pub struct ServiceAuth {
     key: TokenKey,
@@ -97,6 +98,7 @@ impl Interceptor for ServiceAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let value = self.header()?;
         request.metadata_mut().insert("authorization", value);
+        crate::trace_layer::inject_metadata(&tracing::Span::current(), request.metadata_mut());
         Ok(request)
     }
 }
@@ -176,6 +178,8 @@ impl LocalPeers {
         S::Future: Send + 'static,
     {
         let timeout = self.timeout;
+        // A span per call, as the server gives a call that comes over the network.
+        let service = tower::Layer::layer(&crate::trace_layer::TraceLayer, service);
         let timed = tower::service_fn(move |request| {
             let call = service.clone().oneshot(request);
             async move {

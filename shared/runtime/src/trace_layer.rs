@@ -1,8 +1,11 @@
-//! A span per gRPC request, continuing the caller's W3C trace (`traceparent`) when it sent one.
+//! W3C trace context in both directions: a span per gRPC request, continuing the caller's trace
+//! (`traceparent`) when it sent one, and the current span's context sent on every call out (to
+//! other c2m services by [`crate::peers::Peers`], to providers by the gateway), so a handoff is
+//! one trace from the IVR's call to the provider's.
 
 use std::task::{Context, Poll};
 
-use opentelemetry::propagation::Extractor;
+use opentelemetry::propagation::{Extractor, Injector};
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -67,5 +70,42 @@ impl Extractor for Headers<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Writes `span`'s trace context (`traceparent`, `tracestate`) into `headers`. Nothing when no
+/// OpenTelemetry layer is installed (the context is empty).
+pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    let context = span.context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut HeadersMut(headers))
+    });
+}
+
+struct HeadersMut<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeadersMut<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// The same for gRPC metadata.
+pub fn inject_metadata(span: &tracing::Span, metadata: &mut tonic::metadata::MetadataMap) {
+    let mut headers = http::HeaderMap::new();
+    inject(span, &mut headers);
+    for (name, value) in &headers {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes()),
+            value.to_str().map(|v| v.parse()),
+        ) && let Ok(value) = value
+        {
+            metadata.insert(key, value);
+        }
     }
 }

@@ -30,6 +30,8 @@ pub struct SentSms {
     pub form: HashMap<String, String>,
     /// The `MediaUrl` fields, in order (an MMS).
     pub media_urls: Vec<String>,
+    /// The W3C trace context the request carried, if any: which trace the send belongs to.
+    pub traceparent: Option<String>,
 }
 
 impl SentSms {
@@ -222,11 +224,16 @@ fn take_message(
         "error_message": null,
         "uri": format!("/2010-04-01/Accounts/{account_sid}/Messages/{sid}.json"),
     });
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     state.sent.push(SentSms {
         sid,
         account_sid,
         form,
         media_urls,
+        traceparent,
     });
     (StatusCode::CREATED, Json(reply)).into_response()
 }

@@ -179,3 +179,88 @@ impl Dev {
         seen
     }
 }
+
+/// A port nothing listens on now, for a server that must keep its address across a restart.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The five roles as separate `c2m serve` processes, each knowing the others by address.
+pub struct Mesh {
+    /// handoff, routing, channel-gateway, config, reporting: `None` once killed.
+    pub servers: Vec<Option<Dev>>,
+    /// A channel to each, in the same order.
+    pub channels: Vec<Channel>,
+    addrs: Vec<String>,
+    env: Vec<(&'static str, String)>,
+}
+
+const ROLES: [(&str, &str); 5] = [
+    ("handoff", "c2m.v1.HandoffService"),
+    ("routing", "c2m.v1.RoutingService"),
+    ("channel-gateway", "c2m.v1.ChannelGatewayService"),
+    ("config", "c2m.v1.ConfigService"),
+    ("reporting", "c2m.v1.ReportingService"),
+];
+
+impl Mesh {
+    /// Every role started and serving, with `env` besides the peers' addresses.
+    pub async fn start(
+        db: &TestDatabase,
+        redis: &TestRedis,
+        mut env: Vec<(&'static str, String)>,
+    ) -> Self {
+        let addrs: Vec<String> = ROLES
+            .iter()
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
+        for (key, addr) in [
+            "C2M_PEERS__HANDOFF",
+            "C2M_PEERS__ROUTING",
+            "C2M_PEERS__CHANNEL_GATEWAY",
+            "C2M_PEERS__CONFIG",
+            "C2M_PEERS__REPORTING",
+        ]
+        .into_iter()
+        .zip(&addrs)
+        {
+            env.push((key, format!("http://{addr}")));
+        }
+        let mut mesh = Self {
+            servers: Vec::new(),
+            channels: Vec::new(),
+            addrs,
+            env,
+        };
+        for (i, (_, service)) in ROLES.iter().enumerate() {
+            let server = mesh.serve(i, db, redis).await;
+            mesh.channels
+                .push(server.until_serving_only(&[service]).await);
+            mesh.servers.push(Some(server));
+        }
+        mesh
+    }
+
+    async fn serve(&self, i: usize, db: &TestDatabase, redis: &TestRedis) -> Dev {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Dev::serve(ROLES[i].0, &self.addrs[i], db, redis, &env).await
+    }
+
+    /// Role `i` started again on its address (after it was killed).
+    pub async fn restart(&self, i: usize, db: &TestDatabase, redis: &TestRedis) -> Dev {
+        self.serve(i, db, redis).await
+    }
+
+    /// Every role stopped with SIGTERM, each given `deadline` to exit.
+    pub async fn stop(&mut self, deadline: Duration) {
+        for server in self.servers.iter_mut().flatten() {
+            server.sigterm();
+        }
+        for server in self.servers.iter_mut().flatten() {
+            assert_eq!(server.exit_code(deadline).await, Some(0));
+        }
+    }
+}

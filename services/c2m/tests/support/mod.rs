@@ -2,5 +2,6 @@
 
 #![allow(dead_code)]
 
+pub mod acme;
 pub mod dev;
 pub mod otlp;
