@@ -707,7 +707,7 @@ async fn a_handoff_postgresql_refused_to_save_is_saved_once_it_can() {
             story
                 .metric("c2m_handoff_save_retries_total")
                 .await
-                .is_some()
+                .is_some_and(|n| n > 0.0)
         },
     )
     .await;
@@ -872,5 +872,64 @@ async fn a_provider_that_says_too_many_requests_is_retried_after_the_wait_it_ask
     assert_eq!(failed.status, HandoffStatus::Failed as i32);
     assert_eq!(failed.attempts[0].error_code, "20429");
     assert_eq!((story.twilio.requests(), story.twilio.sent().len()), (6, 1));
+    story.stop().await;
+}
+
+/// Providers answer with codes of their own, thousands of them: none becomes a metric label.
+/// Each refusal is counted as `failed` (its code stays on the attempt), and `/metrics` holds no
+/// more series than its labels' fixed values allow, however many codes come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_error_codes_never_become_metric_labels() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    // Twenty codes spread over Twilio's range, one per handoff.
+    let codes: Vec<u32> = (0..20u32).map(|i| 20_000 + (i * 7_919) % 70_000).collect();
+    for (i, code) in codes.iter().enumerate() {
+        story
+            .twilio
+            .refuse_next(400, *code, "a refusal with a code of its own");
+        let phone = format!("+1415555{:04}", 3000 + i);
+        let failed = story
+            .deflect(handoff_request("acme", &phone, &format!("fuzz-{i}")), &key)
+            .await;
+        assert_eq!(failed.status, HandoffStatus::Failed as i32);
+        assert_eq!(failed.attempts[0].error_code, code.to_string());
+    }
+    let text = story.metrics().await;
+    for code in &codes {
+        assert!(
+            !text.contains(&format!("\"{code}\"")),
+            "{code} became a label value: {text}"
+        );
+    }
+    let sends: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("c2m_provider_sends_total{"))
+        .collect();
+    assert!(
+        sends.iter().all(|l| ["accepted", "failed", "unconfirmed"]
+            .iter()
+            .any(|o| l.contains(&format!("outcome=\"{o}\"")))),
+        "{sends:?}"
+    );
+    // Five channels, three outcomes at most.
+    assert!(!sends.is_empty() && sends.len() <= 15, "{sends:?}");
+    let failed: u64 = sends
+        .iter()
+        .filter(|l| l.contains("outcome=\"failed\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(failed >= codes.len() as u64, "{sends:?}");
+    // The RPC layer counted every answer, by method and code.
+    let created: u64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with(
+                "c2m_rpc_requests_total{service=\"c2m.v1.HandoffService\",method=\"CreateHandoff\"",
+            )
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(created >= codes.len() as u64, "{text}");
     story.stop().await;
 }

@@ -774,7 +774,8 @@ impl Story {
             > 0
     }
 
-    /// The value of one series (`name` or `name{labels}`, as `/metrics` prints it), if it has one.
+    /// The value of one series (`name` or `name{labels}`, as `/metrics` prints it), if it has one
+    /// (a counter without labels has one from the start, at 0).
     pub async fn metric(&self, series: &str) -> Option<f64> {
         self.metrics().await.lines().find_map(|line| {
             let value = line.strip_prefix(series)?.strip_prefix(' ')?;

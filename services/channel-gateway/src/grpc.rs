@@ -6,7 +6,8 @@ use c2m_proto::v1::{
 };
 use c2m_runtime::{
     auth::Role,
-    is_e164, mask_phone, metrics,
+    is_e164, mask_phone,
+    metrics::{self, ProviderSendLabels, SendResult},
     status::{self, FieldViolations},
 };
 use c2m_storage::batch::Batcher;
@@ -465,21 +466,17 @@ impl Service {
         {
             tracing::warn!(%status, "opt-out from twilio 21610 not recorded");
         }
-        metrics::inc(
-            "c2m_provider_sends_total",
-            "Messages handed to a provider, by channel and outcome (accepted, or the error code).",
-            &[
-                ("channel", channel.as_str_name()),
-                (
-                    "outcome",
-                    match &outcome {
-                        SendOutcome::Accepted { .. } => "accepted",
-                        SendOutcome::Failed { code, .. } => code,
-                        SendOutcome::Unconfirmed { .. } => "unconfirmed",
-                    },
-                ),
-            ],
-        );
+        metrics::metrics()
+            .provider_sends
+            .get_or_create(&ProviderSendLabels {
+                channel: channel.as_str_name(),
+                outcome: match &outcome {
+                    SendOutcome::Accepted { .. } => SendResult::accepted,
+                    SendOutcome::Failed { .. } => SendResult::failed,
+                    SendOutcome::Unconfirmed { .. } => SendResult::unconfirmed,
+                },
+            })
+            .inc();
         let (stage, provider_id, error_code, error_message) = match outcome {
             SendOutcome::Accepted { sid } => (FunnelStage::Sent, Some(sid), None, None),
             SendOutcome::Failed { code, message } => {
@@ -573,11 +570,7 @@ async fn record_later(records: Batcher<messages::Records>, message: Arc<Outbound
     let recorded = records
         .run_until(message, give_up, |error, _| {
             tracing::debug!(%error, %message_id, "message record refused again");
-            metrics::inc(
-                "c2m_message_record_retries_total",
-                "Records of sent messages PostgreSQL refused, offered again.",
-                &[],
-            );
+            metrics::metrics().message_record_retries.inc();
         })
         .await;
     match recorded {

@@ -4,7 +4,10 @@
 use std::time::Instant;
 
 use c2m_proto::v1::{self as pb, handoff_service_server::HandoffService};
-use c2m_runtime::{auth, metrics};
+use c2m_runtime::{
+    auth,
+    metrics::{self, HandoffLabels},
+};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 use tracing::Instrument;
 
@@ -52,24 +55,20 @@ impl HandoffService for Service {
                 .map_err(Status::from)
         }
         .await;
-        let (status, channel) = match &created {
-            Ok(h) => (
-                h.status.as_str_name().to_owned(),
-                h.channel.map_or("", |c| c.as_str_name()),
-            ),
-            Err(refusal) => (format!("{:?}", refusal.code()), ""),
+        let labels = match &created {
+            Ok(h) => HandoffLabels {
+                status: h.status.as_str_name(),
+                channel: h.channel.map_or("", |c| c.as_str_name()),
+            },
+            Err(refusal) => HandoffLabels {
+                status: metrics::code_name(refusal.code()),
+                channel: "",
+            },
         };
-        metrics::inc(
-            "c2m_handoffs_total",
-            "CreateHandoff answers, by handoff status (or the gRPC code of a refusal) and channel.",
-            &[("status", &status), ("channel", channel)],
-        );
-        metrics::observe(
-            "c2m_handoff_duration_seconds",
-            "How long CreateHandoff took, the caller waiting on the line.",
-            &[],
-            started.elapsed(),
-        );
+        let m = metrics::metrics();
+        m.handoffs.get_or_create(&labels).inc();
+        m.handoff_duration
+            .observe(metrics::seconds(started.elapsed()));
         Ok(Response::new(pb::CreateHandoffResponse {
             handoff: Some(created?.to_wire(None)),
         }))

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod peers;
 pub mod phone;
 pub mod rest;
+mod rpc_metrics;
 pub mod server;
 pub mod settings;
 pub mod shutdown;

@@ -1,13 +1,16 @@
-//! Metrics for operators: a process-wide registry of counters, gauges and histograms with labels,
-//! served in Prometheus' text exposition format at `GET /metrics` on every server's port (HTTP/1.1
-//! is accepted beside gRPC). Small on purpose: the few figures an operator alerts on, no
-//! dependency.
+//! Metrics for operators, served in Prometheus' text format at `GET /metrics` on every server's
+//! port (HTTP/1.1 is accepted beside gRPC).
+//!
+//! Every metric is declared once, here, with its name, help and label set ([`Metrics`]). Label
+//! values are `&'static str` or enums: nothing a request or a provider sends can become a label
+//! value, so each metric has as many series as its labels' values allow and no more.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
-    sync::{Mutex, OnceLock},
-    time::Duration,
+use std::{sync::LazyLock, time::Duration};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
 };
 
 /// Histogram buckets, in seconds: from a millisecond to five seconds.
@@ -15,156 +18,202 @@ const BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-type Labels = Vec<(&'static str, String)>;
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
-#[derive(Debug)]
-struct Family {
-    help: &'static str,
-    kind: Kind,
-    series: BTreeMap<Labels, Series>,
+/// `CreateHandoff`'s answer: a handoff status, or the gRPC code of a refusal.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandoffLabels {
+    pub status: &'static str,
+    pub channel: &'static str,
 }
 
-#[derive(Debug, Clone, Default)]
-struct Series {
-    /// The counter's or gauge's value; the histogram's sum.
-    value: f64,
-    /// Histogram: observations at or under each bucket, and in all.
-    buckets: [u64; BUCKETS.len()],
-    count: u64,
+/// What became of a message handed to a provider.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SendResult {
+    accepted,
+    /// Refused: the provider's own code is on the message record and in the logs, not here.
+    failed,
+    /// No answer: the provider's reports settle it.
+    unconfirmed,
 }
 
-fn registry() -> &'static Mutex<BTreeMap<&'static str, Family>> {
-    static REGISTRY: OnceLock<Mutex<BTreeMap<&'static str, Family>>> = OnceLock::new();
-    REGISTRY.get_or_init(Mutex::default)
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderSendLabels {
+    pub channel: &'static str,
+    pub outcome: SendResult,
 }
 
-fn with_series(
-    name: &'static str,
-    help: &'static str,
-    kind: Kind,
-    labels: &[(&'static str, &str)],
-    update: impl FnOnce(&mut Series),
-) {
-    let mut families = registry().lock().unwrap_or_else(|p| p.into_inner());
-    let family = families.entry(name).or_insert_with(|| Family {
-        help,
-        kind,
-        series: BTreeMap::new(),
-    });
-    let labels: Labels = labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
-    update(family.series.entry(labels).or_default());
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutboxLabels {
+    pub outbox: &'static str,
 }
 
-/// Adds one to a counter.
-pub fn inc(name: &'static str, help: &'static str, labels: &[(&'static str, &str)]) {
-    with_series(name, help, Kind::Counter, labels, |s| s.value += 1.0);
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: &'static str,
 }
 
-/// Sets a gauge.
-pub fn set(name: &'static str, help: &'static str, labels: &[(&'static str, &str)], value: f64) {
-    with_series(name, help, Kind::Gauge, labels, |s| s.value = value);
+/// One RPC method (`c2m.v1.HandoffService`, `CreateHandoff`), and the gRPC code it answered.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub service: &'static str,
+    pub method: &'static str,
+    pub code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcMethodLabels {
+    pub service: &'static str,
+    pub method: &'static str,
+}
+
+/// Every metric c2m exports.
+pub struct Metrics {
+    /// `c2m_rpc_requests_total`: requests per method and code (rate, errors).
+    pub rpc_requests: Family<RpcLabels, Counter>,
+    /// `c2m_rpc_duration_seconds`: how long each method took (duration).
+    pub rpc_duration: Family<RpcMethodLabels, Histogram>,
+    pub handoffs: Family<HandoffLabels, Counter>,
+    pub handoff_duration: Histogram,
+    pub handoff_save_retries: Counter,
+    pub message_record_retries: Counter,
+    pub provider_sends: Family<ProviderSendLabels, Counter>,
+    pub outbox_flushes: Family<OutboxLabels, Counter>,
+    pub outbox_dead_letters: Family<OutboxLabels, Counter>,
+    pub webhooks_unavailable: Counter,
+    pub redis_degraded: Family<ServiceLabels, Gauge>,
+    registry: Registry,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let rpc_duration = Family::new_with_constructor(histogram as fn() -> Histogram);
+        let mut m = Self {
+            rpc_requests: Family::default(),
+            rpc_duration,
+            handoffs: Family::default(),
+            handoff_duration: histogram(),
+            handoff_save_retries: Counter::default(),
+            message_record_retries: Counter::default(),
+            provider_sends: Family::default(),
+            outbox_flushes: Family::default(),
+            outbox_dead_letters: Family::default(),
+            webhooks_unavailable: Counter::default(),
+            redis_degraded: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "c2m_rpc_requests",
+            "gRPC requests served, by service, method and status code.",
+            m.rpc_requests.clone(),
+        );
+        r.register(
+            "c2m_rpc_duration_seconds",
+            "How long gRPC requests took to answer, by service and method.",
+            m.rpc_duration.clone(),
+        );
+        r.register(
+            "c2m_handoffs",
+            "CreateHandoff answers, by handoff status (or the gRPC code of a refusal) and channel.",
+            m.handoffs.clone(),
+        );
+        r.register(
+            "c2m_handoff_duration_seconds",
+            "How long CreateHandoff took, the caller waiting on the line.",
+            m.handoff_duration.clone(),
+        );
+        r.register(
+            "c2m_handoff_save_retries",
+            "Handoff saves PostgreSQL refused and that were offered again.",
+            m.handoff_save_retries.clone(),
+        );
+        r.register(
+            "c2m_message_record_retries",
+            "Records of sent messages PostgreSQL refused, offered again.",
+            m.message_record_retries.clone(),
+        );
+        r.register(
+            "c2m_provider_sends",
+            "Messages handed to a provider, by channel and outcome (accepted, failed, unconfirmed).",
+            m.provider_sends.clone(),
+        );
+        r.register(
+            "c2m_outbox_flushes",
+            "Flushes of an outbox on demand (a reply that found no deflection, a check for a \
+             pending Apple Messages invite), concurrent demands counted once.",
+            m.outbox_flushes.clone(),
+        );
+        r.register(
+            "c2m_outbox_dead_letters",
+            "Outbox rows set aside because they can never be delivered (see outbox_dead_letters).",
+            m.outbox_dead_letters.clone(),
+        );
+        r.register(
+            "c2m_webhooks_unavailable",
+            "Provider webhooks answered 503 (storage or Routing away); providers post them again.",
+            m.webhooks_unavailable.clone(),
+        );
+        r.register(
+            "c2m_redis_degraded",
+            "1 while the service works without Redis (per-replica limits and leases), else 0.",
+            m.redis_degraded.clone(),
+        );
+        m
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &METRICS
 }
 
 /// `c2m_redis_degraded{service}`: 1 while `service` works without Redis, else 0.
 pub fn redis_degraded(service: &'static str, yes: bool) {
-    set(
-        "c2m_redis_degraded",
-        "1 while the service works without Redis (per-replica limits and leases), else 0.",
-        &[("service", service)],
-        if yes { 1.0 } else { 0.0 },
-    );
+    metrics()
+        .redis_degraded
+        .get_or_create(&ServiceLabels { service })
+        .set(i64::from(yes));
 }
 
-/// Records one observation in a histogram (seconds).
-pub fn observe(
-    name: &'static str,
-    help: &'static str,
-    labels: &[(&'static str, &str)],
-    took: Duration,
-) {
-    let seconds = took.as_secs_f64();
-    with_series(name, help, Kind::Histogram, labels, |s| {
-        s.value += seconds;
-        s.count += 1;
-        for (bucket, bound) in s.buckets.iter_mut().zip(BUCKETS) {
-            if seconds <= bound {
-                *bucket += 1;
-            }
-        }
-    });
-}
-
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn label_text(labels: &Labels, extra: Option<(&str, String)>) -> String {
-    let mut parts: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-        .collect();
-    if let Some((k, v)) = extra {
-        parts.push(format!("{k}=\"{v}\""));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
+/// A gRPC code's name (`ResourceExhausted`), for a label.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
     }
 }
 
-/// Every metric in the text exposition format (version 0.0.4).
+/// Seconds, as histograms take them.
+pub fn seconds(took: Duration) -> f64 {
+    took.as_secs_f64()
+}
+
+/// Every metric in the Prometheus text format (version 0.0.4).
 pub fn render() -> String {
-    let families = registry().lock().unwrap_or_else(|p| p.into_inner());
     let mut out = String::new();
-    for (name, family) in families.iter() {
-        let kind = match family.kind {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Histogram => "histogram",
-        };
-        let _ = writeln!(out, "# HELP {name} {}", family.help);
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, series) in &family.series {
-            if family.kind != Kind::Histogram {
-                let _ = writeln!(out, "{name}{} {}", label_text(labels, None), series.value);
-                continue;
-            }
-            for (bound, count) in BUCKETS.iter().zip(series.buckets) {
-                let le = Some(("le", bound.to_string()));
-                let _ = writeln!(out, "{name}_bucket{} {count}", label_text(labels, le));
-            }
-            let inf = Some(("le", "+Inf".to_owned()));
-            let _ = writeln!(
-                out,
-                "{name}_bucket{} {}",
-                label_text(labels, inf),
-                series.count
-            );
-            let _ = writeln!(
-                out,
-                "{name}_sum{} {}",
-                label_text(labels, None),
-                series.value
-            );
-            let _ = writeln!(
-                out,
-                "{name}_count{} {}",
-                label_text(labels, None),
-                series.count
-            );
-        }
-    }
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &metrics().registry);
     out
 }
 
@@ -176,7 +225,7 @@ pub fn router() -> axum::Router {
             (
                 [(
                     axum::http::header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
+                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
                 )],
                 render(),
             )
@@ -190,39 +239,43 @@ mod tests {
 
     #[test]
     fn counters_gauges_and_histograms_render_as_prometheus_reads_them() {
-        inc("t_requests_total", "Requests.", &[("status", "ok")]);
-        inc("t_requests_total", "Requests.", &[("status", "ok")]);
-        inc("t_requests_total", "Requests.", &[("status", "a\"b")]);
-        set("t_degraded", "Degraded.", &[], 1.0);
-        observe(
-            "t_seconds",
-            "Latency.",
-            &[("rpc", "x")],
-            Duration::from_millis(3),
-        );
+        // The registry is the process's: the series this test touches are its own.
+        let m = metrics();
+        let labels = OutboxLabels {
+            outbox: "metrics_test_outbox",
+        };
+        m.outbox_dead_letters.get_or_create(&labels).inc();
+        m.outbox_dead_letters.get_or_create(&labels).inc();
+        redis_degraded("metrics-test", true);
+        m.rpc_duration
+            .get_or_create(&RpcMethodLabels {
+                service: "metrics.Test",
+                method: "Probe",
+            })
+            .observe(seconds(Duration::from_millis(3)));
         let text = render();
-        assert!(text.contains("# TYPE t_requests_total counter\n"), "{text}");
         assert!(
-            text.contains("t_requests_total{status=\"ok\"} 2\n"),
+            text.contains("# TYPE c2m_outbox_dead_letters_total counter\n"),
             "{text}"
         );
         assert!(
-            text.contains("t_requests_total{status=\"a\\\"b\"} 1\n"),
-            "{text}"
-        );
-        assert!(text.contains("t_degraded 1\n"), "{text}");
-        assert!(
-            text.contains("t_seconds_bucket{rpc=\"x\",le=\"0.0025\"} 0\n"),
+            text.contains("c2m_outbox_dead_letters_total{outbox=\"metrics_test_outbox\"} 2\n"),
             "{text}"
         );
         assert!(
-            text.contains("t_seconds_bucket{rpc=\"x\",le=\"0.005\"} 1\n"),
+            text.contains("c2m_redis_degraded{service=\"metrics-test\"} 1\n"),
             "{text}"
         );
+        let bucket = |le: &str| {
+            format!(
+                "c2m_rpc_duration_seconds_bucket{{service=\"metrics.Test\",method=\"Probe\",le=\"{le}\"}}"
+            )
+        };
         assert!(
-            text.contains("t_seconds_bucket{rpc=\"x\",le=\"+Inf\"} 1\n"),
+            text.contains(&format!("{} 0\n", bucket("0.0025"))),
             "{text}"
         );
-        assert!(text.contains("t_seconds_count{rpc=\"x\"} 1\n"), "{text}");
+        assert!(text.contains(&format!("{} 1\n", bucket("0.005"))), "{text}");
+        assert!(text.contains(&format!("{} 1\n", bucket("+Inf"))), "{text}");
     }
 }

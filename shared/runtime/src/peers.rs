@@ -178,8 +178,12 @@ impl LocalPeers {
         S::Future: Send + 'static,
     {
         let timeout = self.timeout;
-        // A span per call, as the server gives a call that comes over the network.
-        let service = tower::Layer::layer(&crate::trace_layer::TraceLayer, service);
+        // A span and the method's metrics per call, as the server gives a call that comes over
+        // the network.
+        let service = tower::ServiceBuilder::new()
+            .layer(crate::trace_layer::TraceLayer)
+            .layer(crate::rpc_metrics::RpcMetricsLayer)
+            .service(service);
         let timed = tower::service_fn(move |request| {
             let call = service.clone().oneshot(request);
             async move {

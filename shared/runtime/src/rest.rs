@@ -23,10 +23,7 @@ use tonic::{Code, metadata::MetadataValue};
 use tonic_types::StatusExt;
 
 /// The descriptors of every c2m message, for the JSON mapping.
-pub static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
-    DescriptorPool::decode(c2m_proto::FILE_DESCRIPTOR_SET)
-        .expect("the build embeds a valid descriptor set")
-});
+pub static POOL: &LazyLock<DescriptorPool> = &c2m_proto::DESCRIPTORS;
 
 pub fn descriptor(name: &str) -> MessageDescriptor {
     POOL.get_message_by_name(name)

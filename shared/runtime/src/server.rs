@@ -18,6 +18,7 @@ use tower::{Service, limit::GlobalConcurrencyLimitLayer};
 
 use crate::{
     health::{HealthEntry, Probe, Supervisor},
+    rpc_metrics::RpcMetricsLayer,
     settings::ServerSettings,
     trace_layer::TraceLayer,
 };
@@ -228,6 +229,7 @@ pub async fn run(
         .accept_http1(true)
         .timeout(settings.request_timeout())
         .layer(TraceLayer)
+        .layer(RpcMetricsLayer)
         .layer(GlobalConcurrencyLimitLayer::new(settings.concurrency_limit))
         .add_routes(tonic::service::Routes::from(router))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);

@@ -19,7 +19,7 @@ use std::{
 };
 
 use c2m_proto::v1::{Event, RecordEventsRequest};
-use c2m_runtime::peers::Peers;
+use c2m_runtime::{metrics::OutboxLabels, peers::Peers};
 use prost::Message;
 use sqlx::PgConnection;
 
@@ -229,11 +229,10 @@ impl<D: Destination> Relay<D> {
         let covers = self.flushes.asked.load(Ordering::SeqCst);
         let shipped = self.flush_now().await?;
         *covered = covers;
-        c2m_runtime::metrics::inc(
-            "c2m_outbox_flushes_total",
-            "Flushes of an outbox on demand (a reply that found no deflection, a check for a pending Apple Messages invite), concurrent demands counted once.",
-            &[("outbox", D::TABLE)],
-        );
+        c2m_runtime::metrics::metrics()
+            .outbox_flushes
+            .get_or_create(&OutboxLabels { outbox: D::TABLE })
+            .inc();
         Ok(shipped)
     }
 
@@ -361,11 +360,10 @@ impl<D: Destination> Relay<D> {
                 %error,
                 "outbox row can never be delivered: set aside in outbox_dead_letters"
             );
-            c2m_runtime::metrics::inc(
-                "c2m_outbox_dead_letters_total",
-                "Outbox rows set aside because they can never be delivered (see outbox_dead_letters).",
-                &[("outbox", D::TABLE)],
-            );
+            c2m_runtime::metrics::metrics()
+                .outbox_dead_letters
+                .get_or_create(&OutboxLabels { outbox: D::TABLE })
+                .inc();
         }
         Ok(Shipped { rows: n, full })
     }

@@ -157,9 +157,5 @@ pub(super) fn unavailable(error: sqlx::Error) -> Response {
 
 /// A webhook answered 503: the provider (or the sandbox) posts it again.
 fn count_unavailable() {
-    c2m_runtime::metrics::inc(
-        "c2m_webhooks_unavailable_total",
-        "Provider webhooks answered 503 (storage or Routing away); providers post them again.",
-        &[],
-    );
+    c2m_runtime::metrics::metrics().webhooks_unavailable.inc();
 }

@@ -68,11 +68,7 @@ impl HandoffStore for PgHandoffStore {
         self.saves
             .run_until(save, until, |error, pause| {
                 tracing::warn!(%error, %handoff_id, retry_in = ?pause, "handoff not saved; trying again");
-                metrics::inc(
-                    "c2m_handoff_save_retries_total",
-                    "Handoff saves PostgreSQL refused and that were offered again.",
-                    &[],
-                );
+                metrics::metrics().handoff_save_retries.inc();
             })
             .await
     }
