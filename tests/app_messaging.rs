@@ -11,7 +11,7 @@ use c2m_test_support::{APNS_KEY_ID, APNS_TEAM_ID, APNS_TOPIC};
 use serde_json::json;
 use tonic_types::StatusExt;
 
-use crate::story::{Story, Topology, authed, handoff_request, onboard, token};
+use crate::story::{Options, Story, Topology, authed, handoff_request, onboard, token};
 
 const PHONE: &str = "+14155550177";
 const ANDROID_TOKEN: &str = "fcm-registration-token-ada-pixel";
@@ -302,5 +302,47 @@ async fn dead_device_tokens_are_forgotten_and_the_handoff_falls_back_to_sms() {
         .await
         .expect_err("already forgotten");
     assert_eq!(removed.code(), tonic::Code::NotFound);
+    story.stop().await;
+}
+
+/// FCM takes the push and its answer never comes: the push may have reached the consumer, so it
+/// is unconfirmed, as an unanswered SMS or WhatsApp send is, and no SMS follows at once. Before,
+/// a push's timeout counted as a failure and the handoff fell to SMS: two messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_push_is_unconfirmed_not_a_reason_to_text_too() {
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            provider_timeout_ms: Some(300),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = app_first(&story).await;
+    let editor = token(AuthRole::Editor, Some("acme"));
+    register(&story, pb::DevicePlatform::Android, ANDROID_TOKEN, &editor)
+        .await
+        .expect("android device");
+    story.google.stall_next_fcm();
+
+    let handoff = story
+        .deflect(app_request("stalled-1", "ada-1001"), &key)
+        .await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32);
+    assert_eq!(handoff.channel, Channel::AppMessaging as i32);
+    let attempts: Vec<(i32, i32)> = handoff
+        .attempts
+        .iter()
+        .map(|a| (a.channel, a.outcome))
+        .collect();
+    assert_eq!(
+        attempts,
+        [(
+            Channel::AppMessaging as i32,
+            pb::AttemptOutcome::Unconfirmed as i32
+        )]
+    );
+    assert_eq!(story.google.fcm_sent().len(), 1, "FCM has the push");
+    assert!(story.twilio.sent().is_empty(), "no SMS besides");
     story.stop().await;
 }

@@ -7,10 +7,11 @@ use prost::Message;
 use tonic::Status;
 
 use crate::{
-    Service, credentials, devices, google, meta, push, rbm,
+    Service, credentials, devices, google, meta,
+    outcome::{Refusal, SendOutcome},
+    push, rbm,
     sandbox::{self, Player},
-    twilio::{self, Refusal, SendOutcome},
-    window,
+    twilio, window,
 };
 
 /// What RBM says of a number.
@@ -332,6 +333,7 @@ impl Service {
             handoff_id: &r.handoff_id,
         };
         let mut accepted = None;
+        let mut unconfirmed = None;
         let mut last_failure = None;
         for device in &devices {
             let outcome = match device.platform {
@@ -359,12 +361,18 @@ impl Service {
                     ));
                 }
                 push::PushOutcome::Failed { code, message } => last_failure = Some((code, message)),
+                push::PushOutcome::Unconfirmed { why } => {
+                    unconfirmed.get_or_insert(why);
+                }
             }
         }
-        Ok(match (accepted, last_failure) {
-            (Some(sid), _) => SendOutcome::Accepted { sid },
-            (None, Some((code, message))) => SendOutcome::Failed { code, message },
-            (None, None) => unreachable!("at least one device was tried"),
+        // One device that took it is a push sent; one that may have is a push that may have
+        // reached the consumer, which a send on the next channel must not double.
+        Ok(match (accepted, unconfirmed, last_failure) {
+            (Some(sid), _, _) => SendOutcome::Accepted { sid },
+            (None, Some(why), _) => SendOutcome::Unconfirmed { why },
+            (None, None, Some((code, message))) => SendOutcome::Failed { code, message },
+            (None, None, None) => unreachable!("at least one device was tried"),
         })
     }
 

@@ -11,7 +11,7 @@ use std::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{jwt::Rs256, twilio::Refusal};
+use crate::{jwt::Rs256, outcome::Refusal};
 
 /// The scopes c2m asks for.
 pub const RBM_SCOPE: &str = "https://www.googleapis.com/auth/rcsbusinessmessaging";

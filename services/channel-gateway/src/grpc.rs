@@ -25,9 +25,8 @@ use crate::{
     channels::Capability,
     credentials, devices, lookup,
     messages::{self, Claim, Outbound},
-    retry,
-    twilio::SendOutcome,
-    window,
+    outcome::SendOutcome,
+    retry, window,
 };
 
 fn db_status(error: sqlx::Error) -> Status {

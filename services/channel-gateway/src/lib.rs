@@ -15,6 +15,7 @@ pub mod jwt;
 mod lookup;
 mod messages;
 pub mod meta;
+mod outcome;
 mod push;
 pub mod rbm;
 mod retry;

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::Sha256;
 
-use crate::twilio::SendOutcome;
+use crate::outcome::SendOutcome;
 
 /// Meta's "rate limit hit": the business number's throughput is spent for the moment.
 const THROUGHPUT_LIMIT: i64 = 130_429;

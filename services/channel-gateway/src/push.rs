@@ -13,7 +13,11 @@ use std::{
 use c2m_proto::v1::ApnsCredentials;
 use serde_json::json;
 
-use crate::{google, jwt::Es256};
+use crate::{
+    google,
+    jwt::Es256,
+    outcome::{Refusal, SendOutcome},
+};
 
 /// What one device's push came to.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,10 +30,25 @@ pub enum PushOutcome {
         code: String,
         message: String,
     },
+    /// No answer: the push may have gone (what went wrong, for the log).
+    Unconfirmed {
+        why: String,
+    },
 }
 
-impl From<crate::twilio::Refusal> for PushOutcome {
-    fn from(r: crate::twilio::Refusal) -> Self {
+impl PushOutcome {
+    /// A push that got no answer, by the rule every provider follows.
+    fn unanswered(provider: &str, error: &reqwest::Error) -> Self {
+        match SendOutcome::unanswered(provider, error) {
+            SendOutcome::Failed { code, message } => Self::Failed { code, message },
+            SendOutcome::Unconfirmed { why } => Self::Unconfirmed { why },
+            SendOutcome::Accepted { sid } => Self::Accepted(sid),
+        }
+    }
+}
+
+impl From<Refusal> for PushOutcome {
+    fn from(r: Refusal) -> Self {
         PushOutcome::Failed {
             code: r.code,
             message: r.message,
@@ -76,12 +95,7 @@ pub async fn fcm(
     .await;
     let response = match response {
         Ok(response) => response,
-        Err(error) => {
-            return PushOutcome::Failed {
-                code: "unreachable".into(),
-                message: format!("fcm unreachable: {error}"),
-            };
-        }
+        Err(error) => return PushOutcome::unanswered("fcm", &error),
     };
     let status = response.status();
     let value: serde_json::Value = response.json().await.unwrap_or_default();
@@ -170,12 +184,7 @@ pub async fn apns(
     .await;
     let response = match response {
         Ok(response) => response,
-        Err(error) => {
-            return PushOutcome::Failed {
-                code: "unreachable".into(),
-                message: format!("apns unreachable: {error}"),
-            };
-        }
+        Err(error) => return PushOutcome::unanswered("apns", &error),
     };
     let status = response.status();
     let apns_id = response

@@ -6,7 +6,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde_json::json;
 use sha2::Sha512;
 
-use crate::{google, twilio::SendOutcome};
+use crate::{google, outcome::SendOutcome};
 
 /// Whether the number can receive RCS from this agent: 200 with its features, or 404.
 pub async fn capable(

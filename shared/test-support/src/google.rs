@@ -58,6 +58,8 @@ struct Inner {
     capability_checks: Vec<String>,
     rcs: Vec<SentRcs>,
     dead_fcm_tokens: HashSet<String>,
+    /// Take the next push, then never answer.
+    stall_next_fcm: bool,
     fcm: Vec<SentFcm>,
     counter: u64,
 }
@@ -274,33 +276,52 @@ async fn agent_messages(
 }
 
 async fn fcm_send(
-    State((inner, _)): State<(Shared, String)>,
+    State((inner, base)): State<(Shared, String)>,
     Path(project): Path<String>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    match fcm_take(State((inner, base)), Path(project), headers, body) {
+        Some(response) => response,
+        None => std::future::pending().await,
+    }
+}
+
+/// FCM's answer to a push, or none when it takes the push and never answers.
+fn fcm_take(
+    State((inner, _)): State<(Shared, String)>,
+    Path(project): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Option<Response> {
     let mut inner = inner.lock().expect("emulator state");
     if !authorized(&inner, &headers, FCM_SCOPE) {
-        return refuse(StatusCode::UNAUTHORIZED, UNAUTHENTICATED);
+        return Some(refuse(StatusCode::UNAUTHORIZED, UNAUTHENTICATED));
     }
     let Ok(body) = serde_json::from_slice::<serde_json::Value>(&body) else {
-        return refuse(StatusCode::BAD_REQUEST, "Invalid JSON payload received.");
+        return Some(refuse(
+            StatusCode::BAD_REQUEST,
+            "Invalid JSON payload received.",
+        ));
     };
     let Some(token) = body["message"]["token"].as_str() else {
-        return refuse(StatusCode::BAD_REQUEST, "message.token is required");
+        return Some(refuse(StatusCode::BAD_REQUEST, "message.token is required"));
     };
     let data_are_strings = body["message"]["data"]
         .as_object()
         .is_none_or(|d| d.values().all(serde_json::Value::is_string));
     if !data_are_strings || !body["message"]["notification"]["body"].is_string() {
-        return refuse(StatusCode::BAD_REQUEST, "Invalid value at 'message'");
+        return Some(refuse(
+            StatusCode::BAD_REQUEST,
+            "Invalid value at 'message'",
+        ));
     }
     if inner.dead_fcm_tokens.contains(token) {
-        return google_error(
+        return Some(google_error(
             StatusCode::NOT_FOUND,
             "Requested entity was not found.",
             serde_json::json!([{ "@type": "type.googleapis.com/google.firebase.fcm.v1.FcmError", "errorCode": "UNREGISTERED" }]),
-        );
+        ));
     }
     inner.counter += 1;
     let name = format!("projects/{project}/messages/0:{:016}", inner.counter);
@@ -309,7 +330,11 @@ async fn fcm_send(
         name: name.clone(),
         body,
     });
-    Json(serde_json::json!({ "name": name })).into_response()
+    if std::mem::take(&mut inner.stall_next_fcm) {
+        // FCM has the push; its answer never comes.
+        return None;
+    }
+    Some(Json(serde_json::json!({ "name": name })).into_response())
 }
 
 /// `X-Goog-Signature`: base64 of HMAC-SHA512 under the client token over the decoded data.
@@ -394,6 +419,11 @@ impl GoogleEmulator {
 
     pub fn rcs_sent(&self) -> Vec<SentRcs> {
         self.inner.lock().expect("emulator state").rcs.clone()
+    }
+
+    /// Takes the next push but never answers it: the answer lost on its way back.
+    pub fn stall_next_fcm(&self) {
+        self.inner.lock().expect("emulator state").stall_next_fcm = true;
     }
 
     pub fn fcm_sent(&self) -> Vec<SentFcm> {
