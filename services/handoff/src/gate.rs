@@ -219,7 +219,7 @@ impl Gate {
             "rate-limit window and consumer leases filled in from postgresql"
         );
         let mut connection = self.redis.connection().await?;
-        let mut seed = self.seed.key(self.redis.account_key(account_id, "rl"));
+        let mut seed = self.seed.key(self.redis.rate_window_key(account_id));
         seed.key(self.known_key(account_id))
             .arg(self.window.as_micros() as u64)
             .arg(KNOWN_FOR.as_millis() as u64)
@@ -234,19 +234,16 @@ impl Gate {
                 .saturating_sub(held.age)
                 .as_millis()
                 .max(1);
-            seed.key(
-                self.redis
-                    .account_key(account_id, &format!("lease:{consumer}")),
-            )
-            .arg(&held.handoff_id)
-            .arg(left as u64);
+            seed.key(self.redis.consumer_lease_key(account_id, consumer))
+                .arg(&held.handoff_id)
+                .arg(left as u64);
         }
         seed.invoke_async::<()>(&mut connection).await?;
         Ok(())
     }
 
     fn known_key(&self, account_id: &str) -> String {
-        self.redis.account_key(account_id, "rl:known")
+        self.redis.rate_known_key(account_id)
     }
 
     /// Gives back what admitting `ask` took, for a handoff that ends before anything is sent (a
@@ -284,10 +281,7 @@ impl Gate {
         let released = async {
             let mut connection = self.redis.connection().await?;
             self.release
-                .key(
-                    self.redis
-                        .account_key(account_id, &format!("lease:{consumer}")),
-                )
+                .key(self.redis.consumer_lease_key(account_id, consumer))
                 .arg(handoff_id)
                 .invoke_async::<()>(&mut connection)
                 .await
@@ -299,18 +293,16 @@ impl Gate {
 
     fn claim_key(&self, ask: Ask<'_>) -> String {
         self.redis
-            .account_key(ask.account_id, &format!("idem:{}", ask.idempotency_key))
+            .idempotency_key(ask.account_id, ask.idempotency_key)
     }
 
     fn lease_key(&self, ask: Ask<'_>) -> String {
-        self.redis
-            .account_key(ask.account_id, &format!("lease:{}", ask.consumer))
+        self.redis.consumer_lease_key(ask.account_id, ask.consumer)
     }
 
     /// The Redis key of the open-conversation lease Routing holds for a consumer.
     pub fn conversation_key(&self, account_id: &str, consumer: &str) -> String {
-        self.redis
-            .account_key(account_id, &format!("conv:{consumer}"))
+        self.redis.conversation_lease_key(account_id, consumer)
     }
 
     /// One round trip: `EVALSHA`, or `EVAL` once after the script cache was emptied. None when
@@ -319,7 +311,7 @@ impl Gate {
         let mut connection = self.redis.connection().await?;
         let (code, at_us, value): (i64, i64, String) = self
             .script
-            .key(self.redis.account_key(ask.account_id, "rl"))
+            .key(self.redis.rate_window_key(ask.account_id))
             .key(self.claim_key(ask))
             .key(self.lease_key(ask))
             .key(self.conversation_key(ask.account_id, ask.consumer))

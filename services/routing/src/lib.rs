@@ -144,7 +144,6 @@ impl Service {
     }
 
     fn lease_key(&self, account_id: &str, consumer: &str) -> String {
-        self.redis
-            .account_key(account_id, &format!("conv:{consumer}"))
+        self.redis.conversation_lease_key(account_id, consumer)
     }
 }

@@ -85,8 +85,35 @@ impl RedisHandle {
 
     /// A key for one account's data: `<prefix>:{<account>}:<suffix>`. The braces make every key
     /// of one account hash to one Redis Cluster slot, so one script can touch them all.
-    pub fn account_key(&self, account_id: &str, suffix: &str) -> String {
+    fn account_key(&self, account_id: &str, suffix: &str) -> String {
         format!("{}:{{{account_id}}}:{suffix}", self.key_prefix)
+    }
+
+    // Every key c2m keeps in Redis, named here once for every service that touches it.
+
+    /// The account's sliding rate-limit window (a sorted set of admissions).
+    pub fn rate_window_key(&self, account_id: &str) -> String {
+        self.account_key(account_id, "rl")
+    }
+
+    /// Present while Redis knows the account's window (absent after a loss: fill it in).
+    pub fn rate_known_key(&self, account_id: &str) -> String {
+        self.account_key(account_id, "rl:known")
+    }
+
+    /// The handoff that claimed an idempotency key.
+    pub fn idempotency_key(&self, account_id: &str, key: &str) -> String {
+        self.account_key(account_id, &format!("idem:{key}"))
+    }
+
+    /// The handoff that holds a consumer (`handoff.consumer_lease_ms`).
+    pub fn consumer_lease_key(&self, account_id: &str, consumer: &str) -> String {
+        self.account_key(account_id, &format!("lease:{consumer}"))
+    }
+
+    /// The consumer's open conversation: set by Routing, read by Handoff's gate.
+    pub fn conversation_lease_key(&self, account_id: &str, consumer: &str) -> String {
+        self.account_key(account_id, &format!("conv:{consumer}"))
     }
 
     /// The health probe: PING answers.
@@ -172,8 +199,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn account_keys_share_a_hash_tag() {
+    fn an_accounts_keys_share_a_hash_tag() {
         let redis = RedisHandle::new(&RedisSettings::default()).expect("valid url");
-        assert_eq!(redis.account_key("acct-1", "rl"), "c2m:{acct-1}:rl");
+        assert_eq!(
+            [
+                redis.rate_window_key("acct-1"),
+                redis.rate_known_key("acct-1"),
+                redis.idempotency_key("acct-1", "k-9"),
+                redis.consumer_lease_key("acct-1", "+14155550123"),
+                redis.conversation_lease_key("acct-1", "+14155550123"),
+            ],
+            [
+                "c2m:{acct-1}:rl",
+                "c2m:{acct-1}:rl:known",
+                "c2m:{acct-1}:idem:k-9",
+                "c2m:{acct-1}:lease:+14155550123",
+                "c2m:{acct-1}:conv:+14155550123",
+            ]
+        );
     }
 }
