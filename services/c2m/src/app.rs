@@ -261,6 +261,36 @@ pub fn spawn_with(
     })
 }
 
+/// `c2m dev` without secrets configured: makes up the ones missing for this run, and logs an
+/// operator token signed with a made-up token secret (nobody could sign one otherwise).
+pub fn make_up_dev_secrets(config: &mut Config) -> std::io::Result<()> {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use c2m_runtime::auth::{Role as AuthRole, TokenKey};
+
+    if config.channel_gateway.credentials_key.is_empty() {
+        config.channel_gateway.credentials_key = STANDARD.encode(ephemeral_secret()?);
+        tracing::warn!(
+            "channel_gateway.credentials_key is not set: provider credentials stored in this run cannot be read after it"
+        );
+    }
+    if config.auth.token_secret.is_empty() {
+        config.auth.token_secret = ephemeral_secret()?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let token = TokenKey::new(config.auth.token_secret.as_bytes()).user_token(
+            "dev-operator",
+            AuthRole::Operator,
+            None,
+            std::time::Duration::from_secs(24 * 3600),
+        );
+        tracing::warn!(
+            "auth.token_secret is not set: using a secret made up for this run; operator token (24 h): {token}"
+        );
+    }
+    Ok(())
+}
+
 /// 32 random bytes: a secret for one `c2m dev` run.
 pub fn ephemeral_secret() -> std::io::Result<[u8; 32]> {
     let mut bytes = [0u8; 32];

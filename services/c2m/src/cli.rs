@@ -117,3 +117,56 @@ impl Cli {
         overrides
     }
 }
+
+/// Why `c2m token` would not sign: its exit code (64: configuration, 2: usage) and message.
+#[derive(Debug)]
+pub struct TokenRefused {
+    pub code: u8,
+    pub message: &'static str,
+}
+
+/// `c2m token`: a token for `role` signed with `auth.token_secret`.
+pub fn mint_token(
+    config: &crate::Config,
+    role: TokenRole,
+    account: Option<&str>,
+    skills: &[String],
+    subject: &str,
+    ttl_hours: u64,
+) -> Result<String, TokenRefused> {
+    use c2m_runtime::auth::{Role, TokenKey};
+
+    let refuse = |code, message| Err(TokenRefused { code, message });
+    if config.auth.token_secret.is_empty() {
+        return refuse(
+            64,
+            "invalid configuration: `auth.token_secret` must be set to sign tokens",
+        );
+    }
+    let role = match role {
+        TokenRole::Operator => Role::Operator,
+        TokenRole::Admin => Role::Admin,
+        TokenRole::Editor => Role::Editor,
+        TokenRole::Viewer => Role::Viewer,
+        TokenRole::Agent => Role::Agent,
+    };
+    if !skills.is_empty() && role != Role::Agent {
+        return refuse(
+            2,
+            "--skill limits an agent token: drop it, or use --role agent",
+        );
+    }
+    match (role, account) {
+        (Role::Operator, Some(_)) => {
+            return refuse(2, "an operator token is for every account: drop --account");
+        }
+        (Role::Operator, None) | (_, Some(_)) => {}
+        (_, None) => return refuse(2, "an admin, editor, viewer or agent token needs --account"),
+    }
+    let key = TokenKey::new(config.auth.token_secret.as_bytes());
+    let ttl = std::time::Duration::from_secs(ttl_hours * 3600);
+    Ok(match account {
+        Some(account) if role == Role::Agent => key.agent_token(subject, account, skills, ttl),
+        _ => key.user_token(subject, role, account, ttl),
+    })
+}

@@ -131,6 +131,27 @@ impl From<figment::Error> for ConfigError {
 }
 
 impl Config {
+    /// What `c2m serve <role>` needs beyond what `c2m dev` can make up: the shared token secret,
+    /// and the gateway's sealing key.
+    pub fn check_serve(&self, role: crate::Role) -> Result<(), ConfigError> {
+        if self.auth.token_secret.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "auth.token_secret",
+                reason:
+                    "must be set for `c2m serve` (C2M_AUTH__TOKEN_SECRET), the same for every role"
+                        .into(),
+            });
+        }
+        if role == crate::Role::ChannelGateway && self.channel_gateway.credentials_key.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "channel_gateway.credentials_key",
+                reason: "must be set for `c2m serve channel-gateway` (base64 of 32 random bytes)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Loads and validates the configuration: defaults, `file`, the process's `C2M_*` variables,
     /// then `overrides`.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
