@@ -706,12 +706,20 @@ async fn an_idle_conversation_is_closed_and_the_consumer_can_be_deflected_again(
     }
     idle_for(31).execute(&mut db).await.expect("31 minutes ago");
     assert_eq!(describe(&next(&mut stream).await), "closed: idle by c2m");
+    // The close event may reach the stream a moment before the consumer's lease is gone: each
+    // try is a new call (a new key), as an IVR's would be; a retry under one key would only
+    // replay the first answer.
+    let calls = std::sync::atomic::AtomicU32::new(0);
     eventually(
         "the consumer deflected again",
         Duration::from_secs(10),
         || async {
+            let call = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let handoff = story
-                .deflect(handoff_request("acme", CONSUMER, "call-after-idle"), &key)
+                .deflect(
+                    handoff_request("acme", CONSUMER, &format!("call-after-idle-{call}")),
+                    &key,
+                )
                 .await;
             handoff.status == pb::HandoffStatus::Sent as i32
         },

@@ -1,65 +1,71 @@
-//! A small time-bounded cache for reads of other services' data on hot paths.
+//! A bounded, time-limited cache for reads of other services' data on hot paths, on `moka`:
+//! entries expire `ttl` after they were written, and past `capacity` the least used go first (a
+//! full cache is not dropped whole). Reads that must not stampede (many waiting for one load) use
+//! `moka::future::Cache::try_get_with` directly, as `api_keys` and Handoff's upstream do.
 
-use std::{
-    collections::HashMap,
-    hash::Hash,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use std::{hash::Hash, time::Duration};
 
-/// Entries live for `ttl`; a stale entry is never returned. Bounded: past `capacity` the whole
-/// cache is dropped (cheap, and the next reads refill what is hot).
-#[derive(Debug)]
+/// Entries live for `ttl`; a stale entry is never returned.
+#[derive(Clone)]
 pub struct TtlCache<K, V> {
-    ttl: Duration,
-    capacity: usize,
-    entries: Mutex<HashMap<K, (Instant, V)>>,
+    entries: moka::sync::Cache<K, V>,
 }
 
-impl<K: Eq + Hash, V: Clone> TtlCache<K, V> {
+impl<K, V> std::fmt::Debug for TtlCache<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TtlCache").finish_non_exhaustive()
+    }
+}
+
+impl<K, V> TtlCache<K, V>
+where
+    K: Eq + Hash + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
     pub fn new(ttl: Duration, capacity: usize) -> Self {
         Self {
-            ttl,
-            capacity,
-            entries: Mutex::new(HashMap::new()),
+            entries: moka::sync::Cache::builder()
+                .max_capacity(capacity as u64)
+                .time_to_live(ttl)
+                .build(),
         }
     }
 
     pub fn get(&self, key: &K) -> Option<V> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < self.ttl)
-            .map(|(_, v)| v.clone())
+        self.entries.get(key)
     }
 
     pub fn remove(&self, key: &K) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
-    }
-
-    /// Drops every entry `keep` says no to.
-    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| keep(k));
+        self.entries.invalidate(key);
     }
 
     pub fn clear(&self) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.entries.invalidate_all();
     }
 
     pub fn insert(&self, key: K, value: V) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= self.capacity {
-            entries.clear();
+        self.entries.insert(key, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_kept_for_its_ttl_only() {
+        let cache = TtlCache::new(Duration::from_millis(50), 10);
+        cache.insert("a", 1);
+        assert_eq!(cache.get(&"a"), Some(1));
+        cache.remove(&"a");
+        assert_eq!(cache.get(&"a"), None);
+        cache.insert("b", 2);
+        assert_eq!(cache.get(&"b"), Some(2));
+        let written = std::time::Instant::now();
+        // moka reads its own clock: wait on the condition, with a deadline.
+        while cache.get(&"b").is_some() {
+            assert!(written.elapsed() < Duration::from_secs(5), "never expired");
+            std::thread::yield_now();
         }
-        entries.insert(key, (Instant::now(), value));
     }
 }

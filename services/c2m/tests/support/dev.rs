@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
-use c2m_test_support::{TestDatabase, TestRedis};
+use c2m_test_support::{TestDatabase, TestRedis, free_port};
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
@@ -180,15 +180,9 @@ impl Dev {
     }
 }
 
-/// A port nothing listens on now, for a server that must keep its address across a restart.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// The five roles as separate `c2m serve` processes, each knowing the others by address.
+/// The five roles as separate `c2m serve` processes, each knowing the others by address: the
+/// addresses are chosen before any process starts (each must know the others'), and kept across
+/// a restart.
 pub struct Mesh {
     /// handoff, routing, channel-gateway, config, reporting: `None` once killed.
     pub servers: Vec<Option<Dev>>,
