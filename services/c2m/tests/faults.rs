@@ -16,31 +16,47 @@ use support::{
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-/// The IVR's retries under one key while the answer says "retry", after the delay it carries,
-/// for up to 30 s.
+/// The IVR's retries under one key while the answer says "retry" (or the server is away),
+/// after the delay it carries, for up to 30 s.
 async fn retry_until_answered(
     channel: &Channel,
     api_key: &str,
     request: pb::CreateHandoffRequest,
 ) -> pb::Handoff {
+    answered(channel, api_key, request).await.0
+}
+
+/// [`retry_until_answered`], with how many answers said "retry" first.
+async fn answered(
+    channel: &Channel,
+    api_key: &str,
+    request: pb::CreateHandoffRequest,
+) -> (pb::Handoff, usize) {
     let until = Instant::now() + Duration::from_secs(30);
     let mut client = HandoffServiceClient::new(channel.clone());
+    let mut retries = 0;
     loop {
         match client
             .create_handoff(authed(request.clone(), api_key))
             .await
         {
-            Ok(answer) => return answer.into_inner().handoff.expect("handoff"),
+            Ok(answer) => return (answer.into_inner().handoff.expect("handoff"), retries),
             Err(status)
+                // What a server that is away or dying answers (a broken connection reads as
+                // UNKNOWN or CANCELLED), and what an unfinished handoff answers: retry, same key.
                 if matches!(
                     status.code(),
-                    tonic::Code::Aborted | tonic::Code::Unavailable
+                    tonic::Code::Aborted
+                        | tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
                 ) && Instant::now() < until =>
             {
                 let wait = status
                     .get_details_retry_info()
                     .and_then(|r| r.retry_delay)
                     .unwrap_or(Duration::from_millis(200));
+                retries += 1;
                 tokio::time::sleep(wait).await;
             }
             Err(status) => panic!("the retry was refused: {status:?}"),
@@ -172,4 +188,105 @@ async fn a_gateway_killed_after_the_provider_took_the_message_does_not_send_it_t
         "Twilio never answered: unconfirmed until its reports come"
     );
     assert_eq!(twilio.sent().len(), 1, "one message");
+}
+
+/// Routing, Config, Reporting and Handoff itself are each killed with SIGKILL and started again,
+/// one after another, while an IVR keeps deflecting callers (retrying under the same key while
+/// told to, as an IVR does). Every caller gets exactly one message, counted at the provider, and
+/// once every role is back the funnel counts each handoff once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_killed_in_turn_under_handoffs_costs_no_message_and_no_count() {
+    const CALLERS: usize = 40;
+    let (db, redis, twilio) = (
+        TestDatabase::create().await,
+        TestRedis::new().await,
+        TwilioEmulator::start().await,
+    );
+    let mut mesh = Mesh::start(&db, &redis, environment(&twilio)).await;
+    let channels = mesh.channels.clone();
+    let api_key = onboard_on(&channels[3], &channels[2], &twilio).await;
+    let phone = |i: usize| format!("+1415555{:04}", 4000 + i);
+
+    let ivr = {
+        let (handoff, api_key) = (channels[0].clone(), api_key.clone());
+        tokio::spawn(async move {
+            let mut calls = Vec::new();
+            for i in 0..CALLERS {
+                let request = request(&phone(i), &format!("killed-{i}"));
+                calls.push(answered(&handoff, &api_key, request).await);
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            calls
+        })
+    };
+    // Roles by their place in the mesh: routing, config, reporting, then handoff.
+    for (turn, role) in [1, 3, 4, 0].into_iter().enumerate() {
+        let progress = (turn + 1) * CALLERS / 5;
+        eventually(
+            "the ivr gets on with its calls",
+            Duration::from_secs(60),
+            || async { twilio.sent().len() >= progress },
+        )
+        .await;
+        mesh.kill_and_restart(role, &db, &redis).await;
+    }
+    let (answered, retries): (Vec<pb::Handoff>, Vec<usize>) =
+        ivr.await.expect("the ivr's calls end").into_iter().unzip();
+    assert!(
+        answered
+            .iter()
+            .all(|h| h.status == HandoffStatus::Sent as i32),
+        "{answered:?}"
+    );
+    // The outages were felt: calls were refused with "retry" while a role was down.
+    assert!(retries.iter().sum::<usize>() > 0, "no call met an outage");
+    let mut to: Vec<String> = twilio
+        .sent()
+        .iter()
+        .map(|m| m.field("To").to_owned())
+        .collect();
+    to.sort();
+    let expected: Vec<String> = (0..CALLERS).map(phone).collect();
+    assert_eq!(to, expected, "one message for each caller, no more");
+
+    // The funnel, once the outboxes have shipped what the outages held back.
+    let admin = support::acme::token(c2m_runtime::auth::Role::Admin, Some("acme"));
+    let count = |stage: pb::FunnelStage| {
+        let (reporting, admin) = (channels[4].clone(), admin.clone());
+        async move {
+            let funnel =
+                c2m_proto::v1::reporting_service_client::ReportingServiceClient::new(reporting)
+                    .get_funnel(authed(
+                        pb::GetFunnelRequest {
+                            account_id: "acme".into(),
+                            start_time: Some(c2m_proto::timestamp(
+                                chrono::Utc::now() - chrono::Duration::hours(1),
+                            )),
+                            end_time: Some(c2m_proto::timestamp(
+                                chrono::Utc::now() + chrono::Duration::hours(1),
+                            )),
+                            group_by: pb::FunnelGrouping::Unspecified as i32,
+                        },
+                        &admin,
+                    ))
+                    .await;
+            funnel
+                .ok()
+                .into_iter()
+                .flat_map(|f| f.into_inner().rows)
+                .flat_map(|r| r.counts)
+                .filter(|c| c.stage == stage as i32)
+                .map(|c| c.count)
+                .sum::<u64>()
+        }
+    };
+    eventually(
+        "every handoff counted once",
+        Duration::from_secs(30),
+        || async {
+            count(pb::FunnelStage::Attempted).await == CALLERS as u64
+                && count(pb::FunnelStage::Sent).await == CALLERS as u64
+        },
+    )
+    .await;
 }

@@ -248,6 +248,14 @@ impl Mesh {
         self.serve(i, db, redis).await
     }
 
+    /// Role `i` killed with SIGKILL, started again on its address, and serving.
+    pub async fn kill_and_restart(&mut self, i: usize, db: &TestDatabase, redis: &TestRedis) {
+        self.servers[i].take().expect("running").kill9().await;
+        let server = self.serve(i, db, redis).await;
+        server.until_serving_only(&[ROLES[i].1]).await;
+        self.servers[i] = Some(server);
+    }
+
     /// Every role stopped with SIGTERM, each given `deadline` to exit.
     pub async fn stop(&mut self, deadline: Duration) {
         for server in self.servers.iter_mut().flatten() {
