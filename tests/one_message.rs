@@ -90,6 +90,33 @@ async fn a_redis_that_lost_its_data_does_not_let_a_second_handoff_message_the_co
     drop(redis);
 }
 
+/// Redis dies between two calls for one consumer: the second is decided in Handoff's memory,
+/// which never saw the first (Redis admitted it). The handoffs PostgreSQL has answer: the
+/// consumer is held by the first, and gets one message. Before, the second was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_died_does_not_let_a_second_handoff_message_the_consumer() {
+    let (redis, story, key) = on_own_redis().await;
+    let consumer = "+14155550710";
+    let first = story
+        .deflect(handoff_request("acme", consumer, "died-1"), &key)
+        .await;
+    assert_eq!(first.status, HandoffStatus::Sent as i32);
+
+    redis.stop();
+    let second = story
+        .deflect(handoff_request("acme", consumer, "died-2"), &key)
+        .await;
+    assert_eq!(second.status, HandoffStatus::SkippedRecentHandoff as i32);
+    assert_eq!(second.duplicate_of, first.handoff_id);
+    assert_eq!(sms_to(&story, consumer), 1, "one message");
+    // Another consumer is deflected as usual meanwhile.
+    let other = story
+        .deflect(handoff_request("acme", "+14155550711", "died-3"), &key)
+        .await;
+    assert_eq!(other.status, HandoffStatus::Sent as i32);
+    story.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_that_sent_nothing_gives_the_consumer_back() {
     let story = Story::start(Topology::Dev).await;

@@ -27,7 +27,10 @@ use std::{
 use c2m_storage::{RedisHandle, redis::Breaker};
 
 pub use crate::passage::{Ask, Decision, Passage};
-use crate::{local_gate::LocalGate, store::HandoffStore};
+use crate::{
+    local_gate::LocalGate,
+    store::{HandoffStore, Recent},
+};
 
 const SCRIPT: &str = r"
 local t = redis.call('TIME')
@@ -104,6 +107,9 @@ pub struct Gate {
     /// Accounts this replica admitted from memory, and when it last did: Redis does not know of
     /// those admissions, so their windows are filled in from PostgreSQL once it answers again.
     decided_here: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Accounts whose recent handoffs this replica took in from PostgreSQL since Redis went
+    /// away; forgotten when Redis answers again (the next outage takes them in afresh).
+    seeded: Arc<Mutex<std::collections::HashSet<String>>>,
     window: Duration,
     idempotency_ttl: Duration,
     consumer_lease: Duration,
@@ -129,6 +135,7 @@ impl Gate {
             release: redis::Script::new(RELEASE),
             seed: redis::Script::new(SEED),
             decided_here: Arc::default(),
+            seeded: Arc::default(),
             window,
             idempotency_ttl,
             consumer_lease,
@@ -150,6 +157,10 @@ impl Gate {
                 Ok(decision) => {
                     if self.breaker.succeeded() {
                         tracing::info!("redis is back: exact limits again");
+                        self.seeded
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clear();
                     }
                     return decision;
                 }
@@ -164,7 +175,61 @@ impl Gate {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(ask.account_id.to_owned(), Instant::now());
+        if !self.seeded(ask.account_id) {
+            self.seed_local(ask.account_id).await;
+        }
         self.local.pass(ask, Instant::now())
+    }
+
+    /// Whether this replica took in PostgreSQL's view of the account since Redis went away.
+    fn seeded(&self, account_id: &str) -> bool {
+        self.seeded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(account_id)
+    }
+
+    /// The first decision from memory for an account since Redis went away: the handoffs Redis
+    /// admitted until then are only in Redis and PostgreSQL, so this replica takes them in from
+    /// PostgreSQL (its window, and the consumers they hold), or a second handoff for a consumer
+    /// Redis admitted a moment ago would message them again.
+    async fn seed_local(&self, account_id: &str) {
+        self.seeded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(account_id.to_owned());
+        let span = self.window.max(self.consumer_lease);
+        let recent = match self.store.recent(account_id, span).await {
+            Ok(recent) => recent,
+            Err(error) => {
+                tracing::warn!(account_id, %error, "deciding from memory without postgresql's recent handoffs");
+                return;
+            }
+        };
+        let admitted: Vec<Duration> = recent
+            .iter()
+            .filter(|r| r.age < self.window)
+            .map(|r| r.age)
+            .collect();
+        let leases = latest_leases(&recent, self.consumer_lease);
+        let leases: Vec<(&str, &str, Duration)> = leases
+            .iter()
+            .map(|(consumer, held)| {
+                (
+                    *consumer,
+                    held.handoff_id.as_str(),
+                    self.consumer_lease.saturating_sub(held.age),
+                )
+            })
+            .collect();
+        tracing::info!(
+            account_id,
+            admissions = admitted.len(),
+            leases = leases.len(),
+            "deciding from memory: window and consumer leases taken in from postgresql"
+        );
+        self.local
+            .seed(account_id, &admitted, &leases, Instant::now());
     }
 
     /// The decision from Redis, the account's window filled in first where Redis lacks
@@ -201,17 +266,7 @@ impl Gate {
             .recent(account_id, self.window.max(self.consumer_lease))
             .await?;
         let admissions: Vec<_> = recent.iter().filter(|r| r.age < self.window).collect();
-        // The latest handoff that holds each consumer, for what is left of its lease.
-        let mut leases: HashMap<&str, &crate::store::Recent> = HashMap::new();
-        for held in recent
-            .iter()
-            .filter(|r| r.holds_consumer && r.age < self.consumer_lease)
-        {
-            let latest = leases.entry(held.consumer_phone.as_str()).or_insert(held);
-            if held.age < latest.age {
-                *latest = held;
-            }
-        }
+        let leases = latest_leases(&recent, self.consumer_lease);
         tracing::info!(
             account_id,
             admissions = admissions.len(),
@@ -350,4 +405,16 @@ pub enum GateError {
     Redis(#[from] redis::RedisError),
     #[error("reading the last window's handoffs: {0}")]
     Db(#[from] sqlx::Error),
+}
+
+/// The latest handoff that holds each consumer, among `recent`, within `lease`.
+fn latest_leases(recent: &[Recent], lease: Duration) -> HashMap<&str, &Recent> {
+    let mut leases: HashMap<&str, &Recent> = HashMap::new();
+    for held in recent.iter().filter(|r| r.holds_consumer && r.age < lease) {
+        let latest = leases.entry(held.consumer_phone.as_str()).or_insert(held);
+        if held.age < latest.age {
+            *latest = held;
+        }
+    }
+    leases
 }

@@ -120,6 +120,41 @@ impl LocalGate {
         }
     }
 
+    /// What PostgreSQL knows of an account's last window and leases, taken in when this replica
+    /// starts deciding for it from memory: the handoffs Redis admitted before it went away count
+    /// against the window, and hold their consumers, here too. `admitted`: the ages of the
+    /// window's admissions; `leases`: each held consumer, its handoff and what is left of its
+    /// lease. What this replica decided itself is kept.
+    pub fn seed(
+        &self,
+        account_id: &str,
+        admitted: &[Duration],
+        leases: &[(&str, &str, Duration)],
+        now: Instant,
+    ) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let log = state.admitted.entry(account_id.to_owned()).or_default();
+        let mut at: Vec<Instant> = admitted
+            .iter()
+            .filter_map(|age| now.checked_sub(*age))
+            .chain(log.drain(..))
+            .collect();
+        at.sort();
+        log.extend(at);
+        for (consumer, handoff_id, left) in leases {
+            let key = (account_id.to_owned(), (*consumer).to_owned());
+            let live = state
+                .leases
+                .get(&key)
+                .is_some_and(|(until, _)| *until > now);
+            if !live {
+                state
+                    .leases
+                    .insert(key, (now + *left, (*handoff_id).to_owned()));
+            }
+        }
+    }
+
     /// Forgets the claim and the lease `ask` took, where they still name its handoff.
     pub fn release(&self, ask: Ask<'_>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -250,5 +285,37 @@ mod tests {
             gate.pass(ask("h1", "+1"), start).passage,
             Passage::Admitted { .. }
         ));
+    }
+
+    /// What Redis admitted before it went away, taken in from PostgreSQL, holds here: the
+    /// consumer a handoff messaged is busy, and the window's admissions count.
+    #[test]
+    fn what_postgresql_knew_counts_once_taken_in() {
+        let gate = gate(1);
+        let now = Instant::now();
+        let admitted = vec![Duration::from_millis(100); 9];
+        gate.seed(
+            "acme",
+            &admitted,
+            &[("+14155550123", "ho_redis", Duration::from_secs(5))],
+            now,
+        );
+        assert_eq!(
+            gate.pass(ask("h1", "+14155550123"), now).passage,
+            Passage::ConsumerBusy {
+                handoff_id: "ho_redis".into()
+            }
+        );
+        assert!(matches!(
+            gate.pass(ask("h2", "+14155550124"), now).passage,
+            Passage::Admitted { .. }
+        ));
+        assert!(
+            matches!(
+                gate.pass(ask("h3", "+14155550125"), now).passage,
+                Passage::Limited { .. }
+            ),
+            "nine taken in and one here fill a limit of ten"
+        );
     }
 }
