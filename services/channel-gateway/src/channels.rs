@@ -7,7 +7,7 @@ use prost::Message;
 use tonic::Status;
 
 use crate::{
-    Service, credentials, devices, google, meta,
+    Service, credentials, db_status, devices, google, meta,
     outcome::{Refusal, SendOutcome},
     push, rbm,
     sandbox::{self, Player},
@@ -22,10 +22,6 @@ pub(crate) enum Capability {
     NoCredentials,
     /// RBM did not answer; the send itself will tell (and the handoff falls back).
     Unknown(String),
-}
-
-fn db_status(error: sqlx::Error) -> Status {
-    c2m_storage::postgres::db_status("gateway", error)
 }
 
 /// An account's credentials for one provider, as a send needs them.

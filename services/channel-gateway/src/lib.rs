@@ -20,6 +20,7 @@ mod push;
 pub mod rbm;
 mod retry;
 mod sandbox;
+mod sending;
 pub mod twilio;
 mod webhooks;
 mod window;
@@ -204,4 +205,9 @@ impl Service {
                 }
             })
     }
+}
+
+/// A storage error as the status an RPC answers with (UNAVAILABLE while PostgreSQL is away).
+pub(crate) fn db_status(error: sqlx::Error) -> tonic::Status {
+    c2m_storage::postgres::db_status("gateway", error)
 }
