@@ -170,6 +170,17 @@ async fn over_the_limit_rest_answers_429_with_retry_after() {
         error["details"][0]["@type"],
         "type.googleapis.com/google.rpc.RetryInfo"
     );
+    // The same reason a gRPC client gets, for an IVR to act on.
+    let info = error["details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["@type"] == "type.googleapis.com/google.rpc.ErrorInfo")
+        .unwrap_or_else(|| panic!("no ErrorInfo in {error}"));
+    assert_eq!(
+        (info["reason"].as_str(), info["metadata"]["limit"].as_str()),
+        (Some("RATE_LIMITED"), Some("1"))
+    );
     story.stop().await;
 }
 

@@ -82,6 +82,15 @@ pub fn error_response(status: &tonic::Status) -> Response {
             "retryDelay": format!("{:.3}s", delay.as_secs_f64()),
         }));
     }
+    // The reason a client can act on without parsing the message.
+    if let Some(info) = parsed.error_info() {
+        details.push(serde_json::json!({
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": info.reason,
+            "domain": info.domain,
+            "metadata": info.metadata,
+        }));
+    }
     let body = serde_json::json!({
         "code": status.code() as i32,
         "status": code_name(status.code()),
