@@ -633,7 +633,10 @@ async fn concurrent_flushes_share_the_work() {
         .deflect(handoff_request("acme", CALLER, "call-1"), &api_key)
         .await;
 
-    // A burst of replies that find no deflection: each asks Handoff to flush at once.
+    // A burst of replies that find no deflection: each asks Handoff to flush at once. Flushes
+    // are counted from here (the metrics are the process's; other tests may share it).
+    let series = "c2m_outbox_flushes_total{outbox=\"deflection_outbox\"}";
+    let before = story.metric(series).await.unwrap_or(0.0) as usize;
     const CALLS: usize = 32;
     let service =
         c2m_runtime::auth::TokenKey::new(crate::story::SECRET.as_bytes()).service_token("routing");
@@ -656,10 +659,7 @@ async fn concurrent_flushes_share_the_work() {
 
     // Each call returned once a flush that started after it had finished; calls that waited
     // for the same flush shared it.
-    let runs = story
-        .metric("c2m_outbox_flushes_total{outbox=\"deflection_outbox\"}")
-        .await
-        .expect("flushes counted") as usize;
+    let runs = story.metric(series).await.expect("flushes counted") as usize - before;
     assert!(
         (1..=CALLS / 4).contains(&runs),
         "{runs} flushes for {CALLS} concurrent calls"
