@@ -248,9 +248,13 @@ impl Mesh {
         self.serve(i, db, redis).await
     }
 
-    /// Role `i` killed with SIGKILL, started again on its address, and serving.
-    pub async fn kill_and_restart(&mut self, i: usize, db: &TestDatabase, redis: &TestRedis) {
+    /// Role `i` killed with SIGKILL.
+    pub async fn kill(&mut self, i: usize) {
         self.servers[i].take().expect("running").kill9().await;
+    }
+
+    /// Role `i` started again on its address (after [`Mesh::kill`]), and serving.
+    pub async fn start_again(&mut self, i: usize, db: &TestDatabase, redis: &TestRedis) {
         let server = self.serve(i, db, redis).await;
         server.until_serving_only(&[ROLES[i].1]).await;
         self.servers[i] = Some(server);
