@@ -1,160 +1,20 @@
 //! The `c2m.v1.RoutingService` RPCs.
 
 use c2m_proto::v1::{self as pb, Channel, FunnelStage, routing_service_server::RoutingService};
-use c2m_runtime::{
-    mask_phone,
-    status::{FieldViolations, invalid_field},
-};
+use c2m_runtime::status::{FieldViolations, invalid_field};
 use prost::Message;
-use redis::AsyncCommands;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    Service, consent,
-    conversations::{self, Inbound, RouteError},
+    Service,
+    conversations::Inbound,
+    db_status,
     deflections::{self, Consumer, Deflection},
+    required,
 };
 
 /// The most deflections one RecordDeflections call may carry.
 const MAX_DEFLECTIONS: usize = 1000;
-
-/// Replies count within this many hours when the account's setting cannot be read.
-const DEFAULT_LOOKBACK_HOURS: u32 = 24;
-
-fn db_status(error: sqlx::Error) -> Status {
-    c2m_storage::postgres::db_status("routing", error)
-}
-
-fn required(violations: &mut FieldViolations, field: &str, value: &str) {
-    if value.is_empty() {
-        violations.add(field, "required");
-    }
-}
-
-/// How long an open-conversation lease lives without being written again. PostgreSQL holds the
-/// fact; the lease only spares Handoff the read. It expires so that one Redis could not delete
-/// (the conversation closed while Redis was away) stops blocking the consumer within this time.
-const LEASE_TTL_SECS: u64 = 15 * 60;
-
-impl Service {
-    /// Validates and records an opt-out or opt-in.
-    async fn record_consent(
-        &self,
-        account_id: &str,
-        consumer_phone: &str,
-        channel: i32,
-        source: &str,
-        opted_in: bool,
-    ) -> Result<(), Status> {
-        let mut violations = FieldViolations::new();
-        required(&mut violations, "account_id", account_id);
-        required(&mut violations, "consumer_phone", consumer_phone);
-        if source.len() > 128 {
-            violations.add("source", "at most 128 characters");
-        }
-        let channel = match Channel::try_from(channel) {
-            Ok(Channel::Unspecified) | Err(_) => {
-                violations.add("channel", "a channel is required");
-                Channel::Unspecified
-            }
-            Ok(channel) => channel,
-        };
-        violations.into_result()?;
-        let change = consent::Change {
-            account_id,
-            consumer_phone,
-            channel,
-            source,
-            opted_in,
-        };
-        if consent::record(self.db.pool(), &change)
-            .await
-            .map_err(db_status)?
-        {
-            self.relay.wake();
-            tracing::info!(account_id, consumer = %mask_phone(consumer_phone), channel = channel.as_str_name(), source, opted_in, "consent changed");
-        }
-        Ok(())
-    }
-
-    pub(crate) async fn set_lease(
-        &self,
-        account_id: &str,
-        consumer: &str,
-        conversation_id: Option<&str>,
-    ) {
-        if self.breaker.is_open() {
-            return;
-        }
-        let key = self.lease_key(account_id, consumer);
-        let result = match self.redis.connection().await {
-            Ok(mut redis) => match conversation_id {
-                Some(id) => redis.set_ex::<_, _, ()>(&key, id, LEASE_TTL_SECS).await,
-                None => redis.del::<_, ()>(&key).await,
-            },
-            Err(error) => Err(error),
-        };
-        match result {
-            Ok(()) => {
-                if self.breaker.succeeded() {
-                    tracing::info!("redis is back: open-conversation leases written again");
-                }
-            }
-            Err(error) => {
-                if self.breaker.failed() {
-                    tracing::warn!(%error, consumer = %mask_phone(consumer), "redis unavailable: open-conversation leases not written (PostgreSQL still decides)");
-                }
-            }
-        }
-    }
-
-    /// Has Handoff ship the deflections it committed and Routing has not seen yet. A reply must
-    /// not be given up on while its deflection may be among them: when Handoff cannot be asked,
-    /// the caller is told to retry (the gateway has the provider deliver the reply again).
-    async fn flush_deflections(&self) -> Result<(), Status> {
-        match self
-            .peers
-            .handoff()
-            .flush_deflections(pb::FlushDeflectionsRequest {})
-            .await
-        {
-            Ok(flushed) => {
-                let shipped = flushed.into_inner().shipped;
-                if shipped > 0 {
-                    tracing::info!(shipped, "a reply arrived before its deflection: flushed");
-                }
-                Ok(())
-            }
-            Err(status) => {
-                tracing::warn!(%status, "cannot have Handoff flush its deflections");
-                Err(Status::unavailable(
-                    "cannot ask Handoff for deflections not yet shipped to Routing; retry",
-                ))
-            }
-        }
-    }
-
-    async fn lookback_hours(&self, account_id: &str) -> u32 {
-        match self
-            .peers
-            .config()
-            .get_account(pb::GetAccountRequest {
-                account_id: account_id.to_owned(),
-            })
-            .await
-        {
-            Ok(response) => response
-                .into_inner()
-                .account
-                .and_then(|a| a.settings)
-                .map_or(DEFAULT_LOOKBACK_HOURS, |s| s.reply_lookback_hours),
-            Err(status) => {
-                tracing::warn!(%status, account_id, "account settings unavailable, using the default lookback");
-                DEFAULT_LOOKBACK_HOURS
-            }
-        }
-    }
-}
 
 #[tonic::async_trait]
 impl RoutingService for Service {
@@ -292,7 +152,7 @@ impl RoutingService for Service {
         required(&mut violations, "account_id", &r.account_id);
         required(&mut violations, "consumer_address", &r.consumer_address);
         violations.into_result()?;
-        let mut inbound = Inbound {
+        let inbound = Inbound {
             account_id: &r.account_id,
             consumer: &r.consumer_address,
             channel: Channel::try_from(r.channel).unwrap_or_default(),
@@ -306,51 +166,7 @@ impl RoutingService for Service {
             lookback_hours: self.lookback_hours(&r.account_id).await,
             any_channel: false,
         };
-        // Two replies racing to open the conversation: the unique index lets one win; the other
-        // retries and appends to it. A reply that finds no deflection, or only one on another
-        // channel (its fallback to this channel may not be here yet), asks Handoff for the ones
-        // still in its outbox, and looks once more, then taking the latest on any channel.
-        let (mut raced, mut flushed) = (false, false);
-        let routed = loop {
-            let mut tx = self.db.pool().begin().await.map_err(db_status)?;
-            match conversations::route(&mut tx, &inbound).await {
-                Ok(routed) => match tx.commit().await {
-                    Ok(()) => break routed,
-                    Err(e) => return Err(db_status(e)),
-                },
-                Err(RouteError::Db(sqlx::Error::Database(e)))
-                    if e.is_unique_violation() && !raced =>
-                {
-                    raced = true;
-                }
-                Err(RouteError::Db(e)) => return Err(db_status(e)),
-                Err(RouteError::NoDeflection(_) | RouteError::OtherChannel(_)) if !flushed => {
-                    drop(tx);
-                    flushed = true;
-                    inbound.any_channel = true;
-                    self.flush_deflections().await?;
-                }
-                Err(e @ (RouteError::NoDeflection(_) | RouteError::OtherChannel(_))) => {
-                    return Err(Status::failed_precondition(e.to_string()));
-                }
-            }
-        };
-        if routed.opened {
-            self.set_lease(
-                &r.account_id,
-                &r.consumer_address,
-                Some(&routed.conversation_id),
-            )
-            .await;
-            self.relay.wake();
-            tracing::info!(
-                account_id = %r.account_id,
-                conversation_id = %routed.conversation_id,
-                handoff_id = %routed.handoff_id,
-                consumer = %mask_phone(&r.consumer_address),
-                "conversation opened"
-            );
-        }
+        let routed = self.route_reply(inbound).await?;
         Ok(Response::new(pb::RouteInboundMessageResponse {
             conversation_id: routed.conversation_id,
             opened: routed.opened,

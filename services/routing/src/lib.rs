@@ -14,6 +14,8 @@ mod deflections;
 mod desk;
 mod grpc;
 mod idle;
+mod inbound;
+mod leases;
 mod log;
 mod rest;
 
@@ -142,8 +144,20 @@ impl Service {
                 .with_draining(self.closing.clone()),
         ]
     }
+}
 
-    fn lease_key(&self, account_id: &str, consumer: &str) -> String {
-        self.redis.conversation_lease_key(account_id, consumer)
+/// A storage error as the status an RPC answers with (UNAVAILABLE while PostgreSQL is away).
+pub(crate) fn db_status(error: sqlx::Error) -> tonic::Status {
+    c2m_storage::postgres::db_status("routing", error)
+}
+
+/// Adds a violation when `value` is empty.
+pub(crate) fn required(
+    violations: &mut c2m_runtime::status::FieldViolations,
+    field: &str,
+    value: &str,
+) {
+    if value.is_empty() {
+        violations.add(field, "required");
     }
 }
