@@ -135,14 +135,8 @@ fn retry_after(response: &reqwest::Response) -> Option<Duration> {
 
 /// 100 ms, 200 ms, 400 ms, … with up to half again of jitter, so replicas do not retry in step.
 pub fn backoff(attempt: u32) -> Duration {
-    jittered(Duration::from_millis(100 * (1 << attempt.min(5))))
-}
-
-/// `base` and up to half again, at random.
-pub fn jittered(base: Duration) -> Duration {
-    let mut byte = [0u8; 1];
-    let jitter = getrandom::fill(&mut byte).map_or(0, |()| u64::from(byte[0]));
-    base + base.mul_f64(jitter as f64 / 510.0)
+    c2m_runtime::backoff::Backoff::new(Duration::from_millis(100), Duration::from_millis(3_200))
+        .jittered(attempt)
 }
 
 #[cfg(test)]

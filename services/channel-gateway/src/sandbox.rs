@@ -208,7 +208,7 @@ const MAX_PAUSE: Duration = Duration::from_secs(30);
 /// So a webhook c2m could not take (PostgreSQL restarting: 503) still arrives, and the sandbox's
 /// funnel matches what a real provider's would be.
 async fn deliver(url: &str, request: impl Fn() -> reqwest::RequestBuilder) {
-    let mut pause = Duration::from_millis(500);
+    let pauses = c2m_runtime::backoff::Backoff::new(Duration::from_millis(500), MAX_PAUSE);
     for attempt in 1..=ATTEMPTS {
         let why = match request().send().await {
             Ok(response) if response.status().is_success() => return,
@@ -219,9 +219,9 @@ async fn deliver(url: &str, request: impl Fn() -> reqwest::RequestBuilder) {
             tracing::warn!(url, attempts = attempt, %why, "sandbox webhook given up (is channel_gateway.public_url reachable?)");
             return;
         }
+        let pause = pauses.jittered(attempt - 1);
         tracing::info!(url, attempt, %why, retry_in = ?pause, "sandbox webhook not taken; posting it again");
-        tokio::time::sleep(crate::retry::jittered(pause)).await;
-        pause = (pause * 2).min(MAX_PAUSE);
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -198,8 +198,10 @@ const CLAIM_MARGIN: Duration = Duration::from_secs(2);
 /// whether it was made), trying for as long as the claim would otherwise hold.
 async fn take_back(pool: sqlx::PgPool, claim: Arc<Outbound>) {
     let until = Instant::now() + RECORD_PERSISTENCE;
-    let mut pause = Duration::from_millis(50);
-    loop {
+    let pauses =
+        c2m_runtime::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    for retry in 0.. {
+        let pause = pauses.delay(retry);
         let deleted = sqlx::query(
             "DELETE FROM outbound_messages WHERE message_id = $1 AND claimed_by = $2 \
              AND provider_message_id IS NULL",
@@ -213,7 +215,6 @@ async fn take_back(pool: sqlx::PgPool, claim: Arc<Outbound>) {
             Err(error) if Instant::now() + pause < until => {
                 tracing::debug!(%error, message_id = %claim.message_id, "unused claim not taken back yet");
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
             }
             Err(error) => {
                 tracing::error!(%error, message_id = %claim.message_id, "unused claim never taken back: it will read as unconfirmed");

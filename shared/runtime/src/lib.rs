@@ -6,6 +6,7 @@
 
 pub mod api_keys;
 pub mod auth;
+pub mod backoff;
 pub mod cache;
 pub mod config_changes;
 pub mod health;

@@ -130,17 +130,19 @@ where
         give_up: Instant,
         mut retrying: impl FnMut(&sqlx::Error, Duration),
     ) -> Result<S::Output, sqlx::Error> {
-        let mut pause = Duration::from_millis(50);
-        loop {
+        let pauses =
+            c2m_runtime::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        for retry in 0.. {
+            let pause = pauses.delay(retry);
             match self.run(row.clone()).await {
                 Err(error) if Instant::now() + pause < give_up => {
                     retrying(&error, pause);
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
                 }
                 answer => return answer,
             }
         }
+        unreachable!("the tries end with an answer")
     }
 }
 

@@ -198,7 +198,7 @@ impl<D: Destination> Relay<D> {
             let pause = if failures == 0 {
                 POLL
             } else {
-                POLL.saturating_mul(1 << failures.min(6)).min(MAX_BACKOFF)
+                c2m_runtime::backoff::Backoff::new(POLL, MAX_BACKOFF).delay(failures)
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -90,17 +90,10 @@ pub(crate) async fn post(http: &reqwest::Client, m: &Message<'_>) -> WebhookDeli
     }
 }
 
-/// How long to wait before attempt `attempt + 1`: doubling from `base` up to `max`, a random
-/// point in its upper half, so endpoints failing together do not retry together.
+/// How long to wait before attempt `attempt + 1`: doubling from `base` up to `max`, with up to
+/// half again at random, so endpoints failing together do not retry together.
 pub(crate) fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
-    let doubled = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let ceiling = doubled.min(max);
-    let mut byte = [0u8; 2];
-    let jitter = match getrandom::fill(&mut byte) {
-        Ok(()) => f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX),
-        Err(_) => 0.5,
-    };
-    ceiling.mul_f64(0.5 + jitter / 2.0)
+    c2m_runtime::backoff::Backoff::new(base, max).jittered(attempt.saturating_sub(1))
 }
 
 #[cfg(test)]
@@ -136,9 +129,9 @@ mod tests {
         let (base, max) = (Duration::from_secs(1), Duration::from_secs(60));
         for attempt in 1..30 {
             let wait = backoff(attempt, base, max);
-            let ceiling = base.saturating_mul(1u32 << (attempt - 1).min(20)).min(max);
+            let floor = base.saturating_mul(1u32 << (attempt - 1).min(20)).min(max);
             assert!(
-                wait >= ceiling / 2 && wait <= ceiling,
+                wait >= floor && wait <= floor.mul_f64(1.5).min(max),
                 "{attempt}: {wait:?}"
             );
         }
