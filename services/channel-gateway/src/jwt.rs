@@ -2,11 +2,7 @@
 //! token endpoint (service accounts, for RCS and FCM) and ES256 provider tokens for APNs. Keys
 //! arrive as PKCS#8 PEM, as Google's service-account JSON and Apple's `.p8` files carry them.
 
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use ring::{
-    rand::SystemRandom,
-    signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, RSA_PKCS1_SHA256, RsaKeyPair},
-};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::Value;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -17,82 +13,85 @@ pub enum KeyError {
     Key(&'static str),
 }
 
-/// The DER inside a `-----BEGIN PRIVATE KEY-----` block.
-pub fn pkcs8_from_pem(pem: &str) -> Result<Vec<u8>, KeyError> {
-    let body = pem
-        .split("-----BEGIN PRIVATE KEY-----")
-        .nth(1)
-        .and_then(|rest| rest.split("-----END PRIVATE KEY-----").next())
-        .ok_or(KeyError::Pem)?;
-    let compact: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(compact)
-        .map_err(|_| KeyError::Pem)
+/// A signing key read from PEM, refused at once (not at its first use) when it cannot sign.
+fn key(
+    pem: &str,
+    algorithm: Algorithm,
+    kind: &'static str,
+    read: fn(&[u8]) -> jsonwebtoken::errors::Result<EncodingKey>,
+) -> Result<EncodingKey, KeyError> {
+    if !pem.contains("-----BEGIN PRIVATE KEY-----") {
+        return Err(KeyError::Pem);
+    }
+    let key = read(pem.as_bytes()).map_err(|_| KeyError::Key(kind))?;
+    jsonwebtoken::encode(&Header::new(algorithm), &serde_json::json!({}), &key)
+        .map_err(|_| KeyError::Key(kind))?;
+    Ok(key)
 }
 
-fn signing_input(header: &Value, claims: &Value) -> String {
-    format!(
-        "{}.{}",
-        URL_SAFE_NO_PAD.encode(header.to_string()),
-        URL_SAFE_NO_PAD.encode(claims.to_string())
-    )
+/// `header`'s `kid` and `typ` on a header for `algorithm`.
+fn header(algorithm: Algorithm, header: &Value) -> Header {
+    Header {
+        kid: header["kid"].as_str().map(str::to_owned),
+        typ: header["typ"].as_str().map(str::to_owned),
+        ..Header::new(algorithm)
+    }
 }
 
-/// An RSA key that signs RS256 tokens.
-#[derive(Debug)]
-pub struct Rs256(RsaKeyPair);
+/// An RSA key signing RS256 (RSASSA-PKCS1-v1_5 with SHA-256).
+pub struct Rs256(EncodingKey);
+
+impl std::fmt::Debug for Rs256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rs256(*****)")
+    }
+}
 
 impl Rs256 {
     pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
-        RsaKeyPair::from_pkcs8(&pkcs8_from_pem(pem)?)
-            .map(Self)
-            .map_err(|_| KeyError::Key("RSA"))
+        key(pem, Algorithm::RS256, "RSA", EncodingKey::from_rsa_pem).map(Self)
     }
 
-    pub fn sign(&self, header: &Value, claims: &Value) -> String {
-        let input = signing_input(header, claims);
-        let mut signature = vec![0; self.0.public().modulus_len()];
-        self.0
-            .sign(
-                &RSA_PKCS1_SHA256,
-                &SystemRandom::new(),
-                input.as_bytes(),
-                &mut signature,
-            )
-            .expect("an RSA signature into a modulus-sized buffer");
-        format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
+    /// A compact JWS of `claims` under `header` (its `kid` and `typ`).
+    pub fn sign(&self, header_fields: &Value, claims: &Value) -> String {
+        jsonwebtoken::encode(&header(Algorithm::RS256, header_fields), claims, &self.0)
+            .expect("the key signed when it was read")
     }
 }
 
-/// A P-256 key that signs ES256 tokens (the signature as r‖s, as JOSE wants it).
-#[derive(Debug)]
-pub struct Es256(EcdsaKeyPair);
+/// A P-256 key signing ES256.
+pub struct Es256(EncodingKey);
+
+impl std::fmt::Debug for Es256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Es256(*****)")
+    }
+}
 
 impl Es256 {
     pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
-        EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P256_SHA256_FIXED_SIGNING,
-            &pkcs8_from_pem(pem)?,
-            &SystemRandom::new(),
-        )
-        .map(Self)
-        .map_err(|_| KeyError::Key("P-256"))
+        key(pem, Algorithm::ES256, "P-256", EncodingKey::from_ec_pem).map(Self)
     }
 
-    pub fn sign(&self, header: &Value, claims: &Value) -> String {
-        let input = signing_input(header, claims);
-        let signature = self
-            .0
-            .sign(&SystemRandom::new(), input.as_bytes())
-            .expect("ECDSA signing with the system's randomness");
-        format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
+    /// A compact JWS of `claims` under `header` (its `kid` and `typ`).
+    pub fn sign(&self, header_fields: &Value, claims: &Value) -> String {
+        jsonwebtoken::encode(&header(Algorithm::ES256, header_fields), claims, &self.0)
+            .expect("the key signed when it was read")
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    use ring::{
+        rand::SystemRandom,
+        signature::{
+            ECDSA_P256_SHA256_FIXED, ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair,
+            UnparsedPublicKey,
+        },
+    };
+
     use super::*;
-    use ring::signature::{ECDSA_P256_SHA256_FIXED, KeyPair, UnparsedPublicKey};
 
     fn pem(der: &[u8]) -> String {
         let b64 = base64::engine::general_purpose::STANDARD.encode(der);

@@ -8,10 +8,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
 use tonic::{Status, metadata::MetadataMap};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -135,7 +132,8 @@ impl Claims {
 /// The HS256 key that signs and verifies tokens.
 #[derive(Clone)]
 pub struct TokenKey {
-    key: Vec<u8>,
+    encoding: jsonwebtoken::EncodingKey,
+    decoding: jsonwebtoken::DecodingKey,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -156,63 +154,41 @@ pub enum TokenError {
     Expired,
 }
 
-const HEADER: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
-
 impl TokenKey {
     pub fn new(secret: &[u8]) -> Self {
         Self {
-            key: secret.to_vec(),
+            encoding: jsonwebtoken::EncodingKey::from_secret(secret),
+            decoding: jsonwebtoken::DecodingKey::from_secret(secret),
         }
-    }
-
-    fn mac(&self) -> Hmac<Sha256> {
-        // HMAC takes keys of any length.
-        <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).expect("hmac accepts any key length")
     }
 
     pub fn sign(&self, claims: &Claims) -> String {
-        let payload = serde_json::to_vec(claims).expect("claims serialize");
-        let signing_input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(HEADER),
-            URL_SAFE_NO_PAD.encode(payload)
-        );
-        let mut mac = self.mac();
-        mac.update(signing_input.as_bytes());
-        let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
-        format!("{signing_input}.{signature}")
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            claims,
+            &self.encoding,
+        )
+        .expect("HS256 signs any claims that serialize")
     }
 
-    /// Checks the signature (in constant time), the algorithm and the expiry.
+    /// Checks the signature (in constant time), the algorithm (HS256 only) and the expiry at
+    /// `now`.
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<Claims, TokenError> {
-        let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(signature), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(TokenError::Malformed);
-        };
-        let signature = URL_SAFE_NO_PAD
-            .decode(signature)
-            .map_err(|_| TokenError::Malformed)?;
-        let mut mac = self.mac();
-        mac.update(header.as_bytes());
-        mac.update(b".");
-        mac.update(payload.as_bytes());
-        mac.verify_slice(&signature)
-            .map_err(|_| TokenError::Signature)?;
-        let header: serde_json::Value = URL_SAFE_NO_PAD
-            .decode(header)
-            .ok()
-            .and_then(|h| serde_json::from_slice(&h).ok())
-            .ok_or(TokenError::Malformed)?;
-        if header["alg"] != "HS256" {
-            return Err(TokenError::Algorithm);
-        }
-        let claims: Claims = URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()
-            .and_then(|p| serde_json::from_slice(&p).ok())
-            .ok_or(TokenError::Malformed)?;
+        use jsonwebtoken::errors::ErrorKind;
+
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+        // The expiry is checked below against `now`, with no leeway.
+        validation.validate_exp = false;
+        validation.required_spec_claims.clear();
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
+            .map_err(|error| match error.kind() {
+                ErrorKind::InvalidSignature => TokenError::Signature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    TokenError::Algorithm
+                }
+                _ => TokenError::Malformed,
+            })?
+            .claims;
         if claims.exp <= unix(now) {
             return Err(TokenError::Expired);
         }
@@ -296,6 +272,8 @@ fn unix(time: SystemTime) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+
     use super::*;
 
     fn claims(role: Role, account: Option<&str>) -> Claims {
