@@ -83,6 +83,35 @@ where
         .build()
 }
 
+/// `load`'s answer for `key`, kept in `cache`: at most one load per key is in flight, and the
+/// requests waiting on it share its answer.
+async fn cached<K, V>(
+    cache: &Cache<K, Arc<V>>,
+    key: K,
+    load: impl std::future::Future<Output = Result<V, Error>>,
+) -> Result<Arc<V>, Error>
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    cache
+        .try_get_with(key, async { load.await.map(Arc::new) })
+        .await
+        .map_err(shared)
+}
+
+/// What Config answered a read with: the resource `pick` takes out of it (`what`, if it is
+/// missing).
+fn answered<R, T>(
+    answer: Result<tonic::Response<R>, tonic::Status>,
+    pick: impl FnOnce(R) -> Option<T>,
+    what: &str,
+) -> Result<T, Error> {
+    let answer = answer.map_err(|s| Error::upstream("config", s))?;
+    pick(answer.into_inner())
+        .ok_or_else(|| Error::Internal(format!("config answered without {what}")))
+}
+
 /// A cache load's error, shared among the requests that waited on it.
 fn shared(error: Arc<Error>) -> Error {
     match &*error {
@@ -98,24 +127,14 @@ fn shared(error: Arc<Error>) -> Error {
 #[async_trait]
 impl Upstream for Peered {
     async fn account(&self, account_id: &str) -> Result<Arc<Account>, Error> {
-        let load = async {
-            let account = self
-                .peers
-                .config()
-                .get_account(pb::GetAccountRequest {
-                    account_id: account_id.to_owned(),
-                })
-                .await
-                .map_err(|s| Error::upstream("config", s))?
-                .into_inner()
-                .account
-                .ok_or_else(|| Error::Internal("config answered without an account".into()))?;
-            Ok(Arc::new(account_from(account)))
-        };
-        self.accounts
-            .try_get_with(account_id.to_owned(), load)
-            .await
-            .map_err(shared)
+        cached(&self.accounts, account_id.to_owned(), async {
+            let request = pb::GetAccountRequest {
+                account_id: account_id.to_owned(),
+            };
+            let answer = self.peers.config().get_account(request).await;
+            answered(answer, |r| r.account, "an account").map(account_from)
+        })
+        .await
     }
 
     async fn handoff_config(
@@ -123,53 +142,42 @@ impl Upstream for Peered {
         account_id: &str,
         id: &str,
     ) -> Result<Arc<HandoffConfig>, Error> {
-        let load = async {
-            let config = self
-                .peers
-                .config()
-                .get_handoff_config(pb::GetHandoffConfigRequest {
+        cached(
+            &self.configs,
+            (account_id.to_owned(), id.to_owned()),
+            async {
+                let request = pb::GetHandoffConfigRequest {
                     account_id: account_id.to_owned(),
                     handoff_config_id: id.to_owned(),
-                })
-                .await
-                .map_err(|s| Error::upstream("config", s))?
-                .into_inner()
-                .config
-                .ok_or_else(|| Error::Internal("config answered without a configuration".into()))?;
-            Ok(Arc::new(config_from(config)))
-        };
-        self.configs
-            .try_get_with((account_id.to_owned(), id.to_owned()), load)
-            .await
-            .map_err(shared)
+                };
+                let answer = self.peers.config().get_handoff_config(request).await;
+                answered(answer, |r| r.config, "a configuration").map(config_from)
+            },
+        )
+        .await
     }
 
     async fn template(&self, account_id: &str, id: &str) -> Result<Arc<Template>, Error> {
-        let load = async {
-            let t = self
-                .peers
-                .config()
-                .get_whats_app_template(pb::GetWhatsAppTemplateRequest {
+        cached(
+            &self.templates,
+            (account_id.to_owned(), id.to_owned()),
+            async {
+                let request = pb::GetWhatsAppTemplateRequest {
                     account_id: account_id.to_owned(),
                     template_id: id.to_owned(),
+                };
+                let answer = self.peers.config().get_whats_app_template(request).await;
+                let t = answered(answer, |r| r.template, "a template")?;
+                Ok(Template {
+                    approved: t.status() == WhatsAppTemplateStatus::Approved,
+                    id: t.template_id,
+                    name: t.name,
+                    language: t.language,
+                    body: t.body,
                 })
-                .await
-                .map_err(|s| Error::upstream("config", s))?
-                .into_inner()
-                .template
-                .ok_or_else(|| Error::Internal("config answered without a template".into()))?;
-            Ok(Arc::new(Template {
-                approved: t.status() == WhatsAppTemplateStatus::Approved,
-                id: t.template_id,
-                name: t.name,
-                language: t.language,
-                body: t.body,
-            }))
-        };
-        self.templates
-            .try_get_with((account_id.to_owned(), id.to_owned()), load)
-            .await
-            .map_err(shared)
+            },
+        )
+        .await
     }
 
     async fn consumer(

@@ -177,14 +177,10 @@ mod tests {
     use c2m_test_support::TestDatabase;
 
     use super::*;
-    use crate::store::{Saves, tests::save};
-
-    async fn count(pool: &PgPool, sql: &'static str) -> i64 {
-        sqlx::query_scalar(sql)
-            .fetch_one(pool)
-            .await
-            .expect("counts")
-    }
+    use crate::store::{
+        Saves,
+        tests::{count, save},
+    };
 
     /// A claimed fallback is no other round's until its lease ends; of two rounds that sent its
     /// next message (one took it over after the first's lease ran out, as after a crash), only

@@ -624,7 +624,7 @@ pub(crate) mod tests {
         })
     }
 
-    async fn count(pool: &PgPool, sql: &'static str) -> i64 {
+    pub(super) async fn count(pool: &PgPool, sql: &'static str) -> i64 {
         sqlx::query_scalar(sql)
             .fetch_one(pool)
             .await
