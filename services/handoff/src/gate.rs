@@ -110,6 +110,9 @@ pub struct Gate {
     /// Accounts whose recent handoffs this replica took in from PostgreSQL since Redis went
     /// away; forgotten when Redis answers again (the next outage takes them in afresh).
     seeded: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Held while an account is taken in, so that the decisions that come meanwhile wait for it
+    /// rather than pass on a memory that does not yet know what Redis admitted.
+    seeding: Arc<tokio::sync::Mutex<()>>,
     window: Duration,
     idempotency_ttl: Duration,
     consumer_lease: Duration,
@@ -136,6 +139,7 @@ impl Gate {
             seed: redis::Script::new(SEED),
             decided_here: Arc::default(),
             seeded: Arc::default(),
+            seeding: Arc::default(),
             window,
             idempotency_ttl,
             consumer_lease,
@@ -176,7 +180,16 @@ impl Gate {
             .unwrap_or_else(|p| p.into_inner())
             .insert(ask.account_id.to_owned(), Instant::now());
         if !self.seeded(ask.account_id) {
-            self.seed_local(ask.account_id).await;
+            let _seeding = self.seeding.lock().await;
+            if !self.seeded(ask.account_id) {
+                self.seed_local(ask.account_id).await;
+                // Marked once taken in (whatever came of it: a PostgreSQL that does not answer is
+                // not asked again on every decision), so no decision passes before.
+                self.seeded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(ask.account_id.to_owned());
+            }
         }
         self.local.pass(ask, Instant::now())
     }
@@ -194,10 +207,6 @@ impl Gate {
     /// PostgreSQL (its window, and the consumers they hold), or a second handoff for a consumer
     /// Redis admitted a moment ago would message them again.
     async fn seed_local(&self, account_id: &str) {
-        self.seeded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(account_id.to_owned());
         let span = self.window.max(self.consumer_lease);
         let recent = match self.store.recent(account_id, span).await {
             Ok(recent) => recent,
