@@ -170,7 +170,7 @@ async fn a_gateway_killed_after_the_provider_took_the_message_does_not_send_it_t
         || async { twilio.sent().len() == 1 },
     )
     .await;
-    mesh.servers[2].take().expect("the gateway").kill9().await;
+    mesh.kill(2).await;
     let refused = call.await.expect("joins").expect_err("not finished");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert_eq!(
@@ -178,10 +178,7 @@ async fn a_gateway_killed_after_the_provider_took_the_message_does_not_send_it_t
         "HANDOFF_UNFINISHED"
     );
 
-    let gateway = mesh.restart(2, &db, &redis).await;
-    gateway
-        .until_serving_only(&["c2m.v1.ChannelGatewayService"])
-        .await;
+    mesh.start_again(2, &db, &redis).await;
     let handoff = retry_until_answered(handoff, &api_key, request(consumer, "gw-crash-1")).await;
     assert_eq!(handoff.status, HandoffStatus::Sent as i32, "{handoff:?}");
     assert_eq!(

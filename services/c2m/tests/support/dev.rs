@@ -243,11 +243,6 @@ impl Mesh {
         Dev::serve(ROLES[i].0, &self.addrs[i], db, redis, &env).await
     }
 
-    /// Role `i` started again on its address (after it was killed).
-    pub async fn restart(&self, i: usize, db: &TestDatabase, redis: &TestRedis) -> Dev {
-        self.serve(i, db, redis).await
-    }
-
     /// Role `i` killed with SIGKILL.
     pub async fn kill(&mut self, i: usize) {
         self.servers[i].take().expect("running").kill9().await;
