@@ -7,13 +7,8 @@ use c2m_runtime::{is_e164, status::FieldViolations};
 use prost::Message;
 
 use crate::{google::ServiceAccount, jwt::Es256};
-use chacha20poly1305::{
-    ChaCha20Poly1305, Key, Nonce,
-    aead::{Aead, KeyInit, Payload},
-};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use sqlx::PgPool;
-
-const NONCE: usize = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -30,7 +25,7 @@ pub enum CredentialsError {
 /// Seals and opens credentials.
 #[derive(Clone)]
 pub struct Sealer {
-    cipher: ChaCha20Poly1305,
+    key: std::sync::Arc<LessSafeKey>,
 }
 
 impl std::fmt::Debug for Sealer {
@@ -42,7 +37,9 @@ impl std::fmt::Debug for Sealer {
 impl Sealer {
     pub fn new(key: &[u8; 32]) -> Self {
         Self {
-            cipher: ChaCha20Poly1305::new(&Key::from(*key)),
+            key: std::sync::Arc::new(LessSafeKey::new(
+                UnboundKey::new(&CHACHA20_POLY1305, key).expect("a 32-byte key"),
+            )),
         }
     }
 
@@ -50,20 +47,18 @@ impl Sealer {
         format!("{account_id}\0{}", provider.as_str_name()).into_bytes()
     }
 
+    /// The nonce (random, 12 bytes), then the ciphertext and its tag.
     pub fn seal(&self, account_id: &str, provider: Provider, plaintext: &[u8]) -> Vec<u8> {
-        let mut nonce = [0u8; NONCE];
+        let mut nonce = [0u8; NONCE_LEN];
         getrandom::fill(&mut nonce).expect("the OS provides randomness");
-        let aad = Self::aad(account_id, provider);
-        let sealed = self
-            .cipher
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
+        let mut sealed = plaintext.to_vec();
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(Self::aad(account_id, provider)),
+                &mut sealed,
             )
-            .expect("encryption of an in-memory buffer cannot fail");
+            .expect("sealing an in-memory buffer cannot fail");
         [nonce.as_slice(), &sealed].concat()
     }
 
@@ -73,21 +68,21 @@ impl Sealer {
         provider: Provider,
         sealed: &[u8],
     ) -> Result<Vec<u8>, CredentialsError> {
-        if sealed.len() < NONCE {
-            return Err(CredentialsError::Sealed);
-        }
-        let (nonce, ciphertext) = sealed.split_at(NONCE);
-        let nonce: [u8; NONCE] = nonce.try_into().map_err(|_| CredentialsError::Sealed)?;
-        let aad = Self::aad(account_id, provider);
-        self.cipher
-            .decrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: &aad,
-                },
+        let (nonce, ciphertext) = sealed
+            .split_first_chunk::<{ NONCE_LEN }>()
+            .ok_or(CredentialsError::Sealed)?;
+        let mut buffer = ciphertext.to_vec();
+        let plaintext_len = self
+            .key
+            .open_in_place(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(Self::aad(account_id, provider)),
+                &mut buffer,
             )
-            .map_err(|_| CredentialsError::Sealed)
+            .map_err(|_| CredentialsError::Sealed)?
+            .len();
+        buffer.truncate(plaintext_len);
+        Ok(buffer)
     }
 }
 
@@ -276,6 +271,28 @@ mod tests {
             Sealer::new(&[8; 32])
                 .open("acme", Provider::Twilio, &sealed)
                 .is_err()
+        );
+        assert!(
+            sealer
+                .open("acme", Provider::Twilio, &sealed[..11])
+                .is_err()
+        );
+    }
+
+    /// Sealed by another ChaCha20-Poly1305 (Python's `cryptography`, as the RustCrypto crate
+    /// sealed them before c2m moved to ring): credentials stored then still open.
+    #[test]
+    fn credentials_sealed_by_another_implementation_open() {
+        let sealed = hex::decode(
+            "6465666768696a6b6c6d6e6f4f33dabfeccd292694b57011d0b3fae752bbdc4f569b0d96113aed2e02fe8fc0437e",
+        )
+        .expect("hex");
+        let key: [u8; 32] = std::array::from_fn(|i| i as u8);
+        assert_eq!(
+            Sealer::new(&key)
+                .open("acme", Provider::Twilio, &sealed)
+                .expect("opens"),
+            br#"{"auth_token":"t"}"#
         );
     }
 }

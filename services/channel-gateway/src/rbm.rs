@@ -2,9 +2,8 @@
 //! Google documents them, and the signature on RBM's webhooks.
 
 use base64::{Engine, engine::general_purpose::STANDARD};
-use hmac::{Hmac, KeyInit, Mac};
+use ring::hmac;
 use serde_json::json;
-use sha2::Sha512;
 
 use crate::{google, outcome::SendOutcome};
 
@@ -90,10 +89,7 @@ pub async fn send(
 
 /// `X-Goog-Signature` for `data`: what the sandbox signs with, as RBM does.
 pub fn signature(client_token: &str, data: &[u8]) -> String {
-    let mut mac =
-        <Hmac<Sha512> as KeyInit>::new_from_slice(client_token.as_bytes()).expect("any key length");
-    mac.update(data);
-    STANDARD.encode(mac.finalize().into_bytes())
+    STANDARD.encode(hmac::sign(&key(client_token), data))
 }
 
 /// `X-Goog-Signature`: base64 of HMAC-SHA512 under the client token over the decoded `data`.
@@ -101,10 +97,11 @@ pub fn verify(client_token: &str, data: &[u8], signature: &str) -> bool {
     let Ok(expected) = STANDARD.decode(signature.trim()) else {
         return false;
     };
-    let mut mac =
-        <Hmac<Sha512> as KeyInit>::new_from_slice(client_token.as_bytes()).expect("any key length");
-    mac.update(data);
-    mac.verify_slice(&expected).is_ok()
+    hmac::verify(&key(client_token), data, &expected).is_ok()
+}
+
+fn key(client_token: &str) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA512, client_token.as_bytes())
 }
 
 #[cfg(test)]

@@ -8,8 +8,7 @@
 use std::time::Duration;
 
 use c2m_proto::v1::SandboxCredentials;
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use ring::hmac;
 
 use crate::twilio;
 
@@ -18,11 +17,11 @@ pub const FROM: &str = "+15005550006";
 
 /// The Twilio auth token sandbox webhooks are signed with.
 fn auth_token(credentials_key: &str, account_id: &str) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(credentials_key.as_bytes())
-        .expect("hmac accepts any key length");
+    let key = hmac::Key::new(hmac::HMAC_SHA256, credentials_key.as_bytes());
+    let mut mac = hmac::Context::with_key(&key);
     mac.update(b"c2m-sandbox\0");
     mac.update(account_id.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    hex::encode(mac.sign())
 }
 
 /// The provider the sandbox plays.
@@ -284,9 +283,11 @@ fn simulate_sms(http: reqwest::Client, sim: Simulation) {
 
 /// A reply's sid, distinct from and derived from the message's.
 fn uuid_like(message_sid: &str) -> String {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(b"reply").expect("any key length");
-    mac.update(message_sid.as_bytes());
-    hex::encode(&mac.finalize().into_bytes()[..16])
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, b"reply"),
+        message_sid.as_bytes(),
+    );
+    hex::encode(&tag.as_ref()[..16])
 }
 
 async fn post(http: &reqwest::Client, url: &str, auth_token: &str, params: &[(&str, String)]) {

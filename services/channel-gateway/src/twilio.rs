@@ -2,9 +2,8 @@
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use c2m_proto::v1::{FunnelStage, TwilioCredentials};
-use hmac::{Hmac, KeyInit, Mac};
+use ring::hmac;
 use serde::Deserialize;
-use sha1::Sha1;
 
 use crate::outcome::SendOutcome;
 
@@ -122,22 +121,24 @@ pub async fn send_sms(
 
 /// HMAC-SHA1 keyed with the auth token over the URL and every POST parameter's name and value,
 /// sorted by name: what `X-Twilio-Signature` carries, base64-encoded.
-fn mac(auth_token: &str, url: &str, params: &[(String, String)]) -> Hmac<Sha1> {
+fn signed_data(url: &str, params: &[(String, String)]) -> Vec<u8> {
     let mut sorted: Vec<&(String, String)> = params.iter().collect();
     sorted.sort();
-    let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(auth_token.as_bytes())
-        .expect("hmac accepts any key length");
-    mac.update(url.as_bytes());
+    let mut data = url.as_bytes().to_vec();
     for (name, value) in sorted {
-        mac.update(name.as_bytes());
-        mac.update(value.as_bytes());
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(value.as_bytes());
     }
-    mac
+    data
+}
+
+fn key(auth_token: &str) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, auth_token.as_bytes())
 }
 
 /// The `X-Twilio-Signature` Twilio sends for a request to `url` with `params`.
 pub fn signature(auth_token: &str, url: &str, params: &[(String, String)]) -> String {
-    STANDARD.encode(mac(auth_token, url, params).finalize().into_bytes())
+    STANDARD.encode(hmac::sign(&key(auth_token), &signed_data(url, params)))
 }
 
 /// Checks a presented `X-Twilio-Signature` in constant time.
@@ -145,9 +146,7 @@ pub fn verify(auth_token: &str, url: &str, params: &[(String, String)], presente
     let Ok(presented) = STANDARD.decode(presented.trim()) else {
         return false;
     };
-    mac(auth_token, url, params)
-        .verify_slice(&presented)
-        .is_ok()
+    hmac::verify(&key(auth_token), &signed_data(url, params), &presented).is_ok()
 }
 
 /// The funnel stage a Twilio `MessageStatus` reports, if it reports one.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use c2m_proto::v1::{self as pb, Channel};
 use c2m_runtime::{E164, is_e164, status::FieldViolations};
-use sha2::{Digest, Sha256};
+use ring::digest;
 
 use crate::error::Error;
 
@@ -300,9 +300,9 @@ impl Deflection {
     /// A digest of everything that shapes the handoff, to tell a retry from a different request
     /// that reuses its idempotency key.
     pub fn fingerprint(&self) -> Vec<u8> {
-        let mut hash = Sha256::new();
+        let mut hash = digest::Context::new(&digest::SHA256);
         let mut field = |s: &str| {
-            hash.update((s.len() as u64).to_le_bytes());
+            hash.update(&(s.len() as u64).to_le_bytes());
             hash.update(s.as_bytes());
         };
         field(&self.account_id);
@@ -316,7 +316,7 @@ impl Deflection {
         field(self.override_message.as_deref().unwrap_or(""));
         field(self.override_skill_id.as_deref().unwrap_or(""));
         field(&self.consumer_id);
-        hash.finalize().to_vec()
+        hash.finish().as_ref().to_vec()
     }
 
     /// The value of a `{{name}}` placeholder: a template variable, else a well-known engagement

@@ -6,7 +6,7 @@
 use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::{self as pb, ApiKeyScope};
-use sha2::{Digest, Sha256};
+use ring::digest;
 use tonic::{Code, Status};
 
 use crate::peers::Peers;
@@ -46,7 +46,10 @@ impl ApiKeys {
         account_id: &str,
         scope: ApiKeyScope,
     ) -> Result<Arc<pb::AuthenticateApiKeyResponse>, Status> {
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let digest: [u8; 32] = digest::digest(&digest::SHA256, presented.as_bytes())
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 has 32 bytes");
         // One question to Config per key however many requests present it at once; an unknown
         // key is not remembered (it may be created in a moment).
         let ask = async {

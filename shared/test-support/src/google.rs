@@ -22,9 +22,8 @@ use base64::{
     Engine,
     engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD},
 };
-use hmac::{Hmac, KeyInit, Mac};
+use ring::hmac;
 use ring::signature::{KeyPair, RSA_PKCS1_2048_8192_SHA256, RsaKeyPair, UnparsedPublicKey};
-use sha2::Sha512;
 
 /// A 2048-bit RSA key made for these tests with `openssl genpkey`; it signs nothing real.
 pub const TEST_SERVICE_ACCOUNT_KEY: &str =
@@ -339,10 +338,8 @@ fn fcm_take(
 
 /// `X-Goog-Signature`: base64 of HMAC-SHA512 under the client token over the decoded data.
 pub fn goog_signature(client_token: &str, data: &[u8]) -> String {
-    let mut mac =
-        <Hmac<Sha512> as KeyInit>::new_from_slice(client_token.as_bytes()).expect("any key length");
-    mac.update(data);
-    STANDARD.encode(mac.finalize().into_bytes())
+    let key = hmac::Key::new(hmac::HMAC_SHA512, client_token.as_bytes());
+    STANDARD.encode(hmac::sign(&key, data))
 }
 
 impl GoogleEmulator {

@@ -15,8 +15,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use ring::hmac;
 
 /// One message the emulator accepted: its `wamid` and the JSON body as sent.
 #[derive(Debug, Clone, PartialEq)]
@@ -169,10 +168,8 @@ fn now_unix() -> u64 {
 
 /// `sha256=<hex HMAC-SHA256(app secret, body)>`, as Meta signs webhooks.
 pub fn meta_signature(app_secret: &str, body: &[u8]) -> String {
-    let mut mac =
-        <Hmac<Sha256> as KeyInit>::new_from_slice(app_secret.as_bytes()).expect("any key length");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    let key = hmac::Key::new(hmac::HMAC_SHA256, app_secret.as_bytes());
+    format!("sha256={}", hex::encode(hmac::sign(&key, body)))
 }
 
 impl MetaEmulator {

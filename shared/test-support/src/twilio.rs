@@ -18,8 +18,7 @@ use axum::{
     routing::post,
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
-use hmac::{Hmac, KeyInit, Mac};
-use sha1::Sha1;
+use ring::hmac;
 
 /// One message the emulator accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,10 +301,8 @@ pub fn twilio_signature(auth_token: &str, url: &str, params: &[(&str, &str)]) ->
         data.push_str(name);
         data.push_str(value);
     }
-    let mut mac =
-        <Hmac<Sha1> as KeyInit>::new_from_slice(auth_token.as_bytes()).expect("any key length");
-    mac.update(data.as_bytes());
-    STANDARD.encode(mac.finalize().into_bytes())
+    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, auth_token.as_bytes());
+    STANDARD.encode(hmac::sign(&key, data.as_bytes()))
 }
 
 impl TwilioEmulator {

@@ -15,7 +15,7 @@ use c2m_runtime::{
     status::{self, FieldViolations},
 };
 use chrono::Utc;
-use sha2::{Digest, Sha256};
+use ring::digest;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -40,7 +40,9 @@ fn new_api_key() -> Result<String, Status> {
 }
 
 fn hash_key(plaintext: &str) -> Vec<u8> {
-    Sha256::digest(plaintext.as_bytes()).to_vec()
+    digest::digest(&digest::SHA256, plaintext.as_bytes())
+        .as_ref()
+        .to_vec()
 }
 
 /// Page sizes: at most 100, 50 when unset.

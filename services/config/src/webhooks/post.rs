@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use chrono::Utc;
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use ring::hmac;
 
 use crate::model::WebhookDelivery;
 
@@ -27,11 +26,10 @@ pub(crate) fn signature(secrets: &[&[u8]], id: &str, timestamp: i64, body: &[u8]
     secrets
         .iter()
         .map(|secret| {
-            let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
-                .expect("hmac takes keys of any length");
+            let mut mac = hmac::Context::with_key(&hmac::Key::new(hmac::HMAC_SHA256, secret));
             mac.update(format!("{id}.{timestamp}.").as_bytes());
             mac.update(body);
-            format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+            format!("v1,{}", STANDARD.encode(mac.sign()))
         })
         .collect::<Vec<_>>()
         .join(" ")
