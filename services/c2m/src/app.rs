@@ -14,8 +14,11 @@ use c2m_runtime::{
     peers::{LocalPeers, Peer, PeerSettings, Peers},
     server,
 };
-use c2m_storage::{RedisHandle, ServiceDb, postgres::DbError, redis::RedisError};
-use std::net::SocketAddr;
+use c2m_storage::{
+    Coordination, InProcess, RedisCoordination, RedisHandle, RedisSettings, ServiceDb,
+    postgres::DbError, redis::RedisError,
+};
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::{net::TcpListener, task::JoinHandle};
 
@@ -25,6 +28,10 @@ use crate::{config::Config, role::Role};
 pub enum AppError {
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(
+        "redis.url is empty: Handoff and Routing can share counters and leases in memory only when both run in this process"
+    )]
+    NoRedis,
     #[error("invalid redis url: {0}")]
     Redis(#[from] RedisError),
     #[error(transparent)]
@@ -58,7 +65,7 @@ pub fn components(
         return Err(AppError::NoTokenSecret);
     }
     let key = TokenKey::new(config.auth.token_secret.as_bytes());
-    let redis = RedisHandle::new(&config.redis)?;
+    let coordination = coordination(roles, &config.redis)?;
     // Roles that share this process call each other directly; the rest over the network.
     let local = LocalPeers::new(std::time::Duration::from_millis(config.peers.timeout_ms));
     let peers = |name| {
@@ -75,7 +82,7 @@ pub fn components(
                 Role::Handoff => {
                     let service = c2m_handoff::Service::new(
                         db(role)?,
-                        redis.clone(),
+                        coordination.clone(),
                         peers("handoff")?,
                         key.clone(),
                         &config.handoff,
@@ -86,7 +93,7 @@ pub fn components(
                 Role::Routing => {
                     let service = c2m_routing::Service::new(
                         db(role)?,
-                        redis.clone(),
+                        coordination.clone(),
                         peers("routing")?,
                         key.clone(),
                         &config.routing,
@@ -145,6 +152,19 @@ pub fn components(
         })
         .collect::<Result<_, AppError>>()?;
     Ok(components.into_iter().flatten().collect())
+}
+
+/// Where Handoff and Routing coordinate: the Redis at `redis.url`, or, with none, this process's
+/// memory, which is exact only when every role that uses it is in this process.
+fn coordination(roles: &[Role], redis: &RedisSettings) -> Result<Arc<dyn Coordination>, AppError> {
+    if !redis.url.is_empty() {
+        return Ok(Arc::new(RedisCoordination::new(RedisHandle::new(redis)?)));
+    }
+    let needs = [Role::Handoff, Role::Routing];
+    if needs.iter().any(|r| !roles.contains(r)) && needs.iter().any(|r| roles.contains(r)) {
+        return Err(AppError::NoRedis);
+    }
+    Ok(Arc::new(InProcess::new()))
 }
 
 /// Serves `roles` on `listener` until `shutdown` is cancelled and the server has drained. When

@@ -142,6 +142,16 @@ impl Config {
                         .into(),
             });
         }
+        if matches!(role, crate::Role::Handoff | crate::Role::Routing) && self.redis.url.is_empty()
+        {
+            return Err(ConfigError::Invalid {
+                key: "redis.url",
+                reason: format!(
+                    "must be set for `c2m serve {}` (C2M_REDIS__URL): replicas share their rate limits and leases in Redis",
+                    role.name()
+                ),
+            });
+        }
         if role == crate::Role::ChannelGateway && self.channel_gateway.credentials_key.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "channel_gateway.credentials_key",
@@ -201,6 +211,7 @@ impl Config {
             return invalid("database.acquire_timeout_ms", "must be at least 1");
         }
         match scheme(&self.redis.url) {
+            _ if self.redis.url.is_empty() => {}
             Ok(s) if s == "redis" || s == "redis+unix" || s == "unix" => {}
             Ok(_) => return invalid("redis.url", "must be a redis:// URL"),
             Err(e) => return invalid("redis.url", &format!("is not a URL: {e}")),

@@ -1,170 +1,101 @@
-//! The hot path's one Redis round trip: a single script (EVALSHA, reloaded after NOSCRIPT) that
-//! claims the idempotency key, takes the consumer's handoff lease, applies the account's rate
-//! limit and reads the consumer's open-conversation lease. Every key carries the account as its
-//! hash tag, so the script runs on Redis Cluster.
+//! The gate every handoff passes before anything is sent: one step on the shared coordination
+//! backend (Redis in production: one script, one round trip; this process's memory in `c2m dev`)
+//! that claims the idempotency key, takes the consumer's handoff lease, applies the account's
+//! rate limit (an exact sliding window) and reads the consumer's open-conversation lease. The
+//! contract and both backends are in `c2m_storage::coordination`.
 //!
-//! The rate limit is an exact sliding window: each admitted handoff is a member of a sorted set
-//! scored by the Redis server's clock in microseconds; the script drops members older than the
-//! window and admits only while fewer than `limit` remain. No window of that length, wherever it
-//! starts, holds more than `limit` admissions (a fixed window admits twice the limit across its
-//! edge), and replicas with skewed clocks agree because only the server's clock counts.
-//!
-//! Redis may lose what it holds (a restart, a flush, a failover to a replica that lagged). Each
-//! account's window therefore has a marker (`<prefix>:{<account>}:rl:known`, kept a day past the
-//! account's last admission): without it the script admits nothing and says so, and the window
-//! is first filled in from PostgreSQL's handoffs of the last window. The same is done for an
-//! account this replica admitted from memory while Redis was unreachable, once Redis answers
-//! again. The limit then holds across the loss, except for handoffs admitted in the moment
-//! before it that had not yet been written (at most the account's handoffs in flight then). The
-//! consumer's lease and the idempotency key have their own record in PostgreSQL (see `store`).
+//! What this module adds is what happens around the backend:
+//! - **A window the backend does not know** (Redis lost its data, a `c2m dev` restarted) is first
+//!   filled in from PostgreSQL's handoffs of the last window, and their consumers' leases; so is
+//!   an account this replica admitted from memory while Redis was unreachable, once it answers
+//!   again. The limit then holds across the loss, except for handoffs admitted in the moment
+//!   before it that had not yet been written (at most the account's handoffs in flight then).
+//! - **A backend that does not answer**: the replica decides in its own memory (the same
+//!   decisions, with its share of each account's limit), having first taken in PostgreSQL's view
+//!   of the account. The consumer's lease and the idempotency key have their own record in
+//!   PostgreSQL (see `store`).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use c2m_storage::{RedisHandle, redis::Breaker};
-
-pub use crate::passage::{Ask, Decision, Passage};
-use crate::{
-    local_gate::LocalGate,
-    store::{HandoffStore, Recent},
+pub use c2m_storage::coordination::{Ask, Decision, Passage};
+use c2m_storage::{
+    coordination::{Admitted, Coordination, CoordinationError, Held, InProcess, Terms},
+    redis::Breaker,
 };
 
-const SCRIPT: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-if redis.call('EXISTS', KEYS[5]) == 0 then return {4, now, ''} end
-local seen = redis.call('GET', KEYS[2])
-if seen then return {2, now, seen} end
-local conversation = redis.call('GET', KEYS[4])
-if not conversation then
-  local holder = redis.call('GET', KEYS[3])
-  if holder then return {3, now, holder} end
-end
-local window = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, now, tostring(tonumber(oldest[2]) + window - now)}
-end
-redis.call('ZADD', KEYS[1], now, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
-redis.call('PEXPIRE', KEYS[5], ARGV[6])
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-if conversation then return {1, now, conversation} end
-redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[5])
-return {1, now, ''}
-";
-
-/// Fills an account's window in (KEYS[1]) with the ARGV[3] admissions PostgreSQL knows of, pairs
-/// of handoff id and age in microseconds after it, scored by the server's clock less their age
-/// (members already there keep their score); sets the consumer leases KEYS[3..] that are not set,
-/// from the pairs of handoff id and milliseconds left after the admissions; then marks the window
-/// known (KEYS[2], for ARGV[2] milliseconds).
-const SEED: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = tonumber(ARGV[3])
-for i = 0, n - 1 do
-  redis.call('ZADD', KEYS[1], 'NX', now - tonumber(ARGV[5 + 2 * i]), ARGV[4 + 2 * i])
-end
-redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) / 1000))
-local first = 4 + 2 * n
-for k = 3, #KEYS do
-  local at = first + 2 * (k - 3)
-  redis.call('SET', KEYS[k], ARGV[at], 'PX', ARGV[at + 1], 'NX')
-end
-redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
-return 0
-";
+use crate::store::{HandoffStore, Recent};
 
 /// How long an account's window stays known after its last admission.
 const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
 
-/// How long an idempotency claim lasts. PostgreSQL keeps idempotency records for 24 hours;
-/// Redis only has to cover the moments before the first request commits (which includes a save
+/// How long an idempotency claim lasts. PostgreSQL keeps idempotency records for 24 hours; the
+/// gate only has to cover the moments before the first request commits (which includes a save
 /// retried while PostgreSQL was away: see `Service::commit`).
 pub const CLAIM_TTL: Duration = Duration::from_secs(60);
 
-/// Gives back a claim and a lease (KEYS) where they still name the handoff (ARGV[1]).
-const RELEASE: &str = r"
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then redis.call('DEL', key) end
-end
-return 0
-";
-
 #[derive(Clone)]
 pub struct Gate {
-    redis: RedisHandle,
-    /// Where the handoffs of the last window are read from when Redis has lost them.
+    shared: Arc<dyn Coordination>,
+    /// Where the handoffs of the last window are read from when the backend does not know them.
     store: Arc<dyn HandoffStore>,
-    script: redis::Script,
-    release: redis::Script,
-    seed: redis::Script,
-    /// Accounts this replica admitted from memory, and when it last did: Redis does not know of
-    /// those admissions, so their windows are filled in from PostgreSQL once it answers again.
+    terms: Terms,
+    /// How many replicas share an account's limit while each decides alone.
+    replicas: u32,
+    /// Accounts this replica admitted from memory, and when it last did: the shared backend does
+    /// not know of those admissions, so their windows are filled in once it answers again.
     decided_here: Arc<Mutex<HashMap<String, Instant>>>,
-    /// Accounts whose recent handoffs this replica took in from PostgreSQL since Redis went
-    /// away; forgotten when Redis answers again (the next outage takes them in afresh).
-    seeded: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Accounts whose recent handoffs this replica took in from PostgreSQL since the backend
+    /// went away; forgotten when it answers again (the next outage takes them in afresh).
+    seeded: Arc<Mutex<HashSet<String>>>,
     /// Held while an account is taken in, so that the decisions that come meanwhile wait for it
-    /// rather than pass on a memory that does not yet know what Redis admitted.
+    /// rather than pass on a memory that does not yet know what the backend admitted.
     seeding: Arc<tokio::sync::Mutex<()>>,
-    window: Duration,
-    idempotency_ttl: Duration,
-    consumer_lease: Duration,
-    local: Arc<LocalGate>,
-    /// After Redis fails, the gate decides locally for a second before trying it again.
+    /// This replica's own decisions while the shared backend is away.
+    local: InProcess,
+    /// After the backend fails, the gate decides locally for a second before trying it again.
     breaker: Breaker,
 }
 
 impl Gate {
     /// `replicas`: how many Handoff replicas share the account limits, for the local fallback.
     pub fn new(
-        redis: RedisHandle,
+        shared: Arc<dyn Coordination>,
         store: Arc<dyn HandoffStore>,
         window: Duration,
         consumer_lease: Duration,
         replicas: u32,
     ) -> Self {
-        let idempotency_ttl = CLAIM_TTL;
         Self {
-            redis,
+            shared,
             store,
-            script: redis::Script::new(SCRIPT),
-            release: redis::Script::new(RELEASE),
-            seed: redis::Script::new(SEED),
+            terms: Terms {
+                window,
+                claim_ttl: CLAIM_TTL,
+                consumer_lease,
+                known_for: KNOWN_FOR,
+            },
+            replicas: replicas.max(1),
             decided_here: Arc::default(),
             seeded: Arc::default(),
             seeding: Arc::default(),
-            window,
-            idempotency_ttl,
-            consumer_lease,
-            local: Arc::new(LocalGate::new(
-                window,
-                idempotency_ttl,
-                consumer_lease,
-                replicas,
-            )),
+            local: InProcess::new(),
             breaker: Breaker::new("handoff"),
         }
     }
 
-    /// The decision for one handoff: from Redis (one round trip), or from this replica's memory
-    /// while Redis is unreachable.
+    /// The decision for one handoff: from the shared backend, or from this replica's memory
+    /// while it is unreachable.
     pub async fn decide(&self, ask: Ask<'_>) -> Decision {
         if !self.breaker.is_open() {
             match self.decide_exactly(ask).await {
                 Ok(decision) => {
                     if self.breaker.succeeded() {
                         tracing::info!("redis is back: exact limits again");
-                        self.seeded
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .clear();
+                        lock(&self.seeded).clear();
                     }
                     return decision;
                 }
@@ -175,62 +106,55 @@ impl Gate {
                 }
             }
         }
-        self.decided_here
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ask.account_id.to_owned(), Instant::now());
+        lock(&self.decided_here).insert(ask.account_id.to_owned(), Instant::now());
         if !self.seeded(ask.account_id) {
             let _seeding = self.seeding.lock().await;
             if !self.seeded(ask.account_id) {
                 self.seed_local(ask.account_id).await;
-                // Marked once taken in (whatever came of it: a PostgreSQL that does not answer is
-                // not asked again on every decision), so no decision passes before.
-                self.seeded
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(ask.account_id.to_owned());
+                lock(&self.seeded).insert(ask.account_id.to_owned());
             }
         }
-        self.local.pass(ask, Instant::now())
+        let share = Ask {
+            limit: ask.limit.div_ceil(self.replicas).max(1),
+            ..ask
+        };
+        let now = Instant::now();
+        let decision = match self.local.admit_at(share, self.terms, now) {
+            Some(decision) => decision,
+            None => {
+                // Known a day after the last admission: an account that passed none since.
+                self.local
+                    .fill_in_at(ask.account_id, self.terms, &[], &[], now);
+                self.local
+                    .admit_at(share, self.terms, now)
+                    .expect("an account just filled in is known")
+            }
+        };
+        Decision {
+            local: true,
+            ..decision
+        }
     }
 
-    /// Whether this replica took in PostgreSQL's view of the account since Redis went away.
+    /// Whether this replica took in PostgreSQL's view of the account since the backend went away.
     fn seeded(&self, account_id: &str) -> bool {
-        self.seeded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(account_id)
+        lock(&self.seeded).contains(account_id)
     }
 
-    /// The first decision from memory for an account since Redis went away: the handoffs Redis
-    /// admitted until then are only in Redis and PostgreSQL, so this replica takes them in from
-    /// PostgreSQL (its window, and the consumers they hold), or a second handoff for a consumer
-    /// Redis admitted a moment ago would message them again.
+    /// The first decision from memory for an account since the backend went away: the handoffs
+    /// it admitted until then are only there and in PostgreSQL, so this replica takes them in
+    /// from PostgreSQL (its window, and the consumers they hold), or a second handoff for a
+    /// consumer admitted a moment ago would message them again. Marked known whatever came of
+    /// it: a PostgreSQL that does not answer is not asked again on every decision.
     async fn seed_local(&self, account_id: &str) {
-        let span = self.window.max(self.consumer_lease);
-        let recent = match self.store.recent(account_id, span).await {
+        let recent = match self.recent(account_id).await {
             Ok(recent) => recent,
             Err(error) => {
                 tracing::warn!(account_id, %error, "deciding from memory without postgresql's recent handoffs");
-                return;
+                Vec::new()
             }
         };
-        let admitted: Vec<Duration> = recent
-            .iter()
-            .filter(|r| r.age < self.window)
-            .map(|r| r.age)
-            .collect();
-        let leases = latest_leases(&recent, self.consumer_lease);
-        let leases: Vec<(&str, &str, Duration)> = leases
-            .iter()
-            .map(|(consumer, held)| {
-                (
-                    *consumer,
-                    held.handoff_id.as_str(),
-                    self.consumer_lease.saturating_sub(held.age),
-                )
-            })
-            .collect();
+        let (admitted, leases) = self.known(&recent);
         tracing::info!(
             account_id,
             admissions = admitted.len(),
@@ -238,76 +162,81 @@ impl Gate {
             "deciding from memory: window and consumer leases taken in from postgresql"
         );
         self.local
-            .seed(account_id, &admitted, &leases, Instant::now());
+            .fill_in_at(account_id, self.terms, &admitted, &leases, Instant::now());
     }
 
-    /// The decision from Redis, the account's window filled in first where Redis lacks
-    /// admissions: ones this replica made from memory lately, or all of them (Redis lost them).
-    /// An error when Redis (or PostgreSQL, to fill a window in) cannot be reached.
+    /// The decision from the shared backend, the account's window filled in first where the
+    /// backend lacks admissions: ones this replica made from memory lately, or all of them (it
+    /// lost them, or never knew them). An error when the backend (or PostgreSQL, to fill a
+    /// window in) cannot be reached.
     pub async fn decide_exactly(&self, ask: Ask<'_>) -> Result<Decision, GateError> {
-        let here_lately = {
-            let mut here = self.decided_here.lock().unwrap_or_else(|p| p.into_inner());
-            here.remove(ask.account_id)
-                .is_some_and(|at| at.elapsed() < self.window)
-        };
+        let here_lately = lock(&self.decided_here)
+            .remove(ask.account_id)
+            .is_some_and(|at| at.elapsed() < self.terms.window);
         if here_lately {
             self.fill_in(ask.account_id).await?;
         }
-        if let Some(decision) = self.pass(ask).await? {
+        if let Some(decision) = self.shared.admit(ask, self.terms).await? {
             return Ok(decision);
         }
         self.fill_in(ask.account_id).await?;
-        Ok(self.pass(ask).await?.unwrap_or(Decision {
-            // Lost again at once (a flush in between): a moment's wait, not a guess.
-            passage: Passage::Limited {
-                retry_after: Duration::from_millis(10),
-            },
-            at_us: 0,
-            local: false,
-        }))
+        Ok(self
+            .shared
+            .admit(ask, self.terms)
+            .await?
+            .unwrap_or(Decision {
+                // Lost again at once (a flush in between): a moment's wait, not a guess.
+                passage: Passage::Limited {
+                    retry_after: Duration::from_millis(10),
+                },
+                at_us: 0,
+                local: false,
+            }))
     }
 
     /// Fills the account's window and its consumers' leases in from the handoffs PostgreSQL has
     /// of the last window and lease.
     async fn fill_in(&self, account_id: &str) -> Result<(), GateError> {
-        let recent = self
-            .store
-            .recent(account_id, self.window.max(self.consumer_lease))
-            .await?;
-        let admissions: Vec<_> = recent.iter().filter(|r| r.age < self.window).collect();
-        let leases = latest_leases(&recent, self.consumer_lease);
+        let recent = self.recent(account_id).await?;
+        let (admitted, leases) = self.known(&recent);
         tracing::info!(
             account_id,
-            admissions = admissions.len(),
+            admissions = admitted.len(),
             leases = leases.len(),
             "rate-limit window and consumer leases filled in from postgresql"
         );
-        let mut connection = self.redis.connection().await?;
-        let mut seed = self.seed.key(self.redis.rate_window_key(account_id));
-        seed.key(self.known_key(account_id))
-            .arg(self.window.as_micros() as u64)
-            .arg(KNOWN_FOR.as_millis() as u64)
-            .arg(admissions.len());
-        for admitted in &admissions {
-            seed.arg(&admitted.handoff_id)
-                .arg(admitted.age.as_micros() as u64);
-        }
-        for (consumer, held) in &leases {
-            let left = self
-                .consumer_lease
-                .saturating_sub(held.age)
-                .as_millis()
-                .max(1);
-            seed.key(self.redis.consumer_lease_key(account_id, consumer))
-                .arg(&held.handoff_id)
-                .arg(left as u64);
-        }
-        seed.invoke_async::<()>(&mut connection).await?;
+        self.shared
+            .fill_in(account_id, self.terms, &admitted, &leases)
+            .await?;
         Ok(())
     }
 
-    fn known_key(&self, account_id: &str) -> String {
-        self.redis.rate_known_key(account_id)
+    /// The account's handoffs of the last window or lease, whichever is longer.
+    async fn recent(&self, account_id: &str) -> Result<Vec<Recent>, sqlx::Error> {
+        let span = self.terms.window.max(self.terms.consumer_lease);
+        self.store.recent(account_id, span).await
+    }
+
+    /// Among `recent`, the window's admissions and the consumers' latest leases.
+    fn known<'a>(&self, recent: &'a [Recent]) -> (Vec<Admitted<'a>>, Vec<Held<'a>>) {
+        let admitted = recent
+            .iter()
+            .filter(|r| r.age < self.terms.window)
+            .map(|r| Admitted {
+                handoff_id: &r.handoff_id,
+                age: r.age,
+            })
+            .collect();
+        let lease = self.terms.consumer_lease;
+        let leases = latest_leases(recent, lease)
+            .into_iter()
+            .map(|(consumer, held)| Held {
+                consumer,
+                handoff_id: &held.handoff_id,
+                left: lease.saturating_sub(held.age),
+            })
+            .collect();
+        (admitted, leases)
     }
 
     /// Gives back what admitting `ask` took, for a handoff that ends before anything is sent (a
@@ -317,19 +246,15 @@ impl Gate {
     /// still names this handoff. The rate-limit slot stays taken: the request was made. A failed
     /// release is logged; the claim and the lease expire on their own.
     pub async fn release(&self, ask: Ask<'_>) {
-        self.local.release(ask);
+        let key = Some(ask.idempotency_key);
+        self.local
+            .release_now(ask.account_id, ask.handoff_id, key, ask.consumer);
         if self.breaker.is_open() {
             return;
         }
-        let released = async {
-            let mut connection = self.redis.connection().await?;
-            self.release
-                .key(self.claim_key(ask))
-                .key(self.lease_key(ask))
-                .arg(ask.handoff_id)
-                .invoke_async::<()>(&mut connection)
-                .await
-        };
+        let released = self
+            .shared
+            .release(ask.account_id, ask.handoff_id, key, ask.consumer);
         if let Err(error) = released.await {
             tracing::warn!(%error, handoff_id = ask.handoff_id, "claim and lease not released; they expire on their own");
         }
@@ -338,80 +263,27 @@ impl Gate {
     /// Gives back the consumer's lease where it still names `handoff_id`: a handoff that sent
     /// nothing does not hold its consumer. A failed release is logged; the lease expires.
     pub async fn release_lease(&self, account_id: &str, consumer: &str, handoff_id: &str) {
-        self.local.release_lease(account_id, consumer, handoff_id);
+        self.local
+            .release_now(account_id, handoff_id, None, consumer);
         if self.breaker.is_open() {
             return;
         }
-        let released = async {
-            let mut connection = self.redis.connection().await?;
-            self.release
-                .key(self.redis.consumer_lease_key(account_id, consumer))
-                .arg(handoff_id)
-                .invoke_async::<()>(&mut connection)
-                .await
-        };
+        let released = self.shared.release(account_id, handoff_id, None, consumer);
         if let Err(error) = released.await {
             tracing::warn!(%error, handoff_id, "consumer lease not released; it expires on its own");
         }
     }
-
-    fn claim_key(&self, ask: Ask<'_>) -> String {
-        self.redis
-            .idempotency_key(ask.account_id, ask.idempotency_key)
-    }
-
-    fn lease_key(&self, ask: Ask<'_>) -> String {
-        self.redis.consumer_lease_key(ask.account_id, ask.consumer)
-    }
-
-    /// The Redis key of the open-conversation lease Routing holds for a consumer.
-    pub fn conversation_key(&self, account_id: &str, consumer: &str) -> String {
-        self.redis.conversation_lease_key(account_id, consumer)
-    }
-
-    /// One round trip: `EVALSHA`, or `EVAL` once after the script cache was emptied. None when
-    /// Redis does not know the account's window (it lost it): nothing was decided.
-    async fn pass(&self, ask: Ask<'_>) -> redis::RedisResult<Option<Decision>> {
-        let mut connection = self.redis.connection().await?;
-        let (code, at_us, value): (i64, i64, String) = self
-            .script
-            .key(self.redis.rate_window_key(ask.account_id))
-            .key(self.claim_key(ask))
-            .key(self.lease_key(ask))
-            .key(self.conversation_key(ask.account_id, ask.consumer))
-            .key(self.known_key(ask.account_id))
-            .arg(ask.limit)
-            .arg(self.window.as_micros() as u64)
-            .arg(ask.handoff_id)
-            .arg(self.idempotency_ttl.as_millis() as u64)
-            .arg(self.consumer_lease.as_millis() as u64)
-            .arg(KNOWN_FOR.as_millis() as u64)
-            .invoke_async(&mut connection)
-            .await?;
-        let passage = match code {
-            4 => return Ok(None),
-            1 => Passage::Admitted {
-                open_conversation: Some(value).filter(|v| !v.is_empty()),
-            },
-            2 => Passage::Duplicate { handoff_id: value },
-            3 => Passage::ConsumerBusy { handoff_id: value },
-            _ => Passage::Limited {
-                retry_after: Duration::from_micros(value.parse::<u64>().unwrap_or(1).max(1)),
-            },
-        };
-        Ok(Some(Decision {
-            passage,
-            at_us,
-            local: false,
-        }))
-    }
 }
 
-/// Why the gate could not decide in Redis (it then decides in this replica).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why the gate could not decide on the shared backend (it then decides in this replica).
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Coordination(#[from] CoordinationError),
     #[error("reading the last window's handoffs: {0}")]
     Db(#[from] sqlx::Error),
 }

@@ -15,9 +15,7 @@ mod fallback;
 mod follow;
 pub mod gate;
 mod grpc;
-mod local_gate;
 pub mod model;
-mod passage;
 pub mod plan;
 pub mod render;
 pub mod request;
@@ -30,7 +28,7 @@ use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::handoff_service_server::HandoffServiceServer;
 use c2m_runtime::{Component, TaskTracker, api_keys::ApiKeys, auth::TokenKey, peers::Peers};
-use c2m_storage::{RedisHandle, ServiceDb, outbox::Relay};
+use c2m_storage::{Coordination, ServiceDb, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 
@@ -81,7 +79,7 @@ pub struct Service {
     engine: Arc<Engine>,
     db: ServiceDb,
     key: TokenKey,
-    redis: RedisHandle,
+    coordination: Arc<dyn Coordination>,
     api_keys: Arc<ApiKeys>,
 }
 
@@ -94,7 +92,7 @@ impl std::fmt::Debug for Service {
 impl Service {
     pub fn new(
         db: ServiceDb,
-        redis: RedisHandle,
+        coordination: Arc<dyn Coordination>,
         peers: Peers,
         key: TokenKey,
         settings: &HandoffSettings,
@@ -104,7 +102,7 @@ impl Service {
             relay: Relay::new(db.clone(), peers.clone()),
             deflections: Relay::to(ToRouting, db.clone(), peers.clone()),
             gate: Gate::new(
-                redis.clone(),
+                coordination.clone(),
                 store.clone(),
                 Duration::from_secs(1),
                 Duration::from_millis(settings.consumer_lease_ms),
@@ -124,7 +122,7 @@ impl Service {
             engine: Arc::new(engine),
             db,
             key,
-            redis,
+            coordination,
             api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
         }
     }
@@ -143,7 +141,7 @@ impl Service {
         Component::new(HandoffServiceServer::new(self.clone()))
             .with_http(rest::router(self.clone()))
             .with_probe(self.db.probe())
-            .with_optional_probe(self.redis.probe())
+            .with_optional_probe(self.coordination.probe())
             .with_detached(engine.detached.clone())
             .with_task(move |shutdown| relay.run(shutdown))
             .with_task(move |shutdown| deflections.run(shutdown))

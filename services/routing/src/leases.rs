@@ -1,16 +1,17 @@
-//! The consumer's open-conversation lease in Redis: written when a conversation opens (and when
-//! Handoff found it missing), deleted when it closes. PostgreSQL holds the fact; the lease only
-//! spares Handoff the read of Routing's database on the hot path.
+//! The consumer's open-conversation lease: written when a conversation opens (and when Handoff
+//! found it missing), deleted when it closes. PostgreSQL holds the fact; the lease only spares
+//! Handoff the read of Routing's database on the hot path.
+
+use std::time::Duration;
 
 use c2m_runtime::mask_phone;
-use redis::AsyncCommands;
 
 use crate::Service;
 
 /// How long an open-conversation lease lives without being written again. PostgreSQL holds the
 /// fact; the lease only spares Handoff the read. It expires so that one Redis could not delete
 /// (the conversation closed while Redis was away) stops blocking the consumer within this time.
-const LEASE_TTL_SECS: u64 = 15 * 60;
+const LEASE_TTL: Duration = Duration::from_secs(15 * 60);
 
 impl Service {
     /// Writes (or, with no conversation, deletes) the consumer's lease; while Redis is away,
@@ -24,15 +25,10 @@ impl Service {
         if self.breaker.is_open() {
             return;
         }
-        let key = self.redis.conversation_lease_key(account_id, consumer);
-        let result = match self.redis.connection().await {
-            Ok(mut redis) => match conversation_id {
-                Some(id) => redis.set_ex::<_, _, ()>(&key, id, LEASE_TTL_SECS).await,
-                None => redis.del::<_, ()>(&key).await,
-            },
-            Err(error) => Err(error),
-        };
-        match result {
+        let written =
+            self.coordination
+                .set_conversation(account_id, consumer, conversation_id, LEASE_TTL);
+        match written.await {
             Ok(()) => {
                 if self.breaker.succeeded() {
                     tracing::info!("redis is back: open-conversation leases written again");

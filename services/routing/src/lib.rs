@@ -2,8 +2,8 @@
 //!
 //! Owns the `routing` PostgreSQL schema: deflections, conversations, transcripts, opt-outs and its
 //! event outbox. The open-conversation fact lives here (one open conversation per account and
-//! consumer, a unique index); the Redis lease `<prefix>:{<account>}:conv:<consumer>` is the fast
-//! path in front of it. Serves `c2m.v1.RoutingService` to c2m's other services and
+//! consumer, a unique index); the open-conversation lease (in Redis, or in this process's memory
+//! in `c2m dev`) is the fast path in front of it. Serves `c2m.v1.RoutingService` to c2m's other services and
 //! `c2m.v1.ConversationService` to agents and bots, whose streams follow the conversation log.
 
 #![forbid(unsafe_code)]
@@ -31,7 +31,7 @@ use c2m_proto::v1::{
     routing_service_server::RoutingServiceServer,
 };
 use c2m_runtime::{CancellationToken, Component, auth::TokenKey, peers::Peers};
-use c2m_storage::{RedisHandle, ServiceDb, batch::Batcher, outbox::Relay, redis::Breaker};
+use c2m_storage::{Coordination, ServiceDb, batch::Batcher, outbox::Relay, redis::Breaker};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 
@@ -66,7 +66,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!();
 #[derive(Debug, Clone)]
 pub struct Service {
     db: ServiceDb,
-    redis: RedisHandle,
+    coordination: Arc<dyn Coordination>,
     peers: Peers,
     key: TokenKey,
     relay: Relay,
@@ -89,7 +89,7 @@ pub struct Service {
 impl Service {
     pub fn new(
         db: ServiceDb,
-        redis: RedisHandle,
+        coordination: Arc<dyn Coordination>,
         peers: Peers,
         key: TokenKey,
         settings: &RoutingSettings,
@@ -107,7 +107,7 @@ impl Service {
             api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
             checks: Batcher::new(deflections::Checks(db.batch_pool().clone())),
             db,
-            redis,
+            coordination,
             peers,
             key,
             relay,
@@ -133,7 +133,7 @@ impl Service {
         [
             Component::new(RoutingServiceServer::new(self.clone()))
                 .with_probe(self.db.probe())
-                .with_optional_probe(self.redis.probe())
+                .with_optional_probe(self.coordination.probe())
                 .with_task(move |shutdown| relay.run(shutdown))
                 .with_task(move |shutdown| idle.close_idle(shutdown)),
             Component::new(ConversationServiceServer::new(self.clone()))

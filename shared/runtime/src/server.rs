@@ -128,9 +128,10 @@ impl Component {
 
     /// A dependency the service keeps serving without, in a degraded mode: its health is
     /// reported as `<service>/<probe name>` (e.g. `c2m.v1.HandoffService/redis`) and leaves the
-    /// service's own status alone.
-    pub fn with_optional_probe(mut self, probe: Arc<dyn Probe>) -> Self {
-        self.optional.push(probe);
+    /// service's own status alone. `None`: a dependency that cannot be unreachable (one in this
+    /// process).
+    pub fn with_optional_probe(mut self, probe: impl Into<Option<Arc<dyn Probe>>>) -> Self {
+        self.optional.extend(probe.into());
         self
     }
 

@@ -7,11 +7,13 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod coordination;
 pub mod outbox;
 pub mod postgres;
 pub mod redis;
 mod url_mask;
 
+pub use coordination::{Coordination, InProcess, RedisCoordination};
 pub use postgres::{DatabaseSettings, ServiceDb};
 pub use redis::{RedisHandle, RedisSettings};
 pub use url_mask::mask_password;

@@ -17,7 +17,9 @@ pub use ::redis::RedisError;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisSettings {
-    /// A Redis URL (`redis://host:port/db`, `rediss://` for TLS is not built in).
+    /// A Redis URL (`redis://host:port/db`, `rediss://` for TLS is not built in). Empty: no
+    /// Redis; `c2m dev` then keeps counters and leases in its own memory, and `c2m serve`
+    /// refuses to start a role that needs them.
     pub url: String,
     /// Milliseconds to wait for a connection.
     pub connect_timeout_ms: u64,
@@ -31,7 +33,7 @@ pub struct RedisSettings {
 impl Default for RedisSettings {
     fn default() -> Self {
         Self {
-            url: "redis://127.0.0.1:6379".to_owned(),
+            url: String::new(),
             connect_timeout_ms: 500,
             response_timeout_ms: 250,
             key_prefix: "c2m".to_owned(),
@@ -200,7 +202,11 @@ mod tests {
 
     #[test]
     fn an_accounts_keys_share_a_hash_tag() {
-        let redis = RedisHandle::new(&RedisSettings::default()).expect("valid url");
+        let redis = RedisHandle::new(&RedisSettings {
+            url: "redis://127.0.0.1:6379".into(),
+            ..RedisSettings::default()
+        })
+        .expect("valid url");
         assert_eq!(
             [
                 redis.rate_window_key("acct-1"),

@@ -1,0 +1,262 @@
+//! [`Coordination`] in this process's memory: the same decisions as the Redis script, exact for
+//! the callers that share one [`InProcess`] (every service of a `c2m dev` process; one Handoff
+//! replica deciding alone while Redis is away).
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use c2m_runtime::Probe;
+
+use super::{Admitted, Ask, Coordination, CoordinationError, Decision, Held, Passage, Terms};
+
+/// Entries an account keeps before expired ones are swept.
+const SWEEP_AT: usize = 1_000;
+
+/// Something held until a moment, naming who holds it.
+type Hold = (Instant, String);
+
+#[derive(Debug, Default)]
+struct Account {
+    /// Until when the window is known; never filled in, or forgotten: `None`.
+    known_until: Option<Instant>,
+    /// Admissions, oldest first: when, in microseconds on the backend's clock (as Redis scores
+    /// them: the same arithmetic, the same answers), and the handoff (each counts once).
+    window: VecDeque<(i64, String)>,
+    claims: HashMap<String, Hold>,
+    leases: HashMap<String, Hold>,
+    conversations: HashMap<String, Hold>,
+}
+
+impl Account {
+    fn live<'a>(map: &'a HashMap<String, Hold>, key: &str, now: Instant) -> Option<&'a str> {
+        map.get(key)
+            .filter(|(until, _)| *until > now)
+            .map(|(_, holder)| holder.as_str())
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        for map in [&mut self.claims, &mut self.leases, &mut self.conversations] {
+            if map.len() > SWEEP_AT {
+                map.retain(|_, (until, _)| *until > now);
+            }
+        }
+    }
+}
+
+fn micros(duration: Duration) -> i64 {
+    duration.as_micros().try_into().unwrap_or(i64::MAX)
+}
+
+/// The in-process backend. Cloning shares the memory.
+#[derive(Debug, Clone)]
+pub struct InProcess {
+    accounts: Arc<Mutex<HashMap<String, Account>>>,
+    /// Where its clock (`Decision::at_us`) starts.
+    epoch: Instant,
+}
+
+impl Default for InProcess {
+    fn default() -> Self {
+        Self {
+            accounts: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl InProcess {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `at` on this backend's clock, in microseconds.
+    fn micros(&self, at: Instant) -> i64 {
+        micros(at.duration_since(self.epoch))
+    }
+
+    fn with_account<T>(&self, account_id: &str, f: impl FnOnce(&mut Account) -> T) -> T {
+        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        f(accounts.entry(account_id.to_owned()).or_default())
+    }
+
+    /// [`Coordination::admit`] at `now`.
+    pub fn admit_at(&self, ask: Ask<'_>, terms: Terms, now: Instant) -> Option<Decision> {
+        let at_us = self.micros(now);
+        let decided = |passage| {
+            Some(Decision {
+                passage,
+                at_us,
+                local: false,
+            })
+        };
+        self.with_account(ask.account_id, |account| {
+            if account.known_until.is_none_or(|until| until <= now) {
+                return None;
+            }
+            if let Some(holder) = Account::live(&account.claims, ask.idempotency_key, now) {
+                let handoff_id = holder.to_owned();
+                return decided(Passage::Duplicate { handoff_id });
+            }
+            let conversation =
+                Account::live(&account.conversations, ask.consumer, now).map(str::to_owned);
+            if conversation.is_none()
+                && let Some(holder) = Account::live(&account.leases, ask.consumer, now)
+            {
+                let handoff_id = holder.to_owned();
+                return decided(Passage::ConsumerBusy { handoff_id });
+            }
+            let window = micros(terms.window);
+            while account
+                .window
+                .front()
+                .is_some_and(|(at, _)| *at <= at_us - window)
+            {
+                account.window.pop_front();
+            }
+            if account.window.len() >= ask.limit as usize {
+                let oldest = account.window.front().map_or(at_us, |(at, _)| *at);
+                let wait = (oldest + window - at_us).max(1);
+                let retry_after = Duration::from_micros(wait as u64);
+                return decided(Passage::Limited { retry_after });
+            }
+            account.known_until = Some(now + terms.known_for);
+            let handoff_id = ask.handoff_id.to_owned();
+            account.window.push_back((at_us, handoff_id.clone()));
+            if conversation.is_none() {
+                let lease = (now + terms.consumer_lease, handoff_id.clone());
+                account.leases.insert(ask.consumer.to_owned(), lease);
+            }
+            let claim = (now + terms.claim_ttl, handoff_id);
+            account.claims.insert(ask.idempotency_key.to_owned(), claim);
+            account.sweep(now);
+            decided(Passage::Admitted {
+                open_conversation: conversation,
+            })
+        })
+    }
+
+    /// [`Coordination::fill_in`] at `now`.
+    pub fn fill_in_at(
+        &self,
+        account_id: &str,
+        terms: Terms,
+        admitted: &[Admitted<'_>],
+        leases: &[Held<'_>],
+        now: Instant,
+    ) {
+        let now_us = self.micros(now);
+        self.with_account(account_id, |account| {
+            let mut window: Vec<(i64, String)> = account.window.drain(..).collect();
+            let known: HashSet<String> = window.iter().map(|(_, id)| id.clone()).collect();
+            window.extend(
+                admitted
+                    .iter()
+                    .filter(|a| !known.contains(a.handoff_id))
+                    .map(|a| (now_us - micros(a.age), a.handoff_id.to_owned())),
+            );
+            window.sort();
+            account.window.extend(window);
+            for held in leases {
+                if Account::live(&account.leases, held.consumer, now).is_none() {
+                    account.leases.insert(
+                        held.consumer.to_owned(),
+                        (now + held.left, held.handoff_id.to_owned()),
+                    );
+                }
+            }
+            account.known_until = Some(now + terms.known_for);
+        });
+    }
+
+    /// [`Coordination::release`].
+    pub fn release_now(
+        &self,
+        account_id: &str,
+        handoff_id: &str,
+        idempotency_key: Option<&str>,
+        consumer: &str,
+    ) {
+        let held_by = |map: &mut HashMap<String, Hold>, key: &str| {
+            if map.get(key).is_some_and(|(_, holder)| holder == handoff_id) {
+                map.remove(key);
+            }
+        };
+        self.with_account(account_id, |account| {
+            held_by(&mut account.leases, consumer);
+            if let Some(key) = idempotency_key {
+                held_by(&mut account.claims, key);
+            }
+        });
+    }
+
+    /// Forgets every account's window (what Redis does when it loses its data); leases and
+    /// claims go with it.
+    pub fn forget(&self) {
+        self.accounts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+#[async_trait::async_trait]
+impl Coordination for InProcess {
+    async fn admit(
+        &self,
+        ask: Ask<'_>,
+        terms: Terms,
+    ) -> Result<Option<Decision>, CoordinationError> {
+        Ok(self.admit_at(ask, terms, Instant::now()))
+    }
+
+    async fn fill_in(
+        &self,
+        account_id: &str,
+        terms: Terms,
+        admitted: &[Admitted<'_>],
+        leases: &[Held<'_>],
+    ) -> Result<(), CoordinationError> {
+        self.fill_in_at(account_id, terms, admitted, leases, Instant::now());
+        Ok(())
+    }
+
+    async fn release(
+        &self,
+        account_id: &str,
+        handoff_id: &str,
+        idempotency_key: Option<&str>,
+        consumer: &str,
+    ) -> Result<(), CoordinationError> {
+        self.release_now(account_id, handoff_id, idempotency_key, consumer);
+        Ok(())
+    }
+
+    async fn set_conversation(
+        &self,
+        account_id: &str,
+        consumer: &str,
+        conversation_id: Option<&str>,
+        ttl: Duration,
+    ) -> Result<(), CoordinationError> {
+        let now = Instant::now();
+        self.with_account(account_id, |account| match conversation_id {
+            Some(id) => {
+                account
+                    .conversations
+                    .insert(consumer.to_owned(), (now + ttl, id.to_owned()));
+                account.sweep(now);
+            }
+            None => {
+                account.conversations.remove(consumer);
+            }
+        });
+        Ok(())
+    }
+
+    fn probe(&self) -> Option<Arc<dyn Probe>> {
+        None
+    }
+}
