@@ -5,7 +5,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use crate::story::{
-    BRAND_NUMBER, Story, TWILIO_SID, Topology, authed, funnel, handoff_request, onboard, token,
+    BRAND_NUMBER, Options, Story, TWILIO_SID, Topology, authed, funnel, handoff_request, onboard,
+    token,
 };
 use c2m::{Role, app};
 use c2m_proto::v1::handoff_service_client::HandoffServiceClient;
@@ -20,8 +21,9 @@ const CALLER: &str = "+14155550123";
 const ANY_PORT: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
-async fn deflect_and_reply(topology: Topology) {
-    let story = Story::start(topology).await;
+async fn deflect_and_reply(topology: Topology, options: Options) {
+    let with_redis = options.redis_url.is_none();
+    let story = Story::start_with(topology, options).await;
     let api_key = onboard(&story, "acme").await;
     let mut handoff = story.handoff().await;
 
@@ -106,14 +108,38 @@ async fn deflect_and_reply(topology: Topology) {
     assert_eq!(status, 200);
     assert!(body.contains("<Response>"), "twilio gets TwiML: {body}");
 
-    // The open-conversation lease is in Redis, naming the conversation.
-    let redis = redis::Client::open(story.redis.url()).expect("url");
-    let mut redis = redis
-        .get_multiplexed_async_connection()
+    // The conversation is open, as the agents' API lists it.
+    let viewer = token(AuthRole::Viewer, Some("acme"));
+    let listed = story
+        .conversations()
         .await
-        .expect("redis");
-    let lease_key = format!("{}:{{acme}}:conv:{CALLER}", story.redis.prefix());
-    let conversation_id: String = redis.get(&lease_key).await.expect("the lease is held");
+        .list_conversations(authed(
+            pb::ListConversationsRequest {
+                account_id: "acme".to_owned(),
+                consumer_phone: CALLER.to_owned(),
+                ..Default::default()
+            },
+            &viewer,
+        ))
+        .await
+        .expect("listed")
+        .into_inner()
+        .conversations;
+    let [listed] = listed.as_slice() else {
+        panic!("one conversation for the caller: {listed:?}")
+    };
+    let conversation_id = listed.conversation_id.clone();
+    if with_redis {
+        // The open-conversation lease is in Redis, naming the conversation.
+        let redis = redis::Client::open(story.redis.url()).expect("url");
+        let mut redis = redis
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let lease_key = format!("{}:{{acme}}:conv:{CALLER}", story.redis.prefix());
+        let leased: String = redis.get(&lease_key).await.expect("the lease is held");
+        assert_eq!(leased, conversation_id);
+    }
     let conversation = story
         .conversations()
         .await
@@ -122,7 +148,7 @@ async fn deflect_and_reply(topology: Topology) {
                 account_id: "acme".to_owned(),
                 conversation_id: conversation_id.clone(),
             },
-            &token(AuthRole::Viewer, Some("acme")),
+            &viewer,
         ))
         .await
         .expect("conversation")
@@ -310,12 +336,18 @@ async fn deflect_and_reply(topology: Topology) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deflection_travels_c2m_dev_from_ivr_call_to_counted_reply() {
-    deflect_and_reply(Topology::Dev).await;
+    deflect_and_reply(Topology::Dev, Options::default()).await;
+}
+
+/// `c2m dev` with no Redis: rate limits and leases in the process's memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deflection_travels_c2m_dev_without_redis_from_ivr_call_to_counted_reply() {
+    deflect_and_reply(Topology::Dev, Options::without_redis()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deflection_travels_separate_servers_from_ivr_call_to_counted_reply() {
-    deflect_and_reply(Topology::Separate).await;
+    deflect_and_reply(Topology::Separate, Options::default()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

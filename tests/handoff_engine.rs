@@ -15,7 +15,16 @@ use crate::story::{Options, Story, Topology, authed, handoff_request, onboard};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_send_once_and_all_learn_the_same_handoff() {
-    let story = Story::start(Topology::Dev).await;
+    concurrent_duplicates(Options::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_concurrent_duplicates_send_once_and_all_learn_the_same_handoff() {
+    concurrent_duplicates(Options::without_redis()).await;
+}
+
+async fn concurrent_duplicates(options: Options) {
+    let story = Story::start_with(Topology::Dev, options).await;
     let key = onboard(&story, "acme").await;
     let handoff = story.handoff().await;
     let calls = (0..8).map(|_| {
@@ -61,7 +70,40 @@ async fn concurrent_duplicates_send_once_and_all_learn_the_same_handoff() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_consumer_called_twice_at_once_gets_one_message() {
-    let story = Story::start(Topology::Dev).await;
+    one_consumer_twice(Options::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_one_consumer_called_twice_at_once_gets_one_message() {
+    one_consumer_twice(Options::without_redis()).await;
+}
+
+/// `c2m dev` with no Redis: 40 callers of one account at once, under its limit of 30 a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_forty_callers_at_once_under_a_limit_of_thirty_send_thirty() {
+    let story = Story::start_with(Topology::Dev, Options::without_redis()).await;
+    let key = onboard(&story, "acme").await;
+    let handoff = story.handoff().await;
+    let calls = (0..40).map(|i| {
+        let mut client = handoff.clone();
+        let request = handoff_request(
+            "acme",
+            &format!("+1415555{:04}", 3000 + i),
+            &format!("burst-{i}"),
+        );
+        let key = key.clone();
+        async move { client.create_handoff(authed(request, &key)).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    let limited: Vec<&tonic::Status> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(limited.len(), 10, "{limited:?}");
+    assert!(limited.iter().all(|s| s.code() == Code::ResourceExhausted));
+    assert_eq!(story.twilio.sent().len(), 30, "only admitted handoffs send");
+    story.stop().await;
+}
+
+async fn one_consumer_twice(options: Options) {
+    let story = Story::start_with(Topology::Dev, options).await;
     let key = onboard(&story, "acme").await;
     let handoff = story.handoff().await;
     let calls = ["ivr-a", "ivr-b"].map(|idempotency_key| {

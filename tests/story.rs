@@ -46,7 +46,8 @@ pub enum Topology {
 /// What a test changes about the story's set-up.
 #[derive(Debug, Default)]
 pub struct Options {
-    /// Use this Redis (a server of the test's own) instead of the shared one.
+    /// Use this Redis (a server of the test's own) instead of the shared one; empty: none, so
+    /// `c2m dev` keeps rate limits and leases in its own memory.
     pub redis_url: Option<String>,
     /// `handoff.replicas`.
     pub handoff_replicas: Option<u32>,
@@ -66,6 +67,16 @@ pub struct Options {
     pub idle_sweep_ms: Option<u64>,
     /// `[webhooks]`.
     pub webhooks: Option<c2m_config::webhooks::WebhookSettings>,
+}
+
+impl Options {
+    /// `c2m dev` as it runs with no `redis.url`.
+    pub fn without_redis() -> Self {
+        Self {
+            redis_url: Some(String::new()),
+            ..Self::default()
+        }
+    }
 }
 
 pub struct Story {

@@ -366,4 +366,20 @@ fn serve_refuses_to_start_without_shared_secrets() {
         "{}",
         stderr(&output)
     );
+    // Replicas of Handoff and Routing share limits and leases: only through Redis.
+    for role in ["handoff", "routing"] {
+        let output = run(
+            &["serve", role, "--listen", "127.0.0.1:0"],
+            &[(
+                "C2M_AUTH__TOKEN_SECRET",
+                "a-secret-of-at-least-thirty-two-characters",
+            )],
+        );
+        assert_eq!(output.status.code(), Some(64), "{role}");
+        assert!(
+            stderr(&output).contains("redis.url"),
+            "{role}: {}",
+            stderr(&output)
+        );
+    }
 }
