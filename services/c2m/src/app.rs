@@ -32,6 +32,8 @@ pub enum AppError {
         "redis.url is empty: Handoff and Routing can share counters and leases in memory only when both run in this process"
     )]
     NoRedis,
+    #[error("cannot use PostgreSQL at {url} (database.url): {reason}")]
+    Database { url: String, reason: String },
     #[error("invalid redis url: {0}")]
     Redis(#[from] RedisError),
     #[error(transparent)]
@@ -309,6 +311,84 @@ pub fn make_up_dev_secrets(config: &mut Config) -> std::io::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `c2m dev` listens on loopback only, its webhooks included, unless told otherwise: the default
+/// `listen.webhooks` (every interface, for a container) becomes `127.0.0.1` on the same port.
+pub fn keep_dev_local(config: &mut Config) {
+    let everywhere = crate::config::ListenSettings::default().webhooks;
+    if config.listen.webhooks == everywhere {
+        config
+            .listen
+            .webhooks
+            .set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+}
+
+/// How long `c2m dev` gives PostgreSQL to answer before it gives up and says why.
+const DATABASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connects to `database.url` once, trying for up to 10 s, so that `c2m dev` says at start-up,
+/// in one error, why it cannot serve (rather than serving nothing and logging why).
+pub async fn check_database(settings: &c2m_storage::DatabaseSettings) -> Result<(), AppError> {
+    use sqlx::{Connection, postgres::PgConnectOptions};
+
+    let shown = c2m_storage::mask_password(&settings.url);
+    let refused = |reason: String| AppError::Database {
+        url: shown.clone(),
+        reason,
+    };
+    let options: PgConnectOptions = settings
+        .url
+        .parse()
+        .map_err(|e: sqlx::Error| refused(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + DATABASE_WAIT;
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let attempt = tokio::time::timeout_at(deadline, sqlx::PgConnection::connect_with(&options));
+        let error = match attempt.await {
+            Ok(Ok(connection)) => {
+                let _ = connection.close().await;
+                return Ok(());
+            }
+            Ok(Err(error)) => error,
+            Err(_) => return Err(refused(format!("no answer within {DATABASE_WAIT:?}"))),
+        };
+        let code = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|c| c.into_owned());
+        match code.as_deref() {
+            // invalid_password, invalid_authorization_specification: waiting will not help.
+            Some("28P01" | "28000") => {
+                return Err(refused(format!(
+                    "{error}. PostgreSQL refused the login: put the password in the URL \
+                     (postgres://user:password@host/db, or C2M_DATABASE__URL), or let the user \
+                     in without one from 127.0.0.1 in pg_hba.conf (Debian's default asks for a \
+                     password); deploy/with-backends starts a throwaway PostgreSQL that needs none"
+                )));
+            }
+            // invalid_catalog_name: the login worked and the database is missing, which each
+            // service creates at start when `database.create_database` allows.
+            Some("3D000") if settings.create_database => return Ok(()),
+            Some("3D000") => {
+                return Err(refused(format!(
+                    "{error}. Create it (createdb), set database.create_database = true, or \
+                     point database.url at one that exists"
+                )));
+            }
+            _ if tokio::time::Instant::now() + pause >= deadline => {
+                return Err(refused(format!(
+                    "{error} (tried for {DATABASE_WAIT:?}). Start PostgreSQL, or run c2m \
+                     through deploy/with-backends, which starts a throwaway one"
+                )));
+            }
+            _ => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// 32 random bytes: a secret for one `c2m dev` run.

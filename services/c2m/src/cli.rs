@@ -68,7 +68,7 @@ pub enum Command {
         /// Who the token is for, as the audit log will name them.
         #[arg(long, default_value = "cli")]
         subject: String,
-        /// Hours until the token expires.
+        /// Hours until the token expires: 1 to 8760 (a year).
         #[arg(long, default_value_t = 12)]
         ttl_hours: u64,
     },
@@ -125,6 +125,9 @@ pub struct TokenRefused {
     pub message: &'static str,
 }
 
+/// The longest a `c2m token` may live.
+const MAX_TTL_HOURS: u64 = 24 * 365;
+
 /// `c2m token`: a token for `role` signed with `auth.token_secret`.
 pub fn mint_token(
     config: &crate::Config,
@@ -160,8 +163,20 @@ pub fn mint_token(
         (Role::Operator, Some(_)) => {
             return refuse(2, "an operator token is for every account: drop --account");
         }
+        (_, Some(account)) if !c2m_runtime::ids::is_slug(account) => {
+            return refuse(
+                2,
+                "--account is not an account id (3 to 64 lowercase letters, digits and dashes)",
+            );
+        }
         (Role::Operator, None) | (_, Some(_)) => {}
         (_, None) => return refuse(2, "an admin, editor, viewer or agent token needs --account"),
+    }
+    if !(1..=MAX_TTL_HOURS).contains(&ttl_hours) {
+        return refuse(2, "--ttl-hours must be 1 to 8760 (a year)");
+    }
+    if subject.trim().is_empty() || subject.len() > 128 {
+        return refuse(2, "--subject must be 1 to 128 characters");
     }
     let key = TokenKey::new(config.auth.token_secret.as_bytes());
     let ttl = std::time::Duration::from_secs(ttl_hours * 3600);

@@ -190,6 +190,50 @@ impl Config {
         Ok(config)
     }
 
+    /// Warnings for `C2M_*` variables in `vars` that set nothing: a section misspelled
+    /// (`C2M_DATABSE__URL`) or a single underscore where two belong (`C2M_DATABASE_URL`). A
+    /// key misspelled inside a known section is an error already (unknown field).
+    pub fn unused_variables(vars: impl IntoIterator<Item = String>) -> Vec<String> {
+        /// `C2M_*` variables that are not configuration: the test suite's and the benchmarks'.
+        const OTHERS: [&str; 2] = ["C2M_TEST_", "C2M_BENCH_"];
+        let mut warnings: Vec<String> = vars
+            .into_iter()
+            .filter(|name| name.starts_with("C2M_") && !OTHERS.iter().any(|o| name.starts_with(o)))
+            .filter(|name| {
+                let key = name["C2M_".len()..].to_ascii_lowercase().replace("__", ".");
+                !SECTIONS.iter().any(|s| key.starts_with(s))
+            })
+            .map(|name| {
+                let key = name["C2M_".len()..].to_ascii_lowercase();
+                let hint = SECTIONS
+                    .iter()
+                    .map(|s| s.trim_end_matches('.'))
+                    .find(|section| {
+                        key.strip_prefix(section)
+                            .is_some_and(|rest| rest.starts_with('_') && !rest.starts_with("__"))
+                    })
+                    .map(|section| {
+                        let rest = &name["C2M_".len() + section.len() + 1..];
+                        format!(
+                            " (did you mean C2M_{}__{rest}?)",
+                            section.to_ascii_uppercase()
+                        )
+                    })
+                    .unwrap_or_else(|| {
+                        let sections: Vec<&str> =
+                            SECTIONS.iter().map(|s| s.trim_end_matches('.')).collect();
+                        format!(
+                            " (configuration variables are C2M_<SECTION>__<KEY>, sections: {})",
+                            sections.join(", ")
+                        )
+                    });
+                format!("{name} sets no configuration key and is ignored{hint}")
+            })
+            .collect();
+        warnings.sort();
+        warnings
+    }
+
     /// Checks what types alone cannot: URLs, ranges, the log filter.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, reason: &str| {

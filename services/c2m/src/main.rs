@@ -20,6 +20,11 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    for warning in Config::unused_variables(
+        std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()),
+    ) {
+        eprintln!("c2m: warning: {warning}");
+    }
     let config = match Config::load(cli.config.as_deref(), &cli.overrides()) {
         Ok(config) => config,
         Err(error) => {
@@ -74,7 +79,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
+            // Once, on stderr, where the logs go too.
             eprintln!("c2m: {error:#}");
             ExitCode::FAILURE
         }
@@ -104,10 +109,13 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
     let _telemetry = telemetry::init(&config.telemetry, &format!("c2m-{name}"))?;
     if name == "dev" {
         app::make_up_dev_secrets(&mut config)?;
+        app::keep_dev_local(&mut config);
+        app::check_database(&config.database).await?;
     }
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let key = format!("listen.{}", name.replace('-', "_"));
+        anyhow::anyhow!("cannot listen on {addr}: {e} (set {key}, or --listen, to another address)")
+    })?;
     let token = CancellationToken::new();
     tokio::spawn(shutdown::cancel_on_signal(token.clone()));
     app::serve(listener, &roles, &config, token).await?;

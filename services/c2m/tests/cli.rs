@@ -246,6 +246,11 @@ async fn sigterm_reports_not_serving_drains_and_exits_0() {
     assert_eq!(dev.exit_code(Duration::from_secs(10)).await, Some(0));
 
     let messages = dev.messages();
+    let ready: Vec<&String> = messages
+        .iter()
+        .filter(|m| m.starts_with("ready: every service is SERVING"))
+        .collect();
+    assert_eq!(ready.len(), 1, "one ready line: {messages:?}");
     for expected in [
         "SIGTERM received, shutting down",
         "draining in-flight requests",
@@ -342,6 +347,55 @@ fn c2m_token_signs_with_the_configured_secret() {
         &[("C2M_AUTH__TOKEN_SECRET", secret)],
     );
     assert_eq!(no_account.status.code(), Some(2), "{}", stderr(&no_account));
+    for (args, names) in [
+        (["--account", "Acme Corp", "--ttl-hours", "12"], "--account"),
+        (["--account", "acme", "--ttl-hours", "0"], "--ttl-hours"),
+        (
+            ["--account", "acme", "--ttl-hours", "100000"],
+            "--ttl-hours",
+        ),
+    ] {
+        let mut argv = vec!["token", "--role", "admin"];
+        argv.extend(args);
+        let refused = run(&argv, &[("C2M_AUTH__TOKEN_SECRET", secret)]);
+        assert_eq!(refused.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&refused).contains(names), "{}", stderr(&refused));
+        assert!(refused.stdout.is_empty(), "{args:?}: nothing signed");
+    }
+}
+
+#[test]
+fn environment_variables_that_set_nothing_are_named_with_the_likely_one() {
+    let output = run(
+        &["config"],
+        &[
+            ("C2M_DATABASE_URL", "postgres://elsewhere/c2m"),
+            ("C2M_DATABSE__URL", "postgres://elsewhere/c2m"),
+            ("C2M_CHANNEL_GATEWAY_PUBLIC_URL", "https://c2m.example.com"),
+            ("C2M_HANDOFF__REPLICAS", "3"),
+            ("C2M_TEST_DATABASE_URL", "not ours"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let stderr = stderr(&output);
+    assert!(
+        stderr.contains("C2M_DATABASE_URL sets no configuration key and is ignored (did you mean C2M_DATABASE__URL?)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("C2M_CHANNEL_GATEWAY_PUBLIC_URL sets no configuration key and is ignored (did you mean C2M_CHANNEL_GATEWAY__PUBLIC_URL?)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("C2M_DATABSE__URL sets no configuration key")
+            && stderr.contains("sections: listen, database,"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 3, "only the three: {stderr}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("replicas = 3"),
+        "a variable that sets a key still does"
+    );
 }
 
 #[test]
@@ -382,4 +436,30 @@ fn serve_refuses_to_start_without_shared_secrets() {
             stderr(&output)
         );
     }
+}
+
+#[tokio::test]
+async fn dev_says_once_why_it_cannot_use_the_database_and_exits() {
+    let db = TestDatabase::create().await;
+    let (base, _) = db.url().rsplit_once('/').expect("a database in the url");
+    let absent = format!("{base}/c2m_absent_{}", std::process::id());
+    let output = run(
+        &["dev", "--listen", "127.0.0.1:0"],
+        &[
+            ("C2M_DATABASE__URL", absent.as_str()),
+            ("C2M_DATABASE__CREATE_DATABASE", "false"),
+            ("C2M_LISTEN__WEBHOOKS", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let stderr = stderr(&output);
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("cannot use PostgreSQL"))
+        .collect();
+    assert_eq!(lines.len(), 1, "said once: {stderr}");
+    assert!(
+        lines[0].contains("(database.url)") && lines[0].contains("create_database"),
+        "{stderr}"
+    );
 }

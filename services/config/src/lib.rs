@@ -69,10 +69,14 @@ impl Service {
     /// The gRPC service, SERVING while its schema answers, with the webhook dispatcher.
     pub fn into_component(self) -> Component {
         let (watch, pool) = (self.watch.clone(), self.db.pool().clone());
-        let webhooks = self.webhooks.clone();
+        let (webhooks, db) = (self.webhooks.clone(), self.db.clone());
         Component::new(ConfigServiceServer::new(self.clone()))
             .with_probe(self.db.probe())
             .with_task(move |shutdown| watch.listen(pool, shutdown))
-            .with_task(move |shutdown| webhooks.run(shutdown))
+            .with_task(move |shutdown| async move {
+                if db.until_migrated(&shutdown).await {
+                    webhooks.run(shutdown).await;
+                }
+            })
     }
 }

@@ -16,6 +16,9 @@ const PER_SWEEP: i64 = 500;
 
 impl Service {
     pub(crate) async fn close_idle(self, shutdown: CancellationToken) {
+        if !self.db.until_migrated(&shutdown).await {
+            return;
+        }
         let mut every = tokio::time::interval(self.idle_sweep);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -43,6 +43,8 @@ struct Reported {
     /// round that finishes after shutdown began cannot flip a service back to SERVING.
     stopped: bool,
     statuses: HashMap<String, ServingStatus>,
+    /// Whether "ready" was logged: once, the first time every service is SERVING.
+    announced: bool,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -131,6 +133,16 @@ impl Supervisor {
         }
         state.statuses.insert(service.to_owned(), status);
         self.reporter.set_service_status(service, status).await;
+        if service.is_empty() && serving && !state.announced {
+            state.announced = true;
+            let services: Vec<&str> = self
+                .services
+                .iter()
+                .filter(|e| e.counts_for_server)
+                .map(|e| e.name.as_str())
+                .collect();
+            tracing::info!(?services, "ready: every service is SERVING");
+        }
     }
 
     async fn check(&self, probe: &dyn Probe, last: &mut HashMap<String, bool>) -> bool {

@@ -3,6 +3,7 @@
 //! tracing layer, shut down gracefully.
 
 use std::{convert::Infallible, future::Future, sync::Arc};
+use tracing::Instrument;
 
 use futures::future::BoxFuture;
 
@@ -202,7 +203,8 @@ pub async fn run(
     let probes = tokio::spawn(
         supervisor
             .clone()
-            .run(settings.health_interval(), shutdown.clone()),
+            .run(settings.health_interval(), shutdown.clone())
+            .instrument(tracing::info_span!("health", %addr)),
     );
 
     let drain_delay = settings.drain_delay();

@@ -148,6 +148,19 @@ impl ServiceDb {
         self.migrated.load(Ordering::Acquire)
     }
 
+    /// Waits until the schema is migrated (the health probe migrates it), polling every 100 ms:
+    /// background work that starts with the server waits here rather than fail and log against
+    /// tables that do not exist yet. False when `shutdown` came first.
+    pub async fn until_migrated(&self, shutdown: &tokio_util::sync::CancellationToken) -> bool {
+        while !self.is_migrated() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+            }
+        }
+        true
+    }
+
     pub fn schema(&self) -> &'static str {
         self.schema
     }
