@@ -255,6 +255,37 @@ async fn deflect_and_reply(topology: Topology, options: Options) {
         BTreeMap::new(),
         "nothing counted for globex"
     );
+    // Asked with no period, the funnel covers the last day, its stages in the funnel's order.
+    let last_day = story
+        .reporting()
+        .await
+        .get_funnel(authed(
+            pb::GetFunnelRequest {
+                account_id: "acme".to_owned(),
+                ..Default::default()
+            },
+            &viewer,
+        ))
+        .await
+        .expect("the last day")
+        .into_inner()
+        .rows;
+    let stages: Vec<(i32, u64)> = last_day[0]
+        .counts
+        .iter()
+        .map(|c| (c.stage, c.count))
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            (FunnelStage::Attempted as i32, 2),
+            (FunnelStage::Sent as i32, 1),
+            (FunnelStage::Delivered as i32, 1),
+            (FunnelStage::Responded as i32, 1),
+            (FunnelStage::SkippedOpenConversation as i32, 1),
+            (FunnelStage::ConversationOpened as i32, 1),
+        ]
+    );
 
     // Each handoff as a transaction: every stage it reached, in order, with the conversation.
     let now = chrono::Utc::now();

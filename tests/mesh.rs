@@ -59,6 +59,10 @@ async fn dev_serves_all_five_services_and_reflection_lists_them() {
         "c2m.v1.CreateHandoffRequest",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
+        // The details statuses carry, so reflection clients print them as fields.
+        "google.rpc.BadRequest",
+        "google.rpc.RetryInfo",
+        "google.rpc.ErrorInfo",
     ] {
         assert!(
             crate::grpc::reflection_describes(&channel, symbol).await,

@@ -27,6 +27,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .generate_default_stubs(true)
         .compile_fds(fds)?;
 
+    // The error details c2m sends, for reflection only (tonic-types has their Rust types).
+    let details = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("details");
+    let details_fds =
+        protox::compile([details.join("google/rpc/error_details.proto")], [&details])?;
+    std::fs::write(
+        out.join("error_details_descriptor.bin"),
+        prost::Message::encode_to_vec(&details_fds),
+    )?;
+
     println!("cargo:rerun-if-changed={}", root.display());
+    println!("cargo:rerun-if-changed={}", details.display());
     Ok(())
 }

@@ -21,18 +21,27 @@ fn db_status(error: sqlx::Error) -> Status {
 }
 
 /// A query period: both ends valid, start before end.
+/// The period a report covers: `end_time` unset is now, `start_time` unset is a day before the
+/// end.
 fn period(
     start: Option<&prost_types::Timestamp>,
     end: Option<&prost_types::Timestamp>,
 ) -> Result<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>), Status> {
     let mut violations = FieldViolations::new();
-    let start = start.and_then(c2m_proto::from_timestamp);
-    let end = end.and_then(c2m_proto::from_timestamp);
+    let end = match end {
+        None => Some(chrono::Utc::now()),
+        Some(end) => c2m_proto::from_timestamp(end),
+    };
+    let start = match (start, end) {
+        (None, Some(end)) => Some(end - chrono::Duration::days(1)),
+        (None, None) => None,
+        (Some(start), _) => c2m_proto::from_timestamp(start),
+    };
     if start.is_none() {
-        violations.add("start_time", "a valid timestamp is required");
+        violations.add("start_time", "not a valid timestamp");
     }
     if end.is_none() {
-        violations.add("end_time", "a valid timestamp is required");
+        violations.add("end_time", "not a valid timestamp");
     }
     match (start, end) {
         (Some(start), Some(end)) if start < end => Ok((start, end)),
@@ -174,6 +183,10 @@ impl ReportingService for Service {
                 row.first_response_p50_ms = u64::try_from(p50).unwrap_or_default();
                 row.first_response_p90_ms = u64::try_from(p90).unwrap_or_default();
             }
+        }
+        // The funnel's order (attempted, sent, delivered, …), as the stages' numbers go.
+        for row in rows.values_mut() {
+            row.counts.sort_by_key(|c| c.stage);
         }
         Ok(Response::new(pb::GetFunnelResponse {
             rows: rows.into_values().collect(),

@@ -26,6 +26,12 @@ impl v1::FunnelStage {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/c2m_descriptor.bin"));
 
+/// The encoded `FileDescriptorSet` of the `google.rpc` error details c2m attaches to statuses
+/// (`ErrorInfo`, `RetryInfo`, `BadRequest`), for gRPC reflection, so that reflection clients
+/// print them as fields.
+pub const ERROR_DETAILS_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/error_details_descriptor.bin"));
+
 /// A protobuf timestamp for a point in time.
 pub fn timestamp(at: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
     prost_types::Timestamp {

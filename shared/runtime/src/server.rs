@@ -286,6 +286,7 @@ fn reflection(names: &[&'static str]) -> tonic_reflection::server::Builder<'stat
     names.iter().chain(&STANDARD_SERVICES).fold(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(c2m_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(c2m_proto::ERROR_DETAILS_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
         |builder, name| builder.with_service_name(*name),
     )
