@@ -32,6 +32,12 @@ pub enum AppError {
         "redis.url is empty: Handoff and Routing can share counters and leases in memory only when both run in this process"
     )]
     NoRedis,
+    #[error(
+        "the server was not SERVING within a minute: the log says which dependency is not ready"
+    )]
+    NotServing,
+    #[error("setting up the demo: {0}")]
+    Demo(#[from] crate::client::ClientError),
     #[error("cannot use PostgreSQL at {url} (database.url): {reason}")]
     Database { url: String, reason: String },
     #[error("invalid redis url: {0}")]
@@ -201,6 +207,68 @@ pub async fn serve_with(
     let components = components(roles, &config, webhooks)?;
     server::run(listener, components, &config.server, shutdown).await?;
     Ok(())
+}
+
+/// `c2m dev --demo`: serves every role like [`serve`], and once the whole server is SERVING sets
+/// up the demo account through its own API and prints the commands that use it. A demo that
+/// cannot be set up stops the server.
+pub async fn serve_demo(
+    listener: TcpListener,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let addr = listener.local_addr().map_err(ServeError::from)?;
+    let server = serve(listener, &Role::ALL, config, shutdown.clone());
+    tokio::pin!(server);
+    let url = format!("http://{addr}");
+    let demo = async {
+        until_serving(&url).await?;
+        let key = TokenKey::new(config.auth.token_secret.as_bytes());
+        let demo = crate::client::set_up_demo(&url, &key).await?;
+        println!("{}", demo.instructions(&url));
+        Ok::<_, AppError>(())
+    };
+    tokio::select! {
+        result = &mut server => return result,
+        done = demo => {
+            if let Err(error) = done {
+                shutdown.cancel();
+                let _ = server.await;
+                return Err(error);
+            }
+        }
+    }
+    server.await
+}
+
+/// Waits (up to a minute) until the server at `url` reports every service SERVING.
+async fn until_serving(url: &str) -> Result<(), AppError> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let serving = async {
+            let channel = tonic::transport::Channel::from_shared(url.to_owned())
+                .ok()?
+                .connect()
+                .await
+                .ok()?;
+            let answer = HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+                .ok()?;
+            Some(answer.into_inner().status == ServingStatus::Serving as i32)
+        };
+        if serving.await == Some(true) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(AppError::NotServing);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Applies the pending migrations of `roles`, one schema after another.

@@ -44,6 +44,48 @@ pub enum Command {
         /// Address to listen on (`listen.dev`).
         #[arg(long, value_name = "ADDR")]
         listen: Option<SocketAddr>,
+        /// Once serving, set up a `demo` account on the sandbox and print the commands that
+        /// deflect a caller and show the funnel.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Deflect one caller, as an IVR does (CreateHandoff), and print the handoff.
+    Handoff {
+        /// Where c2m serves.
+        #[arg(long, default_value = DEFAULT_SERVER, value_name = "URL")]
+        server: String,
+        /// The account's API key (`c2m_…`).
+        #[arg(long, value_name = "KEY")]
+        key: String,
+        #[arg(long, value_name = "ID")]
+        account: String,
+        /// The handoff configuration.
+        #[arg(long, value_name = "ID")]
+        handoff_config: String,
+        /// The caller's number, E.164.
+        #[arg(long, value_name = "E164")]
+        phone: String,
+        /// A template variable (repeat for several).
+        #[arg(long = "var", value_name = "NAME=VALUE", value_parser = variable)]
+        variables: Vec<(String, String)>,
+        /// The idempotency key; a new one when not given.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
+    },
+    /// Print an account's funnel over the last hours (GetFunnel).
+    Funnel {
+        #[arg(long, default_value = DEFAULT_SERVER, value_name = "URL")]
+        server: String,
+        /// A token of the account (`c2m token --role viewer --account …`).
+        #[arg(long, value_name = "TOKEN")]
+        token: String,
+        #[arg(long, value_name = "ID")]
+        account: String,
+        #[arg(long, value_enum, default_value = "channel")]
+        group_by: crate::client::GroupBy,
+        /// How many hours back from now.
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=8760))]
+        hours: u32,
     },
     /// Apply pending database migrations and exit.
     Migrate {
@@ -72,6 +114,63 @@ pub enum Command {
         #[arg(long, default_value_t = 12)]
         ttl_hours: u64,
     },
+}
+
+/// Where `c2m handoff` and `c2m funnel` call by default: `c2m dev`'s address.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:50051";
+
+fn variable(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .filter(|(name, _)| !name.is_empty())
+        .ok_or_else(|| "a template variable is NAME=VALUE".to_owned())
+}
+
+/// Runs `c2m handoff` or `c2m funnel`: None for any other command.
+pub fn call(command: &Command) -> Option<std::process::ExitCode> {
+    use crate::client::{self, Deflect};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    let answer = match command {
+        Command::Handoff {
+            server,
+            key,
+            account,
+            handoff_config,
+            phone,
+            variables,
+            idempotency_key,
+        } => runtime.block_on(client::handoff(Deflect {
+            server,
+            api_key: key,
+            account_id: account,
+            handoff_config_id: handoff_config,
+            consumer_phone: phone,
+            variables,
+            idempotency_key: idempotency_key.as_deref(),
+        })),
+        Command::Funnel {
+            server,
+            token,
+            account,
+            group_by,
+            hours,
+        } => runtime.block_on(client::funnel(server, token, account, *group_by, *hours)),
+        _ => return None,
+    };
+    Some(match answer {
+        Ok(text) => {
+            print!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("c2m: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    })
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -111,7 +210,9 @@ impl Cli {
                 role,
                 listen: Some(addr),
             } => overrides = overrides.listen(&role.name().replace('-', "_"), addr),
-            Command::Dev { listen: Some(addr) } => overrides = overrides.listen("dev", addr),
+            Command::Dev {
+                listen: Some(addr), ..
+            } => overrides = overrides.listen("dev", addr),
             _ => {}
         }
         overrides
@@ -184,4 +285,16 @@ pub fn mint_token(
         Some(account) if role == Role::Agent => key.agent_token(subject, account, skills, ttl),
         _ => key.user_token(subject, role, account, ttl),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Clap's own checks: no two arguments share a name (a subcommand's `--config` would shadow
+    /// the global configuration file's, and panic at parse time).
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

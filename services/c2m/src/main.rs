@@ -20,6 +20,9 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(exit) = c2m::cli::call(&cli.command) {
+        return exit;
+    }
     for warning in Config::unused_variables(
         std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()),
     ) {
@@ -87,9 +90,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
-    let (roles, addr, name) = match command {
-        Command::Serve { role, .. } => (vec![role], role.listen(&config.listen), role.name()),
-        Command::Dev { .. } => (Role::ALL.to_vec(), config.listen.dev, "dev"),
+    let (roles, addr, name, demo) = match command {
+        Command::Serve { role, .. } => {
+            let addr = role.listen(&config.listen);
+            (vec![role], addr, role.name(), false)
+        }
+        Command::Dev { demo, .. } => (Role::ALL.to_vec(), config.listen.dev, "dev", demo),
         Command::Migrate { roles } => {
             let _telemetry = telemetry::init(&config.telemetry, "c2m-migrate")?;
             let roles = if roles.is_empty() {
@@ -100,7 +106,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             app::migrate(&roles, &config).await?;
             return Ok(());
         }
-        Command::Token { .. } => return Ok(()),
+        Command::Token { .. } | Command::Handoff { .. } | Command::Funnel { .. } => return Ok(()),
         Command::Config => {
             print!("{}", config.to_masked_toml());
             return Ok(());
@@ -118,6 +124,10 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
     })?;
     let token = CancellationToken::new();
     tokio::spawn(shutdown::cancel_on_signal(token.clone()));
-    app::serve(listener, &roles, &config, token).await?;
+    if demo {
+        app::serve_demo(listener, &config, token).await?;
+    } else {
+        app::serve(listener, &roles, &config, token).await?;
+    }
     Ok(())
 }

@@ -463,3 +463,84 @@ async fn dev_says_once_why_it_cannot_use_the_database_and_exits() {
         "{stderr}"
     );
 }
+
+/// `c2m dev --demo` prints two commands; run as printed (as the README says), they deflect a
+/// caller through the sandbox and show the funnel that handoff made, replied to included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_prints_commands_that_deflect_a_caller_and_show_the_funnel() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let db = TestDatabase::create().await;
+    let mut command = tokio::process::Command::new(support::dev::C2M);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("C2M_") || key.starts_with("OTEL_") || key == "RUST_LOG" {
+            command.env_remove(key);
+        }
+    }
+    let mut dev = command
+        .args(["dev", "--demo", "--listen", "127.0.0.1:0"])
+        .env("C2M_DATABASE__URL", db.url())
+        .env("C2M_LISTEN__WEBHOOKS", "127.0.0.1:0")
+        .env("C2M_CHANNEL_GATEWAY__PUBLIC_URL", "http://127.0.0.1:1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("c2m dev starts");
+    let mut lines = BufReader::new(dev.stdout.take().expect("piped")).lines();
+    let commands = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut commands = Vec::new();
+        while let Some(line) = lines.next_line().await.expect("reads") {
+            if let Some(command) = line.trim().strip_prefix("cargo run -q --release -- ") {
+                commands.push(command.to_owned());
+                if commands.len() == 2 {
+                    return commands;
+                }
+            }
+        }
+        panic!("c2m dev --demo ended before printing two commands")
+    })
+    .await
+    .expect("the demo's commands within a minute");
+    // As a shell would split them (the one quoted value is the topic).
+    let argv = |command: &str| -> Vec<String> {
+        let (head, quoted) = command
+            .split_once("--var topic=\"")
+            .unwrap_or((command, ""));
+        let mut argv: Vec<String> = head.split_whitespace().map(str::to_owned).collect();
+        if !quoted.is_empty() {
+            argv.push("--var".to_owned());
+            argv.push(format!("topic={}", quoted.trim_end_matches('"')));
+        }
+        argv
+    };
+    let run_printed = |command: &str| {
+        let argv = argv(command);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        run(&argv, &[])
+    };
+    let handoff = run_printed(&commands[0]);
+    assert_eq!(handoff.status.code(), Some(0), "{}", stderr(&handoff));
+    let handoff = String::from_utf8(handoff.stdout).expect("utf-8");
+    assert!(handoff.contains("status      SENT"), "{handoff}");
+    assert!(handoff.contains("channel     SMS"), "{handoff}");
+    // The sandbox posts its webhooks to this run's own public URL: here, nowhere, so the
+    // funnel shows what the handoff itself counted.
+    eventually(
+        "the funnel to count the handoff",
+        Duration::from_secs(10),
+        || {
+            let funnel = run_printed(&commands[1]);
+            let text = String::from_utf8_lossy(&funnel.stdout).into_owned();
+            async move {
+                funnel.status.code() == Some(0)
+                    && text
+                        .lines()
+                        .any(|l| l.split_whitespace().eq(["ATTEMPTED", "1"]))
+                    && text.lines().any(|l| l.split_whitespace().eq(["SENT", "1"]))
+            }
+        },
+    )
+    .await;
+    dev.start_kill().expect("stops");
+}
