@@ -1,83 +1,10 @@
-//! The event log's storage.
+//! [`EventStore`] on PostgreSQL.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-/// One event as stored: the wire event with its enums as names.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredEvent {
-    pub event_id: String,
-    pub account_id: String,
-    pub stage: &'static str,
-    pub occurred_at: DateTime<Utc>,
-    pub handoff_id: String,
-    pub handoff_config_id: String,
-    pub channel: &'static str,
-    pub skill_id: String,
-    pub conversation_id: String,
-    pub ivr_number: String,
-    pub error_code: String,
-    pub source: String,
-    /// ANSWERED events: milliseconds from the conversation's opening to the answer.
-    pub response_delay_ms: Option<i64>,
-}
-
-/// What funnel rows are grouped by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grouping {
-    None,
-    Channel,
-    HandoffConfig,
-    Skill,
-    IvrNumber,
-}
-
-impl Grouping {
-    /// The column rows are grouped by.
-    fn column(self) -> &'static str {
-        match self {
-            Grouping::None => "''",
-            Grouping::Channel => "channel",
-            Grouping::HandoffConfig => "handoff_config_id",
-            Grouping::Skill => "skill_id",
-            Grouping::IvrNumber => "ivr_number",
-        }
-    }
-}
-
-#[async_trait]
-pub trait EventStore: Send + Sync + 'static {
-    /// The events of up to `limit` handoffs whose first event is in `[start, end)`, handoff ids
-    /// after `after`, in handoff id order and, within one, in time order.
-    async fn transactions(
-        &self,
-        account_id: &str,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
-        after: &str,
-        limit: i64,
-    ) -> Result<Vec<StoredEvent>, sqlx::Error>;
-    /// Appends the events not seen before; returns how many were new.
-    async fn append(&self, events: &[StoredEvent]) -> Result<u64, sqlx::Error>;
-    /// (group, median, 90th percentile) of the times to first response of the conversations
-    /// answered in `[start, end)`, in milliseconds.
-    async fn first_responses(
-        &self,
-        account_id: &str,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
-        grouping: Grouping,
-    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error>;
-    /// (group, stage name, count) for an account's events in `[start, end)`.
-    async fn funnel(
-        &self,
-        account_id: &str,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
-        grouping: Grouping,
-    ) -> Result<Vec<(String, String, i64)>, sqlx::Error>;
-}
+use super::{EventStore, Grouping, StoredEvent};
 
 #[derive(Debug, Clone)]
 pub struct PgEventStore {

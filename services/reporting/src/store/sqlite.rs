@@ -1,0 +1,220 @@
+//! [`EventStore`] on SQLite: the embedded default's event log, one file, the same answers as
+//! PostgreSQL's (the conformance suite checks both). Times are integer microseconds.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{SqlitePool, migrate::Migrator};
+
+use super::{EventStore, Grouping, StoredEvent};
+
+/// The SQLite schema's migrations (`migrations-sqlite/`).
+pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations-sqlite");
+
+#[derive(Debug, Clone)]
+pub struct SqliteEventStore {
+    pool: SqlitePool,
+}
+
+impl SqliteEventStore {
+    /// The store over `pool`, its migrations applied.
+    pub async fn new(pool: SqlitePool) -> Result<Self, sqlx::migrate::MigrateError> {
+        SQLITE_MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+}
+
+fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+/// PostgreSQL's `percentile_disc(p)`: the first value whose place in the sorted values reaches
+/// the fraction `p` of them.
+fn percentile_disc(sorted: &[i64], p: f64) -> i64 {
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+#[async_trait]
+impl EventStore for SqliteEventStore {
+    async fn transactions(
+        &self,
+        account_id: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        type Row = (
+            String,
+            String,
+            i64,
+            String,
+            String,
+            String,
+            String,
+            String,
+            String,
+        );
+        let rows: Vec<Row> = sqlx::query_as(
+            "WITH page AS ( \
+                   SELECT handoff_id FROM events \
+                   WHERE account_id = ?1 AND handoff_id > ?4 AND handoff_id <> '' \
+                   GROUP BY handoff_id HAVING min(occurred_at) >= ?2 AND min(occurred_at) < ?3 \
+                   ORDER BY handoff_id LIMIT ?5) \
+                 SELECT e.event_id, e.stage, e.occurred_at, e.handoff_id, e.channel, e.skill_id, \
+                        e.conversation_id, e.error_code, e.source \
+                 FROM events e JOIN page USING (handoff_id) WHERE e.account_id = ?1 \
+                 ORDER BY e.handoff_id, e.occurred_at, e.event_id",
+        )
+        .bind(account_id)
+        .bind(micros(start))
+        .bind(micros(end))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    event_id,
+                    stage,
+                    occurred_at,
+                    handoff_id,
+                    channel,
+                    skill_id,
+                    conversation_id,
+                    error_code,
+                    source,
+                )| StoredEvent {
+                    event_id,
+                    account_id: account_id.to_owned(),
+                    stage: c2m_proto::v1::FunnelStage::from_str_name(&stage)
+                        .unwrap_or_default()
+                        .as_str_name(),
+                    occurred_at: from_micros(occurred_at),
+                    handoff_id,
+                    handoff_config_id: String::new(),
+                    channel: c2m_proto::v1::Channel::from_str_name(&channel)
+                        .map_or("", |c| c.as_str_name()),
+                    skill_id,
+                    conversation_id,
+                    ivr_number: String::new(),
+                    error_code,
+                    source,
+                    response_delay_ms: None,
+                },
+            )
+            .collect())
+    }
+
+    /// One transaction for the batch: the events are counted once each, whoever sent them twice.
+    async fn append(&self, events: &[StoredEvent]) -> Result<u64, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let mut new = 0;
+        for e in events {
+            let done = sqlx::query(
+                "INSERT INTO events (event_id, account_id, stage, occurred_at, handoff_id, \
+                 handoff_config_id, channel, skill_id, conversation_id, ivr_number, error_code, \
+                 source, response_delay_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(&e.event_id)
+            .bind(&e.account_id)
+            .bind(e.stage)
+            .bind(micros(e.occurred_at))
+            .bind(&e.handoff_id)
+            .bind(&e.handoff_config_id)
+            .bind(e.channel)
+            .bind(&e.skill_id)
+            .bind(&e.conversation_id)
+            .bind(&e.ivr_number)
+            .bind(&e.error_code)
+            .bind(&e.source)
+            .bind(e.response_delay_ms)
+            .execute(&mut *tx)
+            .await?;
+            new += done.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(new)
+    }
+
+    async fn first_responses(
+        &self,
+        account_id: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        grouping: Grouping,
+    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+        // SQLite has no percentile aggregate: the delays come sorted, by group, and are read here.
+        let delays: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT CAST({group} AS TEXT), response_delay_ms \
+             FROM events WHERE account_id = ?1 AND occurred_at >= ?2 AND occurred_at < ?3 \
+                 AND stage = 'FUNNEL_STAGE_ANSWERED' AND response_delay_ms IS NOT NULL \
+             ORDER BY 1, 2",
+            group = grouping.column()
+        )))
+        .bind(account_id)
+        .bind(micros(start))
+        .bind(micros(end))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut rows = Vec::new();
+        for group in delays.chunk_by(|a, b| a.0 == b.0) {
+            let sorted: Vec<i64> = group.iter().map(|(_, delay)| *delay).collect();
+            rows.push((
+                group[0].0.clone(),
+                percentile_disc(&sorted, 0.5),
+                percentile_disc(&sorted, 0.9),
+            ));
+        }
+        Ok(rows)
+    }
+
+    async fn funnel(
+        &self,
+        account_id: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        grouping: Grouping,
+    ) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+        // Counted as in PostgreSQL: an event about a handoff once its ATTEMPTED is here.
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT CAST({group} AS TEXT), stage, count(*) FROM events e \
+             WHERE account_id = ?1 AND occurred_at >= ?2 AND occurred_at < ?3 \
+                 AND (handoff_id = '' OR stage = 'FUNNEL_STAGE_ATTEMPTED' OR EXISTS ( \
+                     SELECT 1 FROM events a WHERE a.handoff_id <> '' AND a.handoff_id = e.handoff_id \
+                         AND a.stage = 'FUNNEL_STAGE_ATTEMPTED')) \
+             GROUP BY 1, 2 ORDER BY 1, 2",
+            group = grouping.column()
+        )))
+        .bind(account_id)
+        .bind(micros(start))
+        .bind(micros(end))
+        .fetch_all(&self.pool)
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile_disc;
+
+    /// PostgreSQL's answers for the same values (`percentile_disc(p) WITHIN GROUP (ORDER BY v)`).
+    #[test]
+    fn percentiles_are_postgresqls_discrete_ones() {
+        assert_eq!(percentile_disc(&[7], 0.5), 7);
+        assert_eq!(percentile_disc(&[1, 2], 0.5), 1);
+        assert_eq!(percentile_disc(&[1, 2, 3, 4], 0.5), 2);
+        assert_eq!(percentile_disc(&[1, 2, 3, 4], 0.9), 4);
+        let ten: Vec<i64> = (1..=10).collect();
+        assert_eq!(percentile_disc(&ten, 0.9), 9);
+        assert_eq!(percentile_disc(&ten, 0.5), 5);
+    }
+}
