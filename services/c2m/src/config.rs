@@ -278,6 +278,25 @@ impl Config {
         if self.server.health_interval_ms < 10 {
             return invalid("server.health_interval_ms", "must be at least 10");
         }
+        // `c2m config` prints secrets masked; its output fed back must not run on the mask.
+        let password_masked =
+            |url: &str| url::Url::parse(url).is_ok_and(|u| u.password() == Some(MASKED));
+        for (key, masked) in [
+            ("auth.token_secret", self.auth.token_secret == MASKED),
+            (
+                "channel_gateway.credentials_key",
+                self.channel_gateway.credentials_key == MASKED,
+            ),
+            ("database.url", password_masked(&self.database.url)),
+            ("redis.url", password_masked(&self.redis.url)),
+        ] {
+            if masked {
+                return invalid(
+                    key,
+                    "holds the mask `c2m config` prints (*****), not the secret: give the real one, e.g. through its C2M_ variable",
+                );
+            }
+        }
         if !self.auth.token_secret.is_empty() && self.auth.token_secret.len() < 32 {
             return invalid("auth.token_secret", "must be at least 32 characters");
         }
@@ -374,7 +393,8 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration as TOML, with passwords in URLs masked.
+    /// The configuration as TOML, with secrets and passwords in URLs masked, under a comment that
+    /// says how to use it as a file.
     pub fn to_masked_toml(&self) -> String {
         let mut masked = self.clone();
         masked.database.url = mask_password(&masked.database.url);
@@ -384,12 +404,22 @@ impl Config {
             &mut masked.channel_gateway.credentials_key,
         ] {
             if !secret.is_empty() {
-                *secret = "*****".to_owned();
+                *secret = MASKED.to_owned();
             }
         }
-        toml::to_string_pretty(&masked).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+        match toml::to_string_pretty(&masked) {
+            Ok(text) => format!(
+                "# c2m's effective configuration. Secrets show as {MASKED}: to use this as a file \n\
+                 # (--config), give them again through their C2M_ variables (C2M_AUTH__TOKEN_SECRET, \n\
+                 # C2M_CHANNEL_GATEWAY__CREDENTIALS_KEY, the URLs' passwords); c2m refuses a mask.\n\n{text}"
+            ),
+            Err(e) => format!("# cannot print: {e}\n"),
+        }
     }
 }
+
+/// What `c2m config` prints in place of a secret.
+const MASKED: &str = "*****";
 
 /// Names the key, the problem and where the value came from: the file, or the variable.
 fn describe(error: &figment::Error) -> String {

@@ -544,3 +544,37 @@ async fn the_demo_prints_commands_that_deflect_a_caller_and_show_the_funnel() {
     .await;
     dev.start_kill().expect("stops");
 }
+
+/// What `c2m config` prints can be used as a file: with the secrets given again through their
+/// variables it is the same configuration; with only the masks, c2m refuses, naming the key.
+#[test]
+fn c2m_configs_output_feeds_back_with_its_secrets_given_again() {
+    let secrets = [
+        (
+            "C2M_AUTH__TOKEN_SECRET",
+            "a-secret-of-at-least-thirty-two-characters",
+        ),
+        (
+            "C2M_DATABASE__URL",
+            "postgres://c2m:hunter2@db.internal:5432/c2m",
+        ),
+    ];
+    let printed = run(&["config"], &secrets);
+    assert_eq!(printed.status.code(), Some(0), "{}", stderr(&printed));
+    let text = String::from_utf8(printed.stdout).expect("utf-8");
+    assert!(!text.contains("hunter2") && !text.contains("thirty-two"), "{text}");
+    let file = config_file(&text);
+    let path = file.path().to_str().expect("utf-8 path");
+
+    let again = run(&["--config", path, "config"], &secrets);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+    assert_eq!(String::from_utf8(again.stdout).expect("utf-8"), text);
+
+    let masked = run(&["--config", path, "config"], &[]);
+    assert_eq!(masked.status.code(), Some(64));
+    let error = stderr(&masked);
+    assert!(
+        error.contains("auth.token_secret") && error.contains("mask"),
+        "{error}"
+    );
+}

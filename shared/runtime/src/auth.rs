@@ -23,6 +23,30 @@ pub enum Role {
     Service,
 }
 
+impl Role {
+    /// As tokens spell it: `admin`, `operator`, …
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Viewer => "viewer",
+            Role::Editor => "editor",
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Service => "service",
+        }
+    }
+
+    /// "an admin", "a viewer": the role in a sentence.
+    fn with_article(self) -> String {
+        let article = if matches!(self, Role::Viewer | Role::Service) {
+            "a"
+        } else {
+            "an"
+        };
+        format!("{article} {}", self.name())
+    }
+}
+
 /// What a token says about its bearer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -73,14 +97,16 @@ impl Claims {
                 "c2m services may read account data, not change it",
             )),
             role if self.account_id.as_deref() != Some(account_id) => {
-                Err(Status::permission_denied(
-                    format!("a {role:?} of another account cannot act on account {account_id}")
-                        .to_lowercase(),
-                ))
+                Err(Status::permission_denied(format!(
+                    "{} of another account cannot act on account {account_id}",
+                    role.with_article()
+                )))
             }
-            role if role < min => Err(Status::permission_denied(
-                format!("this needs the {min:?} role; the caller is a {role:?}").to_lowercase(),
-            )),
+            role if role < min => Err(Status::permission_denied(format!(
+                "this needs the {} role; the caller is {}",
+                min.name(),
+                role.with_article()
+            ))),
             _ => Ok(()),
         }
     }
@@ -99,10 +125,10 @@ impl Claims {
             Role::Operator => Ok(access(true, true, None)),
             Role::Service => Ok(access(false, false, None)),
             role if self.account_id.as_deref() != Some(account_id) => {
-                Err(Status::permission_denied(
-                    format!("a {role:?} of another account cannot act on account {account_id}")
-                        .to_lowercase(),
-                ))
+                Err(Status::permission_denied(format!(
+                    "{} of another account cannot act on account {account_id}",
+                    role.with_article()
+                )))
             }
             Role::Agent if self.skills.is_empty() => Ok(access(true, false, None)),
             Role::Agent => Ok(access(true, false, Some(self.skills.clone()))),
@@ -244,6 +270,11 @@ impl TokenKey {
     /// The caller of a request, from its `authorization: Bearer <token>` metadata.
     pub fn caller(&self, metadata: &MetadataMap) -> Result<Claims, Status> {
         let token = bearer(metadata)?;
+        if token.starts_with(crate::api_keys::PREFIX) {
+            return Err(Status::unauthenticated(
+                "an API key answers for Handoff's calls and the conversations API only; this call takes a token (c2m token)",
+            ));
+        }
         self.verify(token, SystemTime::now())
             .map_err(|e| Status::unauthenticated(e.to_string()))
     }
@@ -284,6 +315,31 @@ mod tests {
             exp: unix(SystemTime::now()) + 60,
             skills: Vec::new(),
         }
+    }
+
+    #[test]
+    fn refusals_say_who_the_caller_is_in_plain_words() {
+        let admin = claims(Role::Admin, Some("acme"));
+        let other = admin
+            .authorize("globex", Role::Viewer)
+            .expect_err("another account");
+        assert_eq!(
+            other.message(),
+            "an admin of another account cannot act on account globex"
+        );
+        let viewer = claims(Role::Viewer, Some("acme"));
+        let low = viewer.authorize("acme", Role::Editor).expect_err("too low");
+        assert_eq!(
+            low.message(),
+            "this needs the editor role; the caller is a viewer"
+        );
+        let mut metadata = MetadataMap::new();
+        metadata.insert("authorization", "Bearer c2m_abc".parse().expect("ascii"));
+        let key = TokenKey::new(b"secret")
+            .caller(&metadata)
+            .expect_err("a key");
+        assert_eq!(key.code(), tonic::Code::Unauthenticated);
+        assert!(key.message().contains("API key"), "{}", key.message());
     }
 
     #[test]
