@@ -729,3 +729,53 @@ async fn concurrent_flushes_share_the_work() {
     );
     story.stop().await;
 }
+
+/// `database.reporting.url`: Reporting's schema, migrations and pools on a database of its own,
+/// the rest on `database.url`; the funnel still counts every handoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reporting_can_live_in_a_database_of_its_own() {
+    let own = c2m_test_support::TestDatabase::create().await;
+    let story = Story::start_with(
+        Topology::Separate,
+        Options {
+            reporting_database_url: Some(own.url().to_owned()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let api_key = onboard(&story, "acme").await;
+    story
+        .handoff()
+        .await
+        .create_handoff(authed(handoff_request("acme", CALLER, "call-1"), &api_key))
+        .await
+        .expect("handoff accepted");
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[("FUNNEL_STAGE_ATTEMPTED", 1), ("FUNNEL_STAGE_SENT", 1)],
+            )],
+        )
+        .await;
+    assert_eq!(
+        schemas(&story.db).await,
+        ["channel_gateway", "config", "handoff", "routing"]
+    );
+    assert_eq!(schemas(&own).await, ["reporting"]);
+    story.stop().await;
+}
+
+/// The c2m schemas in `db`.
+async fn schemas(db: &c2m_test_support::TestDatabase) -> Vec<String> {
+    let mut conn = db.connect().await;
+    sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace \
+         WHERE nspname IN ('handoff', 'routing', 'channel_gateway', 'config', 'reporting') \
+         ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("lists schemas")
+}

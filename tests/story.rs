@@ -67,6 +67,8 @@ pub struct Options {
     pub idle_sweep_ms: Option<u64>,
     /// `[webhooks]`.
     pub webhooks: Option<c2m_config::webhooks::WebhookSettings>,
+    /// `database.reporting.url`: Reporting on a database of its own.
+    pub reporting_database_url: Option<String>,
 }
 
 impl Options {
@@ -141,6 +143,9 @@ impl Story {
         config.auth.token_secret = SECRET.to_owned();
         if let Some(url) = options.redis_url {
             config.redis.url = url;
+        }
+        if let Some(url) = options.reporting_database_url {
+            config.database.reporting = Some(c2m_storage::ServiceDatabase { url });
         }
         config.handoff.replicas = options.handoff_replicas.unwrap_or(1);
         if let Some(lease) = options.consumer_lease_ms {

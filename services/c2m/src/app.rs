@@ -81,7 +81,7 @@ pub fn components(
     };
     let db = |role: Role| {
         let (schema, migrator) = role.schema();
-        ServiceDb::connect_lazy(&config.database, schema, migrator)
+        ServiceDb::connect_lazy(&config.database.for_schema(schema), schema, migrator)
     };
     let components: Vec<Vec<Component>> = roles
         .iter()
@@ -275,7 +275,7 @@ async fn until_serving(url: &str) -> Result<(), AppError> {
 pub async fn migrate(roles: &[Role], config: &Config) -> Result<(), AppError> {
     for &role in roles {
         let (schema, migrator) = role.schema();
-        let db = ServiceDb::connect_lazy(&config.database, schema, migrator)?;
+        let db = ServiceDb::connect_lazy(&config.database.for_schema(schema), schema, migrator)?;
         db.migrate().await?;
         db.pool().close().await;
     }
@@ -399,15 +399,21 @@ const DATABASE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Connects to `database.url` once, trying for up to 10 s, so that `c2m dev` says at start-up,
 /// in one error, why it cannot serve (rather than serving nothing and logging why).
 pub async fn check_database(settings: &c2m_storage::DatabaseSettings) -> Result<(), AppError> {
+    for url in settings.urls() {
+        check_one_database(url, settings.create_database).await?;
+    }
+    Ok(())
+}
+
+async fn check_one_database(url: &str, create_database: bool) -> Result<(), AppError> {
     use sqlx::{Connection, postgres::PgConnectOptions};
 
-    let shown = c2m_storage::mask_password(&settings.url);
+    let shown = c2m_storage::mask_password(url);
     let refused = |reason: String| AppError::Database {
         url: shown.clone(),
         reason,
     };
-    let options: PgConnectOptions = settings
-        .url
+    let options: PgConnectOptions = url
         .parse()
         .map_err(|e: sqlx::Error| refused(e.to_string()))?;
     let deadline = tokio::time::Instant::now() + DATABASE_WAIT;
@@ -438,7 +444,7 @@ pub async fn check_database(settings: &c2m_storage::DatabaseSettings) -> Result<
             }
             // invalid_catalog_name: the login worked and the database is missing, which each
             // service creates at start when `database.create_database` allows.
-            Some("3D000") if settings.create_database => return Ok(()),
+            Some("3D000") if create_database => return Ok(()),
             Some("3D000") => {
                 return Err(refused(format!(
                     "{error}. Create it (createdb), set database.create_database = true, or \

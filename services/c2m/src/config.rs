@@ -243,10 +243,25 @@ impl Config {
             })
         };
         let scheme = |raw: &str| url::Url::parse(raw).map(|u| u.scheme().to_owned());
-        match scheme(&self.database.url) {
-            Ok(s) if s == "postgres" || s == "postgresql" => {}
-            Ok(_) => return invalid("database.url", "must be a postgres:// URL"),
-            Err(e) => return invalid("database.url", &format!("is not a URL: {e}")),
+        let own_urls = self
+            .database
+            .overrides()
+            .map(|(schema, db)| (database_key(schema), db.url.as_str()));
+        for (key, url) in [("database.url", self.database.url.as_str())]
+            .into_iter()
+            .chain(own_urls)
+        {
+            match scheme(url) {
+                Ok(s) if s == "postgres" || s == "postgresql" => {}
+                Ok(_) => return invalid(key, "must be a postgres:// URL"),
+                Err(e) => return invalid(key, &format!("is not a URL: {e}")),
+            }
+            if url::Url::parse(url).is_ok_and(|u| u.password() == Some(MASKED)) {
+                return invalid(
+                    key,
+                    "holds the mask `c2m config` prints (*****), not the password: give the real one",
+                );
+            }
         }
         if self.database.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1");
@@ -398,6 +413,18 @@ impl Config {
     pub fn to_masked_toml(&self) -> String {
         let mut masked = self.clone();
         masked.database.url = mask_password(&masked.database.url);
+        for db in [
+            &mut masked.database.handoff,
+            &mut masked.database.routing,
+            &mut masked.database.channel_gateway,
+            &mut masked.database.config,
+            &mut masked.database.reporting,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            db.url = mask_password(&db.url);
+        }
         masked.redis.url = mask_password(&masked.redis.url);
         for secret in [
             &mut masked.auth.token_secret,
@@ -415,6 +442,17 @@ impl Config {
             ),
             Err(e) => format!("# cannot print: {e}\n"),
         }
+    }
+}
+
+/// The key of a service's own database URL.
+fn database_key(schema: &str) -> &'static str {
+    match schema {
+        "handoff" => "database.handoff.url",
+        "routing" => "database.routing.url",
+        "channel_gateway" => "database.channel_gateway.url",
+        "config" => "database.config.url",
+        _ => "database.reporting.url",
     }
 }
 

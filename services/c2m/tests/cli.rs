@@ -113,6 +113,11 @@ fn values_are_validated_before_anything_is_bound() {
         ),
         ("C2M_REDIS__URL", "not a url", "redis.url"),
         (
+            "C2M_DATABASE__REPORTING__URL",
+            "mysql://db/c2m",
+            "database.reporting.url",
+        ),
+        (
             "C2M_SERVER__CONCURRENCY_LIMIT",
             "0",
             "server.concurrency_limit",
@@ -562,7 +567,10 @@ fn c2m_configs_output_feeds_back_with_its_secrets_given_again() {
     let printed = run(&["config"], &secrets);
     assert_eq!(printed.status.code(), Some(0), "{}", stderr(&printed));
     let text = String::from_utf8(printed.stdout).expect("utf-8");
-    assert!(!text.contains("hunter2") && !text.contains("thirty-two"), "{text}");
+    assert!(
+        !text.contains("hunter2") && !text.contains("thirty-two"),
+        "{text}"
+    );
     let file = config_file(&text);
     let path = file.path().to_str().expect("utf-8 path");
 

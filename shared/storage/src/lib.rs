@@ -14,6 +14,6 @@ pub mod redis;
 mod url_mask;
 
 pub use coordination::{Coordination, InProcess, RedisCoordination};
-pub use postgres::{DatabaseSettings, ServiceDb};
+pub use postgres::{DatabaseSettings, ServiceDatabase, ServiceDb};
 pub use redis::{RedisHandle, RedisSettings};
 pub use url_mask::mask_password;

@@ -31,6 +31,66 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     /// Create the database named in `url` when it does not exist (needs the CREATEDB privilege).
     pub create_database: bool,
+    /// A database of its own for one service (`[database.reporting] url = …`, or
+    /// `C2M_DATABASE__REPORTING__URL`): its schema, migrations and pools go there; the other
+    /// services keep `url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<ServiceDatabase>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routing: Option<ServiceDatabase>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_gateway: Option<ServiceDatabase>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<ServiceDatabase>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reporting: Option<ServiceDatabase>,
+}
+
+/// `[database.<service>]`: where one service's schema lives instead of `database.url`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceDatabase {
+    pub url: String,
+}
+
+impl DatabaseSettings {
+    /// The settings the service owning `schema` connects with: its own `url` when it has one.
+    pub fn for_schema(&self, schema: &str) -> DatabaseSettings {
+        let own = self.overrides().find(|(name, _)| *name == schema);
+        DatabaseSettings {
+            url: own.map_or_else(|| self.url.clone(), |(_, db)| db.url.clone()),
+            handoff: None,
+            routing: None,
+            channel_gateway: None,
+            config: None,
+            reporting: None,
+            ..self.clone()
+        }
+    }
+
+    /// Each service given a database of its own: (its schema, where).
+    pub fn overrides(&self) -> impl Iterator<Item = (&'static str, &ServiceDatabase)> {
+        [
+            ("handoff", &self.handoff),
+            ("routing", &self.routing),
+            ("channel_gateway", &self.channel_gateway),
+            ("config", &self.config),
+            ("reporting", &self.reporting),
+        ]
+        .into_iter()
+        .filter_map(|(schema, db)| db.as_ref().map(|db| (schema, db)))
+    }
+
+    /// Every URL a service connects to, `url` first, each once.
+    pub fn urls(&self) -> Vec<&str> {
+        let mut urls = vec![self.url.as_str()];
+        for (_, db) in self.overrides() {
+            if !urls.contains(&db.url.as_str()) {
+                urls.push(&db.url);
+            }
+        }
+        urls
+    }
 }
 
 impl Default for DatabaseSettings {
@@ -41,6 +101,11 @@ impl Default for DatabaseSettings {
             acquire_timeout_ms: 3_000,
             migrate_on_start: true,
             create_database: true,
+            handoff: None,
+            routing: None,
+            channel_gateway: None,
+            config: None,
+            reporting: None,
         }
     }
 }
