@@ -22,7 +22,8 @@ const ANY_PORT: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 async fn deflect_and_reply(topology: Topology, options: Options) {
-    let with_redis = options.redis_url.is_none();
+    // The lease is looked up in the shared test Redis, where the story keeps it.
+    let with_redis = options.redis_url.is_none() && options.redis_cluster_nodes.is_none();
     let story = Story::start_with(topology, options).await;
     let api_key = onboard(&story, "acme").await;
     let mut handoff = story.handoff().await;
@@ -374,6 +375,36 @@ async fn a_deflection_travels_c2m_dev_from_ivr_call_to_counted_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deflection_travels_c2m_dev_without_redis_from_ivr_call_to_counted_reply() {
     deflect_and_reply(Topology::Dev, Options::without_redis()).await;
+}
+
+/// The same journey with Handoff's gate and Routing's leases on a Redis Cluster of three
+/// primaries: each account's keys on its hash tag's node, scripts loaded on every primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deflection_travels_separate_servers_on_a_redis_cluster_from_ivr_call_to_counted_reply() {
+    let cluster = tokio::task::spawn_blocking(c2m_test_support::RedisCluster::start)
+        .await
+        .expect("the cluster starts");
+    let options = Options {
+        redis_cluster_nodes: Some(cluster.nodes()),
+        ..Options::default()
+    };
+    deflect_and_reply(Topology::Separate, options).await;
+    // The gate's script ran on the cluster: acme's window is on one node, its hash tag's.
+    let mut holders = 0;
+    for node in cluster.nodes() {
+        let client = redis::Client::open(node.as_str()).expect("url");
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connects");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("*:{acme}:rl:known")
+            .query_async(&mut connection)
+            .await
+            .expect("answers");
+        holders += usize::from(!keys.is_empty());
+    }
+    assert_eq!(holders, 1, "acme's window lives on exactly one node");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

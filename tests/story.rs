@@ -69,6 +69,8 @@ pub struct Options {
     pub webhooks: Option<c2m_config::webhooks::WebhookSettings>,
     /// `database.reporting.url`: Reporting on a database of its own.
     pub reporting_database_url: Option<String>,
+    /// `redis.cluster_nodes`: a Redis Cluster instead of the shared server.
+    pub redis_cluster_nodes: Option<Vec<String>>,
 }
 
 impl Options {
@@ -143,6 +145,10 @@ impl Story {
         config.auth.token_secret = SECRET.to_owned();
         if let Some(url) = options.redis_url {
             config.redis.url = url;
+        }
+        if let Some(nodes) = options.redis_cluster_nodes {
+            config.redis.url = String::new();
+            config.redis.cluster_nodes = nodes;
         }
         if let Some(url) = options.reporting_database_url {
             config.database.reporting = Some(c2m_storage::ServiceDatabase { url });

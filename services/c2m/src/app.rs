@@ -165,7 +165,7 @@ pub fn components(
 /// Where Handoff and Routing coordinate: the Redis at `redis.url`, or, with none, this process's
 /// memory, which is exact only when every role that uses it is in this process.
 fn coordination(roles: &[Role], redis: &RedisSettings) -> Result<Arc<dyn Coordination>, AppError> {
-    if !redis.url.is_empty() {
+    if redis.is_set() {
         return Ok(Arc::new(RedisCoordination::new(RedisHandle::new(redis)?)));
     }
     let needs = [Role::Handoff, Role::Routing];

@@ -142,12 +142,11 @@ impl Config {
                         .into(),
             });
         }
-        if matches!(role, crate::Role::Handoff | crate::Role::Routing) && self.redis.url.is_empty()
-        {
+        if matches!(role, crate::Role::Handoff | crate::Role::Routing) && !self.redis.is_set() {
             return Err(ConfigError::Invalid {
                 key: "redis.url",
                 reason: format!(
-                    "must be set for `c2m serve {}` (C2M_REDIS__URL): replicas share their rate limits and leases in Redis",
+                    "must be set for `c2m serve {}` (C2M_REDIS__URL, or redis.cluster_nodes): replicas share their rate limits and leases in Redis",
                     role.name()
                 ),
             });
@@ -268,6 +267,20 @@ impl Config {
         }
         if self.database.acquire_timeout_ms == 0 {
             return invalid("database.acquire_timeout_ms", "must be at least 1");
+        }
+        if !self.redis.url.is_empty() && !self.redis.cluster_nodes.is_empty() {
+            return invalid(
+                "redis.cluster_nodes",
+                "and redis.url are exclusive: a cluster's nodes, or one server",
+            );
+        }
+        for node in &self.redis.cluster_nodes {
+            if !scheme(node).is_ok_and(|s| s == "redis") {
+                return invalid(
+                    "redis.cluster_nodes",
+                    "each must be a redis://host:port URL",
+                );
+            }
         }
         match scheme(&self.redis.url) {
             _ if self.redis.url.is_empty() => {}
@@ -426,6 +439,9 @@ impl Config {
             db.url = mask_password(&db.url);
         }
         masked.redis.url = mask_password(&masked.redis.url);
+        for node in &mut masked.redis.cluster_nodes {
+            *node = mask_password(node);
+        }
         for secret in [
             &mut masked.auth.token_secret,
             &mut masked.channel_gateway.credentials_key,

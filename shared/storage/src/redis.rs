@@ -1,5 +1,7 @@
 //! One Redis connection per process, multiplexed, reconnecting, with short timeouts so a dead Redis
-//! never makes a caller wait.
+//! never makes a caller wait: to a single server (`redis.url`), or to a Redis Cluster
+//! (`redis.cluster_nodes`), where the client follows `MOVED` and `ASK`, loads scripts on every
+//! primary, and each handoff's script runs on the node of its account's hash tag.
 
 use std::{
     sync::{Arc, Mutex},
@@ -7,7 +9,12 @@ use std::{
 };
 
 use c2m_runtime::{Probe, ProbeFuture};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{
+    Cmd, Pipeline, RedisFuture, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::ClusterClient,
+    cluster_async::ClusterConnection,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::OnceCell;
 
@@ -25,9 +32,19 @@ pub struct RedisSettings {
     pub connect_timeout_ms: u64,
     /// Milliseconds to wait for a reply; past it the call fails and the caller falls back.
     pub response_timeout_ms: u64,
+    /// A Redis Cluster's nodes (`redis://host:port` each; a few are enough to find the rest).
+    /// When given, c2m uses the cluster and `url` must be empty.
+    pub cluster_nodes: Vec<String>,
     /// Prefix of every key c2m writes (`<prefix>:{<account>}:…`), so several deployments or test
     /// runs can share one Redis.
     pub key_prefix: String,
+}
+
+impl RedisSettings {
+    /// Whether a Redis is configured at all (a server, or a cluster).
+    pub fn is_set(&self) -> bool {
+        !self.url.is_empty() || !self.cluster_nodes.is_empty()
+    }
 }
 
 impl Default for RedisSettings {
@@ -35,6 +52,7 @@ impl Default for RedisSettings {
         Self {
             url: String::new(),
             connect_timeout_ms: 500,
+            cluster_nodes: Vec::new(),
             response_timeout_ms: 250,
             key_prefix: "c2m".to_owned(),
         }
@@ -44,10 +62,51 @@ impl Default for RedisSettings {
 /// A lazily connected, shared Redis connection. Cloning shares it.
 #[derive(Clone)]
 pub struct RedisHandle {
-    client: redis::Client,
-    config: ConnectionManagerConfig,
-    connection: Arc<OnceCell<ConnectionManager>>,
+    client: Client,
+    connection: Arc<OnceCell<RedisConnection>>,
     key_prefix: Arc<str>,
+}
+
+/// Where the connection goes.
+#[derive(Clone)]
+enum Client {
+    Single(redis::Client, ConnectionManagerConfig),
+    Cluster(ClusterClient),
+}
+
+/// A connection to one server, or to a cluster: either runs commands and scripts the same way.
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisHandle {
@@ -62,24 +121,42 @@ impl RedisHandle {
     /// Does not connect: the first call does, so a service can start while Redis is down.
     /// Fails only on a malformed URL.
     pub fn new(settings: &RedisSettings) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(settings.url.as_str())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(settings.connect_timeout_ms)))
-            .set_response_timeout(Some(Duration::from_millis(settings.response_timeout_ms)))
-            .set_number_of_retries(1);
+        let connect = Duration::from_millis(settings.connect_timeout_ms);
+        let respond = Duration::from_millis(settings.response_timeout_ms);
+        let client = if settings.cluster_nodes.is_empty() {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(connect))
+                .set_response_timeout(Some(respond))
+                .set_number_of_retries(1);
+            Client::Single(redis::Client::open(settings.url.as_str())?, config)
+        } else {
+            Client::Cluster(
+                ClusterClient::builder(settings.cluster_nodes.iter().map(String::as_str))
+                    .connection_timeout(connect)
+                    .response_timeout(respond)
+                    .retries(2)
+                    .build()?,
+            )
+        };
         Ok(Self {
             client,
-            config,
             connection: Arc::new(OnceCell::new()),
             key_prefix: settings.key_prefix.as_str().into(),
         })
     }
 
     /// The shared connection, connecting on first use. Once connected it reconnects by itself.
-    pub async fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+    pub async fn connection(&self) -> redis::RedisResult<RedisConnection> {
         self.connection
-            .get_or_try_init(|| {
-                ConnectionManager::new_with_config(self.client.clone(), self.config.clone())
+            .get_or_try_init(|| async {
+                Ok(match &self.client {
+                    Client::Single(client, config) => RedisConnection::Single(
+                        ConnectionManager::new_with_config(client.clone(), config.clone()).await?,
+                    ),
+                    Client::Cluster(client) => {
+                        RedisConnection::Cluster(client.get_async_connection().await?)
+                    }
+                })
             })
             .await
             .cloned()

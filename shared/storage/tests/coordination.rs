@@ -1,5 +1,6 @@
 //! The coordination contract (`c2m_storage::coordination`), one suite run against every backend:
-//! Redis (a test prefix on the shared server) and this process's memory. A backend that passes
+//! Redis (a test prefix on the shared server), a Redis Cluster of three primaries (the test's
+//! own), and this process's memory. A backend that passes
 //! here can sit behind Handoff's gate and Routing's leases.
 
 use std::{sync::Arc, time::Duration};
@@ -8,13 +9,14 @@ use c2m_storage::{
     Coordination, InProcess, RedisCoordination, RedisHandle, RedisSettings,
     coordination::{Admitted, Ask, Decision, Held, Passage, Terms},
 };
-use c2m_test_support::{RedisServer, TestRedis, eventually};
+use c2m_test_support::{RedisCluster, RedisServer, TestRedis, eventually};
 
 /// A backend under test, with what it needs kept alive.
 struct Backend {
     coordination: Arc<dyn Coordination>,
     lose: Box<dyn Fn() + Send + Sync>,
     _redis: Option<TestRedis>,
+    _cluster: Option<RedisCluster>,
 }
 
 impl Backend {
@@ -26,6 +28,31 @@ impl Backend {
             coordination: Arc::new(RedisCoordination::new(handle)),
             lose: Box::new(move || delete_keys(&settings)),
             _redis: Some(redis),
+            _cluster: None,
+        }
+    }
+
+    async fn redis_cluster() -> Self {
+        let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+            .await
+            .expect("the cluster starts");
+        let settings = cluster.settings("c2mtest");
+        let handle = RedisHandle::new(&settings).expect("cluster nodes");
+        let nodes = cluster.nodes();
+        Self {
+            coordination: Arc::new(RedisCoordination::new(handle)),
+            lose: Box::new(move || {
+                for node in &nodes {
+                    let url = RedisSettings {
+                        url: node.clone(),
+                        key_prefix: "c2mtest".into(),
+                        ..RedisSettings::default()
+                    };
+                    delete_keys(&url);
+                }
+            }),
+            _redis: None,
+            _cluster: Some(cluster),
         }
     }
 
@@ -35,6 +62,7 @@ impl Backend {
             coordination: Arc::new(memory.clone()),
             lose: Box::new(move || memory.forget()),
             _redis: None,
+            _cluster: None,
         }
     }
 }
@@ -63,6 +91,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $test() {
                     super::$test(super::Backend::redis().await).await;
+                }
+            )*
+        }
+        mod on_redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Backend::redis_cluster().await).await;
                 }
             )*
         }

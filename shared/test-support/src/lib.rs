@@ -20,6 +20,6 @@ pub use apns::{APNS_KEY_ID, APNS_TEAM_ID, APNS_TOPIC, ApnsEmulator, SentApns};
 pub use database::TestDatabase;
 pub use google::{GoogleEmulator, SentFcm, SentRcs, TEST_SERVICE_ACCOUNT_KEY, goog_signature};
 pub use meta::{MetaEmulator, SentWhatsApp, Stall, meta_signature};
-pub use redis::{RedisServer, TestRedis};
+pub use redis::{RedisCluster, RedisServer, TestRedis};
 pub use twilio::{SentSms, TwilioEmulator, twilio_signature};
 pub use wait::{eventually, eventually_eq, free_port};

@@ -143,3 +143,133 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A Redis Cluster of the test's own: three primaries on loopback (`redis-server
+/// --cluster-enabled yes`), their slots assigned by `redis-cli --cluster create`, ready
+/// (`cluster_state:ok` on every node) when `start` returns. Killed, and its files removed, when
+/// dropped.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<(u16, Child)>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    /// Panics, saying why, when `redis-server`/`redis-cli` are missing or the cluster does not
+    /// form within 20 s.
+    pub fn start() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("c2m-cluster-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("a directory for the cluster's files");
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..3 {
+            let port = cluster_port();
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .arg("--cluster-config-file")
+                .arg(cluster.dir.join(format!("nodes-{port}.conf")))
+                .arg("--dir")
+                .arg(&cluster.dir)
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start redis-server (is it installed?): {e}"));
+            cluster.nodes.push((port, child));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for url in cluster.nodes() {
+            let client = redis::Client::open(url.as_str()).expect("a valid url");
+            while client
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_err()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "{url} did not answer within 20 s"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(
+                cluster
+                    .nodes
+                    .iter()
+                    .map(|(port, _)| format!("127.0.0.1:{port}")),
+            )
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli (is it installed?): {e}"));
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for url in cluster.nodes() {
+            let client = redis::Client::open(url.as_str()).expect("a valid url");
+            loop {
+                let info = client
+                    .get_connection_with_timeout(Duration::from_millis(200))
+                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c));
+                if info.is_ok_and(|i| i.contains("cluster_state:ok")) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{url}: the cluster did not form within 20 s"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// Every node's URL.
+    pub fn nodes(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|(port, _)| format!("redis://127.0.0.1:{port}"))
+            .collect()
+    }
+
+    /// Settings for services under test: this cluster, `prefix`.
+    pub fn settings(&self, prefix: &str) -> RedisSettings {
+        RedisSettings {
+            url: String::new(),
+            cluster_nodes: self.nodes(),
+            key_prefix: prefix.to_owned(),
+            ..RedisSettings::default()
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port for a cluster node: it and its cluster bus (the port + 10000) free, both below the
+/// kernel's ephemeral range.
+fn cluster_port() -> u16 {
+    for _ in 0..200 {
+        let port = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    panic!("no free port pair for a cluster node");
+}
