@@ -578,11 +578,16 @@ fn c2m_configs_output_feeds_back_with_its_secrets_given_again() {
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
     assert_eq!(String::from_utf8(again.stdout).expect("utf-8"), text);
 
+    // Each mask left in place is refused, naming its key.
     let masked = run(&["--config", path, "config"], &[]);
     assert_eq!(masked.status.code(), Some(64));
     let error = stderr(&masked);
+    assert!(error.contains("`database.url` holds the mask"), "{error}");
+    let masked = run(&["--config", path, "config"], &secrets[1..]);
+    assert_eq!(masked.status.code(), Some(64));
+    let error = stderr(&masked);
     assert!(
-        error.contains("auth.token_secret") && error.contains("mask"),
+        error.contains("`auth.token_secret` holds the mask"),
         "{error}"
     );
 }
