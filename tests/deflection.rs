@@ -271,6 +271,17 @@ async fn deflect_and_reply(topology: Topology, options: Options) {
         .expect("the last day")
         .into_inner()
         .rows;
+    let rates = &last_day[0];
+    assert_eq!(
+        (
+            rates.delivery_rate,
+            rates.read_rate,
+            rates.response_rate,
+            rates.deflection_rate
+        ),
+        (1.0, 0.0, 1.0, 0.5),
+        "delivered/sent, read/delivered, responded/sent, responded/attempted"
+    );
     let stages: Vec<(i32, u64)> = last_day[0]
         .counts
         .iter()

@@ -235,8 +235,8 @@ fn funnel_table(rows: &[pb::FunnelRow], hours: u32) -> String {
         .keys()
         .map(|s| enum_name(*s, stage_name, STAGE).len())
         .max()
-        .unwrap_or(5)
-        .max(5);
+        .unwrap_or(0)
+        .max("deflection rate".len());
     let columns: Vec<usize> = groups.iter().map(|g| g.len().max(8)).collect();
     let mut out = format!("{:width$}", "stage");
     for (group, column) in groups.iter().zip(&columns) {
@@ -247,6 +247,20 @@ fn funnel_table(rows: &[pb::FunnelRow], hours: u32) -> String {
         let _ = write!(out, "{:width$}", enum_name(*stage, stage_name, STAGE));
         for (count, column) in counts.iter().zip(&columns) {
             let _ = write!(out, "  {count:>column$}");
+        }
+        out.push('\n');
+    }
+    let rates: [(&str, fn(&pb::FunnelRow) -> f64); 4] = [
+        ("delivery rate", |r| r.delivery_rate),
+        ("read rate", |r| r.read_rate),
+        ("response rate", |r| r.response_rate),
+        ("deflection rate", |r| r.deflection_rate),
+    ];
+    for (name, rate) in rates {
+        let _ = write!(out, "{name:width$}");
+        for (row, column) in rows.iter().zip(&columns) {
+            let percent = format!("{:.1}%", rate(row) * 100.0);
+            let _ = write!(out, "  {percent:>column$}");
         }
         out.push('\n');
     }
@@ -398,11 +412,19 @@ mod tests {
                 ..Default::default()
             },
         ];
+        let rows = rows.map(|row| pb::FunnelRow {
+            delivery_rate: 0.5,
+            ..row
+        });
         assert_eq!(
             funnel_table(&rows, 24),
-            "stage      CHANNEL_SMS  CHANNEL_WHATSAPP\n\
-             ATTEMPTED            3                 0\n\
-             SENT                 2                 1\n"
+            "stage            CHANNEL_SMS  CHANNEL_WHATSAPP\n\
+             ATTEMPTED                  3                 0\n\
+             SENT                       2                 1\n\
+             delivery rate          50.0%             50.0%\n\
+             read rate               0.0%              0.0%\n\
+             response rate           0.0%              0.0%\n\
+             deflection rate         0.0%              0.0%\n"
         );
         assert_eq!(
             funnel_table(&[], 24),

@@ -21,6 +21,30 @@ fn db_status(error: sqlx::Error) -> Status {
 }
 
 /// A query period: both ends valid, start before end.
+/// A row's rates from its counts.
+fn set_rates(row: &mut pb::FunnelRow) {
+    let count = |stage: FunnelStage| {
+        row.counts
+            .iter()
+            .find(|c| c.stage == stage as i32)
+            .map_or(0, |c| c.count)
+    };
+    let rate = |part: u64, whole: u64| {
+        if whole == 0 {
+            0.0
+        } else {
+            part as f64 / whole as f64
+        }
+    };
+    let (attempted, sent) = (count(FunnelStage::Attempted), count(FunnelStage::Sent));
+    let (delivered, read) = (count(FunnelStage::Delivered), count(FunnelStage::Read));
+    let responded = count(FunnelStage::Responded);
+    row.delivery_rate = rate(delivered, sent);
+    row.read_rate = rate(read, delivered);
+    row.response_rate = rate(responded, sent);
+    row.deflection_rate = rate(responded, attempted);
+}
+
 /// The period a report covers: `end_time` unset is now, `start_time` unset is a day before the
 /// end.
 fn period(
@@ -187,6 +211,7 @@ impl ReportingService for Service {
         // The funnel's order (attempted, sent, delivered, …), as the stages' numbers go.
         for row in rows.values_mut() {
             row.counts.sort_by_key(|c| c.stage);
+            set_rates(row);
         }
         Ok(Response::new(pb::GetFunnelResponse {
             rows: rows.into_values().collect(),
