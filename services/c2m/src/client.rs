@@ -208,6 +208,9 @@ pub async fn funnel(
 
 const STAGE: &str = "FUNNEL_STAGE_";
 
+/// One of a funnel row's rates.
+type Rate = fn(&pb::FunnelRow) -> f64;
+
 /// The rows as a table: a line per stage (in the funnel's order), a column per group.
 fn funnel_table(rows: &[pb::FunnelRow], hours: u32) -> String {
     if rows.is_empty() {
@@ -250,7 +253,7 @@ fn funnel_table(rows: &[pb::FunnelRow], hours: u32) -> String {
         }
         out.push('\n');
     }
-    let rates: [(&str, fn(&pb::FunnelRow) -> f64); 4] = [
+    let rates: [(&str, Rate); 4] = [
         ("delivery rate", |r| r.delivery_rate),
         ("read rate", |r| r.read_rate),
         ("response rate", |r| r.response_rate),
