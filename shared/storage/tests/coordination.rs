@@ -559,3 +559,83 @@ async fn the_script_is_reloaded_after_the_cache_is_emptied() {
         admitted()
     );
 }
+
+/// Redis Cluster only: the primary holding an account's window dies and its replica takes over.
+/// The client finds the new primary, and the limit holds across the failover: what the replica
+/// had not received yet is filled in again from what the store knows (here, the test's own list
+/// of admissions, as Handoff's gate fills it in from PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limit_holds_when_a_primary_fails_over_to_its_replica() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start_with_replicas)
+        .await
+        .expect("the cluster starts");
+    let settings = cluster.settings("c2mtest");
+    let c = RedisCoordination::new(RedisHandle::new(&settings).expect("nodes"));
+    let terms = Terms {
+        window: Duration::from_secs(120),
+        ..TERMS
+    };
+    let ids: Vec<String> = (0..20).map(|i| format!("h{i:02}")).collect();
+    let phones: Vec<String> = (0..20).map(|i| format!("+1415555{i:04}")).collect();
+    let ask = |i: usize| Ask {
+        limit: 8,
+        ..ask("acme", &ids[i], &ids[i], &phones[i])
+    };
+    c.fill_in("acme", terms, &[], &[]).await.expect("fills in");
+    for i in 0..5 {
+        assert_eq!(admit(&c, ask(i), terms).await, admitted());
+    }
+    let port = cluster.primary_of("c2mtest:{acme}:rl");
+    let mut cluster = cluster;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill_and_fail_over(port);
+        cluster
+    })
+    .await
+    .expect("fails over");
+    assert_ne!(
+        cluster.primary_of("c2mtest:{acme}:rl"),
+        port,
+        "a new primary"
+    );
+
+    let known: Vec<Admitted> = ids[..5]
+        .iter()
+        .map(|id| Admitted {
+            handoff_id: id,
+            age: Duration::from_secs(1),
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut passages = Vec::new();
+    for i in 5..12 {
+        let passage = loop {
+            match c.admit(ask(i), terms).await {
+                Ok(Some(decision)) => break decision.passage,
+                // The replica had not received the window's marker: fill it in, as the gate does.
+                Ok(None) => c
+                    .fill_in("acme", terms, &known, &[])
+                    .await
+                    .expect("fills in"),
+                // The client has not found the new primary yet.
+                Err(error) => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "no answer after the failover: {error}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        passages.push(passage);
+    }
+    let admitted_after = passages
+        .iter()
+        .filter(|p| matches!(p, Passage::Admitted { .. }))
+        .count();
+    assert_eq!(
+        admitted_after, 3,
+        "five before the failover and three after fill the limit of eight: {passages:?}"
+    );
+    drop(cluster);
+}

@@ -158,6 +158,15 @@ impl RedisCluster {
     /// Panics, saying why, when `redis-server`/`redis-cli` are missing or the cluster does not
     /// form within 20 s.
     pub fn start() -> Self {
+        Self::start_with(3, 0)
+    }
+
+    /// Three primaries, each with a replica that takes over when it dies.
+    pub fn start_with_replicas() -> Self {
+        Self::start_with(6, 1)
+    }
+
+    fn start_with(nodes: usize, replicas: usize) -> Self {
         let dir =
             std::env::temp_dir().join(format!("c2m-cluster-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("a directory for the cluster's files");
@@ -165,7 +174,7 @@ impl RedisCluster {
             nodes: Vec::new(),
             dir,
         };
-        for _ in 0..3 {
+        for _ in 0..nodes {
             let port = cluster_port();
             let child = Command::new("redis-server")
                 .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
@@ -205,7 +214,7 @@ impl RedisCluster {
                     .iter()
                     .map(|(port, _)| format!("127.0.0.1:{port}")),
             )
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .unwrap_or_else(|e| panic!("cannot run redis-cli (is it installed?): {e}"));
         assert!(
@@ -213,7 +222,45 @@ impl RedisCluster {
             "redis-cli --cluster create failed: {}",
             String::from_utf8_lossy(&created.stdout)
         );
-        for url in cluster.nodes() {
+        cluster.until_ok(deadline);
+        if replicas > 0 {
+            cluster.until_replicated(deadline);
+        }
+        cluster
+    }
+
+    /// Waits until every primary has its replicas online (their first sync done), by
+    /// `deadline`: only then can a replica take over.
+    fn until_replicated(&self, deadline: Instant) {
+        for url in self.nodes() {
+            let client = redis::Client::open(url.as_str()).expect("a valid url");
+            loop {
+                let info = client
+                    .get_connection_with_timeout(Duration::from_millis(200))
+                    .and_then(|mut c| {
+                        redis::cmd("INFO")
+                            .arg("replication")
+                            .query::<String>(&mut c)
+                    });
+                let ready = info.is_ok_and(|i| {
+                    i.contains("role:slave")
+                        || (i.contains("connected_slaves:1") && i.contains("state=online"))
+                });
+                if ready {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{url}: replicas not online in time"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Waits until every live node says `cluster_state:ok`, by `deadline`.
+    fn until_ok(&self, deadline: Instant) {
+        for url in self.nodes() {
             let client = redis::Client::open(url.as_str()).expect("a valid url");
             loop {
                 let info = client
@@ -224,12 +271,91 @@ impl RedisCluster {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "{url}: the cluster did not form within 20 s"
+                    "{url}: the cluster was not ok in time"
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        cluster
+    }
+
+    /// The port of the primary that serves `key` now.
+    pub fn primary_of(&self, key: &str) -> u16 {
+        let url = &self.nodes()[0];
+        let client = redis::Client::open(url.as_str()).expect("a valid url");
+        let mut connection = client
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .expect("connects");
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut connection)
+            .expect("a slot");
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut connection)
+            .expect("the nodes");
+        // `<id> <ip:port@bus> <flags> <primary> <ping> <pong> <epoch> <link> <slot ranges…>`
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| {
+                let (low, high) = range.split_once('-').unwrap_or((range, range));
+                matches!(
+                    (low.parse::<u16>(), high.parse::<u16>()),
+                    (Ok(l), Ok(h)) if l <= slot && slot <= h
+                )
+            });
+            if serves {
+                let address = fields[1].split('@').next().unwrap_or_default();
+                return address
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .expect("a port");
+            }
+        }
+        panic!("no primary serves slot {slot}")
+    }
+
+    /// Kills the node on `port` (SIGKILL) and waits until the cluster is ok without it (its
+    /// replica promoted), within 30 s.
+    pub fn kill_and_fail_over(&mut self, port: u16) {
+        let at = self
+            .nodes
+            .iter()
+            .position(|(p, _)| *p == port)
+            .expect("a node of this cluster");
+        let (_, mut child) = self.nodes.remove(at);
+        let _ = child.kill();
+        let _ = child.wait();
+        // The others agree it failed (`fail`, not just suspected: `fail?`), then a replica
+        // holds its slots and the cluster is ok again.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = redis::Client::open(self.nodes()[0].as_str()).expect("a valid url");
+        loop {
+            let nodes = client
+                .get_connection_with_timeout(Duration::from_millis(200))
+                .and_then(|mut c| redis::cmd("CLUSTER").arg("NODES").query::<String>(&mut c));
+            let failed = nodes.is_ok_and(|nodes| {
+                nodes.lines().any(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    fields.len() > 2
+                        && fields[1].starts_with(&format!("127.0.0.1:{port}@"))
+                        && fields[2].split(',').any(|flag| flag == "fail")
+                })
+            });
+            if failed {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {port} not marked failed in time"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.until_ok(deadline);
     }
 
     /// Every node's URL.
