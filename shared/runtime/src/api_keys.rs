@@ -12,7 +12,7 @@ use tonic::{Code, Status};
 use crate::peers::Peers;
 
 /// API keys start so; anything else presented as a bearer credential is a token.
-pub const PREFIX: &str = "c2m_";
+pub use crate::auth::API_KEY_PREFIX as PREFIX;
 
 /// Keys Config vouched for, by their SHA-256.
 #[derive(Debug)]

@@ -47,6 +47,9 @@ impl Role {
     }
 }
 
+/// How an account's API key begins (`c2m_…`), which no token does.
+pub const API_KEY_PREFIX: &str = "c2m_";
+
 /// What a token says about its bearer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
@@ -270,7 +273,7 @@ impl TokenKey {
     /// The caller of a request, from its `authorization: Bearer <token>` metadata.
     pub fn caller(&self, metadata: &MetadataMap) -> Result<Claims, Status> {
         let token = bearer(metadata)?;
-        if token.starts_with(crate::api_keys::PREFIX) {
+        if token.starts_with(API_KEY_PREFIX) {
             return Err(Status::unauthenticated(
                 "an API key answers for Handoff's calls and the conversations API only; this call takes a token (c2m token)",
             ));

@@ -85,3 +85,49 @@ pub trait EventStore: Send + Sync + 'static {
         grouping: Grouping,
     ) -> Result<Vec<(String, String, i64)>, sqlx::Error>;
 }
+
+/// One row of a transaction page, as both backends read it: event id, stage, time, handoff,
+/// channel, skill, conversation, error code, source.
+pub(crate) type TransactionRow = (
+    String,
+    String,
+    DateTime<Utc>,
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+);
+
+/// A transaction page's row as a stored event of `account_id` (the fields a page carries).
+pub(crate) fn transaction_event(account_id: &str, row: TransactionRow) -> StoredEvent {
+    let (
+        event_id,
+        stage,
+        occurred_at,
+        handoff_id,
+        channel,
+        skill_id,
+        conversation_id,
+        error_code,
+        source,
+    ) = row;
+    StoredEvent {
+        event_id,
+        account_id: account_id.to_owned(),
+        stage: c2m_proto::v1::FunnelStage::from_str_name(&stage)
+            .unwrap_or_default()
+            .as_str_name(),
+        occurred_at,
+        handoff_id,
+        handoff_config_id: String::new(),
+        channel: c2m_proto::v1::Channel::from_str_name(&channel).map_or("", |c| c.as_str_name()),
+        skill_id,
+        conversation_id,
+        ivr_number: String::new(),
+        error_code,
+        source,
+        response_delay_ms: None,
+    }
+}

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::{EventStore, Grouping, StoredEvent};
+use super::{EventStore, Grouping, StoredEvent, TransactionRow, transaction_event};
 
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
@@ -27,17 +27,7 @@ impl EventStore for PgEventStore {
         after: &str,
         limit: i64,
     ) -> Result<Vec<StoredEvent>, sqlx::Error> {
-        let rows: Vec<(
-            String,
-            String,
-            DateTime<Utc>,
-            String,
-            String,
-            String,
-            String,
-            String,
-            String,
-        )> = sqlx::query_as(
+        let rows: Vec<TransactionRow> = sqlx::query_as(
             "WITH page AS ( \
                    SELECT handoff_id FROM events \
                    WHERE account_id = $1 AND handoff_id > $4 AND handoff_id <> '' \
@@ -57,38 +47,7 @@ impl EventStore for PgEventStore {
         .await?;
         Ok(rows
             .into_iter()
-            .map(
-                |(
-                    event_id,
-                    stage,
-                    occurred_at,
-                    handoff_id,
-                    channel,
-                    skill_id,
-                    conversation_id,
-                    error_code,
-                    source,
-                )| {
-                    StoredEvent {
-                        event_id,
-                        account_id: account_id.to_owned(),
-                        stage: c2m_proto::v1::FunnelStage::from_str_name(&stage)
-                            .unwrap_or_default()
-                            .as_str_name(),
-                        occurred_at,
-                        handoff_id,
-                        handoff_config_id: String::new(),
-                        channel: c2m_proto::v1::Channel::from_str_name(&channel)
-                            .map_or("", |c| c.as_str_name()),
-                        skill_id,
-                        conversation_id,
-                        ivr_number: String::new(),
-                        error_code,
-                        source,
-                        response_delay_ms: None,
-                    }
-                },
-            )
+            .map(|row| transaction_event(account_id, row))
             .collect())
     }
 

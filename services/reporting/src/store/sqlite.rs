@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{SqlitePool, migrate::Migrator};
 
-use super::{EventStore, Grouping, StoredEvent};
+use super::{EventStore, Grouping, StoredEvent, transaction_event};
 
 /// The SQLite schema's migrations (`migrations-sqlite/`).
 pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations-sqlite");
@@ -80,33 +80,19 @@ impl EventStore for SqliteEventStore {
         Ok(rows
             .into_iter()
             .map(
-                |(
-                    event_id,
-                    stage,
-                    occurred_at,
-                    handoff_id,
-                    channel,
-                    skill_id,
-                    conversation_id,
-                    error_code,
-                    source,
-                )| StoredEvent {
-                    event_id,
-                    account_id: account_id.to_owned(),
-                    stage: c2m_proto::v1::FunnelStage::from_str_name(&stage)
-                        .unwrap_or_default()
-                        .as_str_name(),
-                    occurred_at: from_micros(occurred_at),
-                    handoff_id,
-                    handoff_config_id: String::new(),
-                    channel: c2m_proto::v1::Channel::from_str_name(&channel)
-                        .map_or("", |c| c.as_str_name()),
-                    skill_id,
-                    conversation_id,
-                    ivr_number: String::new(),
-                    error_code,
-                    source,
-                    response_delay_ms: None,
+                |(id, stage, at, handoff, channel, skill, conversation, code, source)| {
+                    let row = (
+                        id,
+                        stage,
+                        from_micros(at),
+                        handoff,
+                        channel,
+                        skill,
+                        conversation,
+                        code,
+                        source,
+                    );
+                    transaction_event(account_id, row)
                 },
             )
             .collect())
