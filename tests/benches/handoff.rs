@@ -9,7 +9,9 @@
 //! (`separate`, or `dev` for every role in one server calling the others in process),
 //! C2M_BENCH_WORKERS (2, the runtime's worker threads, which the servers and the callers share),
 //! C2M_BENCH_PHASES (`closed,fixed,echo,skeleton`: which phases run, e.g. `fixed` alone while
-//! profiling the latency phase).
+//! profiling the latency phase), C2M_BENCH_PROVIDER_LATENCY (`none`; `fixed:<ms>` or
+//! `lognormal:<median ms>:<p99 ms>`, e.g. `lognormal:150:600` for Twilio-like answers: the
+//! emulator takes that long to answer each send, after warm-up).
 
 /// The allocator the `c2m` binary ships with, so the figures are the binary's.
 #[global_allocator]
@@ -416,6 +418,12 @@ fn main() {
         };
         let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
         println!("c2m handoff benchmark: {topology}, {callers} callers, {account_count} accounts, {seconds} s per phase, {cores} cores");
+        let latency = std::env::var("C2M_BENCH_PROVIDER_LATENCY").unwrap_or_else(|_| "none".into());
+        let provider = c2m_test_support::Latency::parse(&latency).unwrap_or_else(|| {
+            panic!("C2M_BENCH_PROVIDER_LATENCY={latency}: none, fixed:<ms> or lognormal:<median ms>:<p99 ms>")
+        });
+        story.twilio.set_latency(provider);
+        println!("  provider latency (Twilio's emulator): {latency}");
         let mut throughput = None;
         if phase("closed") {
             let before = command_calls(&redis).await;

@@ -21,5 +21,5 @@ pub use database::TestDatabase;
 pub use google::{GoogleEmulator, SentFcm, SentRcs, TEST_SERVICE_ACCOUNT_KEY, goog_signature};
 pub use meta::{MetaEmulator, SentWhatsApp, Stall, meta_signature};
 pub use redis::{RedisCluster, RedisServer, TestRedis};
-pub use twilio::{SentSms, TwilioEmulator, twilio_signature};
+pub use twilio::{Latency, SentSms, TwilioEmulator, twilio_signature};
 pub use wait::{eventually, eventually_eq, free_port};

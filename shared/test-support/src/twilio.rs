@@ -8,6 +8,7 @@
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use axum::{
@@ -52,6 +53,65 @@ struct State_ {
     hold_next: Option<Arc<tokio::sync::Notify>>,
     stall_next: bool,
     error_after_taking_next: bool,
+    latency: Latency,
+    /// SplitMix64's state, for the latency's draws (reproducible).
+    draws: u64,
+}
+
+/// How long the emulator takes to answer a send, as a real provider does (Twilio's Messages API
+/// answers in 100–500 ms).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Latency {
+    /// At once (the default).
+    #[default]
+    None,
+    Fixed(Duration),
+    /// Lognormal with this median and 99th percentile, the shape of a real API's latency.
+    LogNormal {
+        median: Duration,
+        p99: Duration,
+    },
+}
+
+impl Latency {
+    /// `fixed:<ms>` or `lognormal:<median ms>:<p99 ms>`, as the benchmark's knob takes it.
+    pub fn parse(text: &str) -> Option<Self> {
+        let ms = |v: &str| v.parse::<u64>().ok().map(Duration::from_millis);
+        let parts: Vec<&str> = text.split(':').collect();
+        match parts.as_slice() {
+            ["none"] => Some(Self::None),
+            ["fixed", d] => Some(Self::Fixed(ms(d)?)),
+            ["lognormal", median, p99] => {
+                let (median, p99) = (ms(median)?, ms(p99)?);
+                (p99 >= median).then_some(Self::LogNormal { median, p99 })
+            }
+            _ => None,
+        }
+    }
+
+    /// One draw, from SplitMix64's `state`.
+    fn draw(self, state: &mut u64) -> Duration {
+        match self {
+            Self::None => Duration::ZERO,
+            Self::Fixed(d) => d,
+            Self::LogNormal { median, p99 } => {
+                let mut uniform = || {
+                    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                    let mut z = *state;
+                    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                    ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+                };
+                // Box-Muller: a standard normal draw.
+                let (u1, u2) = (uniform().max(f64::MIN_POSITIVE), uniform());
+                let normal = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                // The 99th percentile of a standard normal is 2.3263.
+                let sigma = (p99.as_secs_f64() / median.as_secs_f64()).ln() / 2.3263;
+                let seconds = median.as_secs_f64() * (sigma * normal).exp();
+                Duration::from_secs_f64(seconds.min(p99.as_secs_f64() * 10.0))
+            }
+        }
+    }
 }
 
 /// A send the emulator holds until [`Hold::release`]: a provider taking its time.
@@ -100,13 +160,18 @@ async fn create_message(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let hold = {
+    let (hold, latency) = {
         let mut state = state.lock().expect("emulator state");
         state.requests += 1;
-        state.hold_next.take()
+        let latency = state.latency;
+        (state.hold_next.take(), latency.draw(&mut state.draws))
     };
     if let Some(hold) = hold {
         hold.notified().await;
+    }
+    if !latency.is_zero() {
+        // The provider's own time to answer.
+        tokio::time::sleep(latency).await;
     }
     let (response, stall) = {
         let mut state = state.lock().expect("emulator state");
@@ -303,6 +368,13 @@ pub fn twilio_signature(auth_token: &str, url: &str, params: &[(&str, &str)]) ->
     }
     let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, auth_token.as_bytes());
     STANDARD.encode(hmac::sign(&key, data.as_bytes()))
+}
+
+impl TwilioEmulator {
+    /// Answers every send after `latency` from now on.
+    pub fn set_latency(&self, latency: Latency) {
+        self.state.lock().expect("emulator state").latency = latency;
+    }
 }
 
 impl TwilioEmulator {
@@ -503,7 +575,29 @@ impl Drop for TwilioEmulator {
 
 #[cfg(test)]
 mod tests {
-    use super::twilio_signature;
+    use super::{Duration, Latency, twilio_signature};
+
+    /// 10,000 lognormal draws land on the median and the 99th percentile asked for (within 5%).
+    #[test]
+    fn latency_draws_have_the_median_and_p99_asked_for() {
+        let latency = Latency::parse("lognormal:150:600").expect("parses");
+        let mut state = 7;
+        let mut draws: Vec<Duration> = (0..10_000).map(|_| latency.draw(&mut state)).collect();
+        draws.sort();
+        let near =
+            |got: Duration, want: f64| (got.as_secs_f64() * 1000.0 / want - 1.0).abs() < 0.05;
+        assert!(near(draws[5_000], 150.0), "median {:?}", draws[5_000]);
+        assert!(near(draws[9_900], 600.0), "p99 {:?}", draws[9_900]);
+        assert_eq!(
+            Latency::parse("fixed:20"),
+            Some(Latency::Fixed(Duration::from_millis(20)))
+        );
+        assert_eq!(
+            Latency::parse("lognormal:600:150"),
+            None,
+            "a p99 under the median"
+        );
+    }
 
     /// Twilio's published example.
     #[test]
