@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not baked in when it is compiled: a build directory shared by
+    // two checkouts may reuse this script's binary for the other one.
+    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let root = manifest_dir.join("../../proto");
     let files: Vec<PathBuf> = std::fs::read_dir(root.join("c2m/v1"))?
         .map(|entry| entry.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
@@ -28,7 +31,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_fds(fds)?;
 
     // The error details c2m sends, for reflection only (tonic-types has their Rust types).
-    let details = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("details");
+    let details = manifest_dir.join("details");
     let details_fds =
         protox::compile([details.join("google/rpc/error_details.proto")], [&details])?;
     std::fs::write(

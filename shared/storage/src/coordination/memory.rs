@@ -50,10 +50,20 @@ fn micros(duration: Duration) -> i64 {
     duration.as_micros().try_into().unwrap_or(i64::MAX)
 }
 
+/// What the backend holds, behind one lock.
+#[derive(Debug, Default)]
+struct Memory {
+    accounts: HashMap<String, Account>,
+    /// The latest time a decision was made at: decisions are made in the order they take the
+    /// lock, and their times must follow that order (as Redis reads its clock inside the
+    /// script), or an admission made later could carry an earlier time than one in the window.
+    clock: Option<Instant>,
+}
+
 /// The in-process backend. Cloning shares the memory.
 #[derive(Debug, Clone)]
 pub struct InProcess {
-    accounts: Arc<Mutex<HashMap<String, Account>>>,
+    memory: Arc<Mutex<Memory>>,
     /// Where its clock (`Decision::at_us`) starts.
     epoch: Instant,
 }
@@ -61,7 +71,7 @@ pub struct InProcess {
 impl Default for InProcess {
     fn default() -> Self {
         Self {
-            accounts: Arc::default(),
+            memory: Arc::default(),
             epoch: Instant::now(),
         }
     }
@@ -77,22 +87,35 @@ impl InProcess {
         micros(at.duration_since(self.epoch))
     }
 
-    fn with_account<T>(&self, account_id: &str, f: impl FnOnce(&mut Account) -> T) -> T {
-        let mut accounts = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        f(accounts.entry(account_id.to_owned()).or_default())
+    /// Runs `f` on the account under the lock, with the time it runs at: `now`, or the latest
+    /// time already used if `now` is earlier (a caller that read the clock, then waited for the
+    /// lock behind a later one).
+    fn with_account<T>(
+        &self,
+        account_id: &str,
+        now: Instant,
+        f: impl FnOnce(&mut Account, Instant) -> T,
+    ) -> T {
+        let mut memory = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        let now = memory.clock.map_or(now, |latest| latest.max(now));
+        memory.clock = Some(now);
+        f(
+            memory.accounts.entry(account_id.to_owned()).or_default(),
+            now,
+        )
     }
 
     /// [`Coordination::admit`] at `now`.
     pub fn admit_at(&self, ask: Ask<'_>, terms: Terms, now: Instant) -> Option<Decision> {
-        let at_us = self.micros(now);
-        let decided = |passage| {
-            Some(Decision {
-                passage,
-                at_us,
-                local: false,
-            })
-        };
-        self.with_account(ask.account_id, |account| {
+        self.with_account(ask.account_id, now, |account, now| {
+            let at_us = self.micros(now);
+            let decided = |passage| {
+                Some(Decision {
+                    passage,
+                    at_us,
+                    local: false,
+                })
+            };
             if account.known_until.is_none_or(|until| until <= now) {
                 return None;
             }
@@ -147,8 +170,8 @@ impl InProcess {
         leases: &[Held<'_>],
         now: Instant,
     ) {
-        let now_us = self.micros(now);
-        self.with_account(account_id, |account| {
+        self.with_account(account_id, now, |account, now| {
+            let now_us = self.micros(now);
             let mut window: Vec<(i64, String)> = account.window.drain(..).collect();
             let known: HashSet<String> = window.iter().map(|(_, id)| id.clone()).collect();
             window.extend(
@@ -184,7 +207,7 @@ impl InProcess {
                 map.remove(key);
             }
         };
-        self.with_account(account_id, |account| {
+        self.with_account(account_id, Instant::now(), |account, _| {
             held_by(&mut account.leases, consumer);
             if let Some(key) = idempotency_key {
                 held_by(&mut account.claims, key);
@@ -195,9 +218,10 @@ impl InProcess {
     /// Forgets every account's window (what Redis does when it loses its data); leases and
     /// claims go with it.
     pub fn forget(&self) {
-        self.accounts
+        self.memory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .accounts
             .clear();
     }
 }
@@ -241,18 +265,21 @@ impl Coordination for InProcess {
         conversation_id: Option<&str>,
         ttl: Duration,
     ) -> Result<(), CoordinationError> {
-        let now = Instant::now();
-        self.with_account(account_id, |account| match conversation_id {
-            Some(id) => {
-                account
-                    .conversations
-                    .insert(consumer.to_owned(), (now + ttl, id.to_owned()));
-                account.sweep(now);
-            }
-            None => {
-                account.conversations.remove(consumer);
-            }
-        });
+        self.with_account(
+            account_id,
+            Instant::now(),
+            |account, now| match conversation_id {
+                Some(id) => {
+                    account
+                        .conversations
+                        .insert(consumer.to_owned(), (now + ttl, id.to_owned()));
+                    account.sweep(now);
+                }
+                None => {
+                    account.conversations.remove(consumer);
+                }
+            },
+        );
         Ok(())
     }
 
