@@ -417,8 +417,14 @@ async fn check_one_database(url: &str, create_database: bool) -> Result<(), AppE
         .parse()
         .map_err(|e: sqlx::Error| refused(e.to_string()))?;
     let deadline = tokio::time::Instant::now() + DATABASE_WAIT;
-    let mut pause = std::time::Duration::from_millis(100);
+    let backoff = c2m_runtime::backoff::Backoff::new(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(1),
+    );
+    let mut retry = 0;
     loop {
+        let pause = backoff.delay(retry);
+        retry += 1;
         let attempt = tokio::time::timeout_at(deadline, sqlx::PgConnection::connect_with(&options));
         let error = match attempt.await {
             Ok(Ok(connection)) => {
@@ -459,7 +465,6 @@ async fn check_one_database(url: &str, create_database: bool) -> Result<(), AppE
             }
             _ => {
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(std::time::Duration::from_secs(1));
             }
         }
     }
