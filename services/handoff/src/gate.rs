@@ -51,9 +51,11 @@ pub struct Gate {
     /// Accounts whose recent handoffs this replica took in from PostgreSQL since the backend
     /// went away; forgotten when it answers again (the next outage takes them in afresh).
     seeded: Arc<Mutex<HashSet<String>>>,
-    /// Held while an account is taken in, so that the decisions that come meanwhile wait for it
-    /// rather than pass on a memory that does not yet know what the backend admitted.
-    seeding: Arc<tokio::sync::Mutex<()>>,
+    /// One lock per account, held while it is taken in, so that the account's decisions that
+    /// come meanwhile wait for it rather than pass on a memory that does not yet know what the
+    /// backend admitted. Per account: another account's decisions do not wait behind it (with
+    /// PostgreSQL down too, each taking-in waits out a connection timeout).
+    seeding: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     /// This replica's own decisions while the shared backend is away.
     local: InProcess,
     /// After the backend fails, the gate decides locally for a second before trying it again.
@@ -96,6 +98,7 @@ impl Gate {
                     if self.breaker.succeeded() {
                         tracing::info!("redis is back: exact limits again");
                         lock(&self.seeded).clear();
+                        lock(&self.seeding).clear();
                     }
                     return decision;
                 }
@@ -108,7 +111,11 @@ impl Gate {
         }
         lock(&self.decided_here).insert(ask.account_id.to_owned(), Instant::now());
         if !self.seeded(ask.account_id) {
-            let _seeding = self.seeding.lock().await;
+            let account = lock(&self.seeding)
+                .entry(ask.account_id.to_owned())
+                .or_default()
+                .clone();
+            let _seeding = account.lock().await;
             if !self.seeded(ask.account_id) {
                 self.seed_local(ask.account_id).await;
                 lock(&self.seeded).insert(ask.account_id.to_owned());
