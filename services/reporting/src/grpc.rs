@@ -15,6 +15,9 @@ use crate::{
 
 /// Events per RecordEvents call.
 const MAX_EVENTS: usize = 1000;
+/// Events per ListEvents page: the default and the most.
+const EVENTS_PAGE: i32 = 100;
+const MAX_EVENTS_PAGE: i32 = 1000;
 
 fn db_status(error: sqlx::Error) -> Status {
     c2m_storage::postgres::db_status("reporting", error)
@@ -74,6 +77,28 @@ fn period(
             Err(violations.into_result().expect_err("one violation"))
         }
         _ => Err(violations.into_result().expect_err("a violation")),
+    }
+}
+
+/// A stored event as the wire has it.
+fn to_wire(event: StoredEvent) -> pb::Event {
+    pb::Event {
+        event_id: event.event_id,
+        account_id: event.account_id,
+        stage: FunnelStage::from_str_name(event.stage).unwrap_or_default() as i32,
+        occurred_at: Some(c2m_proto::timestamp(event.occurred_at)),
+        handoff_id: event.handoff_id,
+        handoff_config_id: event.handoff_config_id,
+        channel: Channel::from_str_name(event.channel).unwrap_or_default() as i32,
+        skill_id: event.skill_id,
+        conversation_id: event.conversation_id,
+        ivr_number: event.ivr_number,
+        error_code: event.error_code,
+        source: event.source,
+        response_delay_ms: event
+            .response_delay_ms
+            .and_then(|ms| u64::try_from(ms).ok())
+            .unwrap_or_default(),
     }
 }
 
@@ -215,6 +240,75 @@ impl ReportingService for Service {
         }
         Ok(Response::new(pb::GetFunnelResponse {
             rows: rows.into_values().collect(),
+        }))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Viewer)?;
+        let mut violations = FieldViolations::new();
+        if r.after_position < 0 {
+            violations.add("after_position", "a position is 0 or more");
+        }
+        if !(0..=MAX_EVENTS_PAGE).contains(&r.page_size) {
+            violations.add("page_size", format!("0 to {MAX_EVENTS_PAGE}"));
+        }
+        let since = match &r.since {
+            None => None,
+            Some(since) => {
+                let since = c2m_proto::from_timestamp(since);
+                if since.is_none() {
+                    violations.add("since", "not a valid timestamp");
+                }
+                since
+            }
+        };
+        violations.into_result()?;
+        let limit = i64::from(if r.page_size == 0 {
+            EVENTS_PAGE
+        } else {
+            r.page_size
+        });
+        let after = match since {
+            Some(since) if r.after_position == 0 => {
+                match self
+                    .store
+                    .position_before(&r.account_id, since)
+                    .await
+                    .map_err(db_status)?
+                {
+                    Some(before) => before,
+                    // Nothing has occurred since then: nothing to read, and the client asks
+                    // the same again.
+                    None => {
+                        return Ok(Response::new(pb::ListEventsResponse {
+                            events: Vec::new(),
+                            last_position: 0,
+                        }));
+                    }
+                }
+            }
+            _ => r.after_position,
+        };
+        let events = self
+            .store
+            .events_after(&r.account_id, after, limit)
+            .await
+            .map_err(db_status)?;
+        let last_position = events.last().map_or(after, |(position, _)| *position);
+        Ok(Response::new(pb::ListEventsResponse {
+            events: events
+                .into_iter()
+                .map(|(position, event)| pb::LoggedEvent {
+                    position,
+                    event: Some(to_wire(event)),
+                })
+                .collect(),
+            last_position,
         }))
     }
 

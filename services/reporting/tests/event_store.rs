@@ -78,6 +78,9 @@ conformance!(
     rows_are_grouped_by_the_dimension_asked,
     first_responses_are_the_median_and_90th_percentile,
     transactions_are_paged_by_handoff_with_their_events_in_order,
+    the_log_is_read_in_the_order_it_was_written_once_each_and_per_account,
+    a_reader_starts_from_the_first_event_that_occurred_since_a_time,
+    a_reader_following_concurrent_writers_misses_nothing,
 );
 
 fn at(minute: i64) -> DateTime<Utc> {
@@ -273,4 +276,158 @@ async fn transactions_are_paged_by_handoff_with_their_events_in_order(store: &dy
         .await
         .expect("answers");
     assert_eq!(ids(rest), ["h3-attempt"]);
+}
+
+/// The account's whole log after `position`, read a page of `page` at a time: (position, id).
+async fn follow(
+    store: &dyn EventStore,
+    account: &str,
+    mut position: i64,
+    page: i64,
+) -> Vec<(i64, String)> {
+    let mut read = Vec::new();
+    loop {
+        let events = store
+            .events_after(account, position, page)
+            .await
+            .expect("reads");
+        let Some((last, _)) = events.last() else {
+            return read;
+        };
+        position = *last;
+        read.extend(events.into_iter().map(|(p, e)| (p, e.event_id)));
+    }
+}
+
+async fn the_log_is_read_in_the_order_it_was_written_once_each_and_per_account(
+    store: &dyn EventStore,
+) {
+    let globex = |id: &str| StoredEvent {
+        account_id: "globex".to_owned(),
+        ..event(id, "g1", ATTEMPTED, 0)
+    };
+    let mut answered = event("e4", "h2", ANSWERED, 3);
+    answered.response_delay_ms = Some(42_000);
+    answered.ivr_number = "+18005550100".to_owned();
+    // Written late, occurred early: the log is in the order written, not the order occurred.
+    store
+        .append(&[
+            event("e3", "h1", SENT, 5),
+            globex("g-a"),
+            event("e1", "h1", ATTEMPTED, 0),
+        ])
+        .await
+        .expect("appends");
+    store
+        .append(&[
+            event("e1", "h1", ATTEMPTED, 0),
+            answered.clone(),
+            globex("g-b"),
+        ])
+        .await
+        .expect("appends");
+    let read = follow(store, "acme", 0, 2).await;
+    let ids: Vec<&str> = read.iter().map(|(_, id)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["e3", "e1", "e4"],
+        "in the order written, the repeat once"
+    );
+    assert!(
+        read.windows(2).all(|w| w[0].0 < w[1].0),
+        "positions increase: {read:?}"
+    );
+    let globex_ids: Vec<String> = follow(store, "globex", 0, 10)
+        .await
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(globex_ids, ["g-a", "g-b"]);
+    // From a position on: only what came after it, every field as written.
+    let after = store
+        .events_after("acme", read[1].0, 10)
+        .await
+        .expect("reads");
+    assert_eq!(after, vec![(read[2].0, answered)]);
+}
+
+async fn a_reader_starts_from_the_first_event_that_occurred_since_a_time(store: &dyn EventStore) {
+    assert_eq!(
+        store.position_before("acme", at(0)).await.expect("answers"),
+        None,
+        "an empty log has no start"
+    );
+    store
+        .append(&[event("old", "h1", ATTEMPTED, -10)])
+        .await
+        .expect("appends");
+    assert_eq!(
+        store.position_before("acme", at(0)).await.expect("answers"),
+        None,
+        "nothing occurred since"
+    );
+    store
+        .append(&[
+            event("new", "h2", ATTEMPTED, 1),
+            event("late", "h3", ATTEMPTED, -5),
+        ])
+        .await
+        .expect("appends");
+    let before = store
+        .position_before("acme", at(0))
+        .await
+        .expect("answers")
+        .expect("a start");
+    let ids: Vec<String> = follow(store, "acme", before, 10)
+        .await
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    // From the first that occurred since on; one written after it is read even if it occurred
+    // before (it arrived late).
+    assert_eq!(ids, ["new", "late"]);
+}
+
+/// Writers append at once while a reader follows the log: whatever the order they commit in, the
+/// reader, which never goes back, gets every event exactly once.
+async fn a_reader_following_concurrent_writers_misses_nothing(store: &dyn EventStore) {
+    const WRITERS: usize = 6;
+    const BATCHES: usize = 40;
+    let written = std::sync::atomic::AtomicBool::new(false);
+    let writers = async {
+        futures::future::join_all((0..WRITERS).map(|w| async move {
+            for b in 0..BATCHES {
+                let batch: Vec<StoredEvent> = (0..3)
+                    .map(|i| event(&format!("w{w}-b{b}-{i}"), &format!("h{w}"), ATTEMPTED, 0))
+                    .collect();
+                store.append(&batch).await.expect("appends");
+            }
+        }))
+        .await;
+        written.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let reader = async {
+        let mut position = 0;
+        let mut read: Vec<String> = Vec::new();
+        loop {
+            // Checked before reading: a read after every writer finished is the last one.
+            let last = written.load(std::sync::atomic::Ordering::SeqCst);
+            let events = store
+                .events_after("acme", position, 7)
+                .await
+                .expect("reads");
+            match events.last() {
+                Some((at, _)) => position = *at,
+                None if last => break read,
+                None => tokio::task::yield_now().await,
+            }
+            read.extend(events.into_iter().map(|(_, e)| e.event_id));
+        }
+    };
+    let (_, read) = tokio::join!(writers, reader);
+    let mut unique = read.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), read.len(), "nothing twice");
+    assert_eq!(read.len(), WRITERS * BATCHES * 3, "nothing missed");
 }

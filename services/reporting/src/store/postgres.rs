@@ -2,9 +2,12 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgPool, Row};
 
-use super::{EventStore, Grouping, StoredEvent, TransactionRow, transaction_event};
+use super::{
+    EventStore, Grouping, LOGGED_COLUMNS, StoredEvent, TransactionRow, logged_event,
+    transaction_event,
+};
 
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
@@ -53,13 +56,32 @@ impl EventStore for PgEventStore {
 
     async fn append(&self, events: &[StoredEvent]) -> Result<u64, sqlx::Error> {
         let column = |f: fn(&StoredEvent) -> String| events.iter().map(f).collect::<Vec<_>>();
+        // Each account's head moves by its share of the batch (heads taken in account order, so
+        // two batches never wait on each other's heads in a cycle), and its events take the
+        // positions in between, in the batch's order.
         let done = sqlx::query(
-            "INSERT INTO events (event_id, account_id, stage, occurred_at, handoff_id, \
-             handoff_config_id, channel, skill_id, conversation_id, ivr_number, error_code, source, \
-             response_delay_ms) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], \
-             $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], \
-             $13::bigint[]) \
+            "WITH batch AS ( \
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], \
+                     $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
+                     $11::text[], $12::text[], $13::bigint[]) WITH ORDINALITY \
+                 AS e(event_id, account_id, stage, occurred_at, handoff_id, handoff_config_id, \
+                     channel, skill_id, conversation_id, ivr_number, error_code, source, \
+                     response_delay_ms, n)), \
+             shares AS (SELECT account_id, count(*) AS taken FROM batch GROUP BY account_id), \
+             heads AS ( \
+                 INSERT INTO event_log_heads AS h (account_id, position) \
+                 SELECT account_id, taken FROM shares ORDER BY account_id \
+                 ON CONFLICT (account_id) DO UPDATE SET position = h.position + excluded.position \
+                 RETURNING account_id, position) \
+             INSERT INTO events (event_id, account_id, stage, occurred_at, handoff_id, \
+                 handoff_config_id, channel, skill_id, conversation_id, ivr_number, error_code, \
+                 source, response_delay_ms, position) \
+             SELECT b.event_id, b.account_id, b.stage, b.occurred_at, b.handoff_id, \
+                 b.handoff_config_id, b.channel, b.skill_id, b.conversation_id, b.ivr_number, \
+                 b.error_code, b.source, b.response_delay_ms, \
+                 heads.position - shares.taken \
+                     + row_number() OVER (PARTITION BY b.account_id ORDER BY b.n) \
+             FROM batch b JOIN shares USING (account_id) JOIN heads USING (account_id) \
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(column(|e| e.event_id.clone()))
@@ -74,10 +96,50 @@ impl EventStore for PgEventStore {
         .bind(column(|e| e.ivr_number.clone()))
         .bind(column(|e| e.error_code.clone()))
         .bind(column(|e| e.source.clone()))
-        .bind(events.iter().map(|e| e.response_delay_ms).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.response_delay_ms)
+                .collect::<Vec<_>>(),
+        )
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
+    }
+
+    async fn events_after(
+        &self,
+        account_id: &str,
+        position: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, StoredEvent)>, sqlx::Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {LOGGED_COLUMNS} FROM events \
+             WHERE account_id = $1 AND position > $2 ORDER BY position LIMIT $3"
+        )))
+        .bind(account_id)
+        .bind(position)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| logged_event(row, account_id, row.try_get("occurred_at")?))
+            .collect()
+    }
+
+    async fn position_before(
+        &self,
+        account_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT min(position) - 1 FROM events \
+             WHERE account_id = $1 AND occurred_at >= $2 AND position IS NOT NULL",
+        )
+        .bind(account_id)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await
     }
 
     async fn first_responses(

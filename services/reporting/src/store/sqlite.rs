@@ -3,9 +3,9 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::{SqlitePool, migrate::Migrator};
+use sqlx::{Row, SqlitePool, migrate::Migrator};
 
-use super::{EventStore, Grouping, StoredEvent, transaction_event};
+use super::{EventStore, Grouping, LOGGED_COLUMNS, StoredEvent, logged_event, transaction_event};
 
 /// The SQLite schema's migrations (`migrations-sqlite/`).
 pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations-sqlite");
@@ -99,15 +99,24 @@ impl EventStore for SqliteEventStore {
     }
 
     /// One transaction for the batch: the events are counted once each, whoever sent them twice.
+    /// Each takes its account's next position, as in PostgreSQL (a re-sent one burns it).
     async fn append(&self, events: &[StoredEvent]) -> Result<u64, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let mut new = 0;
         for e in events {
+            let position: i64 = sqlx::query_scalar(
+                "INSERT INTO event_log_heads AS h (account_id, position) VALUES (?1, 1) \
+                 ON CONFLICT (account_id) DO UPDATE SET position = h.position + 1 \
+                 RETURNING position",
+            )
+            .bind(&e.account_id)
+            .fetch_one(&mut *tx)
+            .await?;
             let done = sqlx::query(
                 "INSERT INTO events (event_id, account_id, stage, occurred_at, handoff_id, \
                  handoff_config_id, channel, skill_id, conversation_id, ivr_number, error_code, \
-                 source, response_delay_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+                 source, response_delay_ms, position) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
                  ON CONFLICT (event_id) DO NOTHING",
             )
             .bind(&e.event_id)
@@ -123,12 +132,48 @@ impl EventStore for SqliteEventStore {
             .bind(&e.error_code)
             .bind(&e.source)
             .bind(e.response_delay_ms)
+            .bind(position)
             .execute(&mut *tx)
             .await?;
             new += done.rows_affected();
         }
         tx.commit().await?;
         Ok(new)
+    }
+
+    async fn events_after(
+        &self,
+        account_id: &str,
+        position: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, StoredEvent)>, sqlx::Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {LOGGED_COLUMNS} FROM events \
+             WHERE account_id = ?1 AND position > ?2 ORDER BY position LIMIT ?3"
+        )))
+        .bind(account_id)
+        .bind(position)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| logged_event(row, account_id, from_micros(row.try_get("occurred_at")?)))
+            .collect()
+    }
+
+    async fn position_before(
+        &self,
+        account_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT min(position) - 1 FROM events \
+             WHERE account_id = ?1 AND occurred_at >= ?2 AND position IS NOT NULL",
+        )
+        .bind(account_id)
+        .bind(micros(since))
+        .fetch_one(&self.pool)
+        .await
     }
 
     async fn first_responses(
