@@ -1,7 +1,8 @@
-//! Conversation events posted to brands' webhook endpoints: every delivery verified by an
-//! implementation of Standard Webhooks that is not ours; a receiver that is down for a while gets
-//! everything afterwards, in order, under the same ids; one that never answers holds up nobody
-//! else and is disabled once it has failed for too long; secrets rotate; only admins manage them.
+//! Handoff stages and conversation events posted to brands' webhook endpoints: every delivery
+//! verified by an implementation of Standard Webhooks that is not ours; a receiver that is down
+//! for a while gets everything afterwards, in order, under the same ids; one that never answers
+//! holds up nobody else and is disabled once it has failed for too long; secrets rotate; only
+//! admins manage them.
 
 use std::{
     net::SocketAddr,
@@ -32,13 +33,14 @@ enum Mode {
     Hanging,
 }
 
-/// One delivery a receiver verified: its `webhook-id`, its payload's `type`, and the event's
-/// cursor.
+/// One delivery a receiver verified: its `webhook-id`, its payload's `type`, the conversation
+/// event's cursor (empty for other types), and the payload's `data`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Received {
     id: String,
     kind: String,
     cursor: String,
+    data: serde_json::Value,
 }
 
 #[derive(Clone)]
@@ -76,6 +78,7 @@ async fn receive(
             .as_str()
             .unwrap_or_default()
             .to_owned(),
+        data: payload["data"].clone(),
     });
     axum::http::StatusCode::NO_CONTENT
 }
@@ -106,9 +109,27 @@ impl Receiver {
     fn taken(&self) -> Vec<Received> {
         self.taken.lock().expect("taken").clone()
     }
+
+    /// What it took of the types starting with `prefix`.
+    fn taken_of(&self, prefix: &str) -> Vec<Received> {
+        self.taken()
+            .into_iter()
+            .filter(|r| r.kind.starts_with(prefix))
+            .collect()
+    }
 }
 
 async fn create_endpoint(story: &Story, receiver: &Receiver, description: &str) -> String {
+    create_endpoint_for(story, receiver, description, &[]).await
+}
+
+/// An endpoint for `event_types` (empty: all).
+async fn create_endpoint_for(
+    story: &Story,
+    receiver: &Receiver,
+    description: &str,
+    event_types: &[&str],
+) -> String {
     let created = story
         .config()
         .await
@@ -118,6 +139,7 @@ async fn create_endpoint(story: &Story, receiver: &Receiver, description: &str) 
                 endpoint: Some(pb::WebhookEndpoint {
                     url: receiver.url.clone(),
                     description: description.into(),
+                    event_types: event_types.iter().map(|t| (*t).to_owned()).collect(),
                     ..Default::default()
                 }),
             },
@@ -231,11 +253,7 @@ async fn every_conversation_event_reaches_the_endpoint_signed_in_order_through_a
     };
     let received = |receiver: &Receiver| -> Vec<(String, String)> {
         let mut seen: Vec<(String, String)> = Vec::new();
-        for r in receiver
-            .taken()
-            .into_iter()
-            .filter(|r| r.kind != "webhook.test")
-        {
+        for r in receiver.taken_of("conversation.") {
             // A repeat (a replica stopped between posting and saving) must keep its id.
             if let Some(earlier) = seen.iter().find(|(_, cursor)| *cursor == r.cursor) {
                 assert_eq!(earlier.0, r.id, "one event, one id");
@@ -253,9 +271,8 @@ async fn every_conversation_event_reaches_the_endpoint_signed_in_order_through_a
     )
     .await;
     let kinds: Vec<String> = desk
-        .taken()
+        .taken_of("conversation.")
         .iter()
-        .skip(1)
         .map(|r| r.kind.clone())
         .collect();
     assert_eq!(
@@ -353,6 +370,202 @@ async fn every_conversation_event_reaches_the_endpoint_signed_in_order_through_a
         "{}",
         disabled.disabled_reason
     );
+    story.stop().await;
+}
+
+/// The handoff stages Reporting recorded for the account, in its log's order, as the desk should
+/// get them: (webhook-id, type, handoff id).
+async fn handoff_stages(story: &Story) -> Vec<(String, String, String)> {
+    let mut stages = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = story
+            .reporting()
+            .await
+            .list_events(authed(
+                pb::ListEventsRequest {
+                    account_id: "acme".into(),
+                    after_position: after,
+                    since: None,
+                    page_size: 3,
+                },
+                &token(AuthRole::Viewer, Some("acme")),
+            ))
+            .await
+            .expect("a viewer reads the log")
+            .into_inner();
+        if page.events.is_empty() {
+            return stages;
+        }
+        after = page.last_position;
+        for logged in page.events {
+            let event = logged.event.expect("event");
+            let kind = match pb::FunnelStage::try_from(event.stage).expect("a stage") {
+                pb::FunnelStage::Attempted => "handoff.attempted",
+                pb::FunnelStage::Sent => "handoff.sent",
+                pb::FunnelStage::Delivered => "handoff.delivered",
+                pb::FunnelStage::Read => "handoff.read",
+                pb::FunnelStage::Failed => "handoff.failed",
+                pb::FunnelStage::Responded => "handoff.responded",
+                pb::FunnelStage::SkippedOpenConversation => "handoff.skipped_open_conversation",
+                _ => continue,
+            };
+            stages.push((event.event_id, kind.to_owned(), event.handoff_id));
+        }
+    }
+}
+
+/// What a receiver took of the handoff types, each once (a repeat must keep its id).
+fn handoff_deliveries(receiver: &Receiver) -> Vec<(String, String, String)> {
+    let mut seen: Vec<(String, String, String)> = Vec::new();
+    for r in receiver.taken_of("handoff.") {
+        assert_eq!(
+            r.data["eventId"].as_str(),
+            Some(r.id.as_str()),
+            "the webhook-id is Reporting's event id"
+        );
+        let delivery = (
+            r.id,
+            r.kind,
+            r.data["handoffId"].as_str().unwrap_or_default().to_owned(),
+        );
+        if !seen.contains(&delivery) {
+            seen.push(delivery);
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn every_handoff_stage_reaches_the_endpoint_signed_in_the_logs_order_through_an_outage() {
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            webhooks: Some(WebhookSettings {
+                timeout_ms: 1_000,
+                retry_base_ms: 20,
+                retry_max_ms: 200,
+                disable_after_hours: 72,
+            }),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    let (crm, inbox) = (Receiver::start().await, Receiver::start().await);
+    let crm_id = create_endpoint_for(
+        &story,
+        &crm,
+        "the brand's CRM",
+        &[
+            "handoff.attempted",
+            "handoff.sent",
+            "handoff.delivered",
+            "handoff.read",
+            "handoff.failed",
+            "handoff.responded",
+            "handoff.skipped_open_conversation",
+        ],
+    )
+    .await;
+    create_endpoint_for(&story, &inbox, "an inbox", &["conversation.opened"]).await;
+
+    let first = deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
+    let handoff_of_first = story
+        .conversations()
+        .await
+        .get_conversation(authed(
+            pb::GetConversationRequest {
+                account_id: "acme".into(),
+                conversation_id: first.clone(),
+            },
+            &token(AuthRole::Viewer, Some("acme")),
+        ))
+        .await
+        .expect("the conversation")
+        .into_inner()
+        .conversation
+        .expect("conversation")
+        .handoff_id;
+    let kinds_of = |handoff: &str| -> Vec<String> {
+        handoff_deliveries(&crm)
+            .into_iter()
+            .filter(|(_, _, h)| h == handoff)
+            .map(|(_, kind, _)| kind)
+            .collect()
+    };
+    eventually(
+        "the CRM has the first handoff's stages up to the reply",
+        Duration::from_secs(10),
+        || async { kinds_of(&handoff_of_first).contains(&"handoff.responded".to_owned()) },
+    )
+    .await;
+    let kinds = kinds_of(&handoff_of_first);
+    for stage in ["handoff.attempted", "handoff.sent", "handoff.responded"] {
+        assert!(kinds.contains(&stage.to_owned()), "{stage} in {kinds:?}");
+    }
+
+    // The CRM goes down; a second caller is deflected, and the first calls again while their
+    // conversation is open.
+    crm.set(Mode::Failing);
+    let second = story
+        .deflect(
+            crate::story::handoff_request("acme", "+14155550302", "call-2"),
+            &key,
+        )
+        .await;
+    let skipped = story
+        .deflect(
+            crate::story::handoff_request("acme", CONSUMER, "call-3"),
+            &key,
+        )
+        .await;
+    assert_eq!(
+        skipped.status,
+        pb::HandoffStatus::SkippedOpenConversation as i32
+    );
+    eventually(
+        "the CRM's endpoint failing",
+        Duration::from_secs(10),
+        || async { endpoint(&story, &crm_id).await.failing_since.is_some() },
+    )
+    .await;
+
+    // Back up: every stage Reporting recorded, in its log's order, once each under its event id.
+    crm.set(Mode::Up);
+    eventually(
+        "the CRM has every stage of the three handoffs",
+        Duration::from_secs(10),
+        || async {
+            let recorded = handoff_stages(&story).await;
+            [&second.handoff_id, &skipped.handoff_id]
+                .iter()
+                .all(|h| recorded.iter().any(|(_, _, of)| of == *h))
+                && handoff_deliveries(&crm) == recorded
+        },
+    )
+    .await;
+    assert!(
+        kinds_of(&skipped.handoff_id).contains(&"handoff.skipped_open_conversation".to_owned())
+    );
+    assert_eq!(
+        *crm.forged.lock().expect("forged"),
+        0,
+        "every delivery verified"
+    );
+    assert!(
+        crm.taken_of("conversation.").is_empty(),
+        "the CRM subscribed to handoffs only"
+    );
+    eventually(
+        "the endpoint healthy again",
+        Duration::from_secs(10),
+        || async { endpoint(&story, &crm_id).await.failing_since.is_none() },
+    )
+    .await;
+    // The inbox subscribed to openings only.
+    let inbox_kinds: Vec<String> = inbox.taken().into_iter().map(|r| r.kind).collect();
+    assert_eq!(inbox_kinds, ["conversation.opened"]);
     story.stop().await;
 }
 

@@ -453,8 +453,20 @@ impl Template {
     }
 }
 
-/// The conversation events an endpoint can subscribe to, as the `type` of their payloads.
-pub const WEBHOOK_EVENT_TYPES: [&str; 7] = [
+/// The events an endpoint can subscribe to, as the `type` of their payloads: a handoff's stages
+/// (from Reporting's event log) and conversation events (from Routing's stream).
+pub const WEBHOOK_EVENT_TYPES: [&str; 18] = [
+    "handoff.attempted",
+    "handoff.sent",
+    "handoff.delivered",
+    "handoff.read",
+    "handoff.failed",
+    "handoff.responded",
+    "handoff.skipped_open_conversation",
+    "handoff.skipped_recent_handoff",
+    "handoff.rejected_landline",
+    "handoff.rejected_opted_out",
+    "handoff.no_eligible_channel",
     "conversation.opened",
     "conversation.message",
     "conversation.message_stage",
@@ -465,7 +477,7 @@ pub const WEBHOOK_EVENT_TYPES: [&str; 7] = [
 ];
 const MAX_WEBHOOK_URL: usize = 2048;
 const MAX_WEBHOOK_DESCRIPTION: usize = 256;
-const MAX_WEBHOOK_EVENT_TYPES: usize = 20;
+const MAX_WEBHOOK_EVENT_TYPES: usize = WEBHOOK_EVENT_TYPES.len();
 
 /// Where an account's events are posted.
 #[derive(Debug, Clone, PartialEq)]

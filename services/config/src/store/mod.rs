@@ -52,8 +52,20 @@ pub struct LeasedWebhook {
     pub previous_secret: Option<Vec<u8>>,
     /// The last conversation event posted or passed over; empty: none yet.
     pub cursor: String,
+    /// The last handoff event (a position in Reporting's log) posted or passed over; `None`:
+    /// none yet.
+    pub handoff_position: Option<i64>,
     /// Changes with every admin change of the endpoint.
     pub version: i64,
+}
+
+/// Where a webhook endpoint is in one of the two feeds it follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookPosition<'a> {
+    /// Routing's conversation stream: a WatchConversations cursor.
+    Conversations(&'a str),
+    /// Reporting's event log: a ListEvents position.
+    Handoffs(i64),
 }
 
 /// One audit record.
@@ -206,10 +218,16 @@ pub trait ConfigStore: Send + Sync + 'static {
         owner: &str,
         ttl: std::time::Duration,
     ) -> Result<Vec<LeasedWebhook>, StoreError>;
-    /// An event was posted or passed over: the endpoint's position moves past it and it is not
-    /// failing. `false` when `owner` no longer holds the endpoint.
-    async fn webhook_passed(&self, id: &str, owner: &str, cursor: &str)
-    -> Result<bool, StoreError>;
+    /// An event was posted (`delivered`: the endpoint is not failing any more) or passed over:
+    /// the endpoint's position in that feed moves past it. `false` when `owner` no longer holds
+    /// the endpoint.
+    async fn webhook_passed(
+        &self,
+        id: &str,
+        owner: &str,
+        position: WebhookPosition<'_>,
+        delivered: bool,
+    ) -> Result<bool, StoreError>;
     /// A delivery failed: the endpoint fails since now unless it already did, and is disabled
     /// once it has failed for `disable_after`. Whether it is still enabled.
     async fn webhook_failed(

@@ -11,7 +11,10 @@ use c2m_proto::v1::{Channel, WhatsAppTemplateCategory, WhatsAppTemplateStatus};
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
 
-use super::{Actor, AuditRecord, ConfigStore, LeasedWebhook, StoreError, TemplateDeleted, Updated};
+use super::{
+    Actor, AuditRecord, ConfigStore, LeasedWebhook, StoreError, TemplateDeleted, Updated,
+    WebhookPosition,
+};
 use crate::model::{
     Account, ApiKey, HandoffConfig, Settings, Template, WebhookDelivery, WebhookEndpoint,
 };
@@ -387,9 +390,10 @@ impl ConfigStore for PgConfigStore {
         &self,
         id: &str,
         owner: &str,
-        cursor: &str,
+        position: WebhookPosition<'_>,
+        delivered: bool,
     ) -> Result<bool, StoreError> {
-        webhooks::passed(&self.pool, id, owner, cursor).await
+        webhooks::passed(&self.pool, id, owner, position, delivered).await
     }
 
     async fn webhook_failed(

@@ -1,8 +1,9 @@
-//! Posting conversation events to brands' webhook endpoints. The dispatcher is a client of the
-//! routing role's `WatchConversations`, the same durable stream a desk follows: each endpoint
-//! keeps its position (the last cursor posted) in Config's schema, so nothing is lost across
-//! restarts and an event is posted again, with the same `webhook-id`, only if a replica stopped
-//! between the post and saving the position. One replica at a time delivers for an endpoint (a
+//! Posting handoff stages and conversation events to brands' webhook endpoints. The dispatcher
+//! follows two durable feeds for each endpoint: Reporting's event log (`ListEvents`, every stage
+//! of every handoff, in the order recorded) and the routing role's `WatchConversations`, the same
+//! stream a desk follows. Each endpoint keeps its position in both (a log position and a cursor)
+//! in Config's schema, so nothing is lost across restarts and an event is posted again, with the
+//! same `webhook-id`, only if a replica stopped between the post and saving the position. One replica at a time delivers for an endpoint (a
 //! lease renewed every second); each endpoint has its own task, so a slow or failing receiver
 //! holds up nobody else's events. A failing delivery is retried, in order, with exponential
 //! backoff and jitter, until it succeeds or the endpoint has failed for `disable_after_hours`
@@ -12,12 +13,12 @@ pub(crate) mod post;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use c2m_proto::v1::{self as pb, conversation_event::Kind};
+use c2m_proto::v1::{self as pb, FunnelStage, conversation_event::Kind};
 use c2m_runtime::peers::Peers;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{ConfigStore, LeasedWebhook};
+use crate::store::{ConfigStore, LeasedWebhook, WebhookPosition};
 
 /// `[webhooks]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,6 +48,10 @@ impl Default for WebhookSettings {
 const LEASE: Duration = Duration::from_secs(15);
 /// How often leases are renewed and endpoints picked up.
 const RENEW: Duration = Duration::from_secs(1);
+/// How often an endpoint that has read all of Reporting's log asks again.
+const HANDOFF_POLL: Duration = Duration::from_millis(500);
+/// Events read from Reporting's log at once.
+const HANDOFF_PAGE: i32 = 200;
 /// How long delivery attempts are kept for ListWebhookDeliveries.
 const KEEP_DELIVERIES: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -60,6 +65,75 @@ pub(crate) fn event_type(event: &pb::ConversationEvent) -> &'static str {
         Some(Kind::Released(_)) => "conversation.released",
         Some(Kind::Transferred(_)) => "conversation.transferred",
         Some(Kind::Closed(_)) | None => "conversation.closed",
+    }
+}
+
+/// The `type` of a handoff stage's payload; `None` for the stages conversation events tell
+/// (opened, answered, transferred, closed) and the consent changes, which carry no handoff.
+pub(crate) fn handoff_event_type(stage: FunnelStage) -> Option<&'static str> {
+    Some(match stage {
+        FunnelStage::Attempted => "handoff.attempted",
+        FunnelStage::Sent => "handoff.sent",
+        FunnelStage::Delivered => "handoff.delivered",
+        FunnelStage::Read => "handoff.read",
+        FunnelStage::Failed => "handoff.failed",
+        FunnelStage::Responded => "handoff.responded",
+        FunnelStage::SkippedOpenConversation => "handoff.skipped_open_conversation",
+        FunnelStage::SkippedRecentHandoff => "handoff.skipped_recent_handoff",
+        FunnelStage::RejectedLandline => "handoff.rejected_landline",
+        FunnelStage::RejectedOptedOut => "handoff.rejected_opted_out",
+        FunnelStage::NoEligibleChannel => "handoff.no_eligible_channel",
+        FunnelStage::Unspecified
+        | FunnelStage::OptedOut
+        | FunnelStage::OptedIn
+        | FunnelStage::ConversationOpened
+        | FunnelStage::ConversationClosed
+        | FunnelStage::ConversationTransferred
+        | FunnelStage::Answered => return None,
+    })
+}
+
+/// One message for an endpoint: its `webhook-id` (the same on every attempt and every replica),
+/// its type, and the signed body.
+pub(crate) struct Outgoing {
+    pub webhook_id: String,
+    pub kind: &'static str,
+    pub body: Vec<u8>,
+}
+
+fn rfc3339(at: Option<&prost_types::Timestamp>) -> String {
+    at.and_then(c2m_proto::from_timestamp)
+        .unwrap_or_else(chrono::Utc::now)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Outgoing {
+    fn conversation(event: &pb::ConversationEvent) -> Self {
+        let kind = event_type(event);
+        Self {
+            webhook_id: format!("evt_{}", event.cursor),
+            kind,
+            body: payload(
+                kind,
+                rfc3339(event.at.as_ref()),
+                c2m_proto::to_json("c2m.v1.ConversationEvent", event),
+            ),
+        }
+    }
+
+    /// `None` when the event is not a handoff stage.
+    fn handoff(event: &pb::Event) -> Option<Self> {
+        let kind = handoff_event_type(FunnelStage::try_from(event.stage).ok()?)?;
+        Some(Self {
+            // Reporting's de-duplication key: one event, one id, whoever reported it twice.
+            webhook_id: event.event_id.clone(),
+            kind,
+            body: payload(
+                kind,
+                rfc3339(event.occurred_at.as_ref()),
+                c2m_proto::to_json("c2m.v1.Event", event),
+            ),
+        })
     }
 }
 
@@ -159,15 +233,104 @@ impl Dispatcher {
         }
     }
 
-    /// Follows the account's conversation stream from the endpoint's position, posting what it
-    /// subscribed to, until `stop`, the lease is lost, or the endpoint is disabled.
+    /// Follows the endpoint's two feeds, each from its own position, until `stop`, the lease is
+    /// lost, or the endpoint is disabled. When one feed must stop, so does the other.
     async fn deliver(self, leased: LeasedWebhook, stop: CancellationToken) {
-        let endpoint = &leased.endpoint;
-        let mut cursor = leased.cursor.clone();
         let mut secrets: Vec<&[u8]> = vec![&leased.secret];
         if let Some(previous) = &leased.previous_secret {
             secrets.push(previous);
         }
+        let conversations = async {
+            self.follow_conversations(&leased, &secrets, &stop).await;
+            stop.cancel();
+        };
+        let handoffs = async {
+            self.follow_handoffs(&leased, &secrets, &stop).await;
+            stop.cancel();
+        };
+        tokio::join!(conversations, handoffs);
+    }
+
+    /// Reads the account's handoff stages from Reporting's log after the endpoint's position,
+    /// posting what it subscribed to.
+    async fn follow_handoffs(
+        &self,
+        leased: &LeasedWebhook,
+        secrets: &[&[u8]],
+        stop: &CancellationToken,
+    ) {
+        let endpoint = &leased.endpoint;
+        let mut position = leased.handoff_position;
+        while !stop.is_cancelled() {
+            let request = pb::ListEventsRequest {
+                account_id: endpoint.account_id.clone(),
+                after_position: position.unwrap_or(0),
+                since: position
+                    .is_none()
+                    .then(|| c2m_proto::timestamp(endpoint.created_at)),
+                page_size: HANDOFF_PAGE,
+            };
+            let events = match self.peers.reporting().list_events(request).await {
+                Ok(page) => page.into_inner().events,
+                Err(status) => {
+                    tracing::debug!(%status, endpoint_id = %endpoint.id, "webhooks: reporting's log unavailable");
+                    if sleep_or_stop(Duration::from_secs(1), stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if events.is_empty() && sleep_or_stop(HANDOFF_POLL, stop).await {
+                return;
+            }
+            for logged in events {
+                let outgoing = logged.event.as_ref().and_then(Outgoing::handoff);
+                let delivered = match outgoing {
+                    Some(outgoing) if endpoint.wants(outgoing.kind) => {
+                        if !self
+                            .post_until_taken(leased, secrets, &outgoing, stop)
+                            .await
+                        {
+                            return;
+                        }
+                        true
+                    }
+                    _ => false,
+                };
+                match self
+                    .store
+                    .webhook_passed(
+                        &endpoint.id,
+                        &self.owner,
+                        WebhookPosition::Handoffs(logged.position),
+                        delivered,
+                    )
+                    .await
+                {
+                    Ok(true) => position = Some(logged.position),
+                    Ok(false) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, endpoint_id = %endpoint.id, "webhooks: position not saved; posting from the last saved one");
+                        if sleep_or_stop(Duration::from_secs(1), stop).await {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Follows the account's conversation stream from the endpoint's cursor, posting what it
+    /// subscribed to.
+    async fn follow_conversations(
+        &self,
+        leased: &LeasedWebhook,
+        secrets: &[&[u8]],
+        stop: &CancellationToken,
+    ) {
+        let endpoint = &leased.endpoint;
+        let mut cursor = leased.cursor.clone();
         'stream: while !stop.is_cancelled() {
             let request = pb::WatchConversationsRequest {
                 account_id: endpoint.account_id.clone(),
@@ -193,7 +356,7 @@ impl Dispatcher {
                 }
                 Err(status) => {
                     tracing::debug!(%status, endpoint_id = %endpoint.id, "webhooks: stream unavailable");
-                    if sleep_or_stop(Duration::from_secs(1), &stop).await {
+                    if sleep_or_stop(Duration::from_secs(1), stop).await {
                         return;
                     }
                     continue;
@@ -210,23 +373,28 @@ impl Dispatcher {
                         None => continue,
                     },
                     Ok(None) | Err(_) => {
-                        if sleep_or_stop(Duration::from_millis(200), &stop).await {
+                        if sleep_or_stop(Duration::from_millis(200), stop).await {
                             return;
                         }
                         continue 'stream;
                     }
                 };
-                let kind = event_type(&event);
-                if endpoint.wants(kind)
+                let delivered = endpoint.wants(event_type(&event));
+                if delivered
                     && !self
-                        .post_until_taken(&leased, &secrets, &event, &stop)
+                        .post_until_taken(leased, secrets, &Outgoing::conversation(&event), stop)
                         .await
                 {
                     return;
                 }
                 match self
                     .store
-                    .webhook_passed(&endpoint.id, &self.owner, &event.cursor)
+                    .webhook_passed(
+                        &endpoint.id,
+                        &self.owner,
+                        WebhookPosition::Conversations(&event.cursor),
+                        delivered,
+                    )
                     .await
                 {
                     Ok(true) => cursor = event.cursor,
@@ -234,7 +402,7 @@ impl Dispatcher {
                     Ok(false) => return,
                     Err(error) => {
                         tracing::warn!(%error, endpoint_id = %endpoint.id, "webhooks: position not saved; posting from the last saved one");
-                        if sleep_or_stop(Duration::from_secs(1), &stop).await {
+                        if sleep_or_stop(Duration::from_secs(1), stop).await {
                             return;
                         }
                         continue 'stream;
@@ -244,29 +412,16 @@ impl Dispatcher {
         }
     }
 
-    /// Posts one event until the receiver takes it; `false` when delivering must stop (asked
+    /// Posts one message until the receiver takes it; `false` when delivering must stop (asked
     /// to, or the endpoint was disabled for failing too long).
     async fn post_until_taken(
         &self,
         leased: &LeasedWebhook,
         secrets: &[&[u8]],
-        event: &pb::ConversationEvent,
+        outgoing: &Outgoing,
         stop: &CancellationToken,
     ) -> bool {
         let endpoint = &leased.endpoint;
-        let kind = event_type(event);
-        let timestamp = event
-            .at
-            .as_ref()
-            .and_then(c2m_proto::from_timestamp)
-            .unwrap_or_else(chrono::Utc::now)
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let body = payload(
-            kind,
-            timestamp,
-            c2m_proto::to_json("c2m.v1.ConversationEvent", event),
-        );
-        let webhook_id = format!("evt_{}", event.cursor);
         let disable_after = Duration::from_secs(self.settings.disable_after_hours * 3600);
         for attempt in 1.. {
             let delivery = post::post(
@@ -275,9 +430,9 @@ impl Dispatcher {
                     endpoint_id: &endpoint.id,
                     url: &endpoint.url,
                     secrets: secrets.to_vec(),
-                    webhook_id: &webhook_id,
-                    event_type: kind,
-                    body: &body,
+                    webhook_id: &outgoing.webhook_id,
+                    event_type: outgoing.kind,
+                    body: &outgoing.body,
                     attempt,
                 },
             )
@@ -288,7 +443,7 @@ impl Dispatcher {
             if delivery.succeeded {
                 return true;
             }
-            tracing::debug!(endpoint_id = %endpoint.id, webhook_id, attempt, error = %delivery.error, "webhook delivery failed");
+            tracing::debug!(endpoint_id = %endpoint.id, webhook_id = %outgoing.webhook_id, attempt, error = %delivery.error, "webhook delivery failed");
             match self
                 .store
                 .webhook_failed(&endpoint.id, &self.owner, disable_after)

@@ -8,7 +8,7 @@ use sqlx::PgPool;
 use super::*;
 use crate::{
     model::{WebhookDelivery, WebhookEndpoint},
-    store::LeasedWebhook,
+    store::{LeasedWebhook, WebhookPosition},
 };
 
 const COLUMNS: &str = "webhook_endpoint_id, account_id, url, description, event_types, enabled, \
@@ -35,6 +35,7 @@ fn leased_row(row: &PgRow) -> Result<LeasedWebhook, sqlx::Error> {
         secret: row.try_get("secret")?,
         previous_secret: row.try_get("previous_secret")?,
         cursor: row.try_get("cursor")?,
+        handoff_position: row.try_get("handoff_position")?,
         version: row.try_get("version")?,
     })
 }
@@ -244,7 +245,7 @@ pub(super) async fn for_test(
     id: &str,
 ) -> Result<Option<LeasedWebhook>, StoreError> {
     let row = sqlx::query(sql(format!(
-        "SELECT {COLUMNS}, secret, {PREVIOUS_SECRET} AS previous_secret, cursor, version \
+        "SELECT {COLUMNS}, secret, {PREVIOUS_SECRET} AS previous_secret, cursor, handoff_position, version \
          FROM webhook_endpoints WHERE account_id = $1 AND webhook_endpoint_id = $2"
     )))
     .bind(account_id)
@@ -263,7 +264,7 @@ pub(super) async fn lease(
         "UPDATE webhook_endpoints SET lease_owner = $1, \
              lease_until = now() + make_interval(secs => $2) \
          WHERE enabled AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $1) \
-         RETURNING {COLUMNS}, secret, {PREVIOUS_SECRET} AS previous_secret, cursor, version"
+         RETURNING {COLUMNS}, secret, {PREVIOUS_SECRET} AS previous_secret, cursor, handoff_position, version"
     )))
     .bind(owner)
     .bind(ttl.as_secs_f64())
@@ -276,19 +277,30 @@ pub(super) async fn passed(
     pool: &PgPool,
     id: &str,
     owner: &str,
-    cursor: &str,
+    position: WebhookPosition<'_>,
+    delivered: bool,
 ) -> Result<bool, StoreError> {
-    Ok(sqlx::query(
-        "UPDATE webhook_endpoints SET cursor = $3, failing_since = NULL \
-         WHERE webhook_endpoint_id = $1 AND lease_owner = $2 AND enabled",
-    )
-    .bind(id)
-    .bind(owner)
-    .bind(cursor)
-    .execute(pool)
-    .await?
-    .rows_affected()
-        == 1)
+    // Only a delivery says the receiver is well; passing over an event it did not subscribe to
+    // says nothing about it.
+    let query = match position {
+        WebhookPosition::Conversations(cursor) => sqlx::query(
+            "UPDATE webhook_endpoints SET cursor = $3, \
+                 failing_since = CASE WHEN $4 THEN NULL ELSE failing_since END \
+             WHERE webhook_endpoint_id = $1 AND lease_owner = $2 AND enabled",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(cursor),
+        WebhookPosition::Handoffs(position) => sqlx::query(
+            "UPDATE webhook_endpoints SET handoff_position = $3, \
+                 failing_since = CASE WHEN $4 THEN NULL ELSE failing_since END \
+             WHERE webhook_endpoint_id = $1 AND lease_owner = $2 AND enabled",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(position),
+    };
+    Ok(query.bind(delivered).execute(pool).await?.rows_affected() == 1)
 }
 
 pub(super) async fn failed(
