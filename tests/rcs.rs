@@ -343,3 +343,46 @@ async fn a_service_account_google_refuses_falls_back_to_sms_naming_why() {
     assert!(story.google.rcs_sent().is_empty());
     story.stop().await;
 }
+
+#[tokio::test]
+async fn a_file_goes_to_rcs_alone_or_in_a_card_above_its_text() {
+    let story = Story::start(Topology::Dev).await;
+    rcs_first(&story).await;
+    const BILL: &str = "https://acme.example.com/bills/C-1001.png";
+    let bill = BILL;
+    let send = |id: &'static str, text: &'static str, media: &'static [&'static str]| {
+        crate::whatsapp::send_direct(&story, Channel::Rcs, RCS_PHONE, id, text, media)
+    };
+    send("r-1", "Your bill", &[BILL]).await.expect("sent");
+    send("r-2", "", &[BILL]).await.expect("sent");
+    let contents: Vec<serde_json::Value> = story
+        .google
+        .rcs_sent()
+        .into_iter()
+        .map(|m| m.body["contentMessage"].clone())
+        .collect();
+    assert_eq!(
+        contents,
+        [
+            serde_json::json!({ "richCard": { "standaloneCard": {
+                "cardOrientation": "VERTICAL",
+                "cardContent": {
+                    "description": "Your bill",
+                    "media": { "height": "MEDIUM", "contentInfo": { "fileUrl": bill } },
+                },
+            } } }),
+            serde_json::json!({ "contentInfo": { "fileUrl": bill } }),
+        ]
+    );
+    let two = send("r-3", "", &[BILL, BILL]).await;
+    assert_eq!(
+        crate::whatsapp::refused_field(&two.expect_err("one file")),
+        "media_urls"
+    );
+    assert_eq!(
+        story.google.rcs_sent().len(),
+        2,
+        "nothing more reached Google"
+    );
+    story.stop().await;
+}

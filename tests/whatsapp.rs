@@ -685,3 +685,125 @@ async fn meta_throughput_errors_are_retried_before_falling_back() {
     assert_eq!((story.meta.requests(), story.meta.sent().len()), (6, 1));
     story.stop().await;
 }
+
+/// The gateway's answer to a direct send of `text` and `media_urls` on `channel` to `to`.
+pub(crate) async fn send_direct(
+    story: &Story,
+    channel: Channel,
+    to: &str,
+    message_id: &str,
+    text: &str,
+    media_urls: &[&str],
+) -> Result<pb::OutboundMessage, tonic::Status> {
+    story
+        .gateway()
+        .await
+        .send_message(authed(
+            pb::SendMessageRequest {
+                account_id: "acme".into(),
+                message_id: message_id.into(),
+                channel: channel as i32,
+                to: to.into(),
+                text: text.into(),
+                media_urls: media_urls.iter().map(|u| (*u).to_owned()).collect(),
+                ..Default::default()
+            },
+            &token(AuthRole::Operator, None),
+        ))
+        .await
+        .map(|r| r.into_inner().message.expect("message"))
+}
+
+/// The field a refusal names first.
+pub(crate) fn refused_field(status: &tonic::Status) -> String {
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("field violations")
+        .field_violations[0]
+        .field
+        .clone()
+}
+
+#[tokio::test]
+async fn a_file_goes_to_whatsapp_by_link_with_the_text_as_its_caption() {
+    let story = Story::start(Topology::Dev).await;
+    whatsapp_first(&story).await;
+    let consumer = "+14155550421";
+    let webhook = format!("{}/webhooks/meta/acme", story.webhooks);
+    let (status, _) = story
+        .meta
+        .send_inbound(
+            &webhook,
+            APP_SECRET,
+            PHONE_NUMBER_ID,
+            &consumer[1..],
+            "the bill?",
+        )
+        .await;
+    assert_eq!(status, 200);
+    let before = story.meta.requests();
+
+    let bill = "https://acme.example.com/bills/C-1001.pdf?sig=abc";
+    let sent = send_direct(
+        &story,
+        Channel::Whatsapp,
+        consumer,
+        "f-1",
+        "Your bill",
+        &[bill],
+    )
+    .await
+    .expect("sent");
+    assert_eq!(sent.stage, pb::FunnelStage::Sent as i32);
+    let note = "https://acme.example.com/notes/hello.mp3";
+    send_direct(&story, Channel::Whatsapp, consumer, "f-2", "", &[note])
+        .await
+        .expect("sent");
+    let bodies: Vec<serde_json::Value> = story
+        .meta
+        .sent()
+        .into_iter()
+        .rev()
+        .take(2)
+        .rev()
+        .map(|m| m.body)
+        .collect();
+    assert_eq!(bodies[0]["type"], "document");
+    assert_eq!(
+        bodies[0]["document"],
+        serde_json::json!({ "link": bill, "caption": "Your bill", "filename": "C-1001.pdf" })
+    );
+    assert_eq!(bodies[1]["type"], "audio");
+    assert_eq!(bodies[1]["audio"], serde_json::json!({ "link": note }));
+
+    // What WhatsApp cannot carry is refused, naming the field, without calling Meta.
+    let two = send_direct(
+        &story,
+        Channel::Whatsapp,
+        consumer,
+        "f-3",
+        "",
+        &[bill, note],
+    )
+    .await;
+    assert_eq!(refused_field(&two.expect_err("one file")), "media_urls");
+    let spoken = send_direct(
+        &story,
+        Channel::Whatsapp,
+        consumer,
+        "f-4",
+        "Listen",
+        &[note],
+    )
+    .await;
+    assert_eq!(refused_field(&spoken.expect_err("no caption")), "text");
+    let long = "x".repeat(1025);
+    let captioned = send_direct(&story, Channel::Whatsapp, consumer, "f-5", &long, &[bill]).await;
+    assert_eq!(
+        refused_field(&captioned.expect_err("caption limit")),
+        "text"
+    );
+    assert_eq!(story.meta.requests(), before + 2);
+    story.stop().await;
+}

@@ -147,8 +147,7 @@ impl Service {
             &self.settings.meta_api_version,
             &creds,
             (&r.message_id, &r.to),
-            &r.text,
-            r.whatsapp_template.as_ref(),
+            meta::Content::of(&r.text, r.whatsapp_template.as_ref(), &r.media_urls),
         )
         .await)
     }
@@ -281,7 +280,7 @@ impl Service {
             &creds.agent_id,
             &r.to,
             &r.message_id,
-            &r.text,
+            &rbm::content(&r.text, &r.media_urls),
         )
         .await;
         match &outcome {

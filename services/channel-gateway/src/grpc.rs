@@ -3,11 +3,7 @@
 use c2m_proto::v1::{
     self as pb, Channel, Provider, channel_gateway_service_server::ChannelGatewayService,
 };
-use c2m_runtime::{
-    auth::Role,
-    is_e164, mask_phone,
-    status::{self, FieldViolations},
-};
+use c2m_runtime::{auth::Role, is_e164, mask_phone, status::FieldViolations};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -104,10 +100,7 @@ impl ChannelGatewayService for Service {
         if r.text.trim().is_empty() && r.whatsapp_template.is_none() && r.media_urls.is_empty() {
             violations.add("text", "required");
         }
-        if !r.media_urls.is_empty() && channel != Channel::Sms {
-            violations.add("media_urls", "only CHANNEL_SMS carries media (as an MMS)");
-        }
-        status::media_urls(&mut violations, "media_urls", &r.media_urls);
+        c2m_runtime::media::check(&mut violations, channel, &r.text, &r.media_urls);
         if r.conversation_id.len() > 128 {
             violations.add("conversation_id", "at most 128 characters");
         }

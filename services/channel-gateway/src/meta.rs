@@ -1,6 +1,7 @@
 //! Meta's WhatsApp Cloud API and its webhooks, on the wire as Meta documents them.
 
 use c2m_proto::v1::{FunnelStage, MetaWhatsAppCredentials, WhatsAppTemplateMessage};
+use c2m_runtime::media::MediaKind;
 use ring::hmac;
 use serde::Deserialize;
 use serde_json::json;
@@ -10,18 +11,81 @@ use crate::outcome::SendOutcome;
 /// Meta's "rate limit hit": the business number's throughput is spent for the moment.
 const THROUGHPUT_LIMIT: i64 = 130_429;
 
-/// `POST {base}/{version}/{phone-number-id}/messages` with the access token as a bearer: a
-/// template message (how a business starts a conversation) or, inside the customer-service
-/// window, text. Our message id rides as `biz_opaque_callback_data`, which Meta hands back on the
-/// message's status webhooks: they find the message even when Meta's answer to the send was lost.
+/// What a WhatsApp message carries.
+#[derive(Debug, Clone, Copy)]
+pub enum Content<'a> {
+    /// Free-form text, inside the customer-service window.
+    Text(&'a str),
+    /// An approved template: how a business starts a conversation.
+    Template(&'a WhatsAppTemplateMessage),
+    /// One file by link, with the text as its caption where its kind shows one.
+    Media { url: &'a str, caption: &'a str },
+}
+
+impl<'a> Content<'a> {
+    /// A template when there is one, else the first file (the API refuses more), else text.
+    pub fn of(
+        text: &'a str,
+        template: Option<&'a WhatsAppTemplateMessage>,
+        media_urls: &'a [String],
+    ) -> Self {
+        match (template, media_urls.first()) {
+            (Some(template), _) => Self::Template(template),
+            (None, Some(url)) => Self::Media { url, caption: text },
+            (None, None) => Self::Text(text),
+        }
+    }
+
+    /// The message's JSON without the envelope (product, recipient).
+    fn body(self) -> serde_json::Value {
+        match self {
+            Content::Template(template) => json!({
+                "type": "template",
+                "template": {
+                    "name": template.name,
+                    "language": { "code": template.language },
+                    "components": [{
+                        "type": "body",
+                        "parameters": template.body_parameters.iter()
+                            .map(|p| json!({ "type": "text", "text": p }))
+                            .collect::<Vec<_>>(),
+                    }],
+                },
+            }),
+            Content::Text(text) => json!({ "type": "text", "text": { "body": text } }),
+            Content::Media { url, caption } => {
+                let kind = MediaKind::of(url);
+                let mut media = json!({ "link": url });
+                if kind.takes_caption() && !caption.trim().is_empty() {
+                    media["caption"] = caption.into();
+                }
+                if kind == MediaKind::Document
+                    && let Some(name) = url
+                        .split(['?', '#'])
+                        .next()
+                        .and_then(|path| path.rsplit('/').next())
+                        .filter(|name| !name.is_empty())
+                {
+                    media["filename"] = name.into();
+                }
+                let mut body = json!({ "type": kind.whatsapp_type() });
+                body[kind.whatsapp_type()] = media;
+                body
+            }
+        }
+    }
+}
+
+/// `POST {base}/{version}/{phone-number-id}/messages` with the access token as a bearer. Our
+/// message id rides as `biz_opaque_callback_data`, which Meta hands back on the message's status
+/// webhooks: they find the message even when Meta's answer to the send was lost.
 pub async fn send(
     http: &reqwest::Client,
     base: &str,
     version: &str,
     credentials: &MetaWhatsAppCredentials,
     message: (&str, &str),
-    text: &str,
-    template: Option<&WhatsAppTemplateMessage>,
+    content: Content<'_>,
 ) -> SendOutcome {
     let (message_id, to) = message;
     let url = format!(
@@ -29,33 +93,11 @@ pub async fn send(
         base.trim_end_matches('/'),
         credentials.phone_number_id
     );
+    let mut body = content.body();
+    body["messaging_product"] = "whatsapp".into();
+    body["recipient_type"] = "individual".into();
     // Meta takes the number in international format without the plus.
-    let to = to.trim_start_matches('+');
-    let mut body = match template {
-        Some(template) => json!({
-            "messaging_product": "whatsapp",
-            "recipient_type": "individual",
-            "to": to,
-            "type": "template",
-            "template": {
-                "name": template.name,
-                "language": { "code": template.language },
-                "components": [{
-                    "type": "body",
-                    "parameters": template.body_parameters.iter()
-                        .map(|p| json!({ "type": "text", "text": p }))
-                        .collect::<Vec<_>>(),
-                }],
-            },
-        }),
-        None => json!({
-            "messaging_product": "whatsapp",
-            "recipient_type": "individual",
-            "to": to,
-            "type": "text",
-            "text": { "body": text },
-        }),
-    };
+    body["to"] = to.trim_start_matches('+').into();
     body["biz_opaque_callback_data"] = message_id.into();
     // Meta reports its throughput limit (130429) in the error body, whatever the HTTP status: a
     // refused message was not sent, so it is tried again like a 429, at most twice.

@@ -38,6 +38,26 @@ pub async fn capable(
     }
 }
 
+/// A message's `contentMessage`: the text; or one file by URL; or, for a file with text, a
+/// standalone rich card with the file above the text (RBM's content is one of these, not both).
+pub fn content(text: &str, media_urls: &[String]) -> serde_json::Value {
+    match media_urls.first() {
+        None => json!({ "text": text }),
+        Some(url) if text.trim().is_empty() => json!({ "contentInfo": { "fileUrl": url } }),
+        Some(url) => json!({
+            "richCard": {
+                "standaloneCard": {
+                    "cardOrientation": "VERTICAL",
+                    "cardContent": {
+                        "description": text,
+                        "media": { "height": "MEDIUM", "contentInfo": { "fileUrl": url } },
+                    },
+                },
+            },
+        }),
+    }
+}
+
 /// `POST {base}/v1/phones/{E.164}/agentMessages?messageId=…&agentId=…`. Our message id is the
 /// RBM `messageId`, so a retry after a lost answer cannot send twice; it is also the id RBM's
 /// events carry back. A 404 means the number is not RCS-reachable.
@@ -48,13 +68,13 @@ pub async fn send(
     agent_id: &str,
     phone: &str,
     message_id: &str,
-    text: &str,
+    content: &serde_json::Value,
 ) -> SendOutcome {
     let url = format!(
         "{}/v1/phones/{phone}/agentMessages",
         base.trim_end_matches('/')
     );
-    let body = json!({ "contentMessage": { "text": text } });
+    let body = json!({ "contentMessage": content });
     crate::retry::handing_over();
     let response = crate::retry::send_while(
         || {

@@ -12,6 +12,7 @@ pub mod config_changes;
 pub mod health;
 pub mod http;
 pub mod ids;
+pub mod media;
 pub mod metrics;
 pub mod peers;
 pub mod phone;

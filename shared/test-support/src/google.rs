@@ -251,8 +251,8 @@ async fn agent_messages(
     let Ok(body) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return refuse(StatusCode::BAD_REQUEST, "Invalid JSON payload received.");
     };
-    if !body["contentMessage"]["text"].is_string() {
-        return refuse(StatusCode::BAD_REQUEST, "contentMessage is required");
+    if let Err(why) = rbm_content(&body["contentMessage"]) {
+        return refuse(StatusCode::BAD_REQUEST, why);
     }
     if !inner.rcs_phones.contains(&phone) {
         return refuse(StatusCode::NOT_FOUND, "Requested entity was not found.");
@@ -272,6 +272,71 @@ async fn agent_messages(
         "contentMessage": body["contentMessage"],
     }))
     .into_response()
+}
+
+/// RBM's `AgentContentMessage`: exactly one of text (at most 3,072 characters), a file
+/// (`contentInfo.fileUrl`) or a rich card (a standalone card with an orientation and at least one
+/// of title, description at most 2,000 characters, and media with a height and a file).
+fn rbm_content(content: &serde_json::Value) -> Result<(), &'static str> {
+    let Some(fields) = content.as_object() else {
+        return Err("contentMessage is required");
+    };
+    let kinds = [
+        "text",
+        "contentInfo",
+        "richCard",
+        "fileUrl",
+        "uploadedRbmFile",
+    ];
+    if fields
+        .keys()
+        .filter(|k| kinds.contains(&k.as_str()))
+        .count()
+        != 1
+    {
+        return Err("contentMessage must have exactly one of text, contentInfo or richCard");
+    }
+    let url = |info: &serde_json::Value| {
+        info["fileUrl"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("https://"))
+    };
+    if let Some(text) = fields.get("text") {
+        return match text.as_str() {
+            Some(t) if t.chars().count() <= 3072 => Ok(()),
+            _ => Err("text must be a string of at most 3072 characters"),
+        };
+    }
+    if let Some(info) = fields.get("contentInfo") {
+        return if url(info) {
+            Ok(())
+        } else {
+            Err("contentInfo.fileUrl must be a public https URL")
+        };
+    }
+    let card = &content["richCard"]["standaloneCard"];
+    if !matches!(
+        card["cardOrientation"].as_str(),
+        Some("VERTICAL" | "HORIZONTAL")
+    ) {
+        return Err("standaloneCard.cardOrientation is required");
+    }
+    let card = &card["cardContent"];
+    let description = card["description"].as_str();
+    if description.is_some_and(|d| d.chars().count() > 2000) {
+        return Err("cardContent.description must be at most 2000 characters");
+    }
+    let media = &card["media"];
+    let media_ok = media.is_null()
+        || (matches!(media["height"].as_str(), Some("SHORT" | "MEDIUM" | "TALL"))
+            && url(&media["contentInfo"]));
+    if !media_ok {
+        return Err("cardContent.media needs a height and contentInfo.fileUrl");
+    }
+    if card["title"].is_null() && description.is_none() && media.is_null() {
+        return Err("cardContent needs a title, a description or media");
+    }
+    Ok(())
 }
 
 async fn fcm_send(

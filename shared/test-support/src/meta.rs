@@ -1,5 +1,5 @@
 //! A Meta WhatsApp Cloud API emulator on loopback: the messages endpoint as Meta documents it
-//! (bearer token, JSON template and text messages, `wamid` answers, Graph error bodies), and the
+//! (bearer token, JSON template, text and media messages, `wamid` answers, Graph error bodies), and the
 //! webhooks Meta sends back, signed with `X-Hub-Signature-256` as Meta signs them.
 
 use std::{
@@ -126,6 +126,18 @@ fn take_message(
             if body["template"]["name"].is_string()
                 && body["template"]["language"]["code"].is_string() => {}
         Some("text") if body["text"]["body"].is_string() => {}
+        // Media by link; a caption only where WhatsApp shows one, at most 1,024 characters.
+        Some(kind @ ("image" | "video" | "document" | "audio" | "sticker"))
+            if body[kind]["link"]
+                .as_str()
+                .is_some_and(|l| l.starts_with("https://") || l.starts_with("http://"))
+                && match body[kind].get("caption") {
+                    None => true,
+                    Some(caption) => {
+                        matches!(kind, "image" | "video" | "document")
+                            && caption.as_str().is_some_and(|c| c.chars().count() <= 1024)
+                    }
+                } => {}
         _ => return graph_error(StatusCode::BAD_REQUEST, 100, "Invalid parameter"),
     }
     if inner.throttle_next > 0 {

@@ -95,16 +95,7 @@ fn validate(r: &pb::SendConversationMessageRequest, channel: Channel) -> Result<
         }
         None => {}
     }
-    if !r.media_urls.is_empty() && channel != Channel::Sms {
-        violations.add(
-            "media_urls",
-            format!(
-                "only CHANNEL_SMS carries media (as an MMS); this conversation is on {}",
-                channel.as_str_name()
-            ),
-        );
-    }
-    c2m_runtime::status::media_urls(&mut violations, "media_urls", &r.media_urls);
+    c2m_runtime::media::check(&mut violations, channel, &r.text, &r.media_urls);
     if matches!(channel, Channel::AppleMessages | Channel::AppMessaging) {
         violations.add(
             "conversation_id",
