@@ -251,7 +251,10 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
             "whatsapp_templates"
         ]
     );
-    assert_eq!(in_schema("reporting"), ["_sqlx_migrations", "events"]);
+    assert_eq!(
+        in_schema("reporting"),
+        ["_sqlx_migrations", "event_log_heads", "events"]
+    );
     assert!(
         in_schema("public").is_empty(),
         "nothing lands in public: {tables:?}"
