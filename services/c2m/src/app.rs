@@ -149,7 +149,8 @@ pub fn components(
                     service.into_component()
                 }
                 Role::Reporting => {
-                    let service = c2m_reporting::Service::new(db(role)?, key.clone());
+                    let service =
+                        c2m_reporting::Service::new(db(role)?, key.clone(), peers("reporting")?);
                     local.register(
                         Peer::Reporting,
                         ReportingServiceServer::new(service.clone()),

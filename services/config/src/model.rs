@@ -45,6 +45,8 @@ pub struct Settings {
     /// Minutes without a message after which a conversation is closed; 0: never.
     pub idle_close_minutes: u32,
     pub help_text: String,
+    /// An IANA name; empty: UTC.
+    pub time_zone: String,
 }
 
 impl Default for Settings {
@@ -57,6 +59,7 @@ impl Default for Settings {
             reply_lookback_hours: DEFAULT_LOOKBACK_HOURS,
             idle_close_minutes: 0,
             help_text: String::new(),
+            time_zone: String::new(),
         }
     }
 }
@@ -111,6 +114,15 @@ impl Settings {
                 format!("at most {MAX_HELP_TEXT} characters"),
             );
         }
+        let time_zone = wire.time_zone.trim();
+        if time_zone.len() > 64
+            || (!time_zone.is_empty() && time_zone.parse::<chrono_tz::Tz>().is_err())
+        {
+            violations.add(
+                format!("{field}.time_zone"),
+                format!("{time_zone:?} is not an IANA time zone (e.g. America/New_York, Europe/Paris, UTC)"),
+            );
+        }
         Self {
             deflection_enabled: wire.deflection_enabled,
             landline_check_enabled: wire.landline_check_enabled,
@@ -122,6 +134,7 @@ impl Settings {
             reply_lookback_hours: lookback,
             idle_close_minutes: wire.idle_close_minutes,
             help_text: wire.help_text.trim().to_owned(),
+            time_zone: time_zone.to_owned(),
         }
     }
 
@@ -134,6 +147,7 @@ impl Settings {
             reply_lookback_hours: self.reply_lookback_hours,
             idle_close_minutes: self.idle_close_minutes,
             help_text: self.help_text.clone(),
+            time_zone: self.time_zone.clone(),
         }
     }
 }

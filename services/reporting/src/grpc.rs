@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     Service,
-    store::{Grouping, StoredEvent},
+    store::{Bucket, Durations, Grouping, SeriesQuery, StoredEvent},
 };
 
 /// Events per RecordEvents call.
@@ -24,10 +24,13 @@ fn db_status(error: sqlx::Error) -> Status {
 }
 
 /// A query period: both ends valid, start before end.
-/// A row's rates from its counts.
-fn set_rates(row: &mut pb::FunnelRow) {
+/// Buckets one series may have: a year and more of hours, decades of days.
+const MAX_BUCKETS: i64 = 10_000;
+
+/// The rates a brand reads, from a row's counts: (delivery, read, response, deflection).
+fn rates(counts: &[pb::StageCount]) -> (f64, f64, f64, f64) {
     let count = |stage: FunnelStage| {
-        row.counts
+        counts
             .iter()
             .find(|c| c.stage == stage as i32)
             .map_or(0, |c| c.count)
@@ -42,10 +45,54 @@ fn set_rates(row: &mut pb::FunnelRow) {
     let (attempted, sent) = (count(FunnelStage::Attempted), count(FunnelStage::Sent));
     let (delivered, read) = (count(FunnelStage::Delivered), count(FunnelStage::Read));
     let responded = count(FunnelStage::Responded);
-    row.delivery_rate = rate(delivered, sent);
-    row.read_rate = rate(read, delivered);
-    row.response_rate = rate(responded, sent);
-    row.deflection_rate = rate(responded, attempted);
+    (
+        rate(delivered, sent),
+        rate(read, delivered),
+        rate(responded, sent),
+        rate(responded, attempted),
+    )
+}
+
+/// A row's rates from its counts.
+fn set_rates(row: &mut pb::FunnelRow) {
+    (
+        row.delivery_rate,
+        row.read_rate,
+        row.response_rate,
+        row.deflection_rate,
+    ) = rates(&row.counts);
+}
+
+fn grouping(raw: i32) -> Option<Grouping> {
+    Some(match FunnelGrouping::try_from(raw).ok()? {
+        FunnelGrouping::Unspecified => Grouping::None,
+        FunnelGrouping::Channel => Grouping::Channel,
+        FunnelGrouping::HandoffConfig => Grouping::HandoffConfig,
+        FunnelGrouping::Skill => Grouping::Skill,
+        FunnelGrouping::IvrNumber => Grouping::IvrNumber,
+    })
+}
+
+fn durations(d: Durations) -> pb::Durations {
+    let ms = |v: i64| u64::try_from(v).unwrap_or_default();
+    pb::Durations {
+        count: d.count,
+        p50_ms: ms(d.p50),
+        p90_ms: ms(d.p90),
+        p99_ms: ms(d.p99),
+    }
+}
+
+/// The instant a local bucket start is: the earlier of two when the clock went back over it,
+/// the first after the gap when it went forward over it (a zone whose DST starts at midnight).
+fn instant(tz: chrono_tz::Tz, local: chrono::NaiveDateTime) -> chrono::DateTime<chrono::Utc> {
+    use chrono::TimeZone;
+    (0..=4)
+        .find_map(|quarter| {
+            tz.from_local_datetime(&(local + chrono::Duration::minutes(15 * quarter)))
+                .earliest()
+        })
+        .map_or_else(|| local.and_utc(), |at| at.with_timezone(&chrono::Utc))
 }
 
 /// The period a report covers: `end_time` unset is now, `start_time` unset is a day before the
@@ -157,6 +204,31 @@ fn validate(i: usize, event: &pb::Event, violations: &mut FieldViolations) -> Op
     })
 }
 
+impl Service {
+    /// The account's time zone setting (UTC when it has none).
+    async fn account_time_zone(&self, account_id: &str) -> Result<chrono_tz::Tz, Status> {
+        let account = self
+            .peers
+            .config()
+            .get_account(pb::GetAccountRequest {
+                account_id: account_id.to_owned(),
+            })
+            .await
+            .map_err(|status| match status.code() {
+                tonic::Code::NotFound => status,
+                _ => Status::unavailable(format!(
+                    "the account's time zone is unknown (config: {}); name a time_zone",
+                    status.message()
+                )),
+            })?
+            .into_inner()
+            .account
+            .unwrap_or_default();
+        let named = account.settings.unwrap_or_default().time_zone;
+        Ok(named.parse().unwrap_or(chrono_tz::Tz::UTC))
+    }
+}
+
 #[tonic::async_trait]
 impl ReportingService for Service {
     async fn record_events(
@@ -191,17 +263,10 @@ impl ReportingService for Service {
         caller.authorize(&request.account_id, Role::Viewer)?;
         let (start, end) = period(request.start_time.as_ref(), request.end_time.as_ref())?;
         let mut violations = FieldViolations::new();
-        let grouping = match FunnelGrouping::try_from(request.group_by) {
-            Ok(FunnelGrouping::Unspecified) => Grouping::None,
-            Ok(FunnelGrouping::Channel) => Grouping::Channel,
-            Ok(FunnelGrouping::HandoffConfig) => Grouping::HandoffConfig,
-            Ok(FunnelGrouping::Skill) => Grouping::Skill,
-            Ok(FunnelGrouping::IvrNumber) => Grouping::IvrNumber,
-            Err(_) => {
-                violations.add("group_by", "not a grouping");
-                Grouping::None
-            }
-        };
+        let grouping = grouping(request.group_by).unwrap_or_else(|| {
+            violations.add("group_by", "not a grouping");
+            Grouping::None
+        });
         violations.into_result()?;
         let counts = self
             .store
@@ -240,6 +305,125 @@ impl ReportingService for Service {
         }
         Ok(Response::new(pb::GetFunnelResponse {
             rows: rows.into_values().collect(),
+        }))
+    }
+
+    async fn get_funnel_series(
+        &self,
+        request: Request<pb::GetFunnelSeriesRequest>,
+    ) -> Result<Response<pb::GetFunnelSeriesResponse>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Viewer)?;
+        let end = r.end_time;
+        let start = r.start_time.or_else(|| {
+            let end = match &end {
+                Some(end) => c2m_proto::from_timestamp(end)?,
+                None => chrono::Utc::now(),
+            };
+            Some(c2m_proto::timestamp(end - chrono::Duration::days(7)))
+        });
+        let (start, end) = period(start.as_ref(), end.as_ref())?;
+        let mut violations = FieldViolations::new();
+        let bucket = match pb::FunnelBucket::try_from(r.bucket) {
+            Ok(pb::FunnelBucket::Unspecified | pb::FunnelBucket::Day) => Bucket::Day,
+            Ok(pb::FunnelBucket::Hour) => Bucket::Hour,
+            Ok(pb::FunnelBucket::Week) => Bucket::Week,
+            Err(_) => {
+                violations.add("bucket", format!("{} is not a bucket", r.bucket));
+                Bucket::Day
+            }
+        };
+        let hours = match bucket {
+            Bucket::Hour => 1,
+            Bucket::Day => 24,
+            Bucket::Week => 168,
+        };
+        if (end - start).num_hours() / hours > MAX_BUCKETS {
+            violations.add(
+                "bucket",
+                format!(
+                    "the period has more than {MAX_BUCKETS} of these buckets; take longer ones"
+                ),
+            );
+        }
+        let mut group_by = Vec::new();
+        if r.group_by.len() > 2 {
+            violations.add("group_by", "at most two dimensions");
+        }
+        for (i, raw) in r.group_by.iter().enumerate() {
+            match grouping(*raw) {
+                None | Some(Grouping::None) => violations.add(
+                    format!("group_by[{i}]"),
+                    format!("{raw} is not a dimension"),
+                ),
+                Some(g) if group_by.contains(&g) => {
+                    violations.add(format!("group_by[{i}]"), "listed twice")
+                }
+                Some(g) => group_by.push(g),
+            }
+        }
+        let named = r.time_zone.trim();
+        let explicit = (!named.is_empty()).then(|| named.parse::<chrono_tz::Tz>());
+        if let Some(Err(_)) = explicit {
+            violations.add(
+                "time_zone",
+                format!("{named:?} is not an IANA time zone (e.g. America/New_York)"),
+            );
+        }
+        violations.into_result()?;
+        let time_zone = match explicit {
+            Some(Ok(tz)) => tz,
+            _ => self.account_time_zone(&r.account_id).await?,
+        };
+        let rows = self
+            .store
+            .series(&SeriesQuery {
+                account_id: r.account_id.clone(),
+                start,
+                end,
+                bucket,
+                time_zone,
+                group_by,
+            })
+            .await
+            .map_err(db_status)?;
+        let label = match bucket {
+            Bucket::Hour => "%Y-%m-%dT%H:%M",
+            Bucket::Day | Bucket::Week => "%Y-%m-%d",
+        };
+        let rows = rows
+            .into_iter()
+            .map(|row| {
+                let mut counts: Vec<pb::StageCount> = row
+                    .counts
+                    .iter()
+                    .filter_map(|(stage, n)| {
+                        Some(pb::StageCount {
+                            stage: FunnelStage::from_str_name(stage)? as i32,
+                            count: u64::try_from(*n).unwrap_or_default(),
+                        })
+                    })
+                    .collect();
+                counts.sort_by_key(|c| c.stage);
+                let (delivery_rate, read_rate, response_rate, deflection_rate) = rates(&counts);
+                pb::FunnelSeriesRow {
+                    bucket_start: Some(c2m_proto::timestamp(instant(time_zone, row.bucket))),
+                    bucket_label: row.bucket.format(label).to_string(),
+                    groups: row.groups,
+                    counts,
+                    delivery_rate,
+                    read_rate,
+                    response_rate,
+                    deflection_rate,
+                    time_to_reply: Some(durations(row.time_to_reply)),
+                    time_to_first_response: Some(durations(row.time_to_first_response)),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::GetFunnelSeriesResponse {
+            time_zone: time_zone.name().to_owned(),
+            rows,
         }))
     }
 

@@ -11,7 +11,7 @@ pub mod store;
 use std::sync::Arc;
 
 use c2m_proto::v1::reporting_service_server::ReportingServiceServer;
-use c2m_runtime::{Component, auth::TokenKey};
+use c2m_runtime::{Component, auth::TokenKey, peers::Peers};
 use c2m_storage::ServiceDb;
 use sqlx::migrate::Migrator;
 
@@ -29,6 +29,8 @@ pub struct Service {
     db: ServiceDb,
     store: Arc<dyn EventStore>,
     key: TokenKey,
+    /// Config, for an account's time zone.
+    peers: Peers,
 }
 
 impl std::fmt::Debug for Service {
@@ -38,11 +40,12 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
-    pub fn new(db: ServiceDb, key: TokenKey) -> Self {
+    pub fn new(db: ServiceDb, key: TokenKey, peers: Peers) -> Self {
         Self {
             store: Arc::new(PgEventStore::new(db.pool().clone())),
             db,
             key,
+            peers,
         }
     }
 

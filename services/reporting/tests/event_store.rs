@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use c2m_reporting::store::{EventStore, Grouping, PgEventStore, SqliteEventStore, StoredEvent};
+use c2m_reporting::store::{
+    Bucket, Durations, EventStore, Grouping, PgEventStore, SeriesQuery, SeriesRow,
+    SqliteEventStore, StoredEvent,
+};
 use c2m_test_support::TestDatabase;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 
@@ -81,6 +84,8 @@ conformance!(
     the_log_is_read_in_the_order_it_was_written_once_each_and_per_account,
     a_reader_starts_from_the_first_event_that_occurred_since_a_time,
     a_reader_following_concurrent_writers_misses_nothing,
+    a_series_counts_each_handoff_in_its_attempts_bucket_with_every_stage,
+    days_and_hours_follow_the_time_zone_across_a_dst_change,
 );
 
 fn at(minute: i64) -> DateTime<Utc> {
@@ -430,4 +435,219 @@ async fn a_reader_following_concurrent_writers_misses_nothing(store: &dyn EventS
     unique.dedup();
     assert_eq!(unique.len(), read.len(), "nothing twice");
     assert_eq!(read.len(), WRITERS * BATCHES * 3, "nothing missed");
+}
+
+fn series_query(
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    bucket: Bucket,
+    tz: &str,
+    group_by: &[Grouping],
+) -> SeriesQuery {
+    SeriesQuery {
+        account_id: "acme".to_owned(),
+        start,
+        end,
+        bucket,
+        time_zone: tz.parse().expect("a time zone"),
+        group_by: group_by.to_vec(),
+    }
+}
+
+/// A row's counts as (stage without its prefix, count).
+fn counts(row: &SeriesRow) -> Vec<(String, i64)> {
+    row.counts
+        .iter()
+        .map(|(stage, n)| (stage.trim_start_matches("FUNNEL_STAGE_").to_owned(), *n))
+        .collect()
+}
+
+async fn a_series_counts_each_handoff_in_its_attempts_bucket_with_every_stage(
+    store: &dyn EventStore,
+) {
+    let at_ivr = |e: StoredEvent, ivr: &str| StoredEvent {
+        ivr_number: ivr.to_owned(),
+        ..e
+    };
+    // h1: attempted late on day one, delivered and answered after midnight (UTC).
+    // h2: WhatsApp failed, SMS sent and replied, on day one; its later events carry no IVR number.
+    // h3: skipped on day two. An event of no handoff counts nowhere.
+    // Minutes from 09:00 UTC on the first day (`at`) to midnight.
+    let day = 15 * 60;
+    let mut h1_reply = event("h1-r", "h1", "FUNNEL_STAGE_RESPONDED", day - 10 + 25);
+    h1_reply.occurred_at += Duration::milliseconds(999);
+    let mut h1_answer = event("h1-a", "h1", ANSWERED, day + 30);
+    h1_answer.response_delay_ms = Some(120_000);
+    let whatsapp = |e: StoredEvent| StoredEvent {
+        channel: "CHANNEL_WHATSAPP",
+        ..e
+    };
+    let events = vec![
+        at_ivr(event("h1-1", "h1", ATTEMPTED, day - 10), "+18005550100"),
+        event("h1-2", "h1", SENT, day - 9),
+        event("h1-3", "h1", DELIVERED, day + 5),
+        h1_reply,
+        h1_answer,
+        at_ivr(whatsapp(event("h2-1", "h2", ATTEMPTED, 60)), "+18005550199"),
+        whatsapp(event("h2-2", "h2", "FUNNEL_STAGE_FAILED", 61)),
+        event("h2-3", "h2", SENT, 62),
+        event("h2-4", "h2", "FUNNEL_STAGE_RESPONDED", 62 + 3),
+        at_ivr(event("h3-1", "h3", ATTEMPTED, day + 60), "+18005550100"),
+        event(
+            "h3-2",
+            "h3",
+            "FUNNEL_STAGE_SKIPPED_OPEN_CONVERSATION",
+            day + 60,
+        ),
+        StoredEvent {
+            handoff_id: String::new(),
+            ..event("o-1", "", "FUNNEL_STAGE_OPTED_OUT", 70)
+        },
+    ];
+    store.append(&events).await.expect("appends");
+    let query = series_query(at(-60), at(day + 24 * 60), Bucket::Day, "UTC", &[]);
+    let rows = store.series(&query).await.expect("answers");
+    let days: Vec<String> = rows.iter().map(|r| r.bucket.to_string()).collect();
+    assert_eq!(days, ["2026-12-01 00:00:00", "2026-12-02 00:00:00"]);
+    let strings = |pairs: &[(&str, i64)]| -> Vec<(String, i64)> {
+        pairs.iter().map(|(s, n)| ((*s).to_owned(), *n)).collect()
+    };
+    assert_eq!(
+        counts(&rows[0]),
+        strings(&[
+            ("ANSWERED", 1),
+            ("ATTEMPTED", 2),
+            ("DELIVERED", 1),
+            ("FAILED", 1),
+            ("RESPONDED", 2),
+            ("SENT", 2)
+        ]),
+        "h1 and h2 with all their stages, h1's after midnight too"
+    );
+    assert_eq!(
+        rows[0].time_to_reply,
+        Durations {
+            count: 2,
+            p50: 5 * 60_000,
+            p90: 25 * 60_000 + 999,
+            p99: 25 * 60_000 + 999
+        }
+    );
+    assert_eq!(
+        rows[0].time_to_first_response,
+        Durations {
+            count: 1,
+            p50: 120_000,
+            p90: 120_000,
+            p99: 120_000
+        }
+    );
+    assert_eq!(
+        counts(&rows[1]),
+        strings(&[("ATTEMPTED", 1), ("SKIPPED_OPEN_CONVERSATION", 1)])
+    );
+    assert_eq!(rows[1].time_to_reply, Durations::default());
+
+    // By IVR number and channel: the IVR number is the handoff's, the channel the event's own.
+    let query = series_query(
+        at(-60),
+        at(day - 60),
+        Bucket::Day,
+        "UTC",
+        &[Grouping::IvrNumber, Grouping::Channel],
+    );
+    let rows = store.series(&query).await.expect("answers");
+    type Grouped = (Vec<String>, Vec<(String, i64)>);
+    let grouped: Vec<Grouped> = rows.iter().map(|r| (r.groups.clone(), counts(r))).collect();
+    assert_eq!(
+        grouped,
+        [
+            (
+                vec!["+18005550199".to_owned(), "CHANNEL_SMS".to_owned()],
+                strings(&[("RESPONDED", 1), ("SENT", 1)])
+            ),
+            (
+                vec!["+18005550199".to_owned(), "CHANNEL_WHATSAPP".to_owned()],
+                strings(&[("ATTEMPTED", 1), ("FAILED", 1)])
+            ),
+        ],
+        "only h2 was attempted in the period"
+    );
+}
+
+async fn days_and_hours_follow_the_time_zone_across_a_dst_change(store: &dyn EventStore) {
+    // New York springs forward on 2026-03-08 at 02:00 EST: that day has 23 hours, from
+    // 05:00 UTC to 04:00 UTC the next day. A handoff every UTC hour from the day before's
+    // local midnight on.
+    let start = Utc
+        .with_ymd_and_hms(2026, 3, 7, 5, 0, 0)
+        .single()
+        .expect("a time");
+    let events: Vec<StoredEvent> = (0..72)
+        .map(|h| StoredEvent {
+            occurred_at: start + Duration::hours(h),
+            ..event(&format!("e{h}"), &format!("h{h}"), ATTEMPTED, 0)
+        })
+        .collect();
+    store.append(&events).await.expect("appends");
+    let end = start + Duration::hours(72);
+    let days = store
+        .series(&series_query(
+            start,
+            end,
+            Bucket::Day,
+            "America/New_York",
+            &[],
+        ))
+        .await
+        .expect("answers");
+    let per_day: Vec<(String, i64)> = days
+        .iter()
+        .map(|r| (r.bucket.date().to_string(), r.counts[0].1))
+        .collect();
+    assert_eq!(
+        per_day,
+        [
+            ("2026-03-07".to_owned(), 24),
+            ("2026-03-08".to_owned(), 23),
+            ("2026-03-09".to_owned(), 24),
+            ("2026-03-10".to_owned(), 1)
+        ]
+    );
+    let hours = store
+        .series(&series_query(
+            start + Duration::hours(24),
+            start + Duration::hours(47),
+            Bucket::Hour,
+            "America/New_York",
+            &[],
+        ))
+        .await
+        .expect("answers");
+    let labels: Vec<String> = hours
+        .iter()
+        .map(|r| r.bucket.format("%H:%M").to_string())
+        .collect();
+    assert_eq!(labels.len(), 23);
+    assert!(!labels.contains(&"02:00".to_owned()), "{labels:?}");
+    assert_eq!(labels[..3], ["00:00", "01:00", "03:00"]);
+    let weeks = store
+        .series(&series_query(
+            start,
+            end,
+            Bucket::Week,
+            "America/New_York",
+            &[],
+        ))
+        .await
+        .expect("answers");
+    let per_week: Vec<(String, i64)> = weeks
+        .iter()
+        .map(|r| (r.bucket.date().to_string(), r.counts[0].1))
+        .collect();
+    // Saturday the 7th and Sunday the 8th are one week (from Monday the 2nd), then the next.
+    assert_eq!(
+        per_week,
+        [("2026-03-02".to_owned(), 47), ("2026-03-09".to_owned(), 25)]
+    );
 }

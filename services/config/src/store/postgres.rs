@@ -50,7 +50,7 @@ fn conflict(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
 
 const ACCOUNT_COLUMNS: &str = "account_id, display_name, deflection_enabled, landline_check_enabled, \
     rate_limit_per_second, enabled_channels, reply_lookback_hours, created_at, idle_close_minutes, \
-    help_text";
+    help_text, time_zone";
 
 fn account_row(row: PgRow) -> Result<Account, sqlx::Error> {
     Ok(Account {
@@ -64,6 +64,7 @@ fn account_row(row: PgRow) -> Result<Account, sqlx::Error> {
             reply_lookback_hours: row.try_get::<i32, _>("reply_lookback_hours")? as u32,
             idle_close_minutes: row.try_get::<i32, _>("idle_close_minutes")? as u32,
             help_text: row.try_get("help_text")?,
+            time_zone: row.try_get("time_zone")?,
         },
         created_at: row.try_get("created_at")?,
     })

@@ -5,8 +5,10 @@
 mod postgres;
 mod sqlite;
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Duration, NaiveDateTime, Timelike, Utc};
 
 pub use postgres::PgEventStore;
 pub use sqlite::SqliteEventStore;
@@ -41,6 +43,17 @@ pub enum Grouping {
 }
 
 impl Grouping {
+    /// A series' value for the grouping, from the cohort's attempt (`a`) and the event (`e`).
+    pub(crate) fn series_column(self) -> &'static str {
+        match self {
+            Grouping::None => "''",
+            Grouping::Channel => "coalesce(nullif(e.channel, ''), a.channel)",
+            Grouping::HandoffConfig => "a.handoff_config_id",
+            Grouping::Skill => "a.skill_id",
+            Grouping::IvrNumber => "a.ivr_number",
+        }
+    }
+
     /// The column rows are grouped by.
     pub(crate) fn column(self) -> &'static str {
         match self {
@@ -51,6 +64,140 @@ impl Grouping {
             Grouping::IvrNumber => "ivr_number",
         }
     }
+}
+
+/// How long a series bucket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    Hour,
+    Day,
+    /// From Monday.
+    Week,
+}
+
+impl Bucket {
+    /// PostgreSQL's `date_trunc` unit.
+    pub(crate) fn unit(self) -> &'static str {
+        match self {
+            Bucket::Hour => "hour",
+            Bucket::Day => "day",
+            Bucket::Week => "week",
+        }
+    }
+
+    /// The local time `local` falls in the bucket starting at, as `date_trunc` has it.
+    pub fn truncate(self, local: NaiveDateTime) -> NaiveDateTime {
+        let midnight = local.date().and_hms_opt(0, 0, 0).unwrap_or(local);
+        match self {
+            Bucket::Hour => midnight + Duration::hours(i64::from(local.hour())),
+            Bucket::Day => midnight,
+            Bucket::Week => {
+                midnight - Duration::days(i64::from(local.weekday().num_days_from_monday()))
+            }
+        }
+    }
+}
+
+/// What a funnel series is asked for.
+#[derive(Debug, Clone)]
+pub struct SeriesQuery {
+    pub account_id: String,
+    /// Handoffs attempted in `[start, end)`.
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub bucket: Bucket,
+    pub time_zone: chrono_tz::Tz,
+    /// At most two; `Grouping::None` is not one.
+    pub group_by: Vec<Grouping>,
+}
+
+/// Percentiles of durations in milliseconds, as PostgreSQL's `percentile_disc` has them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Durations {
+    pub count: u64,
+    pub p50: i64,
+    pub p90: i64,
+    pub p99: i64,
+}
+
+impl Durations {
+    /// Of `sorted` values.
+    pub fn of(sorted: &[i64]) -> Self {
+        if sorted.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: sorted.len() as u64,
+            p50: percentile_disc(sorted, 0.5),
+            p90: percentile_disc(sorted, 0.9),
+            p99: percentile_disc(sorted, 0.99),
+        }
+    }
+}
+
+/// PostgreSQL's `percentile_disc(p)`: the first value whose place in the sorted values reaches
+/// the fraction `p` of them.
+pub(crate) fn percentile_disc(sorted: &[i64], p: f64) -> i64 {
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// One bucket and group of a funnel series.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeriesRow {
+    /// The bucket's start in the query's time zone.
+    pub bucket: NaiveDateTime,
+    /// One value per grouping, in the query's order.
+    pub groups: Vec<String>,
+    /// (stage name, count), by stage name.
+    pub counts: Vec<(String, i64)>,
+    /// From the handoff's ATTEMPTED to its RESPONDED.
+    pub time_to_reply: Durations,
+    /// ANSWERED events' delays.
+    pub time_to_first_response: Durations,
+}
+
+/// What one of a cohort's events adds to its row, as both backends read them.
+#[derive(Debug, Clone)]
+pub(crate) struct SeriesEvent {
+    pub bucket: NaiveDateTime,
+    pub groups: Vec<String>,
+    pub stage: String,
+    /// RESPONDED: milliseconds since the handoff's ATTEMPTED; ANSWERED: its response delay.
+    pub duration_ms: Option<i64>,
+}
+
+/// Rows from a cohort's events, by bucket and then groups.
+pub(crate) fn series_rows(events: impl IntoIterator<Item = SeriesEvent>) -> Vec<SeriesRow> {
+    #[derive(Default)]
+    struct Acc {
+        counts: BTreeMap<String, i64>,
+        replies: Vec<i64>,
+        answers: Vec<i64>,
+    }
+    let mut rows: BTreeMap<(NaiveDateTime, Vec<String>), Acc> = BTreeMap::new();
+    for e in events {
+        let acc = rows.entry((e.bucket, e.groups)).or_default();
+        match (e.stage.as_str(), e.duration_ms) {
+            ("FUNNEL_STAGE_RESPONDED", Some(ms)) => acc.replies.push(ms),
+            ("FUNNEL_STAGE_ANSWERED", Some(ms)) => acc.answers.push(ms),
+            _ => {}
+        }
+        *acc.counts.entry(e.stage).or_default() += 1;
+    }
+    rows.into_iter()
+        .map(|((bucket, groups), mut acc)| {
+            acc.replies.sort_unstable();
+            acc.answers.sort_unstable();
+            SeriesRow {
+                bucket,
+                groups,
+                counts: acc.counts.into_iter().collect(),
+                time_to_reply: Durations::of(&acc.replies),
+                time_to_first_response: Durations::of(&acc.answers),
+            }
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -91,6 +238,11 @@ pub trait EventStore: Send + Sync + 'static {
         end: DateTime<Utc>,
         grouping: Grouping,
     ) -> Result<Vec<(String, i64, i64)>, sqlx::Error>;
+    /// The funnel of the handoffs attempted in the query's period, by bucket (of the attempt's
+    /// local time) and groups: every event of a handoff counts in its attempt's row. A group's
+    /// value is the handoff's (its ATTEMPTED event's), except the channel, which is the event's
+    /// own when it has one (a fallback's stages count on the channel they happened on).
+    async fn series(&self, query: &SeriesQuery) -> Result<Vec<SeriesRow>, sqlx::Error>;
     /// (group, stage name, count) for an account's events in `[start, end)`.
     async fn funnel(
         &self,

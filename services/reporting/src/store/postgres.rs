@@ -4,9 +4,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 
+use std::collections::BTreeMap;
+
 use super::{
-    EventStore, Grouping, LOGGED_COLUMNS, StoredEvent, TransactionRow, logged_event,
-    transaction_event,
+    Durations, EventStore, Grouping, LOGGED_COLUMNS, SeriesQuery, SeriesRow, StoredEvent,
+    TransactionRow, logged_event, transaction_event,
 };
 
 #[derive(Debug, Clone)]
@@ -140,6 +142,120 @@ impl EventStore for PgEventStore {
         .bind(since)
         .fetch_one(&self.pool)
         .await
+    }
+
+    async fn series(&self, q: &SeriesQuery) -> Result<Vec<SeriesRow>, sqlx::Error> {
+        // The cohort (attempts in the period) joined to every event of its handoffs, counted
+        // and timed in the database; local buckets by `date_trunc` of the attempt's local time.
+        let groups: String = q
+            .group_by
+            .iter()
+            .map(|g| format!(", {}::text", g.series_column()))
+            .collect();
+        let keys: String = (0..q.group_by.len())
+            .map(|i| format!(", {}", i + 2))
+            .collect();
+        let cohort = "FROM events a JOIN events e \
+                 ON e.account_id = a.account_id AND e.handoff_id = a.handoff_id \
+             WHERE a.account_id = $1 AND a.stage = 'FUNNEL_STAGE_ATTEMPTED' AND a.handoff_id <> '' \
+                 AND a.occurred_at >= $2 AND a.occurred_at < $3";
+        let bucket = "date_trunc($4, a.occurred_at AT TIME ZONE $5)";
+        let counts = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {bucket} AS bucket{groups}, e.stage, count(*) AS n {cohort} \
+             GROUP BY 1{keys}, e.stage"
+        )))
+        .bind(&q.account_id)
+        .bind(q.start)
+        .bind(q.end)
+        .bind(q.bucket.unit())
+        .bind(q.time_zone.name())
+        .fetch_all(&self.pool)
+        .await?;
+        let reply_ms = "floor(extract(epoch FROM e.occurred_at - a.occurred_at) * 1000)::bigint";
+        let percentiles = |value: &str, stage: &str| {
+            [0.5, 0.9, 0.99]
+                .iter()
+                .map(|p| {
+                    format!(
+                        ", percentile_disc({p}) WITHIN GROUP (ORDER BY {value}) \
+                         FILTER (WHERE e.stage = '{stage}' AND {value} IS NOT NULL)"
+                    )
+                })
+                .collect::<String>()
+        };
+        let durations = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {bucket} AS bucket{groups}, \
+                 count(*) FILTER (WHERE e.stage = 'FUNNEL_STAGE_RESPONDED') AS replies \
+                 {reply}, \
+                 count(*) FILTER (WHERE e.stage = 'FUNNEL_STAGE_ANSWERED' \
+                     AND e.response_delay_ms IS NOT NULL) AS answers \
+                 {answer} \
+             {cohort} AND e.stage IN ('FUNNEL_STAGE_RESPONDED', 'FUNNEL_STAGE_ANSWERED') \
+             GROUP BY 1{keys}",
+            reply = percentiles(reply_ms, "FUNNEL_STAGE_RESPONDED"),
+            answer = percentiles("e.response_delay_ms", "FUNNEL_STAGE_ANSWERED"),
+        )))
+        .bind(&q.account_id)
+        .bind(q.start)
+        .bind(q.end)
+        .bind(q.bucket.unit())
+        .bind(q.time_zone.name())
+        .fetch_all(&self.pool)
+        .await?;
+        let width = q.group_by.len();
+        let key = |row: &sqlx::postgres::PgRow| -> Result<_, sqlx::Error> {
+            let bucket: chrono::NaiveDateTime = row.try_get("bucket")?;
+            let groups = (0..width)
+                .map(|i| row.try_get::<String, _>(1 + i))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((bucket, groups))
+        };
+        let mut rows: BTreeMap<(chrono::NaiveDateTime, Vec<String>), SeriesRow> = BTreeMap::new();
+        for row in &counts {
+            let (bucket, groups) = key(row)?;
+            rows.entry((bucket, groups.clone()))
+                .or_insert_with(|| SeriesRow {
+                    bucket,
+                    groups,
+                    counts: Vec::new(),
+                    time_to_reply: Durations::default(),
+                    time_to_first_response: Durations::default(),
+                })
+                .counts
+                .push((row.try_get("stage")?, row.try_get("n")?));
+        }
+        for row in &durations {
+            let Some(series) = rows.get_mut(&key(row)?) else {
+                continue;
+            };
+            let at = |i: usize| -> Result<i64, sqlx::Error> {
+                Ok(row
+                    .try_get::<Option<i64>, _>(1 + width + i)?
+                    .unwrap_or_default())
+            };
+            let count = |name: &str| -> Result<u64, sqlx::Error> {
+                Ok(u64::try_from(row.try_get::<i64, _>(name)?).unwrap_or_default())
+            };
+            series.time_to_reply = Durations {
+                count: count("replies")?,
+                p50: at(1)?,
+                p90: at(2)?,
+                p99: at(3)?,
+            };
+            series.time_to_first_response = Durations {
+                count: count("answers")?,
+                p50: at(5)?,
+                p90: at(6)?,
+                p99: at(7)?,
+            };
+        }
+        Ok(rows
+            .into_values()
+            .map(|mut row| {
+                row.counts.sort();
+                row
+            })
+            .collect())
     }
 
     async fn first_responses(

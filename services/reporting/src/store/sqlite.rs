@@ -5,7 +5,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::{Row, SqlitePool, migrate::Migrator};
 
-use super::{EventStore, Grouping, LOGGED_COLUMNS, StoredEvent, logged_event, transaction_event};
+use super::{
+    EventStore, Grouping, LOGGED_COLUMNS, SeriesEvent, SeriesQuery, SeriesRow, StoredEvent,
+    logged_event, percentile_disc, series_rows, transaction_event,
+};
 
 /// The SQLite schema's migrations (`migrations-sqlite/`).
 pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations-sqlite");
@@ -29,13 +32,6 @@ fn micros(at: DateTime<Utc>) -> i64 {
 
 fn from_micros(us: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(us).unwrap_or_default()
-}
-
-/// PostgreSQL's `percentile_disc(p)`: the first value whose place in the sorted values reaches
-/// the fraction `p` of them.
-fn percentile_disc(sorted: &[i64], p: f64) -> i64 {
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 #[async_trait]
@@ -176,6 +172,59 @@ impl EventStore for SqliteEventStore {
         .await
     }
 
+    async fn series(&self, q: &SeriesQuery) -> Result<Vec<SeriesRow>, sqlx::Error> {
+        // SQLite knows no time zones: the cohort's events come here and are bucketed in Rust,
+        // as PostgreSQL's `date_trunc(unit, t AT TIME ZONE tz)` would.
+        let columns: Vec<String> = q
+            .group_by
+            .iter()
+            .map(|g| format!("CAST({} AS TEXT)", g.series_column()))
+            .collect();
+        let groups = if columns.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", columns.join(", "))
+        };
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT a.occurred_at AS attempted_at, e.stage, e.occurred_at, e.response_delay_ms \
+                 {groups} \
+             FROM events a JOIN events e ON e.account_id = a.account_id AND e.handoff_id = a.handoff_id \
+             WHERE a.account_id = ?1 AND a.stage = 'FUNNEL_STAGE_ATTEMPTED' AND a.handoff_id <> '' \
+                 AND a.occurred_at >= ?2 AND a.occurred_at < ?3"
+        )))
+        .bind(&q.account_id)
+        .bind(micros(q.start))
+        .bind(micros(q.end))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in rows {
+            let attempted: i64 = row.try_get("attempted_at")?;
+            let local = from_micros(attempted)
+                .with_timezone(&q.time_zone)
+                .naive_local();
+            let stage: String = row.try_get("stage")?;
+            let duration_ms = match stage.as_str() {
+                "FUNNEL_STAGE_RESPONDED" => {
+                    let at: i64 = row.try_get("occurred_at")?;
+                    Some((at - attempted).div_euclid(1000))
+                }
+                "FUNNEL_STAGE_ANSWERED" => row.try_get("response_delay_ms")?,
+                _ => None,
+            };
+            let groups = (0..q.group_by.len())
+                .map(|i| row.try_get::<String, _>(4 + i))
+                .collect::<Result<_, _>>()?;
+            events.push(SeriesEvent {
+                bucket: q.bucket.truncate(local),
+                groups,
+                stage,
+                duration_ms,
+            });
+        }
+        Ok(series_rows(events))
+    }
+
     async fn first_responses(
         &self,
         account_id: &str,
@@ -235,7 +284,7 @@ impl EventStore for SqliteEventStore {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile_disc;
+    use super::super::percentile_disc;
 
     /// PostgreSQL's answers for the same values (`percentile_disc(p) WITHIN GROUP (ORDER BY v)`).
     #[test]

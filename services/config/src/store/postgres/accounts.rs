@@ -11,8 +11,8 @@ pub(super) async fn create_account(
     sqlx::query(
         "INSERT INTO accounts (account_id, display_name, deflection_enabled, landline_check_enabled, \
          rate_limit_per_second, enabled_channels, reply_lookback_hours, created_at, \
-         idle_close_minutes, help_text) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         idle_close_minutes, help_text, time_zone) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&a.id)
     .bind(&a.display_name)
@@ -24,6 +24,7 @@ pub(super) async fn create_account(
     .bind(a.created_at)
     .bind(a.settings.idle_close_minutes as i32)
     .bind(&a.settings.help_text)
+    .bind(&a.settings.time_zone)
     .execute(&mut *tx)
     .await
     .map_err(conflict("account"))?;
@@ -72,7 +73,7 @@ pub(super) async fn update_settings(
     let after = sqlx::query(sql(format!(
         "UPDATE accounts SET deflection_enabled = $2, landline_check_enabled = $3, \
          rate_limit_per_second = $4, enabled_channels = $5, reply_lookback_hours = $6, \
-         idle_close_minutes = $7, help_text = $8 \
+         idle_close_minutes = $7, help_text = $8, time_zone = $9 \
          WHERE account_id = $1 RETURNING {ACCOUNT_COLUMNS}"
     )))
     .bind(id)
@@ -83,6 +84,7 @@ pub(super) async fn update_settings(
     .bind(s.reply_lookback_hours as i32)
     .bind(s.idle_close_minutes as i32)
     .bind(&s.help_text)
+    .bind(&s.time_zone)
     .fetch_one(&mut *tx)
     .await
     .and_then(account_row)?;
