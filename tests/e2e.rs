@@ -12,6 +12,7 @@ mod handoff_engine;
 mod mesh;
 mod one_message;
 mod rcs;
+mod reports;
 mod rest;
 mod sandbox;
 mod story;

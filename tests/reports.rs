@@ -1,0 +1,189 @@
+//! Reports a brand runs its deflection program on: the funnel over time in the account's own time
+//! zone, grouped as asked, with the rates and the time consumers took to reply.
+
+use std::time::Duration;
+
+use c2m_proto::v1::{self as pb, Channel, FunnelStage};
+use c2m_runtime::auth::Role as AuthRole;
+use c2m_test_support::eventually;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use crate::{
+    conversations::{CONSUMER, deflect_and_reply},
+    story::{Story, Topology, authed, handoff_request, onboard, token},
+};
+
+fn series_request(time_zone: &str, group_by: &[pb::FunnelGrouping]) -> pb::GetFunnelSeriesRequest {
+    pb::GetFunnelSeriesRequest {
+        account_id: "acme".into(),
+        bucket: pb::FunnelBucket::Day as i32,
+        time_zone: time_zone.into(),
+        group_by: group_by.iter().map(|g| *g as i32).collect(),
+        ..Default::default()
+    }
+}
+
+async fn series(
+    story: &Story,
+    credential: &str,
+    request: pb::GetFunnelSeriesRequest,
+) -> Result<pb::GetFunnelSeriesResponse, tonic::Status> {
+    story
+        .reporting()
+        .await
+        .get_funnel_series(authed(request, credential))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn count(row: &pb::FunnelSeriesRow, stage: FunnelStage) -> u64 {
+    row.counts
+        .iter()
+        .find(|c| c.stage == stage as i32)
+        .map_or(0, |c| c.count)
+}
+
+fn field(status: &tonic::Status) -> String {
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("field violations")
+        .field_violations[0]
+        .field
+        .clone()
+}
+
+#[tokio::test]
+async fn the_funnel_series_is_in_the_accounts_time_zone_grouped_as_asked() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let admin = token(AuthRole::Admin, Some("acme"));
+    let refused = story
+        .config()
+        .await
+        .update_account_settings(authed(
+            pb::UpdateAccountSettingsRequest {
+                account_id: "acme".into(),
+                settings: Some(pb::AccountSettings {
+                    deflection_enabled: true,
+                    time_zone: "Mars/Olympus_Mons".into(),
+                    ..Default::default()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect_err("not a time zone");
+    assert_eq!(field(&refused), "settings.time_zone");
+    // India is five and a half hours ahead of UTC: its days start at 18:30 UTC.
+    story
+        .set_settings(
+            "acme",
+            pb::AccountSettings {
+                deflection_enabled: true,
+                time_zone: "Asia/Kolkata".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+
+    deflect_and_reply(&story, &key, CONSUMER, "call-1").await;
+    story
+        .deflect(handoff_request("acme", "+14155550388", "call-2"), &key)
+        .await;
+
+    let viewer = token(AuthRole::Viewer, Some("acme"));
+    let by_channel = series_request("", &[pb::FunnelGrouping::Channel]);
+    let total = |answer: &pb::GetFunnelSeriesResponse, stage| -> u64 {
+        answer.rows.iter().map(|row| count(row, stage)).sum()
+    };
+    eventually(
+        "both handoffs and the reply counted",
+        Duration::from_secs(10),
+        || async {
+            let answer = series(&story, &viewer, by_channel.clone())
+                .await
+                .expect("a series");
+            total(&answer, FunnelStage::Attempted) == 2
+                && total(&answer, FunnelStage::Responded) == 1
+        },
+    )
+    .await;
+    let answer = series(&story, &viewer, by_channel).await.expect("a series");
+    assert_eq!(answer.time_zone, "Asia/Kolkata", "the account's own");
+    for row in &answer.rows {
+        assert_eq!(row.groups, [Channel::Sms.as_str_name()]);
+        let start =
+            c2m_proto::from_timestamp(row.bucket_start.as_ref().expect("a start")).expect("a time");
+        assert_eq!(
+            start.format("%H:%M").to_string(),
+            "18:30",
+            "Kolkata's midnight"
+        );
+        let local_day = (start + chrono::Duration::minutes(330))
+            .date_naive()
+            .to_string();
+        assert_eq!(row.bucket_label, local_day);
+    }
+    let row = answer
+        .rows
+        .iter()
+        .find(|row| count(row, FunnelStage::Responded) == 1)
+        .expect("the answered handoff's day");
+    assert_eq!(row.time_to_reply.expect("times").count, 1);
+    assert_eq!(total(&answer, FunnelStage::Sent), 2);
+    for row in &answer.rows {
+        let expected =
+            count(row, FunnelStage::Responded) as f64 / count(row, FunnelStage::Attempted) as f64;
+        assert!((row.deflection_rate - expected).abs() < 1e-9, "{row:?}");
+    }
+
+    // Named in the request, another zone: the same handoffs, in UTC's days.
+    let utc = series(&story, &viewer, series_request("UTC", &[]))
+        .await
+        .expect("a series");
+    assert_eq!(utc.time_zone, "UTC");
+    assert_eq!(total(&utc, FunnelStage::Attempted), 2);
+    assert!(utc.rows.iter().all(|r| r.groups.is_empty()));
+
+    // Bad input names its field; another account's viewer sees nothing.
+    let cases = [
+        (series_request("Mars/Olympus_Mons", &[]), "time_zone"),
+        (
+            series_request(
+                "",
+                &[
+                    pb::FunnelGrouping::Channel,
+                    pb::FunnelGrouping::Skill,
+                    pb::FunnelGrouping::IvrNumber,
+                ],
+            ),
+            "group_by",
+        ),
+        (
+            series_request("", &[pb::FunnelGrouping::Skill, pb::FunnelGrouping::Skill]),
+            "group_by[1]",
+        ),
+        (
+            pb::GetFunnelSeriesRequest {
+                bucket: pb::FunnelBucket::Hour as i32,
+                start_time: Some(c2m_proto::timestamp(
+                    chrono::Utc::now() - chrono::Duration::days(500),
+                )),
+                ..series_request("", &[])
+            },
+            "bucket",
+        ),
+    ];
+    for (request, expected) in cases {
+        let refused = series(&story, &viewer, request).await.expect_err("refused");
+        assert_eq!(field(&refused), expected);
+    }
+    let stranger = token(AuthRole::Viewer, Some("globex"));
+    let denied = series(&story, &stranger, series_request("", &[]))
+        .await
+        .expect_err("another account");
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    story.stop().await;
+}
