@@ -72,7 +72,8 @@ pub enum Command {
         #[arg(long, value_name = "KEY")]
         idempotency_key: Option<String>,
     },
-    /// Print an account's funnel over the last hours (GetFunnel).
+    /// Print an account's funnel over the last hours (GetFunnel), or over time with `--by`
+    /// (GetFunnelSeries).
     Funnel {
         #[arg(long, default_value = DEFAULT_SERVER, value_name = "URL")]
         server: String,
@@ -86,6 +87,12 @@ pub enum Command {
         /// How many hours back from now.
         #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(1..=8760))]
         hours: u32,
+        /// A line per hour, day or week (the handoffs attempted in it, with all their stages).
+        #[arg(long, value_enum, value_name = "BUCKET")]
+        by: Option<crate::client::Bucket>,
+        /// With `--by`: the IANA time zone of the days and weeks; the account's when not given.
+        #[arg(long, value_name = "TZ")]
+        time_zone: Option<String>,
     },
     /// Apply pending database migrations and exit.
     Migrate {
@@ -158,7 +165,25 @@ pub fn call(command: &Command) -> Option<std::process::ExitCode> {
             account,
             group_by,
             hours,
+            by: None,
+            ..
         } => runtime.block_on(client::funnel(server, token, account, *group_by, *hours)),
+        Command::Funnel {
+            server,
+            token,
+            account,
+            group_by,
+            hours,
+            by: Some(bucket),
+            time_zone,
+        } => runtime.block_on(client::funnel_series(
+            server,
+            token,
+            account,
+            *group_by,
+            *hours,
+            (*bucket, time_zone.as_deref().unwrap_or_default()),
+        )),
         _ => return None,
     };
     Some(match answer {

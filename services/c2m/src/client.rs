@@ -169,6 +169,124 @@ pub enum GroupBy {
     IvrNumber,
 }
 
+/// `c2m funnel --by`'s buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Bucket {
+    Hour,
+    Day,
+    Week,
+}
+
+impl GroupBy {
+    fn wire(self) -> pb::FunnelGrouping {
+        match self {
+            GroupBy::None => pb::FunnelGrouping::Unspecified,
+            GroupBy::Channel => pb::FunnelGrouping::Channel,
+            GroupBy::Skill => pb::FunnelGrouping::Skill,
+            GroupBy::Config => pb::FunnelGrouping::HandoffConfig,
+            GroupBy::IvrNumber => pb::FunnelGrouping::IvrNumber,
+        }
+    }
+}
+
+/// `c2m funnel --by`: a line per bucket (and group) of the last `hours`, with the main stages,
+/// the deflection rate and the median time to reply.
+pub async fn funnel_series(
+    server: &str,
+    token: &str,
+    account_id: &str,
+    group_by: GroupBy,
+    hours: u32,
+    (bucket, time_zone): (Bucket, &str),
+) -> Result<String, ClientError> {
+    let mut client = ReportingServiceClient::new(connect(server).await?);
+    let end = chrono::Utc::now();
+    let start = end - chrono::Duration::hours(i64::from(hours));
+    let request = pb::GetFunnelSeriesRequest {
+        account_id: account_id.to_owned(),
+        start_time: Some(c2m_proto::timestamp(start)),
+        end_time: Some(c2m_proto::timestamp(end)),
+        bucket: match bucket {
+            Bucket::Hour => pb::FunnelBucket::Hour,
+            Bucket::Day => pb::FunnelBucket::Day,
+            Bucket::Week => pb::FunnelBucket::Week,
+        } as i32,
+        time_zone: time_zone.to_owned(),
+        group_by: match group_by {
+            GroupBy::None => Vec::new(),
+            g => vec![g.wire() as i32],
+        },
+    };
+    let answer = client
+        .get_funnel_series(authed(request, token))
+        .await
+        .map_err(|status| ClientError::Call {
+            rpc: "GetFunnelSeries",
+            status,
+        })?
+        .into_inner();
+    Ok(series_table(&answer, hours))
+}
+
+/// A line per row: bucket, group, the main stages, deflection rate, median time to reply.
+fn series_table(answer: &pb::GetFunnelSeriesResponse, hours: u32) -> String {
+    if answer.rows.is_empty() {
+        return format!("no handoffs in the last {hours} hours\n");
+    }
+    let stages = [
+        ("attempted", pb::FunnelStage::Attempted),
+        ("sent", pb::FunnelStage::Sent),
+        ("delivered", pb::FunnelStage::Delivered),
+        ("read", pb::FunnelStage::Read),
+        ("responded", pb::FunnelStage::Responded),
+        ("failed", pb::FunnelStage::Failed),
+    ];
+    let group_width = answer
+        .rows
+        .iter()
+        .map(|r| r.groups.join(",").len())
+        .max()
+        .unwrap_or(0)
+        .max("group".len());
+    let bucket_width = answer
+        .rows
+        .iter()
+        .map(|r| r.bucket_label.len())
+        .max()
+        .unwrap_or(0)
+        .max(answer.time_zone.len());
+    let mut out = format!(
+        "{:bucket_width$}  {:group_width$}",
+        answer.time_zone, "group"
+    );
+    for (name, _) in stages {
+        let _ = write!(out, "  {name:>9}");
+    }
+    out.push_str("  deflection  reply p50\n");
+    for row in &answer.rows {
+        let _ = write!(
+            out,
+            "{:bucket_width$}  {:group_width$}",
+            row.bucket_label,
+            row.groups.join(",")
+        );
+        for (_, stage) in stages {
+            let count = row
+                .counts
+                .iter()
+                .find(|c| c.stage == stage as i32)
+                .map_or(0, |c| c.count);
+            let _ = write!(out, "  {count:>9}");
+        }
+        let reply = row.time_to_reply.filter(|t| t.count > 0).map_or_else(
+            || "-".to_owned(),
+            |t| format!("{:.1}s", t.p50_ms as f64 / 1000.0),
+        );
+        let _ = writeln!(out, "  {:>9.1}%  {reply:>9}", row.deflection_rate * 100.0);
+    }
+    out
+}
+
 /// `c2m funnel`: the account's funnel over the last `hours`, one column per group, stages in
 /// the funnel's order.
 pub async fn funnel(
@@ -181,13 +299,7 @@ pub async fn funnel(
     let mut client = ReportingServiceClient::new(connect(server).await?);
     let end = chrono::Utc::now();
     let start = end - chrono::Duration::hours(i64::from(hours));
-    let group_by = match group_by {
-        GroupBy::None => pb::FunnelGrouping::Unspecified,
-        GroupBy::Channel => pb::FunnelGrouping::Channel,
-        GroupBy::Skill => pb::FunnelGrouping::Skill,
-        GroupBy::Config => pb::FunnelGrouping::HandoffConfig,
-        GroupBy::IvrNumber => pb::FunnelGrouping::IvrNumber,
-    };
+    let group_by = group_by.wire();
     let request = pb::GetFunnelRequest {
         account_id: account_id.to_owned(),
         start_time: Some(c2m_proto::timestamp(start)),

@@ -547,6 +547,25 @@ async fn the_demo_prints_commands_that_deflect_a_caller_and_show_the_funnel() {
         },
     )
     .await;
+    // The same funnel by day, in a time zone named on the command line: one line, today's.
+    let by_day = format!("{} --by day --time-zone Europe/Paris", commands[1]);
+    let series = run_printed(&by_day);
+    assert_eq!(series.status.code(), Some(0), "{}", stderr(&series));
+    let text = String::from_utf8(series.stdout).expect("utf-8");
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines[0][0], "Europe/Paris", "{text}");
+    // Paris is one or two hours ahead of UTC: its day is UTC's, or the next.
+    let today = chrono::Utc::now().date_naive();
+    let days = [today, today + chrono::Duration::days(1)].map(|d| d.to_string());
+    assert!(
+        days.contains(&lines[1][0].to_owned()),
+        "a Paris day: {text}"
+    );
+    // day, channel, attempted, sent.
+    assert_eq!(lines[1][1..4], ["CHANNEL_SMS", "1", "1"], "{text}");
     dev.start_kill().expect("stops");
 }
 
