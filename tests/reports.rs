@@ -180,7 +180,58 @@ async fn the_funnel_series_is_in_the_accounts_time_zone_grouped_as_asked() {
         let refused = series(&story, &viewer, request).await.expect_err("refused");
         assert_eq!(field(&refused), expected);
     }
+    // The export has both handoffs, in the order attempted, with what a warehouse joins on.
+    let mut exported = Vec::new();
+    let mut stream = story
+        .reporting()
+        .await
+        .export_transactions(authed(
+            pb::ExportTransactionsRequest {
+                account_id: "acme".into(),
+                ..Default::default()
+            },
+            &viewer,
+        ))
+        .await
+        .expect("an export")
+        .into_inner();
+    while let Some(batch) = stream.message().await.expect("a batch") {
+        exported.extend(batch.transactions);
+    }
+    assert_eq!(exported.len(), 2);
+    let attempted: Vec<chrono::DateTime<chrono::Utc>> = exported
+        .iter()
+        .map(|t| {
+            c2m_proto::from_timestamp(t.attempted_at.as_ref().expect("a time")).expect("a time")
+        })
+        .collect();
+    assert!(attempted[0] <= attempted[1]);
+    for t in &exported {
+        assert_eq!(t.handoff_config_id, "billing");
+        assert!(!t.stages.is_empty(), "{t:?}");
+    }
+    assert_eq!(
+        exported
+            .iter()
+            .filter(|t| !t.conversation_id.is_empty())
+            .count(),
+        1,
+        "the one that was answered"
+    );
     let stranger = token(AuthRole::Viewer, Some("globex"));
+    let refused = story
+        .reporting()
+        .await
+        .export_transactions(authed(
+            pb::ExportTransactionsRequest {
+                account_id: "acme".into(),
+                ..Default::default()
+            },
+            &stranger,
+        ))
+        .await
+        .expect_err("another account");
+    assert_eq!(refused.code(), Code::PermissionDenied);
     let denied = series(&story, &stranger, series_request("", &[]))
         .await
         .expect_err("another account");

@@ -94,6 +94,11 @@ pub enum Command {
         #[arg(long, value_name = "TZ")]
         time_zone: Option<String>,
     },
+    /// Reports for people who live in spreadsheets.
+    Report {
+        #[command(subcommand)]
+        report: Report,
+    },
     /// Apply pending database migrations and exit.
     Migrate {
         /// The services to migrate; all of them when none is named.
@@ -121,6 +126,43 @@ pub enum Command {
         #[arg(long, default_value_t = 12)]
         ttl_hours: u64,
     },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Report {
+    /// Write every handoff attempted in a period (ExportTransactions), a row per handoff with
+    /// each stage's time, as CSV or JSON lines, to a file or stdout.
+    Export {
+        #[arg(long, default_value = DEFAULT_SERVER, value_name = "URL")]
+        server: String,
+        /// A token of the account (`c2m token --role viewer --account …`).
+        #[arg(long, value_name = "TOKEN")]
+        token: String,
+        #[arg(long, value_name = "ID")]
+        account: String,
+        /// The start: a date (UTC midnight, e.g. 2026-12-01) or an RFC 3339 time; a day before
+        /// `--to` when not given.
+        #[arg(long, value_name = "WHEN", value_parser = when)]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// The end (not included), as `--from`; now when not given.
+        #[arg(long, value_name = "WHEN", value_parser = when)]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: crate::client::ExportFormat,
+        /// The file to write; stdout when not given.
+        #[arg(long, value_name = "PATH")]
+        output: Option<PathBuf>,
+    },
+}
+
+/// A date (its UTC midnight) or an RFC 3339 time.
+fn when(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(date) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(date.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|at| at.with_timezone(&chrono::Utc))
+        .map_err(|_| "a date (2026-12-01) or an RFC 3339 time (2026-12-01T09:00:00Z)".to_owned())
 }
 
 /// Where `c2m handoff` and `c2m funnel` call by default: `c2m dev`'s address.
@@ -183,6 +225,28 @@ pub fn call(command: &Command) -> Option<std::process::ExitCode> {
             *group_by,
             *hours,
             (*bucket, time_zone.as_deref().unwrap_or_default()),
+        )),
+        Command::Report {
+            report:
+                Report::Export {
+                    server,
+                    token,
+                    account,
+                    from,
+                    to,
+                    format,
+                    output,
+                },
+        } => runtime.block_on(client::export(
+            client::Export {
+                server,
+                token,
+                account_id: account,
+                from: *from,
+                to: *to,
+                format: *format,
+            },
+            output.as_deref(),
         )),
         _ => return None,
     };

@@ -106,7 +106,10 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             app::migrate(&roles, &config).await?;
             return Ok(());
         }
-        Command::Token { .. } | Command::Handoff { .. } | Command::Funnel { .. } => return Ok(()),
+        Command::Token { .. }
+        | Command::Handoff { .. }
+        | Command::Funnel { .. }
+        | Command::Report { .. } => return Ok(()),
         Command::Config => {
             print!("{}", config.to_masked_toml());
             return Ok(());

@@ -566,6 +566,36 @@ async fn the_demo_prints_commands_that_deflect_a_caller_and_show_the_funnel() {
     );
     // day, channel, attempted, sent.
     assert_eq!(lines[1][1..4], ["CHANNEL_SMS", "1", "1"], "{text}");
+
+    // The handoff exported for a spreadsheet (to a file) and as JSON lines (to stdout).
+    let export = commands[1]
+        .replace("funnel", "report export")
+        .replace("--group-by channel", "");
+    let dir = tempfile::tempdir().expect("a directory");
+    let csv_path = dir.path().join("handoffs.csv");
+    let to_file = format!("{export} --output {}", csv_path.display());
+    let written = run_printed(&to_file);
+    assert_eq!(written.status.code(), Some(0), "{}", stderr(&written));
+    assert!(String::from_utf8_lossy(&written.stdout).starts_with("exported 1 handoffs to "));
+    let csv = std::fs::read_to_string(&csv_path).expect("the file");
+    let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 2, "a header and the handoff: {csv}");
+    let column = |name: &str| {
+        let i = rows[0].iter().position(|c| *c == name).expect(name);
+        rows[1][i]
+    };
+    assert!(column("handoff_id").starts_with("ho-"), "{csv}");
+    assert_eq!(column("handoff_config_id"), "billing");
+    assert_eq!(column("channel"), "SMS");
+    assert!(column("attempted_at") <= column("sent_at") && !column("sent_at").is_empty());
+    let jsonl = run_printed(&format!("{export} --format jsonl"));
+    assert_eq!(jsonl.status.code(), Some(0), "{}", stderr(&jsonl));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&jsonl.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["handoffId"].as_str(), Some(column("handoff_id")));
     dev.start_kill().expect("stops");
 }
 

@@ -6,6 +6,7 @@ use c2m_proto::v1::{
     self as pb, Channel, FunnelGrouping, FunnelStage, reporting_service_server::ReportingService,
 };
 use c2m_runtime::{auth::Role, status::FieldViolations};
+use tonic::codegen::BoxStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -81,6 +82,78 @@ fn durations(d: Durations) -> pb::Durations {
         p90_ms: ms(d.p90),
         p99_ms: ms(d.p99),
     }
+}
+
+/// Handoffs per export batch.
+const EXPORT_BATCH: i64 = 500;
+
+/// Events in handoff order (and, within one, time order) as one transaction per handoff.
+fn transactions_of(events: impl IntoIterator<Item = StoredEvent>) -> Vec<pb::Transaction> {
+    let mut transactions: Vec<pb::Transaction> = Vec::new();
+    for event in events {
+        if transactions
+            .last()
+            .is_none_or(|t| t.handoff_id != event.handoff_id)
+        {
+            transactions.push(pb::Transaction {
+                handoff_id: event.handoff_id.clone(),
+                ..Default::default()
+            });
+        }
+        let Some(t) = transactions.last_mut() else {
+            continue;
+        };
+        if let Some(channel) = Channel::from_str_name(event.channel) {
+            t.channel = channel as i32;
+        }
+        for (field, value) in [
+            (&mut t.skill_id, &event.skill_id),
+            (&mut t.conversation_id, &event.conversation_id),
+            (&mut t.error_code, &event.error_code),
+        ] {
+            if !value.is_empty() {
+                field.clone_from(value);
+            }
+        }
+        if event.source != "C2M" && !event.source.is_empty() {
+            t.source.clone_from(&event.source);
+        }
+        t.stages.push(pb::StageTime {
+            stage: FunnelStage::from_str_name(event.stage).unwrap_or_default() as i32,
+            at: Some(c2m_proto::timestamp(event.occurred_at)),
+        });
+    }
+    transactions
+}
+
+/// An export page's events as transactions with what only the export carries: the attempt's
+/// time, configuration and IVR number.
+fn exported(page: Vec<(chrono::DateTime<chrono::Utc>, StoredEvent)>) -> Vec<pb::Transaction> {
+    let mut attempts: std::collections::HashMap<
+        String,
+        (chrono::DateTime<chrono::Utc>, String, String),
+    > = std::collections::HashMap::new();
+    for (attempted_at, e) in &page {
+        if e.stage == FunnelStage::Attempted.as_str_name() {
+            attempts.insert(
+                e.handoff_id.clone(),
+                (
+                    *attempted_at,
+                    e.handoff_config_id.clone(),
+                    e.ivr_number.clone(),
+                ),
+            );
+        }
+    }
+    let mut transactions = transactions_of(page.into_iter().map(|(_, e)| e));
+    for t in &mut transactions {
+        if let Some((at, config, ivr)) = attempts.remove(&t.handoff_id) {
+            t.attempted_at = Some(c2m_proto::timestamp(at));
+            t.handoff_config_id = config;
+            t.ivr_number = ivr;
+        }
+    }
+    transactions
 }
 
 /// The instant a local bucket start is: the earlier of two when the clock went back over it,
@@ -427,6 +500,45 @@ impl ReportingService for Service {
         }))
     }
 
+    async fn export_transactions(
+        &self,
+        request: Request<pb::ExportTransactionsRequest>,
+    ) -> Result<Response<BoxStream<pb::ExportTransactionsResponse>>, Status> {
+        let caller = self.key.caller(request.metadata())?;
+        let r = request.into_inner();
+        caller.authorize(&r.account_id, Role::Viewer)?;
+        let period = period(r.start_time.as_ref(), r.end_time.as_ref())?;
+        let store = self.store.clone();
+        // One page is fetched when the client has taken the one before: memory stays one batch.
+        let batches = futures::stream::try_unfold(Some(None), move |after| {
+            let (store, account_id) = (store.clone(), r.account_id.clone());
+            async move {
+                let Some(after) = after else {
+                    return Ok(None);
+                };
+                let page = store
+                    .export_page(&account_id, period, after.as_ref(), EXPORT_BATCH)
+                    .await
+                    .map_err(db_status)?;
+                let transactions = exported(page);
+                if transactions.is_empty() {
+                    return Ok(None);
+                }
+                let next = (transactions.len() as i64 == EXPORT_BATCH).then(|| {
+                    transactions.last().and_then(|t| {
+                        let at = c2m_proto::from_timestamp(t.attempted_at.as_ref()?)?;
+                        Some((at, t.handoff_id.clone()))
+                    })
+                });
+                Ok(Some((
+                    pb::ExportTransactionsResponse { transactions },
+                    next,
+                )))
+            }
+        });
+        Ok(Response::new(Box::pin(batches)))
+    }
+
     async fn list_events(
         &self,
         request: Request<pb::ListEventsRequest>,
@@ -513,40 +625,7 @@ impl ReportingService for Service {
             .transactions(&r.account_id, start, end, &r.page_token, limit)
             .await
             .map_err(db_status)?;
-        let mut transactions: Vec<pb::Transaction> = Vec::new();
-        for event in events {
-            if transactions
-                .last()
-                .is_none_or(|t| t.handoff_id != event.handoff_id)
-            {
-                transactions.push(pb::Transaction {
-                    handoff_id: event.handoff_id.clone(),
-                    ..Default::default()
-                });
-            }
-            let Some(t) = transactions.last_mut() else {
-                continue;
-            };
-            if let Some(channel) = Channel::from_str_name(event.channel) {
-                t.channel = channel as i32;
-            }
-            for (field, value) in [
-                (&mut t.skill_id, &event.skill_id),
-                (&mut t.conversation_id, &event.conversation_id),
-                (&mut t.error_code, &event.error_code),
-            ] {
-                if !value.is_empty() {
-                    field.clone_from(value);
-                }
-            }
-            if event.source != "C2M" && !event.source.is_empty() {
-                t.source.clone_from(&event.source);
-            }
-            t.stages.push(pb::StageTime {
-                stage: FunnelStage::from_str_name(event.stage).unwrap_or_default() as i32,
-                at: Some(c2m_proto::timestamp(event.occurred_at)),
-            });
-        }
+        let transactions = transactions_of(events);
         let next_page_token = if transactions.len() as i64 == limit {
             transactions
                 .last()

@@ -86,6 +86,7 @@ conformance!(
     a_reader_following_concurrent_writers_misses_nothing,
     a_series_counts_each_handoff_in_its_attempts_bucket_with_every_stage,
     days_and_hours_follow_the_time_zone_across_a_dst_change,
+    an_export_pages_through_handoffs_in_attempt_order_each_once,
 );
 
 fn at(minute: i64) -> DateTime<Utc> {
@@ -649,5 +650,57 @@ async fn days_and_hours_follow_the_time_zone_across_a_dst_change(store: &dyn Eve
     assert_eq!(
         per_week,
         [("2026-03-02".to_owned(), 47), ("2026-03-09".to_owned(), 25)]
+    );
+}
+
+async fn an_export_pages_through_handoffs_in_attempt_order_each_once(store: &dyn EventStore) {
+    // Five handoffs in the period (two attempted at the same moment), one before it whose
+    // later stage falls in it; written out of order.
+    let events = vec![
+        event("c-2", "hc", SENT, 31),
+        event("c-1", "hc", ATTEMPTED, 30),
+        event("b-1", "hb", ATTEMPTED, 20),
+        event("a-1", "ha", ATTEMPTED, 20),
+        event("a-2", "ha", SENT, 21),
+        event("e-1", "he", ATTEMPTED, 50),
+        event("d-1", "hd", ATTEMPTED, 40),
+        event("z-1", "hz", ATTEMPTED, -5),
+        event("z-2", "hz", SENT, 5),
+    ];
+    store.append(&events).await.expect("appends");
+    let period = (at(0), at(60));
+    let mut after = None;
+    let mut pages: Vec<Vec<(String, Vec<String>)>> = Vec::new();
+    loop {
+        let page = store
+            .export_page("acme", period, after.as_ref(), 2)
+            .await
+            .expect("a page");
+        if page.is_empty() {
+            break;
+        }
+        let mut handoffs: Vec<(String, Vec<String>)> = Vec::new();
+        for (attempted_at, e) in &page {
+            assert!(*attempted_at >= at(0) && *attempted_at < at(60));
+            if handoffs.last().is_none_or(|(h, _)| *h != e.handoff_id) {
+                handoffs.push((e.handoff_id.clone(), Vec::new()));
+            }
+            if let Some((_, ids)) = handoffs.last_mut() {
+                ids.push(e.event_id.clone());
+            }
+        }
+        let (last_at, last) = page.last().expect("a row");
+        after = Some((*last_at, last.handoff_id.clone()));
+        pages.push(handoffs);
+    }
+    let owned =
+        |h: &str, ids: &[&str]| (h.to_owned(), ids.iter().map(|i| (*i).to_owned()).collect());
+    assert_eq!(
+        pages,
+        [
+            vec![owned("ha", &["a-1", "a-2"]), owned("hb", &["b-1"])],
+            vec![owned("hc", &["c-1", "c-2"]), owned("hd", &["d-1"])],
+            vec![owned("he", &["e-1"])],
+        ]
     );
 }

@@ -243,6 +243,16 @@ pub trait EventStore: Send + Sync + 'static {
     /// value is the handoff's (its ATTEMPTED event's), except the channel, which is the event's
     /// own when it has one (a fallback's stages count on the channel they happened on).
     async fn series(&self, query: &SeriesQuery) -> Result<Vec<SeriesRow>, sqlx::Error>;
+    /// The events of up to `limit` handoffs attempted in `[start, end)` after `after` (an attempt
+    /// time and handoff id), in attempt order and, within a handoff, in time order, each with its
+    /// handoff's attempt time.
+    async fn export_page(
+        &self,
+        account_id: &str,
+        (start, end): (DateTime<Utc>, DateTime<Utc>),
+        after: Option<&(DateTime<Utc>, String)>,
+        limit: i64,
+    ) -> Result<Vec<(DateTime<Utc>, StoredEvent)>, sqlx::Error>;
     /// (group, stage name, count) for an account's events in `[start, end)`.
     async fn funnel(
         &self,
@@ -296,6 +306,12 @@ where
         },
     ))
 }
+
+/// An export page's columns: the attempt's time, then [`LOGGED_COLUMNS`] of the event (`e`,
+/// with 0 for a position it has none of).
+pub(crate) const EXPORT_COLUMNS: &str = "page.attempted_at, coalesce(e.position, 0) AS position, \
+    e.event_id, e.stage, e.occurred_at, e.handoff_id, e.handoff_config_id, e.channel, e.skill_id, \
+    e.conversation_id, e.ivr_number, e.error_code, e.source, e.response_delay_ms";
 
 /// One row of a transaction page, as both backends read it: event id, stage, time, handoff,
 /// channel, skill, conversation, error code, source.

@@ -7,8 +7,8 @@ use sqlx::{PgPool, Row};
 use std::collections::BTreeMap;
 
 use super::{
-    Durations, EventStore, Grouping, LOGGED_COLUMNS, SeriesQuery, SeriesRow, StoredEvent,
-    TransactionRow, logged_event, transaction_event,
+    Durations, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS, SeriesQuery, SeriesRow,
+    StoredEvent, TransactionRow, logged_event, transaction_event,
 };
 
 #[derive(Debug, Clone)]
@@ -256,6 +256,41 @@ impl EventStore for PgEventStore {
                 row
             })
             .collect())
+    }
+
+    async fn export_page(
+        &self,
+        account_id: &str,
+        (start, end): (DateTime<Utc>, DateTime<Utc>),
+        after: Option<&(DateTime<Utc>, String)>,
+        limit: i64,
+    ) -> Result<Vec<(DateTime<Utc>, StoredEvent)>, sqlx::Error> {
+        let (after_at, after_id) = after.cloned().unwrap_or((start, String::new()));
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "WITH page AS ( \
+                 SELECT occurred_at AS attempted_at, handoff_id FROM events \
+                 WHERE account_id = $1 AND stage = 'FUNNEL_STAGE_ATTEMPTED' AND handoff_id <> '' \
+                     AND occurred_at >= $2 AND occurred_at < $3 \
+                     AND (occurred_at, handoff_id) > ($4, $5) \
+                 ORDER BY occurred_at, handoff_id LIMIT $6) \
+             SELECT {EXPORT_COLUMNS} FROM page \
+                 JOIN events e ON e.account_id = $1 AND e.handoff_id = page.handoff_id \
+             ORDER BY page.attempted_at, page.handoff_id, e.occurred_at, e.event_id"
+        )))
+        .bind(account_id)
+        .bind(start)
+        .bind(end)
+        .bind(after_at)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let (_, event) = logged_event(row, account_id, row.try_get("occurred_at")?)?;
+                Ok((row.try_get("attempted_at")?, event))
+            })
+            .collect()
     }
 
     async fn first_responses(
