@@ -4,6 +4,7 @@
 mod app_messaging;
 mod apple;
 mod config_plane;
+mod console;
 mod conversation_rules;
 mod conversations;
 mod deflection;

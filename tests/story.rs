@@ -260,6 +260,11 @@ impl Story {
         ChannelGatewayServiceClient::new(self.channel(2).await)
     }
 
+    /// Where the config role answers HTTP (the console), e.g. `http://127.0.0.1:50054`.
+    pub fn config_url(&self) -> &str {
+        &self.endpoints[3]
+    }
+
     pub async fn config(&self) -> ConfigServiceClient<Channel> {
         ConfigServiceClient::new(self.channel(3).await)
     }

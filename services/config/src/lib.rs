@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod console;
 mod grpc;
 pub mod model;
 pub mod store;
@@ -39,6 +40,8 @@ pub struct Service {
     key: TokenKey,
     watch: Watch,
     webhooks: Dispatcher,
+    /// The other services, for the console's pages (called as the signed-in person).
+    peers: Peers,
 }
 
 impl std::fmt::Debug for Service {
@@ -58,7 +61,8 @@ impl Service {
         let store: Arc<dyn ConfigStore> = Arc::new(PgConfigStore::new(db.pool().clone()));
         let http = c2m_runtime::http::client(Duration::from_millis(webhooks.timeout_ms), false)?;
         Ok(Self {
-            webhooks: Dispatcher::new(store.clone(), peers, http, webhooks.clone()),
+            webhooks: Dispatcher::new(store.clone(), peers.clone(), http, webhooks.clone()),
+            peers,
             store,
             db,
             key,
@@ -71,6 +75,7 @@ impl Service {
         let (watch, pool) = (self.watch.clone(), self.db.pool().clone());
         let (webhooks, db) = (self.webhooks.clone(), self.db.clone());
         Component::new(ConfigServiceServer::new(self.clone()))
+            .with_http(console::router(self.clone()))
             .with_probe(self.db.probe())
             .with_task(move |shutdown| watch.listen(pool, shutdown))
             .with_task(move |shutdown| async move {

@@ -103,6 +103,26 @@ impl Interceptor for ServiceAuth {
     }
 }
 
+/// Adds a person's own credential to every call, in place of this service's: what the console
+/// does for the signed-in user, so the callee checks that user's account and role.
+#[derive(Debug, Clone)]
+pub struct OnBehalf {
+    header: MetadataValue<Ascii>,
+}
+
+impl Interceptor for OnBehalf {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.header.clone());
+        crate::trace_layer::inject_metadata(&tracing::Span::current(), request.metadata_mut());
+        Ok(request)
+    }
+}
+
+/// A peer client that calls as a person (see [`Peers::reporting_for`]).
+pub type AsUser = InterceptedService<PeerService, OnBehalf>;
+
 /// A call to a peer that ended without its answer.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -286,6 +306,33 @@ impl Peers {
     pub fn reporting(&self) -> ReportingServiceClient<Authed> {
         ReportingServiceClient::with_interceptor(self.service(Peer::Reporting), self.auth.clone())
     }
+
+    /// Reporting, called with `credential` (a person's token) rather than this service's.
+    pub fn reporting_for(
+        &self,
+        credential: &str,
+    ) -> Result<ReportingServiceClient<AsUser>, Status> {
+        Ok(ReportingServiceClient::with_interceptor(
+            self.service(Peer::Reporting),
+            on_behalf(credential)?,
+        ))
+    }
+
+    /// Handoff, called with `credential` (a person's token or an API key).
+    pub fn handoff_for(&self, credential: &str) -> Result<HandoffServiceClient<AsUser>, Status> {
+        Ok(HandoffServiceClient::with_interceptor(
+            self.service(Peer::Handoff),
+            on_behalf(credential)?,
+        ))
+    }
+}
+
+fn on_behalf(credential: &str) -> Result<OnBehalf, Status> {
+    Ok(OnBehalf {
+        header: format!("Bearer {credential}")
+            .parse()
+            .map_err(|_| Status::unauthenticated("a credential is ASCII"))?,
+    })
 }
 
 #[cfg(test)]

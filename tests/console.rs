@@ -1,0 +1,458 @@
+//! The brand's console in a real browser: Debian's Chromium, headless, driven through its
+//! ChromeDriver. An admin signs in, builds a configuration with two channels and previews it,
+//! sees a field refused and then saved, and watches the funnel move; a viewer sees no edit
+//! controls and a forged form is refused; a stale edit shows the conflict. Each journey saves
+//! screenshots under the test's output directory.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use c2m_proto::v1 as pb;
+use c2m_runtime::auth::Role as AuthRole;
+use c2m_test_support::eventually;
+use fantoccini::{Client, ClientBuilder, Locator};
+
+use crate::story::{Story, Topology, authed, handoff_request, onboard, token};
+
+/// A ChromeDriver on a free loopback port, stopped when dropped.
+struct Driver {
+    process: Child,
+    url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+impl Driver {
+    async fn start() -> Self {
+        let port = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let process = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "chromedriver runs (Debian: apt install chromium chromium-driver; tests/run installs them)",
+            );
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        eventually("chromedriver answering", Duration::from_secs(20), || {
+            let request = http.get(format!("{url}/status")).send();
+            async move { request.await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+        Self { process, url }
+    }
+
+    /// A new headless browser with its own cookies.
+    async fn browser(&self) -> Client {
+        let mut capabilities = serde_json::Map::new();
+        capabilities.insert(
+            "goog:chromeOptions".to_owned(),
+            serde_json::json!({
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                         "--disable-dev-shm-usage", "--window-size=1280,1000"],
+            }),
+        );
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&self.url)
+            .await
+            .expect("a browser session")
+    }
+}
+
+/// Where a journey's screenshots go.
+fn shots() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("console");
+    std::fs::create_dir_all(&dir).expect("the screenshot directory");
+    dir
+}
+
+async fn screenshot(browser: &Client, name: &str) {
+    let png = browser.screenshot().await.expect("a screenshot");
+    std::fs::write(shots().join(name), png).expect("the screenshot written");
+}
+
+async fn sign_in(browser: &Client, base: &str, credential: &str) {
+    browser
+        .goto(&format!("{base}/console"))
+        .await
+        .expect("the sign-in page");
+    browser
+        .find(Locator::Css("#f-token"))
+        .await
+        .expect("a token field")
+        .send_keys(credential)
+        .await
+        .expect("typed");
+    click(browser, "button[type=submit]").await;
+}
+
+async fn click(browser: &Client, css: &str) {
+    browser
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|_| panic!("{css} on the page"))
+        .click()
+        .await
+        .expect("clicked");
+}
+
+async fn text_of(browser: &Client, css: &str) -> String {
+    browser
+        .wait()
+        .at_most(Duration::from_secs(10))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|_| panic!("{css} on the page"))
+        .text()
+        .await
+        .expect("text")
+}
+
+async fn fill(browser: &Client, css: &str, text: &str) {
+    let field = browser
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|_| panic!("{css} on the page"));
+    field.clear().await.expect("cleared");
+    if !text.is_empty() {
+        field.send_keys(text).await.expect("typed");
+    }
+}
+
+async fn choose(browser: &Client, css: &str, value: &str) {
+    browser
+        .find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|_| panic!("{css} on the page"))
+        .select_by_value(value)
+        .await
+        .expect("chosen");
+}
+
+async fn present(browser: &Client, css: &str) -> bool {
+    !browser
+        .find_all(Locator::Css(css))
+        .await
+        .expect("a query")
+        .is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_builds_a_configuration_and_watches_the_funnel_in_a_browser() {
+    let story = Story::start(Topology::Dev).await;
+    let key = onboard(&story, "acme").await;
+    let base = story.config_url().to_owned();
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+
+    sign_in(&browser, &base, &token(AuthRole::Admin, Some("acme"))).await;
+    assert!(text_of(&browser, "h1").await.contains("overview"));
+
+    // A configuration with two channels, previewed before it is saved.
+    browser
+        .goto(&format!("{base}/console/a/acme/configs/new"))
+        .await
+        .expect("the form");
+    fill(&browser, "#f-handoff_config_id", "two-channels").await;
+    fill(&browser, "#f-skill_id", "billing-agents").await;
+    choose(&browser, "#f-channel_1", "CHANNEL_RCS").await;
+    choose(&browser, "#f-channel_2", "CHANNEL_SMS").await;
+    fill(
+        &browser,
+        "#f-message_CHANNEL_SMS",
+        "Hi {{first_name}}, text us here about {{topic}}.",
+    )
+    .await;
+    fill(
+        &browser,
+        "#f-message_CHANNEL_RCS",
+        "Hi {{first_name}}, chat with us about {{topic}}.",
+    )
+    .await;
+    click(&browser, "button[value=preview]").await;
+    assert_eq!(
+        text_of(&browser, ".preview[data-channel=CHANNEL_SMS]").await,
+        "Hi Ada, text us here about your bill."
+    );
+    assert!(
+        browser
+            .source()
+            .await
+            .expect("the page")
+            .contains("1 SMS segment (GSM-7)")
+    );
+
+    // Saved without a name: refused, the field named beside it, nothing typed lost.
+    click(&browser, "button[value=save]").await;
+    assert!(
+        text_of(&browser, "#f-name-error")
+            .await
+            .contains("required"),
+        "the name's error beside it"
+    );
+    let kept = browser
+        .find(Locator::Css("#f-message_CHANNEL_SMS"))
+        .await
+        .expect("the message")
+        .prop("value")
+        .await
+        .expect("its value");
+    assert_eq!(
+        kept.as_deref(),
+        Some("Hi {{first_name}}, text us here about {{topic}}.")
+    );
+    fill(&browser, "#f-name", "Billing, RCS first").await;
+    screenshot(&browser, "admin-new-configuration.png").await;
+    click(&browser, "button[value=save]").await;
+    eventually(
+        "the saved configuration's page",
+        Duration::from_secs(10),
+        || {
+            let url = browser.current_url();
+            async move {
+                url.await
+                    .is_ok_and(|u| u.path() == "/console/a/acme/configs/two-channels")
+            }
+        },
+    )
+    .await;
+    browser
+        .goto(&format!("{base}/console/a/acme/configs"))
+        .await
+        .expect("the list");
+    let listed = text_of(&browser, "table").await;
+    assert!(listed.contains("Billing, RCS first"), "{listed}");
+    assert!(listed.contains("RCS → SMS"), "{listed}");
+    let stored = story
+        .config()
+        .await
+        .get_handoff_config(authed(
+            pb::GetHandoffConfigRequest {
+                account_id: "acme".into(),
+                handoff_config_id: "two-channels".into(),
+            },
+            &token(AuthRole::Viewer, Some("acme")),
+        ))
+        .await
+        .expect("saved through the RPC")
+        .into_inner()
+        .config
+        .expect("config");
+    assert_eq!(
+        stored.channel_priority,
+        [pb::Channel::Rcs as i32, pb::Channel::Sms as i32]
+    );
+
+    // A caller is deflected: the overview's funnel moves.
+    story
+        .deflect(handoff_request("acme", "+14155550377", "console-1"), &key)
+        .await;
+    eventually(
+        "the overview counting the handoff",
+        Duration::from_secs(10),
+        || {
+            let (browser, base) = (&browser, &base);
+            async move {
+                browser
+                    .goto(&format!("{base}/console/a/acme"))
+                    .await
+                    .expect("the overview");
+                let table = text_of(browser, "table").await;
+                // Day, attempted 1, sent 1.
+                table
+                    .lines()
+                    .any(|l| l.split_whitespace().skip(1).take(2).eq(["1", "1"]))
+            }
+        },
+    )
+    .await;
+    assert!(present(&browser, "svg[role=img]").await, "the chart");
+    screenshot(&browser, "admin-overview.png").await;
+    browser.close().await.expect("closed");
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_sees_no_edit_controls_and_a_forged_form_is_refused() {
+    let story = Story::start(Topology::Dev).await;
+    onboard(&story, "acme").await;
+    let base = story.config_url().to_owned();
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+
+    let viewer = token(AuthRole::Viewer, Some("acme"));
+    sign_in(&browser, &base, &viewer).await;
+    assert!(text_of(&browser, "h1").await.contains("overview"));
+    browser
+        .goto(&format!("{base}/console/a/acme/configs"))
+        .await
+        .expect("the list");
+    assert!(text_of(&browser, "table").await.contains("billing"));
+    assert!(!present(&browser, "a[href$='/configs/new']").await);
+    browser
+        .goto(&format!("{base}/console/a/acme/configs/billing"))
+        .await
+        .expect("a configuration");
+    assert!(present(&browser, "#f-name[readonly]").await);
+    assert!(!present(&browser, "button[value=save]").await);
+    browser
+        .goto(&format!("{base}/console/a/acme/settings"))
+        .await
+        .expect("settings");
+    assert!(!present(&browser, "main button[type=submit]").await);
+    screenshot(&browser, "viewer-settings.png").await;
+
+    // The page's own CSRF token does not make the viewer an admin: the RPC refuses.
+    let csrf = browser
+        .find(Locator::Css("main input[name=csrf]"))
+        .await
+        .expect("the form's token")
+        .attr("value")
+        .await
+        .expect("its value")
+        .expect("a value");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("a client");
+    let post = |credential: &str, fields: Vec<(&str, String)>| {
+        http.post(format!("{base}/console/a/acme/settings"))
+            .header("cookie", format!("c2m_console={credential}"))
+            .form(&fields)
+            .send()
+    };
+    let settings = |csrf: String| {
+        vec![
+            ("csrf", csrf),
+            ("deflection_enabled", "on".to_owned()),
+            ("rate_limit_per_second", "30".to_owned()),
+            ("reply_lookback_hours", "24".to_owned()),
+            ("idle_close_minutes", "0".to_owned()),
+            ("time_zone", String::new()),
+            ("help_text", "forged".to_owned()),
+        ]
+    };
+    let as_viewer = post(&viewer, settings(csrf)).await.expect("answered");
+    assert_eq!(as_viewer.status(), 403);
+    // An admin's cookie, sent by another site's form (no token): refused before any RPC.
+    let admin = token(AuthRole::Admin, Some("acme"));
+    let cross_site = post(&admin, settings(String::new()))
+        .await
+        .expect("answered");
+    assert_eq!(cross_site.status(), 403);
+    let account = story
+        .config()
+        .await
+        .get_account(authed(
+            pb::GetAccountRequest {
+                account_id: "acme".into(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("the account")
+        .into_inner()
+        .account
+        .expect("account");
+    assert_eq!(
+        account.settings.expect("settings").help_text,
+        "",
+        "nothing forged was saved"
+    );
+
+    // Every page keeps to c2m's origin.
+    let page = http
+        .get(format!("{base}/console"))
+        .send()
+        .await
+        .expect("answered");
+    let policy = page.headers()["content-security-policy"]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    assert!(policy.starts_with("default-src 'none'"), "{policy}");
+    browser.close().await.expect("closed");
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_edit_says_someone_else_changed_the_configuration() {
+    let story = Story::start(Topology::Dev).await;
+    onboard(&story, "acme").await;
+    let base = story.config_url().to_owned();
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    let admin = token(AuthRole::Admin, Some("acme"));
+    sign_in(&browser, &base, &admin).await;
+    browser
+        .goto(&format!("{base}/console/a/acme/configs/billing"))
+        .await
+        .expect("the configuration");
+
+    // Someone else saves it meanwhile.
+    let mut config = story.config().await;
+    let current = config
+        .get_handoff_config(authed(
+            pb::GetHandoffConfigRequest {
+                account_id: "acme".into(),
+                handoff_config_id: "billing".into(),
+            },
+            &admin,
+        ))
+        .await
+        .expect("the configuration")
+        .into_inner()
+        .config
+        .expect("config");
+    config
+        .update_handoff_config(authed(
+            pb::UpdateHandoffConfigRequest {
+                account_id: "acme".into(),
+                config: Some(pb::HandoffConfig {
+                    name: "Billing (theirs)".into(),
+                    ..current.clone()
+                }),
+            },
+            &admin,
+        ))
+        .await
+        .expect("their update");
+
+    fill(&browser, "#f-name", "Billing (mine)").await;
+    click(&browser, "button[value=save]").await;
+    let banner = text_of(&browser, ".banner.bad").await;
+    assert!(
+        banner.contains(&format!("now at version {}", current.version + 1)),
+        "{banner}"
+    );
+    assert_eq!(
+        browser
+            .find(Locator::Css("#f-name"))
+            .await
+            .expect("the name")
+            .prop("value")
+            .await
+            .expect("its value")
+            .as_deref(),
+        Some("Billing (mine)"),
+        "the edit is kept to reapply"
+    );
+    screenshot(&browser, "stale-edit.png").await;
+    browser.close().await.expect("closed");
+    story.stop().await;
+}
