@@ -1,6 +1,7 @@
 //! The brand's console in a real browser: Debian's Chromium, headless, driven through its
 //! ChromeDriver. An admin signs in, builds a configuration with two channels and previews it,
-//! sees a field refused and then saved, and watches the funnel move; a viewer sees no edit
+//! sees a field refused and then saved, tries a deflection and watches each step arrive, and sees
+//! the funnel move; a viewer sees no edit
 //! controls and a forged form is refused; a stale edit shows the conflict. Each journey saves
 //! screenshots under the test's output directory.
 
@@ -16,7 +17,7 @@ use c2m_runtime::auth::Role as AuthRole;
 use c2m_test_support::eventually;
 use fantoccini::{Client, ClientBuilder, Locator};
 
-use crate::story::{Story, Topology, authed, handoff_request, onboard, token};
+use crate::story::{Story, Topology, authed, onboard, token};
 
 /// A ChromeDriver on a free loopback port, stopped when dropped.
 struct Driver {
@@ -155,7 +156,7 @@ async fn present(browser: &Client, css: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_builds_a_configuration_and_watches_the_funnel_in_a_browser() {
     let story = Story::start(Topology::Dev).await;
-    let key = onboard(&story, "acme").await;
+    onboard(&story, "acme").await;
     let base = story.config_url().to_owned();
     let driver = Driver::start().await;
     let browser = driver.browser().await;
@@ -258,29 +259,74 @@ async fn an_admin_builds_a_configuration_and_watches_the_funnel_in_a_browser() {
         [pb::Channel::Rcs as i32, pb::Channel::Sms as i32]
     );
 
-    // A caller is deflected: the overview's funnel moves.
-    story
-        .deflect(handoff_request("acme", "+14155550377", "console-1"), &key)
-        .await;
+    // Try it: a deflection to a phone, each step arriving on the page as the provider and the
+    // consumer act.
+    let phone = "+14155550377";
+    browser
+        .goto(&format!("{base}/console/a/acme/try"))
+        .await
+        .expect("the try-it page");
+    fill(&browser, "#f-phone", phone).await;
+    choose(&browser, "#f-config", "billing").await;
+    click(&browser, "main button[type=submit]").await;
+    let step = |stage: &'static str| {
+        let browser = &browser;
+        async move {
+            browser
+                .find(Locator::Css(&format!("li[data-stage={stage}]")))
+                .await
+                .ok()?
+                .attr("data-state")
+                .await
+                .ok()?
+        }
+    };
+    let done = |stage: &'static str| {
+        let step = &step;
+        async move { step(stage).await.as_deref() == Some("done") }
+    };
+    eventually("sent, on the page", Duration::from_secs(15), || {
+        done("FUNNEL_STAGE_SENT")
+    })
+    .await;
+    assert_eq!(
+        step("FUNNEL_STAGE_DELIVERED").await.as_deref(),
+        Some("waiting")
+    );
+    let sms = story.twilio.sent().pop().expect("the SMS at Twilio");
+    assert_eq!(sms.field("To"), phone);
+    assert_eq!(sms.field("Body"), "Hi Ada, text us here about your bill.");
+    let (status, _) = story.twilio.send_status(&sms, "delivered", None).await;
+    assert_eq!(status, 200);
+    eventually("delivered, on the page", Duration::from_secs(15), || {
+        done("FUNNEL_STAGE_DELIVERED")
+    })
+    .await;
+    story.sms_to_acme(phone, "Yes please").await;
     eventually(
-        "the overview counting the handoff",
-        Duration::from_secs(10),
-        || {
-            let (browser, base) = (&browser, &base);
-            async move {
-                browser
-                    .goto(&format!("{base}/console/a/acme"))
-                    .await
-                    .expect("the overview");
-                let table = text_of(browser, "table").await;
-                // Day, attempted 1, sent 1.
-                table
-                    .lines()
-                    .any(|l| l.split_whitespace().skip(1).take(2).eq(["1", "1"]))
-            }
-        },
+        "the conversation, on the page",
+        Duration::from_secs(15),
+        || done("FUNNEL_STAGE_CONVERSATION_OPENED"),
     )
     .await;
+    assert!(done("FUNNEL_STAGE_RESPONDED").await);
+    screenshot(&browser, "admin-try-it.png").await;
+
+    // The overview's funnel moved.
+    browser
+        .goto(&format!("{base}/console/a/acme"))
+        .await
+        .expect("the overview");
+    let table = text_of(&browser, "table").await;
+    // Day, attempted, sent, delivered, responded.
+    assert!(
+        table.lines().any(|l| l
+            .split_whitespace()
+            .skip(1)
+            .take(4)
+            .eq(["1", "1", "1", "1"])),
+        "{table}"
+    );
     assert!(present(&browser, "svg[role=img]").await, "the chart");
     screenshot(&browser, "admin-overview.png").await;
     browser.close().await.expect("closed");

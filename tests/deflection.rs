@@ -218,6 +218,16 @@ async fn deflect_and_reply(topology: Topology, options: Options) {
         .await
         .expect_err("another account's key");
     assert_eq!(wrong_account.code(), Code::PermissionDenied);
+    // A person's token deflects only for an editor or admin of the account (trying a
+    // configuration from the console); a viewer's is refused.
+    let by_viewer = handoff
+        .create_handoff(authed(
+            handoff_request("acme", "+14155550124", "call-6"),
+            &viewer,
+        ))
+        .await
+        .expect_err("a viewer");
+    assert_eq!(by_viewer.code(), Code::PermissionDenied);
     let bad_phone = handoff
         .create_handoff(authed(
             handoff_request("acme", "415-555-0124", "call-5"),

@@ -615,6 +615,17 @@ impl ReportingService for Service {
         let caller = self.key.caller(request.metadata())?;
         let r = request.into_inner();
         caller.authorize(&r.account_id, Role::Viewer)?;
+        if !r.handoff_id.is_empty() {
+            let events = self
+                .store
+                .handoff_events(&r.account_id, &r.handoff_id)
+                .await
+                .map_err(db_status)?;
+            return Ok(Response::new(pb::ListTransactionsResponse {
+                transactions: transactions_of(events),
+                next_page_token: String::new(),
+            }));
+        }
         let (start, end) = period(r.start_time.as_ref(), r.end_time.as_ref())?;
         let limit = match r.page_size {
             n if n <= 0 => 50,

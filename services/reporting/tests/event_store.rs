@@ -87,6 +87,7 @@ conformance!(
     a_series_counts_each_handoff_in_its_attempts_bucket_with_every_stage,
     days_and_hours_follow_the_time_zone_across_a_dst_change,
     an_export_pages_through_handoffs_in_attempt_order_each_once,
+    a_handoffs_events_are_read_in_time_order,
 );
 
 fn at(minute: i64) -> DateTime<Utc> {
@@ -702,5 +703,26 @@ async fn an_export_pages_through_handoffs_in_attempt_order_each_once(store: &dyn
             vec![owned("hc", &["c-1", "c-2"]), owned("hd", &["d-1"])],
             vec![owned("he", &["e-1"])],
         ]
+    );
+}
+
+async fn a_handoffs_events_are_read_in_time_order(store: &dyn EventStore) {
+    let events = vec![
+        event("a-3", "ha", DELIVERED, 3),
+        event("b-1", "hb", ATTEMPTED, 0),
+        event("a-1", "ha", ATTEMPTED, 1),
+        event("a-2", "ha", SENT, 2),
+    ];
+    store.append(&events).await.expect("appends");
+    let read = store.handoff_events("acme", "ha").await.expect("reads");
+    let ids: Vec<&str> = read.iter().map(|e| e.event_id.as_str()).collect();
+    assert_eq!(ids, ["a-1", "a-2", "a-3"]);
+    assert_eq!(read[2], events[0], "every field as written");
+    assert!(
+        store
+            .handoff_events("globex", "ha")
+            .await
+            .expect("reads")
+            .is_empty()
     );
 }

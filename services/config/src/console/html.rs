@@ -30,6 +30,19 @@ pub(crate) struct Frame<'a> {
 
 /// A whole page: `title`, the account's navigation (when there is one), and `body`.
 pub(crate) fn layout(title: &str, frame: Option<&Frame<'_>>, body: &str) -> String {
+    layout_refreshing(title, frame, body, None)
+}
+
+/// [`layout`], reloaded by the browser every `refresh` seconds when given (no script needed).
+pub(crate) fn layout_refreshing(
+    title: &str,
+    frame: Option<&Frame<'_>>,
+    body: &str,
+    refresh: Option<u32>,
+) -> String {
+    let refresh = refresh.map_or_else(String::new, |s| {
+        format!(r#"<meta http-equiv="refresh" content="{s}">"#)
+    });
     let mut nav = String::new();
     if let Some(f) = frame {
         let account = esc(f.account_id);
@@ -42,6 +55,7 @@ pub(crate) fn layout(title: &str, frame: Option<&Frame<'_>>, body: &str) -> Stri
             ("/configs", "Configurations"),
             ("/settings", "Settings"),
             ("/keys", "API keys"),
+            ("/try", "Try it"),
         ] {
             let current = if f.current == name {
                 r#" aria-current="page""#
@@ -68,7 +82,7 @@ pub(crate) fn layout(title: &str, frame: Option<&Frame<'_>>, body: &str) -> Stri
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="viewport" content="width=device-width, initial-scale=1">{refresh}
 <title>{title} · c2m</title>
 <link rel="stylesheet" href="/console/assets/console.css">
 </head>

@@ -60,6 +60,11 @@ pub(crate) fn router(service: Service) -> Router {
             "/console/a/{account}/keys/{id}/revoke",
             post(pages::revoke_key),
         )
+        .route(
+            "/console/a/{account}/try",
+            get(pages::try_it).post(pages::run_try),
+        )
+        .route("/console/a/{account}/try/{handoff}", get(pages::watch_try))
         .with_state(service)
 }
 

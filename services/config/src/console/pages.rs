@@ -1406,6 +1406,299 @@ pub(crate) async fn revoke_key(
     }
 }
 
+// ---- try it ---------------------------------------------------------------------------------
+
+pub(crate) async fn try_it(
+    State(service): State<Service>,
+    headers: HeaderMap,
+    Path(account_id): Path<String>,
+) -> Page {
+    let Some(session) = Session::from_headers(&service, &headers) else {
+        return to_sign_in();
+    };
+    let form = TryForm {
+        first_name: "Ada".into(),
+        topic: "your bill".into(),
+        ..TryForm::default()
+    };
+    try_page(
+        &service,
+        &session,
+        &account_id,
+        &form,
+        &HashMap::new(),
+        String::new(),
+    )
+    .await
+}
+
+#[derive(Debug, Default)]
+struct TryForm {
+    phone: String,
+    config: String,
+    first_name: String,
+    topic: String,
+}
+
+async fn try_page(
+    service: &Service,
+    session: &Session,
+    account_id: &str,
+    form: &TryForm,
+    errors: &HashMap<String, String>,
+    banners: String,
+) -> Page {
+    let mut body = format!("<h1>Try it</h1>{banners}");
+    if !session.may(account_id, Role::Editor) {
+        body.push_str(&html::banner(
+            "good",
+            "Trying a deflection needs the editor role.",
+        ));
+        return ok(html::layout(
+            "Try it",
+            Some(&frame(session, account_id, "Try it")),
+            &body,
+        ));
+    }
+    let configs = match service
+        .list_handoff_configs(session.request(pb::ListHandoffConfigsRequest {
+            account_id: account_id.to_owned(),
+            page_size: 100,
+            ..Default::default()
+        }))
+        .await
+    {
+        Ok(answer) => answer.into_inner().configs,
+        Err(status) => return refused(&status),
+    };
+    let error = |name: &str| errors.get(name).map(String::as_str);
+    let mut options = String::new();
+    for c in &configs {
+        let selected = if c.handoff_config_id == form.config {
+            " selected"
+        } else {
+            ""
+        };
+        let _ = write!(
+            options,
+            r#"<option value="{id}"{selected}>{name}</option>"#,
+            id = html::esc(&c.handoff_config_id),
+            name = html::esc(&c.name),
+        );
+    }
+    let (invalid, message) = html::field_error("f-config", error("handoff_config_id"));
+    let _ = write!(
+        body,
+        r#"<section><p>Deflect a phone you hold, as an IVR would, and watch each step arrive. The message goes through the account's providers (the sandbox, if that is what the account has).</p>
+<form method="post" novalidate><input type="hidden" name="csrf" value="{csrf}"><div class="grid">
+<div>{phone}</div><div><label for="f-config">Configuration</label><select id="f-config" name="config"{invalid}>{options}</select>{message}</div>
+<div>{first}</div><div>{topic}</div></div>
+<button type="submit">Deflect</button></form></section>"#,
+        csrf = html::esc(&session.csrf()),
+        phone = html::text_field(
+            "phone",
+            "Phone",
+            &form.phone,
+            "E.164, e.g. +14155550123",
+            error("consumer_phone"),
+            true
+        ),
+        first = html::text_field("first_name", "First name", &form.first_name, "", None, true),
+        topic = html::text_field("topic", "Topic", &form.topic, "", None, true),
+    );
+    ok(html::layout(
+        "Try it",
+        Some(&frame(session, account_id, "Try it")),
+        &body,
+    ))
+}
+
+pub(crate) async fn run_try(
+    State(service): State<Service>,
+    headers: HeaderMap,
+    Path(account_id): Path<String>,
+    body: Bytes,
+) -> Page {
+    let Some(session) = Session::from_headers(&service, &headers) else {
+        return to_sign_in();
+    };
+    let submitted = Form::parse(&body);
+    if !session.csrf_ok(&submitted) {
+        return forged();
+    }
+    let form = TryForm {
+        phone: submitted.get("phone").trim().to_owned(),
+        config: submitted.get("config"),
+        first_name: submitted.get("first_name"),
+        topic: submitted.get("topic"),
+    };
+    let request = pb::CreateHandoffRequest {
+        account_id: account_id.clone(),
+        handoff_config_id: form.config.clone(),
+        consumer_phone: form.phone.clone(),
+        idempotency_key: c2m_runtime::ids::generate("console"),
+        engagement_attributes: Some(pb::EngagementAttributes {
+            personal_info: Some(pb::PersonalInfo {
+                first_name: form.first_name.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        template_variables: [("topic".to_owned(), form.topic.clone())].into(),
+        ivr_call_id: "console-try".to_owned(),
+        ..Default::default()
+    };
+    let created = match service.peers.handoff_for(&session.token) {
+        Ok(mut handoff) => handoff.create_handoff(request).await,
+        Err(status) => Err(status),
+    };
+    match created {
+        Ok(answer) => {
+            let handoff = answer.into_inner().handoff.unwrap_or_default();
+            see_other(&format!(
+                "/console/a/{account_id}/try/{}",
+                url::form_urlencoded::byte_serialize(handoff.handoff_id.as_bytes())
+                    .collect::<String>()
+            ))
+        }
+        Err(status) if status.code() == Code::InvalidArgument => {
+            let errors: HashMap<String, String> = violations(&status).into_iter().collect();
+            let mut page = try_page(
+                &service,
+                &session,
+                &account_id,
+                &form,
+                &errors,
+                html::banner("bad", status.message()),
+            )
+            .await;
+            *page.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+            page
+        }
+        Err(status) if status.code() == Code::FailedPrecondition => {
+            let mut page = try_page(
+                &service,
+                &session,
+                &account_id,
+                &form,
+                &HashMap::new(),
+                html::banner("bad", status.message()),
+            )
+            .await;
+            *page.status_mut() = StatusCode::CONFLICT;
+            page
+        }
+        Err(status) => refused(&status),
+    }
+}
+
+/// The steps a tried deflection shows, in order, with what a person reads for each.
+const TRY_STEPS: [(pb::FunnelStage, &str); 6] = [
+    (pb::FunnelStage::Attempted, "Asked for, as an IVR would"),
+    (pb::FunnelStage::Sent, "Sent: a provider took the message"),
+    (pb::FunnelStage::Delivered, "Delivered to the phone"),
+    (pb::FunnelStage::Read, "Read"),
+    (pb::FunnelStage::Responded, "Replied"),
+    (
+        pb::FunnelStage::ConversationOpened,
+        "Conversation opened for the skill's agents",
+    ),
+];
+
+pub(crate) async fn watch_try(
+    State(service): State<Service>,
+    headers: HeaderMap,
+    Path((account_id, handoff_id)): Path<(String, String)>,
+) -> Page {
+    let Some(session) = Session::from_headers(&service, &headers) else {
+        return to_sign_in();
+    };
+    let listed = match service.peers.reporting_for(&session.token) {
+        Ok(mut reporting) => reporting
+            .list_transactions(pb::ListTransactionsRequest {
+                account_id: account_id.clone(),
+                handoff_id: handoff_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().transactions),
+        Err(status) => Err(status),
+    };
+    let transaction = match listed {
+        Ok(mut found) => found.pop().unwrap_or_default(),
+        Err(status) => return refused(&status),
+    };
+    let reached = |stage: pb::FunnelStage| {
+        transaction
+            .stages
+            .iter()
+            .find(|s| s.stage == stage as i32)
+            .and_then(|s| s.at.as_ref())
+            .and_then(c2m_proto::from_timestamp)
+    };
+    let started = reached(pb::FunnelStage::Attempted);
+    let ended: Vec<&pb::StageTime> = transaction
+        .stages
+        .iter()
+        .filter(|s| !TRY_STEPS.iter().any(|(stage, _)| *stage as i32 == s.stage))
+        .collect();
+    let opened = reached(pb::FunnelStage::ConversationOpened).is_some();
+    // Reloaded while something may still come: up to two minutes, until the conversation opens.
+    let waiting =
+        !opened && started.is_none_or(|at| chrono::Utc::now() - at < chrono::Duration::minutes(2));
+    let mut body = format!(
+        r#"<h1>Try it: {}</h1><section aria-live="polite"><ol class="steps">"#,
+        html::esc(&handoff_id)
+    );
+    for (stage, label) in TRY_STEPS {
+        let (state, time) = match reached(stage) {
+            Some(at) => (
+                "done",
+                format!(
+                    "{} (+{:.1} s)",
+                    at.format("%H:%M:%S"),
+                    started.map_or(0.0, |s| (at - s).num_milliseconds() as f64 / 1000.0)
+                ),
+            ),
+            None if waiting => ("waiting", "waiting…".to_owned()),
+            None => ("missing", "—".to_owned()),
+        };
+        let _ = write!(
+            body,
+            r#"<li data-stage="{}" data-state="{state}"><strong>{label}</strong> <span class="hint">{time}</span></li>"#,
+            stage.as_str_name()
+        );
+    }
+    body.push_str("</ol>");
+    for other in ended {
+        let name = pb::FunnelStage::try_from(other.stage)
+            .map_or("", |s| s.as_str_name())
+            .trim_start_matches("FUNNEL_STAGE_")
+            .replace('_', " ")
+            .to_lowercase();
+        let code = if transaction.error_code.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", transaction.error_code)
+        };
+        body.push_str(&html::banner("bad", &format!("Also: {name}{code}.")));
+    }
+    if waiting {
+        body.push_str(r#"<p class="hint">This page reloads every two seconds while steps may still arrive.</p>"#);
+    }
+    let _ = write!(
+        body,
+        r#"</section><p><a class="button secondary" href="/console/a/{}/try">Try again</a></p>"#,
+        html::esc(&account_id)
+    );
+    ok(html::layout_refreshing(
+        "Try it",
+        Some(&frame(&session, &account_id, "Try it")),
+        &body,
+        waiting.then_some(2),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -212,6 +212,12 @@ pub trait EventStore: Send + Sync + 'static {
         after: &str,
         limit: i64,
     ) -> Result<Vec<StoredEvent>, sqlx::Error>;
+    /// One handoff's events, in time order.
+    async fn handoff_events(
+        &self,
+        account_id: &str,
+        handoff_id: &str,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error>;
     /// Appends the events not seen before, each at its account's next position; returns how many
     /// were new. An account's events become visible in position order.
     async fn append(&self, events: &[StoredEvent]) -> Result<u64, sqlx::Error>;
@@ -267,6 +273,11 @@ pub trait EventStore: Send + Sync + 'static {
 pub(crate) const LOGGED_COLUMNS: &str = "position, event_id, stage, occurred_at, handoff_id, \
     handoff_config_id, channel, skill_id, conversation_id, ivr_number, error_code, source, \
     response_delay_ms";
+
+/// [`LOGGED_COLUMNS`] for events that may have no position (recorded before positions were).
+pub(crate) const ANY_EVENT_COLUMNS: &str = "coalesce(position, 0) AS position, event_id, stage, \
+    occurred_at, handoff_id, handoff_config_id, channel, skill_id, conversation_id, ivr_number, \
+    error_code, source, response_delay_ms";
 
 /// A row of [`LOGGED_COLUMNS`] as its position and event; `occurred_at` is read by the backend
 /// (PostgreSQL has timestamps, SQLite integers).

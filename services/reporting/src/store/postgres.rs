@@ -7,8 +7,8 @@ use sqlx::{PgPool, Row};
 use std::collections::BTreeMap;
 
 use super::{
-    Durations, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS, SeriesQuery, SeriesRow,
-    StoredEvent, TransactionRow, logged_event, transaction_event,
+    ANY_EVENT_COLUMNS, Durations, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS,
+    SeriesQuery, SeriesRow, StoredEvent, TransactionRow, logged_event, transaction_event,
 };
 
 #[derive(Debug, Clone)]
@@ -54,6 +54,25 @@ impl EventStore for PgEventStore {
             .into_iter()
             .map(|row| transaction_event(account_id, row))
             .collect())
+    }
+
+    async fn handoff_events(
+        &self,
+        account_id: &str,
+        handoff_id: &str,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ANY_EVENT_COLUMNS} FROM events \
+             WHERE account_id = $1 AND handoff_id = $2 AND handoff_id <> '' \
+             ORDER BY occurred_at, event_id"
+        )))
+        .bind(account_id)
+        .bind(handoff_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok(logged_event(row, account_id, row.try_get("occurred_at")?)?.1))
+            .collect()
     }
 
     async fn append(&self, events: &[StoredEvent]) -> Result<u64, sqlx::Error> {

@@ -6,8 +6,9 @@ use chrono::{DateTime, Utc};
 use sqlx::{Row, SqlitePool, migrate::Migrator};
 
 use super::{
-    EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS, SeriesEvent, SeriesQuery, SeriesRow,
-    StoredEvent, logged_event, percentile_disc, series_rows, transaction_event,
+    ANY_EVENT_COLUMNS, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS, SeriesEvent,
+    SeriesQuery, SeriesRow, StoredEvent, logged_event, percentile_disc, series_rows,
+    transaction_event,
 };
 
 /// The SQLite schema's migrations (`migrations-sqlite/`).
@@ -92,6 +93,27 @@ impl EventStore for SqliteEventStore {
                 },
             )
             .collect())
+    }
+
+    async fn handoff_events(
+        &self,
+        account_id: &str,
+        handoff_id: &str,
+    ) -> Result<Vec<StoredEvent>, sqlx::Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ANY_EVENT_COLUMNS} FROM events \
+             WHERE account_id = ?1 AND handoff_id = ?2 AND handoff_id <> '' \
+             ORDER BY occurred_at, event_id"
+        )))
+        .bind(account_id)
+        .bind(handoff_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(logged_event(row, account_id, from_micros(row.try_get("occurred_at")?))?.1)
+            })
+            .collect()
     }
 
     /// One transaction for the batch: the events are counted once each, whoever sent them twice.
