@@ -646,6 +646,7 @@ impl Demo {
              cargo run -q --release -- handoff{at} --key {key} --account demo --handoff-config billing --phone +14155550123 --var topic=\"your bill\"\n\n  \
              # the brand's funnel (attempted, sent, delivered, responded, ...)\n  \
              cargo run -q --release -- funnel{at} --token {token} --account demo --group-by channel\n\n\
+             Or in a browser: {server}/console, signed in with the token above (the demo's admin).\n\n\
              The key and the token hold for this run (the token 12 hours).\n",
             key = self.api_key,
             token = self.admin_token,
