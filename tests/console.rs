@@ -329,6 +329,53 @@ async fn an_admin_builds_a_configuration_and_watches_the_funnel_in_a_browser() {
     );
     assert!(present(&browser, "svg[role=img]").await, "the chart");
     screenshot(&browser, "admin-overview.png").await;
+
+    // The handoff in the records, and as a spreadsheet.
+    browser
+        .goto(&format!("{base}/console/a/acme/transactions"))
+        .await
+        .expect("the handoffs");
+    let records = text_of(&browser, "table").await;
+    let handoff_id = records
+        .split_whitespace()
+        .find(|w| w.starts_with("ho-"))
+        .expect("a handoff listed")
+        .to_owned();
+    assert!(records.contains("conversation opened"), "{records}");
+    let cookie = browser
+        .get_named_cookie("c2m_console")
+        .await
+        .expect("the session cookie");
+    let csv = reqwest::Client::new()
+        .get(format!("{base}/console/a/acme/transactions.csv"))
+        .header("cookie", format!("c2m_console={}", cookie.value()))
+        .send()
+        .await
+        .expect("the download");
+    assert_eq!(csv.status(), 200);
+    assert!(
+        csv.headers()["content-disposition"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("attachment; filename=\"c2m-acme-handoffs-")
+    );
+    let csv = csv.text().await.expect("the file");
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.len(), 2, "a header and the handoff: {csv}");
+    assert!(rows[1].starts_with(&format!("{handoff_id},")), "{csv}");
+
+    // Who changed what: the configuration made above, by this admin.
+    browser
+        .goto(&format!("{base}/console/a/acme/audit"))
+        .await
+        .expect("the audit log");
+    let log = text_of(&browser, "table").await;
+    assert!(
+        log.lines().any(|l| l.contains("tester")
+            && l.contains("CreateHandoffConfig")
+            && l.contains("two-channels")),
+        "{log}"
+    );
     browser.close().await.expect("closed");
     story.stop().await;
 }

@@ -407,65 +407,6 @@ pub struct Export<'a> {
     pub format: ExportFormat,
 }
 
-/// The stages after ATTEMPTED, each a CSV column of the time it was first reached.
-fn export_stages() -> impl Iterator<Item = pb::FunnelStage> {
-    (pb::FunnelStage::Sent as i32..).map_while(|n| pb::FunnelStage::try_from(n).ok())
-}
-
-fn csv_field(text: &str) -> String {
-    if text.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", text.replace('"', "\"\""))
-    } else {
-        text.to_owned()
-    }
-}
-
-fn rfc3339(at: Option<&prost_types::Timestamp>) -> String {
-    at.and_then(c2m_proto::from_timestamp)
-        .map(|at| at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_default()
-}
-
-fn csv_header() -> String {
-    let mut line = "handoff_id,attempted_at,handoff_config_id,ivr_number,channel,skill_id,\
-        conversation_id,error_code,source"
-        .to_owned();
-    for stage in export_stages() {
-        let name = stage
-            .as_str_name()
-            .trim_start_matches(STAGE)
-            .to_ascii_lowercase();
-        let _ = write!(line, ",{name}_at");
-    }
-    line.push('\n');
-    line
-}
-
-fn csv_line(t: &pb::Transaction) -> String {
-    let channel = pb::Channel::try_from(t.channel)
-        .ok()
-        .filter(|c| *c != pb::Channel::Unspecified)
-        .map_or("", |c| c.as_str_name().trim_start_matches("CHANNEL_"));
-    let mut fields = vec![
-        csv_field(&t.handoff_id),
-        rfc3339(t.attempted_at.as_ref()),
-        csv_field(&t.handoff_config_id),
-        csv_field(&t.ivr_number),
-        channel.to_owned(),
-        csv_field(&t.skill_id),
-        csv_field(&t.conversation_id),
-        csv_field(&t.error_code),
-        csv_field(&t.source),
-    ];
-    for stage in export_stages() {
-        let first = t.stages.iter().find(|s| s.stage == stage as i32);
-        fields.push(first.map_or_else(String::new, |s| rfc3339(s.at.as_ref())));
-    }
-    let mut line = fields.join(",");
-    line.push('\n');
-    line
-}
-
 /// `c2m report export`: streams the handoffs to `output` (stdout when `None`), a batch at a
 /// time, counting on stderr when it is a terminal. Answers what to print on stdout afterwards.
 pub async fn export(
@@ -501,7 +442,7 @@ pub async fn export(
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     if e.format == ExportFormat::Csv {
-        out.write_all(csv_header().as_bytes())
+        out.write_all(c2m_proto::csv::header().as_bytes())
             .map_err(write_error)?;
     }
     let progress = std::io::stderr().is_terminal();
@@ -509,7 +450,7 @@ pub async fn export(
     while let Some(batch) = stream.message().await.map_err(call_error)? {
         for t in &batch.transactions {
             let line = match e.format {
-                ExportFormat::Csv => csv_line(t),
+                ExportFormat::Csv => c2m_proto::csv::line(t),
                 ExportFormat::Jsonl => {
                     let mut line = c2m_proto::to_json("c2m.v1.Transaction", t).to_string();
                     line.push('\n');

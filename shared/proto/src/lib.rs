@@ -1,6 +1,8 @@
 //! The `c2m.v1` protobuf contracts: messages, tonic clients and servers, and the encoded file
 //! descriptor set that gRPC reflection serves.
 
+pub mod csv;
+
 /// Generated from `proto/c2m/v1`.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

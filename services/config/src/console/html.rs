@@ -54,8 +54,10 @@ pub(crate) fn layout_refreshing(
             ("", "Overview"),
             ("/configs", "Configurations"),
             ("/settings", "Settings"),
-            ("/keys", "API keys"),
+            ("/transactions", "Handoffs"),
             ("/try", "Try it"),
+            ("/keys", "API keys"),
+            ("/audit", "Audit log"),
         ] {
             let current = if f.current == name {
                 r#" aria-current="page""#

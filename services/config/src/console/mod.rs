@@ -9,6 +9,7 @@
 
 mod html;
 mod pages;
+mod records;
 
 use std::time::SystemTime;
 
@@ -65,6 +66,15 @@ pub(crate) fn router(service: Service) -> Router {
             get(pages::try_it).post(pages::run_try),
         )
         .route("/console/a/{account}/try/{handoff}", get(pages::watch_try))
+        .route(
+            "/console/a/{account}/transactions",
+            get(records::transactions),
+        )
+        .route(
+            "/console/a/{account}/transactions.csv",
+            get(records::transactions_csv),
+        )
+        .route("/console/a/{account}/audit", get(records::audit))
         .with_state(service)
 }
 

@@ -42,7 +42,7 @@ fn channel_name(channel: Channel) -> &'static str {
     }
 }
 
-fn ok(body: String) -> Page {
+pub(crate) fn ok(body: String) -> Page {
     secured(Html(body).into_response())
 }
 
@@ -51,7 +51,7 @@ fn with_status(status: StatusCode, body: String) -> Page {
 }
 
 /// The page for an RPC that refused outright (not a form's bad input).
-fn refused(status: &Status) -> Page {
+pub(crate) fn refused(status: &Status) -> Page {
     let (code, title) = match status.code() {
         Code::PermissionDenied => (StatusCode::FORBIDDEN, "Not allowed"),
         Code::NotFound => (StatusCode::NOT_FOUND, "Not found"),
@@ -61,7 +61,11 @@ fn refused(status: &Status) -> Page {
     with_status(code, html::error_page(title, status.message()))
 }
 
-fn frame<'a>(session: &Session, account_id: &'a str, current: &'a str) -> html::Frame<'a> {
+pub(crate) fn frame<'a>(
+    session: &Session,
+    account_id: &'a str,
+    current: &'a str,
+) -> html::Frame<'a> {
     html::Frame {
         account_id,
         who: session.who(),
@@ -71,7 +75,7 @@ fn frame<'a>(session: &Session, account_id: &'a str, current: &'a str) -> html::
 }
 
 /// The query string's `name`, decoded.
-fn query(uri: &Uri, name: &str) -> String {
+pub(crate) fn query(uri: &Uri, name: &str) -> String {
     url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
