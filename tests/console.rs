@@ -311,6 +311,16 @@ async fn an_admin_builds_a_configuration_and_watches_the_funnel_in_a_browser() {
     .await;
     assert!(done("FUNNEL_STAGE_RESPONDED").await);
     screenshot(&browser, "admin-try-it.png").await;
+    // The conversation it opened is in the live list, the phone in full for an admin.
+    browser
+        .goto(&format!("{base}/console/a/acme/conversations"))
+        .await
+        .expect("the conversations");
+    let open = text_of(&browser, "table").await;
+    assert!(
+        open.contains(phone) && open.contains("billing-agents"),
+        "{open}"
+    );
 
     // The overview's funnel moved.
     browser
@@ -546,6 +556,108 @@ async fn a_stale_edit_says_someone_else_changed_the_configuration() {
         "the edit is kept to reapply"
     );
     screenshot(&browser, "stale-edit.png").await;
+    browser.close().await.expect("closed");
+    story.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_adds_a_template_a_webhook_endpoint_and_credentials() {
+    let story = Story::start(Topology::Dev).await;
+    onboard(&story, "acme").await;
+    let base = story.config_url().to_owned();
+    let driver = Driver::start().await;
+    let browser = driver.browser().await;
+    sign_in(&browser, &base, &token(AuthRole::Admin, Some("acme"))).await;
+
+    browser
+        .goto(&format!("{base}/console/a/acme/templates"))
+        .await
+        .expect("the templates");
+    fill(&browser, "#f-t-name", "billing_followup").await;
+    fill(&browser, "#f-t-language", "en_US").await;
+    fill(
+        &browser,
+        "#f-t-body",
+        "Hi {{1}}, about your bill: reply here.",
+    )
+    .await;
+    click(
+        &browser,
+        "main form[action$='/templates'] button[type=submit]",
+    )
+    .await;
+    assert!(
+        text_of(&browser, ".banner.good")
+            .await
+            .contains("Template added")
+    );
+    assert_eq!(
+        text_of(&browser, "td[data-status]").await,
+        "pending",
+        "Meta reviews it first"
+    );
+
+    // An endpoint that nobody answers: added with its secret shown once; a test is not taken.
+    browser
+        .goto(&format!("{base}/console/a/acme/webhooks"))
+        .await
+        .expect("the webhooks");
+    fill(&browser, "#f-w-url", "http://127.0.0.1:9/hooks/c2m").await;
+    click(&browser, "input[value='handoff.sent']").await;
+    click(
+        &browser,
+        "main form[action$='/webhooks'] button[type=submit]",
+    )
+    .await;
+    assert!(text_of(&browser, "#new-secret").await.starts_with("whsec_"));
+    assert!(
+        text_of(&browser, "main section h2 + p + p")
+            .await
+            .contains("handoff.sent")
+    );
+    click(&browser, "form[action$='/test'] button").await;
+    assert!(
+        text_of(&browser, ".banner.bad")
+            .await
+            .contains("The test event was not taken")
+    );
+    screenshot(&browser, "admin-webhooks.png").await;
+    let endpoints = story
+        .config()
+        .await
+        .list_webhook_endpoints(authed(
+            pb::ListWebhookEndpointsRequest {
+                account_id: "acme".into(),
+            },
+            &token(AuthRole::Admin, Some("acme")),
+        ))
+        .await
+        .expect("the endpoints")
+        .into_inner()
+        .endpoints;
+    assert_eq!(endpoints.len(), 1);
+    assert_eq!(endpoints[0].event_types, ["handoff.sent"]);
+
+    // Credentials are set and never shown back; a bad one is refused naming its field.
+    browser
+        .goto(&format!("{base}/console/a/acme/credentials"))
+        .await
+        .expect("the credentials");
+    fill(&browser, "#f-sandbox-reply_text", "Yes please").await;
+    click(&browser, "form:has(#f-sandbox-reply_text) button").await;
+    assert_eq!(text_of(&browser, ".banner.good").await, "Credentials set.");
+    assert!(
+        !browser
+            .source()
+            .await
+            .expect("the page")
+            .contains("Yes please"),
+        "nothing set is shown back"
+    );
+    fill(&browser, "#f-twilio-account_sid", "not-a-sid").await;
+    click(&browser, "form:has(#f-twilio-account_sid) button").await;
+    let refusal = text_of(&browser, ".banner.bad").await;
+    assert!(refusal.contains("twilio."), "{refusal}");
     browser.close().await.expect("closed");
     story.stop().await;
 }

@@ -318,6 +318,28 @@ impl Peers {
         ))
     }
 
+    /// The agents' API, called with `credential`.
+    pub fn conversations_for(
+        &self,
+        credential: &str,
+    ) -> Result<ConversationServiceClient<AsUser>, Status> {
+        Ok(ConversationServiceClient::with_interceptor(
+            self.service(Peer::Routing),
+            on_behalf(credential)?,
+        ))
+    }
+
+    /// The channel gateway, called with `credential`.
+    pub fn channel_gateway_for(
+        &self,
+        credential: &str,
+    ) -> Result<ChannelGatewayServiceClient<AsUser>, Status> {
+        Ok(ChannelGatewayServiceClient::with_interceptor(
+            self.service(Peer::ChannelGateway),
+            on_behalf(credential)?,
+        ))
+    }
+
     /// Handoff, called with `credential` (a person's token or an API key).
     pub fn handoff_for(&self, credential: &str) -> Result<HandoffServiceClient<AsUser>, Status> {
         Ok(HandoffServiceClient::with_interceptor(

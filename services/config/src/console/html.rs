@@ -53,9 +53,13 @@ pub(crate) fn layout_refreshing(
         for (path, name) in [
             ("", "Overview"),
             ("/configs", "Configurations"),
-            ("/settings", "Settings"),
-            ("/transactions", "Handoffs"),
             ("/try", "Try it"),
+            ("/transactions", "Handoffs"),
+            ("/conversations", "Conversations"),
+            ("/templates", "Templates"),
+            ("/webhooks", "Webhooks"),
+            ("/credentials", "Credentials"),
+            ("/settings", "Settings"),
             ("/keys", "API keys"),
             ("/audit", "Audit log"),
         ] {

@@ -8,6 +8,7 @@
 //! carry a CSRF token derived from the session, checked on every change.
 
 mod html;
+mod integrations;
 mod pages;
 mod records;
 
@@ -75,6 +76,34 @@ pub(crate) fn router(service: Service) -> Router {
             get(records::transactions_csv),
         )
         .route("/console/a/{account}/audit", get(records::audit))
+        .route(
+            "/console/a/{account}/templates",
+            get(integrations::templates).post(integrations::create_template),
+        )
+        .route(
+            "/console/a/{account}/templates/{id}/delete",
+            post(integrations::delete_template),
+        )
+        .route(
+            "/console/a/{account}/credentials",
+            get(integrations::credentials).post(integrations::set_credentials),
+        )
+        .route(
+            "/console/a/{account}/webhooks",
+            get(integrations::webhooks).post(integrations::create_webhook),
+        )
+        .route(
+            "/console/a/{account}/webhooks/{id}/test",
+            post(integrations::test_webhook),
+        )
+        .route(
+            "/console/a/{account}/webhooks/{id}/delete",
+            post(integrations::delete_webhook),
+        )
+        .route(
+            "/console/a/{account}/conversations",
+            get(integrations::conversations),
+        )
         .with_state(service)
 }
 
@@ -208,6 +237,15 @@ impl Form {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
+    }
+
+    /// Every value of `name`, in order.
+    fn all(&self, name: &str) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     fn has(&self, name: &str) -> bool {
