@@ -339,6 +339,20 @@ async fn an_admin_builds_a_configuration_and_watches_the_funnel_in_a_browser() {
     );
     assert!(present(&browser, "svg[role=img]").await, "the chart");
     screenshot(&browser, "admin-overview.png").await;
+    // By channel: a row per day and channel.
+    choose(&browser, "#f-by", "channel").await;
+    click(&browser, "form[aria-label=Grouping] button").await;
+    let by_channel = text_of(&browser, "table").await;
+    assert!(
+        by_channel
+            .lines()
+            .any(|l| l
+                .split_whitespace()
+                .skip(1)
+                .take(3)
+                .eq(["CHANNEL_SMS", "1", "1"])),
+        "{by_channel}"
+    );
 
     // The handoff in the records, and as a spreadsheet.
     browser

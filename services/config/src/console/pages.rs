@@ -204,10 +204,23 @@ pub(crate) async fn sign_out(
 
 // ---- overview -------------------------------------------------------------------------------
 
+/// The overview's grouping choices: (query value, label, dimension).
+const GROUPINGS: [(&str, &str, pb::FunnelGrouping); 4] = [
+    ("", "The whole account", pb::FunnelGrouping::Unspecified),
+    ("channel", "By channel", pb::FunnelGrouping::Channel),
+    ("skill", "By skill", pb::FunnelGrouping::Skill),
+    (
+        "config",
+        "By configuration",
+        pb::FunnelGrouping::HandoffConfig,
+    ),
+];
+
 pub(crate) async fn overview(
     State(service): State<Service>,
     headers: HeaderMap,
     Path(account_id): Path<String>,
+    uri: Uri,
 ) -> Page {
     let Some(session) = Session::from_headers(&service, &headers) else {
         return to_sign_in();
@@ -232,18 +245,40 @@ pub(crate) async fn overview(
             "Deflection is off for this account: handoffs are refused until an admin turns it on in Settings.",
         ));
     }
+    let by = query(&uri, "by");
+    let (_, _, grouping) = GROUPINGS
+        .iter()
+        .find(|(value, _, _)| *value == by)
+        .copied()
+        .unwrap_or(GROUPINGS[0]);
     let series = match service.peers.reporting_for(&session.token) {
         Ok(mut reporting) => reporting
             .get_funnel_series(pb::GetFunnelSeriesRequest {
                 account_id: account_id.clone(),
                 bucket: pb::FunnelBucket::Day as i32,
+                group_by: if grouping == pb::FunnelGrouping::Unspecified {
+                    Vec::new()
+                } else {
+                    vec![grouping as i32]
+                },
                 ..Default::default()
             })
             .await
             .map(tonic::Response::into_inner),
         Err(status) => Err(status),
     };
-    body.push_str("<section><h2>The last seven days</h2>");
+    let mut options = String::new();
+    for (value, label, _) in GROUPINGS {
+        let selected = if value == by { " selected" } else { "" };
+        let _ = write!(
+            options,
+            r#"<option value="{value}"{selected}>{label}</option>"#
+        );
+    }
+    let _ = write!(
+        body,
+        r#"<section><h2>The last seven days</h2><form method="get" class="grid" aria-label="Grouping"><div><label for="f-by">Show</label><select id="f-by" name="by">{options}</select></div><div><button type="submit" class="secondary">Show</button></div></form>"#
+    );
     match series {
         Ok(series) if series.rows.is_empty() => {
             body.push_str("<p>No handoffs in the last seven days.</p>");
@@ -262,6 +297,11 @@ pub(crate) async fn overview(
     ))
 }
 
+/// Colours for grouped series, each at least 4.5:1 against white.
+const PALETTE: [&str; 6] = [
+    "#0b57d0", "#1a7f37", "#8250df", "#bc4c00", "#0a7d8c", "#a4161a",
+];
+
 fn funnel_section(series: &pb::GetFunnelSeriesResponse) -> String {
     let count = |row: &pb::FunnelSeriesRow, stage: pb::FunnelStage| {
         row.counts
@@ -269,19 +309,71 @@ fn funnel_section(series: &pb::GetFunnelSeriesResponse) -> String {
             .find(|c| c.stage == stage as i32)
             .map_or(0, |c| c.count)
     };
-    let labels: Vec<String> = series.rows.iter().map(|r| r.bucket_label.clone()).collect();
-    let column = |stage| series.rows.iter().map(|r| count(r, stage)).collect();
-    let chart = html::bar_chart(
-        &labels,
-        &[
-            ("Attempted", "#0b57d0", column(pb::FunnelStage::Attempted)),
-            ("Delivered", "#6f42c1", column(pb::FunnelStage::Delivered)),
-            ("Responded", "#1a7f37", column(pb::FunnelStage::Responded)),
-        ],
-    );
+    let grouped = series.rows.iter().any(|r| !r.groups.is_empty());
+    let mut labels: Vec<String> = series.rows.iter().map(|r| r.bucket_label.clone()).collect();
+    labels.dedup();
+    let chart = if grouped {
+        // Per group, the handoffs attempted each day (the six largest groups).
+        let mut groups: Vec<(String, u64)> = Vec::new();
+        for row in &series.rows {
+            let name = row.groups.join(" · ");
+            let n = count(row, pb::FunnelStage::Attempted);
+            match groups.iter_mut().find(|(g, _)| *g == name) {
+                Some((_, total)) => *total += n,
+                None => groups.push((name, n)),
+            }
+        }
+        groups.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let bars: Vec<(String, &str, Vec<u64>)> = groups
+            .iter()
+            .take(PALETTE.len())
+            .zip(PALETTE)
+            .map(|((name, _), color)| {
+                let values = labels
+                    .iter()
+                    .map(|day| {
+                        series
+                            .rows
+                            .iter()
+                            .filter(|r| &r.bucket_label == day && r.groups.join(" · ") == *name)
+                            .map(|r| count(r, pb::FunnelStage::Attempted))
+                            .sum()
+                    })
+                    .collect();
+                (
+                    format!(
+                        "{} (attempted)",
+                        if name.is_empty() { "none" } else { name }
+                    ),
+                    color,
+                    values,
+                )
+            })
+            .collect();
+        let bars: Vec<(&str, &str, Vec<u64>)> = bars
+            .iter()
+            .map(|(name, color, values)| (name.as_str(), *color, values.clone()))
+            .collect();
+        html::bar_chart(&labels, &bars)
+    } else {
+        let column = |stage| series.rows.iter().map(|r| count(r, stage)).collect();
+        html::bar_chart(
+            &labels,
+            &[
+                ("Attempted", "#0b57d0", column(pb::FunnelStage::Attempted)),
+                ("Delivered", "#8250df", column(pb::FunnelStage::Delivered)),
+                ("Responded", "#1a7f37", column(pb::FunnelStage::Responded)),
+            ],
+        )
+    };
+    let group_head = if grouped {
+        r#"<th scope="col">Group</th>"#
+    } else {
+        ""
+    };
     let mut table = format!(
         r#"<table><caption class="hint">Days in {}; each handoff counts on the day it was attempted.</caption>
-<thead><tr><th scope="col">Day</th><th scope="col" class="n">Attempted</th><th scope="col" class="n">Sent</th><th scope="col" class="n">Delivered</th><th scope="col" class="n">Responded</th><th scope="col" class="n">Deflection rate</th><th scope="col" class="n">Median reply</th></tr></thead><tbody>"#,
+<thead><tr><th scope="col">Day</th>{group_head}<th scope="col" class="n">Attempted</th><th scope="col" class="n">Sent</th><th scope="col" class="n">Delivered</th><th scope="col" class="n">Responded</th><th scope="col" class="n">Delivery rate</th><th scope="col" class="n">Deflection rate</th><th scope="col" class="n">Median reply</th></tr></thead><tbody>"#,
         html::esc(&series.time_zone)
     );
     for row in &series.rows {
@@ -289,14 +381,24 @@ fn funnel_section(series: &pb::GetFunnelSeriesResponse) -> String {
             || "—".to_owned(),
             |t| format!("{:.0} s", t.p50_ms as f64 / 1000.0),
         );
+        let group = if grouped {
+            let name = row.groups.join(" · ");
+            format!(
+                "<td>{}</td>",
+                html::esc(if name.is_empty() { "none" } else { &name })
+            )
+        } else {
+            String::new()
+        };
         let _ = write!(
             table,
-            r#"<tr><th scope="row">{}</th><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{:.1}%</td><td class="n">{}</td></tr>"#,
+            r#"<tr><th scope="row">{}</th>{group}<td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{:.1}%</td><td class="n">{:.1}%</td><td class="n">{}</td></tr>"#,
             html::esc(&row.bucket_label),
             count(row, pb::FunnelStage::Attempted),
             count(row, pb::FunnelStage::Sent),
             count(row, pb::FunnelStage::Delivered),
             count(row, pb::FunnelStage::Responded),
+            row.delivery_rate * 100.0,
             row.deflection_rate * 100.0,
             reply,
         );
