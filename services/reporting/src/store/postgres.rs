@@ -175,7 +175,7 @@ impl EventStore for PgEventStore {
             .map(|i| format!(", {}", i + 2))
             .collect();
         let cohort = "FROM events a JOIN events e \
-                 ON e.account_id = a.account_id AND e.handoff_id = a.handoff_id \
+                 ON e.account_id = a.account_id AND e.handoff_id = a.handoff_id AND e.handoff_id <> '' \
              WHERE a.account_id = $1 AND a.stage = 'FUNNEL_STAGE_ATTEMPTED' AND a.handoff_id <> '' \
                  AND a.occurred_at >= $2 AND a.occurred_at < $3";
         let bucket = "date_trunc($4, a.occurred_at AT TIME ZONE $5)";
@@ -293,7 +293,7 @@ impl EventStore for PgEventStore {
                      AND (occurred_at, handoff_id) > ($4, $5) \
                  ORDER BY occurred_at, handoff_id LIMIT $6) \
              SELECT {EXPORT_COLUMNS} FROM page \
-                 JOIN events e ON e.account_id = $1 AND e.handoff_id = page.handoff_id \
+                 JOIN events e ON e.account_id = $1 AND e.handoff_id = page.handoff_id AND e.handoff_id <> '' \
              ORDER BY page.attempted_at, page.handoff_id, e.occurred_at, e.event_id"
         )))
         .bind(account_id)

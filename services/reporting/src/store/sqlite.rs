@@ -210,7 +210,7 @@ impl EventStore for SqliteEventStore {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT a.occurred_at AS attempted_at, e.stage, e.occurred_at, e.response_delay_ms \
                  {groups} \
-             FROM events a JOIN events e ON e.account_id = a.account_id AND e.handoff_id = a.handoff_id \
+             FROM events a JOIN events e ON e.account_id = a.account_id AND e.handoff_id = a.handoff_id AND e.handoff_id <> '' \
              WHERE a.account_id = ?1 AND a.stage = 'FUNNEL_STAGE_ATTEMPTED' AND a.handoff_id <> '' \
                  AND a.occurred_at >= ?2 AND a.occurred_at < ?3"
         )))
@@ -263,7 +263,7 @@ impl EventStore for SqliteEventStore {
                      AND (occurred_at, handoff_id) > (?4, ?5) \
                  ORDER BY occurred_at, handoff_id LIMIT ?6) \
              SELECT {EXPORT_COLUMNS} FROM page \
-                 JOIN events e ON e.account_id = ?1 AND e.handoff_id = page.handoff_id \
+                 JOIN events e ON e.account_id = ?1 AND e.handoff_id = page.handoff_id AND e.handoff_id <> '' \
              ORDER BY page.attempted_at, page.handoff_id, e.occurred_at, e.event_id"
         )))
         .bind(account_id)
