@@ -92,6 +92,10 @@ async fn the_funnel_series_is_in_the_accounts_time_zone_grouped_as_asked() {
     story
         .deflect(handoff_request("acme", "+14155550388", "call-2"), &key)
         .await;
+    // The first caller calls back while their conversation is open: skipped, and a repeat.
+    story
+        .deflect(handoff_request("acme", CONSUMER, "call-3"), &key)
+        .await;
 
     let viewer = token(AuthRole::Viewer, Some("acme"));
     let by_channel = series_request("", &[pb::FunnelGrouping::Channel]);
@@ -99,13 +103,13 @@ async fn the_funnel_series_is_in_the_accounts_time_zone_grouped_as_asked() {
         answer.rows.iter().map(|row| count(row, stage)).sum()
     };
     eventually(
-        "both handoffs and the reply counted",
+        "the three handoffs and the reply counted",
         Duration::from_secs(10),
         || async {
             let answer = series(&story, &viewer, by_channel.clone())
                 .await
                 .expect("a series");
-            total(&answer, FunnelStage::Attempted) == 2
+            total(&answer, FunnelStage::Attempted) == 3
                 && total(&answer, FunnelStage::Responded) == 1
         },
     )
@@ -133,6 +137,8 @@ async fn the_funnel_series_is_in_the_accounts_time_zone_grouped_as_asked() {
         .expect("the answered handoff's day");
     assert_eq!(row.time_to_reply.expect("times").count, 1);
     assert_eq!(total(&answer, FunnelStage::Sent), 2);
+    let repeats: u64 = answer.rows.iter().map(|r| r.repeat_deflections).sum();
+    assert_eq!(repeats, 1, "the caller who called back");
     for row in &answer.rows {
         let expected =
             count(row, FunnelStage::Responded) as f64 / count(row, FunnelStage::Attempted) as f64;
@@ -144,12 +150,65 @@ async fn the_funnel_series_is_in_the_accounts_time_zone_grouped_as_asked() {
         .await
         .expect("a series");
     assert_eq!(utc.time_zone, "UTC");
-    assert_eq!(total(&utc, FunnelStage::Attempted), 2);
+    assert_eq!(total(&utc, FunnelStage::Attempted), 3);
+    // Within a window too short for the callback to count, nothing repeats.
+    let tiny = series(
+        &story,
+        &viewer,
+        pb::GetFunnelSeriesRequest {
+            repeat_window_hours: 1,
+            ..series_request("UTC", &[])
+        },
+    )
+    .await
+    .expect("a series");
+    assert_eq!(
+        tiny.rows.iter().map(|r| r.repeat_deflections).sum::<u64>(),
+        1,
+        "an hour holds it"
+    );
+    // The consumer's id on the events is opaque: the same for both of their handoffs, never
+    // their number.
+    let logged = story
+        .reporting()
+        .await
+        .list_events(authed(
+            pb::ListEventsRequest {
+                account_id: "acme".into(),
+                page_size: 100,
+                ..Default::default()
+            },
+            &viewer,
+        ))
+        .await
+        .expect("the log")
+        .into_inner()
+        .events;
+    let ids: Vec<String> = logged
+        .iter()
+        .filter_map(|l| l.event.as_ref())
+        .filter(|e| e.stage == FunnelStage::Attempted as i32)
+        .map(|e| e.consumer_id.clone())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    assert!(
+        ids.iter()
+            .all(|id| id.starts_with("cns_") && !id.contains("5550")),
+        "{ids:?}"
+    );
+    assert_eq!(ids.iter().filter(|id| **id == ids[0]).count(), 2, "{ids:?}");
     assert!(utc.rows.iter().all(|r| r.groups.is_empty()));
 
     // Bad input names its field; another account's viewer sees nothing.
     let cases = [
         (series_request("Mars/Olympus_Mons", &[]), "time_zone"),
+        (
+            pb::GetFunnelSeriesRequest {
+                repeat_window_hours: 721,
+                ..series_request("", &[])
+            },
+            "repeat_window_hours",
+        ),
         (
             series_request(
                 "",
@@ -180,7 +239,7 @@ async fn the_funnel_series_is_in_the_accounts_time_zone_grouped_as_asked() {
         let refused = series(&story, &viewer, request).await.expect_err("refused");
         assert_eq!(field(&refused), expected);
     }
-    // The export has both handoffs, in the order attempted, with what a warehouse joins on.
+    // The export has the three handoffs, in the order attempted, with what a warehouse joins on.
     let mut exported = Vec::new();
     let mut stream = story
         .reporting()
@@ -198,14 +257,14 @@ async fn the_funnel_series_is_in_the_accounts_time_zone_grouped_as_asked() {
     while let Some(batch) = stream.message().await.expect("a batch") {
         exported.extend(batch.transactions);
     }
-    assert_eq!(exported.len(), 2);
+    assert_eq!(exported.len(), 3);
     let attempted: Vec<chrono::DateTime<chrono::Utc>> = exported
         .iter()
         .map(|t| {
             c2m_proto::from_timestamp(t.attempted_at.as_ref().expect("a time")).expect("a time")
         })
         .collect();
-    assert!(attempted[0] <= attempted[1]);
+    assert!(attempted.windows(2).all(|w| w[0] <= w[1]), "{attempted:?}");
     for t in &exported {
         assert_eq!(t.handoff_config_id, "billing");
         assert!(!t.stages.is_empty(), "{t:?}");

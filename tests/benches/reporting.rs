@@ -118,6 +118,7 @@ async fn main() {
         bucket: Bucket::Day,
         time_zone: tz.parse().expect("a zone"),
         group_by: vec![Grouping::Channel],
+        repeat_window: chrono::Duration::hours(24),
     };
     let (in_utc, in_new_york) = (series("UTC"), series("America/New_York"));
     let (utc, rows) = median(runs, || store.series(&in_utc)).await;

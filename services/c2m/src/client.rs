@@ -221,6 +221,7 @@ pub async fn funnel_series(
             GroupBy::None => Vec::new(),
             g => vec![g.wire() as i32],
         },
+        repeat_window_hours: 0,
     };
     let answer = client
         .get_funnel_series(authed(request, token))
@@ -233,7 +234,8 @@ pub async fn funnel_series(
     Ok(series_table(&answer, hours))
 }
 
-/// A line per row: bucket, group, the main stages, deflection rate, median time to reply.
+/// A line per row: bucket, group, the main stages, deflection rate, median time to reply, and
+/// the callers deflected again within a day.
 fn series_table(answer: &pb::GetFunnelSeriesResponse, hours: u32) -> String {
     if answer.rows.is_empty() {
         return format!("no handoffs in the last {hours} hours\n");
@@ -267,7 +269,7 @@ fn series_table(answer: &pb::GetFunnelSeriesResponse, hours: u32) -> String {
     for (name, _) in stages {
         let _ = write!(out, "  {name:>9}");
     }
-    out.push_str("  deflection  reply p50\n");
+    out.push_str("  deflection  reply p50    repeats\n");
     for row in &answer.rows {
         let _ = write!(
             out,

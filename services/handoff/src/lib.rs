@@ -117,6 +117,7 @@ impl Service {
             consumer_lease: Duration::from_millis(settings.consumer_lease_ms),
             detached: TaskTracker::new(),
             peers,
+            key: key.clone(),
         };
         Self {
             engine: Arc::new(engine),

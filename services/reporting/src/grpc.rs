@@ -219,6 +219,7 @@ fn to_wire(event: StoredEvent) -> pb::Event {
             .response_delay_ms
             .and_then(|ms| u64::try_from(ms).ok())
             .unwrap_or_default(),
+        consumer_id: event.consumer_id,
     }
 }
 
@@ -230,6 +231,9 @@ fn validate(i: usize, event: &pb::Event, violations: &mut FieldViolations) -> Op
     }
     if event.account_id.is_empty() {
         violations.add(field("account_id"), "required");
+    }
+    if event.consumer_id.len() > 64 {
+        violations.add(field("consumer_id"), "at most 64 characters");
     }
     let stage = match FunnelStage::try_from(event.stage) {
         Ok(FunnelStage::Unspecified) | Err(_) => {
@@ -274,6 +278,7 @@ fn validate(i: usize, event: &pb::Event, violations: &mut FieldViolations) -> Op
         source: event.source.clone(),
         response_delay_ms: (stage == Some(FunnelStage::Answered))
             .then(|| i64::try_from(event.response_delay_ms).unwrap_or(i64::MAX)),
+        consumer_id: event.consumer_id.clone(),
     })
 }
 
@@ -436,6 +441,14 @@ impl ReportingService for Service {
                 Some(g) => group_by.push(g),
             }
         }
+        let repeat_hours = match r.repeat_window_hours {
+            0 => 24,
+            h @ 1..=720 => h,
+            h => {
+                violations.add("repeat_window_hours", "1 to 720 (30 days)");
+                h
+            }
+        };
         let named = r.time_zone.trim();
         let explicit = (!named.is_empty()).then(|| named.parse::<chrono_tz::Tz>());
         if let Some(Err(_)) = explicit {
@@ -458,6 +471,7 @@ impl ReportingService for Service {
                 bucket,
                 time_zone,
                 group_by,
+                repeat_window: chrono::Duration::hours(i64::from(repeat_hours)),
             })
             .await
             .map_err(db_status)?;
@@ -491,6 +505,7 @@ impl ReportingService for Service {
                     deflection_rate,
                     time_to_reply: Some(durations(row.time_to_reply)),
                     time_to_first_response: Some(durations(row.time_to_first_response)),
+                    repeat_deflections: row.repeats,
                 }
             })
             .collect();

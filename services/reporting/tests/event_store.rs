@@ -88,6 +88,7 @@ conformance!(
     days_and_hours_follow_the_time_zone_across_a_dst_change,
     an_export_pages_through_handoffs_in_attempt_order_each_once,
     a_handoffs_events_are_read_in_time_order,
+    a_repeat_is_an_attempt_whose_consumer_was_attempted_within_the_window,
 );
 
 fn at(minute: i64) -> DateTime<Utc> {
@@ -112,6 +113,7 @@ fn event(id: &str, handoff: &str, stage: &'static str, minute: i64) -> StoredEve
         error_code: String::new(),
         source: "handoff".to_owned(),
         response_delay_ms: None,
+        consumer_id: String::new(),
     }
 }
 
@@ -453,6 +455,7 @@ fn series_query(
         bucket,
         time_zone: tz.parse().expect("a time zone"),
         group_by: group_by.to_vec(),
+        repeat_window: Duration::hours(24),
     }
 }
 
@@ -724,5 +727,61 @@ async fn a_handoffs_events_are_read_in_time_order(store: &dyn EventStore) {
             .await
             .expect("reads")
             .is_empty()
+    );
+}
+
+async fn a_repeat_is_an_attempt_whose_consumer_was_attempted_within_the_window(
+    store: &dyn EventStore,
+) {
+    let attempt = |id: &str, consumer: &str, minute: i64, ivr: &str| StoredEvent {
+        consumer_id: consumer.to_owned(),
+        ivr_number: ivr.to_owned(),
+        ..event(id, id, ATTEMPTED, minute)
+    };
+    // c1 called at 09:00 (the day before the period too), 11:00 and 10:00 the next day; c2 once;
+    // c3 twice at the same moment (neither was before the other).
+    let events = vec![
+        attempt("x0", "c1", -20 * 60, "+18005550100"),
+        attempt("h1", "c1", 0, "+18005550100"),
+        attempt("h2", "c1", 120, "+18005550199"),
+        attempt("h3", "c1", 25 * 60, "+18005550100"),
+        attempt("h4", "c2", 60, "+18005550100"),
+        attempt("h5", "c3", 180, "+18005550100"),
+        attempt("h6", "c3", 180, "+18005550100"),
+    ];
+    store.append(&events).await.expect("appends");
+    let day = |window: i64, group_by: &[Grouping]| {
+        let mut q = series_query(at(0), at(2 * 24 * 60), Bucket::Day, "UTC", group_by);
+        q.repeat_window = Duration::hours(window);
+        q
+    };
+    let repeats = |rows: Vec<SeriesRow>| -> Vec<(String, Vec<String>, u64)> {
+        rows.into_iter()
+            .map(|r| (r.bucket.date().to_string(), r.groups, r.repeats))
+            .collect()
+    };
+    // Within a day: h1 (after x0, 20 hours before) and h2 (after h1); h3 is 23 hours after h2.
+    let in_a_day = store.series(&day(24, &[])).await.expect("answers");
+    assert_eq!(
+        repeats(in_a_day),
+        [
+            ("2026-12-01".to_owned(), vec![], 2),
+            ("2026-12-02".to_owned(), vec![], 1)
+        ]
+    );
+    // Within an hour: none; by IVR number, h2 counts under its own.
+    let in_an_hour = store.series(&day(1, &[])).await.expect("answers");
+    assert!(in_an_hour.iter().all(|r| r.repeats == 0));
+    let by_ivr = store
+        .series(&day(3, &[Grouping::IvrNumber]))
+        .await
+        .expect("answers");
+    assert_eq!(
+        repeats(by_ivr),
+        [
+            ("2026-12-01".to_owned(), vec!["+18005550100".to_owned()], 0),
+            ("2026-12-01".to_owned(), vec!["+18005550199".to_owned()], 1),
+            ("2026-12-02".to_owned(), vec!["+18005550100".to_owned()], 0)
+        ]
     );
 }

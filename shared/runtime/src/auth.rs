@@ -158,11 +158,13 @@ impl Claims {
     }
 }
 
-/// The HS256 key that signs and verifies tokens.
+/// The HS256 key that signs and verifies tokens, and the key of consumers' opaque ids (both from
+/// `auth.token_secret`).
 #[derive(Clone)]
 pub struct TokenKey {
     encoding: jsonwebtoken::EncodingKey,
     decoding: jsonwebtoken::DecodingKey,
+    consumers: ring::hmac::Key,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -185,10 +187,29 @@ pub enum TokenError {
 
 impl TokenKey {
     pub fn new(secret: &[u8]) -> Self {
+        // A key of its own for consumer ids, derived from the secret: a consumer id says nothing
+        // about a token, and the other way round.
+        let derived = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret),
+            b"c2m consumer ids v1",
+        );
         Self {
             encoding: jsonwebtoken::EncodingKey::from_secret(secret),
             decoding: jsonwebtoken::DecodingKey::from_secret(secret),
+            consumers: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref()),
         }
+    }
+
+    /// An opaque id of a consumer of an account, for reports that count the same consumer
+    /// twice (repeat deflections) without knowing who they are: a keyed digest of the account
+    /// and the phone, which nobody without `auth.token_secret` can turn back into the number.
+    pub fn consumer_id(&self, account_id: &str, phone: &str) -> String {
+        use base64::Engine as _;
+        let tag = ring::hmac::sign(&self.consumers, format!("{account_id}\0{phone}").as_bytes());
+        format!(
+            "cns_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&tag.as_ref()[..16])
+        )
     }
 
     pub fn sign(&self, claims: &Claims) -> String {

@@ -373,7 +373,7 @@ fn funnel_section(series: &pb::GetFunnelSeriesResponse) -> String {
     };
     let mut table = format!(
         r#"<table><caption class="hint">Days in {}; each handoff counts on the day it was attempted.</caption>
-<thead><tr><th scope="col">Day</th>{group_head}<th scope="col" class="n">Attempted</th><th scope="col" class="n">Sent</th><th scope="col" class="n">Delivered</th><th scope="col" class="n">Responded</th><th scope="col" class="n">Delivery rate</th><th scope="col" class="n">Deflection rate</th><th scope="col" class="n">Median reply</th></tr></thead><tbody>"#,
+<thead><tr><th scope="col">Day</th>{group_head}<th scope="col" class="n">Attempted</th><th scope="col" class="n">Sent</th><th scope="col" class="n">Delivered</th><th scope="col" class="n">Responded</th><th scope="col" class="n">Delivery rate</th><th scope="col" class="n">Deflection rate</th><th scope="col" class="n">Median reply</th><th scope="col" class="n">Called again within a day</th></tr></thead><tbody>"#,
         html::esc(&series.time_zone)
     );
     for row in &series.rows {
@@ -392,7 +392,7 @@ fn funnel_section(series: &pb::GetFunnelSeriesResponse) -> String {
         };
         let _ = write!(
             table,
-            r#"<tr><th scope="row">{}</th>{group}<td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{:.1}%</td><td class="n">{:.1}%</td><td class="n">{}</td></tr>"#,
+            r#"<tr><th scope="row">{}</th>{group}<td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{}</td><td class="n">{:.1}%</td><td class="n">{:.1}%</td><td class="n">{}</td><td class="n">{}</td></tr>"#,
             html::esc(&row.bucket_label),
             count(row, pb::FunnelStage::Attempted),
             count(row, pb::FunnelStage::Sent),
@@ -401,6 +401,7 @@ fn funnel_section(series: &pb::GetFunnelSeriesResponse) -> String {
             row.delivery_rate * 100.0,
             row.deflection_rate * 100.0,
             reply,
+            row.repeat_deflections,
         );
     }
     table.push_str("</tbody></table>");

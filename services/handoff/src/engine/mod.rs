@@ -11,8 +11,8 @@ use record::outcome_stage;
 
 use std::{sync::Arc, time::Duration};
 
-use c2m_proto::v1::{self as pb, Channel, FunnelStage, HandoffStatus};
-use c2m_runtime::{TaskTracker, ids, peers::Peers};
+use c2m_proto::v1::{self as pb, Channel, HandoffStatus};
+use c2m_runtime::{TaskTracker, auth::TokenKey, ids, peers::Peers};
 use c2m_storage::outbox::Relay;
 use chrono::Utc;
 
@@ -42,6 +42,8 @@ pub struct Engine {
     pub(crate) consumer_lease: Duration,
     /// Handoffs running on after their IVR stopped waiting; a shutdown lets them finish.
     pub(crate) detached: TaskTracker,
+    /// Makes the consumer's opaque id on ATTEMPTED events.
+    pub(crate) key: TokenKey,
 }
 
 /// How a decided handoff is carried out.
@@ -363,12 +365,7 @@ impl Engine {
             .map(|a| a.error_code.clone())
             .unwrap_or_default();
         let events = [
-            event(
-                &handoff,
-                FunnelStage::Attempted,
-                decision.funnel_channel(),
-                String::new(),
-            ),
+            self.attempted(&handoff, decision.funnel_channel()),
             event(
                 &handoff,
                 outcome_stage(status),

@@ -6,7 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use c2m_proto::v1::{self as pb, FunnelStage, HandoffStatus};
+use c2m_proto::v1::{self as pb, Channel, FunnelStage, HandoffStatus};
 use c2m_runtime::mask_phone;
 use chrono::Utc;
 
@@ -34,6 +34,16 @@ pub(super) fn outcome_stage(status: HandoffStatus) -> FunnelStage {
 }
 
 impl Engine {
+    /// A handoff's ATTEMPTED event, with its consumer's opaque id (for repeat deflections).
+    pub(super) fn attempted(&self, handoff: &StoredHandoff, channel: Channel) -> pb::Event {
+        pb::Event {
+            consumer_id: self
+                .key
+                .consumer_id(&handoff.account_id, &handoff.consumer_phone),
+            ..event(handoff, FunnelStage::Attempted, channel, String::new())
+        }
+    }
+
     /// Another handoff holds the consumer's lease: record this one as skipped, pointing at it.
     /// `existing`: when this handoff was first written, if it was (in progress).
     pub(super) async fn skip_recent(
@@ -67,7 +77,7 @@ impl Engine {
             created_at: existing.unwrap_or_else(Utc::now),
         };
         let events = [
-            event(&handoff, FunnelStage::Attempted, channel, String::new()),
+            self.attempted(&handoff, channel),
             event(
                 &handoff,
                 FunnelStage::SkippedRecentHandoff,

@@ -30,6 +30,8 @@ pub struct StoredEvent {
     pub source: String,
     /// ANSWERED events: milliseconds from the conversation's opening to the answer.
     pub response_delay_ms: Option<i64>,
+    /// ATTEMPTED events: the consumer's opaque id; empty otherwise.
+    pub consumer_id: String,
 }
 
 /// What funnel rows are grouped by.
@@ -109,6 +111,8 @@ pub struct SeriesQuery {
     pub time_zone: chrono_tz::Tz,
     /// At most two; `Grouping::None` is not one.
     pub group_by: Vec<Grouping>,
+    /// An earlier attempt of the same consumer this recent makes an attempt a repeat.
+    pub repeat_window: Duration,
 }
 
 /// Percentiles of durations in milliseconds, as PostgreSQL's `percentile_disc` has them.
@@ -155,6 +159,8 @@ pub struct SeriesRow {
     pub time_to_reply: Durations,
     /// ANSWERED events' delays.
     pub time_to_first_response: Durations,
+    /// Attempts whose consumer had an earlier attempt within the query's repeat window.
+    pub repeats: u64,
 }
 
 /// What one of a cohort's events adds to its row, as both backends read them.
@@ -165,6 +171,8 @@ pub(crate) struct SeriesEvent {
     pub stage: String,
     /// RESPONDED: milliseconds since the handoff's ATTEMPTED; ANSWERED: its response delay.
     pub duration_ms: Option<i64>,
+    /// An ATTEMPTED whose consumer had an earlier one within the repeat window.
+    pub repeat: bool,
 }
 
 /// Rows from a cohort's events, by bucket and then groups.
@@ -174,10 +182,14 @@ pub(crate) fn series_rows(events: impl IntoIterator<Item = SeriesEvent>) -> Vec<
         counts: BTreeMap<String, i64>,
         replies: Vec<i64>,
         answers: Vec<i64>,
+        repeats: u64,
     }
     let mut rows: BTreeMap<(NaiveDateTime, Vec<String>), Acc> = BTreeMap::new();
     for e in events {
         let acc = rows.entry((e.bucket, e.groups)).or_default();
+        if e.repeat {
+            acc.repeats += 1;
+        }
         match (e.stage.as_str(), e.duration_ms) {
             ("FUNNEL_STAGE_RESPONDED", Some(ms)) => acc.replies.push(ms),
             ("FUNNEL_STAGE_ANSWERED", Some(ms)) => acc.answers.push(ms),
@@ -195,6 +207,7 @@ pub(crate) fn series_rows(events: impl IntoIterator<Item = SeriesEvent>) -> Vec<
                 counts: acc.counts.into_iter().collect(),
                 time_to_reply: Durations::of(&acc.replies),
                 time_to_first_response: Durations::of(&acc.answers),
+                repeats: acc.repeats,
             }
         })
         .collect()
@@ -272,12 +285,12 @@ pub trait EventStore: Send + Sync + 'static {
 /// The columns [`EventStore::events_after`] reads, in [`logged_event`]'s order.
 pub(crate) const LOGGED_COLUMNS: &str = "position, event_id, stage, occurred_at, handoff_id, \
     handoff_config_id, channel, skill_id, conversation_id, ivr_number, error_code, source, \
-    response_delay_ms";
+    response_delay_ms, consumer_id";
 
 /// [`LOGGED_COLUMNS`] for events that may have no position (recorded before positions were).
 pub(crate) const ANY_EVENT_COLUMNS: &str = "coalesce(position, 0) AS position, event_id, stage, \
     occurred_at, handoff_id, handoff_config_id, channel, skill_id, conversation_id, ivr_number, \
-    error_code, source, response_delay_ms";
+    error_code, source, response_delay_ms, consumer_id";
 
 /// A row of [`LOGGED_COLUMNS`] as its position and event; `occurred_at` is read by the backend
 /// (PostgreSQL has timestamps, SQLite integers).
@@ -314,6 +327,7 @@ where
             error_code: row.try_get("error_code")?,
             source: row.try_get("source")?,
             response_delay_ms: row.try_get("response_delay_ms")?,
+            consumer_id: row.try_get("consumer_id")?,
         },
     ))
 }
@@ -322,7 +336,7 @@ where
 /// with 0 for a position it has none of).
 pub(crate) const EXPORT_COLUMNS: &str = "page.attempted_at, coalesce(e.position, 0) AS position, \
     e.event_id, e.stage, e.occurred_at, e.handoff_id, e.handoff_config_id, e.channel, e.skill_id, \
-    e.conversation_id, e.ivr_number, e.error_code, e.source, e.response_delay_ms";
+    e.conversation_id, e.ivr_number, e.error_code, e.source, e.response_delay_ms, e.consumer_id";
 
 /// One row of a transaction page, as both backends read it: event id, stage, time, handoff,
 /// channel, skill, conversation, error code, source.
@@ -367,5 +381,6 @@ pub(crate) fn transaction_event(account_id: &str, row: TransactionRow) -> Stored
         error_code,
         source,
         response_delay_ms: None,
+        consumer_id: String::new(),
     }
 }

@@ -84,10 +84,10 @@ impl EventStore for PgEventStore {
             "WITH batch AS ( \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], \
                      $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
-                     $11::text[], $12::text[], $13::bigint[]) WITH ORDINALITY \
+                     $11::text[], $12::text[], $13::bigint[], $14::text[]) WITH ORDINALITY \
                  AS e(event_id, account_id, stage, occurred_at, handoff_id, handoff_config_id, \
                      channel, skill_id, conversation_id, ivr_number, error_code, source, \
-                     response_delay_ms, n)), \
+                     response_delay_ms, consumer_id, n)), \
              shares AS (SELECT account_id, count(*) AS taken FROM batch GROUP BY account_id), \
              heads AS ( \
                  INSERT INTO event_log_heads AS h (account_id, position) \
@@ -96,10 +96,10 @@ impl EventStore for PgEventStore {
                  RETURNING account_id, position) \
              INSERT INTO events (event_id, account_id, stage, occurred_at, handoff_id, \
                  handoff_config_id, channel, skill_id, conversation_id, ivr_number, error_code, \
-                 source, response_delay_ms, position) \
+                 source, response_delay_ms, consumer_id, position) \
              SELECT b.event_id, b.account_id, b.stage, b.occurred_at, b.handoff_id, \
                  b.handoff_config_id, b.channel, b.skill_id, b.conversation_id, b.ivr_number, \
-                 b.error_code, b.source, b.response_delay_ms, \
+                 b.error_code, b.source, b.response_delay_ms, b.consumer_id, \
                  heads.position - shares.taken \
                      + row_number() OVER (PARTITION BY b.account_id ORDER BY b.n) \
              FROM batch b JOIN shares USING (account_id) JOIN heads USING (account_id) \
@@ -123,6 +123,7 @@ impl EventStore for PgEventStore {
                 .map(|e| e.response_delay_ms)
                 .collect::<Vec<_>>(),
         )
+        .bind(column(|e| e.consumer_id.clone()))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -221,6 +222,33 @@ impl EventStore for PgEventStore {
         .bind(q.time_zone.name())
         .fetch_all(&self.pool)
         .await?;
+        // Attempts whose consumer was attempted before, within the window (the grouping's
+        // channel is the attempt's own: `e` is the attempt here).
+        let repeat_groups: String = q
+            .group_by
+            .iter()
+            .map(|g| format!(", {}::text", g.series_column()))
+            .collect();
+        let repeats = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {bucket} AS bucket{repeat_groups}, count(*) AS repeats \
+             FROM events a, LATERAL (SELECT a.channel) e \
+             WHERE a.account_id = $1 AND a.stage = 'FUNNEL_STAGE_ATTEMPTED' AND a.handoff_id <> '' \
+                 AND a.occurred_at >= $2 AND a.occurred_at < $3 AND a.consumer_id <> '' \
+                 AND EXISTS (SELECT 1 FROM events p \
+                     WHERE p.account_id = a.account_id AND p.stage = 'FUNNEL_STAGE_ATTEMPTED' \
+                         AND p.consumer_id = a.consumer_id AND p.handoff_id <> a.handoff_id \
+                         AND p.occurred_at < a.occurred_at \
+                         AND p.occurred_at >= a.occurred_at - $6 * interval '1 millisecond') \
+             GROUP BY 1{keys}"
+        )))
+        .bind(&q.account_id)
+        .bind(q.start)
+        .bind(q.end)
+        .bind(q.bucket.unit())
+        .bind(q.time_zone.name())
+        .bind(q.repeat_window.num_milliseconds() as f64)
+        .fetch_all(&self.pool)
+        .await?;
         let width = q.group_by.len();
         let key = |row: &sqlx::postgres::PgRow| -> Result<_, sqlx::Error> {
             let bucket: chrono::NaiveDateTime = row.try_get("bucket")?;
@@ -239,6 +267,7 @@ impl EventStore for PgEventStore {
                     counts: Vec::new(),
                     time_to_reply: Durations::default(),
                     time_to_first_response: Durations::default(),
+                    repeats: 0,
                 })
                 .counts
                 .push((row.try_get("stage")?, row.try_get("n")?));
@@ -267,6 +296,12 @@ impl EventStore for PgEventStore {
                 p90: at(6)?,
                 p99: at(7)?,
             };
+        }
+        for row in &repeats {
+            if let Some(series) = rows.get_mut(&key(row)?) {
+                series.repeats =
+                    u64::try_from(row.try_get::<i64, _>("repeats")?).unwrap_or_default();
+            }
         }
         Ok(rows
             .into_values()

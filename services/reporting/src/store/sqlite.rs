@@ -133,8 +133,8 @@ impl EventStore for SqliteEventStore {
             let done = sqlx::query(
                 "INSERT INTO events (event_id, account_id, stage, occurred_at, handoff_id, \
                  handoff_config_id, channel, skill_id, conversation_id, ivr_number, error_code, \
-                 source, response_delay_ms, position) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) \
+                 source, response_delay_ms, position, consumer_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15) \
                  ON CONFLICT (event_id) DO NOTHING",
             )
             .bind(&e.event_id)
@@ -151,6 +151,7 @@ impl EventStore for SqliteEventStore {
             .bind(&e.source)
             .bind(e.response_delay_ms)
             .bind(position)
+            .bind(&e.consumer_id)
             .execute(&mut *tx)
             .await?;
             new += done.rows_affected();
@@ -207,8 +208,37 @@ impl EventStore for SqliteEventStore {
         } else {
             format!(", {}", columns.join(", "))
         };
+        // Repeats: attempts (from a window before the period on) by consumer, in time order;
+        // an attempt in the period is one when the consumer's previous one is recent enough.
+        let window = q.repeat_window.num_microseconds().unwrap_or(i64::MAX);
+        let attempts: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT consumer_id, handoff_id, occurred_at FROM events \
+             WHERE account_id = ?1 AND stage = 'FUNNEL_STAGE_ATTEMPTED' AND consumer_id <> '' \
+                 AND handoff_id <> '' AND occurred_at >= ?2 AND occurred_at < ?3 \
+             ORDER BY consumer_id, occurred_at, handoff_id",
+        )
+        .bind(&q.account_id)
+        .bind(micros(q.start).saturating_sub(window))
+        .bind(micros(q.end))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut repeated: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        for consumer in attempts.chunk_by(|a, b| a.0 == b.0) {
+            // The latest attempt strictly before the one at hand (as PostgreSQL's `<`).
+            let (mut earlier, mut at_previous): (Option<i64>, Option<i64>) = (None, None);
+            for (_, handoff_id, at) in consumer {
+                if at_previous.is_some_and(|p| p < *at) {
+                    earlier = at_previous;
+                }
+                if *at >= micros(q.start) && earlier.is_some_and(|e| at - e <= window) {
+                    repeated.insert(handoff_id);
+                }
+                at_previous = Some(*at);
+            }
+        }
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT a.occurred_at AS attempted_at, e.stage, e.occurred_at, e.response_delay_ms \
+            "SELECT a.occurred_at AS attempted_at, e.stage, e.occurred_at, e.response_delay_ms, \
+                 e.handoff_id \
                  {groups} \
              FROM events a JOIN events e ON e.account_id = a.account_id AND e.handoff_id = a.handoff_id AND e.handoff_id <> '' \
              WHERE a.account_id = ?1 AND a.stage = 'FUNNEL_STAGE_ATTEMPTED' AND a.handoff_id <> '' \
@@ -235,11 +265,13 @@ impl EventStore for SqliteEventStore {
                 _ => None,
             };
             let groups = (0..q.group_by.len())
-                .map(|i| row.try_get::<String, _>(4 + i))
+                .map(|i| row.try_get::<String, _>(5 + i))
                 .collect::<Result<_, _>>()?;
+            let handoff_id: String = row.try_get("handoff_id")?;
             events.push(SeriesEvent {
                 bucket: q.bucket.truncate(local),
                 groups,
+                repeat: stage == "FUNNEL_STAGE_ATTEMPTED" && repeated.contains(handoff_id.as_str()),
                 stage,
                 duration_ms,
             });
