@@ -60,6 +60,10 @@ impl Driver {
     async fn browser(&self) -> Client {
         let mut capabilities = serde_json::Map::new();
         capabilities.insert(
+            "goog:loggingPrefs".to_owned(),
+            serde_json::json!({ "browser": "ALL" }),
+        );
+        capabilities.insert(
             "goog:chromeOptions".to_owned(),
             serde_json::json!({
                 "binary": "/usr/bin/chromium",
@@ -73,6 +77,41 @@ impl Driver {
             .await
             .expect("a browser session")
     }
+}
+
+/// ChromeDriver's browser console log (what the page printed since the last read).
+#[derive(Debug)]
+struct BrowserLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base_url: &url::Url,
+        session_id: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base_url.join(&format!(
+            "session/{}/se/log",
+            session_id.unwrap_or_default()
+        ))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(r#"{"type":"browser"}"#.to_owned()))
+    }
+}
+
+/// Fails on any error the browser's console showed during the journey (a blocked resource, a
+/// refused style, a page that failed to load).
+async fn no_console_errors(browser: &Client) {
+    let log = browser
+        .issue_cmd(BrowserLog)
+        .await
+        .expect("the console log");
+    let errors: Vec<&serde_json::Value> = log
+        .as_array()
+        .map(|entries| entries.iter().filter(|e| e["level"] == "SEVERE").collect())
+        .unwrap_or_default();
+    assert!(errors.is_empty(), "the browser's console: {errors:#?}");
 }
 
 /// Where a journey's screenshots go.
@@ -400,6 +439,7 @@ async fn an_admin_builds_a_configuration_and_watches_the_funnel_in_a_browser() {
             && l.contains("two-channels")),
         "{log}"
     );
+    no_console_errors(&browser).await;
     browser.close().await.expect("closed");
     story.stop().await;
 }
@@ -503,6 +543,7 @@ async fn a_viewer_sees_no_edit_controls_and_a_forged_form_is_refused() {
         .expect("ascii")
         .to_owned();
     assert!(policy.starts_with("default-src 'none'"), "{policy}");
+    no_console_errors(&browser).await;
     browser.close().await.expect("closed");
     story.stop().await;
 }
@@ -570,6 +611,7 @@ async fn a_stale_edit_says_someone_else_changed_the_configuration() {
         "the edit is kept to reapply"
     );
     screenshot(&browser, "stale-edit.png").await;
+    no_console_errors(&browser).await;
     browser.close().await.expect("closed");
     story.stop().await;
 }
@@ -672,6 +714,7 @@ async fn an_admin_adds_a_template_a_webhook_endpoint_and_credentials() {
     click(&browser, "form:has(#f-twilio-account_sid) button").await;
     let refusal = text_of(&browser, ".banner.bad").await;
     assert!(refusal.contains("twilio."), "{refusal}");
+    no_console_errors(&browser).await;
     browser.close().await.expect("closed");
     story.stop().await;
 }

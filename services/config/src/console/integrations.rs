@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use axum::{
     body::Bytes,
     extract::{Path, State},
-    http::{HeaderMap, StatusCode, Uri},
+    http::{HeaderMap, Uri},
 };
 use c2m_proto::v1::{
     self as pb, config_service_server::ConfigService, put_provider_credentials_request::Credentials,
@@ -522,15 +522,13 @@ pub(crate) async fn create_webhook(
         }
         Err(status) if status.code() == Code::PermissionDenied => refused(&status),
         Err(status) => {
-            let mut page = webhooks_page(
+            webhooks_page(
                 &service,
                 &session,
                 &account_id,
                 html::banner("bad", &described(&status)),
             )
-            .await;
-            *page.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
-            page
+            .await
         }
     }
 }

@@ -5,7 +5,9 @@
 //! signed-in person: their token rides in a secure, HTTP-only, same-site cookie, and each action
 //! is the gRPC call an API client would make with that token, so the console can do exactly what
 //! the person may (a viewer's forged form is refused by the same check as a viewer's RPC). Forms
-//! carry a CSRF token derived from the session, checked on every change.
+//! carry a CSRF token derived from the session, checked on every change. A form refused for what
+//! it holds comes back as the page (200) with its fields marked, as a browser expects of a form;
+//! a person refused (403) and a thing not found (404) keep their statuses.
 
 mod html;
 mod integrations;

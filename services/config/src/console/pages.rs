@@ -1042,15 +1042,12 @@ async fn submit_config(
     let (config, order, bad_deadline) = form.to_wire(&account_id);
     if let Some(why) = bad_deadline {
         let errors = HashMap::from([("delivery_deadline_seconds".to_owned(), why)]);
-        return with_status(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            render(
-                &form,
-                &errors,
-                html::banner("bad", "Check the field marked below."),
-                false,
-            ),
-        );
+        return ok(render(
+            &form,
+            &errors,
+            html::banner("bad", "Check the field marked below."),
+            false,
+        ));
     }
     let saved = match &existing {
         None => service
@@ -1086,10 +1083,7 @@ async fn submit_config(
             for message in other {
                 banners.push_str(&html::banner("bad", &message));
             }
-            with_status(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                render(&form, &errors, banners, false),
-            )
+            ok(render(&form, &errors, banners, false))
         }
         Err(status) if status.code() == Code::Aborted => {
             let current = match &existing {
@@ -1110,18 +1104,22 @@ async fn submit_config(
                 ),
                 None => status.message().to_owned(),
             };
-            with_status(
-                StatusCode::CONFLICT,
-                render(&form, &HashMap::new(), html::banner("bad", &message), false),
-            )
+            ok(render(
+                &form,
+                &HashMap::new(),
+                html::banner("bad", &message),
+                false,
+            ))
         }
         Err(status) if status.code() == Code::AlreadyExists => {
             let errors =
                 HashMap::from([("handoff_config_id".to_owned(), status.message().to_owned())]);
-            with_status(
-                StatusCode::CONFLICT,
-                render(&form, &errors, html::banner("bad", status.message()), false),
-            )
+            ok(render(
+                &form,
+                &errors,
+                html::banner("bad", status.message()),
+                false,
+            ))
         }
         Err(status) => refused(&status),
     }
@@ -1294,19 +1292,16 @@ pub(crate) async fn save_settings(
         time_zone: form.get("time_zone"),
     };
     if !errors.is_empty() {
-        return with_status(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            settings_page(
-                &session,
-                &account_id,
-                &settings,
-                &errors,
-                html::banner(
-                    "bad",
-                    "The settings were not saved: check the fields marked below.",
-                ),
+        return ok(settings_page(
+            &session,
+            &account_id,
+            &settings,
+            &errors,
+            html::banner(
+                "bad",
+                "The settings were not saved: check the fields marked below.",
             ),
-        );
+        ));
     }
     match service
         .update_account_settings(session.request(pb::UpdateAccountSettingsRequest {
@@ -1325,19 +1320,16 @@ pub(crate) async fn save_settings(
                     (name, why)
                 })
                 .collect();
-            with_status(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                settings_page(
-                    &session,
-                    &account_id,
-                    &settings,
-                    &errors,
-                    html::banner(
-                        "bad",
-                        "The settings were not saved: check the fields marked below.",
-                    ),
+            ok(settings_page(
+                &session,
+                &account_id,
+                &settings,
+                &errors,
+                html::banner(
+                    "bad",
+                    "The settings were not saved: check the fields marked below.",
                 ),
-            )
+            ))
         }
         Err(status) => refused(&status),
     }
@@ -1475,15 +1467,13 @@ pub(crate) async fn create_key(
                 .map(|(f, why)| format!("{f}: {why}"))
                 .collect::<Vec<_>>()
                 .join("; ");
-            let mut page = keys_page(
+            keys_page(
                 &service,
                 &session,
                 &account_id,
                 html::banner("bad", &format!("The key was not created: {message}")),
             )
-            .await;
-            *page.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
-            page
+            .await
         }
         Err(status) => refused(&status),
     }
@@ -1670,7 +1660,7 @@ pub(crate) async fn run_try(
         }
         Err(status) if status.code() == Code::InvalidArgument => {
             let errors: HashMap<String, String> = violations(&status).into_iter().collect();
-            let mut page = try_page(
+            try_page(
                 &service,
                 &session,
                 &account_id,
@@ -1678,12 +1668,10 @@ pub(crate) async fn run_try(
                 &errors,
                 html::banner("bad", status.message()),
             )
-            .await;
-            *page.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
-            page
+            .await
         }
         Err(status) if status.code() == Code::FailedPrecondition => {
-            let mut page = try_page(
+            try_page(
                 &service,
                 &session,
                 &account_id,
@@ -1691,9 +1679,7 @@ pub(crate) async fn run_try(
                 &HashMap::new(),
                 html::banner("bad", status.message()),
             )
-            .await;
-            *page.status_mut() = StatusCode::CONFLICT;
-            page
+            .await
         }
         Err(status) => refused(&status),
     }
