@@ -652,6 +652,25 @@ async fn an_admin_adds_a_template_a_webhook_endpoint_and_credentials() {
         "pending",
         "Meta reviews it first"
     );
+    // A configuration naming it previews the template with its placeholders, and warns that
+    // Meta has not approved it yet.
+    let template_id = text_of(&browser, "code.template-id").await;
+    browser
+        .goto(&format!("{base}/console/a/acme/configs/billing"))
+        .await
+        .expect("a configuration");
+    fill(&browser, "#f-whatsapp_template_id", &template_id).await;
+    click(&browser, "button[value=preview]").await;
+    assert_eq!(
+        text_of(&browser, ".preview[data-channel=WHATSAPP_TEMPLATE]").await,
+        "Hi {{1}}, about your bill: reply here."
+    );
+    let page = browser.source().await.expect("the page");
+    assert!(
+        page.contains("1 placeholder ({{1}})"),
+        "the placeholders listed"
+    );
+    assert!(page.contains("Meta has not approved this template"));
 
     // An endpoint that nobody answers: added with its secret shown once; a test is not taken.
     browser
@@ -665,7 +684,8 @@ async fn an_admin_adds_a_template_a_webhook_endpoint_and_credentials() {
         "main form[action$='/webhooks'] button[type=submit]",
     )
     .await;
-    assert!(text_of(&browser, "#new-secret").await.starts_with("whsec_"));
+    let first_secret = text_of(&browser, "#new-secret").await;
+    assert!(first_secret.starts_with("whsec_"));
     assert!(
         text_of(&browser, "main section h2 + p + p")
             .await
@@ -677,6 +697,29 @@ async fn an_admin_adds_a_template_a_webhook_endpoint_and_credentials() {
             .await
             .contains("The test event was not taken")
     );
+    // Disabled and enabled again; the secret rotated, the new one shown once.
+    click(&browser, "form[action$='/state'] button").await;
+    assert!(
+        text_of(&browser, ".banner.good")
+            .await
+            .contains("Endpoint disabled")
+    );
+    assert!(
+        browser
+            .source()
+            .await
+            .expect("the page")
+            .contains("disabled by an admin")
+    );
+    click(&browser, "form[action$='/state'] button").await;
+    assert!(
+        text_of(&browser, ".banner.good")
+            .await
+            .contains("Endpoint enabled")
+    );
+    click(&browser, "form[action$='/rotate'] button").await;
+    let rotated = text_of(&browser, "#new-secret").await;
+    assert!(rotated.starts_with("whsec_") && rotated != first_secret);
     screenshot(&browser, "admin-webhooks.png").await;
     let endpoints = story
         .config()

@@ -98,7 +98,7 @@ pub(crate) async fn templates(
     if listed.is_empty() {
         body.push_str("<section><p>No template yet.</p></section>");
     } else {
-        body.push_str(r#"<section><table><thead><tr><th scope="col">Name</th><th scope="col">Language</th><th scope="col">Category</th><th scope="col">Status</th><th scope="col">Body</th><th scope="col"><span class="hint">Action</span></th></tr></thead><tbody>"#);
+        body.push_str(r#"<section><table><thead><tr><th scope="col">Name</th><th scope="col">Id <span class="hint">for a configuration</span></th><th scope="col">Language</th><th scope="col">Category</th><th scope="col">Status</th><th scope="col">Body</th><th scope="col"><span class="hint">Action</span></th></tr></thead><tbody>"#);
         for t in &listed {
             let status = pb::WhatsAppTemplateStatus::try_from(t.status)
                 .map_or("", |s| s.as_str_name())
@@ -120,8 +120,9 @@ pub(crate) async fn templates(
             };
             let _ = write!(
                 body,
-                r#"<tr><td>{}</td><td>{}</td><td>{}</td><td data-status="{status}">{status}</td><td>{}</td><td>{delete}</td></tr>"#,
+                r#"<tr><td>{}</td><td><code class="template-id">{}</code></td><td>{}</td><td>{}</td><td data-status="{status}">{status}</td><td>{}</td><td>{delete}</td></tr>"#,
                 html::esc(&t.name),
+                html::esc(&t.template_id),
                 html::esc(&t.language),
                 html::esc(&category),
                 html::esc(&t.body),
@@ -216,7 +217,7 @@ pub(crate) async fn delete_template(
 type CredentialField = (&'static str, &'static str, bool);
 
 /// The providers the console sets credentials for: form value, name, fields.
-const PROVIDERS: [(&str, &str, &[CredentialField]); 4] = [
+const PROVIDERS: [(&str, &str, &[CredentialField]); 6] = [
     (
         "twilio",
         "Twilio (SMS)",
@@ -244,6 +245,28 @@ const PROVIDERS: [(&str, &str, &[CredentialField]); 4] = [
             ("agent_id", "Agent id", false),
             ("service_account_json", "Service account key (JSON)", true),
             ("client_token", "Webhook client token", true),
+        ],
+    ),
+    (
+        "fcm",
+        "Firebase Cloud Messaging (app messaging on Android)",
+        &[
+            ("project_id", "Project id", false),
+            (
+                "fcm_service_account_json",
+                "Service account key (JSON)",
+                true,
+            ),
+        ],
+    ),
+    (
+        "apns",
+        "Apple Push Notification service (app messaging on iOS)",
+        &[
+            ("team_id", "Team id", false),
+            ("key_id", "Key id", false),
+            ("private_key_pem", "Signing key (.p8, PEM)", true),
+            ("topic", "Topic (the app's bundle id)", false),
         ],
     ),
     (
@@ -335,6 +358,22 @@ pub(crate) async fn set_credentials(
                 client_token: form.get("client_token"),
             }),
         ),
+        "fcm" => (
+            pb::Provider::Fcm,
+            Credentials::Fcm(pb::FcmCredentials {
+                project_id: form.get("project_id"),
+                service_account_json: form.get("fcm_service_account_json"),
+            }),
+        ),
+        "apns" => (
+            pb::Provider::Apns,
+            Credentials::Apns(pb::ApnsCredentials {
+                team_id: form.get("team_id"),
+                key_id: form.get("key_id"),
+                private_key_pem: form.get("private_key_pem"),
+                topic: form.get("topic"),
+            }),
+        ),
         "sandbox" => (
             pb::Provider::Sandbox,
             Credentials::Sandbox(pb::SandboxCredentials {
@@ -408,7 +447,8 @@ async fn webhooks_page(
     let account = html::esc(account_id);
     body.push_str("<p class=\"hint\">Handoff stages and conversation events are posted to each endpoint, signed as Standard Webhooks specifies (see docs/conversations.md).</p>");
     for e in &listed {
-        let state = if e.state == pb::WebhookEndpointState::Disabled as i32 {
+        let disabled = e.state == pb::WebhookEndpointState::Disabled as i32;
+        let state = if disabled {
             format!("disabled: {}", e.disabled_reason)
         } else if e.failing_since.is_some() {
             "failing".to_owned()
@@ -455,6 +495,8 @@ async fn webhooks_page(
             r#"<section><h2>{url}</h2><p>{description}</p><p><strong>State:</strong> {state}. <strong>Events:</strong> {types}.</p>
 <h3>Recent deliveries</h3><ul>{recent}</ul>
 <form method="post" action="/console/a/{account}/webhooks/{id}/test">{csrf}<button type="submit" class="secondary">Send a test event</button></form>
+<form method="post" action="/console/a/{account}/webhooks/{id}/state">{csrf}<input type="hidden" name="enable" value="{enable}"><button type="submit" class="secondary">{toggle}</button></form>
+<form method="post" action="/console/a/{account}/webhooks/{id}/rotate">{csrf}<button type="submit" class="secondary">Rotate the secret</button></form>
 <form method="post" action="/console/a/{account}/webhooks/{id}/delete">{csrf}<button type="submit" class="secondary" aria-label="Delete the endpoint {url}">Delete</button></form></section>"#,
             url = html::esc(&e.url),
             description = html::esc(&e.description),
@@ -462,6 +504,8 @@ async fn webhooks_page(
             types = html::esc(&types),
             id = html::esc(&e.webhook_endpoint_id),
             csrf = hidden_csrf(session),
+            enable = if disabled { "yes" } else { "no" },
+            toggle = if disabled { "Enable" } else { "Disable" },
         );
     }
     let mut boxes = String::new();
@@ -579,6 +623,89 @@ pub(crate) async fn test_webhook(
         }
         Err(status) if status.code() == Code::PermissionDenied => refused(&status),
         Err(status) => back_with(&path, Err(&status)),
+    }
+}
+
+/// Enables (resuming from where it stopped) or disables an endpoint.
+pub(crate) async fn set_webhook_state(
+    State(service): State<Service>,
+    headers: HeaderMap,
+    Path((account_id, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Page {
+    let Some(session) = Session::from_headers(&service, &headers) else {
+        return to_sign_in();
+    };
+    let form = Form::parse(&body);
+    if !session.csrf_ok(&form) {
+        return forged();
+    }
+    let enable = form.get("enable") == "yes";
+    let path = format!("/console/a/{account_id}/webhooks");
+    let current = match service
+        .get_webhook_endpoint(session.request(pb::GetWebhookEndpointRequest {
+            account_id: account_id.clone(),
+            webhook_endpoint_id: id,
+        }))
+        .await
+    {
+        Ok(answer) => answer.into_inner().endpoint.unwrap_or_default(),
+        Err(status) if status.code() == Code::PermissionDenied => return refused(&status),
+        Err(status) => return back_with(&path, Err(&status)),
+    };
+    let updated = service
+        .update_webhook_endpoint(session.request(pb::UpdateWebhookEndpointRequest {
+            account_id: account_id.clone(),
+            endpoint: Some(pb::WebhookEndpoint {
+                state: if enable {
+                    pb::WebhookEndpointState::Enabled
+                } else {
+                    pb::WebhookEndpointState::Disabled
+                } as i32,
+                ..current
+            }),
+        }))
+        .await;
+    match updated {
+        Ok(_) if enable => back_with(
+            &path,
+            Ok("Endpoint enabled: it resumes from where it stopped."),
+        ),
+        Ok(_) => back_with(&path, Ok("Endpoint disabled: its events wait in the log.")),
+        Err(status) if status.code() == Code::PermissionDenied => refused(&status),
+        Err(status) => back_with(&path, Err(&status)),
+    }
+}
+
+/// A new signing secret, shown once; the old one still signs for a day.
+pub(crate) async fn rotate_webhook(
+    State(service): State<Service>,
+    headers: HeaderMap,
+    Path((account_id, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Page {
+    let Some(session) = Session::from_headers(&service, &headers) else {
+        return to_sign_in();
+    };
+    if !session.csrf_ok(&Form::parse(&body)) {
+        return forged();
+    }
+    match service
+        .rotate_webhook_secret(session.request(pb::RotateWebhookSecretRequest {
+            account_id: account_id.clone(),
+            webhook_endpoint_id: id,
+        }))
+        .await
+    {
+        Ok(answer) => {
+            let banner = format!(
+                r#"<div class="banner good" role="status"><p>The new signing secret, shown once (deliveries carry a signature with the old one too for a day):</p><p class="secret" id="new-secret">{}</p></div>"#,
+                html::esc(&answer.into_inner().secret)
+            );
+            webhooks_page(&service, &session, &account_id, banner).await
+        }
+        Err(status) if status.code() == Code::PermissionDenied => refused(&status),
+        Err(status) => back_with(&format!("/console/a/{account_id}/webhooks"), Err(&status)),
     }
 }
 

@@ -103,6 +103,14 @@ pub(crate) fn router(service: Service) -> Router {
             post(integrations::delete_webhook),
         )
         .route(
+            "/console/a/{account}/webhooks/{id}/state",
+            post(integrations::set_webhook_state),
+        )
+        .route(
+            "/console/a/{account}/webhooks/{id}/rotate",
+            post(integrations::rotate_webhook),
+        )
+        .route(
             "/console/a/{account}/conversations",
             get(integrations::conversations),
         )

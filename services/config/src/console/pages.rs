@@ -717,6 +717,8 @@ struct ConfigPage<'a> {
     banners: String,
     preview: bool,
     editable: bool,
+    /// The WhatsApp template the configuration names, for the preview.
+    template: Option<pb::WhatsAppTemplate>,
 }
 
 fn config_page(session: &Session, page: ConfigPage<'_>) -> String {
@@ -728,6 +730,7 @@ fn config_page(session: &Session, page: ConfigPage<'_>) -> String {
         banners,
         preview,
         editable,
+        template,
     } = page;
     let error = |name: &str| errors.get(name).map(String::as_str);
     let title = match existing {
@@ -865,7 +868,7 @@ fn config_page(session: &Session, page: ConfigPage<'_>) -> String {
         ),
     );
     if preview {
-        body.push_str(&preview_section(form));
+        body.push_str(&preview_section(form, template.as_ref()));
     }
     body.push_str(r#"<p><button type="submit" name="action" value="preview" class="secondary">Preview</button>"#);
     if editable {
@@ -879,7 +882,21 @@ fn config_page(session: &Session, page: ConfigPage<'_>) -> String {
     )
 }
 
-fn preview_section(form: &ConfigForm) -> String {
+/// The distinct `{{n}}` placeholders of a WhatsApp template's body, in order.
+pub(crate) fn template_placeholders(body: &str) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    for piece in body.split("{{").skip(1) {
+        if let Some((name, _)) = piece.split_once("}}") {
+            let name = name.trim().to_owned();
+            if !name.is_empty() && !found.contains(&name) {
+                found.push(name);
+            }
+        }
+    }
+    found
+}
+
+fn preview_section(form: &ConfigForm, template: Option<&pb::WhatsAppTemplate>) -> String {
     let mut out = String::from(
         r#"<section aria-live="polite"><h2>Preview</h2><p class="hint">With sample values: first_name Ada, last_name Lovelace, topic “your bill”.</p>"#,
     );
@@ -912,6 +929,37 @@ fn preview_section(form: &ConfigForm) -> String {
             c.as_str_name(),
             html::esc(&rendered)
         );
+    }
+    if let Some(t) = template {
+        any = true;
+        let placeholders = template_placeholders(&t.body);
+        let status = pb::WhatsAppTemplateStatus::try_from(t.status)
+            .map_or("", |s| s.as_str_name())
+            .trim_start_matches("WHATS_APP_TEMPLATE_STATUS_")
+            .to_lowercase();
+        let _ = write!(
+            out,
+            r#"<h3>WhatsApp template {name} ({language})</h3><div class="preview" data-channel="WHATSAPP_TEMPLATE">{body}</div><p class="hint">{count} placeholder{s} ({list}), filled from the IVR's variables; Meta's review: {status}.</p>"#,
+            name = html::esc(&t.name),
+            language = html::esc(&t.language),
+            body = html::esc(&t.body),
+            count = placeholders.len(),
+            s = if placeholders.len() == 1 { "" } else { "s" },
+            list = html::esc(
+                &placeholders
+                    .iter()
+                    .map(|p| format!("{{{{{p}}}}}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            status = html::esc(&status),
+        );
+        if t.status != pb::WhatsAppTemplateStatus::Approved as i32 {
+            out.push_str(&html::banner(
+                "bad",
+                "Meta has not approved this template: WhatsApp handoffs fall to the next channel until it does.",
+            ));
+        }
     }
     if !any {
         out.push_str("<p>No message to preview yet.</p>");
@@ -948,6 +996,7 @@ pub(crate) async fn new_config(
             banners: String::new(),
             preview: false,
             editable: true,
+            template: None,
         },
     ))
 }
@@ -981,6 +1030,7 @@ pub(crate) async fn edit_config(
             banners: String::new(),
             preview: false,
             editable: session.may(&account_id, Role::Editor),
+            template: None,
         },
     ))
 }
@@ -1033,11 +1083,36 @@ async fn submit_config(
                 banners,
                 preview,
                 editable,
+                template: None,
             },
         )
     };
     if submitted.get("action") == "preview" || !submitted.has("action") {
-        return ok(render(&form, &HashMap::new(), String::new(), true));
+        let template = if form.whatsapp_template_id.trim().is_empty() {
+            None
+        } else {
+            service
+                .get_whats_app_template(session.request(pb::GetWhatsAppTemplateRequest {
+                    account_id: account_id.clone(),
+                    template_id: form.whatsapp_template_id.trim().to_owned(),
+                }))
+                .await
+                .ok()
+                .and_then(|r| r.into_inner().template)
+        };
+        return ok(config_page(
+            &session,
+            ConfigPage {
+                account_id: &account_id,
+                existing: existing.as_deref(),
+                form: &form,
+                errors: &HashMap::new(),
+                banners: String::new(),
+                preview: true,
+                editable,
+                template,
+            },
+        ));
     }
     let (config, order, bad_deadline) = form.to_wire(&account_id);
     if let Some(why) = bad_deadline {
@@ -1806,6 +1881,15 @@ mod tests {
             render_sample("unclosed {{first_name"),
             "unclosed {{first_name"
         );
+    }
+
+    #[test]
+    fn a_templates_placeholders_are_listed_once_in_order() {
+        assert_eq!(
+            template_placeholders("Hi {{1}}, about {{2}}; {{1}} again, {{ 3 }}"),
+            ["1", "2", "3"]
+        );
+        assert!(template_placeholders("no placeholder").is_empty());
     }
 
     #[test]
