@@ -151,16 +151,28 @@ async fn click(browser: &Client, css: &str) {
         .expect("clicked");
 }
 
+/// The text of the first element `css` selects, waiting (10 s at most) for it to be on the page
+/// and reading it again if the page was replaced in between (Try it reloads itself).
 async fn text_of(browser: &Client, css: &str) -> String {
-    browser
-        .wait()
-        .at_most(Duration::from_secs(10))
-        .for_element(Locator::Css(css))
-        .await
-        .unwrap_or_else(|_| panic!("{css} on the page"))
-        .text()
-        .await
-        .expect("text")
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let element = browser
+            .wait()
+            .at_most(Duration::from_secs(10))
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|_| panic!("{css} on the page"));
+        match element.text().await {
+            Ok(text) => return text,
+            Err(error) if std::time::Instant::now() < deadline => {
+                assert!(
+                    format!("{error:?}").contains("StaleElementReference"),
+                    "{css}: {error:?}"
+                );
+            }
+            Err(error) => panic!("{css}: {error:?}"),
+        }
+    }
 }
 
 async fn fill(browser: &Client, css: &str, text: &str) {
@@ -359,6 +371,18 @@ async fn an_admin_builds_a_configuration_and_watches_the_funnel_in_a_browser() {
     assert!(
         open.contains(phone) && open.contains("billing-agents"),
         "{open}"
+    );
+    // Its transcript: the deflection's message out, then the consumer's reply, each by its author.
+    click(&browser, "table a").await;
+    let transcript = text_of(&browser, "ol.transcript").await;
+    let out = transcript
+        .find("text us here about your bill")
+        .expect("the message out");
+    let reply = transcript.find("Yes please").expect("the reply");
+    assert!(out < reply, "{transcript}");
+    assert!(
+        transcript.contains("· deflection") && transcript.contains("· consumer"),
+        "{transcript}"
     );
 
     // The overview's funnel moved.

@@ -798,7 +798,7 @@ pub(crate) async fn conversations(
                 .trim_start_matches("CHANNEL_");
             let _ = write!(
                 body,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                r#"<tr><td><a href="/console/a/{account}/conversations/{id}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>"#,
                 when(&c.opened_at),
                 html::esc(&consumer),
                 html::esc(channel),
@@ -809,12 +809,108 @@ pub(crate) async fn conversations(
                     &c.assignee
                 }),
                 when(&c.last_message_at),
+                id = html::esc(&c.conversation_id),
             );
         }
         body.push_str("</tbody></table></section>");
     }
     ok(html::layout(
         title,
+        Some(&frame(&session, &account_id, "Conversations")),
+        &body,
+    ))
+}
+
+/// One conversation: who, where, and its transcript with each outbound message's stage.
+pub(crate) async fn conversation(
+    State(service): State<Service>,
+    headers: HeaderMap,
+    Path((account_id, id)): Path<(String, String)>,
+) -> Page {
+    let Some(session) = Session::from_headers(&service, &headers) else {
+        return to_sign_in();
+    };
+    let found = match service.peers.conversations_for(&session.token) {
+        Ok(mut conversations) => conversations
+            .get_conversation(pb::GetConversationRequest {
+                account_id: account_id.clone(),
+                conversation_id: id.clone(),
+            })
+            .await
+            .map(|r| r.into_inner().conversation.unwrap_or_default()),
+        Err(status) => Err(status),
+    };
+    let c = match found {
+        Ok(c) => c,
+        Err(status) => return refused(&status),
+    };
+    let when = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .and_then(c2m_proto::from_timestamp)
+            .map_or_else(String::new, |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+    };
+    let consumer = if session.may(&account_id, Role::Admin) {
+        c.consumer_address.clone()
+    } else {
+        c2m_runtime::phone::mask_phone(&c.consumer_address)
+    };
+    let state = if c.state == pb::ConversationState::Closed as i32 {
+        format!("closed ({})", c.close_reason)
+    } else {
+        "open".to_owned()
+    };
+    let mut body = format!(
+        r#"<h1>Conversation {id}</h1><section><p><strong>Consumer:</strong> {consumer} · <strong>Channel:</strong> {channel} · <strong>Skill:</strong> {skill} · <strong>State:</strong> {state} · <strong>Assignee:</strong> {assignee}</p><p class="hint">Opened {opened} UTC from handoff {handoff}.</p></section><section><h2>Transcript</h2><ol class="transcript">"#,
+        id = html::esc(&c.conversation_id),
+        consumer = html::esc(&consumer),
+        channel = html::esc(
+            pb::Channel::try_from(c.channel)
+                .map_or("", |c| c.as_str_name())
+                .trim_start_matches("CHANNEL_")
+        ),
+        skill = html::esc(&c.skill_id),
+        state = html::esc(&state),
+        assignee = html::esc(if c.assignee.is_empty() {
+            "nobody"
+        } else {
+            &c.assignee
+        }),
+        opened = when(&c.opened_at),
+        handoff = html::esc(&c.handoff_id),
+    );
+    for e in &c.transcript {
+        let inbound = e.direction == pb::TranscriptDirection::Inbound as i32;
+        let stage = pb::FunnelStage::try_from(e.stage)
+            .ok()
+            .filter(|s| *s != pb::FunnelStage::Unspecified)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("FUNNEL_STAGE_")
+                    .to_lowercase()
+            })
+            .unwrap_or_default();
+        let media: String = e
+            .media_urls
+            .iter()
+            .map(|u| format!(r#" <a href="{0}" rel="noreferrer">{0}</a>"#, html::esc(u)))
+            .collect();
+        let _ = write!(
+            body,
+            r#"<li data-direction="{dir}"><span class="hint">{at} · {who}{stage}</span><br>{text}{media}</li>"#,
+            dir = if inbound { "in" } else { "out" },
+            at = when(&e.at),
+            who = html::esc(&e.author),
+            stage = if stage.is_empty() {
+                String::new()
+            } else {
+                format!(" · {}", html::esc(&stage))
+            },
+            text = html::esc(&e.text),
+        );
+    }
+    body.push_str("</ol></section>");
+    ok(html::layout(
+        "Conversation",
         Some(&frame(&session, &account_id, "Conversations")),
         &body,
     ))

@@ -114,6 +114,10 @@ pub(crate) fn router(service: Service) -> Router {
             "/console/a/{account}/conversations",
             get(integrations::conversations),
         )
+        .route(
+            "/console/a/{account}/conversations/{id}",
+            get(integrations::conversation),
+        )
         .with_state(service)
 }
 
