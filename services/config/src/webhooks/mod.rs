@@ -283,9 +283,13 @@ impl Dispatcher {
             if events.is_empty() && sleep_or_stop(HANDOFF_POLL, stop).await {
                 return;
             }
+            // A delivered event's position is saved at once (a replica that stops posts again
+            // at most that one); events passed over only move the position, saved once for the
+            // page, so an endpoint that wants few types costs no write per event of the account.
+            let mut passed = None;
             for logged in events {
                 let outgoing = logged.event.as_ref().and_then(Outgoing::handoff);
-                let delivered = match outgoing {
+                match outgoing {
                     Some(outgoing) if endpoint.wants(outgoing.kind) => {
                         if !self
                             .post_until_taken(leased, secrets, &outgoing, stop)
@@ -293,29 +297,59 @@ impl Dispatcher {
                         {
                             return;
                         }
-                        true
-                    }
-                    _ => false,
-                };
-                match self
-                    .store
-                    .webhook_passed(
-                        &endpoint.id,
-                        &self.owner,
-                        WebhookPosition::Handoffs(logged.position),
-                        delivered,
-                    )
-                    .await
-                {
-                    Ok(true) => position = Some(logged.position),
-                    Ok(false) => return,
-                    Err(error) => {
-                        tracing::warn!(%error, endpoint_id = %endpoint.id, "webhooks: position not saved; posting from the last saved one");
-                        if sleep_or_stop(Duration::from_secs(1), stop).await {
-                            return;
+                        match self
+                            .handoffs_passed(endpoint, logged.position, true, stop)
+                            .await
+                        {
+                            Some(true) => {
+                                position = Some(logged.position);
+                                passed = None;
+                            }
+                            Some(false) => break,
+                            None => return,
                         }
-                        break;
                     }
+                    _ => passed = Some(logged.position),
+                }
+            }
+            if let Some(at) = passed {
+                match self.handoffs_passed(endpoint, at, false, stop).await {
+                    Some(true) => position = Some(at),
+                    Some(false) => {}
+                    None => return,
+                }
+            }
+        }
+    }
+
+    /// Saves the endpoint's position in Reporting's log: `Some(true)` saved, `Some(false)` not
+    /// saved (read again from the last saved one), `None` when delivering must stop (asked to,
+    /// the lease is lost, or the endpoint was disabled).
+    async fn handoffs_passed(
+        &self,
+        endpoint: &crate::model::WebhookEndpoint,
+        at: i64,
+        delivered: bool,
+        stop: &CancellationToken,
+    ) -> Option<bool> {
+        match self
+            .store
+            .webhook_passed(
+                &endpoint.id,
+                &self.owner,
+                WebhookPosition::Handoffs(at),
+                delivered,
+            )
+            .await
+        {
+            Ok(true) => Some(true),
+            Ok(false) => None,
+            Err(error) => {
+                tracing::warn!(%error, endpoint_id = %endpoint.id, "webhooks: position not saved; posting from the last saved one");
+                if sleep_or_stop(Duration::from_secs(1), stop).await {
+                    None
+                } else {
+                    Some(false)
                 }
             }
         }
