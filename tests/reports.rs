@@ -202,6 +202,7 @@ async fn the_funnel_series_is_in_the_accounts_time_zone_grouped_as_asked() {
     // Bad input names its field; another account's viewer sees nothing.
     let cases = [
         (series_request("Mars/Olympus_Mons", &[]), "time_zone"),
+        (series_request(&"Europe/".repeat(20), &[]), "time_zone"),
         (
             pb::GetFunnelSeriesRequest {
                 repeat_window_hours: 721,

@@ -451,7 +451,9 @@ impl ReportingService for Service {
         };
         let named = r.time_zone.trim();
         let explicit = (!named.is_empty()).then(|| named.parse::<chrono_tz::Tz>());
-        if let Some(Err(_)) = explicit {
+        if named.len() > 64 {
+            violations.add("time_zone", "at most 64 characters");
+        } else if let Some(Err(_)) = explicit {
             violations.add(
                 "time_zone",
                 format!("{named:?} is not an IANA time zone (e.g. America/New_York)"),
@@ -630,6 +632,12 @@ impl ReportingService for Service {
         let caller = self.key.caller(request.metadata())?;
         let r = request.into_inner();
         caller.authorize(&r.account_id, Role::Viewer)?;
+        if r.handoff_id.len() > 128 {
+            return Err(c2m_runtime::status::invalid_field(
+                "handoff_id",
+                "at most 128 characters",
+            ));
+        }
         if !r.handoff_id.is_empty() {
             let events = self
                 .store
