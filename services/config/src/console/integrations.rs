@@ -4,9 +4,8 @@
 use std::fmt::Write as _;
 
 use axum::{
-    body::Bytes,
     extract::{Path, State},
-    http::{HeaderMap, Uri},
+    http::Uri,
 };
 use c2m_proto::v1::{
     self as pb, config_service_server::ConfigService, put_provider_credentials_request::Credentials,
@@ -16,9 +15,9 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use super::{
-    Form, Session, forged, html,
+    Posted, Session, SignedIn, html,
     pages::{Page, frame, ok, query, refused},
-    see_other, to_sign_in,
+    see_other,
 };
 use crate::{Service, model::WEBHOOK_EVENT_TYPES};
 
@@ -71,13 +70,10 @@ fn outcome_banner(uri: &Uri) -> String {
 
 pub(crate) async fn templates(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
     uri: Uri,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let listed = match service
         .list_whats_app_templates(session.request(pb::ListWhatsAppTemplatesRequest {
             account_id: account_id.clone(),
@@ -151,17 +147,9 @@ pub(crate) async fn templates(
 
 pub(crate) async fn create_template(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path(account_id): Path<String>,
-    body: Bytes,
+    Posted { session, form }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    let form = Form::parse(&body);
-    if !session.csrf_ok(&form) {
-        return forged();
-    }
     let created = service
         .create_whats_app_template(
             session.request(pb::CreateWhatsAppTemplateRequest {
@@ -187,16 +175,9 @@ pub(crate) async fn create_template(
 
 pub(crate) async fn delete_template(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path((account_id, id)): Path<(String, String)>,
-    body: Bytes,
+    Posted { session, .. }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    if !session.csrf_ok(&Form::parse(&body)) {
-        return forged();
-    }
     let deleted = service
         .delete_whats_app_template(session.request(pb::DeleteWhatsAppTemplateRequest {
             account_id: account_id.clone(),
@@ -277,14 +258,10 @@ const PROVIDERS: [(&str, &str, &[CredentialField]); 6] = [
 ];
 
 pub(crate) async fn credentials(
-    State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
     uri: Uri,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let mut body = format!("<h1>Provider credentials</h1>{}", outcome_banner(&uri));
     if !session.may(&account_id, Role::Admin) {
         body.push_str(&html::banner(
@@ -320,17 +297,9 @@ pub(crate) async fn credentials(
 
 pub(crate) async fn set_credentials(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path(account_id): Path<String>,
-    body: Bytes,
+    Posted { session, form }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    let form = Form::parse(&body);
-    if !session.csrf_ok(&form) {
-        return forged();
-    }
     let (provider, credentials) = match form.get("provider").as_str() {
         "twilio" => (
             pb::Provider::Twilio,
@@ -407,13 +376,10 @@ pub(crate) async fn set_credentials(
 
 pub(crate) async fn webhooks(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
     uri: Uri,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     webhooks_page(&service, &session, &account_id, outcome_banner(&uri)).await
 }
 
@@ -533,17 +499,9 @@ async fn webhooks_page(
 
 pub(crate) async fn create_webhook(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path(account_id): Path<String>,
-    body: Bytes,
+    Posted { session, form }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    let form = Form::parse(&body);
-    if !session.csrf_ok(&form) {
-        return forged();
-    }
     let created = service
         .create_webhook_endpoint(session.request(pb::CreateWebhookEndpointRequest {
             account_id: account_id.clone(),
@@ -579,16 +537,9 @@ pub(crate) async fn create_webhook(
 
 pub(crate) async fn test_webhook(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path((account_id, id)): Path<(String, String)>,
-    body: Bytes,
+    Posted { session, .. }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    if !session.csrf_ok(&Form::parse(&body)) {
-        return forged();
-    }
     let tried = service
         .send_test_webhook(session.request(pb::SendTestWebhookRequest {
             account_id: account_id.clone(),
@@ -629,17 +580,9 @@ pub(crate) async fn test_webhook(
 /// Enables (resuming from where it stopped) or disables an endpoint.
 pub(crate) async fn set_webhook_state(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path((account_id, id)): Path<(String, String)>,
-    body: Bytes,
+    Posted { session, form }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    let form = Form::parse(&body);
-    if !session.csrf_ok(&form) {
-        return forged();
-    }
     let enable = form.get("enable") == "yes";
     let path = format!("/console/a/{account_id}/webhooks");
     let current = match service
@@ -680,16 +623,9 @@ pub(crate) async fn set_webhook_state(
 /// A new signing secret, shown once; the old one still signs for a day.
 pub(crate) async fn rotate_webhook(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path((account_id, id)): Path<(String, String)>,
-    body: Bytes,
+    Posted { session, .. }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    if !session.csrf_ok(&Form::parse(&body)) {
-        return forged();
-    }
     match service
         .rotate_webhook_secret(session.request(pb::RotateWebhookSecretRequest {
             account_id: account_id.clone(),
@@ -711,16 +647,9 @@ pub(crate) async fn rotate_webhook(
 
 pub(crate) async fn delete_webhook(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path((account_id, id)): Path<(String, String)>,
-    body: Bytes,
+    Posted { session, .. }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    if !session.csrf_ok(&Form::parse(&body)) {
-        return forged();
-    }
     let deleted = service
         .delete_webhook_endpoint(session.request(pb::DeleteWebhookEndpointRequest {
             account_id: account_id.clone(),
@@ -739,13 +668,10 @@ pub(crate) async fn delete_webhook(
 
 pub(crate) async fn conversations(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
     uri: Uri,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let closed = query(&uri, "state") == "closed";
     let listed = match service.peers.conversations_for(&session.token) {
         Ok(mut conversations) => conversations
@@ -824,12 +750,9 @@ pub(crate) async fn conversations(
 /// One conversation: who, where, and its transcript with each outbound message's stage.
 pub(crate) async fn conversation(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path((account_id, id)): Path<(String, String)>,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let found = match service.peers.conversations_for(&session.token) {
         Ok(mut conversations) => conversations
             .get_conversation(pb::GetConversationRequest {

@@ -19,7 +19,8 @@ use std::time::SystemTime;
 use axum::{
     Router,
     body::Bytes,
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    extract::{FromRequest, FromRequestParts},
+    http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
 };
@@ -185,6 +186,46 @@ impl Session {
 
     fn who(&self) -> String {
         format!("{} ({})", self.claims.sub, self.claims.role.name())
+    }
+}
+
+/// The signed-in person, for a page: without a session, the answer is the sign-in page.
+pub(crate) struct SignedIn(pub(crate) Session);
+
+impl FromRequestParts<Service> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, service: &Service) -> Result<Self, Response> {
+        Session::from_headers(service, &parts.headers)
+            .map(SignedIn)
+            .ok_or_else(to_sign_in)
+    }
+}
+
+/// A form posted from one of the signed-in person's pages, its CSRF token checked: a form that
+/// did not come from their session is refused before any handler runs.
+pub(crate) struct Posted {
+    pub(crate) session: Session,
+    pub(crate) form: Form,
+}
+
+impl FromRequest<Service> for Posted {
+    type Rejection = Response;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        service: &Service,
+    ) -> Result<Self, Response> {
+        let (mut parts, body) = request.into_parts();
+        let SignedIn(session) = SignedIn::from_request_parts(&mut parts, service).await?;
+        let body = Bytes::from_request(axum::extract::Request::from_parts(parts, body), service)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let form = Form::parse(&body);
+        if !session.csrf_ok(&form) {
+            return Err(forged());
+        }
+        Ok(Self { session, form })
     }
 }
 

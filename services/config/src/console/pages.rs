@@ -14,8 +14,8 @@ use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use super::{
-    Form, Session, console_role, forged, html, secure_cookie, secured, see_other, session_cookie,
-    to_sign_in,
+    Form, Posted, Session, SignedIn, console_role, forged, html, secure_cookie, secured, see_other,
+    session_cookie, to_sign_in,
 };
 use crate::Service;
 
@@ -218,13 +218,10 @@ const GROUPINGS: [(&str, &str, pb::FunnelGrouping); 4] = [
 
 pub(crate) async fn overview(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
     uri: Uri,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let account = match service
         .get_account(session.request(pb::GetAccountRequest {
             account_id: account_id.clone(),
@@ -412,13 +409,10 @@ fn funnel_section(series: &pb::GetFunnelSeriesResponse) -> String {
 
 pub(crate) async fn configs(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
     uri: Uri,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let channel = Channel::from_str_name(&query(&uri, "channel")).unwrap_or_default();
     let skill = query(&uri, "skill");
     let listed = match service
@@ -969,13 +963,9 @@ fn preview_section(form: &ConfigForm, template: Option<&pb::WhatsAppTemplate>) -
 }
 
 pub(crate) async fn new_config(
-    State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     if !session.may(&account_id, Role::Editor) {
         return refused(&Status::permission_denied(
             "creating a configuration needs the editor role",
@@ -1003,12 +993,9 @@ pub(crate) async fn new_config(
 
 pub(crate) async fn edit_config(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path((account_id, id)): Path<(String, String)>,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let config = match service
         .get_handoff_config(session.request(pb::GetHandoffConfigRequest {
             account_id: account_id.clone(),
@@ -1037,36 +1024,29 @@ pub(crate) async fn edit_config(
 
 pub(crate) async fn save_new_config(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path(account_id): Path<String>,
-    body: Bytes,
+    posted: Posted,
 ) -> Page {
-    submit_config(service, headers, account_id, None, body).await
+    submit_config(service, account_id, None, posted).await
 }
 
 pub(crate) async fn save_config(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path((account_id, id)): Path<(String, String)>,
-    body: Bytes,
+    posted: Posted,
 ) -> Page {
-    submit_config(service, headers, account_id, Some(id), body).await
+    submit_config(service, account_id, Some(id), posted).await
 }
 
 async fn submit_config(
     service: Service,
-    headers: HeaderMap,
     account_id: String,
     existing: Option<String>,
-    body: Bytes,
+    Posted {
+        session,
+        form: submitted,
+    }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    let submitted = Form::parse(&body);
-    if !session.csrf_ok(&submitted) {
-        return forged();
-    }
     let mut form = ConfigForm::from_form(&submitted);
     if let Some(id) = &existing {
         form.id.clone_from(id);
@@ -1204,13 +1184,10 @@ async fn submit_config(
 
 pub(crate) async fn settings(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
     uri: Uri,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let account = match service
         .get_account(session.request(pb::GetAccountRequest {
             account_id: account_id.clone(),
@@ -1333,17 +1310,9 @@ fn settings_page(
 
 pub(crate) async fn save_settings(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path(account_id): Path<String>,
-    body: Bytes,
+    Posted { session, form }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    let form = Form::parse(&body);
-    if !session.csrf_ok(&form) {
-        return forged();
-    }
     let mut errors = HashMap::new();
     let mut number = |name: &str| -> u32 {
         let text = form.get(name);
@@ -1414,12 +1383,9 @@ pub(crate) async fn save_settings(
 
 pub(crate) async fn keys(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     keys_page(&service, &session, &account_id, String::new()).await
 }
 
@@ -1501,17 +1467,9 @@ async fn keys_page(
 
 pub(crate) async fn create_key(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path(account_id): Path<String>,
-    body: Bytes,
+    Posted { session, form }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    let form = Form::parse(&body);
-    if !session.csrf_ok(&form) {
-        return forged();
-    }
     let mut scopes = Vec::new();
     if form.has("scope_handoffs") {
         scopes.push(pb::ApiKeyScope::Handoffs as i32);
@@ -1556,16 +1514,9 @@ pub(crate) async fn create_key(
 
 pub(crate) async fn revoke_key(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path((account_id, id)): Path<(String, String)>,
-    body: Bytes,
+    Posted { session, .. }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    if !session.csrf_ok(&Form::parse(&body)) {
-        return forged();
-    }
     match service
         .revoke_api_key(session.request(pb::RevokeApiKeyRequest {
             account_id: account_id.clone(),
@@ -1582,12 +1533,9 @@ pub(crate) async fn revoke_key(
 
 pub(crate) async fn try_it(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let form = TryForm {
         first_name: "Ada".into(),
         topic: "your bill".into(),
@@ -1687,17 +1635,12 @@ async fn try_page(
 
 pub(crate) async fn run_try(
     State(service): State<Service>,
-    headers: HeaderMap,
     Path(account_id): Path<String>,
-    body: Bytes,
+    Posted {
+        session,
+        form: submitted,
+    }: Posted,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
-    let submitted = Form::parse(&body);
-    if !session.csrf_ok(&submitted) {
-        return forged();
-    }
     let form = TryForm {
         phone: submitted.get("phone").trim().to_owned(),
         config: submitted.get("config"),
@@ -1775,12 +1718,9 @@ const TRY_STEPS: [(pb::FunnelStage, &str); 6] = [
 
 pub(crate) async fn watch_try(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path((account_id, handoff_id)): Path<(String, String)>,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let listed = match service.peers.reporting_for(&session.token) {
         Ok(mut reporting) => reporting
             .list_transactions(pb::ListTransactionsRequest {

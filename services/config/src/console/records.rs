@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use axum::{
     body::Body,
     extract::{Path, State},
-    http::{HeaderMap, HeaderValue, Uri, header},
+    http::{HeaderValue, Uri, header},
     response::IntoResponse,
 };
 use c2m_proto::v1::{self as pb, config_service_server::ConfigService};
@@ -14,9 +14,9 @@ use futures::StreamExt;
 use tonic::Status;
 
 use super::{
-    Session, html,
+    SignedIn, html,
     pages::{Page, frame, ok, query, refused},
-    secured, to_sign_in,
+    secured,
 };
 use crate::Service;
 
@@ -63,13 +63,10 @@ fn stage_name(stage: i32) -> String {
 
 pub(crate) async fn transactions(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
     uri: Uri,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let (start, end, from, to) = period(&uri);
     let page_token = query(&uri, "page");
     let listed = match service.peers.reporting_for(&session.token) {
@@ -148,13 +145,10 @@ pub(crate) async fn transactions(
 /// The period's handoffs as CSV, streamed from ExportTransactions a batch at a time.
 pub(crate) async fn transactions_csv(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
     uri: Uri,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let (start, end, from, to) = period(&uri);
     let stream = match service.peers.reporting_for(&session.token) {
         Ok(mut reporting) => reporting
@@ -203,13 +197,10 @@ pub(crate) async fn transactions_csv(
 
 pub(crate) async fn audit(
     State(service): State<Service>,
-    headers: HeaderMap,
+    SignedIn(session): SignedIn,
     Path(account_id): Path<String>,
     uri: Uri,
 ) -> Page {
-    let Some(session) = Session::from_headers(&service, &headers) else {
-        return to_sign_in();
-    };
     let (start, end, from, to) = period(&uri);
     let listed = match service
         .list_audit_events(session.request(pb::ListAuditEventsRequest {
