@@ -1,6 +1,7 @@
 //! Change notification for readers' caches: every change commits a PostgreSQL `NOTIFY` beside its
 //! audit record; each Config replica listens and fans the notices out to its `WatchConfig`
-//! streams, so a reader hears of a change made on any replica within milliseconds.
+//! streams, so a reader hears of a change made on any replica within milliseconds. The embedded
+//! store (one process, no `NOTIFY`) publishes each change itself once it has committed.
 
 use std::{pin::Pin, time::Duration};
 
@@ -107,6 +108,16 @@ impl Watch {
                 }
             }
         }
+    }
+
+    /// Tells this replica's watchers of a committed change. The embedded store calls it after each
+    /// commit: one process, so no notice has to cross a database.
+    pub fn publish(&self, account_id: &str, resource: &str) {
+        // No receivers is fine: nobody is watching.
+        let _ = self.sender.send(Change {
+            account_id: account_id.to_owned(),
+            resource: resource.to_owned(),
+        });
     }
 
     /// The changes from now on, of one account or (empty) all. A watcher that falls behind gets

@@ -1,8 +1,11 @@
 //! Config's storage, behind a trait so the embedded backend can slot in later.
 
+mod common;
 mod postgres;
+mod sqlite;
 
 pub use postgres::PgConfigStore;
+pub use sqlite::SqliteConfigStore;
 
 use async_trait::async_trait;
 use c2m_proto::v1::{Channel, WhatsAppTemplateStatus};

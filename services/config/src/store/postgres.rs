@@ -13,7 +13,7 @@ use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
 
 use super::{
     Actor, AuditRecord, ConfigStore, LeasedWebhook, StoreError, TemplateDeleted, Updated,
-    WebhookPosition,
+    WebhookPosition, common::*,
 };
 use crate::model::{
     Account, ApiKey, HandoffConfig, Settings, Template, WebhookDelivery, WebhookEndpoint,
@@ -29,28 +29,6 @@ impl PgConfigStore {
         Self { pool }
     }
 }
-
-fn names(channels: &[Channel]) -> Vec<&'static str> {
-    channels.iter().map(|c| c.as_str_name()).collect()
-}
-
-fn channels(names: Vec<String>) -> Vec<Channel> {
-    names
-        .iter()
-        .filter_map(|n| Channel::from_str_name(n))
-        .collect()
-}
-
-fn conflict(what: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-    move |e| match &e {
-        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(what),
-        _ => StoreError::Db(e),
-    }
-}
-
-const ACCOUNT_COLUMNS: &str = "account_id, display_name, deflection_enabled, landline_check_enabled, \
-    rate_limit_per_second, enabled_channels, reply_lookback_hours, created_at, idle_close_minutes, \
-    help_text, time_zone";
 
 fn account_row(row: PgRow) -> Result<Account, sqlx::Error> {
     Ok(Account {
@@ -70,20 +48,8 @@ fn account_row(row: PgRow) -> Result<Account, sqlx::Error> {
     })
 }
 
-const CONFIG_COLUMNS: &str = "handoff_config_id, account_id, name, skill_id, channel_priority, messages, \
-    whatsapp_template_id, apple_business_id, apple_intent_id, apple_group_id, apple_body, \
-    delivery_deadline_seconds, version, updated_at";
-
 fn config_row(row: PgRow) -> Result<HandoffConfig, sqlx::Error> {
-    let messages: serde_json::Value = row.try_get("messages")?;
-    let messages = messages
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((Channel::from_str_name(k)?, v.as_str()?.to_owned())))
-                .collect()
-        })
-        .unwrap_or_default();
+    let messages = messages(&row.try_get("messages")?);
     Ok(HandoffConfig {
         id: row.try_get("handoff_config_id")?,
         account_id: row.try_get("account_id")?,
@@ -102,9 +68,6 @@ fn config_row(row: PgRow) -> Result<HandoffConfig, sqlx::Error> {
     })
 }
 
-const KEY_COLUMNS: &str =
-    "api_key_id, account_id, name, prefix, created_at, last_used_at, revoked_at, scopes";
-
 fn api_key_row(row: PgRow) -> Result<ApiKey, sqlx::Error> {
     Ok(ApiKey {
         id: row.try_get("api_key_id")?,
@@ -121,12 +84,6 @@ fn api_key_row(row: PgRow) -> Result<ApiKey, sqlx::Error> {
             .collect(),
     })
 }
-
-fn sql(text: String) -> sqlx::AssertSqlSafe<String> {
-    sqlx::AssertSqlSafe(text)
-}
-
-const TEMPLATE_COLUMNS: &str = "template_id, account_id, name, language, category, body, status";
 
 fn template_row(row: PgRow) -> Result<Template, sqlx::Error> {
     Ok(Template {
@@ -171,27 +128,6 @@ async fn audit(
         .execute(&mut *tx)
         .await?;
     Ok(())
-}
-
-fn account_json(a: &Account) -> serde_json::Value {
-    c2m_proto::to_json("c2m.v1.Account", &a.to_wire())
-}
-
-fn config_json(c: &HandoffConfig) -> serde_json::Value {
-    c2m_proto::to_json("c2m.v1.HandoffConfig", &c.to_wire())
-}
-
-fn template_json(t: &Template) -> serde_json::Value {
-    c2m_proto::to_json("c2m.v1.WhatsAppTemplate", &t.to_wire())
-}
-
-fn messages_json(c: &HandoffConfig) -> serde_json::Value {
-    serde_json::Value::Object(
-        c.messages
-            .iter()
-            .map(|(channel, text)| (channel.as_str_name().to_owned(), text.clone().into()))
-            .collect(),
-    )
 }
 
 #[async_trait]

@@ -11,9 +11,6 @@ use crate::{
     store::{LeasedWebhook, WebhookPosition},
 };
 
-const COLUMNS: &str = "webhook_endpoint_id, account_id, url, description, event_types, enabled, \
-    disabled_reason, failing_since, created_at, updated_at";
-
 fn endpoint_row(row: &PgRow) -> Result<WebhookEndpoint, sqlx::Error> {
     Ok(WebhookEndpoint {
         id: row.try_get("webhook_endpoint_id")?,
@@ -38,10 +35,6 @@ fn leased_row(row: &PgRow) -> Result<LeasedWebhook, sqlx::Error> {
         handoff_position: row.try_get("handoff_position")?,
         version: row.try_get("version")?,
     })
-}
-
-fn endpoint_json(e: &WebhookEndpoint) -> serde_json::Value {
-    c2m_proto::to_json("c2m.v1.WebhookEndpoint", &e.to_wire())
 }
 
 /// The previous secret is still signed with until this time.
@@ -93,7 +86,7 @@ pub(super) async fn get(
     id: &str,
 ) -> Result<Option<WebhookEndpoint>, StoreError> {
     let row = sqlx::query(sql(format!(
-        "SELECT {COLUMNS} FROM webhook_endpoints WHERE account_id = $1 AND webhook_endpoint_id = $2"
+        "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE account_id = $1 AND webhook_endpoint_id = $2"
     )))
     .bind(account_id)
     .bind(id)
@@ -107,7 +100,7 @@ pub(super) async fn list(
     account_id: &str,
 ) -> Result<Vec<WebhookEndpoint>, StoreError> {
     let rows = sqlx::query(sql(format!(
-        "SELECT {COLUMNS} FROM webhook_endpoints WHERE account_id = $1 ORDER BY webhook_endpoint_id"
+        "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE account_id = $1 ORDER BY webhook_endpoint_id"
     )))
     .bind(account_id)
     .fetch_all(pool)
@@ -122,7 +115,7 @@ pub(super) async fn update(
 ) -> Result<Option<WebhookEndpoint>, StoreError> {
     let mut tx = pool.begin().await?;
     let Some(before) = sqlx::query(sql(format!(
-        "SELECT {COLUMNS} FROM webhook_endpoints \
+        "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints \
          WHERE account_id = $1 AND webhook_endpoint_id = $2 FOR UPDATE"
     )))
     .bind(&e.account_id)
@@ -140,7 +133,7 @@ pub(super) async fn update(
              enabled = $5, disabled_reason = $6, \
              failing_since = CASE WHEN $5 AND NOT enabled THEN NULL ELSE failing_since END, \
              version = version + 1, updated_at = now() \
-         WHERE webhook_endpoint_id = $1 RETURNING {COLUMNS}"
+         WHERE webhook_endpoint_id = $1 RETURNING {ENDPOINT_COLUMNS}"
     )))
     .bind(&e.id)
     .bind(&e.url)
@@ -174,7 +167,7 @@ pub(super) async fn delete(
     let mut tx = pool.begin().await?;
     let gone = sqlx::query(sql(format!(
         "DELETE FROM webhook_endpoints WHERE account_id = $1 AND webhook_endpoint_id = $2 \
-         RETURNING {COLUMNS}"
+         RETURNING {ENDPOINT_COLUMNS}"
     )))
     .bind(account_id)
     .bind(id)
@@ -245,7 +238,7 @@ pub(super) async fn for_test(
     id: &str,
 ) -> Result<Option<LeasedWebhook>, StoreError> {
     let row = sqlx::query(sql(format!(
-        "SELECT {COLUMNS}, secret, {PREVIOUS_SECRET} AS previous_secret, cursor, handoff_position, version \
+        "SELECT {ENDPOINT_COLUMNS}, secret, {PREVIOUS_SECRET} AS previous_secret, cursor, handoff_position, version \
          FROM webhook_endpoints WHERE account_id = $1 AND webhook_endpoint_id = $2"
     )))
     .bind(account_id)
@@ -264,7 +257,7 @@ pub(super) async fn lease(
         "UPDATE webhook_endpoints SET lease_owner = $1, \
              lease_until = now() + make_interval(secs => $2) \
          WHERE enabled AND (lease_until IS NULL OR lease_until < now() OR lease_owner = $1) \
-         RETURNING {COLUMNS}, secret, {PREVIOUS_SECRET} AS previous_secret, cursor, handoff_position, version"
+         RETURNING {ENDPOINT_COLUMNS}, secret, {PREVIOUS_SECRET} AS previous_secret, cursor, handoff_position, version"
     )))
     .bind(owner)
     .bind(ttl.as_secs_f64())
@@ -311,9 +304,11 @@ pub(super) async fn failed(
 ) -> Result<bool, StoreError> {
     let enabled: Option<bool> = sqlx::query_scalar(
         "UPDATE webhook_endpoints SET failing_since = coalesce(failing_since, now()), \
-             enabled = coalesce(failing_since, now()) > now() - make_interval(secs => $3), \
+             enabled = enabled \
+                 AND coalesce(failing_since, now()) > now() - make_interval(secs => $3), \
              disabled_reason = CASE \
-                 WHEN coalesce(failing_since, now()) > now() - make_interval(secs => $3) \
+                 WHEN NOT enabled \
+                     OR coalesce(failing_since, now()) > now() - make_interval(secs => $3) \
                  THEN disabled_reason \
                  ELSE 'deliveries failed since ' || to_char(coalesce(failing_since, now()) AT TIME ZONE 'UTC', \
                      'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') || '; enable it again to resume' END \
