@@ -9,6 +9,14 @@
 //! its index.
 //! A service can have other outboxes for other destinations (Handoff ships deflections to Routing
 //! this way): a [`Destination`] names the table and delivers its rows.
+//!
+//! The rows live in PostgreSQL (`postgres`, what `c2m serve` runs) or in SQLite (`sqlite`, the
+//! embedded default), behind [`OutboxRows`]; the relay is the same over both.
+
+mod postgres;
+mod sqlite;
+
+pub use sqlite::{SqliteOutbox, enqueue_sqlite};
 
 use std::{
     sync::{
@@ -18,6 +26,7 @@ use std::{
     time::Duration,
 };
 
+use async_trait::async_trait;
 use c2m_proto::v1::{Event, RecordEventsRequest};
 use c2m_runtime::{metrics::OutboxLabels, peers::Peers};
 use prost::Message;
@@ -107,7 +116,7 @@ impl Destination for ToReporting {
 /// Ships a service's outbox to its destination (Reporting, unless said otherwise).
 #[derive(Debug, Clone)]
 pub struct Relay<D = ToReporting> {
-    db: ServiceDb,
+    rows: Arc<dyn OutboxRows>,
     peers: Peers,
     wake: Arc<Notify>,
     destination: D,
@@ -129,24 +138,84 @@ impl Relay {
     pub fn new(db: ServiceDb, peers: Peers) -> Self {
         Self::to(ToReporting, db, peers)
     }
+
+    /// A relay of funnel events kept in another store (the embedded default's SQLite file).
+    pub fn over(rows: Arc<dyn OutboxRows>, peers: Peers) -> Self {
+        Self::to_over(ToReporting, rows, peers)
+    }
 }
 
 /// Whether a batch waits for rows another transaction has taken out, or leaves them to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Taken {
+pub enum Taken {
     Skip,
     Wait,
 }
 
+/// Which rows a batch may take: the oldest, up to `newest`, at most `rows` of them and `bytes` of
+/// payload (one row, however large).
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub newest: i64,
+    pub rows: i64,
+    pub bytes: i64,
+}
+
+/// Where a service's outbox rows are kept.
+#[async_trait]
+pub trait OutboxRows: std::fmt::Debug + Send + Sync + 'static {
+    /// The schema is migrated: the outbox tables are there.
+    fn is_ready(&self) -> bool;
+    /// The newest row's sequence number, if any row waits.
+    async fn newest(&self, table: &'static str) -> Result<Option<i64>, sqlx::Error>;
+    /// Whether rows up to `newest` still wait.
+    async fn any_up_to(&self, table: &'static str, newest: i64) -> Result<bool, sqlx::Error>;
+    /// Takes the window's rows out, in order, so that no other relay ships them meanwhile;
+    /// `Taken::Skip` passes over rows another relay holds, `Taken::Wait` waits for them.
+    async fn take(
+        &self,
+        table: &'static str,
+        window: Window,
+        taken: Taken,
+    ) -> Result<Box<dyn Batch>, sqlx::Error>;
+}
+
+/// Rows taken out of an outbox: gone once [`Batch::done`], back for the next relay after
+/// [`Batch::put_back`] (or when dropped).
+#[async_trait]
+pub trait Batch: Send {
+    /// (sequence number, payload), in order.
+    fn rows(&self) -> &[(i64, Vec<u8>)];
+    /// The rows left: delivered, and `dead` (sequence number, payload, why) set aside in
+    /// `outbox_dead_letters`.
+    async fn done(
+        self: Box<Self>,
+        table: &'static str,
+        dead: &[(i64, Vec<u8>, String)],
+    ) -> Result<(), sqlx::Error>;
+    /// The rows go back now, to be shipped again.
+    async fn put_back(self: Box<Self>);
+}
+
 impl<D: Destination> Relay<D> {
     pub fn to(destination: D, db: ServiceDb, peers: Peers) -> Self {
+        Self::to_over(destination, Arc::new(postgres::PgOutbox(db)), peers)
+    }
+
+    /// A relay to `destination` of the rows kept in `rows`.
+    pub fn to_over(destination: D, rows: Arc<dyn OutboxRows>, peers: Peers) -> Self {
         Self {
-            db,
+            rows,
             peers,
             wake: Arc::new(Notify::new()),
             destination,
             flushes: Arc::default(),
         }
+    }
+
+    /// Where this relay's rows are kept.
+    pub fn rows(&self) -> Arc<dyn OutboxRows> {
+        self.rows.clone()
     }
 
     /// Call after committing rows, so they leave now rather than at the next poll.
@@ -237,16 +306,10 @@ impl<D: Destination> Relay<D> {
     }
 
     async fn flush_now(&self) -> Result<usize, RelayError> {
-        if !self.db.is_migrated() {
+        if !self.rows.is_ready() {
             return Ok(0);
         }
-        let newest: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT max(seq) FROM {}",
-            D::TABLE
-        )))
-        .fetch_one(self.db.pool())
-        .await?;
-        let Some(newest) = newest else {
+        let Some(newest) = self.rows.newest(D::TABLE).await? else {
             return Ok(0);
         };
         let mut shipped = 0;
@@ -258,14 +321,7 @@ impl<D: Destination> Relay<D> {
             }
             // Nothing came out: the rows we waited for were shipped by whoever held them. Done
             // unless rows beyond the batch we looked at are still there.
-            let left: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-                "SELECT EXISTS (SELECT 1 FROM {} WHERE seq <= $1)",
-                D::TABLE
-            )))
-            .bind(newest)
-            .fetch_one(self.db.pool())
-            .await?;
-            if !left {
+            if !self.rows.any_up_to(D::TABLE, newest).await? {
                 return Ok(shipped);
             }
         }
@@ -277,42 +333,25 @@ impl<D: Destination> Relay<D> {
     /// that one bad row does not hold back every row behind it.
     async fn ship(&self, taken: Taken, newest: i64) -> Result<Shipped, RelayError> {
         // Until the health probe has migrated the schema there is no outbox to read.
-        if !self.db.is_migrated() {
+        if !self.rows.is_ready() {
             return Ok(Shipped::default());
         }
-        let mut tx = self.db.pool().begin().await?;
-        // Taken out in the transaction, put back by its rollback if the destination does not
-        // take them. SKIP LOCKED: replicas share the outbox without shipping the same batch twice
-        // at once. `= ANY(ARRAY(…))` finds the rows by the primary key: `IN (…)` was planned as a
-        // hash join over a scan of the whole table, dead rows included, which cost 2 ms a batch
-        // once a run had put a hundred thousand events through. The window over the locked rows
-        // keeps the batch within its bytes.
-        let lock = match taken {
-            Taken::Skip => "FOR UPDATE SKIP LOCKED",
-            Taken::Wait => "FOR UPDATE",
-        };
-        let mut rows: Vec<(i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "WITH locked AS ( \
-                 SELECT seq, octet_length(payload) AS size FROM {table} \
-                 WHERE seq <= $2 ORDER BY seq LIMIT $1 {lock}), \
-             running AS ( \
-                 SELECT seq, sum(size) OVER (ORDER BY seq) AS bytes, \
-                     row_number() OVER (ORDER BY seq) AS n \
-                 FROM locked) \
-             DELETE FROM {table} WHERE seq = ANY(ARRAY( \
-                 SELECT seq FROM running WHERE bytes <= $3 OR n = 1)) \
-             RETURNING seq, payload",
-            table = D::TABLE
-        )))
-        .bind(BATCH)
-        .bind(newest)
-        .bind(BATCH_BYTES)
-        .fetch_all(&mut *tx)
-        .await?;
+        let batch = self
+            .rows
+            .take(
+                D::TABLE,
+                Window {
+                    newest,
+                    rows: BATCH,
+                    bytes: BATCH_BYTES,
+                },
+                taken,
+            )
+            .await?;
+        let rows = batch.rows().to_vec();
         if rows.is_empty() {
             return Ok(Shipped::default());
         }
-        rows.sort_unstable_by_key(|(seq, _)| *seq);
         let n = rows.len();
         let full = n as i64 == BATCH
             || rows.iter().map(|(_, p)| p.len() as i64).sum::<i64>() * 2 > BATCH_BYTES;
@@ -324,34 +363,17 @@ impl<D: Destination> Relay<D> {
             Ok(()) => Vec::new(),
             Err(error) if error.is_about_the_rows() => match self.isolate(rows).await {
                 Ok(dead) => dead,
-                Err(error) => return Err(put_back(tx, error).await),
+                Err(error) => {
+                    batch.put_back().await;
+                    return Err(error);
+                }
             },
-            Err(error) => return Err(put_back(tx, error).await),
+            Err(error) => {
+                batch.put_back().await;
+                return Err(error);
+            }
         };
-        if !dead.is_empty() {
-            let (seqs, payloads, errors): (Vec<i64>, Vec<Vec<u8>>, Vec<String>) =
-                dead.iter().cloned().fold(
-                    (Vec::new(), Vec::new(), Vec::new()),
-                    |(mut s, mut p, mut e), (seq, payload, error)| {
-                        s.push(seq);
-                        p.push(payload);
-                        e.push(error);
-                        (s, p, e)
-                    },
-                );
-            sqlx::query(
-                "INSERT INTO outbox_dead_letters (outbox, seq, payload, error) \
-                 SELECT $1, * FROM unnest($2::bigint[], $3::bytea[], $4::text[]) \
-                 ON CONFLICT (outbox, seq) DO NOTHING",
-            )
-            .bind(D::TABLE)
-            .bind(&seqs)
-            .bind(&payloads)
-            .bind(&errors)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
+        batch.done(D::TABLE, &dead).await?;
         for (seq, payload, error) in &dead {
             tracing::error!(
                 outbox = D::TABLE,
@@ -391,16 +413,6 @@ impl<D: Destination> Relay<D> {
         }
         Ok(dead)
     }
-}
-
-/// Puts a batch back now: a dropped transaction is rolled back only when the pool next hands its
-/// connection out, and until then the rows stay locked, so another replica (or the next round,
-/// on another connection) would skip them. Returns `error`.
-async fn put_back(tx: sqlx::Transaction<'_, sqlx::Postgres>, error: RelayError) -> RelayError {
-    if let Err(rollback) = tx.rollback().await {
-        tracing::debug!(%rollback, "outbox batch not rolled back at once");
-    }
-    error
 }
 
 /// What one batch did.
