@@ -1,12 +1,15 @@
 //! Handoff's storage, behind one trait ([`HandoffStore`]) holding every statement: the hot
 //! path's batched writes, the lookups, the sweeps and the fallback round's. The PostgreSQL
-//! implementation is `postgres`; an embedded one can take its place behind the same trait.
+//! implementation is `postgres`; the embedded default's is `sqlite`, and one suite
+//! (`tests/handoff_store.rs`) holds both to the same answers.
 
 mod postgres;
+mod sqlite;
 
 pub use postgres::PgHandoffStore;
 #[cfg(test)]
 pub(crate) use postgres::{Saves, tests};
+pub use sqlite::SqliteHandoffStore;
 
 use std::{
     sync::Arc,
@@ -18,6 +21,10 @@ use c2m_proto::v1::{self as pb, Channel, HandoffStatus};
 use chrono::{DateTime, Utc};
 
 pub use crate::model::Attempt;
+
+/// A handoff's columns, the same in both schemas.
+pub(crate) const COLUMNS: &str = "handoff_id, account_id, handoff_config_id, consumer_phone, \
+    status, channel, skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at";
 
 /// A handoff as stored.
 #[derive(Debug, Clone, PartialEq)]

@@ -21,7 +21,8 @@ use prost::Message;
 use sqlx::{PgPool, Row, postgres::PgRow};
 
 use super::{
-    Due, Fallback, Fell, HandoffStore, Intended, Intent, Recent, Save, Saved, StoredHandoff,
+    COLUMNS, Due, Fallback, Fell, HandoffStore, Intended, Intent, Recent, Save, Saved,
+    StoredHandoff,
 };
 
 /// Handoff's schema in PostgreSQL.
@@ -130,9 +131,6 @@ impl HandoffStore for PgHandoffStore {
         fallbacks::record(self.db.pool(), fell).await
     }
 }
-
-const COLUMNS: &str = "handoff_id, account_id, handoff_config_id, consumer_phone, status, channel, \
-    skill_id, ivr_call_id, ivr_number, attempts, duplicate_of, created_at";
 
 fn handoff(row: PgRow) -> Result<StoredHandoff, sqlx::Error> {
     let attempts: serde_json::Value = row.try_get("attempts")?;
