@@ -1,9 +1,12 @@
 //! What Routing knows about a consumer before a message goes (the statement on every handoff's
 //! path, batched across concurrent handoffs: see `c2m_storage::batch`), and the record of what
-//! went, which Handoff's deflection outbox ships in batches of its own.
+//! went, which Handoff's deflection outbox ships in batches of its own (`RoutingStore`).
+
+use std::sync::Arc;
 
 use c2m_storage::batch::Statement;
-use sqlx::{PgPool, Row};
+
+use crate::store::RoutingStore;
 
 /// What a handoff must know about a consumer before messaging them.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,48 +23,15 @@ pub struct Consumer {
 /// (0: none is looked for).
 pub type Check = (String, String, i32);
 
-/// Consumers checked together, one row each; each fact is a probe by the tables' keys (a
-/// subquery per row, which PostgreSQL cannot turn into a scan of a whole table).
-pub struct Checks(pub PgPool);
+/// Consumers checked together, one row each, in one statement.
+pub struct Checks(pub Arc<dyn RoutingStore>);
 
 impl Statement for Checks {
     type Row = Check;
     type Output = Consumer;
 
     async fn run(&self, checks: &[Check]) -> Result<Vec<Consumer>, sqlx::Error> {
-        let accounts: Vec<&str> = checks.iter().map(|c| c.0.as_str()).collect();
-        let phones: Vec<&str> = checks.iter().map(|c| c.1.as_str()).collect();
-        let hours: Vec<i32> = checks.iter().map(|c| c.2).collect();
-        let rows = sqlx::query(
-            "SELECT \
-                 (SELECT conversation_id FROM conversations \
-                  WHERE account_id = q.account_id AND consumer_address = q.phone \
-                    AND closed_at IS NULL) AS conversation, \
-                 ARRAY(SELECT channel FROM opt_outs \
-                       WHERE account_id = q.account_id AND consumer_phone = q.phone) AS opted_out, \
-                 (SELECT d.handoff_id FROM deflections d \
-                  WHERE q.hours > 0 AND d.account_id = q.account_id AND d.consumer_phone = q.phone \
-                    AND d.channel = 'CHANNEL_APPLE_MESSAGES' \
-                    AND d.sent_at > now() - make_interval(hours => q.hours) \
-                    AND NOT EXISTS (SELECT 1 FROM conversations c WHERE c.handoff_id = d.handoff_id) \
-                  ORDER BY d.sent_at DESC LIMIT 1) AS pending_invite \
-             FROM unnest($1::text[], $2::text[], $3::int[]) WITH ORDINALITY AS q(account_id, phone, hours, n) \
-             ORDER BY q.n",
-        )
-        .bind(&accounts)
-        .bind(&phones)
-        .bind(&hours)
-        .fetch_all(&self.0)
-        .await?;
-        rows.into_iter()
-            .map(|row| {
-                Ok(Consumer {
-                    conversation: row.try_get("conversation")?,
-                    opted_out: row.try_get("opted_out")?,
-                    pending_invite: row.try_get("pending_invite")?,
-                })
-            })
-            .collect()
+        self.0.check_consumers(checks).await
     }
 }
 
@@ -81,45 +51,10 @@ pub struct Deflection {
     pub sent_at: chrono::DateTime<chrono::Utc>,
 }
 
-/// Records deflections with one statement. A handoff recorded again (a fallback sent on another
-/// channel) keeps its row and takes the channel, message and time of its latest send; an older
-/// send arriving late (a batch shipped again after a newer one) changes nothing.
-pub async fn record(pool: &PgPool, deflections: Vec<Deflection>) -> Result<(), sqlx::Error> {
-    let deflections = latest_per_handoff(deflections);
-    let text = |f: fn(&Deflection) -> &str| deflections.iter().map(f).collect::<Vec<_>>();
-    sqlx::query(
-        "INSERT INTO deflections (handoff_id, account_id, handoff_config_id, ivr_number, \
-             consumer_phone, channel, skill_id, first_message, engagement_attributes, sent_at) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::text[], $7::text[], $8::text[], $9::bytea[], $10::timestamptz[]) \
-         ON CONFLICT (handoff_id) DO UPDATE SET channel = EXCLUDED.channel, \
-             first_message = EXCLUDED.first_message, sent_at = EXCLUDED.sent_at \
-         WHERE deflections.sent_at <= EXCLUDED.sent_at",
-    )
-    .bind(text(|d| &d.handoff_id))
-    .bind(text(|d| &d.account_id))
-    .bind(text(|d| &d.handoff_config_id))
-    .bind(text(|d| &d.ivr_number))
-    .bind(text(|d| &d.consumer_phone))
-    .bind(text(|d| &d.channel))
-    .bind(text(|d| &d.skill_id))
-    .bind(text(|d| &d.first_message))
-    .bind(
-        deflections
-            .iter()
-            .map(|d| d.engagement_attributes.as_slice())
-            .collect::<Vec<_>>(),
-    )
-    .bind(deflections.iter().map(|d| d.sent_at).collect::<Vec<_>>())
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
 /// One row per handoff, as the statement's upsert would leave it had the rows come one by one
 /// (one statement cannot touch a row twice): the first row of a handoff, with the channel,
 /// message and time of its latest send.
-fn latest_per_handoff(deflections: Vec<Deflection>) -> Vec<Deflection> {
+pub(crate) fn latest_per_handoff(deflections: Vec<Deflection>) -> Vec<Deflection> {
     let mut at = std::collections::HashMap::with_capacity(deflections.len());
     let mut kept: Vec<Deflection> = Vec::with_capacity(deflections.len());
     for d in deflections {

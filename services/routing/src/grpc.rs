@@ -9,7 +9,7 @@ use crate::{
     Service,
     conversations::Inbound,
     db_status,
-    deflections::{self, Consumer, Deflection},
+    deflections::{Consumer, Deflection},
     required,
 };
 
@@ -136,7 +136,8 @@ impl RoutingService for Service {
             });
         }
         violations.into_result()?;
-        deflections::record(self.db.batch_pool(), rows)
+        self.store
+            .record_deflections(rows)
             .await
             .map_err(db_status)?;
         Ok(Response::new(pb::RecordDeflectionsResponse {}))

@@ -31,7 +31,7 @@ impl Service {
             }
             let cutoff = Utc::now()
                 - chrono::Duration::from_std(self.log_retention).unwrap_or(chrono::Duration::MAX);
-            match crate::log::prune(self.db.pool(), cutoff).await {
+            match self.store.prune_log(cutoff).await {
                 Ok(0) => {}
                 Ok(forgotten) => {
                     tracing::info!(forgotten, "conversation log: old events forgotten")
@@ -42,11 +42,7 @@ impl Service {
     }
 
     async fn sweep(&self) -> Result<(), sqlx::Error> {
-        let accounts: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT account_id FROM conversations WHERE closed_at IS NULL",
-        )
-        .fetch_all(self.db.pool())
-        .await?;
+        let accounts = self.store.accounts_with_open_conversations().await?;
         for account_id in accounts {
             let minutes = match self
                 .peers
@@ -70,9 +66,7 @@ impl Service {
                 continue;
             }
             let since = Utc::now() - chrono::Duration::minutes(i64::from(minutes));
-            let mut conn = self.db.pool().acquire().await?;
-            let idle = crate::desk::idle(&mut conn, &account_id, since, PER_SWEEP).await?;
-            drop(conn);
+            let idle = self.store.idle(&account_id, since, PER_SWEEP).await?;
             for conversation_id in idle {
                 let closed = self
                     .close(Closing {

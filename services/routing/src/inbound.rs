@@ -25,8 +25,8 @@ impl Service {
         // still in its outbox, and looks once more, then taking the latest on any channel.
         let (mut raced, mut flushed) = (false, false);
         let routed = loop {
-            let mut tx = self.db.pool().begin().await.map_err(db_status)?;
-            match conversations::route(&mut tx, &inbound).await {
+            let mut tx = self.store.begin().await.map_err(db_status)?;
+            match conversations::route(&mut *tx, &inbound).await {
                 Ok(routed) => match tx.commit().await {
                     Ok(()) => break routed,
                     Err(e) => return Err(db_status(e)),

@@ -18,6 +18,7 @@ mod inbound;
 mod leases;
 mod log;
 mod rest;
+mod store;
 
 use std::{sync::Arc, time::Duration};
 
@@ -34,6 +35,8 @@ use c2m_runtime::{CancellationToken, Component, auth::TokenKey, peers::Peers};
 use c2m_storage::{Coordination, ServiceDb, batch::Batcher, outbox::Relay, redis::Breaker};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
+
+use crate::store::{PgRoutingStore, RoutingStore};
 
 /// `[routing]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +69,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!();
 #[derive(Debug, Clone)]
 pub struct Service {
     db: ServiceDb,
+    store: Arc<dyn RoutingStore>,
     coordination: Arc<dyn Coordination>,
     peers: Peers,
     key: TokenKey,
@@ -97,15 +101,17 @@ impl Service {
     ) -> Self {
         let relay = Relay::new(db.clone(), peers.clone());
         let closing = CancellationToken::new();
+        let store: Arc<dyn RoutingStore> = Arc::new(PgRoutingStore::new(db.clone()));
         Self {
-            feed: log::Feed::new(db.pool().clone(), closing.clone()),
+            feed: log::Feed::new(store.clone(), closing.clone()),
             closing,
             idle_sweep: Duration::from_millis(settings.idle_sweep_ms),
             log_retention: Duration::from_secs(settings.log_retention_days * 86_400),
             send_lease: chrono::Duration::from_std(peer_timeout * 2)
                 .unwrap_or(chrono::Duration::MAX),
             api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
-            checks: Batcher::new(deflections::Checks(db.batch_pool().clone())),
+            checks: Batcher::new(deflections::Checks(store.clone())),
+            store,
             db,
             coordination,
             peers,

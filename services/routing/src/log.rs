@@ -1,6 +1,6 @@
 //! The conversation event log: every change to a conversation is written, in the transaction that
 //! makes it, at the account's next position (no gaps, committed in order: see the migration), and
-//! a PostgreSQL `NOTIFY` wakes every routing replica. Each replica's [`Feed`] reads what is new
+//! a notice (PostgreSQL's `NOTIFY`) wakes every routing replica. Each replica's [`Feed`] reads what is new
 //! once per account and fans it out to its `WatchConversations` streams; a stream that falls
 //! behind, or reconnects with a cursor, reads the log itself. So a client gets every event after
 //! its cursor exactly once, from any replica, across restarts.
@@ -16,13 +16,12 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use c2m_proto::v1 as pb;
 use futures::Stream;
 use prost::Message;
-use sqlx::{PgConnection, PgPool, Row, postgres::PgListener};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-/// The PostgreSQL notification channel; the payload is the account id.
-const CHANNEL: &str = "c2m_conversations";
+use crate::store::RoutingStore;
+
 /// Events read from the log in one statement.
 const PAGE: i64 = 500;
 /// Events a replica holds for its streams; a stream further behind reads the log.
@@ -39,123 +38,17 @@ pub(crate) struct Logged {
     pub event: pb::ConversationEvent,
 }
 
-/// Writes `events` at the account's next positions, inside the caller's transaction, and has
-/// every replica's feed woken when it commits. Call it last before the commit: it holds the
-/// account's log head until then.
-pub(crate) async fn append(
-    tx: &mut PgConnection,
-    account_id: &str,
-    events: &[pb::ConversationEvent],
-) -> Result<(), sqlx::Error> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let count = i64::try_from(events.len()).unwrap_or(i64::MAX);
-    let conversations: Vec<&str> = events.iter().map(|e| e.conversation_id.as_str()).collect();
-    let payloads: Vec<Vec<u8>> = events.iter().map(Message::encode_to_vec).collect();
-    sqlx::query(
-        "WITH head AS ( \
-             INSERT INTO conversation_log_heads AS h (account_id, position) VALUES ($1, $2) \
-             ON CONFLICT (account_id) DO UPDATE SET position = h.position + $2 \
-             RETURNING position) \
-         INSERT INTO conversation_events (account_id, position, conversation_id, payload) \
-         SELECT $1, head.position - $2 + e.n, e.conversation_id, e.payload \
-         FROM head, unnest($3::text[], $4::bytea[]) WITH ORDINALITY AS e(conversation_id, payload, n)",
-    )
-    .bind(account_id)
-    .bind(count)
-    .bind(&conversations)
-    .bind(&payloads)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANNEL)
-        .bind(account_id)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
-}
-
-/// The position of the account's latest event (0: none yet).
-async fn head(pool: &PgPool, account_id: &str) -> Result<i64, sqlx::Error> {
-    Ok(
-        sqlx::query_scalar("SELECT position FROM conversation_log_heads WHERE account_id = $1")
-            .bind(account_id)
-            .fetch_optional(pool)
-            .await?
-            .unwrap_or(0),
-    )
-}
-
-/// Forgets every account's events logged before `cutoff`; how many.
-pub(crate) async fn prune(
-    pool: &PgPool,
-    cutoff: chrono::DateTime<chrono::Utc>,
-) -> Result<u64, sqlx::Error> {
-    let accounts: Vec<String> = sqlx::query_scalar("SELECT account_id FROM conversation_log_heads")
-        .fetch_all(pool)
-        .await?;
-    let mut forgotten = 0;
-    for account_id in accounts {
-        forgotten +=
-            sqlx::query("DELETE FROM conversation_events WHERE account_id = $1 AND at < $2")
-                .bind(&account_id)
-                .bind(cutoff)
-                .execute(pool)
-                .await?
-                .rows_affected();
-    }
-    Ok(forgotten)
-}
-
-/// The position of the account's oldest event the log still keeps (the next one when it keeps
-/// none): a cursor before the one just ahead of it has lost events.
-pub(crate) async fn oldest_kept(pool: &PgPool, account_id: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT coalesce( \
-             (SELECT min(position) FROM conversation_events WHERE account_id = $1), \
-             (SELECT position + 1 FROM conversation_log_heads WHERE account_id = $1), 1)",
-    )
-    .bind(account_id)
-    .fetch_one(pool)
-    .await
-}
-
-/// The position of the account's last event logged before `since` (0: none).
-pub(crate) async fn before(
-    pool: &PgPool,
-    account_id: &str,
-    since: chrono::DateTime<chrono::Utc>,
-) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT coalesce(max(position), 0) FROM conversation_events \
-         WHERE account_id = $1 AND at < $2",
-    )
-    .bind(account_id)
-    .bind(since)
-    .fetch_one(pool)
-    .await
-}
-
 /// The account's events after `position`, at most [`PAGE`], in order.
 async fn read_after(
-    pool: &PgPool,
+    store: &dyn RoutingStore,
     account_id: &str,
     position: i64,
 ) -> Result<Vec<Logged>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT position, payload FROM conversation_events \
-         WHERE account_id = $1 AND position > $2 ORDER BY position LIMIT $3",
-    )
-    .bind(account_id)
-    .bind(position)
-    .bind(PAGE)
-    .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|row| {
-            let position: i64 = row.try_get("position")?;
-            let payload: Vec<u8> = row.try_get("payload")?;
+    store
+        .log_after(account_id, position, PAGE)
+        .await?
+        .into_iter()
+        .map(|(position, payload)| {
             let mut event = pb::ConversationEvent::decode(payload.as_slice())
                 .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
             event.cursor = cursor(account_id, position);
@@ -194,16 +87,16 @@ struct AccountFeed {
 /// This replica's fan-out of the log to its streams.
 #[derive(Debug, Clone)]
 pub(crate) struct Feed {
-    pool: PgPool,
+    store: Arc<dyn RoutingStore>,
     accounts: Arc<Mutex<HashMap<String, Arc<AccountFeed>>>>,
     /// Cancelled when the server stops accepting requests: streams end, clients reconnect.
     closing: CancellationToken,
 }
 
 impl Feed {
-    pub fn new(pool: PgPool, closing: CancellationToken) -> Self {
+    pub fn new(store: Arc<dyn RoutingStore>, closing: CancellationToken) -> Self {
         Self {
-            pool,
+            store,
             accounts: Arc::default(),
             closing,
         }
@@ -214,7 +107,7 @@ impl Feed {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut sweep = tokio::time::interval(SWEEP);
         loop {
-            let mut listener = match PgListener::connect_with(&self.pool).await {
+            let mut listener = match self.store.listen().await {
                 Ok(listener) => listener,
                 Err(error) => {
                     tracing::debug!(%error, "conversation feed: cannot listen yet");
@@ -224,10 +117,6 @@ impl Feed {
                     }
                 }
             };
-            if let Err(error) = listener.listen(CHANNEL).await {
-                tracing::warn!(%error, "conversation feed: LISTEN failed");
-                continue;
-            }
             loop {
                 let notified = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -242,8 +131,7 @@ impl Feed {
                 };
                 let accounts: HashSet<String> = match notified {
                     Some(first) => std::iter::once(first)
-                        .chain(std::iter::from_fn(|| listener.next_buffered()))
-                        .map(|n| n.payload().to_owned())
+                        .chain(std::iter::from_fn(|| listener.buffered()))
                         .collect(),
                     None => self.watched(),
                 };
@@ -274,7 +162,7 @@ impl Feed {
         };
         let mut read = feed.read.lock().await;
         loop {
-            match read_after(&self.pool, account_id, *read).await {
+            match read_after(&*self.store, account_id, *read).await {
                 Ok(events) => {
                     let full = events.len() as i64 == PAGE;
                     for logged in events {
@@ -305,7 +193,7 @@ impl Feed {
         if let Some(feed) = self.accounts.lock().expect("feed accounts").get(account_id) {
             return Ok(feed.sender.subscribe());
         }
-        let at = head(&self.pool, account_id).await?;
+        let at = self.store.log_head(account_id).await?;
         let mut accounts = self.accounts.lock().expect("feed accounts");
         let feed = accounts.entry(account_id.to_owned()).or_insert_with(|| {
             Arc::new(AccountFeed {
@@ -327,11 +215,11 @@ impl Feed {
         let mut live = self.subscribe(&account_id).await?;
         let seen = match after {
             Some(position) => position,
-            None => head(&self.pool, &account_id).await?,
+            None => self.store.log_head(&account_id).await?,
         };
         let (tx, rx) = mpsc::channel(64);
         let stream = Subscriber {
-            pool: self.pool.clone(),
+            store: self.store.clone(),
             account_id,
             tx,
             show,
@@ -351,7 +239,7 @@ impl Feed {
 /// One stream's task: the log from its position, then the feed, back to the log for what the
 /// feed did not bring.
 struct Subscriber {
-    pool: PgPool,
+    store: Arc<dyn RoutingStore>,
     account_id: String,
     tx: mpsc::Sender<Result<pb::WatchConversationsResponse, Status>>,
     show: Filter,
@@ -426,7 +314,7 @@ impl Subscriber {
         until: Option<i64>,
     ) -> Result<Result<i64, Gone>, Status> {
         loop {
-            let events = read_after(&self.pool, &self.account_id, seen)
+            let events = read_after(&*self.store, &self.account_id, seen)
                 .await
                 .map_err(log_unavailable)?;
             let full = events.len() as i64 == PAGE;
@@ -475,9 +363,9 @@ mod tests {
     async fn streams_see_every_event_once_in_order_while_writers_race() {
         let database = TestDatabase::create().await;
         let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
-        let pool = db.pool().clone();
+        let store: Arc<dyn RoutingStore> = Arc::new(crate::store::PgRoutingStore::new(db.clone()));
         let shutdown = CancellationToken::new();
-        let feed = Feed::new(pool.clone(), CancellationToken::new());
+        let feed = Feed::new(store.clone(), CancellationToken::new());
         let listening = tokio::spawn(feed.clone().run(shutdown.clone()));
         let everything = || -> Filter { Box::new(|_| true) };
         let from_start = feed
@@ -489,18 +377,19 @@ mod tests {
             .await
             .expect("watch");
         // Another account's events are not acme's.
-        let mut other = pool.begin().await.expect("tx");
-        append(&mut other, "globex", &[event("globex", 0)])
+        let mut other = store.begin().await.expect("tx");
+        other
+            .log("globex", &[event("globex", 0)])
             .await
             .expect("append");
         other.commit().await.expect("commit");
 
         let write = |writer: usize| {
-            let pool = pool.clone();
+            let store = store.clone();
             async move {
                 for i in 0..50 {
-                    let mut tx = pool.begin().await.expect("tx");
-                    append(&mut tx, "acme", &[event("acme", writer * 100 + i)])
+                    let mut tx = store.begin().await.expect("tx");
+                    tx.log("acme", &[event("acme", writer * 100 + i)])
                         .await
                         .expect("append");
                     tx.commit().await.expect("commit");

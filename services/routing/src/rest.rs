@@ -181,15 +181,10 @@ async fn consent_csv(
     let mut csv = String::from("consumer_phone,channel,opted_in,source,at\n");
     let mut after = 0;
     loop {
-        let page = match crate::consent::list(
-            s.db.pool(),
-            &account_id,
-            consumer,
-            channel,
-            after,
-            EXPORT_PAGE,
-        )
-        .await
+        let page = match s
+            .store
+            .consent_changes(&account_id, consumer, channel, after, EXPORT_PAGE)
+            .await
         {
             Ok(page) => page,
             Err(error) => {

@@ -18,8 +18,8 @@ use crate::{
     Service,
     log::{self, EventStream},
 };
-use store::{Assignment, Listing};
-pub(crate) use store::{Closing, idle};
+use store::Assignment;
+pub(crate) use store::{Closing, Listing};
 
 /// The longest id a caller may name.
 const MAX_ID: usize = 128;
@@ -143,8 +143,7 @@ impl ConversationService for Service {
         let r = request.get_ref();
         let access = self.access(request.metadata(), &r.account_id).await?;
         let listing = Listing::from_wire(r, &access)?;
-        let mut conn = self.db.pool().acquire().await.map_err(DeskError::from)?;
-        let (conversations, next_page_token) = store::list(&mut conn, &listing)
+        let (conversations, next_page_token) = store::list(&*self.store, &listing)
             .await
             .map_err(DeskError::from)?;
         Ok(Response::new(pb::ListConversationsResponse {
@@ -159,8 +158,9 @@ impl ConversationService for Service {
     ) -> Result<Response<pb::GetConversationResponse>, Status> {
         let r = request.get_ref();
         let access = caller(self, request.metadata(), &r.account_id, &r.conversation_id).await?;
-        let mut conn = self.db.pool().acquire().await.map_err(DeskError::from)?;
-        let conversation = crate::conversations::load(&mut conn, &r.account_id, &r.conversation_id)
+        let conversation = self
+            .store
+            .conversation(&r.account_id, &r.conversation_id)
             .await
             .map_err(DeskError::from)?
             .filter(|c| access.sees(&c.skill_id))
@@ -213,7 +213,9 @@ impl ConversationService for Service {
         // A cursor whose next events the log has forgotten would leave a hole: refused. A
         // `since` older than the log starts at the oldest event kept.
         if let Some(position) = after {
-            let oldest = log::oldest_kept(self.db.pool(), &r.account_id)
+            let oldest = self
+                .store
+                .log_oldest_kept(&r.account_id)
                 .await
                 .map_err(DeskError::from)?;
             if position + 1 < oldest {
@@ -231,7 +233,8 @@ impl ConversationService for Service {
         }
         let after = match (after, since.flatten()) {
             (None, Some(since)) => Some(
-                log::before(self.db.pool(), &r.account_id, since)
+                self.store
+                    .log_before(&r.account_id, since)
                     .await
                     .map_err(DeskError::from)?,
             ),
@@ -416,16 +419,11 @@ impl ConversationService for Service {
             n => i64::from(n.min(1000)),
         };
         let consumer = Some(r.consumer_phone.as_str()).filter(|p| !p.is_empty());
-        let page = crate::consent::list(
-            self.db.pool(),
-            &r.account_id,
-            consumer,
-            channel,
-            after,
-            limit,
-        )
-        .await
-        .map_err(DeskError::from)?;
+        let page = self
+            .store
+            .consent_changes(&r.account_id, consumer, channel, after, limit)
+            .await
+            .map_err(DeskError::from)?;
         let next_page_token = match page.last() {
             Some((id, _)) if page.len() as i64 == limit => id.to_string(),
             _ => String::new(),

@@ -8,14 +8,13 @@ use c2m_proto::v1::{self as pb, Channel, FunnelStage, conversation_event::Kind};
 use c2m_runtime::{auth::ConversationAccess, ids, status::FieldViolations};
 use c2m_storage::outbox;
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, Row};
 use tonic::Status;
 
 use super::{DeskError, store};
 use crate::{
     Service,
-    conversations::{self, ENTRY_COLUMNS, NewEntry},
-    log,
+    conversations::{self, NewEntry},
+    store::RoutingTx,
 };
 
 /// The longest client message id.
@@ -119,9 +118,9 @@ pub(crate) async fn send(
     access: &ConversationAccess,
     r: &pb::SendConversationMessageRequest,
 ) -> Result<pb::TranscriptEntry, DeskError> {
-    let mut tx = service.db.pool().begin().await?;
+    let mut tx = service.store.begin().await?;
     let conversation = store::locked(
-        &mut tx,
+        &mut *tx,
         &r.account_id,
         &r.conversation_id,
         access.skills.as_deref(),
@@ -130,7 +129,7 @@ pub(crate) async fn send(
     let channel = Channel::try_from(conversation.channel).unwrap_or_default();
     validate(r, channel)?;
     let text = shown_text(r);
-    let entry = match earlier(&mut tx, &r.conversation_id, &r.client_message_id).await? {
+    let entry = match tx.earlier(&r.conversation_id, &r.client_message_id).await? {
         // Sent before: the same message, answered as it stands.
         Some((entry, _)) if entry.text != text || entry.media_urls != r.media_urls => {
             return Err(Status::already_exists(format!(
@@ -156,14 +155,11 @@ pub(crate) async fn send(
         // Under way since a send whose outcome was never written (a crash): send it again under
         // its id, which the gateway answers from its record if the provider had taken it.
         Some((entry, _)) => {
-            sqlx::query(
-                "UPDATE transcript_entries SET sending_until = $2 \
-                 WHERE conversation_id = $1 AND seq = $3",
+            tx.sending(
+                &r.conversation_id,
+                entry.seq,
+                Utc::now() + service.send_lease,
             )
-            .bind(&r.conversation_id)
-            .bind(Utc::now() + service.send_lease)
-            .bind(i32::try_from(entry.seq).unwrap_or(i32::MAX))
-            .execute(&mut *tx)
             .await?;
             entry
         }
@@ -172,32 +168,32 @@ pub(crate) async fn send(
                 return Err(DeskError::Closed(r.conversation_id.clone()));
             }
             if channel == Channel::Whatsapp && r.whatsapp_template.is_none() {
-                window_open(service, &mut tx, &conversation).await?;
+                window_open(service, &mut *tx, &conversation).await?;
             }
             let message_id = ids::generate("msg");
-            let entry = conversations::append(
-                &mut tx,
-                &r.conversation_id,
-                &NewEntry {
-                    direction: "OUTBOUND",
-                    author: &access.actor,
-                    text: &text,
-                    message_id: Some(&message_id),
-                    client_message_id: Some(&r.client_message_id),
-                    media_urls: &r.media_urls,
-                    at: Utc::now(),
-                    sending_until: Some(Utc::now() + service.send_lease),
-                    ..NewEntry::default()
-                },
-            )
-            .await?;
+            let entry = tx
+                .append(
+                    &r.conversation_id,
+                    &NewEntry {
+                        direction: "OUTBOUND",
+                        author: &access.actor,
+                        text: &text,
+                        message_id: Some(&message_id),
+                        client_message_id: Some(&r.client_message_id),
+                        media_urls: &r.media_urls,
+                        at: Utc::now(),
+                        sending_until: Some(Utc::now() + service.send_lease),
+                        ..NewEntry::default()
+                    },
+                )
+                .await?;
             let event = conversations::event(
                 &r.account_id,
                 &r.conversation_id,
                 &conversation.skill_id,
                 Kind::Message(entry.clone()),
             );
-            log::append(&mut tx, &r.account_id, &[event]).await?;
+            tx.log(&r.account_id, &[event]).await?;
             entry
         }
     };
@@ -243,36 +239,11 @@ pub(crate) async fn send(
     Ok(entry)
 }
 
-/// The entry a client message id was used for before in the conversation, and until when its
-/// send may still be under way.
-async fn earlier(
-    tx: &mut PgConnection,
-    conversation_id: &str,
-    client_message_id: &str,
-) -> Result<Option<(pb::TranscriptEntry, Option<DateTime<Utc>>)>, sqlx::Error> {
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {ENTRY_COLUMNS}, sending_until FROM transcript_entries \
-         WHERE conversation_id = $1 AND client_message_id = $2"
-    )))
-    .bind(conversation_id)
-    .bind(client_message_id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .as_ref()
-    .map(|row| {
-        Ok((
-            conversations::transcript_entry(row)?,
-            row.try_get("sending_until")?,
-        ))
-    })
-    .transpose()
-}
-
 /// WhatsApp free text goes only inside the customer-service window: 24 hours from the consumer's
 /// last message, as the gateway tracks it from Meta's webhooks.
 async fn window_open(
     service: &Service,
-    tx: &mut PgConnection,
+    tx: &mut dyn RoutingTx,
     conversation: &pb::Conversation,
 ) -> Result<(), DeskError> {
     let window = service
@@ -295,14 +266,7 @@ async fn window_open(
     if window.reachable {
         return Ok(());
     }
-    let last: Option<DateTime<Utc>> = sqlx::query(
-        "SELECT max(at) AS last FROM transcript_entries \
-         WHERE conversation_id = $1 AND direction = 'INBOUND'",
-    )
-    .bind(&conversation.conversation_id)
-    .fetch_one(&mut *tx)
-    .await?
-    .try_get("last")?;
+    let last: Option<DateTime<Utc>> = tx.last_inbound(&conversation.conversation_id).await?;
     let closed = match last {
         Some(last) => format!(
             "it closed at {} ({WINDOW_HOURS} hours after the consumer's last message)",
@@ -334,90 +298,41 @@ impl Service {
         s: &pb::MessageStage,
     ) -> Result<Option<pb::TranscriptEntry>, sqlx::Error> {
         let stage = FunnelStage::try_from(s.stage).unwrap_or_default();
-        let mut tx = self.db.pool().begin().await?;
-        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT c.skill_id, c.channel, c.handoff_id, c.opened_at, {columns} \
-             FROM transcript_entries t JOIN conversations c USING (conversation_id) \
-             WHERE t.message_id = $1 AND c.account_id = $2 FOR UPDATE OF t, c",
-            columns = ENTRY_COLUMNS
-                .split(", ")
-                .map(|c| format!("t.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-                + ", t.conversation_id",
-        )))
-        .bind(&s.message_id)
-        .bind(&s.account_id)
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
+        let mut tx = self.store.begin().await?;
+        let Some(sent) = tx.sent(&s.account_id, &s.message_id).await? else {
             return Ok(None);
         };
-        let current = conversations::transcript_entry(&row)?;
-        let was = FunnelStage::try_from(current.stage).unwrap_or_default();
+        let was = FunnelStage::try_from(sent.entry.stage).unwrap_or_default();
         if stage.delivery_rank() <= was.delivery_rank() || was == FunnelStage::Failed {
-            return Ok(Some(current));
+            return Ok(Some(sent.entry));
         }
-        let conversation_id: String = row.try_get("conversation_id")?;
-        let entry = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE transcript_entries SET stage = $2, error_code = nullif($3, '') \
-             WHERE message_id = $1 RETURNING {ENTRY_COLUMNS}"
-        )))
-        .bind(&s.message_id)
-        .bind(stage.as_str_name())
-        .bind(&s.error_code)
-        .fetch_one(&mut *tx)
-        .await?;
-        let entry = conversations::transcript_entry(&entry)?;
-        let skill_id: String = row.try_get("skill_id")?;
+        let entry = tx.set_stage(&s.message_id, stage, &s.error_code).await?;
         let answered = was == FunnelStage::Unspecified
             && stage != FunnelStage::Failed
-            && first_answer(&mut tx, &conversation_id, entry.seq).await?;
+            && !tx.answered_before(&sent.conversation_id, entry.seq).await?;
         if answered {
-            let opened_at: DateTime<Utc> = row.try_get("opened_at")?;
-            let delay = (Utc::now() - opened_at).num_milliseconds().max(0);
+            let delay = (Utc::now() - sent.opened_at).num_milliseconds().max(0);
             let funnel = pb::Event {
-                conversation_id: conversation_id.clone(),
-                handoff_id: row
-                    .try_get::<Option<String>, _>("handoff_id")?
-                    .unwrap_or_default(),
-                skill_id: skill_id.clone(),
-                channel: Channel::from_str_name(&row.try_get::<String, _>("channel")?)
-                    .unwrap_or_default() as i32,
+                conversation_id: sent.conversation_id.clone(),
+                handoff_id: sent.handoff_id.clone(),
+                skill_id: sent.skill_id.clone(),
+                channel: sent.channel as i32,
                 response_delay_ms: u64::try_from(delay).unwrap_or_default(),
                 ..outbox::event(&s.account_id, FunnelStage::Answered)
             };
-            outbox::enqueue(&mut tx, &[funnel]).await?;
+            tx.enqueue(&[funnel]).await?;
         }
         let event = conversations::event(
             &s.account_id,
-            &conversation_id,
-            &skill_id,
+            &sent.conversation_id,
+            &sent.skill_id,
             Kind::MessageStage(entry.clone()),
         );
-        log::append(&mut tx, &s.account_id, &[event]).await?;
+        tx.log(&s.account_id, &[event]).await?;
         tx.commit().await?;
         if answered {
             self.relay.wake();
         }
         Ok(Some(entry))
     }
-}
-
-/// Whether entry `seq` is the first agent or bot message of the conversation to have gone out.
-async fn first_answer(
-    tx: &mut PgConnection,
-    conversation_id: &str,
-    seq: i64,
-) -> Result<bool, sqlx::Error> {
-    let earlier: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM transcript_entries WHERE conversation_id = $1 AND seq <> $2 \
-         AND direction = 'OUTBOUND' AND author <> 'deflection' \
-         AND stage IN ('FUNNEL_STAGE_SENT', 'FUNNEL_STAGE_DELIVERED', 'FUNNEL_STAGE_READ')",
-    )
-    .bind(conversation_id)
-    .bind(i32::try_from(seq).unwrap_or(i32::MAX))
-    .fetch_one(&mut *tx)
-    .await?;
-    Ok(earlier == 0)
 }

@@ -6,31 +6,29 @@ use c2m_proto::v1::{self as pb, Channel, FunnelStage, conversation_event::Kind};
 use c2m_runtime::{auth::ConversationAccess, is_e164, status::FieldViolations};
 use c2m_storage::outbox;
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, Row};
 use tonic::Status;
 
 use super::{DeskError, MAX_ID, id};
 use crate::{
-    Service,
-    conversations::{self, CONVERSATION_COLUMNS},
-    log,
+    Service, conversations,
+    store::{RoutingStore, RoutingTx},
 };
 
 /// What a listing asks for, validated.
 #[derive(Debug, Default)]
 pub(crate) struct Listing {
-    account_id: String,
-    open: Option<bool>,
-    skill_id: Option<String>,
+    pub(crate) account_id: String,
+    pub(crate) open: Option<bool>,
+    pub(crate) skill_id: Option<String>,
     /// The caller's skills, when it is limited to some.
-    skills: Option<Vec<String>>,
-    channel: Option<Channel>,
-    consumer: Option<String>,
-    assignee: Option<String>,
-    opened_after: Option<DateTime<Utc>>,
+    pub(crate) skills: Option<Vec<String>>,
+    pub(crate) channel: Option<Channel>,
+    pub(crate) consumer: Option<String>,
+    pub(crate) assignee: Option<String>,
+    pub(crate) opened_after: Option<DateTime<Utc>>,
     /// The last conversation of the previous page.
-    after: Option<(DateTime<Utc>, String)>,
-    limit: i64,
+    pub(crate) after: Option<(DateTime<Utc>, String)>,
+    pub(crate) limit: i64,
 }
 
 impl Listing {
@@ -118,38 +116,10 @@ fn page_position(token: &str) -> Option<(DateTime<Utc>, String)> {
 
 /// A page of conversations, newest first, and the token of the next page.
 pub(crate) async fn list(
-    conn: &mut PgConnection,
+    store: &dyn RoutingStore,
     l: &Listing,
 ) -> Result<(Vec<pb::Conversation>, String), sqlx::Error> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {CONVERSATION_COLUMNS} FROM conversations WHERE account_id = $1 \
-         AND ($2::bool IS NULL OR (closed_at IS NULL) = $2) \
-         AND ($3::text IS NULL OR skill_id = $3) \
-         AND ($4::text[] IS NULL OR skill_id = ANY($4)) \
-         AND ($5::text IS NULL OR channel = $5) \
-         AND ($6::text IS NULL OR consumer_address = $6) \
-         AND ($7::text IS NULL OR assignee = $7) \
-         AND ($8::timestamptz IS NULL OR opened_at >= $8) \
-         AND ($9::timestamptz IS NULL OR (opened_at, conversation_id) < ($9, $10)) \
-         ORDER BY opened_at DESC, conversation_id DESC LIMIT $11"
-    )))
-    .bind(&l.account_id)
-    .bind(l.open)
-    .bind(&l.skill_id)
-    .bind(&l.skills)
-    .bind(l.channel.map(|c| c.as_str_name()))
-    .bind(&l.consumer)
-    .bind(&l.assignee)
-    .bind(l.opened_after)
-    .bind(l.after.as_ref().map(|a| a.0))
-    .bind(l.after.as_ref().map(|a| a.1.as_str()))
-    .bind(l.limit)
-    .fetch_all(&mut *conn)
-    .await?;
-    let page = rows
-        .iter()
-        .map(conversations::conversation)
-        .collect::<Result<Vec<_>, _>>()?;
+    let page = store.conversations(l).await?;
     let next = match page.last() {
         Some(last) if page.len() as i64 == l.limit => page_token(last),
         _ => String::new(),
@@ -159,23 +129,15 @@ pub(crate) async fn list(
 
 /// A conversation locked for a change inside `tx`, if the caller may see it.
 pub(crate) async fn locked(
-    tx: &mut PgConnection,
+    tx: &mut dyn RoutingTx,
     account_id: &str,
     conversation_id: &str,
     skills: Option<&[String]>,
 ) -> Result<pb::Conversation, DeskError> {
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {CONVERSATION_COLUMNS} FROM conversations \
-         WHERE account_id = $1 AND conversation_id = $2 FOR UPDATE"
-    )))
-    .bind(account_id)
-    .bind(conversation_id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .map(|row| conversations::conversation(&row))
-    .transpose()?
-    .filter(|c| skills.is_none_or(|skills| skills.contains(&c.skill_id)))
-    .ok_or_else(|| DeskError::NotFound(conversation_id.to_owned()))
+    tx.lock(account_id, conversation_id)
+        .await?
+        .filter(|c| skills.is_none_or(|skills| skills.contains(&c.skill_id)))
+        .ok_or_else(|| DeskError::NotFound(conversation_id.to_owned()))
 }
 
 /// Who holds a conversation, and which skill's it is.
@@ -200,9 +162,9 @@ pub(crate) async fn change(
     access: &ConversationAccess,
     assignment: Assignment<'_>,
 ) -> Result<pb::Conversation, DeskError> {
-    let mut tx = service.db.pool().begin().await?;
+    let mut tx = service.store.begin().await?;
     let current = locked(
-        &mut tx,
+        &mut *tx,
         account_id,
         conversation_id,
         access.skills.as_deref(),
@@ -266,17 +228,13 @@ pub(crate) async fn change(
             source: access.actor.clone(),
             ..outbox::event(account_id, FunnelStage::ConversationTransferred)
         };
-        outbox::enqueue(&mut tx, &[funnel]).await?;
+        tx.enqueue(&[funnel]).await?;
     }
-    sqlx::query("UPDATE conversations SET assignee = $2, skill_id = $3 WHERE conversation_id = $1")
-        .bind(conversation_id)
-        .bind(assignee)
-        .bind(skill_id)
-        .execute(&mut *tx)
-        .await?;
+    tx.assign(conversation_id, assignee, skill_id).await?;
     let event = conversations::event(account_id, conversation_id, skill_id, kind);
-    log::append(&mut tx, account_id, &[event]).await?;
-    let changed = conversations::load(&mut tx, account_id, conversation_id)
+    tx.log(account_id, &[event]).await?;
+    let changed = tx
+        .load(account_id, conversation_id)
         .await?
         .ok_or_else(|| DeskError::NotFound(conversation_id.to_owned()))?;
     tx.commit().await?;
@@ -307,8 +265,8 @@ impl Service {
         &self,
         c: Closing<'_>,
     ) -> Result<Option<pb::Conversation>, DeskError> {
-        let mut tx = self.db.pool().begin().await?;
-        let current = match locked(&mut tx, c.account_id, c.conversation_id, c.skills).await {
+        let mut tx = self.store.begin().await?;
+        let current = match locked(&mut *tx, c.account_id, c.conversation_id, c.skills).await {
             Ok(current) => current,
             Err(DeskError::NotFound(_)) => return Ok(None),
             Err(error) => return Err(error),
@@ -323,14 +281,7 @@ impl Service {
         if current.state == pb::ConversationState::Closed as i32 || stale {
             return Ok(Some(current));
         }
-        sqlx::query(
-            "UPDATE conversations SET closed_at = now(), close_reason = $2, assignee = NULL \
-             WHERE conversation_id = $1",
-        )
-        .bind(c.conversation_id)
-        .bind(c.reason)
-        .execute(&mut *tx)
-        .await?;
+        tx.close(c.conversation_id, c.reason).await?;
         let funnel = pb::Event {
             conversation_id: c.conversation_id.to_owned(),
             channel: current.channel,
@@ -339,7 +290,7 @@ impl Service {
             source: c.reason.to_owned(),
             ..outbox::event(c.account_id, FunnelStage::ConversationClosed)
         };
-        outbox::enqueue(&mut tx, &[funnel]).await?;
+        tx.enqueue(&[funnel]).await?;
         let event = conversations::event(
             c.account_id,
             c.conversation_id,
@@ -349,8 +300,8 @@ impl Service {
                 by: c.by.to_owned(),
             }),
         );
-        log::append(&mut tx, c.account_id, &[event]).await?;
-        let closed = conversations::load(&mut tx, c.account_id, c.conversation_id).await?;
+        tx.log(c.account_id, &[event]).await?;
+        let closed = tx.load(c.account_id, c.conversation_id).await?;
         tx.commit().await?;
         self.set_lease(c.account_id, &current.consumer_address, None)
             .await;
@@ -363,27 +314,4 @@ impl Service {
         );
         Ok(closed)
     }
-}
-
-/// The account's open conversations whose last message came at or before `idle_since`, the
-/// longest idle first.
-pub(crate) async fn idle(
-    conn: &mut PgConnection,
-    account_id: &str,
-    idle_since: DateTime<Utc>,
-    limit: i64,
-) -> Result<Vec<String>, sqlx::Error> {
-    sqlx::query(
-        "SELECT conversation_id FROM conversations \
-         WHERE account_id = $1 AND closed_at IS NULL AND last_message_at <= $2 \
-         ORDER BY last_message_at LIMIT $3",
-    )
-    .bind(account_id)
-    .bind(idle_since)
-    .bind(limit)
-    .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|row| row.try_get("conversation_id"))
-    .collect()
 }
