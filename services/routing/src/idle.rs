@@ -16,7 +16,7 @@ const PER_SWEEP: i64 = 500;
 
 impl Service {
     pub(crate) async fn close_idle(self, shutdown: CancellationToken) {
-        if !self.db.until_migrated(&shutdown).await {
+        if !self.store.until_ready(&shutdown).await {
             return;
         }
         let mut every = tokio::time::interval(self.idle_sweep);

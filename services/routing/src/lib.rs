@@ -36,7 +36,7 @@ use c2m_storage::{Coordination, ServiceDb, batch::Batcher, outbox::Relay, redis:
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 
-use crate::store::{PgRoutingStore, RoutingStore};
+use crate::store::{PgRoutingStore, RoutingStore, SqliteRoutingStore};
 
 /// `[routing]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,7 +68,6 @@ pub static MIGRATOR: Migrator = sqlx::migrate!();
 /// The `c2m.v1.RoutingService` implementation.
 #[derive(Debug, Clone)]
 pub struct Service {
-    db: ServiceDb,
     store: Arc<dyn RoutingStore>,
     coordination: Arc<dyn Coordination>,
     peers: Peers,
@@ -91,6 +90,7 @@ pub struct Service {
 }
 
 impl Service {
+    /// On PostgreSQL (`c2m serve`).
     pub fn new(
         db: ServiceDb,
         coordination: Arc<dyn Coordination>,
@@ -100,8 +100,50 @@ impl Service {
         peer_timeout: Duration,
     ) -> Self {
         let relay = Relay::new(db.clone(), peers.clone());
+        let store = Arc::new(PgRoutingStore::new(db));
+        Self::over(
+            store,
+            relay,
+            coordination,
+            peers,
+            key,
+            settings,
+            peer_timeout,
+        )
+    }
+
+    /// On a SQLite file of its own (the embedded default), its migrations applied.
+    pub async fn embedded(
+        pool: sqlx::SqlitePool,
+        coordination: Arc<dyn Coordination>,
+        peers: Peers,
+        key: TokenKey,
+        settings: &RoutingSettings,
+        peer_timeout: Duration,
+    ) -> Result<Self, sqlx::migrate::MigrateError> {
+        let store = SqliteRoutingStore::new(pool).await?;
+        let relay = Relay::over(Arc::new(store.outbox()), peers.clone());
+        Ok(Self::over(
+            Arc::new(store),
+            relay,
+            coordination,
+            peers,
+            key,
+            settings,
+            peer_timeout,
+        ))
+    }
+
+    fn over(
+        store: Arc<dyn RoutingStore>,
+        relay: Relay,
+        coordination: Arc<dyn Coordination>,
+        peers: Peers,
+        key: TokenKey,
+        settings: &RoutingSettings,
+        peer_timeout: Duration,
+    ) -> Self {
         let closing = CancellationToken::new();
-        let store: Arc<dyn RoutingStore> = Arc::new(PgRoutingStore::new(db.clone()));
         Self {
             feed: log::Feed::new(store.clone(), closing.clone()),
             closing,
@@ -112,7 +154,6 @@ impl Service {
             api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
             checks: Batcher::new(deflections::Checks(store.clone())),
             store,
-            db,
             coordination,
             peers,
             key,
@@ -138,12 +179,12 @@ impl Service {
         };
         [
             Component::new(RoutingServiceServer::new(self.clone()))
-                .with_probe(self.db.probe())
+                .with_probe(self.store.probe())
                 .with_optional_probe(self.coordination.probe())
                 .with_task(move |shutdown| relay.run(shutdown))
                 .with_task(move |shutdown| idle.close_idle(shutdown)),
             Component::new(ConversationServiceServer::new(self.clone()))
-                .with_probe(self.db.probe())
+                .with_probe(self.store.probe())
                 .with_http(rest::router(self.clone()))
                 .with_task(move |shutdown| feed.run(shutdown))
                 .with_task(follow)

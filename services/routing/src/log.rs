@@ -363,7 +363,23 @@ mod tests {
     async fn streams_see_every_event_once_in_order_while_writers_race() {
         let database = TestDatabase::create().await;
         let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
-        let store: Arc<dyn RoutingStore> = Arc::new(crate::store::PgRoutingStore::new(db.clone()));
+        streams_follow(Arc::new(crate::store::PgRoutingStore::new(db.clone()))).await;
+    }
+
+    /// The same on the embedded default's file, whose notices are this process's.
+    #[tokio::test]
+    async fn streams_see_every_event_once_in_order_on_sqlite() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let pool = c2m_storage::sqlite::open(&dir.path().join("routing.db"))
+            .await
+            .expect("opens");
+        let store = crate::store::SqliteRoutingStore::new(pool)
+            .await
+            .expect("migrated");
+        streams_follow(Arc::new(store)).await;
+    }
+
+    async fn streams_follow(store: Arc<dyn RoutingStore>) {
         let shutdown = CancellationToken::new();
         let feed = Feed::new(store.clone(), CancellationToken::new());
         let listening = tokio::spawn(feed.clone().run(shutdown.clone()));

@@ -11,6 +11,7 @@ pub mod coordination;
 pub mod outbox;
 pub mod postgres;
 pub mod redis;
+pub mod sqlite;
 mod url_mask;
 
 pub use coordination::{Coordination, InProcess, RedisCoordination};

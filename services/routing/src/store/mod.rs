@@ -3,14 +3,22 @@
 //! transaction (a reply opening a conversation, an agent's claim, an answer and its stages, a
 //! consent change), each change written with its funnel events and its conversation-log events
 //! or not at all. The rules of each change (who may, what it logs) are the callers'; the store
-//! only reads and writes. PostgreSQL is `postgres`.
+//! only reads and writes. PostgreSQL is `postgres`; the embedded default's SQLite is `sqlite`;
+//! `tests` holds both to the same answers.
 
 mod postgres;
+mod sqlite;
+#[cfg(test)]
+mod tests;
 
 pub(crate) use postgres::PgRoutingStore;
+pub use sqlite::SqliteRoutingStore;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use c2m_proto::v1 as pb;
+use c2m_runtime::{CancellationToken, health::Probe};
 use chrono::{DateTime, Utc};
 
 use crate::{
@@ -64,6 +72,11 @@ pub(crate) trait LogNotices: Send {
 
 #[async_trait]
 pub(crate) trait RoutingStore: std::fmt::Debug + Send + Sync + 'static {
+    /// What health checks ask: SERVING while the store answers (and, on PostgreSQL, once its
+    /// schema is migrated).
+    fn probe(&self) -> Arc<dyn Probe>;
+    /// Waits until the store can be used; `false` when `shutdown` came first.
+    async fn until_ready(&self, shutdown: &CancellationToken) -> bool;
     /// A transaction for one change.
     async fn begin(&self) -> Result<Box<dyn RoutingTx>, sqlx::Error>;
 

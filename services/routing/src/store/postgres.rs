@@ -1,8 +1,11 @@
 //! [`RoutingStore`] on PostgreSQL: Routing's schema, with the conversation log's positions held
 //! by a per-account head row and its notices sent by `NOTIFY` on commit.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use c2m_proto::v1::{self as pb, Channel, FunnelStage};
+use c2m_runtime::{CancellationToken, health::Probe};
 use c2m_storage::{ServiceDb, outbox};
 use chrono::{DateTime, Utc};
 use prost::Message;
@@ -136,6 +139,14 @@ async fn load(
 
 #[async_trait]
 impl RoutingStore for PgRoutingStore {
+    fn probe(&self) -> Arc<dyn Probe> {
+        self.db.probe()
+    }
+
+    async fn until_ready(&self, shutdown: &CancellationToken) -> bool {
+        self.db.until_migrated(shutdown).await
+    }
+
     async fn begin(&self) -> Result<Box<dyn RoutingTx>, sqlx::Error> {
         Ok(Box::new(PgTx(self.db.pool().begin().await?)))
     }
