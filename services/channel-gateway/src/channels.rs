@@ -7,7 +7,7 @@ use prost::Message;
 use tonic::Status;
 
 use crate::{
-    Service, credentials, db_status, devices, google, meta,
+    Service, credentials, db_status, google, meta,
     outcome::{Refusal, SendOutcome},
     push, rbm,
     sandbox::{self, Player},
@@ -123,7 +123,7 @@ impl Service {
         // Free-form text only inside the customer-service window: Meta would refuse it (131047),
         // and refusing here spares the call.
         if r.whatsapp_template.is_none()
-            && window::closes_at(self.db.pool(), &r.account_id, &r.to)
+            && window::closes_at(&*self.store, &r.account_id, &r.to)
                 .await
                 .map_err(db_status)?
                 .is_none()
@@ -164,7 +164,7 @@ impl Service {
             Some(plaintext) => plaintext,
             None => {
                 let opened =
-                    credentials::open(self.db.pool(), &self.sealer, account_id, provider).await?;
+                    credentials::open(&*self.store, &self.sealer, account_id, provider).await?;
                 self.credentials.insert(key, opened.clone());
                 opened
             }
@@ -312,7 +312,9 @@ impl Service {
     /// A push to every device the consumer registered; sent when any provider took it. Tokens
     /// the providers call invalid are forgotten.
     async fn send_push(&self, r: &pb::SendMessageRequest) -> Result<SendOutcome, Status> {
-        let devices = devices::of(self.db.pool(), &r.account_id, &r.consumer_id)
+        let devices = self
+            .store
+            .devices(&r.account_id, &r.consumer_id)
             .await
             .map_err(db_status)?;
         if devices.is_empty() {
@@ -347,7 +349,8 @@ impl Service {
                 }
                 push::PushOutcome::Unregistered => {
                     tracing::info!(account_id = %r.account_id, "push token no longer valid, forgotten");
-                    devices::forget(self.db.pool(), &r.account_id, &device.token)
+                    self.store
+                        .forget_device(&r.account_id, &device.token)
                         .await
                         .map_err(db_status)?;
                     last_failure = Some((

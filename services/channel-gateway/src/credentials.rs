@@ -3,12 +3,13 @@
 //! account. Nothing here is ever logged or returned.
 
 use c2m_proto::v1::{self as pb, Provider, put_provider_credentials_request::Credentials};
+
+use crate::store::GatewayStore;
 use c2m_runtime::{is_e164, status::FieldViolations};
 use prost::Message;
 
 use crate::{google::ServiceAccount, jwt::Es256};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use sqlx::PgPool;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
@@ -86,55 +87,17 @@ impl Sealer {
     }
 }
 
-/// Stores sealed credentials for an account and provider, replacing what was there.
-pub async fn put(
-    pool: &PgPool,
-    sealer: &Sealer,
-    account_id: &str,
-    provider: Provider,
-    plaintext: &[u8],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO provider_credentials (account_id, provider, ciphertext) VALUES ($1, $2, $3) \
-         ON CONFLICT (account_id, provider) DO UPDATE SET ciphertext = $3, updated_at = now()",
-    )
-    .bind(account_id)
-    .bind(provider.as_str_name())
-    .bind(sealer.seal(account_id, provider, plaintext))
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-pub async fn delete(
-    pool: &PgPool,
-    account_id: &str,
-    provider: Provider,
-) -> Result<bool, sqlx::Error> {
-    let done =
-        sqlx::query("DELETE FROM provider_credentials WHERE account_id = $1 AND provider = $2")
-            .bind(account_id)
-            .bind(provider.as_str_name())
-            .execute(pool)
-            .await?;
-    Ok(done.rows_affected() == 1)
-}
-
 /// An account's opened credentials for `provider`, as stored (an encoded credentials message).
 pub async fn open(
-    pool: &PgPool,
+    store: &dyn GatewayStore,
     sealer: &Sealer,
     account_id: &str,
     provider: Provider,
 ) -> Result<Vec<u8>, CredentialsError> {
-    let sealed: Option<Vec<u8>> = sqlx::query_scalar(
-        "SELECT ciphertext FROM provider_credentials WHERE account_id = $1 AND provider = $2",
-    )
-    .bind(account_id)
-    .bind(provider.as_str_name())
-    .fetch_optional(pool)
-    .await?;
-    let sealed = sealed.ok_or(CredentialsError::Missing(provider.as_str_name()))?;
+    let sealed = store
+        .credentials(account_id, provider)
+        .await?
+        .ok_or(CredentialsError::Missing(provider.as_str_name()))?;
     sealer.open(account_id, provider, &sealed)
 }
 

@@ -7,7 +7,7 @@ use c2m_runtime::{auth::Role, is_e164, mask_phone, status::FieldViolations};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::{Service, channels::Capability, credentials, db_status, devices, lookup, window};
+use crate::{Service, channels::Capability, credentials, db_status, lookup, window};
 
 #[tonic::async_trait]
 impl ChannelGatewayService for Service {
@@ -24,15 +24,11 @@ impl ChannelGatewayService for Service {
             violations.add("provider", "does not match the credentials given");
         }
         violations.into_result()?;
-        credentials::put(
-            self.db.pool(),
-            &self.sealer,
-            &r.account_id,
-            provider,
-            &plaintext,
-        )
-        .await
-        .map_err(db_status)?;
+        let sealed = self.sealer.seal(&r.account_id, provider, &plaintext);
+        self.store
+            .put_credentials(&r.account_id, provider, &sealed)
+            .await
+            .map_err(db_status)?;
         self.credentials
             .remove(&(r.account_id.clone(), provider as i32));
         tracing::info!(account_id = %r.account_id, provider = provider.as_str_name(), "provider credentials stored");
@@ -52,7 +48,9 @@ impl ChannelGatewayService for Service {
             .ok_or_else(|| {
                 c2m_runtime::status::invalid_field("provider", "a provider is required")
             })?;
-        let deleted = credentials::delete(self.db.pool(), &r.account_id, provider)
+        let deleted = self
+            .store
+            .delete_credentials(&r.account_id, provider)
             .await
             .map_err(db_status)?;
         self.credentials
@@ -163,7 +161,7 @@ impl ChannelGatewayService for Service {
         if let Some(kind) = lookup::from_numbering_plan(&r.phone) {
             return answer(kind, pb::LookupSource::NumberingPlan);
         }
-        if let Some(kind) = lookup::cached(self.db.pool(), &r.phone)
+        if let Some(kind) = lookup::cached(&*self.store, &r.phone)
             .await
             .map_err(db_status)?
         {
@@ -186,7 +184,8 @@ impl ChannelGatewayService for Service {
         .await
         {
             Ok(kind) => {
-                lookup::remember(self.db.pool(), &r.phone, kind)
+                self.store
+                    .remember_line_type(&r.phone, kind)
                     .await
                     .map_err(db_status)?;
                 answer(kind, pb::LookupSource::Provider)
@@ -230,7 +229,9 @@ impl ChannelGatewayService for Service {
         };
         let response = match channel {
             Channel::AppMessaging => {
-                let devices = devices::of(self.db.pool(), &r.account_id, &r.consumer_id)
+                let devices = self
+                    .store
+                    .devices(&r.account_id, &r.consumer_id)
                     .await
                     .map_err(db_status)?;
                 answer(
@@ -254,7 +255,7 @@ impl ChannelGatewayService for Service {
                 }
             },
             _ => {
-                let closes = window::closes_at(self.db.pool(), &r.account_id, &r.phone)
+                let closes = window::closes_at(&*self.store, &r.account_id, &r.phone)
                     .await
                     .map_err(db_status)?;
                 pb::CheckReachabilityResponse {
@@ -296,15 +297,10 @@ impl ChannelGatewayService for Service {
             violations.add("device_token", "an APNs device token is hexadecimal");
         }
         violations.into_result()?;
-        devices::register(
-            self.db.pool(),
-            &r.account_id,
-            &r.consumer_id,
-            platform,
-            &r.device_token,
-        )
-        .await
-        .map_err(db_status)?;
+        self.store
+            .register_device(&r.account_id, &r.consumer_id, platform, &r.device_token)
+            .await
+            .map_err(db_status)?;
         Ok(Response::new(pb::RegisterDeviceResponse {}))
     }
 
@@ -315,14 +311,11 @@ impl ChannelGatewayService for Service {
         let caller = self.key.caller(request.metadata())?;
         let r = request.into_inner();
         caller.authorize(&r.account_id, Role::Editor)?;
-        if !devices::remove(
-            self.db.pool(),
-            &r.account_id,
-            &r.consumer_id,
-            &r.device_token,
-        )
-        .await
-        .map_err(db_status)?
+        if !self
+            .store
+            .remove_device(&r.account_id, &r.consumer_id, &r.device_token)
+            .await
+            .map_err(db_status)?
         {
             return Err(Status::not_found(format!(
                 "consumer {} has no such device",

@@ -21,6 +21,7 @@ pub mod rbm;
 mod retry;
 mod sandbox;
 mod sending;
+mod store;
 pub mod twilio;
 mod webhooks;
 mod window;
@@ -34,6 +35,8 @@ use c2m_storage::{ServiceDb, batch::Batcher, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
 use tokio::net::TcpListener;
+
+use crate::store::{GatewayStore, PgGatewayStore, SqliteGatewayStore};
 
 pub use credentials::Sealer;
 
@@ -109,12 +112,14 @@ pub enum GatewayError {
     Key,
     #[error("cannot build the http client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("cannot migrate the gateway's file: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
 /// The `c2m.v1.ChannelGatewayService` implementation and its webhook listener.
 #[derive(Clone)]
 pub struct Service {
-    db: ServiceDb,
+    store: Arc<dyn GatewayStore>,
     peers: Peers,
     key: TokenKey,
     sealer: Sealer,
@@ -148,8 +153,41 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
+    /// On PostgreSQL (`c2m serve`).
     pub fn new(
         db: ServiceDb,
+        peers: Peers,
+        key: TokenKey,
+        settings: GatewaySettings,
+    ) -> Result<Self, GatewayError> {
+        let relay = Relay::new(db.clone(), peers.clone());
+        let stages = Relay::to(messages::ToRouting, db.clone(), peers.clone());
+        Self::over(
+            Arc::new(PgGatewayStore::new(db)),
+            (relay, stages),
+            peers,
+            key,
+            settings,
+        )
+    }
+
+    /// On a SQLite file of its own (the embedded default), its migrations applied.
+    pub async fn embedded(
+        pool: sqlx::SqlitePool,
+        peers: Peers,
+        key: TokenKey,
+        settings: GatewaySettings,
+    ) -> Result<Self, GatewayError> {
+        let store = SqliteGatewayStore::new(pool).await?;
+        let rows: Arc<dyn c2m_storage::outbox::OutboxRows> = Arc::new(store.outbox());
+        let relay = Relay::over(rows.clone(), peers.clone());
+        let stages = Relay::to_over(messages::ToRouting, rows, peers.clone());
+        Self::over(Arc::new(store), (relay, stages), peers, key, settings)
+    }
+
+    fn over(
+        store: Arc<dyn GatewayStore>,
+        (relay, stages): (Relay, Relay<messages::ToRouting>),
         peers: Peers,
         key: TokenKey,
         settings: GatewaySettings,
@@ -158,14 +196,12 @@ impl Service {
         let timeout = Duration::from_millis(settings.provider_timeout_ms);
         let http = c2m_runtime::http::client(timeout, false)?;
         let http2 = c2m_runtime::http::client(timeout, true)?;
-        let relay = Relay::new(db.clone(), peers.clone());
-        let stages = Relay::to(messages::ToRouting, db.clone(), peers.clone());
-        let lookups = Batcher::new(messages::Lookups(db.batch_pool().clone()));
-        let claims = Batcher::new(messages::Claims(db.batch_pool().clone()));
-        let records = Batcher::new(messages::Records(db.batch_pool().clone()));
+        let lookups = Batcher::new(messages::Lookups(store.clone()));
+        let claims = Batcher::new(messages::Claims(store.clone()));
+        let records = Batcher::new(messages::Records(store.clone()));
         Ok(Self {
             detached: TaskTracker::new(),
-            db,
+            store,
             peers,
             key,
             sealer,
@@ -190,7 +226,7 @@ impl Service {
         let (relay, stages) = (self.relay.clone(), self.stages.clone());
         let router = webhooks::router(self.clone());
         Component::new(ChannelGatewayServiceServer::new(self.clone()))
-            .with_probe(self.db.probe())
+            .with_probe(self.store.probe())
             .with_detached(self.detached.clone())
             .with_task(move |shutdown| relay.run(shutdown))
             .with_task(move |shutdown| stages.run(shutdown))

@@ -2,8 +2,9 @@
 //! v2's `line_type_intelligence` (paid), cached per number.
 
 use c2m_proto::v1::{LineType, TwilioCredentials};
-use chrono::{DateTime, Duration, Utc};
-use sqlx::PgPool;
+use chrono::{Duration, Utc};
+
+use crate::store::GatewayStore;
 
 /// How long a provider's answer about a number is reused.
 pub const CACHE_FOR: Duration = Duration::days(30);
@@ -67,27 +68,16 @@ pub async fn twilio(
     ))
 }
 
-pub async fn cached(pool: &PgPool, phone: &str) -> Result<Option<LineType>, sqlx::Error> {
-    let row: Option<(String, DateTime<Utc>)> =
-        sqlx::query_as("SELECT line_type, looked_up_at FROM number_lookups WHERE phone = $1")
-            .bind(phone)
-            .fetch_optional(pool)
-            .await?;
-    Ok(row
+/// What the number was found to be, if that is recent enough to reuse.
+pub async fn cached(
+    store: &dyn GatewayStore,
+    phone: &str,
+) -> Result<Option<LineType>, sqlx::Error> {
+    Ok(store
+        .line_type(phone)
+        .await?
         .filter(|(_, at)| Utc::now() - *at < CACHE_FOR)
-        .and_then(|(kind, _)| LineType::from_str_name(&kind)))
-}
-
-pub async fn remember(pool: &PgPool, phone: &str, kind: LineType) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO number_lookups (phone, line_type) VALUES ($1, $2) \
-         ON CONFLICT (phone) DO UPDATE SET line_type = $2, looked_up_at = now()",
-    )
-    .bind(phone)
-    .bind(kind.as_str_name())
-    .execute(pool)
-    .await?;
-    Ok(())
+        .map(|(kind, _)| kind))
 }
 
 #[cfg(test)]

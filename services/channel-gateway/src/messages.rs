@@ -10,7 +10,8 @@ use c2m_storage::{
     outbox::{self, Destination, RelayError},
 };
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
+
+use crate::store::{GatewayStore, GatewayTx, StageChange};
 
 /// `conversation_outbox`, to Routing's `RecordMessageStages`, which moves the transcript entries
 /// of agents' and bots' messages forward (a repeat changes nothing).
@@ -90,60 +91,16 @@ impl Outbound {
     }
 }
 
-/// Every column, as read back: the record, and when the provider reported each stage.
-const COLUMNS: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
-    provider_message_id, stage, error_code, error_message, sent_at, updated_at, conversation_id, \
-    delivered_at, read_at, sending_until, claimed_by";
-
-fn outbound(row: PgRow) -> Result<Outbound, sqlx::Error> {
-    Ok(Outbound {
-        message_id: row.try_get("message_id")?,
-        account_id: row.try_get("account_id")?,
-        channel: Channel::from_str_name(&row.try_get::<String, _>("channel")?).unwrap_or_default(),
-        handoff_id: row.try_get("handoff_id")?,
-        handoff_config_id: row.try_get("handoff_config_id")?,
-        skill_id: row.try_get("skill_id")?,
-        conversation_id: row.try_get("conversation_id")?,
-        provider_message_id: row.try_get("provider_message_id")?,
-        stage: FunnelStage::from_str_name(&row.try_get::<String, _>("stage")?).unwrap_or_default(),
-        error_code: row.try_get("error_code")?,
-        error_message: row.try_get("error_message")?,
-        sent_at: row.try_get("sent_at")?,
-        updated_at: row.try_get("updated_at")?,
-        delivered_at: row.try_get("delivered_at")?,
-        read_at: row.try_get("read_at")?,
-        sending_until: row.try_get("sending_until")?,
-        claimed_by: row.try_get("claimed_by")?,
-    })
-}
-
 /// Messages by id (the primary key, unique across accounts), looked up together. The caller
 /// checks that a message found is its account's.
-pub struct Lookups(pub PgPool);
+pub struct Lookups(pub Arc<dyn GatewayStore>);
 
 impl Statement for Lookups {
     type Row = String;
     type Output = Option<Outbound>;
 
     async fn run(&self, ids: &[String]) -> Result<Vec<Option<Outbound>>, sqlx::Error> {
-        // LATERAL with OFFSET 0 is not flattened into a join: each id is one probe of the
-        // primary key, whatever the generic plan thought of the table's size.
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT q.n, found.* FROM unnest($1::text[]) WITH ORDINALITY AS q(message_id, n) \
-             CROSS JOIN LATERAL (SELECT {COLUMNS} FROM outbound_messages m \
-                 WHERE m.message_id = q.message_id OFFSET 0) AS found"
-        )))
-        .bind(ids)
-        .fetch_all(&self.0)
-        .await?;
-        let mut found = vec![None; ids.len()];
-        for row in rows {
-            let n: i64 = row.try_get("n")?;
-            if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| found.get_mut(i)) {
-                *slot = Some(outbound(row)?);
-            }
-        }
-        Ok(found)
+        self.0.messages(ids).await
     }
 }
 
@@ -162,43 +119,14 @@ pub enum Claim {
 /// Claims message ids before their sends, together: each row is written as sent and unconfirmed,
 /// with `sending_until`, so that whatever happens to the sender afterwards, the id is never sent
 /// again; an id claimed before is returned as it stands.
-pub struct Claims(pub PgPool);
+pub struct Claims(pub Arc<dyn GatewayStore>);
 
 impl Statement for Claims {
     type Row = Arc<Outbound>;
     type Output = Claim;
 
     async fn run(&self, messages: &[Arc<Outbound>]) -> Result<Vec<Claim>, sqlx::Error> {
-        let text = |f: fn(&Outbound) -> &str| messages.iter().map(|m| f(m)).collect::<Vec<_>>();
-        let claimed: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO outbound_messages (message_id, account_id, channel, handoff_id, \
-                 handoff_config_id, skill_id, stage, sent_at, updated_at, conversation_id, \
-                 sending_until, claimed_by) \
-             SELECT message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
-                 'FUNNEL_STAGE_SENT', sent_at, sent_at, conversation_id, sending_until, claimed_by \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                 $7::timestamptz[], $8::text[], $9::timestamptz[], $10::text[]) \
-                 AS m(message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
-                     sent_at, conversation_id, sending_until, claimed_by) \
-             ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
-        )
-        .bind(text(|m| &m.message_id))
-        .bind(text(|m| &m.account_id))
-        .bind(text(|m| m.channel.as_str_name()))
-        .bind(text(|m| &m.handoff_id))
-        .bind(text(|m| &m.handoff_config_id))
-        .bind(text(|m| &m.skill_id))
-        .bind(messages.iter().map(|m| m.sent_at).collect::<Vec<_>>())
-        .bind(text(|m| &m.conversation_id))
-        .bind(messages.iter().map(|m| m.sending_until).collect::<Vec<_>>())
-        .bind(
-            messages
-                .iter()
-                .map(|m| m.claimed_by.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&self.0)
-        .await?;
+        let claimed = self.0.claim(messages).await?;
         // The ones claimed before: as they stand (read now, after the insert waited for any
         // concurrent claimer of the same id to commit).
         let earlier: Vec<String> = messages
@@ -209,7 +137,7 @@ impl Statement for Claims {
         let mut found = if earlier.is_empty() {
             Vec::new()
         } else {
-            Lookups(self.0.clone()).run(&earlier).await?
+            self.0.messages(&earlier).await?
         }
         .into_iter();
         Ok(messages
@@ -239,10 +167,8 @@ impl Statement for Claims {
 }
 
 /// Records sends' outcomes on their claims, together. A report the provider sent meanwhile
-/// (its id, a later stage) is kept: the outcome only fills in what is still missing. The rows
-/// are found by `= ANY` on the primary key: a join with the arrays alone was planned, once and
-/// for good, as a scan of the whole table.
-pub struct Records(pub PgPool);
+/// (its id, a later stage) is kept: the outcome only fills in what is still missing.
+pub struct Records(pub Arc<dyn GatewayStore>);
 
 impl Statement for Records {
     /// Shared, so that a record PostgreSQL refused can be offered again without a copy.
@@ -250,37 +176,7 @@ impl Statement for Records {
     type Output = Option<Outbound>;
 
     async fn run(&self, messages: &[Arc<Outbound>]) -> Result<Vec<Option<Outbound>>, sqlx::Error> {
-        let text = |f: fn(&Outbound) -> &str| messages.iter().map(|m| f(m)).collect::<Vec<_>>();
-        let optional =
-            |f: fn(&Outbound) -> Option<&str>| messages.iter().map(|m| f(m)).collect::<Vec<_>>();
-        let updated = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE outbound_messages m SET \
-                 stage = CASE WHEN m.stage = 'FUNNEL_STAGE_SENT' AND m.provider_message_id IS NULL \
-                     THEN u.stage ELSE m.stage END, \
-                 provider_message_id = coalesce(m.provider_message_id, u.provider_message_id), \
-                 error_code = coalesce(m.error_code, u.error_code), \
-                 error_message = coalesce(m.error_message, u.error_message), \
-                 updated_at = now(), sending_until = NULL \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-                 AS u(message_id, provider_message_id, stage, error_code, error_message) \
-             WHERE m.message_id = ANY($1::text[]) AND m.message_id = u.message_id \
-             RETURNING {}",
-            COLUMNS
-                .split(", ")
-                .map(|c| format!("m.{c}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )))
-        .bind(text(|m| &m.message_id))
-        .bind(optional(|m| m.provider_message_id.as_deref()))
-        .bind(text(|m| m.stage.as_str_name()))
-        .bind(optional(|m| m.error_code.as_deref()))
-        .bind(optional(|m| m.error_message.as_deref()))
-        .fetch_all(&self.0)
-        .await?
-        .into_iter()
-        .map(outbound)
-        .collect::<Result<Vec<_>, _>>()?;
+        let updated = self.0.record(messages).await?;
         Ok(messages
             .iter()
             .map(|m| {
@@ -314,21 +210,17 @@ pub struct StatusReport<'a> {
 /// (it learns its provider id). Returns the events written; none when the message is unknown or
 /// already as far.
 pub async fn advance(
-    tx: &mut PgConnection,
+    tx: &mut dyn GatewayTx,
     report: &StatusReport<'_>,
 ) -> Result<usize, sqlx::Error> {
-    let Some(current) = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM outbound_messages WHERE account_id = $1 \
-         AND (message_id = $4 OR channel = $2 AND provider_message_id = $3) FOR UPDATE"
-    )))
-    .bind(report.account_id)
-    .bind(report.channel.as_str_name())
-    .bind(report.provider_message_id)
-    .bind(report.message_id)
-    .fetch_optional(&mut *tx)
-    .await?
-    .map(outbound)
-    .transpose()?
+    let Some(current) = tx
+        .reported(
+            report.account_id,
+            report.channel,
+            report.provider_message_id,
+            report.message_id,
+        )
+        .await?
     else {
         return Ok(0);
     };
@@ -350,39 +242,28 @@ pub async fn advance(
         return Ok(0);
     }
     let stage = passed.last().copied().unwrap_or(current.stage);
-    sqlx::query(
-        "UPDATE outbound_messages SET stage = $2, error_code = coalesce($3, error_code), \
-         provider_message_id = coalesce(provider_message_id, $4), updated_at = now(), \
-         delivered_at = CASE WHEN $5 THEN now() ELSE delivered_at END, \
-         read_at = CASE WHEN $6 THEN now() ELSE read_at END \
-         WHERE message_id = $1",
-    )
-    .bind(&current.message_id)
-    .bind(stage.as_str_name())
-    .bind(report.error_code.filter(|_| !passed.is_empty()))
-    .bind(report.provider_message_id)
-    .bind(passed.contains(&FunnelStage::Delivered))
-    .bind(passed.contains(&FunnelStage::Read))
-    .execute(&mut *tx)
+    tx.change_stage(&StageChange {
+        message_id: &current.message_id,
+        stage,
+        error_code: report.error_code.filter(|_| !passed.is_empty()),
+        provider_message_id: report.provider_message_id,
+        delivered: passed.contains(&FunnelStage::Delivered),
+        read: passed.contains(&FunnelStage::Read),
+    })
     .await?;
     if !current.conversation_id.is_empty() {
         // An agent's or bot's message: Routing writes its stages into the transcript.
-        let stages: Vec<Vec<u8>> = passed
+        let stages: Vec<pb::MessageStage> = passed
             .iter()
-            .map(|s| {
-                prost::Message::encode_to_vec(&pb::MessageStage {
-                    account_id: current.account_id.clone(),
-                    message_id: current.message_id.clone(),
-                    stage: *s as i32,
-                    error_code: report.error_code.unwrap_or_default().to_owned(),
-                    at: Some(c2m_proto::timestamp(Utc::now())),
-                })
+            .map(|s| pb::MessageStage {
+                account_id: current.account_id.clone(),
+                message_id: current.message_id.clone(),
+                stage: *s as i32,
+                error_code: report.error_code.unwrap_or_default().to_owned(),
+                at: Some(c2m_proto::timestamp(Utc::now())),
             })
             .collect();
-        sqlx::query("INSERT INTO conversation_outbox (payload) SELECT * FROM unnest($1::bytea[])")
-            .bind(&stages)
-            .execute(&mut *tx)
-            .await?;
+        tx.enqueue_stages(&stages).await?;
         return Ok(stages.len());
     }
     if current.handoff_id.is_empty() {
@@ -405,148 +286,6 @@ pub async fn advance(
             ..outbox::event(report.account_id, *s)
         })
         .collect();
-    outbox::enqueue(tx, &events).await?;
+    tx.enqueue(&events).await?;
     Ok(events.len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use c2m_test_support::TestDatabase;
-
-    /// A claim of `message_id` by `account_id`, its sender at the provider for `secs` more.
-    fn claim(account_id: &str, message_id: &str, secs: i64) -> Arc<Outbound> {
-        let now = Utc::now();
-        Arc::new(Outbound {
-            message_id: message_id.into(),
-            account_id: account_id.into(),
-            channel: Channel::Sms,
-            handoff_id: "ho_1".into(),
-            handoff_config_id: "default".into(),
-            skill_id: "billing".into(),
-            conversation_id: String::new(),
-            provider_message_id: None,
-            stage: FunnelStage::Sent,
-            error_code: None,
-            error_message: None,
-            sent_at: now,
-            updated_at: now,
-            delivered_at: None,
-            read_at: None,
-            sending_until: Some(now + chrono::Duration::seconds(secs)),
-            claimed_by: Some(uuid::Uuid::new_v4().to_string()),
-        })
-    }
-
-    /// The outcome `stage` of the send `claim` made.
-    fn outcome(claim: &Arc<Outbound>, stage: FunnelStage) -> Arc<Outbound> {
-        Arc::new(Outbound {
-            provider_message_id: (stage == FunnelStage::Sent)
-                .then(|| format!("SM{}", claim.message_id)),
-            stage,
-            error_code: (stage == FunnelStage::Failed).then(|| "30003".to_owned()),
-            sending_until: None,
-            ..Outbound::clone(claim)
-        })
-    }
-
-    /// In one batch: a new id is claimed; an id claimed before is returned as it stands (in
-    /// flight while its sender is at the provider, unconfirmed once that sender's time is past,
-    /// its outcome once recorded); an id another account holds is not this account's.
-    #[tokio::test]
-    async fn an_id_is_claimed_once_and_a_repeat_gets_the_first_send_as_it_stands() {
-        let database = TestDatabase::create().await;
-        let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
-        let (claims, records) = (
-            Claims(db.batch_pool().clone()),
-            Records(db.batch_pool().clone()),
-        );
-        let first = [
-            claim("acme", "m-failed", 10),
-            claim("acme", "m-flying", 10),
-            claim("acme", "m-abandoned", -1),
-            claim("globex", "m-theirs", 10),
-        ];
-        let claimed = claims.run(&first).await.expect("claims");
-        assert!(claimed.iter().all(|c| *c == Claim::Mine), "{claimed:?}");
-        let recorded = records
-            .run(&[outcome(&first[0], FunnelStage::Failed)])
-            .await
-            .expect("records");
-        assert_eq!(
-            recorded[0].as_ref().map(|m| (m.stage, m.sending_until)),
-            Some((FunnelStage::Failed, None))
-        );
-
-        let again = claims
-            .run(&[
-                claim("acme", "m-new", 10),
-                claim("acme", "m-failed", 10),
-                claim("acme", "m-flying", 10),
-                claim("acme", "m-abandoned", 10),
-                claim("acme", "m-theirs", 10),
-            ])
-            .await
-            .expect("claims");
-        let now = Utc::now();
-        let seen: Vec<_> = again
-            .iter()
-            .map(|c| match c {
-                Claim::Mine => "mine",
-                Claim::Foreign => "foreign",
-                Claim::Earlier(m) if m.stage == FunnelStage::Failed => "failed",
-                Claim::Earlier(m) if m.in_flight(now) => "in flight",
-                Claim::Earlier(m) if m.unconfirmed() => "unconfirmed",
-                Claim::Earlier(_) => "other",
-            })
-            .collect();
-        assert_eq!(
-            seen,
-            ["mine", "failed", "in flight", "unconfirmed", "foreign"]
-        );
-        // The claim's own statement run again (its acknowledgement lost): still this send's.
-        let rerun = claims
-            .run(std::slice::from_ref(&first[1]))
-            .await
-            .expect("claims");
-        assert_eq!(rerun, [Claim::Mine]);
-    }
-
-    /// A provider's report that arrives before the sender records the send's outcome is kept:
-    /// the outcome fills in only what is missing.
-    #[tokio::test]
-    async fn an_outcome_recorded_after_the_providers_report_keeps_the_report() {
-        let database = TestDatabase::create().await;
-        let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
-        let claimed = claim("acme", "m-raced", 10);
-        Claims(db.batch_pool().clone())
-            .run(std::slice::from_ref(&claimed))
-            .await
-            .expect("claims");
-        let mut tx = db.pool().begin().await.expect("begins");
-        let events = advance(
-            &mut tx,
-            &StatusReport {
-                account_id: "acme",
-                channel: Channel::Sms,
-                provider_message_id: "SMm-raced",
-                message_id: Some("m-raced"),
-                stage: Some(FunnelStage::Delivered),
-                error_code: None,
-                source: "test",
-            },
-        )
-        .await
-        .expect("advances");
-        tx.commit().await.expect("commits");
-        assert_eq!(events, 1);
-        let recorded = Records(db.batch_pool().clone())
-            .run(&[outcome(&claimed, FunnelStage::Sent)])
-            .await
-            .expect("records");
-        let recorded = recorded[0].as_ref().expect("recorded");
-        assert_eq!(recorded.stage, FunnelStage::Delivered);
-        assert_eq!(recorded.provider_message_id.as_deref(), Some("SMm-raced"));
-        assert!(!recorded.in_flight(Utc::now()));
-    }
 }

@@ -23,6 +23,7 @@ use crate::{
     messages::{self, Claim, Outbound},
     outcome::SendOutcome,
     retry,
+    store::GatewayStore,
 };
 
 impl Service {
@@ -71,7 +72,7 @@ impl Service {
             Ok(claimed) => claimed,
             Err(error) => {
                 self.detached
-                    .spawn(take_back(self.db.pool().clone(), claim.clone()));
+                    .spawn(take_back(self.store.clone(), claim.clone()));
                 return Err(db_status(error));
             }
         };
@@ -103,7 +104,7 @@ impl Service {
             // back, so that a retry of the id sends it.
             (Err(status), false) => {
                 self.detached
-                    .spawn(take_back(self.db.pool().clone(), claim.clone()));
+                    .spawn(take_back(self.store.clone(), claim.clone()));
                 return Err(status);
             }
             // A message may be at a provider: the claim stays, and reads as unconfirmed once
@@ -196,20 +197,15 @@ const CLAIM_MARGIN: Duration = Duration::from_secs(2);
 
 /// Deletes a claim its send gave up before calling the provider (PostgreSQL did not answer
 /// whether it was made), trying for as long as the claim would otherwise hold.
-async fn take_back(pool: sqlx::PgPool, claim: Arc<Outbound>) {
+async fn take_back(store: Arc<dyn GatewayStore>, claim: Arc<Outbound>) {
     let until = Instant::now() + RECORD_PERSISTENCE;
     let pauses =
         c2m_runtime::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
     for retry in 0.. {
         let pause = pauses.delay(retry);
-        let deleted = sqlx::query(
-            "DELETE FROM outbound_messages WHERE message_id = $1 AND claimed_by = $2 \
-             AND provider_message_id IS NULL",
-        )
-        .bind(&claim.message_id)
-        .bind(&claim.claimed_by)
-        .execute(&pool)
-        .await;
+        let deleted = store
+            .take_back(&claim.message_id, claim.claimed_by.as_deref())
+            .await;
         match deleted {
             Ok(_) => return,
             Err(error) if Instant::now() + pause < until => {

@@ -10,7 +10,7 @@ use c2m_proto::v1::{self as pb, Channel, MetaWhatsAppCredentials, Provider};
 use tonic::Code;
 
 use super::{StatusReport, deliver_once, take_status, unavailable};
-use crate::{Service, credentials, meta, sandbox, window};
+use crate::{Service, credentials, meta, sandbox};
 
 async fn meta_credentials(
     service: &Service,
@@ -165,8 +165,10 @@ pub(super) async fn events(
             let dedup_key = format!("meta:inbound:{}", message.id);
             let from = format!("+{}", message.from.trim_start_matches('+'));
             // The consumer wrote: free-form text may answer for 24 hours.
-            if let Err(error) =
-                window::opened(service.db.pool(), &account_id, &from, message.sent_at()).await
+            if let Err(error) = service
+                .store
+                .inbound(&account_id, &from, message.sent_at())
+                .await
             {
                 return unavailable(error);
             }

@@ -38,42 +38,6 @@ pub fn router(service: Service) -> Router {
         .with_state(service)
 }
 
-/// Stores a verified delivery in the inbox. `Ok(false)`: already processed, acknowledge again.
-pub(super) async fn store(
-    tx: &mut sqlx::PgConnection,
-    dedup_key: &str,
-    body: &Bytes,
-) -> Result<bool, sqlx::Error> {
-    let provider = dedup_key.split(':').next().unwrap_or_default();
-    sqlx::query(
-        "INSERT INTO webhook_inbox (provider, dedup_key, body) VALUES ($3, $1, $2) \
-         ON CONFLICT (dedup_key) DO NOTHING",
-    )
-    .bind(dedup_key)
-    .bind(body.as_ref())
-    .bind(provider)
-    .execute(&mut *tx)
-    .await?;
-    let processed: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
-        "SELECT processed_at FROM webhook_inbox WHERE dedup_key = $1 FOR UPDATE",
-    )
-    .bind(dedup_key)
-    .fetch_one(&mut *tx)
-    .await?;
-    Ok(processed.is_none())
-}
-
-pub(super) async fn mark_processed(
-    tx: &mut sqlx::PgConnection,
-    dedup_key: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE webhook_inbox SET processed_at = now() WHERE dedup_key = $1")
-        .bind(dedup_key)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
-}
-
 /// Stores a verified status report in the inbox and, the first time it arrives, moves the message
 /// forward; returns how many events (funnel events, or a conversation message's stages for
 /// Routing) that wrote, and has them shipped.
@@ -83,11 +47,11 @@ pub(super) async fn take_status(
     body: &Bytes,
     report: StatusReport<'_>,
 ) -> Result<usize, sqlx::Error> {
-    let mut tx = service.db.pool().begin().await?;
+    let mut tx = service.store.begin().await?;
     let mut events = 0;
-    if store(&mut tx, dedup_key, body).await? {
-        events = messages::advance(&mut tx, &report).await?;
-        mark_processed(&mut tx, dedup_key).await?;
+    if tx.store(dedup_key, body).await? {
+        events = messages::advance(&mut *tx, &report).await?;
+        tx.processed(dedup_key).await?;
     }
     tx.commit().await?;
     if events > 0 {
@@ -111,8 +75,8 @@ where
     Fut: Future<Output = Result<(), tonic::Status>>,
 {
     let fresh = async {
-        let mut tx = service.db.pool().begin().await?;
-        let fresh = store(&mut tx, dedup_key, body).await?;
+        let mut tx = service.store.begin().await?;
+        let fresh = tx.store(dedup_key, body).await?;
         tx.commit().await?;
         Ok::<_, sqlx::Error>(fresh)
     }
@@ -137,8 +101,8 @@ where
         }
     }
     let marked = async {
-        let mut tx = service.db.pool().begin().await?;
-        mark_processed(&mut tx, dedup_key).await?;
+        let mut tx = service.store.begin().await?;
+        tx.processed(dedup_key).await?;
         tx.commit().await
     }
     .await;

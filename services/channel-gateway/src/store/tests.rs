@@ -1,0 +1,512 @@
+//! The gateway's storage contract, one suite run against every backend: PostgreSQL (a database of
+//! the test's own) and SQLite (a file of the test's own, as the embedded default keeps it). The
+//! rules that keep a message id to one send (`messages::Claims`, `Records`, `advance`) run here
+//! over each, as the gateway runs them.
+
+use std::sync::Arc;
+
+use c2m_proto::v1::{Channel, DevicePlatform, FunnelStage, LineType, Provider};
+use c2m_storage::{ServiceDb, batch::Statement};
+use c2m_test_support::TestDatabase;
+use chrono::{DateTime, Utc};
+
+use super::{GatewayStore, PgGatewayStore, SqliteGatewayStore};
+use crate::messages::{Claim, Claims, Outbound, Records, StatusReport, advance};
+
+enum Kept {
+    Postgres {
+        db: Box<ServiceDb>,
+        _database: TestDatabase,
+    },
+    Sqlite {
+        pool: sqlx::SqlitePool,
+        _dir: tempfile::TempDir,
+    },
+}
+
+struct Backend {
+    store: Arc<dyn GatewayStore>,
+    kept: Kept,
+}
+
+impl Backend {
+    async fn postgres() -> Self {
+        let database = TestDatabase::create().await;
+        let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
+        Self {
+            store: Arc::new(PgGatewayStore::new(db.clone())),
+            kept: Kept::Postgres {
+                db: Box::new(db),
+                _database: database,
+            },
+        }
+    }
+
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let pool = c2m_storage::sqlite::open(&dir.path().join("gateway.db"))
+            .await
+            .expect("opens");
+        Self {
+            store: Arc::new(
+                SqliteGatewayStore::new(pool.clone())
+                    .await
+                    .expect("migrated"),
+            ),
+            kept: Kept::Sqlite { pool, _dir: dir },
+        }
+    }
+
+    /// A `SELECT count(*) …` of the backend's own tables.
+    async fn count(&self, sql: &'static str) -> i64 {
+        match &self.kept {
+            Kept::Postgres { db, .. } => sqlx::query_scalar(sql).fetch_one(db.pool()).await,
+            Kept::Sqlite { pool, .. } => sqlx::query_scalar(sql).fetch_one(pool).await,
+        }
+        .expect("counts")
+    }
+}
+
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod on_postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&super::Backend::postgres().await).await;
+                }
+            )*
+        }
+        mod on_sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(&super::Backend::sqlite().await).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    an_id_is_claimed_once_and_a_repeat_gets_the_first_send_as_it_stands,
+    an_outcome_recorded_after_the_providers_report_keeps_the_report,
+    a_claim_no_message_left_for_is_taken_back_by_its_sender_only,
+    reports_move_a_message_forward_once_and_write_what_they_passed,
+    a_delivery_is_processed_once_however_often_it_comes,
+    credentials_are_replaced_and_deleted,
+    a_device_token_belongs_to_the_consumer_who_registered_it_last,
+    the_last_message_of_a_consumer_and_a_numbers_line_type_are_kept,
+);
+
+/// A claim of `message_id` by `account_id`, its sender at the provider for `secs` more.
+fn claim(account_id: &str, message_id: &str, secs: i64) -> Arc<Outbound> {
+    let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).expect("a time");
+    Arc::new(Outbound {
+        message_id: message_id.into(),
+        account_id: account_id.into(),
+        channel: Channel::Sms,
+        handoff_id: "ho_1".into(),
+        handoff_config_id: "default".into(),
+        skill_id: "billing".into(),
+        conversation_id: String::new(),
+        provider_message_id: None,
+        stage: FunnelStage::Sent,
+        error_code: None,
+        error_message: None,
+        sent_at: now,
+        updated_at: now,
+        delivered_at: None,
+        read_at: None,
+        sending_until: Some(now + chrono::Duration::seconds(secs)),
+        claimed_by: Some(uuid::Uuid::new_v4().to_string()),
+    })
+}
+
+/// The outcome `stage` of the send `claim` made.
+fn outcome(claim: &Arc<Outbound>, stage: FunnelStage) -> Arc<Outbound> {
+    Arc::new(Outbound {
+        provider_message_id: (stage == FunnelStage::Sent)
+            .then(|| format!("SM{}", claim.message_id)),
+        stage,
+        error_code: (stage == FunnelStage::Failed).then(|| "30003".to_owned()),
+        sending_until: None,
+        ..Outbound::clone(claim)
+    })
+}
+
+fn report<'a>(message_id: &'a str, stage: Option<FunnelStage>) -> StatusReport<'a> {
+    StatusReport {
+        account_id: "acme",
+        channel: Channel::Sms,
+        // The provider's id for it: unique per channel, as a provider's is.
+        provider_message_id: message_id,
+        message_id: Some(message_id),
+        stage,
+        error_code: None,
+        source: "test",
+    }
+}
+
+/// In one batch: a new id is claimed; an id claimed before is returned as it stands (in flight
+/// while its sender is at the provider, unconfirmed once that sender's time is past, its outcome
+/// once recorded); an id another account holds is not this account's.
+async fn an_id_is_claimed_once_and_a_repeat_gets_the_first_send_as_it_stands(b: &Backend) {
+    let (claims, records) = (Claims(b.store.clone()), Records(b.store.clone()));
+    let first = [
+        claim("acme", "m-failed", 10),
+        claim("acme", "m-flying", 10),
+        claim("acme", "m-abandoned", -1),
+        claim("globex", "m-theirs", 10),
+    ];
+    let claimed = claims.run(&first).await.expect("claims");
+    assert!(claimed.iter().all(|c| *c == Claim::Mine), "{claimed:?}");
+    let recorded = records
+        .run(&[outcome(&first[0], FunnelStage::Failed)])
+        .await
+        .expect("records");
+    assert_eq!(
+        recorded[0].as_ref().map(|m| (m.stage, m.sending_until)),
+        Some((FunnelStage::Failed, None))
+    );
+
+    let again = claims
+        .run(&[
+            claim("acme", "m-new", 10),
+            claim("acme", "m-failed", 10),
+            claim("acme", "m-flying", 10),
+            claim("acme", "m-abandoned", 10),
+            claim("acme", "m-theirs", 10),
+        ])
+        .await
+        .expect("claims");
+    let now = Utc::now();
+    let seen: Vec<_> = again
+        .iter()
+        .map(|c| match c {
+            Claim::Mine => "mine",
+            Claim::Foreign => "foreign",
+            Claim::Earlier(m) if m.stage == FunnelStage::Failed => "failed",
+            Claim::Earlier(m) if m.in_flight(now) => "in flight",
+            Claim::Earlier(m) if m.unconfirmed() => "unconfirmed",
+            Claim::Earlier(_) => "other",
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        ["mine", "failed", "in flight", "unconfirmed", "foreign"]
+    );
+    // The claim's own statement run again (its acknowledgement lost): still this send's.
+    let rerun = claims
+        .run(std::slice::from_ref(&first[1]))
+        .await
+        .expect("claims");
+    assert_eq!(rerun, [Claim::Mine]);
+    let looked_up = b
+        .store
+        .messages(&["m-flying".into(), "m-nothing".into()])
+        .await
+        .expect("read");
+    assert_eq!(looked_up[0].as_ref(), Some(&*first[1]));
+    assert_eq!(looked_up[1], None);
+}
+
+/// A provider's report that arrives before the sender records the send's outcome is kept: the
+/// outcome fills in only what is missing.
+async fn an_outcome_recorded_after_the_providers_report_keeps_the_report(b: &Backend) {
+    let claimed = claim("acme", "m-raced", 10);
+    Claims(b.store.clone())
+        .run(std::slice::from_ref(&claimed))
+        .await
+        .expect("claims");
+    let mut tx = b.store.begin().await.expect("begins");
+    let events = advance(
+        &mut *tx,
+        &StatusReport {
+            provider_message_id: "SMm-raced",
+            ..report("m-raced", Some(FunnelStage::Delivered))
+        },
+    )
+    .await
+    .expect("advances");
+    tx.commit().await.expect("commits");
+    assert_eq!(events, 1);
+    let recorded = Records(b.store.clone())
+        .run(&[outcome(&claimed, FunnelStage::Sent)])
+        .await
+        .expect("records");
+    let recorded = recorded[0].as_ref().expect("recorded");
+    assert_eq!(recorded.stage, FunnelStage::Delivered);
+    assert_eq!(recorded.provider_message_id.as_deref(), Some("SMm-raced"));
+    assert!(recorded.delivered_at.is_some());
+    assert!(!recorded.in_flight(Utc::now()));
+}
+
+async fn a_claim_no_message_left_for_is_taken_back_by_its_sender_only(b: &Backend) {
+    let mine = claim("acme", "m-1", 10);
+    Claims(b.store.clone())
+        .run(std::slice::from_ref(&mine))
+        .await
+        .expect("claims");
+    b.store
+        .take_back("m-1", Some("another send"))
+        .await
+        .expect("answered");
+    assert!(b.store.messages(&["m-1".into()]).await.expect("read")[0].is_some());
+    b.store
+        .take_back("m-1", mine.claimed_by.as_deref())
+        .await
+        .expect("taken back");
+    assert!(b.store.messages(&["m-1".into()]).await.expect("read")[0].is_none());
+    // Once a provider has answered, the claim stays.
+    let sent = claim("acme", "m-2", 10);
+    Claims(b.store.clone())
+        .run(std::slice::from_ref(&sent))
+        .await
+        .expect("claims");
+    Records(b.store.clone())
+        .run(&[outcome(&sent, FunnelStage::Sent)])
+        .await
+        .expect("records");
+    b.store
+        .take_back("m-2", sent.claimed_by.as_deref())
+        .await
+        .expect("answered");
+    assert!(b.store.messages(&["m-2".into()]).await.expect("read")[0].is_some());
+}
+
+async fn reports_move_a_message_forward_once_and_write_what_they_passed(b: &Backend) {
+    let deflection = claim("acme", "m-deflection", 10);
+    let answer = Arc::new(Outbound {
+        conversation_id: "conv_1".into(),
+        ..Outbound::clone(&claim("acme", "m-answer", 10))
+    });
+    Claims(b.store.clone())
+        .run(&[deflection.clone(), answer.clone()])
+        .await
+        .expect("claims");
+    let advance_to = |id: &'static str, stage| {
+        let store = b.store.clone();
+        async move {
+            let mut tx = store.begin().await.expect("begins");
+            let written = advance(&mut *tx, &report(id, stage))
+                .await
+                .expect("advances");
+            tx.commit().await.expect("commits");
+            written
+        }
+    };
+    // READ first counts DELIVERED too; DELIVERED after it changes nothing.
+    assert_eq!(advance_to("m-deflection", Some(FunnelStage::Read)).await, 2);
+    assert_eq!(
+        advance_to("m-deflection", Some(FunnelStage::Delivered)).await,
+        0
+    );
+    assert_eq!(b.count("SELECT count(*) FROM outbox").await, 2);
+    // A conversation's message: its stages go to Routing, not to Reporting.
+    assert_eq!(
+        advance_to("m-answer", Some(FunnelStage::Delivered)).await,
+        1
+    );
+    assert_eq!(b.count("SELECT count(*) FROM conversation_outbox").await, 1);
+    assert_eq!(b.count("SELECT count(*) FROM outbox").await, 2);
+    let stands = b
+        .store
+        .messages(&["m-deflection".into()])
+        .await
+        .expect("read")
+        .remove(0)
+        .expect("there");
+    assert_eq!(stands.stage, FunnelStage::Read);
+    assert!(stands.read_at.is_some() && stands.delivered_at.is_some());
+    // Another account's report finds nothing.
+    let mut tx = b.store.begin().await.expect("begins");
+    let theirs = StatusReport {
+        account_id: "globex",
+        ..report("m-deflection", Some(FunnelStage::Failed))
+    };
+    assert_eq!(advance(&mut *tx, &theirs).await.expect("answered"), 0);
+}
+
+async fn a_delivery_is_processed_once_however_often_it_comes(b: &Backend) {
+    // Stored, then lost with its transaction: still to be processed.
+    let mut tx = b.store.begin().await.expect("begins");
+    assert!(
+        tx.store("twilio:SM1:delivered", b"body")
+            .await
+            .expect("stored")
+    );
+    drop(tx);
+    let mut tx = b.store.begin().await.expect("begins");
+    assert!(
+        tx.store("twilio:SM1:delivered", b"body")
+            .await
+            .expect("stored")
+    );
+    tx.processed("twilio:SM1:delivered").await.expect("marked");
+    tx.commit().await.expect("commits");
+    let mut tx = b.store.begin().await.expect("begins");
+    assert!(
+        !tx.store("twilio:SM1:delivered", b"body again")
+            .await
+            .expect("stored")
+    );
+    assert!(
+        tx.store("twilio:SM2:delivered", b"body")
+            .await
+            .expect("stored")
+    );
+    tx.commit().await.expect("commits");
+    assert_eq!(b.count("SELECT count(*) FROM webhook_inbox").await, 2);
+}
+
+async fn credentials_are_replaced_and_deleted(b: &Backend) {
+    let store = &b.store;
+    assert_eq!(
+        store
+            .credentials("acme", Provider::Twilio)
+            .await
+            .expect("read"),
+        None
+    );
+    store
+        .put_credentials("acme", Provider::Twilio, b"sealed-1")
+        .await
+        .expect("stored");
+    store
+        .put_credentials("acme", Provider::Twilio, b"sealed-2")
+        .await
+        .expect("replaced");
+    assert_eq!(
+        store
+            .credentials("acme", Provider::Twilio)
+            .await
+            .expect("read"),
+        Some(b"sealed-2".to_vec())
+    );
+    assert_eq!(
+        store
+            .credentials("globex", Provider::Twilio)
+            .await
+            .expect("read"),
+        None
+    );
+    assert!(
+        store
+            .delete_credentials("acme", Provider::Twilio)
+            .await
+            .expect("deleted")
+    );
+    assert!(
+        !store
+            .delete_credentials("acme", Provider::Twilio)
+            .await
+            .expect("answered")
+    );
+}
+
+async fn a_device_token_belongs_to_the_consumer_who_registered_it_last(b: &Backend) {
+    let store = &b.store;
+    let tokens = |consumer: &'static str| {
+        let store = store.clone();
+        async move {
+            store
+                .devices("acme", consumer)
+                .await
+                .expect("listed")
+                .into_iter()
+                .map(|d| (d.platform, d.token))
+                .collect::<Vec<_>>()
+        }
+    };
+    store
+        .register_device("acme", "cust-1", DevicePlatform::Android, "tok-a")
+        .await
+        .expect("registered");
+    store
+        .register_device("acme", "cust-1", DevicePlatform::Ios, "tok-b")
+        .await
+        .expect("registered");
+    let both = tokens("cust-1").await;
+    assert_eq!(both.len(), 2);
+    // tok-a changes hands.
+    store
+        .register_device("acme", "cust-2", DevicePlatform::Android, "tok-a")
+        .await
+        .expect("registered");
+    assert_eq!(
+        tokens("cust-1").await,
+        [(DevicePlatform::Ios, "tok-b".to_owned())]
+    );
+    assert_eq!(
+        tokens("cust-2").await,
+        [(DevicePlatform::Android, "tok-a".to_owned())]
+    );
+    assert!(
+        !store
+            .remove_device("acme", "cust-1", "tok-a")
+            .await
+            .expect("answered")
+    );
+    assert!(
+        store
+            .remove_device("acme", "cust-1", "tok-b")
+            .await
+            .expect("removed")
+    );
+    store
+        .forget_device("acme", "tok-a")
+        .await
+        .expect("forgotten");
+    assert!(tokens("cust-2").await.is_empty());
+}
+
+async fn the_last_message_of_a_consumer_and_a_numbers_line_type_are_kept(b: &Backend) {
+    let store = &b.store;
+    let at = |s: i64| DateTime::from_timestamp(1_790_000_000 + s, 0).expect("a time");
+    assert_eq!(
+        store
+            .last_inbound("acme", "+447700900123")
+            .await
+            .expect("read"),
+        None
+    );
+    store
+        .inbound("acme", "+447700900123", at(100))
+        .await
+        .expect("kept");
+    store
+        .inbound("acme", "+447700900123", at(50))
+        .await
+        .expect("kept");
+    assert_eq!(
+        store
+            .last_inbound("acme", "+447700900123")
+            .await
+            .expect("read"),
+        Some(at(100)),
+        "an earlier message does not move the window back"
+    );
+    assert_eq!(
+        store
+            .last_inbound("globex", "+447700900123")
+            .await
+            .expect("read"),
+        None
+    );
+    store
+        .remember_line_type("+14155550100", LineType::Landline)
+        .await
+        .expect("kept");
+    store
+        .remember_line_type("+14155550100", LineType::Mobile)
+        .await
+        .expect("replaced");
+    let (kind, when) = store
+        .line_type("+14155550100")
+        .await
+        .expect("read")
+        .expect("known");
+    assert_eq!(kind, LineType::Mobile);
+    assert!((Utc::now() - when).num_seconds().abs() < 60);
+}
