@@ -398,6 +398,58 @@ async fn a_deflection_travels_c2m_dev_without_redis_from_ivr_call_to_counted_rep
     deflect_and_reply(Topology::Dev, Options::without_redis()).await;
 }
 
+/// `c2m dev` with nothing configured: every service on its SQLite file, no Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deflection_travels_c2m_dev_embedded_from_ivr_call_to_counted_reply() {
+    let dir = tempfile::tempdir().expect("a data directory");
+    deflect_and_reply(Topology::Dev, Options::embedded(dir.path())).await;
+}
+
+/// `c2m dev` with nothing configured keeps its data: after a restart on the same directory the
+/// account, its API key, the handoff (its idempotency key answers with it, and sends nothing
+/// again) and the funnel are where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c2m_dev_embedded_keeps_its_data_across_a_restart() {
+    let dir = tempfile::tempdir().expect("a data directory");
+    let mut story = Story::start_with(Topology::Dev, Options::embedded(dir.path())).await;
+    let api_key = onboard(&story, "acme").await;
+    let request = handoff_request("acme", CALLER, "call-1");
+    let first = story.deflect(request.clone(), &api_key).await;
+    assert_eq!(first.status, HandoffStatus::Sent as i32);
+    let counted = |funnel: BTreeMap<String, BTreeMap<String, u64>>| {
+        let sms = funnel.get("CHANNEL_SMS").cloned().unwrap_or_default();
+        let at = |stage: &str| sms.get(stage).copied().unwrap_or(0);
+        (at("FUNNEL_STAGE_ATTEMPTED"), at("FUNNEL_STAGE_SENT"))
+    };
+    c2m_test_support::eventually_eq(
+        "the handoff's first stages counted",
+        Duration::from_secs(10),
+        &(1, 1),
+        || async { counted(funnel(&story, "acme").await) },
+    )
+    .await;
+
+    story.restart().await;
+    assert_eq!(counted(funnel(&story, "acme").await), (1, 1));
+    let again = story.deflect(request, &api_key).await;
+    assert_eq!(
+        again.handoff_id, first.handoff_id,
+        "the IVR's retry finds its handoff"
+    );
+    assert_eq!(
+        story.twilio.sent().len(),
+        1,
+        "and the consumer got one message"
+    );
+    let files: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("the data directory")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".db"))
+        .collect();
+    assert_eq!(files.len(), 5, "one file per service: {files:?}");
+    story.stop().await;
+}
+
 /// The same journey with Handoff's gate and Routing's leases on a Redis Cluster of three
 /// primaries: each account's keys on its hash tag's node, scripts loaded on every primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

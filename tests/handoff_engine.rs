@@ -78,10 +78,33 @@ async fn without_redis_one_consumer_called_twice_at_once_gets_one_message() {
     one_consumer_twice(Options::without_redis()).await;
 }
 
+/// The embedded default (SQLite files, no Redis): duplicates, one consumer twice, and the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_concurrent_duplicates_send_once_and_all_learn_the_same_handoff() {
+    let dir = tempfile::tempdir().expect("a data directory");
+    concurrent_duplicates(Options::embedded(dir.path())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_one_consumer_called_twice_at_once_gets_one_message() {
+    let dir = tempfile::tempdir().expect("a data directory");
+    one_consumer_twice(Options::embedded(dir.path())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_forty_callers_at_once_under_a_limit_of_thirty_send_thirty() {
+    let dir = tempfile::tempdir().expect("a data directory");
+    forty_callers_under_thirty(Options::embedded(dir.path())).await;
+}
+
 /// `c2m dev` with no Redis: 40 callers of one account at once, under its limit of 30 a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_forty_callers_at_once_under_a_limit_of_thirty_send_thirty() {
-    let story = Story::start_with(Topology::Dev, Options::without_redis()).await;
+    forty_callers_under_thirty(Options::without_redis()).await;
+}
+
+async fn forty_callers_under_thirty(options: Options) {
+    let story = Story::start_with(Topology::Dev, options).await;
     let key = onboard(&story, "acme").await;
     let handoff = story.handoff().await;
     let calls = (0..40).map(|i| {

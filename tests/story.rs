@@ -71,9 +71,20 @@ pub struct Options {
     pub reporting_database_url: Option<String>,
     /// `redis.cluster_nodes`: a Redis Cluster instead of the shared server.
     pub redis_cluster_nodes: Option<Vec<String>>,
+    /// The embedded default: no database (SQLite files in this directory) and no Redis.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl Options {
+    /// `c2m dev` as it runs with nothing configured: SQLite files in `dir`, no Redis.
+    pub fn embedded(dir: &std::path::Path) -> Self {
+        Self {
+            redis_url: Some(String::new()),
+            data_dir: Some(dir.to_owned()),
+            ..Self::default()
+        }
+    }
+
     /// `c2m dev` as it runs with no `redis.url`.
     pub fn without_redis() -> Self {
         Self {
@@ -94,6 +105,8 @@ pub struct Story {
     pub servers: Vec<Running>,
     endpoints: [String; 5],
     pub webhooks: String,
+    /// The embedded default's data directory, when the story runs on it.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 fn any_port() -> SocketAddr {
@@ -175,6 +188,11 @@ impl Story {
         if let Some(connections) = options.db_max_connections {
             config.database.max_connections = connections;
         }
+        let data_dir = options.data_dir;
+        if let Some(dir) = &data_dir {
+            config.database = c2m_storage::DatabaseSettings::default();
+            config.embedded.data_dir = dir.clone();
+        }
         config.listen.webhooks = webhooks_addr;
 
         let (servers, endpoints) = match topology {
@@ -236,6 +254,7 @@ impl Story {
             servers,
             endpoints,
             webhooks,
+            data_dir,
         }
     }
 
@@ -289,6 +308,24 @@ impl Story {
         for server in self.servers {
             server.stop().await.expect("drains cleanly");
         }
+    }
+
+    /// Stops `c2m dev` and starts it again on the same configuration, its webhooks on the same
+    /// port, as a person restarting it would (the `Dev` topology only).
+    pub async fn restart(&mut self) {
+        for server in std::mem::take(&mut self.servers) {
+            server.stop().await.expect("drains cleanly");
+        }
+        let webhooks = std::net::TcpListener::bind(self.config.listen.webhooks)
+            .expect("the webhook port is free again");
+        let listener = TcpListener::bind(any_port()).await.expect("binds");
+        let server = app::spawn_with(listener, Some(webhooks), &Role::ALL, self.config.clone())
+            .expect("serves");
+        let endpoint = server.endpoint();
+        self.endpoints = std::array::from_fn(|_| endpoint.clone());
+        self.servers = vec![server];
+        let channel = grpc::channel(&endpoint).await;
+        grpc::wait_for_status(&channel, &ALL_SERVICES, ServingStatus::Serving).await;
     }
 }
 
@@ -380,13 +417,29 @@ pub async fn onboard(story: &Story, account_id: &str) -> String {
         .into_inner();
     assert!(key.plaintext.starts_with("c2m_"));
     // Stored hashed: the plaintext is nowhere in the database.
-    let mut db = story.db.connect().await;
-    let hits: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM config.api_keys WHERE key_hash = convert_to($1, 'UTF8') OR prefix = $1",
-    )
-    .bind(&key.plaintext)
-    .fetch_one(&mut db)
-    .await
+    let hits: i64 = match &story.data_dir {
+        Some(dir) => {
+            let file = c2m_storage::sqlite::open(&dir.join("config.db"))
+                .await
+                .expect("Config's file");
+            sqlx::query_scalar(
+                "SELECT count(*) FROM api_keys WHERE key_hash = CAST(?1 AS BLOB) OR prefix = ?1",
+            )
+            .bind(&key.plaintext)
+            .fetch_one(&file)
+            .await
+        }
+        None => {
+            let mut db = story.db.connect().await;
+            sqlx::query_scalar(
+                "SELECT count(*) FROM config.api_keys \
+                 WHERE key_hash = convert_to($1, 'UTF8') OR prefix = $1",
+            )
+            .bind(&key.plaintext)
+            .fetch_one(&mut db)
+            .await
+        }
+    }
     .expect("query");
     assert_eq!(hits, 0, "the plaintext key is not stored");
 

@@ -38,6 +38,12 @@ pub enum AppError {
     NotServing,
     #[error("setting up the demo: {0}")]
     Demo(#[from] crate::client::ClientError),
+    #[error("cannot keep data in {path} (embedded.data_dir, or --data-dir): {reason}")]
+    Embedded { path: String, reason: String },
+    #[error(
+        "database.url is empty: `c2m migrate` applies PostgreSQL's migrations (the embedded files migrate themselves)"
+    )]
+    NoDatabase,
     #[error("cannot use PostgreSQL at {url} (database.url): {reason}")]
     Database { url: String, reason: String },
     #[error("invalid redis url: {0}")]
@@ -61,10 +67,11 @@ pub enum AppError {
     },
 }
 
-/// The gRPC services for `roles`, each with its own schema pool; roles that use Redis share one
-/// connection (made on first use, so roles without Redis never open one). The channel gateway's
-/// webhook listener is `webhooks` when given (bound beforehand), else `listen.webhooks`.
-pub fn components(
+/// The gRPC services for `roles`, each with its own store: its schema's pool on PostgreSQL, or,
+/// with no database configured, its SQLite file under `embedded.data_dir`. Roles that use Redis
+/// share one connection (made on first use, so roles without Redis never open one). The channel
+/// gateway's webhook listener is `webhooks` when given (bound beforehand), else `listen.webhooks`.
+pub async fn components(
     roles: &[Role],
     config: &Config,
     mut webhooks: Option<std::net::TcpListener>,
@@ -83,84 +90,150 @@ pub fn components(
         let (schema, migrator) = role.schema();
         ServiceDb::connect_lazy(&config.database.for_schema(schema), schema, migrator)
     };
-    let components: Vec<Vec<Component>> = roles
-        .iter()
-        .map(|&role| {
-            Ok(vec![match role {
-                Role::Handoff => {
-                    let service = c2m_handoff::Service::new(
-                        db(role)?,
-                        coordination.clone(),
-                        peers("handoff")?,
+    let files = embedded(config).then_some(config.embedded.data_dir.as_path());
+    let mut components = Vec::new();
+    for &role in roles {
+        let file = match files {
+            Some(dir) => Some(open_file(dir, role.schema().0).await?),
+            None => None,
+        };
+        let embedding = |error: &dyn std::fmt::Display| AppError::Embedded {
+            path: files.map(|d| d.display().to_string()).unwrap_or_default(),
+            reason: error.to_string(),
+        };
+        match role {
+            Role::Handoff => {
+                let (coordination, peers) = (coordination.clone(), peers("handoff")?);
+                let service = match file {
+                    Some(pool) => c2m_handoff::Service::embedded(
+                        pool,
+                        coordination,
+                        peers,
                         key.clone(),
                         &config.handoff,
-                    );
-                    local.register(Peer::Handoff, HandoffServiceServer::new(service.clone()));
-                    service.into_component()
-                }
-                Role::Routing => {
-                    let service = c2m_routing::Service::new(
+                    )
+                    .await
+                    .map_err(|e| embedding(&e))?,
+                    None => c2m_handoff::Service::new(
                         db(role)?,
-                        coordination.clone(),
-                        peers("routing")?,
+                        coordination,
+                        peers,
+                        key.clone(),
+                        &config.handoff,
+                    ),
+                };
+                local.register(Peer::Handoff, HandoffServiceServer::new(service.clone()));
+                components.push(service.into_component());
+            }
+            Role::Routing => {
+                let (coordination, peers) = (coordination.clone(), peers("routing")?);
+                let timeout = std::time::Duration::from_millis(config.peers.timeout_ms);
+                let service = match file {
+                    Some(pool) => c2m_routing::Service::embedded(
+                        pool,
+                        coordination,
+                        peers,
                         key.clone(),
                         &config.routing,
-                        std::time::Duration::from_millis(config.peers.timeout_ms),
-                    );
-                    // Both of the role's services, as a network peer would answer them.
-                    local.register(
-                        Peer::Routing,
-                        tonic::service::Routes::new(RoutingServiceServer::new(service.clone()))
-                            .add_service(ConversationServiceServer::new(service.clone())),
-                    );
-                    return Ok(service.into_components().into());
-                }
-                Role::ChannelGateway => {
-                    let addr = config.listen.webhooks;
-                    let webhooks = webhooks
-                        .take()
-                        .map_or_else(|| std::net::TcpListener::bind(addr), Ok)
-                        .and_then(|l| {
-                            l.set_nonblocking(true)?;
-                            TcpListener::from_std(l)
-                        })
-                        .map_err(|source| AppError::Webhooks { addr, source })?;
-                    let service = c2m_channel_gateway::Service::new(
-                        db(role)?,
-                        peers("channel-gateway")?,
-                        key.clone(),
-                        config.channel_gateway.clone(),
-                    )?;
-                    local.register(
-                        Peer::ChannelGateway,
-                        ChannelGatewayServiceServer::new(service.clone()),
-                    );
-                    service.into_component(webhooks)
-                }
-                Role::Config => {
-                    let service = c2m_config::Service::new(
-                        db(role)?,
-                        key.clone(),
-                        peers("config")?,
-                        &config.webhooks,
+                        timeout,
                     )
-                    .map_err(AppError::Http)?;
-                    local.register(Peer::Config, ConfigServiceServer::new(service.clone()));
-                    service.into_component()
-                }
-                Role::Reporting => {
-                    let service =
-                        c2m_reporting::Service::new(db(role)?, key.clone(), peers("reporting")?);
-                    local.register(
-                        Peer::Reporting,
-                        ReportingServiceServer::new(service.clone()),
-                    );
-                    service.into_component()
-                }
-            }])
-        })
-        .collect::<Result<_, AppError>>()?;
-    Ok(components.into_iter().flatten().collect())
+                    .await
+                    .map_err(|e| embedding(&e))?,
+                    None => c2m_routing::Service::new(
+                        db(role)?,
+                        coordination,
+                        peers,
+                        key.clone(),
+                        &config.routing,
+                        timeout,
+                    ),
+                };
+                // Both of the role's services, as a network peer would answer them.
+                local.register(
+                    Peer::Routing,
+                    tonic::service::Routes::new(RoutingServiceServer::new(service.clone()))
+                        .add_service(ConversationServiceServer::new(service.clone())),
+                );
+                components.extend(service.into_components());
+            }
+            Role::ChannelGateway => {
+                let addr = config.listen.webhooks;
+                let listener = webhooks
+                    .take()
+                    .map_or_else(|| std::net::TcpListener::bind(addr), Ok)
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        TcpListener::from_std(l)
+                    })
+                    .map_err(|source| AppError::Webhooks { addr, source })?;
+                let (peers, settings) = (peers("channel-gateway")?, config.channel_gateway.clone());
+                let service = match file {
+                    Some(pool) => {
+                        c2m_channel_gateway::Service::embedded(pool, peers, key.clone(), settings)
+                            .await?
+                    }
+                    None => {
+                        c2m_channel_gateway::Service::new(db(role)?, peers, key.clone(), settings)?
+                    }
+                };
+                local.register(
+                    Peer::ChannelGateway,
+                    ChannelGatewayServiceServer::new(service.clone()),
+                );
+                components.push(service.into_component(listener));
+            }
+            Role::Config => {
+                let peers = peers("config")?;
+                let service = match file {
+                    Some(pool) => {
+                        c2m_config::Service::embedded(pool, key.clone(), peers, &config.webhooks)
+                            .await
+                            .map_err(|e| embedding(&e))?
+                    }
+                    None => {
+                        c2m_config::Service::new(db(role)?, key.clone(), peers, &config.webhooks)
+                            .map_err(AppError::Http)?
+                    }
+                };
+                local.register(Peer::Config, ConfigServiceServer::new(service.clone()));
+                components.push(service.into_component());
+            }
+            Role::Reporting => {
+                let peers = peers("reporting")?;
+                let service = match file {
+                    Some(pool) => c2m_reporting::Service::embedded(pool, key.clone(), peers)
+                        .await
+                        .map_err(|e| embedding(&e))?,
+                    None => c2m_reporting::Service::new(db(role)?, key.clone(), peers),
+                };
+                local.register(
+                    Peer::Reporting,
+                    ReportingServiceServer::new(service.clone()),
+                );
+                components.push(service.into_component());
+            }
+        }
+    }
+    Ok(components)
+}
+
+/// Whether the services keep their data in SQLite files (`embedded.data_dir`): no database is
+/// configured.
+pub fn embedded(config: &Config) -> bool {
+    !config.database.is_set()
+}
+
+/// Opens (creating the directory and the file if need be) the SQLite file of `schema`'s service.
+async fn open_file(dir: &std::path::Path, schema: &str) -> Result<sqlx::SqlitePool, AppError> {
+    let path = dir.join(format!("{schema}.db"));
+    let refused = |reason: String| AppError::Embedded {
+        path: path.display().to_string(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| refused(e.to_string()))?;
+    c2m_storage::sqlite::open(&path)
+        .await
+        .map_err(|e| refused(e.to_string()))
 }
 
 /// Where Handoff and Routing coordinate: the Redis at `redis.url`, or, with none, this process's
@@ -205,7 +278,7 @@ pub async fn serve_with(
             ..PeerSettings::all_at(&format!("http://{here}"))
         };
     }
-    let components = components(roles, &config, webhooks)?;
+    let components = components(roles, &config, webhooks).await?;
     server::run(listener, components, &config.server, shutdown).await?;
     Ok(())
 }
@@ -274,6 +347,9 @@ async fn until_serving(url: &str) -> Result<(), AppError> {
 
 /// Applies the pending migrations of `roles`, one schema after another.
 pub async fn migrate(roles: &[Role], config: &Config) -> Result<(), AppError> {
+    if !config.database.is_set() {
+        return Err(AppError::NoDatabase);
+    }
     for &role in roles {
         let (schema, migrator) = role.schema();
         let db = ServiceDb::connect_lazy(&config.database.for_schema(schema), schema, migrator)?;
@@ -352,34 +428,122 @@ pub fn spawn_with(
     })
 }
 
-/// `c2m dev` without secrets configured: makes up the ones missing for this run, and logs an
-/// operator token signed with a made-up token secret (nobody could sign one otherwise).
+/// `c2m dev` without secrets configured: makes up the ones missing, and logs an operator token
+/// signed with the token secret (nobody could sign one otherwise). On the embedded default they
+/// are kept in the data directory (`secrets.toml`, readable by its owner only) and read back by
+/// the next run, which then reads the credentials and consumer ids this one stored; on
+/// PostgreSQL they last for the run.
 pub fn make_up_dev_secrets(config: &mut Config) -> std::io::Result<()> {
     use base64::{Engine, engine::general_purpose::STANDARD};
     use c2m_runtime::auth::{Role as AuthRole, TokenKey};
 
+    let kept = embedded(config).then(|| config.embedded.data_dir.join("secrets.toml"));
+    let stored = match &kept {
+        Some(path) => read_secrets(path)?,
+        None => Default::default(),
+    };
+    let mut made_up = false;
     if config.channel_gateway.credentials_key.is_empty() {
-        config.channel_gateway.credentials_key = STANDARD.encode(ephemeral_secret()?);
-        tracing::warn!(
-            "channel_gateway.credentials_key is not set: provider credentials stored in this run cannot be read after it"
-        );
+        config.channel_gateway.credentials_key = match stored.credentials_key {
+            Some(key) => key,
+            None => {
+                made_up = true;
+                STANDARD.encode(ephemeral_secret()?)
+            }
+        };
+        if kept.is_none() {
+            tracing::warn!(
+                "channel_gateway.credentials_key is not set: provider credentials stored in this run cannot be read after it"
+            );
+        }
     }
     if config.auth.token_secret.is_empty() {
-        config.auth.token_secret = ephemeral_secret()?
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        config.auth.token_secret = match stored.token_secret {
+            Some(secret) => secret,
+            None => {
+                made_up = true;
+                ephemeral_secret()?
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect()
+            }
+        };
         let token = TokenKey::new(config.auth.token_secret.as_bytes()).user_token(
             "dev-operator",
             AuthRole::Operator,
             None,
             std::time::Duration::from_secs(24 * 3600),
         );
-        tracing::warn!(
-            "auth.token_secret is not set: using a secret made up for this run; operator token (24 h): {token}"
-        );
+        match &kept {
+            Some(path) => tracing::info!(
+                secrets = %path.display(),
+                "auth.token_secret is not set: using the data directory's; operator token (24 h): {token}"
+            ),
+            None => tracing::warn!(
+                "auth.token_secret is not set: using a secret made up for this run; operator token (24 h): {token}"
+            ),
+        }
+    }
+    if let Some(path) = kept
+        && made_up
+    {
+        write_secrets(
+            &path,
+            &config.auth.token_secret,
+            &config.channel_gateway.credentials_key,
+        )?;
     }
     Ok(())
+}
+
+/// The secrets a data directory keeps, where it keeps them.
+#[derive(Debug, Default)]
+struct StoredSecrets {
+    token_secret: Option<String>,
+    credentials_key: Option<String>,
+}
+
+fn read_secrets(path: &std::path::Path) -> std::io::Result<StoredSecrets> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(StoredSecrets::default()),
+        Err(e) => return Err(e),
+    };
+    let value = |name: &str| {
+        text.lines().find_map(|line| {
+            let (key, value) = line.split_once('=')?;
+            (key.trim() == name).then(|| value.trim().trim_matches('"').to_owned())
+        })
+    };
+    Ok(StoredSecrets {
+        token_secret: value("token_secret").filter(|v| !v.is_empty()),
+        credentials_key: value("credentials_key").filter(|v| !v.is_empty()),
+    })
+}
+
+fn write_secrets(
+    path: &std::path::Path,
+    token_secret: &str,
+    credentials_key: &str,
+) -> std::io::Result<()> {
+    use std::io::Write;
+
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    writeln!(
+        file,
+        "# Made up by `c2m dev` for this data directory: the token secret signs its tokens and\n\
+         # keys its consumer ids; the credentials key seals provider credentials. Keep it with\n\
+         # the data, and private.\n\
+         token_secret = \"{token_secret}\"\n\
+         credentials_key = \"{credentials_key}\""
+    )
 }
 
 /// `c2m dev` listens on loopback only, its webhooks included, unless told otherwise: the default

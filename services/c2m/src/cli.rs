@@ -6,7 +6,7 @@ use c2m_runtime::LogFormat;
 use clap::{Parser, Subcommand};
 
 use crate::{
-    config::{DatabaseOverrides, Overrides, RedisOverrides, TelemetryOverrides},
+    config::{DatabaseOverrides, EmbeddedOverrides, Overrides, RedisOverrides, TelemetryOverrides},
     role::Role,
 };
 
@@ -48,6 +48,9 @@ pub enum Command {
         /// deflect a caller and show the funnel.
         #[arg(long)]
         demo: bool,
+        /// Where to keep the data when no database is configured (`embedded.data_dir`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
     /// Deflect one caller, as an IVR does (CreateHandoff), and print the handoff.
     Handoff {
@@ -293,6 +296,7 @@ impl Cli {
                 },
             }),
             listen: None,
+            embedded: None,
         };
         match self.command {
             Command::Serve {
@@ -300,8 +304,19 @@ impl Cli {
                 listen: Some(addr),
             } => overrides = overrides.listen(&role.name().replace('-', "_"), addr),
             Command::Dev {
-                listen: Some(addr), ..
-            } => overrides = overrides.listen("dev", addr),
+                listen,
+                ref data_dir,
+                ..
+            } => {
+                if let Some(addr) = listen {
+                    overrides = overrides.listen("dev", addr);
+                }
+                if let Some(dir) = data_dir {
+                    overrides.embedded = Some(EmbeddedOverrides {
+                        data_dir: dir.clone(),
+                    });
+                }
+            }
             _ => {}
         }
         overrides

@@ -31,6 +31,24 @@ pub struct Config {
     pub handoff: HandoffSettings,
     pub routing: RoutingSettings,
     pub webhooks: WebhookSettings,
+    pub embedded: EmbeddedSettings,
+}
+
+/// `[embedded]`: where `c2m dev` keeps its data when no database is configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmbeddedSettings {
+    /// A directory of SQLite files, one per service (`config.db`, `handoff.db`, …), and the
+    /// secrets made up for it (`secrets.toml`); created if missing (flag `--data-dir`).
+    pub data_dir: std::path::PathBuf,
+}
+
+impl Default for EmbeddedSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: "c2m-data".into(),
+        }
+    }
 }
 
 /// `[auth]`: the key that signs console, operator and service tokens.
@@ -84,6 +102,13 @@ pub struct Overrides {
     pub redis: Option<RedisOverrides>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<TelemetryOverrides>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embedded: Option<EmbeddedOverrides>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EmbeddedOverrides {
+    pub data_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,6 +181,17 @@ impl Config {
                 key: "channel_gateway.credentials_key",
                 reason: "must be set for `c2m serve channel-gateway` (base64 of 32 random bytes)"
                     .into(),
+            });
+        }
+        let (schema, _) = role.schema();
+        if self.database.for_schema(schema).url.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "database.url",
+                reason: format!(
+                    "must be set for `c2m serve {}` (C2M_DATABASE__URL, or --database-url): \
+                     replicas share PostgreSQL; only `c2m dev` keeps its data in SQLite files",
+                    role.name()
+                ),
             });
         }
         Ok(())
@@ -248,6 +284,7 @@ impl Config {
             .map(|(schema, db)| (database_key(schema), db.url.as_str()));
         for (key, url) in [("database.url", self.database.url.as_str())]
             .into_iter()
+            .filter(|(_, url)| !url.is_empty())
             .chain(own_urls)
         {
             match scheme(url) {
@@ -507,7 +544,7 @@ fn env_var_name(path: &[String]) -> String {
 }
 
 /// The top-level sections, which environment variables may set.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "listen.",
     "database.",
     "redis.",
@@ -519,4 +556,5 @@ const SECTIONS: [&str; 11] = [
     "handoff.",
     "routing.",
     "webhooks.",
+    "embedded.",
 ];

@@ -119,7 +119,14 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
     if name == "dev" {
         app::make_up_dev_secrets(&mut config)?;
         app::keep_dev_local(&mut config);
-        app::check_database(&config.database).await?;
+        if app::embedded(&config) {
+            tracing::info!(
+                data_dir = %config.embedded.data_dir.display(),
+                "no database.url: keeping the data in SQLite files (set database.url and redis.url for PostgreSQL and Redis)"
+            );
+        } else {
+            app::check_database(&config.database).await?;
+        }
     }
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         let key = format!("listen.{}", name.replace('-', "_"));

@@ -640,3 +640,30 @@ fn c2m_configs_output_feeds_back_with_its_secrets_given_again() {
         "{error}"
     );
 }
+
+/// `c2m serve` runs replicas, which share PostgreSQL: without `database.url` it says so, naming
+/// the key, rather than keeping its data in a file no other replica sees.
+#[test]
+fn serve_refuses_to_start_without_a_database() {
+    let output = run(
+        &["serve", "config", "--listen", "127.0.0.1:0"],
+        &[(
+            "C2M_AUTH__TOKEN_SECRET",
+            "a-secret-of-at-least-thirty-two-characters",
+        )],
+    );
+    assert_eq!(output.status.code(), Some(64), "{}", stderr(&output));
+    let stderr = stderr(&output);
+    assert!(
+        stderr.contains("`database.url` must be set for `c2m serve config`")
+            && stderr.contains("only `c2m dev` keeps its data in SQLite files"),
+        "{stderr}"
+    );
+    let migrate = run(&["migrate"], &[]);
+    assert_ne!(migrate.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&migrate.stderr).contains("database.url is empty"),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+}

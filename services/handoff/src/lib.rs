@@ -27,7 +27,9 @@ pub mod upstream;
 use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::handoff_service_server::HandoffServiceServer;
-use c2m_runtime::{Component, TaskTracker, api_keys::ApiKeys, auth::TokenKey, peers::Peers};
+use c2m_runtime::{
+    Component, TaskTracker, api_keys::ApiKeys, auth::TokenKey, health::Probe, peers::Peers,
+};
 use c2m_storage::{Coordination, ServiceDb, outbox::Relay};
 use serde::{Deserialize, Serialize};
 use sqlx::migrate::Migrator;
@@ -37,7 +39,7 @@ use crate::{
     engine::Engine,
     gate::Gate,
     send::Sender,
-    store::{HandoffStore, PgHandoffStore},
+    store::{HandoffStore, PgHandoffStore, SqliteHandoffStore},
     upstream::Peered,
 };
 
@@ -77,10 +79,18 @@ impl Default for HandoffSettings {
 #[derive(Clone)]
 pub struct Service {
     engine: Arc<Engine>,
-    db: ServiceDb,
+    /// SERVING while the store answers.
+    probe: Arc<dyn Probe>,
     key: TokenKey,
     coordination: Arc<dyn Coordination>,
     api_keys: Arc<ApiKeys>,
+}
+
+/// What a service is built with beside its store.
+struct Parts {
+    coordination: Arc<dyn Coordination>,
+    peers: Peers,
+    key: TokenKey,
 }
 
 impl std::fmt::Debug for Service {
@@ -90,6 +100,7 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
+    /// On PostgreSQL (`c2m serve`).
     pub fn new(
         db: ServiceDb,
         coordination: Arc<dyn Coordination>,
@@ -97,10 +108,57 @@ impl Service {
         key: TokenKey,
         settings: &HandoffSettings,
     ) -> Self {
-        let store: Arc<dyn HandoffStore> = Arc::new(PgHandoffStore::new(db.clone()));
+        let relays = (
+            Relay::new(db.clone(), peers.clone()),
+            Relay::to(ToRouting, db.clone(), peers.clone()),
+        );
+        let probe = db.probe();
+        let store = Arc::new(PgHandoffStore::new(db));
+        let parts = Parts {
+            coordination,
+            peers,
+            key,
+        };
+        Self::over(store, probe, relays, parts, settings)
+    }
+
+    /// On a SQLite file of its own (the embedded default), its migrations applied.
+    pub async fn embedded(
+        pool: sqlx::SqlitePool,
+        coordination: Arc<dyn Coordination>,
+        peers: Peers,
+        key: TokenKey,
+        settings: &HandoffSettings,
+    ) -> Result<Self, sqlx::migrate::MigrateError> {
+        let probe = c2m_storage::sqlite::probe(pool.clone(), SCHEMA);
+        let store = SqliteHandoffStore::new(pool).await?;
+        let rows: Arc<dyn c2m_storage::outbox::OutboxRows> = Arc::new(store.outbox());
+        let relays = (
+            Relay::over(rows.clone(), peers.clone()),
+            Relay::to_over(ToRouting, rows, peers.clone()),
+        );
+        let parts = Parts {
+            coordination,
+            peers,
+            key,
+        };
+        Ok(Self::over(Arc::new(store), probe, relays, parts, settings))
+    }
+
+    fn over(
+        store: Arc<dyn HandoffStore>,
+        probe: Arc<dyn Probe>,
+        (relay, deflections): (Relay, Relay<ToRouting>),
+        Parts {
+            coordination,
+            peers,
+            key,
+        }: Parts,
+        settings: &HandoffSettings,
+    ) -> Self {
         let engine = Engine {
-            relay: Relay::new(db.clone(), peers.clone()),
-            deflections: Relay::to(ToRouting, db.clone(), peers.clone()),
+            relay,
+            deflections,
             gate: Gate::new(
                 coordination.clone(),
                 store.clone(),
@@ -121,7 +179,7 @@ impl Service {
         };
         Self {
             engine: Arc::new(engine),
-            db,
+            probe,
             key,
             coordination,
             api_keys: Arc::new(ApiKeys::new(Duration::from_secs(30))),
@@ -141,7 +199,7 @@ impl Service {
         let (fallbacks, sweeper) = (engine.clone(), engine.clone());
         Component::new(HandoffServiceServer::new(self.clone()))
             .with_http(rest::router(self.clone()))
-            .with_probe(self.db.probe())
+            .with_probe(self.probe.clone())
             .with_optional_probe(self.coordination.probe())
             .with_detached(engine.detached.clone())
             .with_task(move |shutdown| relay.run(shutdown))

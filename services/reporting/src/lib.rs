@@ -11,11 +11,11 @@ pub mod store;
 use std::sync::Arc;
 
 use c2m_proto::v1::reporting_service_server::ReportingServiceServer;
-use c2m_runtime::{Component, auth::TokenKey, peers::Peers};
+use c2m_runtime::{Component, auth::TokenKey, health::Probe, peers::Peers};
 use c2m_storage::ServiceDb;
 use sqlx::migrate::Migrator;
 
-use crate::store::{EventStore, PgEventStore};
+use crate::store::{EventStore, PgEventStore, SqliteEventStore};
 
 /// The PostgreSQL schema this service owns; no other service reads it.
 pub const SCHEMA: &str = "reporting";
@@ -26,8 +26,9 @@ pub static MIGRATOR: Migrator = sqlx::migrate!();
 /// The `c2m.v1.ReportingService` implementation.
 #[derive(Clone)]
 pub struct Service {
-    db: ServiceDb,
     store: Arc<dyn EventStore>,
+    /// SERVING while the store answers.
+    probe: Arc<dyn Probe>,
     key: TokenKey,
     /// Config, for an account's time zone.
     peers: Peers,
@@ -40,17 +41,32 @@ impl std::fmt::Debug for Service {
 }
 
 impl Service {
+    /// On PostgreSQL (`c2m serve`).
     pub fn new(db: ServiceDb, key: TokenKey, peers: Peers) -> Self {
         Self {
             store: Arc::new(PgEventStore::new(db.pool().clone())),
-            db,
+            probe: db.probe(),
             key,
             peers,
         }
     }
 
-    /// The gRPC service, SERVING while its schema answers.
+    /// On a SQLite file of its own (the embedded default), its migrations applied.
+    pub async fn embedded(
+        pool: sqlx::SqlitePool,
+        key: TokenKey,
+        peers: Peers,
+    ) -> Result<Self, sqlx::migrate::MigrateError> {
+        Ok(Self {
+            probe: c2m_storage::sqlite::probe(pool.clone(), SCHEMA),
+            store: Arc::new(SqliteEventStore::new(pool).await?),
+            key,
+            peers,
+        })
+    }
+
+    /// The gRPC service, SERVING while its store answers.
     pub fn into_component(self) -> Component {
-        Component::new(ReportingServiceServer::new(self.clone())).with_probe(self.db.probe())
+        Component::new(ReportingServiceServer::new(self.clone())).with_probe(self.probe.clone())
     }
 }

@@ -20,7 +20,8 @@ use sqlx::{
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
-    /// A PostgreSQL URL. Every service uses its own schema in this database.
+    /// A PostgreSQL URL. Every service uses its own schema in this database. Empty: `c2m dev`
+    /// keeps its data in SQLite files (`embedded.data_dir`); `c2m serve` needs one.
     pub url: String,
     /// Connections per service pool.
     pub max_connections: u32,
@@ -54,6 +55,11 @@ pub struct ServiceDatabase {
 }
 
 impl DatabaseSettings {
+    /// Whether any service has a PostgreSQL database to use (`url`, or one of its own).
+    pub fn is_set(&self) -> bool {
+        !self.url.is_empty() || self.overrides().next().is_some()
+    }
+
     /// The settings the service owning `schema` connects with: its own `url` when it has one.
     pub fn for_schema(&self, schema: &str) -> DatabaseSettings {
         let own = self.overrides().find(|(name, _)| *name == schema);
@@ -96,7 +102,7 @@ impl DatabaseSettings {
 impl Default for DatabaseSettings {
     fn default() -> Self {
         Self {
-            url: "postgres://postgres@127.0.0.1:5432/c2m".to_owned(),
+            url: String::new(),
             max_connections: 10,
             acquire_timeout_ms: 3_000,
             migrate_on_start: true,
