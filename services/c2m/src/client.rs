@@ -590,7 +590,8 @@ impl Demo {
              # the brand's funnel (attempted, sent, delivered, responded, ...)\n  \
              cargo run -q --release -- funnel{at} --token {token} --account demo --group-by channel\n\n\
              Or in a browser: {server}/console, signed in with the token above (the demo's admin).\n\n\
-             The key and the token hold for this run (the token 12 hours).\n",
+             The key holds until it is revoked; the token for 12 hours, while the token secret\n\
+             stays the same (a configured one, or the data directory's).\n",
             key = self.api_key,
             token = self.admin_token,
         )
