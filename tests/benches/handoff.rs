@@ -6,7 +6,8 @@
 //!
 //! Knobs (environment): C2M_BENCH_CALLERS (64), C2M_BENCH_ACCOUNTS (8), C2M_BENCH_SECONDS (10),
 //! C2M_BENCH_RATE (1000, the fixed arrival rate of the latency phase), C2M_BENCH_TOPOLOGY
-//! (`separate`, or `dev` for every role in one server calling the others in process),
+//! (`separate`, `dev` for every role in one server calling the others in process, or `embedded`
+//! for `c2m dev` with nothing configured: SQLite files and no Redis),
 //! C2M_BENCH_WORKERS (2, the runtime's worker threads, which the servers and the callers share),
 //! C2M_BENCH_PHASES (`closed,fixed,echo,skeleton`: which phases run, e.g. `fixed` alone while
 //! profiling the latency phase), C2M_BENCH_PROVIDER_LATENCY (`none`; `fixed:<ms>` or
@@ -357,7 +358,9 @@ fn main() {
     let rate = knob("C2M_BENCH_RATE", 1000);
     // `separate` (the default): five servers calling each other over gRPC, as five Deployments
     // do; `dev`: all roles in one server calling each other in process, as `c2m dev` does.
-    let one_process = std::env::var("C2M_BENCH_TOPOLOGY").is_ok_and(|t| t == "dev");
+    let topology = std::env::var("C2M_BENCH_TOPOLOGY").unwrap_or_default();
+    let embedded = topology == "embedded";
+    let one_process = embedded || topology == "dev";
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(knob("C2M_BENCH_WORKERS", 2) as usize)
         .enable_all()
@@ -365,6 +368,16 @@ fn main() {
         .expect("runtime");
     runtime.block_on(async move {
         let redis = RedisServer::start();
+        let data = tempfile::tempdir().expect("a data directory");
+        let backends = if embedded {
+            Options::embedded(data.path())
+        } else {
+            Options {
+                redis_url: Some(redis.url()),
+                db_max_connections: Some(16),
+                ..Options::default()
+            }
+        };
         let story = Story::start_with(
             if one_process {
                 Topology::Dev
@@ -372,11 +385,9 @@ fn main() {
                 Topology::Separate
             },
             Options {
-                redis_url: Some(redis.url()),
-                db_max_connections: Some(16),
                 // Probes as often as a deployment's (the tests' 50 ms would be load of its own).
                 health_interval_ms: Some(2_000),
-                ..Options::default()
+                ..backends
             },
         )
         .await;
@@ -411,7 +422,9 @@ fn main() {
         // reads them with the raised limits).
         closed_loop(&client, &accounts, callers, 2).await;
 
-        let topology = if one_process {
+        let topology = if embedded {
+            "one process (c2m dev, embedded: SQLite files, no Redis)"
+        } else if one_process {
             "one process (c2m dev)"
         } else {
             "five separate servers"
@@ -492,7 +505,29 @@ fn main() {
             }
             println!();
         }
+        let (rss, peak) = (status_kb("VmRSS:"), status_kb("VmHWM:"));
+        println!(
+            "  this process (servers and callers): RSS {} MB, peak {} MB",
+            rss / 1024,
+            peak / 1024
+        );
         story.stop().await;
         drop(redis);
     });
+}
+
+/// A line of /proc/self/status in kB (0 where there is none).
+fn status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }

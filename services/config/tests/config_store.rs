@@ -78,28 +78,7 @@ impl Backend {
     }
 }
 
-macro_rules! conformance {
-    ($($test:ident),* $(,)?) => {
-        mod on_postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::postgres().await).await;
-                }
-            )*
-        }
-        mod on_sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::sqlite().await).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+c2m_test_support::conformance!(
     an_account_reads_back_as_written_and_its_id_is_taken_once,
     a_settings_change_is_audited_with_before_and_after,
     configurations_filter_page_and_update_only_at_their_version,

@@ -80,28 +80,7 @@ impl Backend {
     }
 }
 
-macro_rules! conformance {
-    ($($test:ident),* $(,)?) => {
-        mod on_postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::postgres().await).await;
-                }
-            )*
-        }
-        mod on_sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::sqlite().await).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+c2m_test_support::conformance!(
     a_handoff_is_saved_whole_or_not_at_all,
     twins_of_a_key_save_one_handoff,
     a_key_replays_its_handoff_with_the_fingerprint_it_was_made_with,

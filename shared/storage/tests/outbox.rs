@@ -183,28 +183,7 @@ fn ids(events: &[Event]) -> Vec<String> {
     events.iter().map(|e| e.event_id.clone()).collect()
 }
 
-macro_rules! conformance {
-    ($($test:ident),* $(,)?) => {
-        mod on_postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::postgres().await).await;
-                }
-            )*
-        }
-        mod on_sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::sqlite().await).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+c2m_test_support::conformance!(
     committed_rows_arrive_once_in_order_and_rolled_back_ones_never,
     rows_wait_out_an_outage,
     a_row_refused_on_its_own_is_set_aside,

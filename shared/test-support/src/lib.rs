@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod apns;
+mod conformance;
 mod database;
 mod google;
 mod meta;

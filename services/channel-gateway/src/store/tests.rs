@@ -67,28 +67,7 @@ impl Backend {
     }
 }
 
-macro_rules! conformance {
-    ($($test:ident),* $(,)?) => {
-        mod on_postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::postgres().await).await;
-                }
-            )*
-        }
-        mod on_sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::sqlite().await).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+c2m_test_support::conformance!(
     an_id_is_claimed_once_and_a_repeat_gets_the_first_send_as_it_stands,
     an_outcome_recorded_after_the_providers_report_keeps_the_report,
     a_claim_no_message_left_for_is_taken_back_by_its_sender_only,

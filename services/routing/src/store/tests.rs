@@ -73,28 +73,7 @@ impl Backend {
     }
 }
 
-macro_rules! conformance {
-    ($($test:ident),* $(,)?) => {
-        mod on_postgres {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::postgres().await).await;
-                }
-            )*
-        }
-        mod on_sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test(&super::Backend::sqlite().await).await;
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+c2m_test_support::conformance!(
     a_reply_opens_a_conversation_from_the_latest_deflection_then_joins_it,
     a_message_a_provider_delivers_again_is_routed_once,
     one_conversation_is_open_per_consumer,
