@@ -140,6 +140,60 @@ async fn a_crash_while_the_provider_holds_the_message_does_not_send_it_twice() {
     assert_eq!(twilio.sent().len(), 1, "still one message");
 }
 
+/// The same crash on the embedded default: `c2m dev` with nothing configured, its data in SQLite
+/// files, killed with SIGKILL while Twilio holds the message and started again on the same data
+/// directory. The retry finishes the handoff the files kept, and the consumer has one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_a_crash_while_the_provider_holds_the_message_does_not_send_it_twice() {
+    let twilio = TwilioEmulator::start().await;
+    let data = tempfile::tempdir().expect("a data directory");
+    let env = environment(&twilio);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let first = support::dev::Dev::embedded(data.path(), &env).await;
+    let channel = first.until_serving().await;
+    let api_key = onboard(&channel, &twilio).await;
+    let consumer = "+14155550801";
+
+    twilio.stall_next();
+    let mut client = HandoffServiceClient::new(channel.clone());
+    let call = {
+        let request = authed(request(consumer, "crash-embedded"), &api_key);
+        tokio::spawn(async move { client.create_handoff(request).await })
+    };
+    eventually(
+        "twilio has the message",
+        Duration::from_secs(10),
+        || async { twilio.sent().len() == 1 },
+    )
+    .await;
+    first.kill9().await;
+    assert!(
+        call.await.expect("joins").is_err(),
+        "the IVR's call broke off"
+    );
+
+    let second = support::dev::Dev::embedded(data.path(), &env).await;
+    let channel = second.until_serving().await;
+    let handoff =
+        retry_until_answered(&channel, &api_key, request(consumer, "crash-embedded")).await;
+    assert_eq!(handoff.status, HandoffStatus::Sent as i32, "{handoff:?}");
+    assert_eq!(
+        handoff
+            .attempts
+            .iter()
+            .map(|a| a.outcome)
+            .collect::<Vec<_>>(),
+        [AttemptOutcome::Unconfirmed as i32],
+        "the provider never answered: unconfirmed until its reports come"
+    );
+    assert_eq!(twilio.sent().len(), 1, "one message");
+    // Another consumer after the restart: sent, on the same files.
+    let other =
+        retry_until_answered(&channel, &api_key, request("+14155550802", "after-crash")).await;
+    assert_eq!(other.status, HandoffStatus::Sent as i32, "{other:?}");
+    assert_eq!(twilio.sent().len(), 2);
+}
+
 /// The five roles as separate processes; the gateway, killed with SIGKILL while Twilio holds a
 /// message it took, is started again on its address. The IVR hears UNAVAILABLE (the handoff is
 /// not finished), not FAILED, and its retry under the same key answers that handoff,

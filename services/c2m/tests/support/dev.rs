@@ -45,6 +45,26 @@ impl Dev {
         redis: &TestRedis,
         extra: &[(&str, &str)],
     ) -> Self {
+        let backends = [
+            ("C2M_DATABASE__URL", db.url().to_owned()),
+            ("C2M_REDIS__URL", redis.url().to_owned()),
+            ("C2M_REDIS__KEY_PREFIX", redis.prefix().to_owned()),
+        ];
+        Self::launch_on(args, &backends, extra).await
+    }
+
+    /// `c2m dev` on an ephemeral port with nothing configured: its data in SQLite files under
+    /// `data_dir`, no Redis.
+    #[allow(dead_code)]
+    pub async fn embedded(data_dir: &std::path::Path, extra: &[(&str, &str)]) -> Self {
+        let dir = [(
+            "C2M_EMBEDDED__DATA_DIR",
+            data_dir.to_str().expect("a UTF-8 path").to_owned(),
+        )];
+        Self::launch_on(&["dev", "--listen", "127.0.0.1:0"], &dir, extra).await
+    }
+
+    async fn launch_on(args: &[&str], backends: &[(&str, String)], extra: &[(&str, &str)]) -> Self {
         let mut command = Command::new(C2M);
         for (key, _) in std::env::vars() {
             if key.starts_with("C2M_") || key.starts_with("OTEL_") || key == "RUST_LOG" {
@@ -54,9 +74,7 @@ impl Dev {
         let mut child = command
             .args(args)
             .args(["--log-format", "json"])
-            .env("C2M_DATABASE__URL", db.url())
-            .env("C2M_REDIS__URL", redis.url())
-            .env("C2M_REDIS__KEY_PREFIX", redis.prefix())
+            .envs(backends.iter().map(|(k, v)| (*k, v.as_str())))
             .env("C2M_SERVER__HEALTH_INTERVAL_MS", "50")
             .env("C2M_SERVER__GRACE_PERIOD_SECS", "2")
             .env("C2M_LISTEN__WEBHOOKS", "127.0.0.1:0")
