@@ -405,17 +405,22 @@ async fn an_admin_builds_a_configuration_and_watches_the_funnel_in_a_browser() {
     // By channel: a row per day and channel.
     choose(&browser, "#f-by", "channel").await;
     click(&browser, "form[aria-label=Grouping] button").await;
-    let by_channel = text_of(&browser, "table").await;
-    assert!(
-        by_channel
-            .lines()
-            .any(|l| l
-                .split_whitespace()
+    // The form's answer is a new page: the table is read until it is that page's.
+    let grouped = |table: &str| {
+        table.lines().any(|l| {
+            l.split_whitespace()
                 .skip(1)
                 .take(3)
-                .eq(["CHANNEL_SMS", "1", "1"])),
-        "{by_channel}"
-    );
+                .eq(["CHANNEL_SMS", "1", "1"])
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut by_channel = text_of(&browser, "table").await;
+    while !grouped(&by_channel) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        by_channel = text_of(&browser, "table").await;
+    }
+    assert!(grouped(&by_channel), "{by_channel}");
 
     // The handoff in the records, and as a spreadsheet.
     browser
