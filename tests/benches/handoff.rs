@@ -150,6 +150,7 @@ async fn open_loop(
     accounts: &Arc<Accounts>,
     rate: u64,
     seconds: u64,
+    in_flight: &Arc<AtomicU64>,
 ) -> (f64, Vec<Duration>, usize) {
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -160,8 +161,12 @@ async fn open_loop(
         ticker.tick().await;
         let mut client = client.clone();
         let accounts = accounts.clone();
+        let in_flight = in_flight.clone();
         tasks.push(tokio::spawn(async move {
-            handoff_once(&mut client, &accounts).await
+            in_flight.fetch_add(1, Ordering::Relaxed);
+            let done = handoff_once(&mut client, &accounts).await;
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            done
         }));
     }
     let mut all = Vec::with_capacity(tasks.len());
@@ -473,7 +478,20 @@ fn main() {
         }
         if phase("fixed") {
             let cpu_before = Cpu::now();
-            let (achieved, fixed, failed) = open_loop(&client, &accounts, rate, seconds).await;
+            // Sampled every 10 ms while the phase runs: handoffs the IVRs wait on, and the
+            // PostgreSQL connections of the run's database that are in a statement or a
+            // transaction (none may be held across a provider's answer).
+            let in_flight = Arc::new(AtomicU64::new(0));
+            let sampling = tokio_util::sync::CancellationToken::new();
+            let sampler = tokio::spawn(sample(
+                in_flight.clone(),
+                (!embedded).then(|| story.db.url().to_owned()),
+                sampling.clone(),
+            ));
+            let (achieved, fixed, failed) =
+                open_loop(&client, &accounts, rate, seconds, &in_flight).await;
+            sampling.cancel();
+            let samples = sampler.await.expect("the sampler");
             let cpu = cpu_before.report(&Cpu::now(), fixed.len() + failed);
             println!(
                 "  fixed rate {rate}/s (completed {achieved:.0}/s, {failed} failed): p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
@@ -482,6 +500,7 @@ fn main() {
                 ms(percentile(&fixed, 0.999))
             );
             println!("    {cpu}");
+            println!("    {samples}");
         }
         let echo = if phase("echo") {
             Some(echo_baseline(callers, seconds).await)
@@ -514,6 +533,79 @@ fn main() {
         story.stop().await;
         drop(redis);
     });
+}
+
+/// What the fixed-rate phase's sampler saw.
+struct Samples {
+    in_flight: Vec<u64>,
+    /// Busy PostgreSQL connections (`None`: no PostgreSQL in this run).
+    connections: Option<Vec<i64>>,
+}
+
+impl std::fmt::Display for Samples {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let flying: Vec<f64> = self.in_flight.iter().map(|&n| n as f64).collect();
+        write!(
+            f,
+            "in flight: mean {:.1}, max {}",
+            mean(&flying),
+            self.in_flight.iter().max().copied().unwrap_or(0)
+        )?;
+        match &self.connections {
+            Some(busy) => {
+                let busy_f: Vec<f64> = busy.iter().map(|&n| n as f64).collect();
+                write!(
+                    f,
+                    "; PostgreSQL connections busy: mean {:.1}, max {}",
+                    mean(&busy_f),
+                    busy.iter().max().copied().unwrap_or(0)
+                )
+            }
+            None => write!(f, "; no PostgreSQL"),
+        }
+    }
+}
+
+/// Samples the handoffs in flight and, given the run's database, its busy connections, every
+/// 10 ms until `stop`.
+async fn sample(
+    in_flight: Arc<AtomicU64>,
+    database: Option<String>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Samples {
+    use sqlx::Connection;
+
+    let mut watcher = match &database {
+        Some(url) => Some(
+            sqlx::PgConnection::connect(url)
+                .await
+                .expect("the sampler connects"),
+        ),
+        None => None,
+    };
+    let mut samples = Samples {
+        in_flight: Vec::new(),
+        connections: watcher.as_ref().map(|_| Vec::new()),
+    };
+    let mut every = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return samples,
+            _ = every.tick() => {}
+        }
+        samples.in_flight.push(in_flight.load(Ordering::Relaxed));
+        if let (Some(watcher), Some(busy)) = (watcher.as_mut(), samples.connections.as_mut()) {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')",
+            )
+            .fetch_one(&mut *watcher)
+            .await
+            .expect("pg_stat_activity");
+            busy.push(n);
+        }
+    }
 }
 
 /// A line of /proc/self/status in kB (0 where there is none).
