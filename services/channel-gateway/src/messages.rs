@@ -9,9 +9,9 @@ use c2m_storage::{
     batch::Statement,
     outbox::{self, Destination, RelayError},
 };
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 
-use crate::store::{GatewayStore, GatewayTx, StageChange};
+use crate::store::{GatewayStore, GatewayTx, Outbound, StageChange};
 
 /// `conversation_outbox`, to Routing's `RecordMessageStages`, which moves the transcript entries
 /// of agents' and bots' messages forward (a repeat changes nothing).
@@ -31,63 +31,6 @@ impl Destination for ToRouting {
             .record_message_stages(pb::RecordMessageStagesRequest { stages })
             .await?;
         Ok(())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Outbound {
-    pub message_id: String,
-    pub account_id: String,
-    pub channel: Channel,
-    pub handoff_id: String,
-    pub handoff_config_id: String,
-    pub skill_id: String,
-    /// The conversation an agent's or bot's message answers in; empty for a deflection's.
-    pub conversation_id: String,
-    pub provider_message_id: Option<String>,
-    pub stage: FunnelStage,
-    pub error_code: Option<String>,
-    pub error_message: Option<String>,
-    pub sent_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    /// When the provider reported the message delivered, and read.
-    pub delivered_at: Option<DateTime<Utc>>,
-    pub read_at: Option<DateTime<Utc>>,
-    /// While its sender is at the provider: until when it may take. A claim past it with no
-    /// outcome was left by a sender that died.
-    pub sending_until: Option<DateTime<Utc>>,
-    /// The send that claimed the id (a fresh token per send): a claim's statement run again
-    /// after its acknowledgement was lost finds its own claim, not another's.
-    pub claimed_by: Option<String>,
-}
-
-impl Outbound {
-    /// Sent without an answer from the provider, and not reported on since: every send the
-    /// provider answered has its id.
-    pub fn unconfirmed(&self) -> bool {
-        self.stage == FunnelStage::Sent && self.provider_message_id.is_none()
-    }
-
-    /// Its sender is at the provider now: the outcome is coming.
-    pub fn in_flight(&self, now: DateTime<Utc>) -> bool {
-        self.sending_until.is_some_and(|until| until > now)
-    }
-
-    pub fn to_wire(&self) -> pb::OutboundMessage {
-        pb::OutboundMessage {
-            message_id: self.message_id.clone(),
-            account_id: self.account_id.clone(),
-            channel: self.channel as i32,
-            provider_message_id: self.provider_message_id.clone().unwrap_or_default(),
-            stage: self.stage as i32,
-            error_code: self.error_code.clone().unwrap_or_default(),
-            error_message: self.error_message.clone().unwrap_or_default(),
-            sent_at: Some(c2m_proto::timestamp(self.sent_at)),
-            updated_at: Some(c2m_proto::timestamp(self.updated_at)),
-            unconfirmed: self.unconfirmed(),
-            delivered_at: self.delivered_at.map(c2m_proto::timestamp),
-            read_at: self.read_at.map(c2m_proto::timestamp),
-        }
     }
 }
 

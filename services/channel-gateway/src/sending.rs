@@ -20,10 +20,10 @@ use std::{
 
 use crate::{
     Service, db_status,
-    messages::{self, Claim, Outbound},
+    messages::{self, Claim},
     outcome::SendOutcome,
     retry,
-    store::GatewayStore,
+    store::{GatewayStore, Outbound},
 };
 
 impl Service {

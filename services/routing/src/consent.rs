@@ -5,17 +5,11 @@ use c2m_proto::v1::{self as pb, Channel, FunnelStage};
 use c2m_runtime::{mask_phone, status::FieldViolations};
 use tonic::Status;
 
-use crate::{db_status, required, store::RoutingStore};
+use crate::{
+    db_status, required,
+    store::{Change, RoutingStore},
+};
 use c2m_storage::outbox;
-
-/// A consumer opting out of a channel, or back in.
-pub(crate) struct Change<'a> {
-    pub account_id: &'a str,
-    pub consumer_phone: &'a str,
-    pub channel: Channel,
-    pub source: &'a str,
-    pub opted_in: bool,
-}
 
 /// Records a change of consent with its history row and funnel event; `false` when it changes
 /// nothing (STOP from a consumer already opted out, START from one who never did), which is

@@ -5,7 +5,7 @@ use c2m_proto::v1::{self as pb, Channel, FunnelStage, conversation_event::Kind};
 use c2m_storage::outbox;
 use chrono::{DateTime, Utc};
 
-use crate::store::{NewConversation, RoutingTx};
+use crate::store::{NewConversation, NewEntry, RoutingTx};
 
 /// What an inbound message did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,22 +141,6 @@ pub(crate) async fn route(tx: &mut dyn RoutingTx, m: &Inbound<'_>) -> Result<Rou
         opened: true,
         handoff_id: deflection.handoff_id,
     })
-}
-
-/// A transcript entry to add.
-#[derive(Debug, Default)]
-pub(crate) struct NewEntry<'a> {
-    /// `INBOUND` or `OUTBOUND`.
-    pub direction: &'a str,
-    pub author: &'a str,
-    pub text: &'a str,
-    pub provider_message_id: &'a str,
-    pub message_id: Option<&'a str>,
-    pub client_message_id: Option<&'a str>,
-    pub media_urls: &'a [String],
-    pub at: DateTime<Utc>,
-    /// Outbound entries about to be sent: until when the send may still be at the provider.
-    pub sending_until: Option<DateTime<Utc>>,
 }
 
 impl<'a> NewEntry<'a> {

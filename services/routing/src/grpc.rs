@@ -8,9 +8,8 @@ use tonic::{Request, Response, Status};
 use crate::{
     Service,
     conversations::Inbound,
-    db_status,
-    deflections::{Consumer, Deflection},
-    required,
+    db_status, required,
+    store::{Consumer, Deflection},
 };
 
 /// The most deflections one RecordDeflections call may carry.

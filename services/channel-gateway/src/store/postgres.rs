@@ -10,8 +10,8 @@ use c2m_storage::{ServiceDb, outbox};
 use chrono::{DateTime, Utc};
 use sqlx::{Postgres, Row, Transaction, postgres::PgRow};
 
-use super::{GatewayStore, GatewayTx, StageChange};
-use crate::{devices::Device, messages::Outbound};
+use super::{GatewayStore, GatewayTx, Outbound, StageChange};
+use crate::devices::Device;
 
 /// Every column of a message, as read back.
 const COLUMNS: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \

@@ -11,8 +11,8 @@ use c2m_storage::outbox::{self, SqliteOutbox};
 use chrono::{DateTime, Utc};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction, migrate::Migrator, sqlite::SqliteRow};
 
-use super::{GatewayStore, GatewayTx, StageChange};
-use crate::{devices::Device, messages::Outbound};
+use super::{GatewayStore, GatewayTx, Outbound, StageChange};
+use crate::devices::Device;
 
 /// The SQLite schema's migrations (`migrations-sqlite/`).
 pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations-sqlite");

@@ -17,9 +17,10 @@ use tonic::{Code, Request, Response, Status};
 use crate::{
     Service,
     log::{self, EventStream},
+    store::Listing,
 };
 use store::Assignment;
-pub(crate) use store::{Closing, Listing};
+pub(crate) use store::Closing;
 
 /// The longest id a caller may name.
 const MAX_ID: usize = 128;

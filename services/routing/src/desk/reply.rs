@@ -12,9 +12,8 @@ use tonic::Status;
 
 use super::{DeskError, store};
 use crate::{
-    Service,
-    conversations::{self, NewEntry},
-    store::RoutingTx,
+    Service, conversations,
+    store::{NewEntry, RoutingTx},
 };
 
 /// The longest client message id.

@@ -11,25 +11,8 @@ use tonic::Status;
 use super::{DeskError, MAX_ID, id};
 use crate::{
     Service, conversations,
-    store::{RoutingStore, RoutingTx},
+    store::{Listing, RoutingStore, RoutingTx},
 };
-
-/// What a listing asks for, validated.
-#[derive(Debug, Default)]
-pub(crate) struct Listing {
-    pub(crate) account_id: String,
-    pub(crate) open: Option<bool>,
-    pub(crate) skill_id: Option<String>,
-    /// The caller's skills, when it is limited to some.
-    pub(crate) skills: Option<Vec<String>>,
-    pub(crate) channel: Option<Channel>,
-    pub(crate) consumer: Option<String>,
-    pub(crate) assignee: Option<String>,
-    pub(crate) opened_after: Option<DateTime<Utc>>,
-    /// The last conversation of the previous page.
-    pub(crate) after: Option<(DateTime<Utc>, String)>,
-    pub(crate) limit: i64,
-}
 
 impl Listing {
     pub fn from_wire(

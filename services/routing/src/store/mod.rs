@@ -21,12 +21,108 @@ use c2m_proto::v1 as pb;
 use c2m_runtime::{CancellationToken, health::Probe};
 use chrono::{DateTime, Utc};
 
-use crate::{
-    consent::Change,
-    conversations::NewEntry,
-    deflections::{Check, Consumer, Deflection},
-    desk::Listing,
-};
+use c2m_proto::v1::Channel;
+
+// What the store reads and writes: the rows of its changes and of its answers, kept here so the
+// store needs nothing from the modules that call it.
+
+/// A consumer opting out of a channel, or back in.
+pub(crate) struct Change<'a> {
+    pub account_id: &'a str,
+    pub consumer_phone: &'a str,
+    pub channel: Channel,
+    pub source: &'a str,
+    pub opted_in: bool,
+}
+
+/// A transcript entry to add.
+#[derive(Debug, Default)]
+pub(crate) struct NewEntry<'a> {
+    /// `INBOUND` or `OUTBOUND`.
+    pub direction: &'a str,
+    pub author: &'a str,
+    pub text: &'a str,
+    pub provider_message_id: &'a str,
+    pub message_id: Option<&'a str>,
+    pub client_message_id: Option<&'a str>,
+    pub media_urls: &'a [String],
+    pub at: DateTime<Utc>,
+    /// Outbound entries about to be sent: until when the send may still be at the provider.
+    pub sending_until: Option<DateTime<Utc>>,
+}
+
+/// What a handoff must know about a consumer before messaging them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Consumer {
+    /// The open conversation, the truth behind the Redis lease.
+    pub conversation: Option<String>,
+    /// The channels the consumer opted out of.
+    pub opted_out: Vec<String>,
+    /// The latest Apple Messages deflection inside the window that no conversation answered.
+    pub pending_invite: Option<String>,
+}
+
+/// A consumer to check: account, phone, and the hours an Apple Messages invite stays pending
+/// (0: none is looked for).
+pub type Check = (String, String, i32);
+
+/// A message sent for a handoff, to find when the consumer replies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deflection {
+    pub handoff_id: String,
+    pub account_id: String,
+    pub handoff_config_id: String,
+    pub ivr_number: String,
+    pub consumer_phone: String,
+    pub channel: String,
+    pub skill_id: String,
+    pub first_message: String,
+    /// `c2m.v1.EngagementAttributes`, encoded.
+    pub engagement_attributes: Vec<u8>,
+    pub sent_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// One row per handoff, as the statement's upsert would leave it had the rows come one by one
+/// (one statement cannot touch a row twice): the first row of a handoff, with the channel,
+/// message and time of its latest send.
+pub(crate) fn latest_per_handoff(deflections: Vec<Deflection>) -> Vec<Deflection> {
+    let mut at = std::collections::HashMap::with_capacity(deflections.len());
+    let mut kept: Vec<Deflection> = Vec::with_capacity(deflections.len());
+    for d in deflections {
+        match at.get(&d.handoff_id) {
+            Some(&i) => {
+                let first: &mut Deflection = &mut kept[i];
+                if first.sent_at <= d.sent_at {
+                    first.channel = d.channel;
+                    first.first_message = d.first_message;
+                    first.sent_at = d.sent_at;
+                }
+            }
+            None => {
+                at.insert(d.handoff_id.clone(), kept.len());
+                kept.push(d);
+            }
+        }
+    }
+    kept
+}
+
+/// What a listing asks for, validated (`desk::store`'s `Listing::from_wire`).
+#[derive(Debug, Default)]
+pub(crate) struct Listing {
+    pub(crate) account_id: String,
+    pub(crate) open: Option<bool>,
+    pub(crate) skill_id: Option<String>,
+    /// The caller's skills, when it is limited to some.
+    pub(crate) skills: Option<Vec<String>>,
+    pub(crate) channel: Option<Channel>,
+    pub(crate) consumer: Option<String>,
+    pub(crate) assignee: Option<String>,
+    pub(crate) opened_after: Option<DateTime<Utc>>,
+    /// The last conversation of the previous page.
+    pub(crate) after: Option<(DateTime<Utc>, String)>,
+    pub(crate) limit: i64,
+}
 
 /// The conversation a message from a consumer goes to.
 #[derive(Debug, Clone)]
@@ -237,4 +333,51 @@ pub(crate) trait RoutingTx: Send {
         events: &[pb::ConversationEvent],
     ) -> Result<(), sqlx::Error>;
     async fn commit(self: Box<Self>) -> Result<(), sqlx::Error>;
+}
+
+#[cfg(test)]
+mod one_row_per_handoff {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    fn sent(handoff_id: &str, channel: &str, second: u32) -> Deflection {
+        Deflection {
+            handoff_id: handoff_id.into(),
+            account_id: "acme".into(),
+            handoff_config_id: "default".into(),
+            ivr_number: String::new(),
+            consumer_phone: "+447700900123".into(),
+            channel: channel.into(),
+            skill_id: "billing".into(),
+            first_message: format!("via {channel}"),
+            engagement_attributes: vec![1, 2, 3],
+            sent_at: Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, second).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_handoff_sent_twice_in_one_batch_is_one_row_with_its_latest_send() {
+        let fallback = Deflection {
+            engagement_attributes: Vec::new(),
+            ..sent("ho_a", "CHANNEL_SMS", 9)
+        };
+        let kept = latest_per_handoff(vec![
+            sent("ho_a", "CHANNEL_WHATSAPP", 1),
+            sent("ho_b", "CHANNEL_SMS", 2),
+            fallback,
+            // Shipped again after the fallback: older, so it changes nothing.
+            sent("ho_a", "CHANNEL_WHATSAPP", 1),
+        ]);
+        assert_eq!(
+            kept,
+            vec![
+                Deflection {
+                    channel: "CHANNEL_SMS".into(),
+                    first_message: "via CHANNEL_SMS".into(),
+                    ..sent("ho_a", "CHANNEL_WHATSAPP", 9)
+                },
+                sent("ho_b", "CHANNEL_SMS", 2),
+            ]
+        );
+    }
 }

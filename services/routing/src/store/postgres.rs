@@ -14,12 +14,9 @@ use sqlx::{
     postgres::{PgListener, PgRow},
 };
 
-use super::{LogNotices, NewConversation, OpenConversation, RoutingStore, RoutingTx, SentEntry};
-use crate::{
-    consent::Change,
-    conversations::NewEntry,
-    deflections::{Check, Consumer, Deflection, latest_per_handoff},
-    desk::Listing,
+use super::{
+    Change, Check, Consumer, Deflection, Listing, LogNotices, NewConversation, NewEntry,
+    OpenConversation, RoutingStore, RoutingTx, SentEntry, latest_per_handoff,
 };
 
 /// The notification channel of the conversation log; the payload is the account id.

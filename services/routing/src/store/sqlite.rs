@@ -16,12 +16,9 @@ use sqlx::{
 };
 use tokio::sync::broadcast;
 
-use super::{LogNotices, NewConversation, OpenConversation, RoutingStore, RoutingTx, SentEntry};
-use crate::{
-    consent::Change,
-    conversations::NewEntry,
-    deflections::{Check, Consumer, Deflection, latest_per_handoff},
-    desk::Listing,
+use super::{
+    Change, Check, Consumer, Deflection, Listing, LogNotices, NewConversation, NewEntry,
+    OpenConversation, RoutingStore, RoutingTx, SentEntry, latest_per_handoff,
 };
 
 /// The SQLite schema's migrations (`migrations-sqlite/`).

@@ -11,13 +11,11 @@ use c2m_storage::ServiceDb;
 use c2m_test_support::TestDatabase;
 use chrono::{DateTime, Utc};
 
-use super::{NewConversation, PgRoutingStore, RoutingStore, SqliteRoutingStore};
-use crate::{
-    consent::Change,
-    conversations::{self, Inbound, NewEntry},
-    deflections::Deflection,
-    desk::Listing,
+use super::{
+    Change, Deflection, Listing, NewConversation, NewEntry, PgRoutingStore, RoutingStore,
+    SqliteRoutingStore,
 };
+use crate::conversations::{self, Inbound};
 
 enum Kept {
     Postgres {
