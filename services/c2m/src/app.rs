@@ -442,15 +442,20 @@ pub fn make_up_dev_secrets(config: &mut Config) -> std::io::Result<()> {
         Some(path) => read_secrets(path)?,
         None => Default::default(),
     };
+    // What the data directory holds after this: what it held, and what is made up now. A secret
+    // that is configured is used, and never written there.
+    let mut keep = StoredSecrets::default();
     let mut made_up = false;
     if config.channel_gateway.credentials_key.is_empty() {
-        config.channel_gateway.credentials_key = match stored.credentials_key {
+        let key = match stored.credentials_key {
             Some(key) => key,
             None => {
                 made_up = true;
                 STANDARD.encode(ephemeral_secret()?)
             }
         };
+        config.channel_gateway.credentials_key = key.clone();
+        keep.credentials_key = Some(key);
         if kept.is_none() {
             tracing::warn!(
                 "channel_gateway.credentials_key is not set: provider credentials stored in this run cannot be read after it"
@@ -458,7 +463,7 @@ pub fn make_up_dev_secrets(config: &mut Config) -> std::io::Result<()> {
         }
     }
     if config.auth.token_secret.is_empty() {
-        config.auth.token_secret = match stored.token_secret {
+        let secret = match stored.token_secret {
             Some(secret) => secret,
             None => {
                 made_up = true;
@@ -468,6 +473,8 @@ pub fn make_up_dev_secrets(config: &mut Config) -> std::io::Result<()> {
                     .collect()
             }
         };
+        config.auth.token_secret = secret.clone();
+        keep.token_secret = Some(secret);
         let token = TokenKey::new(config.auth.token_secret.as_bytes()).user_token(
             "dev-operator",
             AuthRole::Operator,
@@ -487,11 +494,7 @@ pub fn make_up_dev_secrets(config: &mut Config) -> std::io::Result<()> {
     if let Some(path) = kept
         && made_up
     {
-        write_secrets(
-            &path,
-            &config.auth.token_secret,
-            &config.channel_gateway.credentials_key,
-        )?;
+        write_secrets(&path, &keep)?;
     }
     Ok(())
 }
@@ -521,11 +524,7 @@ fn read_secrets(path: &std::path::Path) -> std::io::Result<StoredSecrets> {
     })
 }
 
-fn write_secrets(
-    path: &std::path::Path,
-    token_secret: &str,
-    credentials_key: &str,
-) -> std::io::Result<()> {
+fn write_secrets(path: &std::path::Path, secrets: &StoredSecrets) -> std::io::Result<()> {
     use std::io::Write;
 
     if let Some(dir) = path.parent() {
@@ -540,10 +539,17 @@ fn write_secrets(
         file,
         "# Made up by `c2m dev` for this data directory: the token secret signs its tokens and\n\
          # keys its consumer ids; the credentials key seals provider credentials. Keep it with\n\
-         # the data, and private.\n\
-         token_secret = \"{token_secret}\"\n\
-         credentials_key = \"{credentials_key}\""
-    )
+         # the data, and private. A configured secret is used instead, and not written here."
+    )?;
+    for (name, value) in [
+        ("token_secret", &secrets.token_secret),
+        ("credentials_key", &secrets.credentials_key),
+    ] {
+        if let Some(value) = value {
+            writeln!(file, "{name} = \"{value}\"")?;
+        }
+    }
+    Ok(())
 }
 
 /// `c2m dev` listens on loopback only, its webhooks included, unless told otherwise: the default
@@ -640,4 +646,57 @@ pub fn ephemeral_secret() -> std::io::Result<[u8; 32]> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn embedded_in(dir: &std::path::Path) -> Config {
+        let mut config = Config::default();
+        config.embedded.data_dir = dir.to_owned();
+        config
+    }
+
+    /// The data directory keeps the secrets `c2m dev` made up, and a restart reads them back; a
+    /// configured secret is used and never written there.
+    #[test]
+    fn made_up_secrets_are_kept_with_the_data_and_configured_ones_are_not() {
+        let dir = tempfile::tempdir().expect("a data directory");
+        let configured = "a-configured-secret-of-at-least-32-characters";
+        let mut first = embedded_in(dir.path());
+        first.auth.token_secret = configured.to_owned();
+        make_up_dev_secrets(&mut first).expect("made up");
+        assert_eq!(first.auth.token_secret, configured);
+        assert!(!first.channel_gateway.credentials_key.is_empty());
+        let written = std::fs::read_to_string(dir.path().join("secrets.toml")).expect("written");
+        assert!(!written.contains(configured), "{written}");
+        assert!(written.contains(&first.channel_gateway.credentials_key));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("secrets.toml"))
+                .expect("there")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+
+        // Restarted with nothing configured: the key read back, a token secret made up and kept.
+        let mut second = embedded_in(dir.path());
+        make_up_dev_secrets(&mut second).expect("made up");
+        assert_eq!(
+            second.channel_gateway.credentials_key,
+            first.channel_gateway.credentials_key
+        );
+        assert!(second.auth.token_secret.len() >= 32);
+        assert_ne!(second.auth.token_secret, configured);
+        let mut third = embedded_in(dir.path());
+        make_up_dev_secrets(&mut third).expect("read back");
+        assert_eq!(third.auth.token_secret, second.auth.token_secret);
+        assert_eq!(
+            third.channel_gateway.credentials_key,
+            first.channel_gateway.credentials_key
+        );
+    }
 }
