@@ -10,6 +10,27 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions},
 };
 
+/// A time as the embedded files keep it: microseconds since the Unix epoch (exact, ordered,
+/// compared as integers).
+pub fn micros(at: chrono::DateTime<chrono::Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+/// A time the files kept ([`micros`]).
+pub fn time(us: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+/// Now, as the files keep times.
+pub fn now() -> i64 {
+    micros(chrono::Utc::now())
+}
+
+/// A span in microseconds, for adding to a kept time (at most `i64::MAX`).
+pub fn span(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// How long a write waits for the file's write lock before it fails busy.
 const BUSY: Duration = Duration::from_secs(5);
 

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use c2m_proto::v1::{self as pb, Channel, DevicePlatform, FunnelStage, LineType, Provider};
 use c2m_runtime::health::Probe;
 use c2m_storage::outbox::{self, SqliteOutbox};
+use c2m_storage::sqlite::{micros, now, time};
 use chrono::{DateTime, Utc};
 use sqlx::{Row, Sqlite, SqlitePool, Transaction, migrate::Migrator, sqlite::SqliteRow};
 
@@ -20,18 +21,6 @@ pub static SQLITE_MIGRATOR: Migrator = sqlx::migrate!("./migrations-sqlite");
 const COLUMNS: &str = "message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
     provider_message_id, stage, error_code, error_message, sent_at, updated_at, conversation_id, \
     delivered_at, read_at, sending_until, claimed_by";
-
-fn micros(at: DateTime<Utc>) -> i64 {
-    at.timestamp_micros()
-}
-
-fn time(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
-}
-
-fn now() -> i64 {
-    micros(Utc::now())
-}
 
 fn outbound(row: &SqliteRow) -> Result<Outbound, sqlx::Error> {
     let at = |column: &str| -> Result<Option<DateTime<Utc>>, sqlx::Error> {

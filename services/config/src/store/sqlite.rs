@@ -9,6 +9,7 @@ mod webhooks;
 
 use async_trait::async_trait;
 use c2m_proto::v1::{Channel, WhatsAppTemplateCategory, WhatsAppTemplateStatus};
+use c2m_storage::sqlite::{micros, now, time};
 use chrono::{DateTime, Utc};
 use sqlx::{
     Row, Sqlite, SqliteConnection, SqlitePool, Transaction, migrate::Migrator, sqlite::SqliteRow,
@@ -90,18 +91,6 @@ async fn audit(
         account_id: account_id.to_owned(),
         resource: resource.to_owned(),
     })
-}
-
-fn micros(at: DateTime<Utc>) -> i64 {
-    at.timestamp_micros()
-}
-
-fn time(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
-}
-
-fn now() -> i64 {
-    micros(Utc::now())
 }
 
 /// A list as JSON text.

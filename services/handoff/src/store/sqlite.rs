@@ -15,6 +15,7 @@ use std::{
 use async_trait::async_trait;
 use c2m_proto::v1::{Channel, HandoffStatus};
 use c2m_runtime::metrics;
+use c2m_storage::sqlite::{micros, now, span, time};
 use c2m_storage::{
     batch::{Batcher, Statement},
     outbox::{self, SqliteOutbox},
@@ -55,22 +56,6 @@ impl SqliteHandoffStore {
     pub fn outbox(&self) -> SqliteOutbox {
         SqliteOutbox::new(self.pool.clone())
     }
-}
-
-fn micros(at: DateTime<Utc>) -> i64 {
-    at.timestamp_micros()
-}
-
-fn time(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
-}
-
-fn now() -> i64 {
-    micros(Utc::now())
-}
-
-fn span(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 fn handoff(row: &SqliteRow) -> Result<StoredHandoff, sqlx::Error> {

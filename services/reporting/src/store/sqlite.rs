@@ -2,6 +2,7 @@
 //! PostgreSQL's (the conformance suite checks both). Times are integer microseconds.
 
 use async_trait::async_trait;
+use c2m_storage::sqlite::{micros, time};
 use chrono::{DateTime, Utc};
 use sqlx::{Row, SqlitePool, migrate::Migrator};
 
@@ -25,14 +26,6 @@ impl SqliteEventStore {
         SQLITE_MIGRATOR.run(&pool).await?;
         Ok(Self { pool })
     }
-}
-
-fn micros(at: DateTime<Utc>) -> i64 {
-    at.timestamp_micros()
-}
-
-fn from_micros(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
 }
 
 #[async_trait]
@@ -81,7 +74,7 @@ impl EventStore for SqliteEventStore {
                     let row = (
                         id,
                         stage,
-                        from_micros(at),
+                        time(at),
                         handoff,
                         channel,
                         skill,
@@ -110,9 +103,7 @@ impl EventStore for SqliteEventStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|row| {
-                Ok(logged_event(row, account_id, from_micros(row.try_get("occurred_at")?))?.1)
-            })
+            .map(|row| Ok(logged_event(row, account_id, time(row.try_get("occurred_at")?))?.1))
             .collect()
     }
 
@@ -176,7 +167,7 @@ impl EventStore for SqliteEventStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|row| logged_event(row, account_id, from_micros(row.try_get("occurred_at")?)))
+            .map(|row| logged_event(row, account_id, time(row.try_get("occurred_at")?)))
             .collect()
     }
 
@@ -252,9 +243,7 @@ impl EventStore for SqliteEventStore {
         let mut events = Vec::with_capacity(rows.len());
         for row in rows {
             let attempted: i64 = row.try_get("attempted_at")?;
-            let local = from_micros(attempted)
-                .with_timezone(&q.time_zone)
-                .naive_local();
+            let local = time(attempted).with_timezone(&q.time_zone).naive_local();
             let stage: String = row.try_get("stage")?;
             let duration_ms = match stage.as_str() {
                 "FUNNEL_STAGE_RESPONDED" => {
@@ -308,9 +297,8 @@ impl EventStore for SqliteEventStore {
         .await?;
         rows.iter()
             .map(|row| {
-                let (_, event) =
-                    logged_event(row, account_id, from_micros(row.try_get("occurred_at")?))?;
-                Ok((from_micros(row.try_get("attempted_at")?), event))
+                let (_, event) = logged_event(row, account_id, time(row.try_get("occurred_at")?))?;
+                Ok((time(row.try_get("attempted_at")?), event))
             })
             .collect()
     }

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use c2m_proto::v1::{self as pb, Channel, FunnelStage};
 use c2m_runtime::{CancellationToken, health::Probe};
 use c2m_storage::outbox::{self, SqliteOutbox};
+use c2m_storage::sqlite::{micros, now, time};
 use chrono::{DateTime, Utc};
 use prost::Message;
 use sqlx::{
@@ -52,18 +53,6 @@ impl SqliteRoutingStore {
     pub fn outbox(&self) -> SqliteOutbox {
         SqliteOutbox::new(self.pool.clone())
     }
-}
-
-fn micros(at: DateTime<Utc>) -> i64 {
-    at.timestamp_micros()
-}
-
-fn time(us: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_micros(us).unwrap_or_default()
-}
-
-fn now() -> i64 {
-    micros(Utc::now())
 }
 
 fn transcript_entry(row: &SqliteRow) -> Result<pb::TranscriptEntry, sqlx::Error> {

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use c2m_storage::sqlite::span;
+
 use super::*;
 
 fn endpoint_row(row: &SqliteRow) -> Result<WebhookEndpoint, sqlx::Error> {
@@ -35,10 +37,6 @@ fn leased_row(row: &SqliteRow) -> Result<LeasedWebhook, sqlx::Error> {
 /// with (`?3` is now).
 const LEASED: &str = "secret, CASE WHEN previous_until > ?3 THEN previous_secret END \
     AS previous_secret, cursor, handoff_position, version";
-
-fn span(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
 
 impl SqliteConfigStore {
     pub(super) async fn create_webhook(
