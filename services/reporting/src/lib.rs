@@ -14,6 +14,7 @@ use c2m_proto::v1::reporting_service_server::ReportingServiceServer;
 use c2m_runtime::{Component, auth::TokenKey, health::Probe, peers::Peers};
 use c2m_storage::ServiceDb;
 use sqlx::migrate::Migrator;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{EventStore, PgEventStore, SqliteEventStore};
 
@@ -65,8 +66,37 @@ impl Service {
         })
     }
 
-    /// The gRPC service, SERVING while its store answers.
+    /// The gRPC service, SERVING while its store answers, with the rollup builder beside it.
     pub fn into_component(self) -> Component {
-        Component::new(ReportingServiceServer::new(self.clone())).with_probe(self.probe.clone())
+        let store = self.store.clone();
+        Component::new(ReportingServiceServer::new(self.clone()))
+            .with_probe(self.probe.clone())
+            .with_task(move |shutdown| build_rollups(store, shutdown))
+    }
+}
+
+/// Attempts the builder tallies per transaction: a few hundred milliseconds of the account's
+/// head, so appends wait that long at most.
+const BUILD_CHUNK: i64 = 2_000;
+
+/// Tallies what accounts logged before a time zone's rollups were asked for, a chunk at a time,
+/// until none is building; then looks again every few seconds (another replica, or a query, may
+/// ask for one). Replicas may build at once: a chunk counts only for the one that moves the
+/// zone's cursor.
+async fn build_rollups(store: Arc<dyn EventStore>, shutdown: CancellationToken) {
+    let idle = std::time::Duration::from_secs(2);
+    loop {
+        let wait = match store.build_rollups(BUILD_CHUNK).await {
+            Ok(0) => idle,
+            Ok(_) => std::time::Duration::ZERO,
+            Err(error) => {
+                tracing::warn!(%error, "building rollups failed; trying again");
+                idle
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
     }
 }

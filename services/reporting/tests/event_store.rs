@@ -1,12 +1,13 @@
 //! The event log's contract (`EventStore`), one suite run against every backend: PostgreSQL (a
 //! database of the test's own) and SQLite (a file of the test's own, as the embedded default
-//! keeps it). A backend that passes here answers GetFunnel and ListTransactions as the other.
+//! keeps it), and PostgreSQL again with rollups kept from the first event. A backend that passes
+//! here answers GetFunnel, GetFunnelSeries and ListTransactions as the others.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use c2m_reporting::store::{
     Bucket, Durations, EventStore, Grouping, PgEventStore, SeriesQuery, SeriesRow,
-    SqliteEventStore, StoredEvent,
+    SqliteEventStore, StoredEvent, ZoneState, rollup::bin,
 };
 use c2m_test_support::TestDatabase;
 use chrono::{DateTime, Duration, TimeZone, Utc};
@@ -26,6 +27,22 @@ impl Backend {
             .await;
         Self {
             store: Arc::new(PgEventStore::new(service.pool().clone())),
+            _db: Some(db),
+            _dir: None,
+        }
+    }
+
+    /// PostgreSQL keeping every account's rollups in the zones the suite asks in, from its first
+    /// event: day and week series then come from the rollups (and the period's partial days
+    /// from the events).
+    async fn postgres_rolled_up() -> Self {
+        let db = TestDatabase::create().await;
+        let service = db
+            .migrated(c2m_reporting::SCHEMA, &c2m_reporting::MIGRATOR)
+            .await;
+        let zones = ["UTC", "America/New_York", "Asia/Kolkata"].map(|z| z.parse().expect("a zone"));
+        Self {
+            store: Arc::new(PgEventStore::new(service.pool().clone()).rolling_up(zones)),
             _db: Some(db),
             _dir: None,
         }
@@ -58,6 +75,15 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $test() {
                     let backend = super::Backend::postgres().await;
+                    super::$test(&*backend.store).await;
+                }
+            )*
+        }
+        mod on_postgres_rolled_up {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let backend = super::Backend::postgres_rolled_up().await;
                     super::$test(&*backend.store).await;
                 }
             )*
@@ -534,18 +560,18 @@ async fn a_series_counts_each_handoff_in_its_attempts_bucket_with_every_stage(
         rows[0].time_to_reply,
         Durations {
             count: 2,
-            p50: 5 * 60_000,
-            p90: 25 * 60_000 + 999,
-            p99: 25 * 60_000 + 999
+            p50: bin(5 * 60_000),
+            p90: bin(25 * 60_000 + 999),
+            p99: bin(25 * 60_000 + 999)
         }
     );
     assert_eq!(
         rows[0].time_to_first_response,
         Durations {
             count: 1,
-            p50: 120_000,
-            p90: 120_000,
-            p99: 120_000
+            p50: bin(120_000),
+            p90: bin(120_000),
+            p99: bin(120_000)
         }
     );
     assert_eq!(
@@ -803,16 +829,20 @@ impl Rng {
     }
 }
 
-/// Random handoffs over ten days, their events shuffled, sent in random batches with a third of
-/// them sent again (a relay that restarted mid-batch) and some arriving before their ATTEMPTED:
-/// every bucket and group of the series equals what the handoffs themselves say, worked out here
-/// without the store's code, in UTC and in New York, by day and by hour, by channel and by IVR.
-async fn a_randomized_load_gives_every_bucket_and_group_its_ground_truth(store: &dyn EventStore) {
-    use std::collections::BTreeMap;
+/// One random handoff: when it was attempted, on which channel, from which IVR number, for
+/// which consumer, and its events as (stage, channel, time).
+struct Made {
+    attempted: DateTime<Utc>,
+    channel: &'static str,
+    ivr: String,
+    consumer: String,
+    events: Vec<(&'static str, &'static str, DateTime<Utc>)>,
+}
 
-    use chrono::{Datelike, NaiveDateTime, Timelike};
-
-    let mut rng = Rng(0x00C2_6D5E_EDF0_0D01);
+/// 300 random handoffs over ten days from 40 consumers (so some call back within a day), with
+/// replies at random times; their events shuffled, a third of them twice (a relay that
+/// restarted mid-batch), so that later stages often come before their ATTEMPTED.
+fn random_load(rng: &mut Rng) -> (Vec<Made>, Vec<StoredEvent>) {
     let channels = ["CHANNEL_SMS", "CHANNEL_WHATSAPP", "CHANNEL_RCS"];
     let stages = [
         SENT,
@@ -821,41 +851,61 @@ async fn a_randomized_load_gives_every_bucket_and_group_its_ground_truth(store: 
         "FUNNEL_STAGE_RESPONDED",
     ];
     let mut events = Vec::new();
-    // (attempted at, attempt channel, IVR number, [(stage, channel)]) per handoff.
     let mut handoffs = Vec::new();
     for h in 0..300 {
-        let attempted = at(-24 * 60) + Duration::minutes(rng.below(10 * 24 * 60) as i64);
+        let attempted = at(-24 * 60) + Duration::seconds(rng.below(10 * 24 * 3600) as i64);
         let channel = channels[rng.below(3) as usize];
         let ivr = format!("+1800555010{}", rng.below(3));
+        let consumer = format!("c{}", rng.below(40));
         let handoff = format!("r{h}");
-        let mut made = vec![(ATTEMPTED, channel)];
+        let mut made = vec![(ATTEMPTED, channel, attempted)];
         let mut sent_on = channel;
         if channel == "CHANNEL_WHATSAPP" && rng.below(4) == 0 {
             // Failed on WhatsApp, sent on SMS.
-            made.push(("FUNNEL_STAGE_FAILED", channel));
+            made.push((
+                "FUNNEL_STAGE_FAILED",
+                channel,
+                attempted + Duration::seconds(2),
+            ));
             sent_on = "CHANNEL_SMS";
         }
-        for stage in stages
+        for (i, stage) in stages
             .iter()
             .take(rng.below(stages.len() as u64 + 1) as usize)
+            .enumerate()
         {
-            made.push((*stage, sent_on));
+            let mut when = attempted + Duration::minutes(1 + i as i64 * 7);
+            if *stage == "FUNNEL_STAGE_RESPONDED" {
+                when += Duration::milliseconds(rng.below(3_600_000) as i64);
+            }
+            made.push((*stage, sent_on, when));
         }
-        for (i, (stage, on)) in made.iter().enumerate() {
+        for (i, (stage, on, when)) in made.iter().enumerate() {
+            let is_attempt = *stage == ATTEMPTED;
             events.push(StoredEvent {
                 channel: on,
-                ivr_number: if *stage == ATTEMPTED {
+                ivr_number: if is_attempt {
                     ivr.clone()
                 } else {
                     String::new()
                 },
-                occurred_at: attempted + Duration::minutes(i as i64 * 7),
+                consumer_id: if is_attempt {
+                    consumer.clone()
+                } else {
+                    String::new()
+                },
+                occurred_at: *when,
                 ..event(&format!("{handoff}-{i}"), &handoff, stage, 0)
             });
         }
-        handoffs.push((attempted, channel, ivr, made));
+        handoffs.push(Made {
+            attempted,
+            channel,
+            ivr,
+            consumer,
+            events: made,
+        });
     }
-    // Shuffled (so later stages often come first), a third sent again, in random batches.
     for i in (1..events.len()).rev() {
         events.swap(i, rng.below(i as u64 + 1) as usize);
     }
@@ -865,14 +915,25 @@ async fn a_randomized_load_gives_every_bucket_and_group_its_ground_truth(store: 
         .cloned()
         .collect();
     events.extend(again);
-    while !events.is_empty() {
-        let n = (1 + rng.below(40) as usize).min(events.len());
-        let batch: Vec<StoredEvent> = events.drain(..n).collect();
-        store.append(&batch).await.expect("appends");
-    }
+    (handoffs, events)
+}
 
-    let (start, end) = (at(0), at(8 * 24 * 60));
-    let truncate = |local: NaiveDateTime, bucket: Bucket| -> NaiveDateTime {
+/// What a row says, for comparing: counts by stage, repeats within a day, times to reply.
+type Said = (BTreeMap<String, i64>, u64, Durations);
+type Key = (chrono::NaiveDateTime, Vec<String>);
+
+/// The series the handoffs themselves give, worked out without the store's code.
+fn ground_truth(
+    handoffs: &[Made],
+    (start, end): (DateTime<Utc>, DateTime<Utc>),
+    tz: &str,
+    bucket: Bucket,
+    grouping: Grouping,
+) -> BTreeMap<Key, Said> {
+    use chrono::{Datelike, NaiveDateTime, Timelike};
+
+    let zone: chrono_tz::Tz = tz.parse().expect("a zone");
+    let truncate = |local: NaiveDateTime| -> NaiveDateTime {
         let midnight = local.date().and_hms_opt(0, 0, 0).expect("midnight");
         match bucket {
             Bucket::Hour => midnight + Duration::hours(i64::from(local.hour())),
@@ -882,40 +943,143 @@ async fn a_randomized_load_gives_every_bucket_and_group_its_ground_truth(store: 
             }
         }
     };
-    for (tz, bucket, grouping) in [
-        ("UTC", Bucket::Day, Grouping::Channel),
-        ("America/New_York", Bucket::Day, Grouping::IvrNumber),
-        ("America/New_York", Bucket::Hour, Grouping::Channel),
-        ("Asia/Kolkata", Bucket::Week, Grouping::Channel),
-    ] {
-        let zone: chrono_tz::Tz = tz.parse().expect("a zone");
-        type Key = (NaiveDateTime, Vec<String>);
-        let mut truth: BTreeMap<Key, BTreeMap<String, i64>> = BTreeMap::new();
-        for (attempted, _, ivr, made) in &handoffs {
-            if *attempted < start || *attempted >= end {
-                continue;
-            }
-            let local = truncate(attempted.with_timezone(&zone).naive_local(), bucket);
-            for (stage, on) in made {
-                let group = match grouping {
-                    Grouping::Channel => (*on).to_owned(),
-                    _ => ivr.clone(),
-                };
-                *truth
-                    .entry((local, vec![group]))
-                    .or_default()
-                    .entry((*stage).to_owned())
-                    .or_default() += 1;
+    let mut counts: BTreeMap<Key, BTreeMap<String, i64>> = BTreeMap::new();
+    let mut repeats: BTreeMap<Key, u64> = BTreeMap::new();
+    let mut replies: BTreeMap<Key, Vec<i64>> = BTreeMap::new();
+    for (h, made) in handoffs.iter().enumerate() {
+        if made.attempted < start || made.attempted >= end {
+            continue;
+        }
+        let local = truncate(made.attempted.with_timezone(&zone).naive_local());
+        let group = |on: &str| match grouping {
+            Grouping::Channel => on.to_owned(),
+            _ => made.ivr.clone(),
+        };
+        for (stage, on, when) in &made.events {
+            let key = (local, vec![group(on)]);
+            *counts
+                .entry(key.clone())
+                .or_default()
+                .entry((*stage).to_owned())
+                .or_default() += 1;
+            if *stage == "FUNNEL_STAGE_RESPONDED" {
+                let ms = (*when - made.attempted).num_milliseconds();
+                replies.entry(key).or_default().push(ms);
             }
         }
+        let called_back = handoffs.iter().enumerate().any(|(other, earlier)| {
+            other != h
+                && earlier.consumer == made.consumer
+                && earlier.attempted < made.attempted
+                && made.attempted - earlier.attempted <= Duration::hours(24)
+        });
+        if called_back {
+            *repeats
+                .entry((local, vec![group(made.channel)]))
+                .or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .map(|(key, counts)| {
+            let mut times = replies.remove(&key).unwrap_or_default();
+            times.sort_unstable();
+            let pick = |p: f64| {
+                let rank = (p * times.len() as f64).ceil() as usize;
+                bin(times[rank.clamp(1, times.len()) - 1])
+            };
+            let durations = if times.is_empty() {
+                Durations::default()
+            } else {
+                Durations {
+                    count: times.len() as u64,
+                    p50: pick(0.5),
+                    p90: pick(0.9),
+                    p99: pick(0.99),
+                }
+            };
+            let r = repeats.get(&key).copied().unwrap_or_default();
+            (key, (counts, r, durations))
+        })
+        .collect()
+}
+
+/// The queries the randomized loads are checked with: a period that starts and ends mid-day.
+const CHECKS: [(&str, Bucket, Grouping); 4] = [
+    ("UTC", Bucket::Day, Grouping::Channel),
+    ("America/New_York", Bucket::Day, Grouping::IvrNumber),
+    ("America/New_York", Bucket::Hour, Grouping::Channel),
+    ("Asia/Kolkata", Bucket::Week, Grouping::Channel),
+];
+
+async fn check_against_ground_truth(store: &dyn EventStore, handoffs: &[Made]) {
+    let period = (at(0), at(8 * 24 * 60));
+    for (tz, bucket, grouping) in CHECKS {
+        let truth = ground_truth(handoffs, period, tz, bucket, grouping);
         let rows = store
-            .series(&series_query(start, end, bucket, tz, &[grouping]))
+            .series(&series_query(period.0, period.1, bucket, tz, &[grouping]))
             .await
             .expect("a series");
-        let got: BTreeMap<Key, BTreeMap<String, i64>> = rows
+        let got: BTreeMap<Key, Said> = rows
             .into_iter()
-            .map(|r| ((r.bucket, r.groups), r.counts.into_iter().collect()))
+            .map(|r| {
+                let said = (r.counts.into_iter().collect(), r.repeats, r.time_to_reply);
+                ((r.bucket, r.groups), said)
+            })
             .collect();
         assert_eq!(got, truth, "{tz}, {bucket:?}, {grouping:?}");
     }
+}
+
+/// Random handoffs sent in random batches: every bucket and group of the series (counts,
+/// repeats, times to reply) equals what the handoffs themselves say, in UTC, New York and
+/// Kolkata, by hour, day and week, by channel and by IVR.
+async fn a_randomized_load_gives_every_bucket_and_group_its_ground_truth(store: &dyn EventStore) {
+    let mut rng = Rng(0x00C2_6D5E_EDF0_0D01);
+    let (handoffs, mut events) = random_load(&mut rng);
+    while !events.is_empty() {
+        let n = (1 + rng.below(40) as usize).min(events.len());
+        let batch: Vec<StoredEvent> = events.drain(..n).collect();
+        store.append(&batch).await.expect("appends");
+    }
+    check_against_ground_truth(store, &handoffs).await;
+}
+
+/// Rollups asked for after half the load, built a few attempts at a time while the rest of
+/// the load (late stages of old handoffs, old consumers calling back) keeps arriving: every
+/// event counts once, in the rollups or in what is read of the events, never in both.
+#[tokio::test]
+async fn rollups_built_while_events_keep_coming_agree_with_the_events() {
+    let backend = Backend::postgres().await;
+    let store = &*backend.store;
+    let mut rng = Rng(0x0BAD_5EED_1234_5678);
+    let (handoffs, mut events) = random_load(&mut rng);
+    let rest = events.split_off(events.len() / 2);
+    store.append(&events).await.expect("appends");
+    for (tz, _, _) in CHECKS {
+        let zone: chrono_tz::Tz = tz.parse().expect("a zone");
+        assert_eq!(
+            store.ask_zone("acme", zone).await.expect("asks"),
+            ZoneState::Building,
+            "{tz}: half the load is there to tally"
+        );
+    }
+    let mut rest = rest.into_iter();
+    loop {
+        let batch: Vec<StoredEvent> = rest.by_ref().take(1 + rng.below(30) as usize).collect();
+        let built = store.build_rollups(7).await.expect("builds");
+        if batch.is_empty() && built == 0 {
+            break;
+        }
+        store.append(&batch).await.expect("appends");
+    }
+    for (tz, _, _) in CHECKS {
+        let zone: chrono_tz::Tz = tz.parse().expect("a zone");
+        assert_eq!(
+            store.rollup_zone("acme", zone).await.expect("reads"),
+            ZoneState::Ready,
+            "{tz}"
+        );
+    }
+    check_against_ground_truth(store, &handoffs).await;
 }

@@ -1,25 +1,357 @@
 //! [`EventStore`] on PostgreSQL.
 
-use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use std::collections::BTreeMap;
+use async_trait::async_trait;
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{
-    ANY_EVENT_COLUMNS, Durations, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS,
-    SeriesQuery, SeriesRow, StoredEvent, TransactionRow, logged_event, transaction_event,
+    ANY_EVENT_COLUMNS, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS, MAX_ASKED_ZONES,
+    SeriesQuery, StoredEvent, Tallies, Tally, TransactionRow, ZoneState, logged_event,
+    rollup::{self, Attempt, Rollup, Step},
+    transaction_event,
 };
 
 #[derive(Debug, Clone)]
 pub struct PgEventStore {
     pool: PgPool,
+    /// Zones every account's rollups are kept in from its first event.
+    zones: Vec<Tz>,
 }
 
 impl PgEventStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            zones: Vec::new(),
+        }
     }
+
+    /// Keeps every account's rollups in `zones` (besides those queries ask for), from the
+    /// account's next event on; what it logged before is tallied by the builder.
+    pub fn rolling_up(mut self, zones: impl IntoIterator<Item = Tz>) -> Self {
+        self.zones = zones.into_iter().collect();
+        self
+    }
+
+    /// Tallies the new events of a batch (`new`, of `batch`) into the rollups of their
+    /// accounts' zones, asking first for the configured zones an account is not kept in yet.
+    async fn roll_up(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        batch: &[StoredEvent],
+        new: &[&StoredEvent],
+    ) -> Result<(), sqlx::Error> {
+        let accounts: BTreeSet<&str> = new.iter().map(|e| e.account_id.as_str()).collect();
+        if accounts.is_empty() {
+            return Ok(());
+        }
+        let listed: Vec<&str> = accounts.iter().copied().collect();
+        let mut zones: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (account_id, zone) in sqlx::query_as::<_, (String, String)>(
+            "SELECT account_id, time_zone FROM funnel_zones WHERE account_id = ANY($1)",
+        )
+        .bind(&listed)
+        .fetch_all(&mut **tx)
+        .await?
+        {
+            zones.entry(account_id).or_default().push(zone);
+        }
+        for account_id in &accounts {
+            let kept = zones.entry((*account_id).to_owned()).or_default();
+            let missing: Vec<Tz> = self
+                .zones
+                .iter()
+                .filter(|z| !kept.iter().any(|k| k == z.name()))
+                .copied()
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            // Split before this batch: its events are the append's, not the builder's.
+            let head: i64 =
+                sqlx::query_scalar("SELECT position FROM event_log_heads WHERE account_id = $1")
+                    .bind(account_id)
+                    .fetch_one(&mut **tx)
+                    .await?;
+            let taken = batch.iter().filter(|e| e.account_id == *account_id).count() as i64;
+            register(tx, account_id, &missing, head - taken).await?;
+            kept.extend(missing.iter().map(|z| z.name().to_owned()));
+        }
+        for (account_id, kept) in zones {
+            if kept.is_empty() {
+                continue;
+            }
+            let mine: Vec<&StoredEvent> = new
+                .iter()
+                .filter(|e| e.account_id == account_id && !e.handoff_id.is_empty())
+                .copied()
+                .collect();
+            let handoffs: Vec<String> = mine
+                .iter()
+                .map(|e| e.handoff_id.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let attempts: Vec<AttemptRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {ATTEMPT_COLUMNS} FROM events WHERE account_id = $1 \
+                     AND handoff_id = ANY($2) AND handoff_id <> '' \
+                     AND stage = 'FUNNEL_STAGE_ATTEMPTED'"
+            )))
+            .bind(&account_id)
+            .bind(&handoffs)
+            .fetch_all(&mut **tx)
+            .await?;
+            let attempts: HashMap<String, Attempt> = attempts
+                .into_iter()
+                .map(|row| {
+                    let a = attempt(row);
+                    (a.handoff_id.clone(), a)
+                })
+                .collect();
+            // A handoff attempted in this batch counts all its events now (those that came
+            // before it waited for it); one attempted before counts only the new ones.
+            let fresh: Vec<String> = mine
+                .iter()
+                .filter(|e| e.stage == "FUNNEL_STAGE_ATTEMPTED")
+                .map(|e| e.handoff_id.clone())
+                .collect();
+            let mut steps = steps_of(&mut **tx, &account_id, &fresh, None).await?;
+            steps.extend(
+                mine.iter()
+                    .filter(|e| !fresh.contains(&e.handoff_id))
+                    .map(|e| step(e)),
+            );
+            // Repeat gaps: the new attempts', and those of the consumers' later attempts that
+            // a new one now comes just before.
+            let consumers: Vec<&Attempt> = fresh
+                .iter()
+                .filter_map(|h| attempts.get(h))
+                .filter(|a| !a.consumer_id.is_empty())
+                .collect();
+            let mut around: Vec<Attempt> = Vec::new();
+            if let (Some(first), Some(last)) = (
+                consumers.iter().map(|a| a.occurred_at).min(),
+                consumers.iter().map(|a| a.occurred_at).max(),
+            ) {
+                let window = chrono::Duration::hours(rollup::MAX_REPEAT_HOURS);
+                let rows: Vec<AttemptRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {ATTEMPT_COLUMNS} FROM events WHERE account_id = $1 \
+                         AND stage = 'FUNNEL_STAGE_ATTEMPTED' AND consumer_id = ANY($2) \
+                         AND consumer_id <> '' AND handoff_id <> '' \
+                         AND occurred_at >= $3 AND occurred_at <= $4"
+                )))
+                .bind(&account_id)
+                .bind(
+                    consumers
+                        .iter()
+                        .map(|a| a.consumer_id.clone())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(first - window)
+                .bind(last + window)
+                .fetch_all(&mut **tx)
+                .await?;
+                around = rows.into_iter().map(attempt).collect();
+            }
+            let mut by_consumer: BTreeMap<&str, Vec<&Attempt>> = BTreeMap::new();
+            for a in &around {
+                by_consumer
+                    .entry(a.consumer_id.as_str())
+                    .or_default()
+                    .push(a);
+            }
+            for zone in kept {
+                let zone_tz: Tz = zone.parse().unwrap_or(Tz::UTC);
+                let mut tallied = Rollup::default();
+                for s in &steps {
+                    if let Some(attempt) = attempts.get(&s.handoff_id) {
+                        tallied.add_step(zone_tz, attempt, s);
+                    }
+                }
+                for list in by_consumer.values() {
+                    let marked: Vec<_> = list
+                        .iter()
+                        .map(|a| {
+                            (
+                                a.occurred_at,
+                                a.handoff_id.clone(),
+                                fresh.contains(&a.handoff_id),
+                            )
+                        })
+                        .collect();
+                    for (i, from, to) in rollup::gap_changes(&marked) {
+                        tallied.move_gap(zone_tz, list[i], from, to);
+                    }
+                }
+                merge(tx, &account_id, &zone, tallied).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The columns an [`AttemptRow`] is read from.
+const ATTEMPT_COLUMNS: &str = "handoff_id, occurred_at, channel, handoff_config_id, skill_id, \
+    ivr_number, consumer_id";
+
+type AttemptRow = (
+    String,
+    DateTime<Utc>,
+    String,
+    String,
+    String,
+    String,
+    String,
+);
+
+fn attempt(
+    (handoff_id, occurred_at, channel, handoff_config_id, skill_id, ivr_number, consumer_id): AttemptRow,
+) -> Attempt {
+    Attempt {
+        handoff_id,
+        occurred_at,
+        channel,
+        handoff_config_id,
+        skill_id,
+        ivr_number,
+        consumer_id,
+    }
+}
+
+fn step(e: &StoredEvent) -> Step {
+    Step {
+        handoff_id: e.handoff_id.clone(),
+        stage: rollup::stage_number(e.stage),
+        occurred_at: e.occurred_at,
+        channel: e.channel.to_owned(),
+        response_delay_ms: e.response_delay_ms,
+    }
+}
+
+/// Every event of `handoffs` (only those at or before `split`, when given).
+async fn steps_of<'c>(
+    db: impl sqlx::PgExecutor<'c>,
+    account_id: &str,
+    handoffs: &[String],
+    split: Option<i64>,
+) -> Result<Vec<Step>, sqlx::Error> {
+    if handoffs.is_empty() {
+        return Ok(Vec::new());
+    }
+    type StepRow = (String, String, DateTime<Utc>, String, Option<i64>);
+    let rows: Vec<StepRow> = sqlx::query_as(
+        "SELECT handoff_id, stage, occurred_at, channel, response_delay_ms FROM events \
+         WHERE account_id = $1 AND handoff_id = ANY($2) AND handoff_id <> '' \
+             AND ($3::bigint IS NULL OR coalesce(position, 0) <= $3)",
+    )
+    .bind(account_id)
+    .bind(handoffs)
+    .bind(split)
+    .fetch_all(db)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(handoff_id, stage, occurred_at, channel, response_delay_ms)| Step {
+                handoff_id,
+                stage: rollup::stage_number(&stage),
+                occurred_at,
+                channel,
+                response_delay_ms,
+            },
+        )
+        .collect())
+}
+
+/// Records that the account's rollups are kept in `zones` from `split` on (the caller holds
+/// the account's head). Whether there was nothing before to build (ready at once).
+async fn register(
+    tx: &mut Transaction<'_, Postgres>,
+    account_id: &str,
+    zones: &[Tz],
+    split: i64,
+) -> Result<bool, sqlx::Error> {
+    let before: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE account_id = $1 AND position <= $2) \
+             OR EXISTS (SELECT 1 FROM events WHERE account_id = $1 AND position IS NULL)",
+    )
+    .bind(account_id)
+    .bind(split)
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO funnel_zones (account_id, time_zone, split_position, ready) \
+         SELECT $1, zone, $2, $3 FROM unnest($4::text[]) AS zone \
+         ON CONFLICT (account_id, time_zone) DO NOTHING",
+    )
+    .bind(account_id)
+    .bind(split)
+    .bind(!before)
+    .bind(zones.iter().map(|z| z.name()).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(!before)
+}
+
+/// Adds `tallied` to the account's rows in `zone` (the caller holds the account's head).
+async fn merge(
+    tx: &mut Transaction<'_, Postgres>,
+    account_id: &str,
+    zone: &str,
+    tallied: Rollup,
+) -> Result<(), sqlx::Error> {
+    if tallied.rows.is_empty() {
+        return Ok(());
+    }
+    let mut rows = tallied.rows;
+    let column = |f: fn(&rollup::Key) -> String, rows: &BTreeMap<rollup::Key, Tally>| {
+        rows.keys().map(f).collect::<Vec<_>>()
+    };
+    let sets: Vec<i16> = rows.keys().map(|k| k.1).collect();
+    let days: Vec<NaiveDate> = rows.keys().map(|k| k.0).collect();
+    let (first, second) = (
+        column(|k| k.2.clone(), &rows),
+        column(|k| k.3.clone(), &rows),
+    );
+    let stored: Vec<(i16, NaiveDate, String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT d.grouping, d.day, d.group1, d.group2, d.tally FROM funnel_days d \
+             JOIN unnest($3::smallint[], $4::date[], $5::text[], $6::text[]) \
+                 AS k(grouping, day, group1, group2) USING (grouping, day, group1, group2) \
+         WHERE d.account_id = $1 AND d.time_zone = $2",
+    )
+    .bind(account_id)
+    .bind(zone)
+    .bind(&sets)
+    .bind(&days)
+    .bind(&first)
+    .bind(&second)
+    .fetch_all(&mut **tx)
+    .await?;
+    for (set, day, g1, g2, tally) in stored {
+        if let Some(row) = rows.get_mut(&(day, set, g1, g2)) {
+            row.merge(&Tally::decoded(&tally)?);
+        }
+    }
+    sqlx::query(
+        "INSERT INTO funnel_days (account_id, time_zone, grouping, day, group1, group2, tally) \
+         SELECT $1, $2, * FROM unnest($3::smallint[], $4::date[], $5::text[], $6::text[], \
+             $7::bytea[]) \
+         ON CONFLICT (account_id, time_zone, grouping, day, group1, group2) \
+         DO UPDATE SET tally = excluded.tally",
+    )
+    .bind(account_id)
+    .bind(zone)
+    .bind(&sets)
+    .bind(&days)
+    .bind(&first)
+    .bind(&second)
+    .bind(rows.values().map(Tally::encoded).collect::<Vec<_>>())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 #[async_trait]
@@ -80,7 +412,8 @@ impl EventStore for PgEventStore {
         // Each account's head moves by its share of the batch (heads taken in account order, so
         // two batches never wait on each other's heads in a cycle), and its events take the
         // positions in between, in the batch's order.
-        let done = sqlx::query(
+        let mut tx = self.pool.begin().await?;
+        let added: Vec<String> = sqlx::query_scalar(
             "WITH batch AS ( \
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], \
                      $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], \
@@ -103,7 +436,7 @@ impl EventStore for PgEventStore {
                  heads.position - shares.taken \
                      + row_number() OVER (PARTITION BY b.account_id ORDER BY b.n) \
              FROM batch b JOIN shares USING (account_id) JOIN heads USING (account_id) \
-             ON CONFLICT (event_id) DO NOTHING",
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
         )
         .bind(column(|e| e.event_id.clone()))
         .bind(column(|e| e.account_id.clone()))
@@ -124,9 +457,18 @@ impl EventStore for PgEventStore {
                 .collect::<Vec<_>>(),
         )
         .bind(column(|e| e.consumer_id.clone()))
-        .execute(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(done.rows_affected())
+        // The rollups, in the same transaction, in statements that start after the heads were
+        // taken: they see every event of the account committed before this one.
+        let mut added: HashSet<String> = added.into_iter().collect();
+        let new: Vec<&StoredEvent> = events
+            .iter()
+            .filter(|e| added.remove(&e.event_id))
+            .collect();
+        self.roll_up(&mut tx, events, &new).await?;
+        tx.commit().await?;
+        Ok(new.len() as u64)
     }
 
     async fn events_after(
@@ -164,152 +506,247 @@ impl EventStore for PgEventStore {
         .await
     }
 
-    async fn series(&self, q: &SeriesQuery) -> Result<Vec<SeriesRow>, sqlx::Error> {
-        // The cohort (attempts in the period) joined to every event of its handoffs, counted
-        // and timed in the database; local buckets by `date_trunc` of the attempt's local time.
+    async fn tallies(&self, q: &SeriesQuery) -> Result<Tallies, sqlx::Error> {
+        // The cohort (attempts in the period, each with its consumer's previous attempt) joined
+        // to every event of its handoffs, binned and counted in the database; local buckets by
+        // `date_trunc` of the attempt's local time. Bins as rollup::bin: a duration's bit
+        // length less 8 is how many low bits it loses.
         let groups: String = q
             .group_by
             .iter()
-            .map(|g| format!(", {}::text", g.series_column()))
+            .enumerate()
+            .map(|(i, g)| format!(", {}::text AS g{i}", g.series_column()))
             .collect();
-        let keys: String = (0..q.group_by.len())
-            .map(|i| format!(", {}", i + 2))
-            .collect();
-        let cohort = "FROM events a JOIN events e \
-                 ON e.account_id = a.account_id AND e.handoff_id = a.handoff_id AND e.handoff_id <> '' \
-             WHERE a.account_id = $1 AND a.stage = 'FUNNEL_STAGE_ATTEMPTED' AND a.handoff_id <> '' \
-                 AND a.occurred_at >= $2 AND a.occurred_at < $3";
-        let bucket = "date_trunc($4, a.occurred_at AT TIME ZONE $5)";
-        let counts = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {bucket} AS bucket{groups}, e.stage, count(*) AS n {cohort} \
-             GROUP BY 1{keys}, e.stage"
+        let keys: String = (0..q.group_by.len()).map(|i| format!(", g{i}")).collect();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "WITH cohort AS ( \
+                 SELECT a.*, (SELECT max(p.occurred_at) FROM events p \
+                     WHERE a.consumer_id <> '' AND p.account_id = a.account_id \
+                         AND p.stage = 'FUNNEL_STAGE_ATTEMPTED' AND p.consumer_id = a.consumer_id \
+                         AND p.handoff_id <> a.handoff_id AND p.occurred_at < a.occurred_at \
+                         AND p.occurred_at >= a.occurred_at - $6 * interval '1 hour') AS previous \
+                 FROM events a \
+                 WHERE a.account_id = $1 AND a.stage = 'FUNNEL_STAGE_ATTEMPTED' AND a.handoff_id <> '' \
+                     AND a.occurred_at >= $2 AND a.occurred_at < $3), \
+             steps AS ( \
+                 SELECT date_trunc($4, a.occurred_at AT TIME ZONE $5) AS bucket{groups}, e.stage, \
+                     CASE e.stage \
+                         WHEN 'FUNNEL_STAGE_RESPONDED' THEN \
+                             floor(extract(epoch FROM e.occurred_at - a.occurred_at) * 1000)::bigint \
+                         WHEN 'FUNNEL_STAGE_ANSWERED' THEN e.response_delay_ms END AS ms, \
+                     CASE WHEN e.stage = 'FUNNEL_STAGE_ATTEMPTED' AND a.previous IS NOT NULL THEN \
+                         ceil(extract(epoch FROM a.occurred_at - a.previous) / 3600)::int END AS gap \
+                 FROM cohort a JOIN events e ON e.account_id = a.account_id \
+                     AND e.handoff_id = a.handoff_id AND e.handoff_id <> ''), \
+             lost AS ( \
+                 SELECT *, length(ltrim(ms::bit(64)::text, '0')) - 8 AS lost FROM steps), \
+             binned AS ( \
+                 SELECT *, CASE WHEN ms < {exact} THEN ms ELSE (ms >> lost) << lost END AS bin \
+                 FROM lost) \
+             SELECT bucket{keys}, stage, bin, gap, count(*) AS n \
+             FROM binned GROUP BY bucket{keys}, stage, bin, gap",
+            exact = rollup::EXACT_BELOW,
         )))
         .bind(&q.account_id)
         .bind(q.start)
         .bind(q.end)
         .bind(q.bucket.unit())
         .bind(q.time_zone.name())
+        .bind(rollup::MAX_REPEAT_HOURS as f64)
         .fetch_all(&self.pool)
         .await?;
-        let reply_ms = "floor(extract(epoch FROM e.occurred_at - a.occurred_at) * 1000)::bigint";
-        let percentiles = |value: &str, stage: &str| {
-            [0.5, 0.9, 0.99]
-                .iter()
-                .map(|p| {
-                    format!(
-                        ", percentile_disc({p}) WITHIN GROUP (ORDER BY {value}) \
-                         FILTER (WHERE e.stage = '{stage}' AND {value} IS NOT NULL)"
-                    )
-                })
-                .collect::<String>()
-        };
-        let durations = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {bucket} AS bucket{groups}, \
-                 count(*) FILTER (WHERE e.stage = 'FUNNEL_STAGE_RESPONDED') AS replies \
-                 {reply}, \
-                 count(*) FILTER (WHERE e.stage = 'FUNNEL_STAGE_ANSWERED' \
-                     AND e.response_delay_ms IS NOT NULL) AS answers \
-                 {answer} \
-             {cohort} AND e.stage IN ('FUNNEL_STAGE_RESPONDED', 'FUNNEL_STAGE_ANSWERED') \
-             GROUP BY 1{keys}",
-            reply = percentiles(reply_ms, "FUNNEL_STAGE_RESPONDED"),
-            answer = percentiles("e.response_delay_ms", "FUNNEL_STAGE_ANSWERED"),
-        )))
-        .bind(&q.account_id)
-        .bind(q.start)
-        .bind(q.end)
-        .bind(q.bucket.unit())
-        .bind(q.time_zone.name())
-        .fetch_all(&self.pool)
-        .await?;
-        // Attempts whose consumer was attempted before, within the window (the grouping's
-        // channel is the attempt's own: `e` is the attempt here).
-        let repeat_groups: String = q
-            .group_by
-            .iter()
-            .map(|g| format!(", {}::text", g.series_column()))
-            .collect();
-        let repeats = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {bucket} AS bucket{repeat_groups}, count(*) AS repeats \
-             FROM events a, LATERAL (SELECT a.channel) e \
-             WHERE a.account_id = $1 AND a.stage = 'FUNNEL_STAGE_ATTEMPTED' AND a.handoff_id <> '' \
-                 AND a.occurred_at >= $2 AND a.occurred_at < $3 AND a.consumer_id <> '' \
-                 AND EXISTS (SELECT 1 FROM events p \
-                     WHERE p.account_id = a.account_id AND p.stage = 'FUNNEL_STAGE_ATTEMPTED' \
-                         AND p.consumer_id = a.consumer_id AND p.handoff_id <> a.handoff_id \
-                         AND p.occurred_at < a.occurred_at \
-                         AND p.occurred_at >= a.occurred_at - $6 * interval '1 millisecond') \
-             GROUP BY 1{keys}"
-        )))
-        .bind(&q.account_id)
-        .bind(q.start)
-        .bind(q.end)
-        .bind(q.bucket.unit())
-        .bind(q.time_zone.name())
-        .bind(q.repeat_window.num_milliseconds() as f64)
-        .fetch_all(&self.pool)
-        .await?;
-        let width = q.group_by.len();
-        let key = |row: &sqlx::postgres::PgRow| -> Result<_, sqlx::Error> {
+        let mut tallies = Tallies::new();
+        for row in &rows {
             let bucket: chrono::NaiveDateTime = row.try_get("bucket")?;
-            let groups = (0..width)
+            let groups = (0..q.group_by.len())
                 .map(|i| row.try_get::<String, _>(1 + i))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok((bucket, groups))
-        };
-        let mut rows: BTreeMap<(chrono::NaiveDateTime, Vec<String>), SeriesRow> = BTreeMap::new();
-        for row in &counts {
-            let (bucket, groups) = key(row)?;
-            rows.entry((bucket, groups.clone()))
-                .or_insert_with(|| SeriesRow {
-                    bucket,
-                    groups,
-                    counts: Vec::new(),
-                    time_to_reply: Durations::default(),
-                    time_to_first_response: Durations::default(),
-                    repeats: 0,
-                })
-                .counts
-                .push((row.try_get("stage")?, row.try_get("n")?));
-        }
-        for row in &durations {
-            let Some(series) = rows.get_mut(&key(row)?) else {
-                continue;
-            };
-            let at = |i: usize| -> Result<i64, sqlx::Error> {
-                Ok(row
-                    .try_get::<Option<i64>, _>(1 + width + i)?
-                    .unwrap_or_default())
-            };
-            let count = |name: &str| -> Result<u64, sqlx::Error> {
-                Ok(u64::try_from(row.try_get::<i64, _>(name)?).unwrap_or_default())
-            };
-            series.time_to_reply = Durations {
-                count: count("replies")?,
-                p50: at(1)?,
-                p90: at(2)?,
-                p99: at(3)?,
-            };
-            series.time_to_first_response = Durations {
-                count: count("answers")?,
-                p50: at(5)?,
-                p90: at(6)?,
-                p99: at(7)?,
-            };
-        }
-        for row in &repeats {
-            if let Some(series) = rows.get_mut(&key(row)?) {
-                series.repeats =
-                    u64::try_from(row.try_get::<i64, _>("repeats")?).unwrap_or_default();
+            let stage: String = row.try_get("stage")?;
+            let n: i64 = row.try_get("n")?;
+            let tally = tallies.entry((bucket, groups)).or_default();
+            let number = rollup::stage_number(&stage);
+            *tally.stages.entry(number).or_default() += n;
+            if let Some(bin) = row.try_get::<Option<i64>, _>("bin")? {
+                let histogram = match stage.as_str() {
+                    "FUNNEL_STAGE_RESPONDED" => &mut tally.replies,
+                    _ => &mut tally.answers,
+                };
+                *histogram.entry(bin).or_default() += n;
+            }
+            if let Some(gap) = row.try_get::<Option<i32>, _>("gap")? {
+                *tally.gaps.entry(gap).or_default() += n;
             }
         }
-        Ok(rows
-            .into_values()
-            .map(|mut row| {
-                row.counts.sort();
-                row
-            })
-            .collect())
+        Ok(tallies)
+    }
+
+    async fn rollup_zone(&self, account_id: &str, zone: Tz) -> Result<ZoneState, sqlx::Error> {
+        let ready: Option<bool> = sqlx::query_scalar(
+            "SELECT ready FROM funnel_zones WHERE account_id = $1 AND time_zone = $2",
+        )
+        .bind(account_id)
+        .bind(zone.name())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match ready {
+            None => ZoneState::Absent,
+            Some(false) => ZoneState::Building,
+            Some(true) => ZoneState::Ready,
+        })
+    }
+
+    async fn ask_zone(&self, account_id: &str, zone: Tz) -> Result<ZoneState, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let asked: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM funnel_zones WHERE account_id = $1")
+                .bind(account_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if asked >= MAX_ASKED_ZONES + self.zones.len() as i64 {
+            return self.rollup_zone(account_id, zone).await;
+        }
+        // The head, taken (or made) and held until commit: no append is half done.
+        let split: i64 = sqlx::query_scalar(
+            "INSERT INTO event_log_heads AS h (account_id, position) VALUES ($1, 0) \
+             ON CONFLICT (account_id) DO UPDATE SET position = h.position RETURNING position",
+        )
+        .bind(account_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let ready = register(&mut tx, account_id, &[zone], split).await?;
+        tx.commit().await?;
+        Ok(if ready {
+            ZoneState::Ready
+        } else {
+            self.rollup_zone(account_id, zone).await?
+        })
+    }
+
+    async fn rolled_up_days(
+        &self,
+        account_id: &str,
+        zone: Tz,
+        set: i16,
+        (from, to): (NaiveDate, NaiveDate),
+    ) -> Result<Vec<(NaiveDate, String, String, Tally)>, sqlx::Error> {
+        let rows: Vec<(NaiveDate, String, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT day, group1, group2, tally FROM funnel_days \
+             WHERE account_id = $1 AND time_zone = $2 AND grouping = $3 AND day >= $4 AND day < $5",
+        )
+        .bind(account_id)
+        .bind(zone.name())
+        .bind(set)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(day, g1, g2, tally)| Ok((day, g1, g2, Tally::decoded(&tally)?)))
+            .collect()
+    }
+
+    async fn build_rollups(&self, limit: i64) -> Result<u64, sqlx::Error> {
+        type Zone = (String, String, i64, Option<DateTime<Utc>>, String);
+        let Some((account_id, zone_name, split, built_at, built_handoff)): Option<Zone> =
+            sqlx::query_as(
+                "SELECT account_id, time_zone, split_position, built_at, built_handoff \
+                 FROM funnel_zones WHERE NOT ready ORDER BY asked_at LIMIT 1",
+            )
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(0);
+        };
+        let zone: Tz = zone_name.parse().unwrap_or(Tz::UTC);
+        // The builder's part of the log: events at or before the split (or from before
+        // positions were), which no append tallies for this zone. These never change, so they
+        // are read without the head.
+        let attempts: Vec<AttemptRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM events \
+             WHERE account_id = $1 AND stage = 'FUNNEL_STAGE_ATTEMPTED' AND handoff_id <> '' \
+                 AND coalesce(position, 0) <= $2 \
+                 AND ($3::timestamptz IS NULL OR (occurred_at, handoff_id) > ($3, $4)) \
+             ORDER BY occurred_at, handoff_id LIMIT $5"
+        )))
+        .bind(&account_id)
+        .bind(split)
+        .bind(built_at)
+        .bind(&built_handoff)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let attempts: Vec<Attempt> = attempts.into_iter().map(attempt).collect();
+        let handoffs: Vec<String> = attempts.iter().map(|a| a.handoff_id.clone()).collect();
+        let steps = steps_of(&self.pool, &account_id, &handoffs, Some(split)).await?;
+        let previous: Vec<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT a.handoff_id, (SELECT max(p.occurred_at) FROM events p \
+                 WHERE p.account_id = $1 AND p.stage = 'FUNNEL_STAGE_ATTEMPTED' \
+                     AND p.consumer_id = a.consumer_id AND p.handoff_id <> a.handoff_id \
+                     AND p.occurred_at < a.occurred_at \
+                     AND p.occurred_at >= a.occurred_at - $5 * interval '1 hour' \
+                     AND coalesce(p.position, 0) <= $2) \
+             FROM unnest($3::text[], $4::text[], $6::timestamptz[]) AS a(handoff_id, consumer_id, occurred_at) \
+             WHERE a.consumer_id <> ''",
+        )
+        .bind(&account_id)
+        .bind(split)
+        .bind(&handoffs)
+        .bind(attempts.iter().map(|a| a.consumer_id.clone()).collect::<Vec<_>>())
+        .bind(rollup::MAX_REPEAT_HOURS as f64)
+        .bind(attempts.iter().map(|a| a.occurred_at).collect::<Vec<_>>())
+        .fetch_all(&self.pool)
+        .await?;
+        let by_handoff: HashMap<&str, &Attempt> = attempts
+            .iter()
+            .map(|a| (a.handoff_id.as_str(), a))
+            .collect();
+        let mut tallied = Rollup::default();
+        for step in &steps {
+            if let Some(attempt) = by_handoff.get(step.handoff_id.as_str()) {
+                tallied.add_step(zone, attempt, step);
+            }
+        }
+        for (handoff_id, previous) in previous {
+            if let (Some(attempt), Some(previous)) = (by_handoff.get(handoff_id.as_str()), previous)
+            {
+                let gap = (attempt.occurred_at - previous).num_microseconds();
+                tallied.move_gap(zone, attempt, None, gap.and_then(rollup::gap_hours));
+            }
+        }
+        let done = attempts.len() < usize::try_from(limit).unwrap_or(usize::MAX);
+        let (next_at, next_handoff) = attempts
+            .last()
+            .map_or((built_at, built_handoff.clone()), |a| {
+                (Some(a.occurred_at), a.handoff_id.clone())
+            });
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT 1 FROM event_log_heads WHERE account_id = $1 FOR UPDATE")
+            .bind(&account_id)
+            .execute(&mut *tx)
+            .await?;
+        // Another builder may have taken the same chunk: only the one that moves the cursor
+        // from where both read it tallies it.
+        let moved = sqlx::query(
+            "UPDATE funnel_zones SET built_at = $3, built_handoff = $4, ready = $5 \
+             WHERE account_id = $1 AND time_zone = $2 AND built_at IS NOT DISTINCT FROM $6 \
+                 AND built_handoff = $7 \
+                 AND NOT ready",
+        )
+        .bind(&account_id)
+        .bind(&zone_name)
+        .bind(next_at)
+        .bind(&next_handoff)
+        .bind(done)
+        .bind(built_at)
+        .bind(&built_handoff)
+        .execute(&mut *tx)
+        .await?;
+        if moved.rows_affected() == 0 {
+            return Ok(0);
+        }
+        merge(&mut tx, &account_id, &zone_name, tallied).await?;
+        tx.commit().await?;
+        Ok(attempts.len().max(1) as u64)
     }
 
     async fn export_page(

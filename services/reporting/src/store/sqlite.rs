@@ -7,9 +7,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{Row, SqlitePool, migrate::Migrator};
 
 use super::{
-    ANY_EVENT_COLUMNS, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS, SeriesEvent,
-    SeriesQuery, SeriesRow, StoredEvent, logged_event, percentile_disc, series_rows,
-    transaction_event,
+    ANY_EVENT_COLUMNS, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS, SeriesQuery,
+    StoredEvent, Tallies, logged_event, percentile_disc, rollup, transaction_event,
 };
 
 /// The SQLite schema's migrations (`migrations-sqlite/`).
@@ -186,7 +185,7 @@ impl EventStore for SqliteEventStore {
         .await
     }
 
-    async fn series(&self, q: &SeriesQuery) -> Result<Vec<SeriesRow>, sqlx::Error> {
+    async fn tallies(&self, q: &SeriesQuery) -> Result<Tallies, sqlx::Error> {
         // SQLite knows no time zones: the cohort's events come here and are bucketed in Rust,
         // as PostgreSQL's `date_trunc(unit, t AT TIME ZONE tz)` would.
         let columns: Vec<String> = q
@@ -199,9 +198,11 @@ impl EventStore for SqliteEventStore {
         } else {
             format!(", {}", columns.join(", "))
         };
-        // Repeats: attempts (from a window before the period on) by consumer, in time order;
-        // an attempt in the period is one when the consumer's previous one is recent enough.
-        let window = q.repeat_window.num_microseconds().unwrap_or(i64::MAX);
+        // Repeat gaps: attempts (from the longest window before the period on) by consumer, in
+        // time order; an attempt's gap is to the consumer's latest one strictly before it.
+        let window = chrono::Duration::hours(rollup::MAX_REPEAT_HOURS)
+            .num_microseconds()
+            .unwrap_or(i64::MAX);
         let attempts: Vec<(String, String, i64)> = sqlx::query_as(
             "SELECT consumer_id, handoff_id, occurred_at FROM events \
              WHERE account_id = ?1 AND stage = 'FUNNEL_STAGE_ATTEMPTED' AND consumer_id <> '' \
@@ -213,16 +214,15 @@ impl EventStore for SqliteEventStore {
         .bind(micros(q.end))
         .fetch_all(&self.pool)
         .await?;
-        let mut repeated: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut gaps: std::collections::HashMap<&str, i32> = std::collections::HashMap::new();
         for consumer in attempts.chunk_by(|a, b| a.0 == b.0) {
-            // The latest attempt strictly before the one at hand (as PostgreSQL's `<`).
             let (mut earlier, mut at_previous): (Option<i64>, Option<i64>) = (None, None);
             for (_, handoff_id, at) in consumer {
                 if at_previous.is_some_and(|p| p < *at) {
                     earlier = at_previous;
                 }
-                if *at >= micros(q.start) && earlier.is_some_and(|e| at - e <= window) {
-                    repeated.insert(handoff_id);
+                if let Some(hours) = earlier.and_then(|e| rollup::gap_hours(at - e)) {
+                    gaps.insert(handoff_id, hours);
                 }
                 at_previous = Some(*at);
             }
@@ -240,32 +240,40 @@ impl EventStore for SqliteEventStore {
         .bind(micros(q.end))
         .fetch_all(&self.pool)
         .await?;
-        let mut events = Vec::with_capacity(rows.len());
+        let mut tallies = Tallies::new();
         for row in rows {
             let attempted: i64 = row.try_get("attempted_at")?;
             let local = time(attempted).with_timezone(&q.time_zone).naive_local();
             let stage: String = row.try_get("stage")?;
-            let duration_ms = match stage.as_str() {
-                "FUNNEL_STAGE_RESPONDED" => {
-                    let at: i64 = row.try_get("occurred_at")?;
-                    Some((at - attempted).div_euclid(1000))
-                }
-                "FUNNEL_STAGE_ANSWERED" => row.try_get("response_delay_ms")?,
-                _ => None,
-            };
             let groups = (0..q.group_by.len())
                 .map(|i| row.try_get::<String, _>(5 + i))
                 .collect::<Result<_, _>>()?;
-            let handoff_id: String = row.try_get("handoff_id")?;
-            events.push(SeriesEvent {
-                bucket: q.bucket.truncate(local),
-                groups,
-                repeat: stage == "FUNNEL_STAGE_ATTEMPTED" && repeated.contains(handoff_id.as_str()),
-                stage,
-                duration_ms,
-            });
+            let tally = tallies
+                .entry((q.bucket.truncate(local), groups))
+                .or_default();
+            let number = rollup::stage_number(&stage);
+            *tally.stages.entry(number).or_default() += 1;
+            match stage.as_str() {
+                "FUNNEL_STAGE_RESPONDED" => {
+                    let at: i64 = row.try_get("occurred_at")?;
+                    let ms = (at - attempted).div_euclid(1000);
+                    *tally.replies.entry(rollup::bin(ms)).or_default() += 1;
+                }
+                "FUNNEL_STAGE_ANSWERED" => {
+                    if let Some(ms) = row.try_get::<Option<i64>, _>("response_delay_ms")? {
+                        *tally.answers.entry(rollup::bin(ms)).or_default() += 1;
+                    }
+                }
+                "FUNNEL_STAGE_ATTEMPTED" => {
+                    let handoff_id: String = row.try_get("handoff_id")?;
+                    if let Some(hours) = gaps.get(handoff_id.as_str()) {
+                        *tally.gaps.entry(*hours).or_default() += 1;
+                    }
+                }
+                _ => {}
+            }
         }
-        Ok(series_rows(events))
+        Ok(tallies)
     }
 
     async fn export_page(
