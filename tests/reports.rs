@@ -11,7 +11,7 @@ use tonic_types::StatusExt;
 
 use crate::{
     conversations::{CONSUMER, deflect_and_reply},
-    story::{Story, Topology, authed, handoff_request, onboard, token},
+    story::{Options, Story, Topology, authed, handoff_request, onboard, token},
 };
 
 fn series_request(time_zone: &str, group_by: &[pb::FunnelGrouping]) -> pb::GetFunnelSeriesRequest {
@@ -297,4 +297,99 @@ async fn the_funnel_series_is_in_the_accounts_time_zone_grouped_as_asked() {
         .expect_err("another account");
     assert_eq!(denied.code(), Code::PermissionDenied);
     story.stop().await;
+}
+
+/// Reporting keeps 30 days: a series over 60 shows only the handoffs of the last 30. The first
+/// series in the account's zone asks for its rollups; Reporting builds them in the background,
+/// the series reads the same from them, and a reply recorded after counts in them.
+#[tokio::test]
+async fn a_series_starts_at_the_retention_horizon_and_reads_the_same_once_rolled_up() {
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            reporting: Some(c2m_reporting::ReportingSettings {
+                retention_days: 30,
+                ..Default::default()
+            }),
+            ..Options::default()
+        },
+    )
+    .await;
+    onboard(&story, "acme").await;
+    let service =
+        c2m_runtime::auth::TokenKey::new(crate::story::SECRET.as_bytes()).service_token("handoff");
+    let now = chrono::Utc::now();
+    let event = |handoff: &str, stage: FunnelStage, days_ago: i64| pb::Event {
+        handoff_id: handoff.into(),
+        channel: Channel::Sms as i32,
+        occurred_at: Some(c2m_proto::timestamp(now - chrono::Duration::days(days_ago))),
+        ..c2m_storage::outbox::event("acme", stage)
+    };
+    let reporting = story.reporting().await;
+    let record = |events: Vec<pb::Event>| {
+        let mut reporting = reporting.clone();
+        let request = authed(pb::RecordEventsRequest { events }, &service);
+        async move { reporting.record_events(request).await.expect("recorded") }
+    };
+    record(vec![
+        event("old", FunnelStage::Attempted, 40),
+        event("old", FunnelStage::Sent, 40),
+        event("recent", FunnelStage::Attempted, 20),
+        event("recent", FunnelStage::Sent, 20),
+        event("new", FunnelStage::Attempted, 2),
+    ])
+    .await;
+    let viewer = token(AuthRole::Viewer, Some("acme"));
+    let request = pb::GetFunnelSeriesRequest {
+        start_time: Some(c2m_proto::timestamp(now - chrono::Duration::days(60))),
+        end_time: Some(c2m_proto::timestamp(now)),
+        ..series_request("", &[])
+    };
+    let totals = |answer: &pb::GetFunnelSeriesResponse| -> Vec<(i32, u64)> {
+        let mut totals = std::collections::BTreeMap::new();
+        for row in &answer.rows {
+            for c in &row.counts {
+                *totals.entry(c.stage).or_default() += c.count;
+            }
+        }
+        totals.into_iter().collect()
+    };
+    let from_events = series(&story, &viewer, request.clone())
+        .await
+        .expect("a series");
+    assert_eq!(
+        totals(&from_events),
+        [
+            (FunnelStage::Attempted as i32, 2),
+            (FunnelStage::Sent as i32, 1)
+        ],
+        "the handoff of 40 days ago is past the horizon"
+    );
+
+    eventually("the rollups built", Duration::from_secs(20), || async {
+        let mut db = story.db.connect().await;
+        sqlx::query_scalar::<_, bool>(
+            "SELECT ready FROM reporting.funnel_zones WHERE account_id = 'acme' AND time_zone = 'UTC'",
+        )
+        .fetch_optional(&mut db)
+        .await
+        .expect("reads")
+        .unwrap_or(false)
+    })
+    .await;
+    let rolled_up = series(&story, &viewer, request.clone())
+        .await
+        .expect("a series");
+    assert_eq!(rolled_up, from_events, "the same from the rollups");
+
+    record(vec![event("recent", FunnelStage::Responded, 19)]).await;
+    let answered = series(&story, &viewer, request).await.expect("a series");
+    assert_eq!(
+        totals(&answered),
+        [
+            (FunnelStage::Attempted as i32, 2),
+            (FunnelStage::Sent as i32, 1),
+            (FunnelStage::Responded as i32, 1)
+        ]
+    );
 }

@@ -73,6 +73,8 @@ pub struct Options {
     pub redis_cluster_nodes: Option<Vec<String>>,
     /// The embedded default: no database (SQLite files in this directory) and no Redis.
     pub data_dir: Option<std::path::PathBuf>,
+    /// `[reporting]`.
+    pub reporting: Option<c2m_reporting::ReportingSettings>,
 }
 
 impl Options {
@@ -181,6 +183,9 @@ impl Story {
         }
         if let Some(webhooks) = options.webhooks {
             config.webhooks = webhooks;
+        }
+        if let Some(reporting) = options.reporting {
+            config.reporting = reporting;
         }
         if let Some(sweep) = options.idle_sweep_ms {
             config.routing.idle_sweep_ms = sweep;

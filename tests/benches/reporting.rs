@@ -1,11 +1,13 @@
 //! `cargo bench -p c2m-e2e --bench reporting`: how Reporting answers over a long period. Loads an
 //! account's events for 13 months straight into PostgreSQL (a handoff every few minutes, four
-//! events each, three channels, three configurations, four skills, five IVR numbers), then times
-//! the funnel series (a year in days, by channel, in UTC and in New York), the one-period funnel
-//! (GetFunnel's query), and the export (every handoff, a batch of 500 at a time), with the
-//! process's resident memory sampled while it runs. In the same run, as the denominator: one plain
-//! scan counting the account's events (what reading them all costs here today). Prints figures;
-//! asserts nothing.
+//! events each, three channels, three configurations, four skills, five IVR numbers, consumers
+//! who call back), then times the funnel series (a year in days, by channel, in UTC and in New
+//! York) read from the events, builds the rollups for both zones (timed), and times the series
+//! again from the rollups: a year of whole days, and the last 395 days up to now (whose partial
+//! first and last days are read from the events). Then the one-period funnel (GetFunnel's query)
+//! and the export (every handoff, a batch of 500 at a time), with the process's resident memory
+//! sampled while it runs. In the same run, as the denominator: one plain scan counting the
+//! account's events. Prints figures; asserts nothing but that both paths agree.
 //!
 //! Knobs (environment): C2M_BENCH_HANDOFFS (250000, four events each), C2M_BENCH_RUNS (5).
 
@@ -72,10 +74,12 @@ async fn main() {
     let loading = Instant::now();
     sqlx::query(
         "INSERT INTO reporting.events (event_id, account_id, stage, occurred_at, handoff_id, \
-             handoff_config_id, channel, skill_id, ivr_number, source, position) \
+             handoff_config_id, channel, skill_id, ivr_number, source, position, consumer_id) \
          SELECT 'e' || h || '-' || st.s, 'bench', st.stage, \
-             x.t + st.s * interval '20 seconds', 'h' || h, 'cfg' || (h % 3), x.channel, \
-             'skill' || (h % 4), '+1800555010' || (h % 5), 'BENCH', h * 4 + st.s \
+             x.t + st.s * interval '20 seconds' + (st.s / 3) * (h % 900) * interval '1 second', \
+             'h' || h, 'cfg' || (h % 3), x.channel, \
+             'skill' || (h % 4), '+1800555010' || (h % 5), 'BENCH', h * 4 + st.s, \
+             CASE WHEN st.s = 0 THEN 'consumer' || (h * 7919 % ($1 / 3 + 1)) ELSE '' END \
          FROM generate_series(1, $1::bigint) h, \
              LATERAL (SELECT now() - interval '395 days' + (h::float8 / $1) * interval '395 days' AS t, \
                  (ARRAY['CHANNEL_SMS','CHANNEL_WHATSAPP','CHANNEL_RCS'])[1 + h % 3] AS channel) x, \
@@ -121,9 +125,50 @@ async fn main() {
         repeat_window: chrono::Duration::hours(24),
     };
     let (in_utc, in_new_york) = (series("UTC"), series("America/New_York"));
-    let (utc, rows) = median(runs, || store.series(&in_utc)).await;
-    let rows = rows.expect("a series").len();
+    // From the events: the first query in a zone asks for its rollups, which nobody builds yet.
+    let (utc, raw) = median(runs, || store.series(&in_utc)).await;
+    let raw = raw.expect("a series");
+    let rows = raw.len();
     let (new_york, _) = median(runs, || store.series(&in_new_york)).await;
+
+    let building = Instant::now();
+    let mut attempts = 0;
+    loop {
+        let built = store.build_rollups(2_000).await.expect("builds");
+        if built == 0 {
+            break;
+        }
+        attempts += built;
+    }
+    let built_in = building.elapsed();
+    let days: i64 = sqlx::query_scalar("SELECT count(*) FROM reporting.funnel_days")
+        .fetch_one(&pool)
+        .await
+        .expect("counted");
+    let (rolled_utc, rolled) = median(runs, || store.series(&in_utc)).await;
+    assert_eq!(rolled.expect("a series"), raw, "rollups and events agree");
+    let (rolled_new_york, _) = median(runs, || store.series(&in_new_york)).await;
+    // Whole local days: what a dashboard asks for.
+    let whole = |tz: chrono_tz::Tz| {
+        let today = end.with_timezone(&tz).date_naive();
+        let midnight =
+            |d: chrono::NaiveDate| c2m_reporting::store::start_of(tz, d).expect("a midnight");
+        SeriesQuery {
+            start: midnight(today - chrono::Duration::days(365)),
+            end: midnight(today),
+            ..series(tz.name())
+        }
+    };
+    let (whole_in_utc, whole_in_new_york) =
+        (whole(chrono_tz::UTC), whole(chrono_tz::America::New_York));
+    let (whole_utc, whole_rows) = median(runs, || store.series(&whole_in_utc)).await;
+    let whole_rows = whole_rows.expect("a series").len();
+    let (whole_new_york, _) = median(runs, || store.series(&whole_in_new_york)).await;
+    let last_week = SeriesQuery {
+        start: end - chrono::Duration::days(7),
+        ..series("UTC")
+    };
+    let (week, _) = median(runs, || store.series(&last_week)).await;
     let (funnel, _) = median(runs, || {
         store.funnel("bench", start, end, Grouping::Channel)
     })
@@ -164,16 +209,37 @@ async fn main() {
         "  scan counting the account's events (the floor):   {:>8.1} ms",
         ms(scan)
     );
-    println!(
-        "  series, a year in days by channel, UTC:            {:>8.1} ms  ({:.2}× the scan, {rows} rows)",
-        ms(utc),
-        ms(utc) / ms(scan)
+    let line = |what: &str, d: Duration| {
+        println!(
+            "  {what:<58} {:>8.1} ms  ({:.3}× the scan)",
+            ms(d),
+            ms(d) / ms(scan)
+        );
+    };
+    line(
+        &format!("series from the events, 395 days by channel, UTC ({rows} rows)"),
+        utc,
     );
+    line("the same from the events in America/New_York", new_york);
     println!(
-        "  series, the same in America/New_York:              {:>8.1} ms  ({:.2}× the scan)",
-        ms(new_york),
-        ms(new_york) / ms(scan)
+        "  rollups built for both zones: {attempts} attempts in {:.1} s = {:.0}/s, {days} rows",
+        built_in.as_secs_f64(),
+        attempts as f64 / built_in.as_secs_f64()
     );
+    line("series from the rollups, 395 days to now, UTC", rolled_utc);
+    line(
+        "the same from the rollups in America/New_York",
+        rolled_new_york,
+    );
+    line(
+        &format!("rollups, a year of whole days, UTC ({whole_rows} rows)"),
+        whole_utc,
+    );
+    line(
+        "rollups, a year of whole days, America/New_York",
+        whole_new_york,
+    );
+    line("rollups, the last 7 days to now, UTC", week);
     println!(
         "  funnel, the year as one period by channel:         {:>8.1} ms  ({:.2}× the scan)",
         ms(funnel),

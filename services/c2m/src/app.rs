@@ -201,10 +201,20 @@ pub async fn components(
             Role::Reporting => {
                 let peers = peers("reporting")?;
                 let service = match file {
-                    Some(pool) => c2m_reporting::Service::embedded(pool, key.clone(), peers)
-                        .await
-                        .map_err(|e| embedding(&e))?,
-                    None => c2m_reporting::Service::new(db(role)?, key.clone(), peers),
+                    Some(pool) => c2m_reporting::Service::embedded(
+                        pool,
+                        key.clone(),
+                        peers,
+                        &config.reporting,
+                    )
+                    .await
+                    .map_err(|e| embedding(&e))?,
+                    None => c2m_reporting::Service::new(
+                        db(role)?,
+                        key.clone(),
+                        peers,
+                        &config.reporting,
+                    ),
                 };
                 local.register(
                     Peer::Reporting,

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, path::Path};
 use c2m_channel_gateway::GatewaySettings;
 use c2m_config::webhooks::WebhookSettings;
 use c2m_handoff::HandoffSettings;
+use c2m_reporting::ReportingSettings;
 use c2m_routing::RoutingSettings;
 use c2m_runtime::{LogFormat, ServerSettings, TelemetrySettings, peers::PeerSettings};
 use c2m_storage::{DatabaseSettings, RedisSettings, mask_password};
@@ -30,6 +31,7 @@ pub struct Config {
     pub channel_gateway: GatewaySettings,
     pub handoff: HandoffSettings,
     pub routing: RoutingSettings,
+    pub reporting: ReportingSettings,
     pub webhooks: WebhookSettings,
     pub embedded: EmbeddedSettings,
 }
@@ -431,6 +433,18 @@ impl Config {
         if self.routing.log_retention_days == 0 || self.routing.log_retention_days > 3650 {
             return invalid("routing.log_retention_days", "must be 1 to 3650");
         }
+        if self.reporting.retention_days > 36_500 {
+            return invalid("reporting.retention_days", "must be 0 (forever) to 36500");
+        }
+        if let Err(name) = self.reporting.zones() {
+            return invalid(
+                "reporting.rollup_zones",
+                &format!("{name:?} is not an IANA time zone (e.g. America/New_York)"),
+            );
+        }
+        if self.reporting.rollup_zones.len() > 8 {
+            return invalid("reporting.rollup_zones", "at most 8 zones");
+        }
         for (key, value) in [
             ("webhooks.timeout_ms", self.webhooks.timeout_ms),
             ("webhooks.retry_base_ms", self.webhooks.retry_base_ms),
@@ -544,7 +558,7 @@ fn env_var_name(path: &[String]) -> String {
 }
 
 /// The top-level sections, which environment variables may set.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 13] = [
     "listen.",
     "database.",
     "redis.",
@@ -555,6 +569,7 @@ const SECTIONS: [&str; 12] = [
     "channel_gateway.",
     "handoff.",
     "routing.",
+    "reporting.",
     "webhooks.",
     "embedded.",
 ];

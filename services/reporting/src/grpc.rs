@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use chrono::{DateTime, Utc};
+
 use c2m_proto::v1::{
     self as pb, Channel, FunnelGrouping, FunnelStage, reporting_service_server::ReportingService,
 };
@@ -283,6 +285,18 @@ fn validate(i: usize, event: &pb::Event, violations: &mut FieldViolations) -> Op
 }
 
 impl Service {
+    /// The part of a period the log still keeps: from the retention horizon on (empty when the
+    /// period ended before it).
+    fn retained(
+        &self,
+        (start, end): (DateTime<Utc>, DateTime<Utc>),
+    ) -> (DateTime<Utc>, DateTime<Utc>) {
+        match self.horizon(Utc::now()) {
+            Some(horizon) if start < horizon => (horizon.min(end), end),
+            _ => (start, end),
+        }
+    }
+
     /// The account's time zone setting (UTC when it has none).
     async fn account_time_zone(&self, account_id: &str) -> Result<chrono_tz::Tz, Status> {
         let account = self
@@ -339,7 +353,10 @@ impl ReportingService for Service {
         let caller = self.key.caller(request.metadata())?;
         let request = request.into_inner();
         caller.authorize(&request.account_id, Role::Viewer)?;
-        let (start, end) = period(request.start_time.as_ref(), request.end_time.as_ref())?;
+        let (start, end) = self.retained(period(
+            request.start_time.as_ref(),
+            request.end_time.as_ref(),
+        )?);
         let mut violations = FieldViolations::new();
         let grouping = grouping(request.group_by).unwrap_or_else(|| {
             violations.add("group_by", "not a grouping");
@@ -464,6 +481,8 @@ impl ReportingService for Service {
             Some(Ok(tz)) => tz,
             _ => self.account_time_zone(&r.account_id).await?,
         };
+        // Checked as asked, read as kept.
+        let (start, end) = self.retained((start, end));
         let rows = self
             .store
             .series(&SeriesQuery {
@@ -524,7 +543,7 @@ impl ReportingService for Service {
         let caller = self.key.caller(request.metadata())?;
         let r = request.into_inner();
         caller.authorize(&r.account_id, Role::Viewer)?;
-        let period = period(r.start_time.as_ref(), r.end_time.as_ref())?;
+        let period = self.retained(period(r.start_time.as_ref(), r.end_time.as_ref())?);
         let store = self.store.clone();
         // One page is fetched when the client has taken the one before: memory stays one batch.
         let batches = futures::stream::try_unfold(Some(None), move |after| {
@@ -649,7 +668,7 @@ impl ReportingService for Service {
                 next_page_token: String::new(),
             }));
         }
-        let (start, end) = period(r.start_time.as_ref(), r.end_time.as_ref())?;
+        let (start, end) = self.retained(period(r.start_time.as_ref(), r.end_time.as_ref())?);
         let limit = match r.page_size {
             n if n <= 0 => 50,
             n => i64::from(n.min(500)),

@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use c2m_reporting::store::{
-    Bucket, Durations, EventStore, Grouping, PgEventStore, SeriesQuery, SeriesRow,
+    Bucket, Durations, EventStore, Grouping, Maintenance, PgEventStore, SeriesQuery, SeriesRow,
     SqliteEventStore, StoredEvent, ZoneState, rollup::bin,
 };
 use c2m_test_support::TestDatabase;
@@ -1082,4 +1082,128 @@ async fn rollups_built_while_events_keep_coming_agree_with_the_events() {
         );
     }
     check_against_ground_truth(store, &handoffs).await;
+}
+
+/// Five and a half months of handoffs in monthly partitions; retention of 90 days drops the
+/// months that ended a repeat window before the horizon, and the rollups' days before it, and a
+/// series from the horizon on is what it was before, from the rollups and the events alike.
+#[tokio::test]
+async fn retention_drops_whole_months_and_the_series_from_the_horizon_stays() {
+    let backend = Backend::postgres_rolled_up().await;
+    let store = &*backend.store;
+    let utc = |y, m, d, h| {
+        Utc.with_ymd_and_hms(y, m, d, h, 0, 0)
+            .single()
+            .expect("a time")
+    };
+    let now = utc(2027, 6, 15, 12);
+    let made = store.maintain(now, None).await.expect("maintains");
+    assert!(
+        made.months_made >= 6,
+        "{made:?}: months up to September 2027"
+    );
+    assert_eq!(
+        store.maintain(now, None).await.expect("again").months_made,
+        0
+    );
+
+    let mut rng = Rng(0x5EED_0F_2027);
+    let mut events = Vec::new();
+    let mut day = utc(2027, 1, 1, 0);
+    let mut h = 0;
+    while day < utc(2027, 6, 14, 0) {
+        for _ in 0..3 {
+            let attempted = day + Duration::seconds(rng.below(86_400) as i64);
+            let handoff = format!("k{h}");
+            h += 1;
+            events.push(StoredEvent {
+                consumer_id: format!("c{}", rng.below(60)),
+                occurred_at: attempted,
+                ..event(&format!("{handoff}-0"), &handoff, ATTEMPTED, 0)
+            });
+            events.push(StoredEvent {
+                occurred_at: attempted + Duration::seconds(30),
+                ..event(&format!("{handoff}-1"), &handoff, SENT, 0)
+            });
+            if rng.below(2) == 0 {
+                events.push(StoredEvent {
+                    occurred_at: attempted + Duration::milliseconds(rng.below(7_200_000) as i64),
+                    ..event(
+                        &format!("{handoff}-2"),
+                        &handoff,
+                        "FUNNEL_STAGE_RESPONDED",
+                        0,
+                    )
+                });
+            }
+        }
+        day += Duration::days(1);
+    }
+    for batch in events.chunks(200) {
+        store.append(batch).await.expect("appends");
+    }
+    let horizon = now - Duration::days(90);
+    let from_horizon = |bucket| series_query(horizon, utc(2027, 6, 14, 0), bucket, "UTC", &[]);
+    let before_days = store
+        .series(&from_horizon(Bucket::Day))
+        .await
+        .expect("a series");
+    let before_hours = store
+        .series(&from_horizon(Bucket::Hour))
+        .await
+        .expect("a series");
+    assert!(before_days.len() > 80 && before_days.iter().any(|r| r.repeats > 0));
+
+    let done = store.maintain(now, Some(horizon)).await.expect("maintains");
+    // The horizon is 17 March, noon; a repeat window before it is 15 February: the partition
+    // of everything before 2027 and January go, February stays.
+    assert_eq!(done.months_dropped, 2, "{done:?}");
+    assert!(done.days_deleted > 0, "{done:?}");
+    let exported = |from, to| store.export_page("acme", (from, to), None, 10);
+    assert!(
+        exported(utc(2027, 1, 1, 0), utc(2027, 2, 1, 0))
+            .await
+            .expect("reads")
+            .is_empty(),
+        "January's events are gone"
+    );
+    assert!(
+        !exported(utc(2027, 2, 1, 0), utc(2027, 3, 1, 0))
+            .await
+            .expect("reads")
+            .is_empty(),
+        "February's are kept for the repeat window"
+    );
+    let old_days = series_query(
+        utc(2027, 2, 1, 0),
+        utc(2027, 3, 1, 0),
+        Bucket::Day,
+        "UTC",
+        &[],
+    );
+    let old_days = store.series(&old_days).await.expect("a series");
+    assert!(
+        old_days.is_empty(),
+        "February's days are gone from the rollups"
+    );
+    assert_eq!(
+        store
+            .series(&from_horizon(Bucket::Day))
+            .await
+            .expect("a series"),
+        before_days,
+        "from the rollups"
+    );
+    assert_eq!(
+        store
+            .series(&from_horizon(Bucket::Hour))
+            .await
+            .expect("a series"),
+        before_hours,
+        "from the events"
+    );
+    assert_eq!(
+        store.maintain(now, Some(horizon)).await.expect("again"),
+        Maintenance::default()
+    );
 }

@@ -168,6 +168,16 @@ pub enum ZoneState {
     Ready,
 }
 
+/// What [`EventStore::maintain`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Maintenance {
+    pub months_made: u64,
+    pub months_dropped: u64,
+    /// Events deleted one by one (outside a whole month).
+    pub events_deleted: u64,
+    pub days_deleted: u64,
+}
+
 /// Time zones an account's queries can have rollups made for, besides the configured ones.
 pub const MAX_ASKED_ZONES: i64 = 4;
 
@@ -287,6 +297,15 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<Vec<(NaiveDate, String, String, Tally)>, sqlx::Error> {
         Ok(Vec::new())
     }
+    /// Makes the log's partitions for the months to come (from `now`) and, with a `horizon`,
+    /// drops what is wholly before it: the rollups' days, and the events' months that end a
+    /// repeat window ([`rollup::MAX_REPEAT_HOURS`]) before it, so that a period from the
+    /// horizon on is answered as before. Queries are to start at the horizon.
+    async fn maintain(
+        &self,
+        now: DateTime<Utc>,
+        horizon: Option<DateTime<Utc>>,
+    ) -> Result<Maintenance, sqlx::Error>;
     /// Tallies up to `limit` more attempts logged before a zone was asked for; how many (0 when
     /// no zone is building).
     async fn build_rollups(&self, _limit: i64) -> Result<u64, sqlx::Error> {

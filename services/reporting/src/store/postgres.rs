@@ -9,7 +9,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{
     ANY_EVENT_COLUMNS, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS, MAX_ASKED_ZONES,
-    SeriesQuery, StoredEvent, Tallies, Tally, TransactionRow, ZoneState, logged_event,
+    Maintenance, SeriesQuery, StoredEvent, Tallies, Tally, TransactionRow, ZoneState, logged_event,
     rollup::{self, Attempt, Rollup, Step},
     transaction_event,
 };
@@ -34,6 +34,14 @@ impl PgEventStore {
     pub fn rolling_up(mut self, zones: impl IntoIterator<Item = Tz>) -> Self {
         self.zones = zones.into_iter().collect();
         self
+    }
+
+    /// A transaction for a query over many events, with PostgreSQL's JIT off: compiling the
+    /// plan took longer than running it in every such query measured (600 of 960 ms).
+    async fn analytic(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET LOCAL jit = off").execute(&mut *tx).await?;
+        Ok(tx)
     }
 
     /// Tallies the new events of a batch (`new`, of `batch`) into the rollups of their
@@ -193,6 +201,19 @@ impl PgEventStore {
     }
 }
 
+/// The first instant of the UTC month `months` after the one `t` is in.
+fn month_start(t: DateTime<Utc>, months: u32) -> DateTime<Utc> {
+    use chrono::Datelike;
+
+    let first = t
+        .date_naive()
+        .with_day(1)
+        .and_then(|d| d.checked_add_months(chrono::Months::new(months)))
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .unwrap_or_default();
+    first.and_utc()
+}
+
 /// The columns an [`AttemptRow`] is read from.
 const ATTEMPT_COLUMNS: &str = "handoff_id, occurred_at, channel, handoff_config_id, skill_id, \
     ivr_number, consumer_id";
@@ -316,11 +337,15 @@ async fn merge(
         column(|k| k.2.clone(), &rows),
         column(|k| k.3.clone(), &rows),
     );
+    // One primary-key lookup per row (OFFSET 0 keeps the planner from turning the lookups into
+    // a scan of the account's rows, which it does while the table's statistics are young).
     let stored: Vec<(i16, NaiveDate, String, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT d.grouping, d.day, d.group1, d.group2, d.tally FROM funnel_days d \
-             JOIN unnest($3::smallint[], $4::date[], $5::text[], $6::text[]) \
-                 AS k(grouping, day, group1, group2) USING (grouping, day, group1, group2) \
-         WHERE d.account_id = $1 AND d.time_zone = $2",
+        "SELECT d.grouping, d.day, d.group1, d.group2, d.tally \
+         FROM unnest($3::smallint[], $4::date[], $5::text[], $6::text[]) \
+                 AS k(grouping, day, group1, group2), \
+             LATERAL (SELECT * FROM funnel_days d WHERE d.account_id = $1 AND d.time_zone = $2 \
+                 AND d.grouping = k.grouping AND d.day = k.day AND d.group1 = k.group1 \
+                 AND d.group2 = k.group2 OFFSET 0) d",
     )
     .bind(account_id)
     .bind(zone)
@@ -436,7 +461,7 @@ impl EventStore for PgEventStore {
                  heads.position - shares.taken \
                      + row_number() OVER (PARTITION BY b.account_id ORDER BY b.n) \
              FROM batch b JOIN shares USING (account_id) JOIN heads USING (account_id) \
-             ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+             ON CONFLICT (event_id, occurred_at) DO NOTHING RETURNING event_id",
         )
         .bind(column(|e| e.event_id.clone()))
         .bind(column(|e| e.account_id.clone()))
@@ -522,7 +547,7 @@ impl EventStore for PgEventStore {
             "WITH cohort AS ( \
                  SELECT a.*, (SELECT max(p.occurred_at) FROM events p \
                      WHERE a.consumer_id <> '' AND p.account_id = a.account_id \
-                         AND p.stage = 'FUNNEL_STAGE_ATTEMPTED' AND p.consumer_id = a.consumer_id \
+                         AND p.stage = 'FUNNEL_STAGE_ATTEMPTED' AND p.consumer_id = a.consumer_id AND p.consumer_id <> '' \
                          AND p.handoff_id <> a.handoff_id AND p.occurred_at < a.occurred_at \
                          AND p.occurred_at >= a.occurred_at - $6 * interval '1 hour') AS previous \
                  FROM events a \
@@ -553,7 +578,7 @@ impl EventStore for PgEventStore {
         .bind(q.bucket.unit())
         .bind(q.time_zone.name())
         .bind(rollup::MAX_REPEAT_HOURS as f64)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.analytic().await?)
         .await?;
         let mut tallies = Tallies::new();
         for row in &rows {
@@ -622,6 +647,113 @@ impl EventStore for PgEventStore {
         })
     }
 
+    async fn maintain(
+        &self,
+        now: DateTime<Utc>,
+        horizon: Option<DateTime<Utc>>,
+    ) -> Result<Maintenance, sqlx::Error> {
+        let mut done = Maintenance::default();
+        // Months from the end of the last one made to two after the current one, one
+        // transaction each, under a lock of the schema's own (replicas take turns).
+        let ends: DateTime<Utc> = sqlx::query_scalar("SELECT max(ends) FROM event_months")
+            .fetch_one(&self.pool)
+            .await?;
+        let mut starts = ends;
+        let until = month_start(now, 3);
+        while starts < until {
+            let ends = month_start(starts, 1);
+            let name = format!("events_{}", starts.format("%Y_%m"));
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.event_months'))",
+            )
+            .execute(&mut *tx)
+            .await?;
+            let made: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM event_months WHERE name = $1)")
+                    .bind(&name)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if !made {
+                // Events of the month that came before it was made wait in the default
+                // partition; they move in with it.
+                let range = format!(
+                    "occurred_at >= '{}' AND occurred_at < '{}'",
+                    starts.to_rfc3339(),
+                    ends.to_rfc3339()
+                );
+                for statement in [
+                    format!("CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS)"),
+                    format!("INSERT INTO {name} SELECT * FROM events_default WHERE {range}"),
+                    format!("DELETE FROM events_default WHERE {range}"),
+                    format!(
+                        "ALTER TABLE events ATTACH PARTITION {name} FOR VALUES FROM ('{}') TO ('{}')",
+                        starts.to_rfc3339(),
+                        ends.to_rfc3339()
+                    ),
+                ] {
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query("INSERT INTO event_months (name, starts, ends) VALUES ($1, $2, $3)")
+                    .bind(&name)
+                    .bind(starts)
+                    .bind(ends)
+                    .execute(&mut *tx)
+                    .await?;
+                done.months_made += 1;
+            }
+            tx.commit().await?;
+            starts = ends;
+        }
+        let Some(horizon) = horizon else {
+            return Ok(done);
+        };
+        // Whole months go once they end a repeat window before the horizon: a period from the
+        // horizon on still finds every consumer's previous attempt. What is left before the
+        // horizon is only hidden by it.
+        let keep_from = horizon - chrono::Duration::hours(rollup::MAX_REPEAT_HOURS);
+        let old: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM event_months WHERE ends <= $1 ORDER BY ends")
+                .bind(keep_from)
+                .fetch_all(&self.pool)
+                .await?;
+        for name in old {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.event_months'))",
+            )
+            .execute(&mut *tx)
+            .await?;
+            let gone = sqlx::query("DELETE FROM event_months WHERE name = $1")
+                .bind(&name)
+                .execute(&mut *tx)
+                .await?;
+            if gone.rows_affected() == 1 {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE {name}")))
+                    .execute(&mut *tx)
+                    .await?;
+                done.months_dropped += 1;
+            }
+            tx.commit().await?;
+        }
+        done.events_deleted = sqlx::query("DELETE FROM events_default WHERE occurred_at < $1")
+            .bind(keep_from)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        // Rollup days wholly before the horizon, in each row's own zone.
+        done.days_deleted = sqlx::query(
+            "DELETE FROM funnel_days WHERE day < ($1::timestamptz AT TIME ZONE time_zone)::date",
+        )
+        .bind(horizon)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(done)
+    }
+
     async fn rolled_up_days(
         &self,
         account_id: &str,
@@ -681,7 +813,7 @@ impl EventStore for PgEventStore {
         let previous: Vec<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
             "SELECT a.handoff_id, (SELECT max(p.occurred_at) FROM events p \
                  WHERE p.account_id = $1 AND p.stage = 'FUNNEL_STAGE_ATTEMPTED' \
-                     AND p.consumer_id = a.consumer_id AND p.handoff_id <> a.handoff_id \
+                     AND p.consumer_id = a.consumer_id AND p.consumer_id <> '' AND p.handoff_id <> a.handoff_id \
                      AND p.occurred_at < a.occurred_at \
                      AND p.occurred_at >= a.occurred_at - $5 * interval '1 hour' \
                      AND coalesce(p.position, 0) <= $2) \
@@ -803,7 +935,7 @@ impl EventStore for PgEventStore {
         .bind(account_id)
         .bind(start)
         .bind(end)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.analytic().await?)
         .await
     }
 
@@ -830,7 +962,7 @@ impl EventStore for PgEventStore {
         .bind(account_id)
         .bind(start)
         .bind(end)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.analytic().await?)
         .await
     }
 }

@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{Row, SqlitePool, migrate::Migrator};
 
 use super::{
-    ANY_EVENT_COLUMNS, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS, SeriesQuery,
-    StoredEvent, Tallies, logged_event, percentile_disc, rollup, transaction_event,
+    ANY_EVENT_COLUMNS, EXPORT_COLUMNS, EventStore, Grouping, LOGGED_COLUMNS, Maintenance,
+    SeriesQuery, StoredEvent, Tallies, logged_event, percentile_disc, rollup, transaction_event,
 };
 
 /// The SQLite schema's migrations (`migrations-sqlite/`).
@@ -274,6 +274,25 @@ impl EventStore for SqliteEventStore {
             }
         }
         Ok(tallies)
+    }
+
+    async fn maintain(
+        &self,
+        _now: DateTime<Utc>,
+        horizon: Option<DateTime<Utc>>,
+    ) -> Result<Maintenance, sqlx::Error> {
+        // One file, no partitions: what is before the horizon is deleted.
+        let Some(horizon) = horizon else {
+            return Ok(Maintenance::default());
+        };
+        let deleted = sqlx::query("DELETE FROM events WHERE occurred_at < ?1")
+            .bind(micros(horizon))
+            .execute(&self.pool)
+            .await?;
+        Ok(Maintenance {
+            events_deleted: deleted.rows_affected(),
+            ..Maintenance::default()
+        })
     }
 
     async fn export_page(
