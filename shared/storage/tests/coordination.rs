@@ -639,3 +639,102 @@ async fn the_limit_holds_when_a_primary_fails_over_to_its_replica() {
     );
     drop(cluster);
 }
+
+/// Redis Cluster only: the slot of an account's window moves to another primary while handoffs
+/// are being admitted, as `redis-cli --cluster reshard` moves it. Half-way (one of the slot's keys
+/// moved, the source answering ASK and TRYAGAIN) no decision is made on part of the window: the
+/// caller is turned away (the client times out retrying) and tries again; once the slot has
+/// moved the client follows it, and the limit of eight holds exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limit_holds_while_the_accounts_slot_moves_to_another_primary() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn ask<'a>(i: usize, ids: &'a [String], phones: &'a [String]) -> Ask<'a> {
+        Ask {
+            limit: 8,
+            ..crate::ask("acme", &ids[i], &ids[i], &phones[i])
+        }
+    }
+
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .expect("the cluster starts");
+    let settings = cluster.settings("c2mtest");
+    let c = Arc::new(RedisCoordination::new(
+        RedisHandle::new(&settings).expect("nodes"),
+    ));
+    let terms = Terms {
+        window: Duration::from_secs(120),
+        ..TERMS
+    };
+    let ids: Arc<Vec<String>> = Arc::new((0..20).map(|i| format!("h{i:02}")).collect());
+    let phones: Arc<Vec<String>> = Arc::new((0..20).map(|i| format!("+1415555{i:04}")).collect());
+    c.fill_in("acme", terms, &[], &[]).await.expect("fills in");
+    for i in 0..3 {
+        assert_eq!(admit(&*c, ask(i, &ids, &phones), terms).await, admitted());
+    }
+    let key = "c2mtest:{acme}:rl";
+    let cluster = Arc::new(cluster);
+    let migration = {
+        let cluster = cluster.clone();
+        tokio::task::spawn_blocking(move || cluster.start_migrating(key))
+            .await
+            .expect("half-way")
+    };
+    let (source, target) = (migration.source, migration.target);
+    assert!(
+        !migration.keys_left().is_empty(),
+        "keys left on the source, one moved"
+    );
+
+    // Nine more callers, one after another, each trying again until Redis decides.
+    let refusals = Arc::new(AtomicU64::new(0));
+    let callers = {
+        let (c, ids, phones, refusals) = (c.clone(), ids.clone(), phones.clone(), refusals.clone());
+        tokio::spawn(async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let mut passages = Vec::new();
+            for i in 3..12 {
+                let passage = loop {
+                    match c.admit(ask(i, &ids, &phones), terms).await {
+                        Ok(Some(decision)) => break decision.passage,
+                        Ok(None) => panic!("the window is known on whichever node holds it"),
+                        Err(error) => {
+                            refusals.fetch_add(1, Ordering::SeqCst);
+                            assert!(
+                                std::time::Instant::now() < deadline,
+                                "no answer during the migration: {error}"
+                            );
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                };
+                passages.push(passage);
+            }
+            passages
+        })
+    };
+    // The slot stays half-way until a caller has been turned away by it.
+    eventually(
+        "a caller turned away half-way",
+        Duration::from_secs(30),
+        || {
+            let refusals = refusals.clone();
+            async move { refusals.load(Ordering::SeqCst) > 0 }
+        },
+    )
+    .await;
+    tokio::task::spawn_blocking(move || migration.finish())
+        .await
+        .expect("the slot moved");
+    let passages = callers.await.expect("the callers finish");
+    let admitted_after = passages
+        .iter()
+        .filter(|p| matches!(p, Passage::Admitted { .. }))
+        .count();
+    assert_eq!(
+        admitted_after, 5,
+        "three before the migration and five during and after it fill the limit of eight: {passages:?}"
+    );
+    assert_eq!(cluster.primary_of(key), target, "moved from {source}");
+}

@@ -358,6 +358,81 @@ impl RedisCluster {
         self.until_ok(deadline);
     }
 
+    /// Starts moving the slot of `key` from its primary to another one, as `redis-cli --cluster
+    /// reshard` does, and stops half-way: the target imports the slot, the source migrates it,
+    /// and the slot's first key (by name) has moved while the others have not. Until
+    /// [`SlotMigration::finish`], a command on the moved key is answered `ASK` by the source,
+    /// and one on several keys split between the two `TRYAGAIN`.
+    pub fn start_migrating(&self, key: &str) -> SlotMigration {
+        let source = self.primary_of(key);
+        let target = self
+            .primaries()
+            .into_iter()
+            .find(|port| *port != source)
+            .expect("another primary");
+        let connect = |port: u16| {
+            redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .expect("a valid url")
+                .get_connection_with_timeout(Duration::from_secs(2))
+                .expect("connects")
+        };
+        let (mut from, mut to) = (connect(source), connect(target));
+        let id = |c: &mut redis::Connection| -> String {
+            redis::cmd("CLUSTER").arg("MYID").query(c).expect("an id")
+        };
+        let (source_id, target_id) = (id(&mut from), id(&mut to));
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut from)
+            .expect("a slot");
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("IMPORTING")
+            .arg(&source_id)
+            .exec(&mut to)
+            .expect("importing");
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("MIGRATING")
+            .arg(&target_id)
+            .exec(&mut from)
+            .expect("migrating");
+        let migration = SlotMigration {
+            slot,
+            source,
+            target,
+            target_id,
+            ports: self.nodes.iter().map(|(port, _)| *port).collect(),
+        };
+        let mut keys = migration.keys_left();
+        keys.sort();
+        if let Some(first) = keys.first() {
+            migration.migrate(std::slice::from_ref(first));
+        }
+        migration
+    }
+
+    /// The ports of the primaries serving slots now.
+    fn primaries(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .map(|(port, _)| *port)
+            .filter(|port| {
+                let info = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                    .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+                    .and_then(|mut c| {
+                        redis::cmd("INFO")
+                            .arg("replication")
+                            .query::<String>(&mut c)
+                    });
+                info.is_ok_and(|i| i.contains("role:master"))
+            })
+            .collect()
+    }
+
     /// Every node's URL.
     pub fn nodes(&self) -> Vec<String> {
         self.nodes
@@ -384,6 +459,68 @@ impl Drop for RedisCluster {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A slot half-way from one primary to another (see [`RedisCluster::start_migrating`]).
+#[derive(Debug)]
+pub struct SlotMigration {
+    pub slot: u16,
+    pub source: u16,
+    pub target: u16,
+    target_id: String,
+    ports: Vec<u16>,
+}
+
+impl SlotMigration {
+    fn connect(port: u16) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .expect("a valid url")
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .expect("connects")
+    }
+
+    /// The slot's keys still on the source.
+    pub fn keys_left(&self) -> Vec<String> {
+        redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(self.slot)
+            .arg(1000)
+            .query(&mut Self::connect(self.source))
+            .expect("the slot's keys")
+    }
+
+    fn migrate(&self, keys: &[String]) {
+        if keys.is_empty() {
+            return;
+        }
+        redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(self.target)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(keys)
+            .exec(&mut Self::connect(self.source))
+            .expect("migrated");
+    }
+
+    /// Moves the slot's other keys and gives the slot to the target on every node.
+    pub fn finish(self) {
+        self.migrate(&self.keys_left());
+        for port in [self.target, self.source]
+            .into_iter()
+            .chain(self.ports.iter().copied())
+        {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(self.slot)
+                .arg("NODE")
+                .arg(&self.target_id)
+                .exec(&mut Self::connect(port))
+                .expect("the slot given");
+        }
     }
 }
 
