@@ -16,7 +16,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::{Duration, Instant};
 
-use c2m_reporting::store::{Bucket, EventStore, Grouping, PgEventStore, SeriesQuery};
+use c2m_reporting::store::{Bucket, EventStore, Grouping, PgEventStore, SeriesQuery, StoredEvent};
 use c2m_test_support::TestDatabase;
 use chrono::Utc;
 
@@ -257,5 +257,64 @@ async fn main() {
         year_rows as f64 / year_time.as_secs_f64(),
         year_peak / 1024,
         before / 1024
+    );
+
+    // What keeping rollups costs an append: a relay's batches (25 handoffs, four events each)
+    // for an account without rollups and for one kept in a zone, interleaved.
+    let batch = |account: &str, n: u64| -> Vec<StoredEvent> {
+        (0..25)
+            .flat_map(|h| {
+                let handoff = format!("{account}-{n}-{h}");
+                let at = Utc::now();
+                [
+                    "FUNNEL_STAGE_ATTEMPTED",
+                    "FUNNEL_STAGE_SENT",
+                    "FUNNEL_STAGE_DELIVERED",
+                    "FUNNEL_STAGE_RESPONDED",
+                ]
+                .into_iter()
+                .enumerate()
+                .map(move |(i, stage)| StoredEvent {
+                    event_id: format!("{handoff}-{i}"),
+                    account_id: account.to_owned(),
+                    stage,
+                    occurred_at: at + chrono::Duration::seconds(i as i64),
+                    handoff_id: handoff.clone(),
+                    handoff_config_id: "cfg1".to_owned(),
+                    channel: "CHANNEL_SMS",
+                    skill_id: "skill1".to_owned(),
+                    conversation_id: String::new(),
+                    ivr_number: "+18005550100".to_owned(),
+                    error_code: String::new(),
+                    source: "BENCH".to_owned(),
+                    response_delay_ms: None,
+                    consumer_id: if i == 0 {
+                        format!("consumer{}", h % 7)
+                    } else {
+                        String::new()
+                    },
+                })
+            })
+            .collect()
+    };
+    store
+        .ask_zone("rolled", chrono_tz::UTC)
+        .await
+        .expect("asks");
+    let (mut plain, mut rolled) = (Duration::ZERO, Duration::ZERO);
+    let batches = 200;
+    for n in 0..batches {
+        for (account, total) in [("plain", &mut plain), ("rolled", &mut rolled)] {
+            let events = batch(account, n);
+            let started = Instant::now();
+            store.append(&events).await.expect("appends");
+            *total += started.elapsed();
+        }
+    }
+    println!(
+        "  append, a batch of 100 events: {:.2} ms without rollups, {:.2} ms kept in one zone ({:.2}×)",
+        ms(plain) / batches as f64,
+        ms(rolled) / batches as f64,
+        ms(rolled) / ms(plain)
     );
 }

@@ -35,7 +35,9 @@ CREATE TABLE events (
     PRIMARY KEY (event_id, occurred_at)
 ) PARTITION BY RANGE (occurred_at);
 CREATE INDEX events_by_account_time ON events (account_id, occurred_at);
-CREATE INDEX events_by_handoff ON events (handoff_id) WHERE handoff_id <> '';
+-- A handoff's events by account too: with only the handoff id, a plan made while an account's
+-- statistics were young read all its events by account instead (100 ms a batch, measured).
+CREATE INDEX events_by_handoff ON events (account_id, handoff_id) WHERE handoff_id <> '';
 CREATE INDEX events_by_position ON events (account_id, position) WHERE position IS NOT NULL;
 CREATE INDEX events_attempts_by_consumer ON events (account_id, consumer_id, occurred_at)
     WHERE stage = 'FUNNEL_STAGE_ATTEMPTED' AND consumer_id <> '';

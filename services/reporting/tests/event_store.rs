@@ -1107,7 +1107,7 @@ async fn retention_drops_whole_months_and_the_series_from_the_horizon_stays() {
         0
     );
 
-    let mut rng = Rng(0x5EED_0F_2027);
+    let mut rng = Rng(0x005E_ED0F_2027);
     let mut events = Vec::new();
     let mut day = utc(2027, 1, 1, 0);
     let mut h = 0;

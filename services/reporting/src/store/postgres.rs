@@ -133,33 +133,39 @@ impl PgEventStore {
                     .map(|e| step(e)),
             );
             // Repeat gaps: the new attempts', and those of the consumers' later attempts that
-            // a new one now comes just before.
+            // a new one now comes just before. Around each new attempt, its consumer's
+            // attempts from the one before it to the one after it (within a repeat window) are
+            // all `gap_changes` needs; a consumer called thousands of times costs no more.
             let consumers: Vec<&Attempt> = fresh
                 .iter()
                 .filter_map(|h| attempts.get(h))
                 .filter(|a| !a.consumer_id.is_empty())
                 .collect();
             let mut around: Vec<Attempt> = Vec::new();
-            if let (Some(first), Some(last)) = (
-                consumers.iter().map(|a| a.occurred_at).min(),
-                consumers.iter().map(|a| a.occurred_at).max(),
-            ) {
-                let window = chrono::Duration::hours(rollup::MAX_REPEAT_HOURS);
+            if !consumers.is_empty() {
                 let rows: Vec<AttemptRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {ATTEMPT_COLUMNS} FROM events WHERE account_id = $1 \
-                         AND stage = 'FUNNEL_STAGE_ATTEMPTED' AND consumer_id = ANY($2) \
-                         AND consumer_id <> '' AND handoff_id <> '' \
-                         AND occurred_at >= $3 AND occurred_at <= $4"
+                    "WITH new AS (SELECT * FROM unnest($2::text[], $3::timestamptz[]) AS n(c, t)), \
+                     bounds AS MATERIALIZED ( \
+                         SELECT n.c, \
+                             coalesce((SELECT occurred_at FROM events {of_consumer} \
+                                 AND occurred_at < n.t AND occurred_at >= n.t - $4 * interval '1 hour' \
+                                 ORDER BY occurred_at DESC LIMIT 1), n.t) AS lo, \
+                             coalesce((SELECT occurred_at FROM events {of_consumer} \
+                                 AND occurred_at > n.t AND occurred_at <= n.t + $4 * interval '1 hour' \
+                                 ORDER BY occurred_at LIMIT 1), n.t) AS hi \
+                         FROM new n) \
+                     SELECT DISTINCT e.* FROM bounds b, LATERAL ( \
+                         SELECT {ATTEMPT_COLUMNS} FROM events WHERE account_id = $1 \
+                             AND stage = 'FUNNEL_STAGE_ATTEMPTED' AND consumer_id = b.c \
+                             AND consumer_id <> '' AND handoff_id <> '' \
+                             AND occurred_at >= b.lo AND occurred_at <= b.hi) e",
+                    of_consumer = "WHERE account_id = $1 AND stage = 'FUNNEL_STAGE_ATTEMPTED' \
+                        AND consumer_id = n.c AND consumer_id <> ''",
                 )))
                 .bind(&account_id)
-                .bind(
-                    consumers
-                        .iter()
-                        .map(|a| a.consumer_id.clone())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(first - window)
-                .bind(last + window)
+                .bind(consumers.iter().map(|a| a.consumer_id.clone()).collect::<Vec<_>>())
+                .bind(consumers.iter().map(|a| a.occurred_at).collect::<Vec<_>>())
+                .bind(rollup::MAX_REPEAT_HOURS as f64)
                 .fetch_all(&mut **tx)
                 .await?;
                 around = rows.into_iter().map(attempt).collect();

@@ -272,33 +272,58 @@ pub fn stage_number(name: &str) -> i32 {
 
 /// One consumer's attempts around some new ones (`new` true), in any order: how each attempt's
 /// gap bin changes now that the new ones are here. The new attempts had none before. An attempt's
-/// gap is to the latest attempt of another handoff strictly before it.
+/// gap is to the latest attempt of another handoff strictly before it. In time order, once.
 pub fn gap_changes(
     attempts: &[(DateTime<Utc>, String, bool)],
 ) -> Vec<(usize, Option<i32>, Option<i32>)> {
-    let previous = |i: usize, with_new: bool| -> Option<DateTime<Utc>> {
-        let (at, handoff, _) = &attempts[i];
-        attempts
-            .iter()
-            .filter(|(t, h, new)| t < at && h != handoff && (with_new || !new))
-            .map(|(t, _, _)| *t)
-            .max()
-    };
-    let gap = |i: usize, p: Option<DateTime<Utc>>| {
-        p.and_then(|p| gap_hours((attempts[i].0 - p).num_microseconds().unwrap_or(i64::MAX)))
-    };
-    let mut changes = Vec::new();
-    for (i, (_, _, new)) in attempts.iter().enumerate() {
-        let now = gap(i, previous(i, true));
-        let before = if *new {
-            None
-        } else {
-            gap(i, previous(i, false))
-        };
-        if now != before {
-            changes.push((i, before, now));
+    /// The latest attempt so far, and the latest of another handoff than that one's.
+    #[derive(Default)]
+    struct Latest<'a> {
+        first: Option<(DateTime<Utc>, &'a str)>,
+        second: Option<(DateTime<Utc>, &'a str)>,
+    }
+    impl<'a> Latest<'a> {
+        fn before(&self, handoff: &str) -> Option<DateTime<Utc>> {
+            match self.first {
+                Some((t, h)) if h != handoff => Some(t),
+                _ => self.second.map(|(t, _)| t),
+            }
+        }
+        /// `at` is never earlier than what was seen.
+        fn see(&mut self, at: DateTime<Utc>, handoff: &'a str) {
+            if let Some((_, h)) = self.first
+                && h != handoff
+            {
+                self.second = self.first;
+            }
+            self.first = Some((at, handoff));
         }
     }
+    let mut order: Vec<usize> = (0..attempts.len()).collect();
+    order.sort_by_key(|i| attempts[*i].0);
+    let (mut all, mut old) = (Latest::default(), Latest::default());
+    let mut changes = Vec::new();
+    for group in order.chunk_by(|a, b| attempts[*a].0 == attempts[*b].0) {
+        for &i in group {
+            let (at, handoff, new) = &attempts[i];
+            let gap = |p: Option<DateTime<Utc>>| {
+                p.and_then(|p| gap_hours((*at - p).num_microseconds().unwrap_or(i64::MAX)))
+            };
+            let now = gap(all.before(handoff));
+            let before = if *new { None } else { gap(old.before(handoff)) };
+            if now != before {
+                changes.push((i, before, now));
+            }
+        }
+        for &i in group {
+            let (at, handoff, new) = &attempts[i];
+            all.see(*at, handoff);
+            if !new {
+                old.see(*at, handoff);
+            }
+        }
+    }
+    changes.sort_by_key(|c| c.0);
     changes
 }
 
@@ -344,6 +369,60 @@ mod tests {
             (d.count, d.p50, d.p90, d.p99),
             (5, 30, bin(1000), bin(1000))
         );
+    }
+
+    /// What `gap_changes` answers, the slow way: every attempt against every other.
+    fn gap_changes_naively(
+        attempts: &[(DateTime<Utc>, String, bool)],
+    ) -> Vec<(usize, Option<i32>, Option<i32>)> {
+        let previous = |i: usize, with_new: bool| {
+            let (at, handoff, _) = &attempts[i];
+            attempts
+                .iter()
+                .filter(|(t, h, new)| t < at && h != handoff && (with_new || !new))
+                .map(|(t, _, _)| *t)
+                .max()
+        };
+        let gap = |i: usize, p: Option<DateTime<Utc>>| {
+            p.and_then(|p| gap_hours((attempts[i].0 - p).num_microseconds().unwrap_or(i64::MAX)))
+        };
+        (0..attempts.len())
+            .filter_map(|i| {
+                let now = gap(i, previous(i, true));
+                let before = if attempts[i].2 {
+                    None
+                } else {
+                    gap(i, previous(i, false))
+                };
+                (now != before).then_some((i, before, now))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gap_changes_agree_with_comparing_every_pair() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..500 {
+            let attempts: Vec<(DateTime<Utc>, String, bool)> = (0..1 + next(12))
+                .map(|_| {
+                    // Hours apart on a coarse grid, so that ties and handoffs seen twice happen.
+                    let at =
+                        DateTime::<Utc>::UNIX_EPOCH + chrono::Duration::hours(next(40) as i64 * 90);
+                    (at, format!("h{}", next(8)), next(3) == 0)
+                })
+                .collect();
+            assert_eq!(
+                gap_changes(&attempts),
+                gap_changes_naively(&attempts),
+                "{attempts:?}"
+            );
+        }
     }
 
     #[test]
