@@ -253,7 +253,16 @@ async fn migrations_give_each_service_its_own_schema_and_rerun_cleanly() {
     );
     assert_eq!(
         in_schema("reporting"),
-        ["_sqlx_migrations", "event_log_heads", "events"]
+        [
+            "_sqlx_migrations",
+            "event_log_heads",
+            "event_months",
+            "events",
+            "events_before_partitions",
+            "events_default",
+            "funnel_days",
+            "funnel_zones"
+        ]
     );
     assert!(
         in_schema("public").is_empty(),
