@@ -117,6 +117,49 @@ async fn a_redis_that_died_does_not_let_a_second_handoff_message_the_consumer() 
     story.stop().await;
 }
 
+/// The same on a Redis Cluster: every node dies between two calls for one consumer. The client
+/// finds no node to ask, Handoff decides from its memory and PostgreSQL's handoffs, and the
+/// consumer still gets one message; another consumer is deflected meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_that_died_does_not_let_a_second_handoff_message_the_consumer() {
+    let cluster = tokio::task::spawn_blocking(c2m_test_support::RedisCluster::start)
+        .await
+        .expect("the cluster starts");
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            redis_cluster_nodes: Some(cluster.nodes()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    let consumer = "+14155550720";
+    let first = story
+        .deflect(handoff_request("acme", consumer, "cluster-died-1"), &key)
+        .await;
+    assert_eq!(first.status, HandoffStatus::Sent as i32);
+
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .expect("every node killed");
+    let second = story
+        .deflect(handoff_request("acme", consumer, "cluster-died-2"), &key)
+        .await;
+    assert_eq!(second.status, HandoffStatus::SkippedRecentHandoff as i32);
+    assert_eq!(second.duplicate_of, first.handoff_id);
+    assert_eq!(sms_to(&story, consumer), 1, "one message");
+    let other = story
+        .deflect(
+            handoff_request("acme", "+14155550721", "cluster-died-3"),
+            &key,
+        )
+        .await;
+    assert_eq!(other.status, HandoffStatus::Sent as i32);
+    assert_eq!(sms_to(&story, "+14155550721"), 1);
+    story.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_that_sent_nothing_gives_the_consumer_back() {
     let story = Story::start(Topology::Dev).await;
