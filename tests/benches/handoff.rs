@@ -5,7 +5,9 @@
 //! asserts nothing.
 //!
 //! Knobs (environment): C2M_BENCH_CALLERS (64), C2M_BENCH_ACCOUNTS (8), C2M_BENCH_SECONDS (10),
-//! C2M_BENCH_RATE (1000, the fixed arrival rate of the latency phase), C2M_BENCH_TOPOLOGY
+//! C2M_BENCH_RATE (1000, the fixed arrival rate of the latency phase; `half`: half what the
+//! closed loop achieved in the same run), C2M_BENCH_FIXED_SECONDS (the fixed-rate phase's length,
+//! C2M_BENCH_SECONDS unless set: 600 with `half` is the soak #20 asks for), C2M_BENCH_TOPOLOGY
 //! (`separate`, `dev` for every role in one server calling the others in process, or `embedded`
 //! for `c2m dev` with nothing configured: SQLite files and no Redis),
 //! C2M_BENCH_WORKERS (2, the runtime's worker threads, which the servers and the callers share),
@@ -360,7 +362,9 @@ fn main() {
     let callers = knob("C2M_BENCH_CALLERS", 64);
     let account_count = knob("C2M_BENCH_ACCOUNTS", 8);
     let seconds = knob("C2M_BENCH_SECONDS", 10);
-    let rate = knob("C2M_BENCH_RATE", 1000);
+    let half = std::env::var("C2M_BENCH_RATE").is_ok_and(|r| r == "half");
+    let mut rate = knob("C2M_BENCH_RATE", 1000);
+    let fixed_seconds = knob("C2M_BENCH_FIXED_SECONDS", seconds);
     // `separate` (the default): five servers calling each other over gRPC, as five Deployments
     // do; `dev`: all roles in one server calling each other in process, as `c2m dev` does.
     let topology = std::env::var("C2M_BENCH_TOPOLOGY").unwrap_or_default();
@@ -460,9 +464,13 @@ fn main() {
                 .sum::<u64>()
                 - delta("info")
                 - delta("ping");
-            let rate = done as f64 / seconds as f64;
-            throughput = Some(rate);
-            println!("  closed loop: {rate:.0} handoffs/s ({done} handoffs, {failed} failed)");
+            let achieved = done as f64 / seconds as f64;
+            throughput = Some(achieved);
+            if half {
+                // The soak's rate: half the capacity just measured.
+                rate = (achieved / 2.0).round() as u64;
+            }
+            println!("  closed loop: {achieved:.0} handoffs/s ({done} handoffs, {failed} failed)");
             println!(
                 "    latency p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms",
                 ms(percentile(&latencies, 0.50)),
@@ -489,7 +497,7 @@ fn main() {
                 sampling.clone(),
             ));
             let (achieved, fixed, failed) =
-                open_loop(&client, &accounts, rate, seconds, &in_flight).await;
+                open_loop(&client, &accounts, rate, fixed_seconds, &in_flight).await;
             sampling.cancel();
             let samples = sampler.await.expect("the sampler");
             let cpu = cpu_before.report(&Cpu::now(), fixed.len() + failed);
@@ -538,6 +546,8 @@ fn main() {
 /// What the fixed-rate phase's sampler saw.
 struct Samples {
     in_flight: Vec<u64>,
+    /// This process's resident memory (kB) once a second, with the seconds since the start.
+    rss_kb: Vec<(u64, u64)>,
     /// Busy PostgreSQL connections (`None`: no PostgreSQL in this run).
     connections: Option<Vec<i64>>,
 }
@@ -563,7 +573,22 @@ impl std::fmt::Display for Samples {
                 )
             }
             None => write!(f, "; no PostgreSQL"),
+        }?;
+        // Growth: the last sample against the first a minute in (or the first, in a short run).
+        let mb = |kb: u64| kb as f64 / 1024.0;
+        let minute = self.rss_kb.iter().find(|(at, _)| *at >= 60);
+        if let (Some((from, first)), Some((to, last))) =
+            (minute.or(self.rss_kb.first()), self.rss_kb.last())
+        {
+            write!(
+                f,
+                "\n    RSS at {from} s {:.0} MB, at {to} s {:.0} MB: {:+.1} %",
+                mb(*first),
+                mb(*last),
+                (*last as f64 / (*first).max(1) as f64 - 1.0) * 100.0
+            )?;
         }
+        Ok(())
     }
 }
 
@@ -585,14 +610,20 @@ async fn sample(
         None => None,
     };
     let mut samples = Samples {
+        rss_kb: Vec::new(),
         in_flight: Vec::new(),
         connections: watcher.as_ref().map(|_| Vec::new()),
     };
     let mut every = tokio::time::interval(Duration::from_millis(10));
+    let started = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return samples,
             _ = every.tick() => {}
+        }
+        let second = started.elapsed().as_secs();
+        if samples.rss_kb.last().is_none_or(|(at, _)| *at < second) {
+            samples.rss_kb.push((second, status_kb("VmRSS:")));
         }
         samples.in_flight.push(in_flight.load(Ordering::Relaxed));
         if let (Some(watcher), Some(busy)) = (watcher.as_mut(), samples.connections.as_mut()) {
