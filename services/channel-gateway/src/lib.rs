@@ -22,6 +22,8 @@ mod retry;
 mod sandbox;
 mod sending;
 mod store;
+#[cfg(test)]
+mod store_conformance;
 pub mod twilio;
 mod webhooks;
 mod window;

@@ -19,6 +19,8 @@ mod leases;
 mod log;
 mod rest;
 mod store;
+#[cfg(test)]
+mod store_conformance;
 
 use std::{sync::Arc, time::Duration};
 

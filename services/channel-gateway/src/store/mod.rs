@@ -2,12 +2,10 @@
 //! report (stored in the inbox, the message moved forward, its events written, all at once),
 //! [`GatewayTx`]. The rules (which id is whose, how far a stage moves) are the callers'; the
 //! store reads and writes. PostgreSQL is `postgres`; the embedded default's SQLite is `sqlite`;
-//! `tests` holds both to the same answers.
+//! `store_conformance` (beside the callers whose rules it runs) holds both to the same answers.
 
 mod postgres;
 mod sqlite;
-#[cfg(test)]
-mod tests;
 
 pub(crate) use postgres::PgGatewayStore;
 pub(crate) use sqlite::SqliteGatewayStore;

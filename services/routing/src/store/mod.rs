@@ -4,12 +4,10 @@
 //! consent change), each change written with its funnel events and its conversation-log events
 //! or not at all. The rules of each change (who may, what it logs) are the callers'; the store
 //! only reads and writes. PostgreSQL is `postgres`; the embedded default's SQLite is `sqlite`;
-//! `tests` holds both to the same answers.
+//! `store_conformance` (beside the callers whose rules it runs) holds both to the same answers.
 
 mod postgres;
 mod sqlite;
-#[cfg(test)]
-mod tests;
 
 pub(crate) use postgres::PgRoutingStore;
 pub use sqlite::SqliteRoutingStore;

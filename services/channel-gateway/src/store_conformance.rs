@@ -10,8 +10,8 @@ use c2m_storage::{ServiceDb, batch::Statement};
 use c2m_test_support::TestDatabase;
 use chrono::{DateTime, Utc};
 
-use super::{GatewayStore, Outbound, PgGatewayStore, SqliteGatewayStore};
 use crate::messages::{Claim, Claims, Records, StatusReport, advance};
+use crate::store::{GatewayStore, Outbound, PgGatewayStore, SqliteGatewayStore};
 
 enum Kept {
     Postgres {

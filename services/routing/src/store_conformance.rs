@@ -11,11 +11,11 @@ use c2m_storage::ServiceDb;
 use c2m_test_support::TestDatabase;
 use chrono::{DateTime, Utc};
 
-use super::{
+use crate::conversations::{self, Inbound};
+use crate::store::{
     Change, Deflection, Listing, NewConversation, NewEntry, PgRoutingStore, RoutingStore,
     SqliteRoutingStore,
 };
-use crate::conversations::{self, Inbound};
 
 enum Kept {
     Postgres {
