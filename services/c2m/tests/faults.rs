@@ -22,6 +22,34 @@ use support::{
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
+/// Sends `call` and waits until Twilio holds its message (the emulator never answers it), then
+/// kills `server` with SIGKILL: the IVR's call breaks off.
+async fn crash_while_twilio_holds(
+    channel: &Channel,
+    twilio: &TwilioEmulator,
+    api_key: &str,
+    call: pb::CreateHandoffRequest,
+    server: support::dev::Dev,
+) {
+    twilio.stall_next();
+    let mut client = HandoffServiceClient::new(channel.clone());
+    let call = {
+        let request = authed(call, api_key);
+        tokio::spawn(async move { client.create_handoff(request).await })
+    };
+    eventually(
+        "twilio has the message",
+        Duration::from_secs(10),
+        || async { twilio.sent().len() == 1 },
+    )
+    .await;
+    server.kill9().await;
+    assert!(
+        call.await.expect("joins").is_err(),
+        "the IVR's call broke off"
+    );
+}
+
 /// The IVR's retries under one key while the answer says "retry" (or the server is away),
 /// after the delay it carries, for up to 30 s.
 async fn retry_until_answered(
@@ -87,23 +115,14 @@ async fn a_crash_while_the_provider_holds_the_message_does_not_send_it_twice() {
     let api_key = onboard(&channel, &twilio).await;
     let consumer = "+14155550800";
 
-    twilio.stall_next();
-    let mut client = HandoffServiceClient::new(channel.clone());
-    let call = {
-        let request = authed(request(consumer, "crash-1"), &api_key);
-        tokio::spawn(async move { client.create_handoff(request).await })
-    };
-    eventually(
-        "twilio has the message",
-        Duration::from_secs(10),
-        || async { twilio.sent().len() == 1 },
+    crash_while_twilio_holds(
+        &channel,
+        &twilio,
+        &api_key,
+        request(consumer, "crash-1"),
+        first,
     )
     .await;
-    first.kill9().await;
-    assert!(
-        call.await.expect("joins").is_err(),
-        "the IVR's call broke off"
-    );
 
     let second = start(&db, &redis, &env).await;
     let channel = second.until_serving().await;
@@ -154,23 +173,14 @@ async fn embedded_a_crash_while_the_provider_holds_the_message_does_not_send_it_
     let api_key = onboard(&channel, &twilio).await;
     let consumer = "+14155550801";
 
-    twilio.stall_next();
-    let mut client = HandoffServiceClient::new(channel.clone());
-    let call = {
-        let request = authed(request(consumer, "crash-embedded"), &api_key);
-        tokio::spawn(async move { client.create_handoff(request).await })
-    };
-    eventually(
-        "twilio has the message",
-        Duration::from_secs(10),
-        || async { twilio.sent().len() == 1 },
+    crash_while_twilio_holds(
+        &channel,
+        &twilio,
+        &api_key,
+        request(consumer, "crash-embedded"),
+        first,
     )
     .await;
-    first.kill9().await;
-    assert!(
-        call.await.expect("joins").is_err(),
-        "the IVR's call broke off"
-    );
 
     let second = support::dev::Dev::embedded(data.path(), &env).await;
     let channel = second.until_serving().await;
