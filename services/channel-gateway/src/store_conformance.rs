@@ -489,3 +489,82 @@ async fn the_last_message_of_a_consumer_and_a_numbers_line_type_are_kept(b: &Bac
     assert_eq!(kind, LineType::Mobile);
     assert!((Utc::now() - when).num_seconds().abs() < 60);
 }
+
+/// PostgreSQL only: recording outcomes on a table that grew after the statement was first run
+/// (on an empty table, as every deployment starts) finds the rows by their key instead of
+/// scanning the table. A plan kept from the first run read the whole table for every batch, and a
+/// soak spent most of PostgreSQL's CPU there. Read from the table's statistics, as PostgreSQL
+/// counts rows read by sequential scans.
+#[tokio::test]
+async fn outcomes_are_recorded_by_key_on_a_table_that_grew_since_the_first_batch() {
+    const GROWN: i64 = 20_000;
+    let b = Backend::postgres().await;
+    let Kept::Postgres { db, .. } = &b.kept else {
+        unreachable!("a PostgreSQL backend")
+    };
+    // Both batch connections plan the statement while the table is empty, each more than the
+    // five runs after which PostgreSQL may keep a plan.
+    for round in 0..6 {
+        let batch = |n: usize| {
+            let store = b.store.clone();
+            async move {
+                let first = claim("acme", &format!("m-warm-{round}-{n}"), 10);
+                store.claim(&[first.clone()]).await.expect("claims");
+                store
+                    .record(&[outcome(&first, FunnelStage::Sent)])
+                    .await
+                    .expect("records");
+            }
+        };
+        tokio::join!(batch(0), batch(1));
+    }
+    sqlx::query(
+        "INSERT INTO outbound_messages (message_id, account_id, channel, stage) \
+         SELECT 'm-old-' || n, 'acme', 'CHANNEL_SMS', 'FUNNEL_STAGE_DELIVERED' \
+         FROM generate_series(1, $1) AS n",
+    )
+    .bind(GROWN)
+    .execute(db.pool())
+    .await
+    .expect("the table grows");
+    let claims: Vec<Arc<Outbound>> = (0..8)
+        .map(|n| claim("acme", &format!("m-new-{n}"), 10))
+        .collect();
+    b.store.claim(&claims).await.expect("claims");
+    for _ in 0..2 {
+        let recorded = b
+            .store
+            .record(
+                &claims
+                    .iter()
+                    .map(|c| outcome(c, FunnelStage::Sent))
+                    .collect::<Vec<_>>(),
+            )
+            .await
+            .expect("records");
+        assert_eq!(recorded.len(), claims.len());
+    }
+    // Statistics reach the shared counters some seconds after a connection goes idle, the
+    // updates with the reads of the same statements: wait for the updates, then read the reads.
+    let updated = 12 + 2 * claims.len() as i64;
+    let stats = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT n_tup_upd, seq_tup_read FROM pg_stat_user_tables \
+             WHERE relname = 'outbound_messages'",
+        )
+        .fetch_one(db.pool())
+        .await
+        .expect("statistics")
+    };
+    c2m_test_support::eventually(
+        "the updates are counted",
+        std::time::Duration::from_secs(30),
+        || async { stats().await.0 >= updated },
+    )
+    .await;
+    let (_, scanned) = stats().await;
+    assert!(
+        scanned < GROWN,
+        "{scanned} rows read by sequential scans: a batch scanned the grown table"
+    );
+}

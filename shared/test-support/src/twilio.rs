@@ -44,6 +44,9 @@ impl SentSms {
 struct State_ {
     accounts: HashMap<String, String>,
     sent: Vec<SentSms>,
+    /// Messages accepted but not kept (see [`TwilioEmulator::keep_only_counts`]).
+    forgotten: usize,
+    keep_only_counts: bool,
     refuse_next: Option<(u16, u32, String)>,
     counter: u64,
     line_types: HashMap<String, String>,
@@ -292,13 +295,17 @@ fn take_message(
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    state.sent.push(SentSms {
-        sid,
-        account_sid,
-        form,
-        media_urls,
-        traceparent,
-    });
+    if state.keep_only_counts {
+        state.forgotten += 1;
+    } else {
+        state.sent.push(SentSms {
+            sid,
+            account_sid,
+            form,
+            media_urls,
+            traceparent,
+        });
+    }
     (StatusCode::CREATED, Json(reply)).into_response()
 }
 
@@ -466,6 +473,19 @@ impl TwilioEmulator {
     /// Send requests received, accepted or not.
     pub fn requests(&self) -> usize {
         self.state.lock().expect("emulator state").requests
+    }
+
+    /// From now on, counts the messages it accepts without keeping them: a long benchmark then
+    /// measures the servers' memory, not the emulator's record. [`Self::sent`] lists only the
+    /// messages kept before; [`Self::accepted`] counts all.
+    pub fn keep_only_counts(&self) {
+        self.state.lock().expect("emulator state").keep_only_counts = true;
+    }
+
+    /// How many messages it accepted, kept or not.
+    pub fn accepted(&self) -> usize {
+        let state = self.state.lock().expect("emulator state");
+        state.sent.len() + state.forgotten
     }
 
     /// Every message accepted so far.
