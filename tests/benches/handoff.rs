@@ -7,7 +7,8 @@
 //! Knobs (environment): C2M_BENCH_CALLERS (64), C2M_BENCH_ACCOUNTS (8), C2M_BENCH_SECONDS (10),
 //! C2M_BENCH_RATE (1000, the fixed arrival rate of the latency phase; `half`: half what the
 //! closed loop achieved in the same run), C2M_BENCH_FIXED_SECONDS (the fixed-rate phase's length,
-//! C2M_BENCH_SECONDS unless set: 600 with `half` is the soak #20 asks for), C2M_BENCH_TOPOLOGY
+//! C2M_BENCH_SECONDS unless set: 600 with `half` is the soak #20 asks for; a phase of a minute or
+//! more prints a line every C2M_BENCH_REPORT_SECONDS, 30), C2M_BENCH_TOPOLOGY
 //! (`separate`, `dev` for every role in one server calling the others in process, or `embedded`
 //! for `c2m dev` with nothing configured: SQLite files and no Redis),
 //! C2M_BENCH_WORKERS (2, the runtime's worker threads, which the servers and the callers share),
@@ -145,39 +146,67 @@ async fn closed_loop(
     split(all)
 }
 
+/// What the fixed-rate phase's handoffs recorded as they ended: a few bytes each, so a
+/// ten-minute soak measures the servers' memory rather than its own bookkeeping.
+#[derive(Default)]
+struct Outcomes {
+    /// Latencies of the successes in microseconds, in the order they ended.
+    ok_us: Vec<u32>,
+    failed: usize,
+}
+
+impl Outcomes {
+    fn record(&mut self, outcome: Result<Duration, tonic::Code>) {
+        match outcome {
+            Ok(took) => self
+                .ok_us
+                .push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX)),
+            Err(_) => self.failed += 1,
+        }
+    }
+}
+
 /// One handoff started every 1/rate s for `seconds`, whatever the answers; (completions per
-/// second, sorted latencies of successes, failures).
+/// second, sorted latencies of successes, failures). Each handoff records its outcome in
+/// `outcomes` as it ends, and `in_flight` counts those still waiting.
 async fn open_loop(
     client: &HandoffServiceClient<Channel>,
     accounts: &Arc<Accounts>,
     rate: u64,
     seconds: u64,
     in_flight: &Arc<AtomicU64>,
+    outcomes: &Arc<std::sync::Mutex<Outcomes>>,
 ) -> (f64, Vec<Duration>, usize) {
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let total = rate * seconds;
     let started = Instant::now();
-    let mut tasks = Vec::with_capacity(total as usize);
-    for _ in 0..total {
+    // Not a JoinHandle per handoff: a finished task's memory stays until it is joined.
+    let handoffs = tokio_util::task::TaskTracker::new();
+    for _ in 0..rate * seconds {
         ticker.tick().await;
         let mut client = client.clone();
         let accounts = accounts.clone();
         let in_flight = in_flight.clone();
-        tasks.push(tokio::spawn(async move {
+        let outcomes = outcomes.clone();
+        handoffs.spawn(async move {
             in_flight.fetch_add(1, Ordering::Relaxed);
-            let done = handoff_once(&mut client, &accounts).await;
+            let outcome = handoff_once(&mut client, &accounts).await;
             in_flight.fetch_sub(1, Ordering::Relaxed);
-            done
-        }));
+            outcomes.lock().expect("outcomes").record(outcome);
+        });
     }
-    let mut all = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        all.push(task.await.expect("handoff"));
-    }
-    let achieved = all.len() as f64 / started.elapsed().as_secs_f64();
-    let (ok, failed) = split(all);
-    (achieved, ok, failed)
+    handoffs.close();
+    handoffs.wait().await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
+    let achieved = (outcomes.ok_us.len() + outcomes.failed) as f64 / elapsed;
+    let mut ok: Vec<Duration> = outcomes
+        .ok_us
+        .iter()
+        .map(|&us| Duration::from_micros(us.into()))
+        .collect();
+    ok.sort();
+    (achieved, ok, outcomes.failed)
 }
 
 /// The same closed loop against a bare tonic unary service (health Check, no layers).
@@ -445,6 +474,8 @@ fn main() {
             panic!("C2M_BENCH_PROVIDER_LATENCY={latency}: none, fixed:<ms> or lognormal:<median ms>:<p99 ms>")
         });
         story.twilio.set_latency(provider);
+        // Counted, not kept: the soak measures the servers' memory, not the emulator's record.
+        story.twilio.keep_only_counts();
         println!("  provider latency (Twilio's emulator): {latency}");
         let mut throughput = None;
         if phase("closed") {
@@ -491,13 +522,27 @@ fn main() {
             // transaction (none may be held across a provider's answer).
             let in_flight = Arc::new(AtomicU64::new(0));
             let sampling = tokio_util::sync::CancellationToken::new();
+            let outcomes = Arc::new(std::sync::Mutex::new(Outcomes::default()));
             let sampler = tokio::spawn(sample(
                 in_flight.clone(),
                 (!embedded).then(|| story.db.url().to_owned()),
+                outcomes.clone(),
+                // A line per half minute in a long phase, to see a trend.
+                Some(knob("C2M_BENCH_REPORT_SECONDS", 30)).filter(|_| fixed_seconds >= 60),
                 sampling.clone(),
             ));
-            let (achieved, fixed, failed) =
-                open_loop(&client, &accounts, rate, fixed_seconds, &in_flight).await;
+            let database = (!embedded).then(|| story.db.url().to_owned());
+            let scans_before = table_reads(database.as_deref()).await;
+            let accepted_before = story.twilio.accepted();
+            let (achieved, fixed, failed) = open_loop(
+                &client,
+                &accounts,
+                rate,
+                fixed_seconds,
+                &in_flight,
+                &outcomes,
+            )
+            .await;
             sampling.cancel();
             let samples = sampler.await.expect("the sampler");
             let cpu = cpu_before.report(&Cpu::now(), fixed.len() + failed);
@@ -508,7 +553,32 @@ fn main() {
                 ms(percentile(&fixed, 0.999))
             );
             println!("    {cpu}");
+            println!(
+                "    Twilio's emulator accepted {} messages for these {} handoffs ({} answered SENT)",
+                story.twilio.accepted() - accepted_before,
+                fixed.len() + failed,
+                fixed.len()
+            );
             println!("    {samples}");
+            // A statement that scans a table grows with it: the soak's first suspect.
+            let scans_after = table_reads(database.as_deref()).await;
+            let mut scanned: Vec<(&String, i64, i64)> = scans_after
+                .iter()
+                .map(|(table, &(read, dead))| {
+                    (table, read - scans_before.get(table).map_or(0, |b| b.0), dead)
+                })
+                .filter(|(_, read, _)| *read > 0)
+                .collect();
+            scanned.sort_by_key(|(_, read, _)| -read);
+            if !scanned.is_empty() {
+                println!("    rows read by sequential scans per handoff (dead rows at the end):");
+            }
+            for (table, read, dead) in scanned.into_iter().take(4) {
+                println!(
+                    "      {:10.1} {table} ({dead} dead)",
+                    read as f64 / (fixed.len() + failed).max(1) as f64
+                );
+            }
         }
         let echo = if phase("echo") {
             Some(echo_baseline(callers, seconds).await)
@@ -550,6 +620,10 @@ struct Samples {
     rss_kb: Vec<(u64, u64)>,
     /// Busy PostgreSQL connections (`None`: no PostgreSQL in this run).
     connections: Option<Vec<i64>>,
+    /// How often each statement was seen running, by what it was doing (`cpu` or the wait event):
+    /// a sampling profile of PostgreSQL's time, with the number of samples.
+    statements: std::collections::HashMap<(String, String), u64>,
+    ticks: u64,
 }
 
 impl std::fmt::Display for Samples {
@@ -588,15 +662,34 @@ impl std::fmt::Display for Samples {
                 (*last as f64 / (*first).max(1) as f64 - 1.0) * 100.0
             )?;
         }
+        if !self.statements.is_empty() {
+            let mut seen: Vec<_> = self.statements.iter().collect();
+            seen.sort_by(|a, b| b.1.cmp(a.1));
+            write!(
+                f,
+                "\n    PostgreSQL's statements seen running (connections on average, of {} samples):",
+                self.ticks
+            )?;
+            for ((doing, statement), n) in seen.into_iter().take(12) {
+                write!(
+                    f,
+                    "\n      {:5.2} {doing:<24} {statement}",
+                    *n as f64 / self.ticks.max(1) as f64
+                )?;
+            }
+        }
         Ok(())
     }
 }
 
-/// Samples the handoffs in flight and, given the run's database, its busy connections, every
-/// 10 ms until `stop`.
+/// Samples the handoffs in flight and, given the run's database, its busy connections and what
+/// they run, every 10 ms until `stop`. Given `every`, prints a line per that many seconds: the
+/// handoffs that ended in it, their p50 and p99, and the state now.
 async fn sample(
     in_flight: Arc<AtomicU64>,
     database: Option<String>,
+    outcomes: Arc<std::sync::Mutex<Outcomes>>,
+    every: Option<u64>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Samples {
     use sqlx::Connection;
@@ -613,30 +706,91 @@ async fn sample(
         rss_kb: Vec::new(),
         in_flight: Vec::new(),
         connections: watcher.as_ref().map(|_| Vec::new()),
+        statements: std::collections::HashMap::new(),
+        ticks: 0,
     };
-    let mut every = tokio::time::interval(Duration::from_millis(10));
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
     let started = std::time::Instant::now();
+    // Where the last window's line left off: seconds, successes, failures, samples.
+    let mut window = (0, 0, 0, 0);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return samples,
-            _ = every.tick() => {}
+            _ = tick.tick() => {}
         }
         let second = started.elapsed().as_secs();
         if samples.rss_kb.last().is_none_or(|(at, _)| *at < second) {
             samples.rss_kb.push((second, status_kb("VmRSS:")));
         }
         samples.in_flight.push(in_flight.load(Ordering::Relaxed));
+        samples.ticks += 1;
         if let (Some(watcher), Some(busy)) = (watcher.as_mut(), samples.connections.as_mut()) {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+            let running: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT state, coalesce(wait_event_type || ':' || wait_event, 'cpu'), \
+                        left(regexp_replace(query, '\\s+', ' ', 'g'), 110) \
+                 FROM pg_stat_activity WHERE datname = current_database() \
                  AND pid <> pg_backend_pid() AND state IN ('active', 'idle in transaction')",
             )
-            .fetch_one(&mut *watcher)
+            .fetch_all(&mut *watcher)
             .await
             .expect("pg_stat_activity");
-            busy.push(n);
+            busy.push(running.len() as i64);
+            for (state, doing, statement) in running {
+                let doing = if state == "active" { doing } else { state };
+                *samples.statements.entry((doing, statement)).or_default() += 1;
+            }
+        }
+        if every.is_some_and(|e| second >= window.0 + e) {
+            let (ok, failed) = {
+                let outcomes = outcomes.lock().expect("outcomes");
+                let mut ok = outcomes.ok_us[window.1..].to_vec();
+                ok.sort_unstable();
+                window.1 = outcomes.ok_us.len();
+                let failed = outcomes.failed - window.2;
+                window.2 = outcomes.failed;
+                (ok, failed)
+            };
+            let at = |q: f64| {
+                ok.get(((ok.len().max(1) - 1) as f64 * q).round() as usize)
+                    .map_or(0.0, |&us| us as f64 / 1000.0)
+            };
+            let busy = samples.connections.as_ref().map_or(0.0, |b| {
+                let b = &b[window.3.min(b.len())..];
+                b.iter().sum::<i64>() as f64 / b.len().max(1) as f64
+            });
+            window.3 = samples.ticks as usize;
+            println!(
+                "    [{second:>4} s] ended {:.0}/s, {failed} failed; p50 {:.0} ms, p99 {:.0} ms; in flight {}; PostgreSQL busy {busy:.1}; RSS {} MB",
+                (ok.len() + failed) as f64 / (second - window.0).max(1) as f64,
+                at(0.5),
+                at(0.99),
+                in_flight.load(Ordering::Relaxed),
+                status_kb("VmRSS:") / 1024
+            );
+            window.0 = second;
         }
     }
+}
+
+/// Rows read by sequential scans so far and dead rows now, per table of the run's database.
+async fn table_reads(database: Option<&str>) -> std::collections::HashMap<String, (i64, i64)> {
+    use sqlx::Connection;
+
+    let Some(url) = database else {
+        return Default::default();
+    };
+    let mut connection = sqlx::PgConnection::connect(url)
+        .await
+        .expect("connects for table statistics");
+    sqlx::query_as::<_, (String, i64, i64)>(
+        "SELECT schemaname || '.' || relname, seq_tup_read, n_dead_tup FROM pg_stat_user_tables",
+    )
+    .fetch_all(&mut connection)
+    .await
+    .expect("pg_stat_user_tables")
+    .into_iter()
+    .map(|(table, read, dead)| (table, (read, dead)))
+    .collect()
 }
 
 /// A line of /proc/self/status in kB (0 where there is none).
