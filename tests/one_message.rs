@@ -630,3 +630,60 @@ async fn postgresql_cutting_every_connection_under_load_costs_no_message_twice_a
         .await;
     story.stop().await;
 }
+
+/// A replica running `handoff.max_in_progress` handoffs refuses the next at once: RESOURCE_EXHAUSTED
+/// with reason OVERLOADED and a retry delay, nothing written and nothing sent. A handoff whose IVR
+/// stopped waiting still holds its place until it ends, so an overload cannot pile up work that no
+/// caller waits for; once it ends, the refused request's retry sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_at_its_limit_of_handoffs_refuses_at_once_and_sends_nothing() {
+    let story = Story::start_with(
+        Topology::Dev,
+        Options {
+            max_handoffs_in_progress: Some(1),
+            peer_timeout_ms: Some(20_000),
+            provider_timeout_ms: Some(20_000),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    let (first, second) = ("+14155550730", "+14155550731");
+
+    // The first handoff's IVR gives up while Twilio holds its message: the handoff runs on.
+    let hold = story.twilio.hold_next();
+    let mut impatient = authed(handoff_request("acme", first, "limit-1"), &key);
+    impatient.set_timeout(Duration::from_millis(300));
+    story
+        .handoff()
+        .await
+        .create_handoff(impatient)
+        .await
+        .expect_err("the IVR stopped waiting");
+    c2m_test_support::eventually(
+        "the first message at Twilio",
+        Duration::from_secs(10),
+        || async { story.twilio.requests() == 1 },
+    )
+    .await;
+
+    let request = handoff_request("acme", second, "limit-2");
+    let refused = story
+        .handoff()
+        .await
+        .create_handoff(authed(request.clone(), &key))
+        .await
+        .expect_err("the replica is at its limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let info = refused.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "OVERLOADED");
+    assert_eq!(info.metadata["max_in_progress"], "1");
+    assert!(refused.get_details_retry_info().is_some(), "{refused:?}");
+    assert_eq!(story.twilio.requests(), 1, "nothing sent for the refused");
+
+    hold.release();
+    let sent = story.deflect_retrying(request, &key).await;
+    assert_eq!(sent.status, HandoffStatus::Sent as i32);
+    assert_eq!(sms_to(&story, first), 1);
+    assert_eq!(sms_to(&story, second), 1);
+}

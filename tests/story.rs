@@ -65,6 +65,8 @@ pub struct Options {
     pub unconfirmed_fallback_ms: Option<u64>,
     /// `routing.idle_sweep_ms`.
     pub idle_sweep_ms: Option<u64>,
+    /// `handoff.max_in_progress`.
+    pub max_handoffs_in_progress: Option<u32>,
     /// `[webhooks]`.
     pub webhooks: Option<c2m_config::webhooks::WebhookSettings>,
     /// `database.reporting.url`: Reporting on a database of its own.
@@ -180,6 +182,9 @@ impl Story {
         }
         if let Some(window) = options.unconfirmed_fallback_ms {
             config.handoff.unconfirmed_fallback_ms = window;
+        }
+        if let Some(places) = options.max_handoffs_in_progress {
+            config.handoff.max_in_progress = places;
         }
         if let Some(webhooks) = options.webhooks {
             config.webhooks = webhooks;
@@ -672,11 +677,16 @@ impl Story {
                 .await
             {
                 Ok(answer) => return answer.into_inner().handoff.expect("a handoff"),
+                // What failures.md tells an IVR to retry: a handoff under way, a part away, a
+                // replica at its limit of handoffs.
                 Err(status)
-                    if matches!(
+                    if (matches!(
                         status.code(),
                         tonic::Code::Aborted | tonic::Code::Unavailable
-                    ) && std::time::Instant::now() < until =>
+                    ) || status
+                        .get_details_error_info()
+                        .is_some_and(|info| info.reason == "OVERLOADED"))
+                        && std::time::Instant::now() < until =>
                 {
                     let wait = status
                         .get_details_retry_info()

@@ -427,6 +427,9 @@ impl Config {
         if self.handoff.unconfirmed_fallback_ms == 0 {
             return invalid("handoff.unconfirmed_fallback_ms", "must be at least 1");
         }
+        if self.handoff.max_in_progress == 0 {
+            return invalid("handoff.max_in_progress", "must be at least 1");
+        }
         if self.routing.idle_sweep_ms == 0 {
             return invalid("routing.idle_sweep_ms", "must be at least 1");
         }

@@ -36,6 +36,13 @@ pub enum Error {
         limit: u32,
         retry_after: Duration,
     },
+    /// This replica runs as many handoffs as it may (`handoff.max_in_progress`); nothing was
+    /// written or sent.
+    #[error(
+        "this Handoff replica is running its limit of {limit} handoffs at once \
+         (handoff.max_in_progress); nothing was sent, retry shortly or keep the caller in the queue"
+    )]
+    Overloaded { limit: u32 },
     /// Another request with the same idempotency key is under way (its handoff, once known).
     #[error("{}", in_progress(.handoff_id))]
     InProgress {
@@ -120,6 +127,7 @@ impl Error {
             Self::NotFound(_) => "HANDOFF_NOT_FOUND",
             Self::KeyReused { .. } => "IDEMPOTENCY_KEY_REUSED",
             Self::RateLimited { .. } => "RATE_LIMITED",
+            Self::Overloaded { .. } => "OVERLOADED",
             Self::InProgress { .. } => "HANDOFF_IN_PROGRESS",
             Self::Unfinished { .. } => "HANDOFF_UNFINISHED",
             Self::Refused { .. } => "REFUSED_UPSTREAM",
@@ -223,6 +231,13 @@ impl From<Error> for Status {
                 reason,
                 &[("account_id", &account_id), ("limit", &limit.to_string())],
                 Some(retry_after),
+            ),
+            Error::Overloaded { limit } => detailed(
+                Code::ResourceExhausted,
+                message,
+                reason,
+                &[("max_in_progress", &limit.to_string())],
+                Some(Duration::from_secs(1)),
             ),
             Error::InProgress {
                 handoff_id,

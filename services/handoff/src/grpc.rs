@@ -48,12 +48,18 @@ impl HandoffService for Service {
             self.authenticate(request.metadata(), &request.get_ref().account_id)
                 .await?;
             let (deflection, key) = Deflection::from_create(request.get_ref())?;
+            // Taken before anything is read or written, held until the handoff ends.
+            let place = self.engine.admission.admit()?;
             // A handoff runs to its end even if the IVR stops waiting (its deadline passed, the
             // call dropped): stopped halfway it would hold its key with nothing recorded, so the
             // IVR's retry would hear "in progress" for a minute, or leave a message sent and no
             // handoff, which a later retry would send again. The retry finds it instead.
             let engine = self.engine.clone();
-            let handoff = async move { engine.create(deflection, key).await };
+            let handoff = async move {
+                let created = engine.create(deflection, key).await;
+                drop(place);
+                created
+            };
             self.engine
                 .detached
                 .spawn(handoff.instrument(tracing::Span::current()))

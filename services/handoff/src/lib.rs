@@ -63,6 +63,11 @@ pub struct HandoffSettings {
     /// report of it before the next channel is tried: it may have reached the consumer, and
     /// trying the next channel at once could reach them twice.
     pub unconfirmed_fallback_ms: u64,
+    /// Handoffs this replica runs at once, counting those whose IVR stopped waiting (a handoff
+    /// runs to its end). Past it, CreateHandoff answers RESOURCE_EXHAUSTED (reason `OVERLOADED`)
+    /// at once, with nothing written or sent: the IVR keeps the caller in the voice queue, or
+    /// retries, rather than wait on a backlog that only grows.
+    pub max_in_progress: u32,
 }
 
 impl Default for HandoffSettings {
@@ -71,6 +76,7 @@ impl Default for HandoffSettings {
             replicas: 1,
             consumer_lease_ms: 10_000,
             unconfirmed_fallback_ms: 60_000,
+            max_in_progress: 1_000,
         }
     }
 }
@@ -174,6 +180,7 @@ impl Service {
             },
             consumer_lease: Duration::from_millis(settings.consumer_lease_ms),
             detached: TaskTracker::new(),
+            admission: engine::Admission::new(settings.max_in_progress),
             peers,
             key: key.clone(),
         };

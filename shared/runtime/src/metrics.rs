@@ -78,6 +78,8 @@ pub struct Metrics {
     pub rpc_duration: Family<RpcMethodLabels, Histogram>,
     pub handoffs: Family<HandoffLabels, Counter>,
     pub handoff_duration: Histogram,
+    /// Handoffs running now, counting those whose IVR stopped waiting.
+    pub handoffs_in_progress: Gauge,
     pub handoff_save_retries: Counter,
     pub message_record_retries: Counter,
     pub provider_sends: Family<ProviderSendLabels, Counter>,
@@ -96,6 +98,7 @@ impl Metrics {
             rpc_duration,
             handoffs: Family::default(),
             handoff_duration: histogram(),
+            handoffs_in_progress: Gauge::default(),
             handoff_save_retries: Counter::default(),
             message_record_retries: Counter::default(),
             provider_sends: Family::default(),
@@ -125,6 +128,12 @@ impl Metrics {
             "c2m_handoff_duration_seconds",
             "How long CreateHandoff took, the caller waiting on the line.",
             m.handoff_duration.clone(),
+        );
+        r.register(
+            "c2m_handoffs_in_progress",
+            "Handoffs this process is running, counting those whose IVR stopped waiting; \
+             past handoff.max_in_progress a new one is refused (OVERLOADED).",
+            m.handoffs_in_progress.clone(),
         );
         r.register(
             "c2m_handoff_save_retries",

@@ -42,8 +42,48 @@ pub struct Engine {
     pub(crate) consumer_lease: Duration,
     /// Handoffs running on after their IVR stopped waiting; a shutdown lets them finish.
     pub(crate) detached: TaskTracker,
+    /// How many handoffs may run at once (`max_in_progress`).
+    pub(crate) admission: Admission,
     /// Makes the consumer's opaque id on ATTEMPTED events.
     pub(crate) key: TokenKey,
+}
+
+/// The bound on handoffs running at once. A handoff holds its place until it ends, after its IVR
+/// stopped waiting too, so an overload cannot pile up work that no caller waits for.
+pub(crate) struct Admission {
+    places: Arc<tokio::sync::Semaphore>,
+    limit: u32,
+}
+
+/// A running handoff's place; given back when it is dropped.
+pub(crate) struct Place {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        c2m_runtime::metrics::metrics().handoffs_in_progress.dec();
+    }
+}
+
+impl Admission {
+    pub(crate) fn new(limit: u32) -> Self {
+        Self {
+            places: Arc::new(tokio::sync::Semaphore::new(limit as usize)),
+            limit,
+        }
+    }
+
+    /// A place for a new handoff, or `Overloaded` at once when every place is taken.
+    pub(crate) fn admit(&self) -> Result<Place, Error> {
+        let permit = self
+            .places
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Overloaded { limit: self.limit })?;
+        c2m_runtime::metrics::metrics().handoffs_in_progress.inc();
+        Ok(Place { _permit: permit })
+    }
 }
 
 /// How a decided handoff is carried out.
