@@ -509,7 +509,10 @@ async fn outcomes_are_recorded_by_key_on_a_table_that_grew_since_the_first_batch
             let store = b.store.clone();
             async move {
                 let first = claim("acme", &format!("m-warm-{round}-{n}"), 10);
-                store.claim(&[first.clone()]).await.expect("claims");
+                store
+                    .claim(std::slice::from_ref(&first))
+                    .await
+                    .expect("claims");
                 store
                     .record(&[outcome(&first, FunnelStage::Sent)])
                     .await
