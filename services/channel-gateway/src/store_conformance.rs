@@ -6,23 +6,12 @@
 use std::sync::Arc;
 
 use c2m_proto::v1::{Channel, DevicePlatform, FunnelStage, LineType, Provider};
-use c2m_storage::{ServiceDb, batch::Statement};
-use c2m_test_support::TestDatabase;
+use c2m_storage::batch::Statement;
+use c2m_test_support::Kept;
 use chrono::{DateTime, Utc};
 
 use crate::messages::{Claim, Claims, Records, StatusReport, advance};
 use crate::store::{GatewayStore, Outbound, PgGatewayStore, SqliteGatewayStore};
-
-enum Kept {
-    Postgres {
-        db: Box<ServiceDb>,
-        _database: TestDatabase,
-    },
-    Sqlite {
-        pool: sqlx::SqlitePool,
-        _dir: tempfile::TempDir,
-    },
-}
 
 struct Backend {
     store: Arc<dyn GatewayStore>,
@@ -31,39 +20,24 @@ struct Backend {
 
 impl Backend {
     async fn postgres() -> Self {
-        let database = TestDatabase::create().await;
-        let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
+        let (db, kept) = Kept::postgres(crate::SCHEMA, &crate::MIGRATOR).await;
         Self {
-            store: Arc::new(PgGatewayStore::new(db.clone())),
-            kept: Kept::Postgres {
-                db: Box::new(db),
-                _database: database,
-            },
+            store: Arc::new(PgGatewayStore::new(db)),
+            kept,
         }
     }
 
     async fn sqlite() -> Self {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let pool = c2m_storage::sqlite::open(&dir.path().join("gateway.db"))
-            .await
-            .expect("opens");
+        let (pool, kept) = Kept::sqlite("gateway.db").await;
         Self {
-            store: Arc::new(
-                SqliteGatewayStore::new(pool.clone())
-                    .await
-                    .expect("migrated"),
-            ),
-            kept: Kept::Sqlite { pool, _dir: dir },
+            store: Arc::new(SqliteGatewayStore::new(pool).await.expect("migrated")),
+            kept,
         }
     }
 
     /// A `SELECT count(*) …` of the backend's own tables.
     async fn count(&self, sql: &'static str) -> i64 {
-        match &self.kept {
-            Kept::Postgres { db, .. } => sqlx::query_scalar(sql).fetch_one(db.pool()).await,
-            Kept::Sqlite { pool, .. } => sqlx::query_scalar(sql).fetch_one(pool).await,
-        }
-        .expect("counts")
+        self.kept.count(sql).await
     }
 }
 

@@ -13,70 +13,35 @@ use c2m_handoff::store::{
     SqliteHandoffStore, StoredHandoff,
 };
 use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, FunnelStage, HandoffStatus};
-use c2m_storage::{ServiceDb, outbox};
-use c2m_test_support::TestDatabase;
+use c2m_storage::outbox;
+use c2m_test_support::Kept;
 use chrono::{DateTime, Utc};
-
-enum Store {
-    Postgres {
-        db: Box<ServiceDb>,
-        _database: TestDatabase,
-    },
-    Sqlite {
-        pool: sqlx::SqlitePool,
-        _dir: tempfile::TempDir,
-    },
-}
 
 struct Backend {
     store: Arc<dyn HandoffStore>,
-    kept: Store,
+    kept: Kept,
 }
 
 impl Backend {
     async fn postgres() -> Self {
-        let database = TestDatabase::create().await;
-        let db = database
-            .migrated(c2m_handoff::SCHEMA, &c2m_handoff::MIGRATOR)
-            .await;
+        let (db, kept) = Kept::postgres(c2m_handoff::SCHEMA, &c2m_handoff::MIGRATOR).await;
         Self {
-            store: Arc::new(PgHandoffStore::new(db.clone())),
-            kept: Store::Postgres {
-                db: Box::new(db),
-                _database: database,
-            },
+            store: Arc::new(PgHandoffStore::new(db)),
+            kept,
         }
     }
 
     async fn sqlite() -> Self {
-        use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let options = SqliteConnectOptions::new()
-            .filename(dir.path().join("handoff.db"))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal);
-        let pool = SqlitePoolOptions::new()
-            .connect_with(options)
-            .await
-            .expect("opens");
+        let (pool, kept) = Kept::sqlite("handoff.db").await;
         Self {
-            store: Arc::new(
-                SqliteHandoffStore::new(pool.clone())
-                    .await
-                    .expect("migrated"),
-            ),
-            kept: Store::Sqlite { pool, _dir: dir },
+            store: Arc::new(SqliteHandoffStore::new(pool).await.expect("migrated")),
+            kept,
         }
     }
 
     /// A `SELECT count(*) …` of the backend's own tables.
     async fn count(&self, sql: &'static str) -> i64 {
-        match &self.kept {
-            Store::Postgres { db, .. } => sqlx::query_scalar(sql).fetch_one(db.pool()).await,
-            Store::Sqlite { pool, .. } => sqlx::query_scalar(sql).fetch_one(pool).await,
-        }
-        .expect("counts")
+        self.kept.count(sql).await
     }
 }
 

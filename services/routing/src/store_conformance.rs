@@ -7,8 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use c2m_proto::v1::{self as pb, Channel, FunnelStage, conversation_event::Kind};
-use c2m_storage::ServiceDb;
-use c2m_test_support::TestDatabase;
+use c2m_test_support::Kept;
 use chrono::{DateTime, Utc};
 
 use crate::conversations::{self, Inbound};
@@ -17,17 +16,6 @@ use crate::store::{
     SqliteRoutingStore,
 };
 
-enum Kept {
-    Postgres {
-        db: Box<ServiceDb>,
-        _database: TestDatabase,
-    },
-    Sqlite {
-        pool: sqlx::SqlitePool,
-        _dir: tempfile::TempDir,
-    },
-}
-
 struct Backend {
     store: Arc<dyn RoutingStore>,
     kept: Kept,
@@ -35,39 +23,24 @@ struct Backend {
 
 impl Backend {
     async fn postgres() -> Self {
-        let database = TestDatabase::create().await;
-        let db = database.migrated(crate::SCHEMA, &crate::MIGRATOR).await;
+        let (db, kept) = Kept::postgres(crate::SCHEMA, &crate::MIGRATOR).await;
         Self {
-            store: Arc::new(PgRoutingStore::new(db.clone())),
-            kept: Kept::Postgres {
-                db: Box::new(db),
-                _database: database,
-            },
+            store: Arc::new(PgRoutingStore::new(db)),
+            kept,
         }
     }
 
     async fn sqlite() -> Self {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let pool = c2m_storage::sqlite::open(&dir.path().join("routing.db"))
-            .await
-            .expect("opens");
+        let (pool, kept) = Kept::sqlite("routing.db").await;
         Self {
-            store: Arc::new(
-                SqliteRoutingStore::new(pool.clone())
-                    .await
-                    .expect("migrated"),
-            ),
-            kept: Kept::Sqlite { pool, _dir: dir },
+            store: Arc::new(SqliteRoutingStore::new(pool).await.expect("migrated")),
+            kept,
         }
     }
 
     /// A `SELECT count(*) …` of the backend's own tables.
     async fn count(&self, sql: &'static str) -> i64 {
-        match &self.kept {
-            Kept::Postgres { db, .. } => sqlx::query_scalar(sql).fetch_one(db.pool()).await,
-            Kept::Sqlite { pool, .. } => sqlx::query_scalar(sql).fetch_one(pool).await,
-        }
-        .expect("counts")
+        self.kept.count(sql).await
     }
 }
 

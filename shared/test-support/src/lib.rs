@@ -10,6 +10,7 @@
 
 mod apns;
 mod conformance;
+pub use conformance::Kept;
 mod database;
 mod google;
 mod meta;
