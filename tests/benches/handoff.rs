@@ -587,7 +587,7 @@ fn main() {
                 sampling.clone(),
             ));
             let database = (!embedded).then(|| story.db.url().to_owned());
-            let scans_before = table_reads(database.as_deref()).await;
+            let scans_before = table_scans(database.as_deref()).await;
             let accepted_before = story.twilio.accepted();
             let (achieved, fixed, failed) = open_loop(
                 &client,
@@ -616,23 +616,35 @@ fn main() {
                 fixed.count
             );
             println!("    {samples}");
-            // A statement that scans a table grows with it: the soak's first suspect.
-            let scans_after = table_reads(database.as_deref()).await;
-            let mut scanned: Vec<(&String, i64, i64)> = scans_after
+            // A statement that scans a table grows with it: the soak's first suspect. Scans count
+            // too when they read no rows: a table of dead rows (no vacuum) costs its pages.
+            let scans_after = table_scans(database.as_deref()).await;
+            let mut scanned: Vec<(&String, TableScans)> = scans_after
                 .iter()
-                .map(|(table, &(read, dead))| {
-                    (table, read - scans_before.get(table).map_or(0, |b| b.0), dead)
+                .map(|(table, after)| {
+                    let before = scans_before.get(table).copied().unwrap_or_default();
+                    (
+                        table,
+                        TableScans {
+                            scans: after.scans - before.scans,
+                            rows: after.rows - before.rows,
+                            dead: after.dead,
+                        },
+                    )
                 })
-                .filter(|(_, read, _)| *read > 0)
+                .filter(|(_, delta)| delta.scans > 0)
                 .collect();
-            scanned.sort_by_key(|(_, read, _)| -read);
+            scanned.sort_by_key(|(_, delta)| (-delta.rows, -delta.scans));
             if !scanned.is_empty() {
-                println!("    rows read by sequential scans per handoff (dead rows at the end):");
+                println!("    sequential scans per handoff, and the rows they read (dead rows at the end):");
             }
-            for (table, read, dead) in scanned.into_iter().take(4) {
+            for (table, delta) in scanned.into_iter().take(4) {
+                let per = |n: i64| n as f64 / answered.max(1) as f64;
                 println!(
-                    "      {:10.1} {table} ({dead} dead)",
-                    read as f64 / answered.max(1) as f64
+                    "      {:8.3} scans, {:10.1} rows  {table} ({} dead)",
+                    per(delta.scans),
+                    per(delta.rows),
+                    delta.dead
                 );
             }
         }
@@ -832,8 +844,16 @@ async fn sample(
     }
 }
 
-/// Rows read by sequential scans so far and dead rows now, per table of the run's database.
-async fn table_reads(database: Option<&str>) -> std::collections::HashMap<String, (i64, i64)> {
+/// A table's sequential scans and the rows they read so far, and its dead rows now.
+#[derive(Default, Clone, Copy)]
+struct TableScans {
+    scans: i64,
+    rows: i64,
+    dead: i64,
+}
+
+/// [`TableScans`] per table of the run's database.
+async fn table_scans(database: Option<&str>) -> std::collections::HashMap<String, TableScans> {
     use sqlx::Connection;
 
     let Some(url) = database else {
@@ -842,14 +862,15 @@ async fn table_reads(database: Option<&str>) -> std::collections::HashMap<String
     let mut connection = sqlx::PgConnection::connect(url)
         .await
         .expect("connects for table statistics");
-    sqlx::query_as::<_, (String, i64, i64)>(
-        "SELECT schemaname || '.' || relname, seq_tup_read, n_dead_tup FROM pg_stat_user_tables",
+    sqlx::query_as::<_, (String, i64, i64, i64)>(
+        "SELECT schemaname || '.' || relname, seq_scan, seq_tup_read, n_dead_tup \
+         FROM pg_stat_user_tables",
     )
     .fetch_all(&mut connection)
     .await
     .expect("pg_stat_user_tables")
     .into_iter()
-    .map(|(table, read, dead)| (table, (read, dead)))
+    .map(|(table, scans, rows, dead)| (table, TableScans { scans, rows, dead }))
     .collect()
 }
 

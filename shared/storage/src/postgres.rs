@@ -210,6 +210,9 @@ impl ServiceDb {
     /// which costs more than running it. On these connections it plans each statement once
     /// (`plan_cache_mode = force_generic_plan`); the statements are written so that the generic
     /// plan probes the tables' keys row by row, however small the tables were when it was made.
+    /// A statement that cannot be (an `UPDATE … FROM` the arrays, which PostgreSQL may plan as a
+    /// scan of a table that was empty then) runs with `persistent(false)`: planned for each call,
+    /// as the table is now, since a kept plan is only remade when the table is analyzed.
     pub fn batch_pool(&self) -> &PgPool {
         &self.batch_pool
     }
