@@ -54,7 +54,18 @@ async fn concurrent_duplicates(options: Options) {
         }
     });
     let answers = futures::future::join_all(calls).await;
-    assert_eq!(story.twilio.sent().len(), 1, "exactly one message");
+    // On a failure, what went and what each caller heard: which handoff, message id (in the
+    // status callback) and trace each message belongs to.
+    let sent = story.twilio.sent();
+    assert_eq!(
+        sent.len(),
+        1,
+        "exactly one message: sent {sent:#?}, answers {:?}",
+        answers
+            .iter()
+            .map(|h| (&h.handoff_id, h.status))
+            .collect::<Vec<_>>()
+    );
     assert!(
         answers
             .iter()
