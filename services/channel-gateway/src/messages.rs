@@ -61,7 +61,8 @@ pub enum Claim {
 
 /// Claims message ids before their sends, together: each row is written as sent and unconfirmed,
 /// with `sending_until`, so that whatever happens to the sender afterwards, the id is never sent
-/// again; an id claimed before is returned as it stands.
+/// again; an id claimed before is returned as it stands. Each claim carries a token of its own
+/// (`claimed_by`): the row holds the token of the claim that wrote it.
 pub struct Claims(pub Arc<dyn GatewayStore>);
 
 impl Statement for Claims {
@@ -69,12 +70,15 @@ impl Statement for Claims {
     type Output = Claim;
 
     async fn run(&self, messages: &[Arc<Outbound>]) -> Result<Vec<Claim>, sqlx::Error> {
-        let claimed = self.0.claim(messages).await?;
+        let written = self.0.claim(messages).await?;
+        // Known by its token, not its id: a batch can hold one id twice (two requests carrying
+        // on one handoff), and only one of the two wrote the row.
+        let mine = |m: &Outbound| m.claimed_by.as_ref().is_some_and(|t| written.contains(t));
         // The ones claimed before: as they stand (read now, after the insert waited for any
         // concurrent claimer of the same id to commit).
         let earlier: Vec<String> = messages
             .iter()
-            .filter(|m| !claimed.contains(&m.message_id))
+            .filter(|m| !mine(m))
             .map(|m| m.message_id.clone())
             .collect();
         let mut found = if earlier.is_empty() {
@@ -86,7 +90,7 @@ impl Statement for Claims {
         Ok(messages
             .iter()
             .map(|m| {
-                if claimed.contains(&m.message_id) {
+                if mine(m) {
                     return Claim::Mine;
                 }
                 match found.next().flatten() {

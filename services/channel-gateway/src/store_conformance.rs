@@ -43,6 +43,7 @@ impl Backend {
 
 c2m_test_support::conformance!(
     an_id_is_claimed_once_and_a_repeat_gets_the_first_send_as_it_stands,
+    two_sends_of_one_id_in_one_batch_claim_it_once,
     an_outcome_recorded_after_the_providers_report_keeps_the_report,
     a_claim_no_message_left_for_is_taken_back_by_its_sender_only,
     reports_move_a_message_forward_once_and_write_what_they_passed,
@@ -162,6 +163,27 @@ async fn an_id_is_claimed_once_and_a_repeat_gets_the_first_send_as_it_stands(b: 
         .expect("read");
     assert_eq!(looked_up[0].as_ref(), Some(&*first[1]));
     assert_eq!(looked_up[1], None);
+}
+
+/// Two sends of one message id that reach the store in the same batch (two requests carrying
+/// on one handoff at once): the first claims it, the second finds it at the provider. Both once
+/// read as the batch's one written id, and both called the provider.
+async fn two_sends_of_one_id_in_one_batch_claim_it_once(b: &Backend) {
+    let claims = Claims(b.store.clone());
+    let twins = [claim("acme", "m-twin", 10), claim("acme", "m-twin", 10)];
+    let claimed = claims.run(&twins).await.expect("claims");
+    match &claimed[..] {
+        [Claim::Mine, Claim::Earlier(first)] => {
+            assert_eq!(first.claimed_by, twins[0].claimed_by);
+            assert!(first.in_flight(Utc::now()), "{first:?}");
+        }
+        other => panic!("one of the twins claims the id, the other waits on it: {other:?}"),
+    }
+    assert_eq!(
+        b.count("SELECT count(*) FROM outbound_messages WHERE message_id = 'm-twin'")
+            .await,
+        1
+    );
 }
 
 /// A provider's report that arrives before the sender records the send's outcome is kept: the

@@ -98,7 +98,9 @@ pub(crate) trait GatewayStore: Send + Sync + 'static {
 
     /// Messages by id, in the ids' order.
     async fn messages(&self, ids: &[String]) -> Result<Vec<Option<Outbound>>, sqlx::Error>;
-    /// Writes these claims unless their ids are taken; the ids written.
+    /// Writes these claims unless their ids are taken; the tokens (`claimed_by`) of the claims
+    /// written. Not their ids: two claims of one id in one batch write one row, and only its
+    /// token says which of the two it is.
     async fn claim(&self, claims: &[Arc<Outbound>]) -> Result<Vec<String>, sqlx::Error>;
     /// Records sends' outcomes on their claims, filling in only what a provider's report has not
     /// set meanwhile; the messages as they stand after.

@@ -94,7 +94,7 @@ impl GatewayStore for PgGatewayStore {
                  $7::timestamptz[], $8::text[], $9::timestamptz[], $10::text[]) \
                  AS m(message_id, account_id, channel, handoff_id, handoff_config_id, skill_id, \
                      sent_at, conversation_id, sending_until, claimed_by) \
-             ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+             ON CONFLICT (message_id) DO NOTHING RETURNING claimed_by",
         )
         .bind(text(|m| &m.message_id))
         .bind(text(|m| &m.account_id))

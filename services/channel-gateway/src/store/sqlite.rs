@@ -96,12 +96,12 @@ impl GatewayStore for SqliteGatewayStore {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let mut claimed = Vec::new();
         for m in messages {
-            let id: Option<String> = sqlx::query_scalar(
+            let token: Option<String> = sqlx::query_scalar(
                 "INSERT INTO outbound_messages (message_id, account_id, channel, handoff_id, \
                      handoff_config_id, skill_id, stage, sent_at, updated_at, conversation_id, \
                      sending_until, claimed_by) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'FUNNEL_STAGE_SENT', ?7, ?7, ?8, ?9, ?10) \
-                 ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+                 ON CONFLICT (message_id) DO NOTHING RETURNING claimed_by",
             )
             .bind(&m.message_id)
             .bind(&m.account_id)
@@ -115,7 +115,7 @@ impl GatewayStore for SqliteGatewayStore {
             .bind(&m.claimed_by)
             .fetch_optional(&mut *tx)
             .await?;
-            claimed.extend(id);
+            claimed.extend(token);
         }
         tx.commit().await?;
         Ok(claimed)
