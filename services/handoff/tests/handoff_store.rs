@@ -48,6 +48,7 @@ impl Backend {
 c2m_test_support::conformance!(
     a_handoff_is_saved_whole_or_not_at_all,
     twins_of_a_key_save_one_handoff,
+    a_handoff_finished_by_several_carriers_at_once_is_finished_once,
     a_key_replays_its_handoff_with_the_fingerprint_it_was_made_with,
     an_intent_holds_its_key_and_its_consumer_until_it_sends_nothing,
     one_of_many_intents_for_a_consumer_holds_them,
@@ -204,6 +205,49 @@ async fn twins_of_a_key_save_one_handoff(b: &Backend) {
     assert_eq!(b.count("SELECT count(*) FROM outbox").await, 2);
     assert_eq!(b.count("SELECT count(*) FROM deflection_outbox").await, 1);
     assert_eq!(b.count("SELECT count(*) FROM fallbacks").await, 1);
+}
+
+/// Twenty carriers of one handoff written in progress (retries that took it over at once) each
+/// write its outcome: one finishes it. The others write nothing, not even their events, though
+/// most of them share a batch with the one that finished it.
+async fn a_handoff_finished_by_several_carriers_at_once_is_finished_once(b: &Backend) {
+    let intended = b
+        .store
+        .intend(intent("ho_carried", "k-carried", PHONE))
+        .await
+        .expect("written");
+    assert_eq!(intended, Intended::Holding);
+    // Another handoff's save goes first, alone: the twenty wait for it, and leave together.
+    let ahead = {
+        let store = b.store.clone();
+        tokio::spawn(async move { store.save(save("ho_ahead", "k-ahead", false), soon()).await })
+    };
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let store = b.store.clone();
+            let finish = Arc::new(Save {
+                intended: true,
+                // No fallback: its row's key would fail a batch of twins on its own.
+                ..save_of("ho_carried", "k-carried", false)
+            });
+            tokio::spawn(async move { store.save(finish, soon()).await.expect("answered") })
+        })
+        .collect();
+    assert!(matches!(ahead.await.expect("ran"), Ok(Saved::Saved)));
+    let mut saved = 0;
+    for task in tasks {
+        if matches!(task.await.expect("ran"), Saved::Saved) {
+            saved += 1;
+        }
+    }
+    assert_eq!(saved, 1);
+    let loaded = b.store.load("acme", "ho_carried").await.expect("read");
+    assert_eq!(loaded.map(|h| h.status), Some(HandoffStatus::Sent));
+    assert_eq!(b.count("SELECT count(*) FROM outbox").await, 2 + 2);
+    assert_eq!(
+        b.count("SELECT count(*) FROM deflection_outbox").await,
+        1 + 1
+    );
 }
 
 async fn a_key_replays_its_handoff_with_the_fingerprint_it_was_made_with(b: &Backend) {

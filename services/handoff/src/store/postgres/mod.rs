@@ -4,6 +4,7 @@
 mod fallbacks;
 
 use std::{
+    collections::HashSet,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -429,7 +430,38 @@ impl Statement for Saves {
     type Row = Arc<Save>;
     type Output = Saved;
 
+    /// One handoff twice in a batch (two carriers finishing it at once) would read as written by
+    /// both, with the events of both: the statement's parts all see the table as it was before
+    /// it. So a batch goes in rounds of distinct handoffs, in order, each seeing what the one
+    /// before it wrote; nearly always there is one round. Should a later round fail, the batch
+    /// is offered again row by row, where a row an earlier round wrote reads as raced, and its
+    /// caller finds the handoff by its key.
     async fn run(&self, saves: &[Arc<Save>]) -> Result<Vec<Saved>, sqlx::Error> {
+        let mut outcomes: Vec<Option<Saved>> = saves.iter().map(|_| None).collect();
+        let mut left: Vec<usize> = (0..saves.len()).collect();
+        while !left.is_empty() {
+            let mut seen = HashSet::new();
+            let (round, later): (Vec<usize>, Vec<usize>) = left
+                .iter()
+                .partition(|&&i| seen.insert(saves[i].handoff.handoff_id.as_str()));
+            let written = if round.len() == saves.len() {
+                self.write(saves).await?
+            } else {
+                let rows: Vec<Arc<Save>> = round.iter().map(|&i| saves[i].clone()).collect();
+                self.write(&rows).await?
+            };
+            for (i, saved) in round.into_iter().zip(written) {
+                outcomes[i] = Some(saved);
+            }
+            left = later;
+        }
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+}
+
+impl Saves {
+    /// The statement, for a batch of distinct handoffs.
+    async fn write(&self, saves: &[Arc<Save>]) -> Result<Vec<Saved>, sqlx::Error> {
         let column = |f: fn(&Save) -> &str| saves.iter().map(|s| f(s)).collect::<Vec<_>>();
         let mut event_ids = Vec::new();
         let mut payloads = Vec::new();
