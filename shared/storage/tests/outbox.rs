@@ -19,7 +19,7 @@ use c2m_runtime::{
 };
 use c2m_storage::{
     ServiceDb,
-    outbox::{self, Destination, OutboxRows, Relay, RelayError, SqliteOutbox},
+    outbox::{self, Destination, OutboxRows, PgOutbox, Relay, RelayError, SqliteOutbox, Timings},
 };
 use c2m_test_support::{TestDatabase, eventually};
 use prost::Message;
@@ -283,4 +283,111 @@ async fn a_flush_ships_every_row_committed_before_it_while_the_relay_runs(b: &Ba
     let unique: HashSet<&String> = got.iter().collect();
     assert_eq!(unique.len(), got.len(), "a row was shipped twice");
     assert_eq!(got.len(), written.len());
+}
+
+/// A relay over a PostgreSQL outbox of its own, whose floor trusts `timings`.
+struct PgFloor {
+    _database: TestDatabase,
+    db: ServiceDb,
+    rows: Arc<PgOutbox>,
+    relay: Relay<Recorder>,
+    destination: Recorder,
+}
+
+impl PgFloor {
+    async fn new(timings: Timings) -> Self {
+        let database = TestDatabase::create().await;
+        let db = database.migrated("outbox_test", &PG_MIGRATOR).await;
+        let rows = Arc::new(PgOutbox::with_timings(db.clone(), timings));
+        let destination = Recorder::default();
+        let relay = Relay::to_over(destination.clone(), rows.clone(), peers());
+        Self {
+            _database: database,
+            db,
+            rows,
+            relay,
+            destination,
+        }
+    }
+
+    /// A transaction that has written `events` (their numbers taken) and not committed.
+    async fn uncommitted(&self, events: &[Event]) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut tx = self.db.pool().begin().await.expect("begins");
+        outbox::enqueue(&mut tx, events).await.expect("written");
+        tx
+    }
+
+    async fn commit(&self, events: &[Event]) {
+        self.uncommitted(events)
+            .await
+            .commit()
+            .await
+            .expect("commits");
+    }
+
+    /// Ships until the relay's floor is past `seq`.
+    async fn floor_past(&self, seq: i64) {
+        eventually(
+            "the floor passes the rows shipped",
+            Duration::from_secs(10),
+            || async {
+                self.relay.ship_batch().await.expect("shipped");
+                self.rows.floor("outbox") > seq
+            },
+        )
+        .await;
+    }
+}
+
+/// PostgreSQL keeps a shipped row's index entry until a vacuum, so the relay starts past the rows
+/// it shipped; yet a row whose transaction took its number before a later row was shipped, and
+/// committed after, is shipped too.
+#[tokio::test]
+async fn a_relay_starts_past_the_rows_it_shipped_and_still_finds_one_committed_late() {
+    let b = PgFloor::new(Timings {
+        late: Duration::from_millis(200),
+        full_pass: Duration::from_secs(3600),
+    })
+    .await;
+    let (early, late, later) = (events(3), events(1), events(2));
+    b.commit(&early).await;
+    assert_eq!(b.relay.ship_batch().await.expect("shipped").rows, 3);
+    b.floor_past(3).await;
+
+    let taken_early = b.uncommitted(&late).await;
+    b.commit(&later).await;
+    assert_eq!(b.relay.ship_batch().await.expect("shipped").rows, 2);
+    taken_early.commit().await.expect("commits");
+    assert_eq!(b.relay.ship_batch().await.expect("shipped").rows, 1);
+    assert_eq!(
+        b.destination.got(),
+        [ids(&early), ids(&later), ids(&late)].concat()
+    );
+}
+
+/// A transaction that outlasts what the floor trusts commits below it: a look from the start
+/// finds its row.
+#[tokio::test]
+async fn a_row_committed_below_the_floor_is_found_by_a_look_from_the_start() {
+    let b = PgFloor::new(Timings {
+        late: Duration::from_millis(100),
+        full_pass: Duration::from_secs(1),
+    })
+    .await;
+    let (slow, early) = (events(1), events(2));
+    let taken_first = b.uncommitted(&slow).await;
+    b.commit(&early).await;
+    assert_eq!(b.relay.ship_batch().await.expect("shipped").rows, 2);
+    b.floor_past(3).await;
+    taken_first.commit().await.expect("commits");
+    eventually(
+        "the slow row is shipped",
+        Duration::from_secs(10),
+        || async {
+            b.relay.ship_batch().await.expect("shipped");
+            b.destination.got().len() == 3
+        },
+    )
+    .await;
+    assert_eq!(b.destination.got(), [ids(&early), ids(&slow)].concat());
 }

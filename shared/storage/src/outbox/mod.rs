@@ -16,6 +16,7 @@
 mod postgres;
 mod sqlite;
 
+pub use postgres::{PgOutbox, Timings};
 pub use sqlite::{SqliteOutbox, enqueue_sqlite};
 
 use std::{
@@ -199,7 +200,7 @@ pub trait Batch: Send {
 
 impl<D: Destination> Relay<D> {
     pub fn to(destination: D, db: ServiceDb, peers: Peers) -> Self {
-        Self::to_over(destination, Arc::new(postgres::PgOutbox(db)), peers)
+        Self::to_over(destination, Arc::new(PgOutbox::new(db)), peers)
     }
 
     /// A relay to `destination` of the rows kept in `rows`.
