@@ -687,3 +687,56 @@ async fn a_replica_at_its_limit_of_handoffs_refuses_at_once_and_sends_nothing() 
     assert_eq!(sms_to(&story, first), 1);
     assert_eq!(sms_to(&story, second), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_message_id_sent_four_times_at_once_reaches_twilio_once() {
+    one_id_four_times(Options::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_one_message_id_sent_four_times_at_once_reaches_twilio_once() {
+    let dir = tempfile::tempdir().expect("a data directory");
+    one_id_four_times(Options::embedded(dir.path())).await;
+}
+
+/// Two requests carrying one handoff at once send its message id twice. Thirty ids, each sent
+/// four times at once, so that claims of one id share the gateway's batches: Twilio takes each id
+/// once, and every sender hears that message or that it is at Twilio now.
+async fn one_id_four_times(options: Options) {
+    let story = Story::start_with(Topology::Dev, options).await;
+    onboard(&story, "acme").await;
+    let gateway = story.gateway().await;
+    let operator = token(AuthRole::Operator, None);
+    let sends = (0..30).flat_map(|n| {
+        let (gateway, operator) = (gateway.clone(), operator.clone());
+        (0..4).map(move |_| {
+            let mut gateway = gateway.clone();
+            let request = authed(
+                pb::SendMessageRequest {
+                    account_id: "acme".into(),
+                    message_id: format!("twin-{n}"),
+                    channel: Channel::Sms as i32,
+                    to: format!("+1415555{:04}", 2000 + n),
+                    text: "We can pick this up here.".into(),
+                    ..Default::default()
+                },
+                &operator,
+            );
+            async move { (n, gateway.send_message(request).await) }
+        })
+    });
+    let answers = futures::future::join_all(sends).await;
+    let sent = story.twilio.sent();
+    assert_eq!(sent.len(), 30, "one message per id: {sent:#?}");
+    for (n, answer) in answers {
+        match answer {
+            Ok(answer) => {
+                let message = answer.into_inner().message.expect("message");
+                assert_eq!(message.message_id, format!("twin-{n}"));
+                assert_eq!(message.stage, pb::FunnelStage::Sent as i32);
+            }
+            Err(status) => assert_eq!(status.code(), Code::Aborted, "{status:?}"),
+        }
+    }
+    story.stop().await;
+}
