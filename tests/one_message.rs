@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use c2m_proto::v1::{self as pb, AttemptOutcome, Channel, HandoffStatus};
 use c2m_runtime::auth::Role as AuthRole;
-use c2m_test_support::RedisServer;
+use c2m_test_support::{PostgresServer, RedisServer};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -625,6 +625,101 @@ async fn postgresql_cutting_every_connection_under_load_costs_no_message_twice_a
             &[(
                 "CHANNEL_SMS",
                 &[("FUNNEL_STAGE_ATTEMPTED", 60), ("FUNNEL_STAGE_SENT", 60)],
+            )],
+        )
+        .await;
+    story.stop().await;
+}
+
+/// PostgreSQL crashing (every process stopped at once, nothing flushed) and coming back through
+/// crash recovery, twice, while an IVR deflects 150 callers at 100 a second on separate
+/// servers: every handoff ends SENT and is still there once it is back, each caller has one SMS at
+/// Twilio, and the funnel is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_crashing_and_restarting_under_load_costs_no_message_twice_and_loses_none() {
+    let postgres = std::sync::Arc::new(PostgresServer::start());
+    let story = Story::start_with(
+        Topology::Separate,
+        Options {
+            postgres_url: Some(postgres.url()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    story
+        .set_settings(
+            "acme",
+            pb::AccountSettings {
+                deflection_enabled: true,
+                rate_limit_per_second: 200,
+                ..Default::default()
+            },
+        )
+        .await;
+    let phones: Vec<String> = (0..150).map(|i| format!("+1415777{i:04}")).collect();
+    // A crash once Twilio has taken 20 messages, and another at 60: handoffs are on their way
+    // each time.
+    let crashes = async {
+        let mut at = Vec::new();
+        for after in [20, 60] {
+            c2m_test_support::eventually(
+                "the load to get that far",
+                Duration::from_secs(30),
+                || async { story.twilio.sent().len() >= after },
+            )
+            .await;
+            at.push(story.twilio.sent().len());
+            let postgres = postgres.clone();
+            tokio::task::spawn_blocking(move || postgres.crash_and_restart())
+                .await
+                .expect("restarted");
+        }
+        at
+    };
+    // Callers arrive 10 ms apart, each at its own time, while the others are on their way.
+    let load = futures::future::join_all(phones.iter().enumerate().map(|(i, phone)| {
+        let request = handoff_request("acme", phone, &format!("crash-{i}"));
+        let (story, key) = (&story, &key);
+        async move {
+            tokio::time::sleep(Duration::from_millis(10 * i as u64)).await;
+            story.deflect_retrying(request, key).await
+        }
+    }));
+    let (answers, crashed_at) = tokio::join!(load, crashes);
+    assert!(
+        crashed_at.iter().all(|sent| *sent < 150),
+        "both crashes came while handoffs were on their way: at {crashed_at:?} messages"
+    );
+    for (phone, handoff) in phones.iter().zip(&answers) {
+        assert_eq!(handoff.status, HandoffStatus::Sent as i32, "{handoff:?}");
+        assert_eq!(sms_to(&story, phone), 1, "{phone}: {handoff:?}");
+    }
+    assert_eq!(story.twilio.sent().len(), 150);
+    // What was acknowledged is there after both crashes.
+    let mut handoffs = story.handoff().await;
+    for handoff in &answers {
+        let stored = handoffs
+            .get_handoff(authed(
+                pb::GetHandoffRequest {
+                    account_id: "acme".into(),
+                    handoff_id: handoff.handoff_id.clone(),
+                },
+                &key,
+            ))
+            .await
+            .expect("kept")
+            .into_inner()
+            .handoff
+            .expect("a handoff");
+        assert_eq!(stored.status, HandoffStatus::Sent as i32, "{stored:?}");
+    }
+    story
+        .await_funnel(
+            "acme",
+            &[(
+                "CHANNEL_SMS",
+                &[("FUNNEL_STAGE_ATTEMPTED", 150), ("FUNNEL_STAGE_SENT", 150)],
             )],
         )
         .await;

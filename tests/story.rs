@@ -77,6 +77,8 @@ pub struct Options {
     pub data_dir: Option<std::path::PathBuf>,
     /// `[reporting]`.
     pub reporting: Option<c2m_reporting::ReportingSettings>,
+    /// A PostgreSQL server of the test's own (its admin URL), instead of the shared one.
+    pub postgres_url: Option<String>,
 }
 
 impl Options {
@@ -123,8 +125,11 @@ impl Story {
     }
 
     pub async fn start_with(topology: Topology, options: Options) -> Self {
-        let (db, redis, twilio, meta, google, apns) = (
-            TestDatabase::create().await,
+        let db = match options.postgres_url.clone() {
+            Some(url) => TestDatabase::create_on(url).await,
+            None => TestDatabase::create().await,
+        };
+        let (redis, twilio, meta, google, apns) = (
             TestRedis::new().await,
             TwilioEmulator::start().await,
             MetaEmulator::start().await,

@@ -17,6 +17,11 @@ impl TestDatabase {
     pub async fn create() -> Self {
         let admin_url =
             std::env::var("C2M_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+        Self::create_on(admin_url).await
+    }
+
+    /// Creates an empty database on the server at `admin_url` (one of the test's own).
+    pub async fn create_on(admin_url: String) -> Self {
         let name = format!("c2m_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
             panic!(
@@ -28,7 +33,7 @@ impl TestDatabase {
             .execute(&mut admin)
             .await
             .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
-        let mut url = url::Url::parse(&admin_url).expect("C2M_TEST_DATABASE_URL is a URL");
+        let mut url = url::Url::parse(&admin_url).expect("the admin URL is a URL");
         url.set_path(&name);
         Self {
             name,
