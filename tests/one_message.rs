@@ -657,6 +657,11 @@ async fn postgresql_crashing_and_restarting_under_load_costs_no_message_twice_an
             },
         )
         .await;
+    // Twilio answers in 250 ms, so that sends are at Twilio when PostgreSQL goes, and their
+    // outcomes come back while it is away.
+    story
+        .twilio
+        .set_latency(c2m_test_support::Latency::Fixed(Duration::from_millis(250)));
     let phones: Vec<String> = (0..150).map(|i| format!("+1415777{i:04}")).collect();
     // A crash once Twilio has taken 20 messages, and another at 60: handoffs are on their way
     // each time.
