@@ -1,6 +1,7 @@
 //! Test support for c2m: each test gets its own PostgreSQL database and Redis key prefix (both
-//! removed when dropped), throwaway `redis-server`s for tests that kill their Redis, and waiting
-//! on conditions with a deadline instead of sleeping.
+//! removed when dropped), throwaway `redis-server`s and PostgreSQL clusters for tests that kill
+//! their Redis or crash their PostgreSQL, and waiting on conditions with a deadline instead of
+//! sleeping.
 //!
 //! Tests reach the shared servers through `C2M_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`) and `C2M_TEST_REDIS_URL` (default
