@@ -731,6 +731,73 @@ async fn postgresql_crashing_and_restarting_under_load_costs_no_message_twice_an
     story.stop().await;
 }
 
+/// Redis killed while an IVR deflects 150 callers at 100 a second, each called twice at once
+/// under one idempotency key (a retry after a timeout), and started again empty a moment later:
+/// Handoff decides from memory meanwhile and fills Redis in from PostgreSQL after. Each caller's
+/// two calls answer one handoff, SENT, and Twilio takes one message per caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_started_empty_under_load_costs_no_message_twice() {
+    let (redis, story, key) = on_own_redis().await;
+    story
+        .set_settings(
+            "acme",
+            pb::AccountSettings {
+                deflection_enabled: true,
+                rate_limit_per_second: 400,
+                ..Default::default()
+            },
+        )
+        .await;
+    story
+        .twilio
+        .set_latency(c2m_test_support::Latency::Fixed(Duration::from_millis(100)));
+    let port = redis.port();
+    let phones: Vec<String> = (0..150).map(|i| format!("+1415666{i:04}")).collect();
+    // Killed once Twilio has taken 20 messages; back, empty, at 60.
+    let outage = async {
+        c2m_test_support::eventually("the load to start", Duration::from_secs(30), || async {
+            story.twilio.sent().len() >= 20
+        })
+        .await;
+        let killed_at = story.twilio.sent().len();
+        redis.stop();
+        c2m_test_support::eventually("the load to go on", Duration::from_secs(30), || async {
+            story.twilio.sent().len() >= 60
+        })
+        .await;
+        let back_at = story.twilio.sent().len();
+        let redis = tokio::task::spawn_blocking(move || RedisServer::start_on(port))
+            .await
+            .expect("started");
+        (redis, killed_at, back_at)
+    };
+    let load = futures::future::join_all(phones.iter().enumerate().map(|(i, phone)| {
+        let request = handoff_request("acme", phone, &format!("redis-{i}"));
+        let (story, key) = (&story, &key);
+        async move {
+            tokio::time::sleep(Duration::from_millis(10 * i as u64)).await;
+            let retry = async {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                story.deflect_retrying(request.clone(), key).await
+            };
+            tokio::join!(story.deflect_retrying(request.clone(), key), retry)
+        }
+    }));
+    let (answers, (_redis, killed_at, back_at)) = tokio::join!(load, outage);
+    assert!(
+        back_at < 150,
+        "Redis came back while callers were still arriving: killed at {killed_at}, back at \
+         {back_at} messages"
+    );
+    for (phone, (first, retry)) in phones.iter().zip(&answers) {
+        assert_eq!(first.status, HandoffStatus::Sent as i32, "{first:?}");
+        assert_eq!(first.handoff_id, retry.handoff_id, "{phone}");
+        assert_eq!(sms_to(&story, phone), 1, "{phone}: {first:?}");
+    }
+    assert_eq!(story.twilio.sent().len(), 150);
+    story.stop().await;
+}
+
 /// A replica running `handoff.max_in_progress` handoffs refuses the next at once: RESOURCE_EXHAUSTED
 /// with reason OVERLOADED and a retry delay, nothing written and nothing sent. A handoff whose IVR
 /// stopped waiting still holds its place until it ends, so an overload cannot pile up work that no
