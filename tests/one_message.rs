@@ -117,6 +117,53 @@ async fn a_redis_that_died_does_not_let_a_second_handoff_message_the_consumer() 
     story.stop().await;
 }
 
+/// A handoff Redis admitted just before it died, not yet written (its number's lookup at Twilio),
+/// and a second call for the same consumer, decided from memory meanwhile: memory took in
+/// PostgreSQL's handoffs, where the first is not yet. Both take the consumer's lease in
+/// PostgreSQL before they send, so the one that comes second there is skipped as a recent
+/// handoff of the other: one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_redis_admitted_before_dying_and_one_decided_from_memory_send_one_message() {
+    let (redis, story, key) = on_own_redis().await;
+    story
+        .set_settings(
+            "acme",
+            pb::AccountSettings {
+                deflection_enabled: true,
+                landline_check_enabled: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    let consumer = "+14155550720";
+    let lookup = story.twilio.hold_next_lookup();
+    let first = story.deflect(handoff_request("acme", consumer, "before"), &key);
+    let second = async {
+        c2m_test_support::eventually(
+            "the first handoff's lookup to reach Twilio",
+            Duration::from_secs(10),
+            || async { story.twilio.lookups_held() == 1 },
+        )
+        .await;
+        redis.stop();
+        let second = story
+            .deflect(handoff_request("acme", consumer, "after"), &key)
+            .await;
+        lookup.release();
+        second
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert_eq!(second.status, HandoffStatus::Sent as i32, "{second:?}");
+    assert_eq!(
+        first.status,
+        HandoffStatus::SkippedRecentHandoff as i32,
+        "{first:?}"
+    );
+    assert_eq!(first.duplicate_of, second.handoff_id);
+    assert_eq!(sms_to(&story, consumer), 1, "one message");
+    story.stop().await;
+}
+
 /// The same on a Redis Cluster: every node dies between two calls for one consumer. The client
 /// finds no node to ask, Handoff decides from its memory and PostgreSQL's handoffs, and the
 /// consumer still gets one message; another consumer is deflected meanwhile.

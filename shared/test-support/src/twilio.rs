@@ -54,6 +54,9 @@ struct State_ {
     requests: usize,
     throttle_next: Option<(usize, String)>,
     hold_next: Option<Arc<tokio::sync::Notify>>,
+    hold_next_lookup: Option<Arc<tokio::sync::Notify>>,
+    /// Lookups that reached a hold (held now, or released since).
+    lookups_held: usize,
     stall_next: bool,
     error_after_taking_next: bool,
     latency: Latency,
@@ -317,6 +320,15 @@ async fn lookup(
     headers: HeaderMap,
     query: axum::http::Uri,
 ) -> Response {
+    let hold = state
+        .lock()
+        .expect("emulator state")
+        .hold_next_lookup
+        .take();
+    if let Some(hold) = hold {
+        state.lock().expect("emulator state").lookups_held += 1;
+        hold.notified().await;
+    }
     let mut state = state.lock().expect("emulator state");
     let authorized = headers
         .get("authorization")
@@ -468,6 +480,18 @@ impl TwilioEmulator {
         let hold = Arc::new(tokio::sync::Notify::new());
         self.state.lock().expect("emulator state").hold_next = Some(hold.clone());
         Hold(hold)
+    }
+
+    /// Holds the next number lookup, unanswered, until the returned [`Hold`] is released.
+    pub fn hold_next_lookup(&self) -> Hold {
+        let hold = Arc::new(tokio::sync::Notify::new());
+        self.state.lock().expect("emulator state").hold_next_lookup = Some(hold.clone());
+        Hold(hold)
+    }
+
+    /// Lookups that reached a hold of [`hold_next_lookup`](Self::hold_next_lookup).
+    pub fn lookups_held(&self) -> usize {
+        self.state.lock().expect("emulator state").lookups_held
     }
 
     /// Send requests received, accepted or not.

@@ -92,18 +92,21 @@ struct Carry {
     /// When it was first written, if an earlier request did (it is in progress).
     existing: Option<chrono::DateTime<Utc>>,
     sends: Sends,
-    /// The gate decided from memory: the consumer's lease is taken in PostgreSQL, where every
-    /// replica sees it.
-    lease_here: bool,
+    /// Take the consumer's lease in PostgreSQL when the handoff is written, as well as the
+    /// gate's: a new handoff does. Redis can die between its admission and this write, and a
+    /// replica deciding from memory then knows only what PostgreSQL holds; whichever of two
+    /// handoffs for the consumer writes first there holds them, and the other is skipped. A
+    /// handoff an earlier request left in progress does not: it may have sent already.
+    take_lease: bool,
 }
 
 impl Carry {
-    /// A new handoff, which may send, its lease in Redis.
+    /// A new handoff, which may send.
     fn new() -> Self {
         Self {
             existing: None,
             sends: Sends::Allowed,
-            lease_here: false,
+            take_lease: true,
         }
     }
 }
@@ -170,11 +173,7 @@ impl Engine {
 
     /// The gate's answer for a new handoff and, when it is admitted, what the decision pipeline
     /// makes of the request; with the account's limit, for the refusal that names it.
-    async fn gate_and_decide(
-        &self,
-        d: &Deflection,
-        ask: Ask<'_>,
-    ) -> Result<(u32, Gated, bool), Error> {
+    async fn gate_and_decide(&self, d: &Deflection, ask: Ask<'_>) -> Result<(u32, Gated), Error> {
         let limit = self.upstream.account(&d.account_id).await?.rate_limit;
         let decided = self.gate.decide(Ask { limit, ..ask }).await;
         let gated = match decided.passage {
@@ -185,7 +184,7 @@ impl Engine {
             Passage::ConsumerBusy { handoff_id } => Gated::ConsumerBusy(handoff_id),
             Passage::Limited { retry_after } => Gated::Limited(retry_after),
         };
-        Ok((limit, gated, decided.local))
+        Ok((limit, gated))
     }
 
     pub(crate) async fn create(
@@ -212,14 +211,14 @@ impl Engine {
             self.replay(&d, &idempotency_key, &fingerprint),
             self.gate_and_decide(&d, ask),
         );
-        let admitted = matches!(gated, Ok((_, Gated::Admitted(_), _)));
+        let admitted = matches!(gated, Ok((_, Gated::Admitted(_))));
         if let Some(earlier) = replayed.transpose() {
             if admitted {
                 self.gate.release(ask).await;
             }
             return self.resume(&d, earlier?, key, Sends::Allowed).await;
         }
-        let (limit, gated, local) = gated?;
+        let (limit, gated) = gated?;
         let decision = match gated {
             Gated::Admitted(Ok(decision)) => decision,
             Gated::Admitted(Err(refusal)) => {
@@ -250,11 +249,8 @@ impl Engine {
                 });
             }
         };
-        let carry = Carry {
-            lease_here: local,
-            ..Carry::new()
-        };
-        self.carry_out(&d, handoff_id, decision, key, carry).await
+        self.carry_out(&d, handoff_id, decision, key, Carry::new())
+            .await
     }
 
     /// An earlier request's handoff under the same key: as it is once finished; finished now if
@@ -288,7 +284,7 @@ impl Engine {
         let carry = Carry {
             existing: Some(earlier.created_at),
             sends,
-            lease_here: false,
+            take_lease: false,
         };
         self.carry_out(d, earlier.handoff_id, decision, key, carry)
             .await
@@ -308,7 +304,7 @@ impl Engine {
         let Carry {
             existing,
             sends,
-            lease_here,
+            take_lease,
         } = carry;
         if let Some(pending) = decision.pending_invite.clone() {
             // One Apple Messages invite per pending deflection: a second would start a second
@@ -345,7 +341,7 @@ impl Engine {
                     fingerprint: key.1.to_vec(),
                     lease: self.consumer_lease,
                     request: d.request.clone(),
-                    take_lease: lease_here,
+                    take_lease,
                 });
                 match self.store.intend(intent).await? {
                     Intended::Holding => {}

@@ -140,8 +140,8 @@ pub struct Intent {
     pub lease: std::time::Duration,
     /// The request, encoded: what c2m finishes the handoff from if its IVR never retries.
     pub request: Vec<u8>,
-    /// Take the consumer's lease here: the gate decided from memory (Redis away), so no Redis
-    /// lease holds the consumer across replicas.
+    /// Take the consumer's lease here too, unless another live handoff holds it: a new handoff
+    /// does (see `engine::Carry`), a handoff finished after its sender left does not.
     pub take_lease: bool,
 }
 
