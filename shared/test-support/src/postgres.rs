@@ -67,7 +67,18 @@ impl PostgresServer {
     /// once, nothing is flushed or checkpointed), and starts it again on the same port, through
     /// crash recovery. Returns once it takes connections again.
     pub fn crash_and_restart(&self) {
+        self.crash();
+        self.start_again();
+    }
+
+    /// Stops the server the way a crash does (see [`crash_and_restart`](Self::crash_and_restart)),
+    /// leaving it down.
+    pub fn crash(&self) {
         self.down();
+    }
+
+    /// Starts a crashed server again, through crash recovery; returns once it takes connections.
+    pub fn start_again(&self) {
         self.up();
     }
 
