@@ -57,6 +57,31 @@ async fn each_sent_once(story: &Story, phones: &[String], answers: &[pb::Handoff
         .await;
 }
 
+/// Separate servers on a PostgreSQL of the test's own (so that it can be crashed), and acme's
+/// API key.
+async fn on_own_postgres() -> (std::sync::Arc<PostgresServer>, Story, String) {
+    let postgres = std::sync::Arc::new(PostgresServer::start());
+    let story = Story::start_with(
+        Topology::Separate,
+        Options {
+            postgres_url: Some(postgres.url()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let key = onboard(&story, "acme").await;
+    (postgres, story, key)
+}
+
+/// Each of `answers` reads SENT now, as its IVR was told: written, not left for c2m to finish
+/// later.
+async fn each_kept_as_sent(story: &Story, key: &str, answers: &[pb::Handoff]) {
+    for answered in answers {
+        let stored = story.handoff_of("acme", key, &answered.handoff_id).await;
+        assert_eq!(stored.status, HandoffStatus::Sent as i32, "{stored:?}");
+    }
+}
+
 /// A story on a Redis of the test's own (so that it can be flushed), and acme's API key.
 async fn on_own_redis() -> (RedisServer, Story, String) {
     let redis = RedisServer::start();
@@ -696,16 +721,7 @@ async fn postgresql_cutting_every_connection_under_load_costs_no_message_twice_a
 /// Twilio, and the funnel is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_crashing_and_restarting_under_load_costs_no_message_twice_and_loses_none() {
-    let postgres = std::sync::Arc::new(PostgresServer::start());
-    let story = Story::start_with(
-        Topology::Separate,
-        Options {
-            postgres_url: Some(postgres.url()),
-            ..Options::default()
-        },
-    )
-    .await;
-    let key = onboard(&story, "acme").await;
+    let (postgres, story, key) = on_own_postgres().await;
     deflecting_at(&story, 200).await;
     // Twilio answers in 250 ms, so that sends are at Twilio when PostgreSQL goes, and their
     // outcomes come back while it is away.
@@ -746,24 +762,8 @@ async fn postgresql_crashing_and_restarting_under_load_costs_no_message_twice_an
         crashed_at.iter().all(|sent| *sent < 150),
         "both crashes came while handoffs were on their way: at {crashed_at:?} messages"
     );
-    // What was acknowledged is there after both crashes, now: not left for c2m to finish later.
-    let mut handoffs = story.handoff().await;
-    for handoff in &answers {
-        let stored = handoffs
-            .get_handoff(authed(
-                pb::GetHandoffRequest {
-                    account_id: "acme".into(),
-                    handoff_id: handoff.handoff_id.clone(),
-                },
-                &key,
-            ))
-            .await
-            .expect("kept")
-            .into_inner()
-            .handoff
-            .expect("a handoff");
-        assert_eq!(stored.status, HandoffStatus::Sent as i32, "{stored:?}");
-    }
+    // What was acknowledged is there after both crashes.
+    each_kept_as_sent(&story, &key, &answers).await;
     each_sent_once(&story, &phones, &answers).await;
     story.stop().await;
 }
@@ -774,16 +774,7 @@ async fn postgresql_crashing_and_restarting_under_load_costs_no_message_twice_an
 /// back, one SMS each, the funnel exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgresql_down_while_sends_are_at_twilio_loses_no_outcome() {
-    let postgres = std::sync::Arc::new(PostgresServer::start());
-    let story = Story::start_with(
-        Topology::Separate,
-        Options {
-            postgres_url: Some(postgres.url()),
-            ..Options::default()
-        },
-    )
-    .await;
-    let key = onboard(&story, "acme").await;
+    let (postgres, story, key) = on_own_postgres().await;
     story
         .twilio
         .set_latency(c2m_test_support::Latency::Fixed(Duration::from_millis(500)));
@@ -810,24 +801,8 @@ async fn postgresql_down_while_sends_are_at_twilio_loses_no_outcome() {
         story.deflect_retrying(handoff_request("acme", phone, &format!("down-{i}")), &key)
     }));
     let (answers, ()) = tokio::join!(load, outage);
-    // What the IVRs were told is written, now: not left for c2m to finish later.
-    let mut handoffs = story.handoff().await;
-    for handoff in &answers {
-        let stored = handoffs
-            .get_handoff(authed(
-                pb::GetHandoffRequest {
-                    account_id: "acme".into(),
-                    handoff_id: handoff.handoff_id.clone(),
-                },
-                &key,
-            ))
-            .await
-            .expect("kept")
-            .into_inner()
-            .handoff
-            .expect("a handoff");
-        assert_eq!(stored.status, HandoffStatus::Sent as i32, "{stored:?}");
-    }
+    // What the IVRs were told is written.
+    each_kept_as_sent(&story, &key, &answers).await;
     each_sent_once(&story, &phones, &answers).await;
     story.stop().await;
 }
